@@ -1,0 +1,71 @@
+"""Sweeps of the estimation core as rows of plain numbers: one dict per (method, rank).
+
+These rows are the public JSON contract of `lorabench params` / `lorabench memory` (see README):
+renderers format them, nothing here turns a number into a string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from lorabench.compute import estimate_flops, estimate_step_time
+from lorabench.gpus import GPU
+from lorabench.memory import TrainingSetup, estimate_memory, fit_on_gpu
+from lorabench.methods import Method
+from lorabench.params import count_params
+from lorabench.specs import ModelSpec
+
+
+def _cases(methods: Sequence[Method], ranks: Sequence[int]):
+    """(method, rank) pairs; methods without a rank (full) appear once, with rank None."""
+    for method in methods:
+        if method.uses_rank:
+            for rank in ranks:
+                yield method, rank
+        else:
+            yield method, None
+
+
+def param_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
+               targets: Optional[Iterable[str] | str] = None) -> List[Dict]:
+    """Parameter counts for every (method, rank)."""
+    rows = []
+    for method, rank in _cases(methods, ranks):
+        c = count_params(spec, method, rank, targets)
+        rows.append({
+            "model": spec.name, "method": method.name, "rank": rank, "targets": ",".join(c.targets),
+            "trainable_params": c.trainable_params, "total_params": c.total_params,
+            "trainable_pct": c.trainable_pct, "base_params": c.base_params,
+            "adapter_params": c.adapter_params, "pct_of_full": c.pct_of_full,
+            "reduction": c.reduction, "shared_buffer_numel": c.shared_buffer_numel,
+            "updates_base_weights": c.updates_base_weights,
+        })
+    return rows
+
+
+def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
+                targets: Optional[Iterable[str] | str], setup: TrainingSetup,
+                gpu: Optional[GPU] = None, mfu: float = 0.4) -> List[Dict]:
+    """Memory (and, with a GPU, fit and step time) for every (method, rank)."""
+    rows = []
+    for method, rank in _cases(methods, ranks):
+        c = count_params(spec, method, rank, targets)
+        est = estimate_memory(spec, method, rank, targets, setup, counts=c)
+        row = {"model": spec.name}
+        row.update(asdict(est))
+        row["targets"] = ",".join(est.targets)
+        row["notes"] = list(est.notes)
+        row.update({"batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
+                    "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing})
+        flops = estimate_flops(spec, method, rank, c.targets, setup)
+        row["step_flops"] = flops.step_flops
+        row["flops_per_token"] = flops.flops_per_token
+        if gpu is not None:
+            fit = fit_on_gpu(est, gpu, spec, setup)
+            t = estimate_step_time(flops, gpu, mfu, setup.tokens)
+            row.update({"gpu": gpu.name, "gpu_memory_bytes": fit.gpu_memory_bytes, "fits": fit.fits,
+                        "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,
+                        "mfu": mfu, "step_ms": t.step_ms, "tokens_per_s": t.tokens_per_s})
+        rows.append(row)
+    return rows

@@ -1,0 +1,495 @@
+"""GPU memory of one training step, component by component, and its peak over the phases of a step.
+
+Pure Python: no torch import. The activation model counts the tensors autograd saves for backward in
+a Hugging Face Llama/GPT-2 decoder layer (and in lorabench.nn, which runs the same ops), op by op:
+which are kept depends on which weights are trainable, which is what makes LoRA-FA and VeRA cheaper.
+Every formula names its source; "autograd" means PyTorch's derivatives.yaml (what each op's backward
+saves), checked by measurement in `lorabench bench`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from lorabench.errors import LorabenchError
+from lorabench.gpus import GPU, MiB
+from lorabench.methods import Method
+from lorabench.params import ParamCount, count_params
+from lorabench.specs import ModelSpec
+
+# Bytes per element of the dtypes a base, an adapter or an activation can have.
+FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+QUANTIZED = ("int8", "nf4")
+DTYPES = tuple(FLOAT_BYTES) + QUANTIZED
+
+# bitsandbytes NF4 (Dettmers et al. 2023, QLoRA sec. 2): 4-bit codes, one absmax per 64-element block.
+# With double quantization the absmax values are themselves 8-bit, one fp32 constant per 256 blocks,
+# plus a 256-entry fp32 code book per tensor: 8/64 + 32/(64*256) bits of constants per parameter.
+NF4_BLOCK = 64
+NF4_DQ_BLOCK = 256
+# bitsandbytes LLM.int8() (Dettmers et al. 2022): int8 weights plus one fp32 scale per output row.
+
+# Optimizer states per trainable element. Torch keeps AdamW's exp_avg/exp_avg_sq and SGD's momentum
+# buffer in the parameter's dtype (zeros_like); bitsandbytes' 8-bit AdamW keeps two uint8 states with an
+# fp32 absmax per 256-element block, and fp32 states for tensors under 4096 elements (min_8bit_size).
+OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "sgd-momentum")
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+
+ATTENTION = ("sdpa", "eager")
+DEVICES = ("cuda", "cpu")
+
+# The runtime's own memory on a CUDA device, outside the caching allocator's counters: the CUDA context
+# (kernels, cuBLAS/cuDNN handles; lazy module loading on) and cuBLAS's workspace. Measured with NVML on an
+# H100 80GB, driver 580, torch 2.11 + CUDA 13 (reports/cuda-overhead.md); it varies a little by stack.
+CUDA_CONTEXT_BYTES = 512 * MiB
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """How the step is run.
+
+    Attributes:
+        batch_size: sequences per step (per GPU).
+        seq_len: tokens per sequence.
+        dtype: storage dtype of the base weights: fp32, bf16, fp16, or int8/nf4 (a quantized frozen base
+            computing in bf16).
+        adapter_dtype: storage dtype of adapter parameters (fp32, as PEFT keeps them).
+        optimizer: adamw, adamw-8bit, sgd or sgd-momentum.
+        grad_checkpointing: keep only each decoder layer's input; recompute the layer in backward.
+        attention: "sdpa" (flash / memory-efficient kernels: no s x s tensor) or "eager" (softmax kept).
+        dropout: LoRA dropout on the adapter input (0 means the layer is skipped).
+        master_weights: keep an fp32 copy of trainable weights and fp32 optimizer states (mixed precision
+            as in Micikevicius et al. 2018, DeepSpeed and Megatron), beside the low-precision weights.
+        device: "cuda" (foreach AdamW, runtime overhead) or "cpu" (per-tensor AdamW, no overhead).
+        alpha: LoRA alpha (scale alpha/r); it changes no memory, only the numbers the model computes.
+    """
+
+    batch_size: int = 1
+    seq_len: int = 2048
+    dtype: str = "bf16"
+    adapter_dtype: str = "fp32"
+    optimizer: str = "adamw"
+    grad_checkpointing: bool = False
+    attention: str = "sdpa"
+    dropout: float = 0.0
+    master_weights: bool = False
+    device: str = "cuda"
+    alpha: float = 16.0
+
+    def validate(self) -> None:
+        """Raises LorabenchError for any value out of range."""
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise LorabenchError(f"batch size must be a positive integer, got {self.batch_size!r}.")
+        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+            raise LorabenchError(f"sequence length must be a positive integer, got {self.seq_len!r}.")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("adapter dtype", self.adapter_dtype, tuple(FLOAT_BYTES))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("attention", self.attention, ATTENTION)
+        _choice("device", self.device, DEVICES)
+        if not 0.0 <= self.dropout < 1.0:
+            raise LorabenchError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of one activation element: quantized bases compute in bf16 (bnb's compute dtype)."""
+        return FLOAT_BYTES.get(self.dtype, 2)
+
+
+def _choice(what: str, value: str, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LorabenchError(f"unknown {what} '{value}'; choose from {', '.join(allowed)}.")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one training step. *_bytes are per GPU without sharding; overhead_bytes is apart.
+
+    peak_bytes is what the caching allocator's peak (torch.cuda.max_memory_allocated) should read;
+    device_bytes = peak_bytes + overhead_bytes is what nvidia-smi/NVML should show for the process,
+    before allocator fragmentation.
+    """
+
+    method: str
+    rank: Optional[int]
+    targets: Tuple[str, ...]
+    trainable_params: int
+    total_params: int
+    trainable_pct: float
+    weights_bytes: int
+    adapter_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    master_bytes: int
+    method_state_bytes: int
+    activations_bytes: int
+    logits_bytes: int
+    overhead_bytes: int
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    optimizer_peak_bytes: int
+    peak_bytes: int
+    peak_phase: str
+    device_bytes: int
+    updates_base_weights: bool
+    notes: Tuple[str, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------------------------------
+# Persistent state: weights, adapters, gradients, optimizer states.
+
+
+def _quantized_linear_bytes(dtype: str, in_f: int, out_f: int) -> int:
+    """Bytes of one quantized frozen weight with its quantization constants (bitsandbytes layout)."""
+    numel = in_f * out_f
+    if dtype == "int8":
+        return numel + 4 * out_f  # int8 codes + fp32 row scales (SCB)
+    blocks = math.ceil(numel / NF4_BLOCK)
+    # packed 4-bit codes, uint8 absmax per block, fp32 absmax per 256 blocks, 256-entry fp32 code book
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 256 * 4 + 4
+
+
+def weights_bytes(spec: ModelSpec, dtype: str) -> int:
+    """Base weights. Quantized bases quantize the decoder's Linear weights only; embeddings, the
+    output head, norms and biases stay in bf16 (transformers keeps the head out of bitsandbytes)."""
+    from lorabench.params import count_base_params
+
+    total = count_base_params(spec)
+    if dtype in FLOAT_BYTES:
+        return total * FLOAT_BYTES[dtype]
+    shapes = spec.linear_shapes().values()
+    quant_numel = spec.num_layers * sum(i * o for i, o, _ in shapes)
+    quant = spec.num_layers * sum(_quantized_linear_bytes(dtype, i, o) for i, o, _ in shapes)
+    return quant + (total - quant_numel) * 2
+
+
+def _trainable_tensors(spec: ModelSpec, method: Method, rank: Optional[int],
+                       targets: Tuple[str, ...]) -> Tuple[Tuple[int, int], ...]:
+    """(numel, count) of each kind of trainable tensor: bnb's 8-bit optimizer decides per tensor."""
+    if method.base_trainable:
+        d, out = spec.hidden_size, []
+        for i, o, bias in spec.linear_shapes().values():
+            out.append((i * o, spec.num_layers))
+            if bias:
+                out.append((o, spec.num_layers))
+        norms = 2 * spec.num_layers + (0 if spec.single_matrix else 1)
+        if not spec.single_matrix:
+            out += [(d, norms * (2 if spec.norm == "layernorm" else 1)),
+                    (spec.vocab_size * d, 1 if spec.tie_embeddings else 2)]
+            if spec.max_positions:
+                out.append((spec.max_positions * d, 1))
+        return tuple(out)
+    shapes = spec.linear_shapes()
+    out = []
+    for t in targets:
+        i, o, _ = shapes[t]
+        if method.adapter == "vera":
+            out += [(rank, spec.num_layers), (o, spec.num_layers)]
+            continue
+        if method.trains_a:
+            out.append((rank * i, spec.num_layers))
+        out.append((o * rank, spec.num_layers))
+        if method.adapter == "dora":
+            out.append((o, spec.num_layers))
+    return tuple(out)
+
+
+def optimizer_state_bytes(optimizer: str, numel: int, param_bytes: int) -> int:
+    """Optimizer state of one trainable tensor of numel elements stored in param_bytes each."""
+    if optimizer == "adamw":
+        return 2 * numel * param_bytes
+    if optimizer == "sgd-momentum":
+        return numel * param_bytes
+    if optimizer == "adamw-8bit":
+        if numel < BNB_MIN_8BIT_SIZE:
+            return 2 * numel * 4
+        return 2 * numel + 2 * 4 * math.ceil(numel / BNB_BLOCK)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations: bytes saved for backward per token, op by op.
+
+
+def _adapter_saves(method: Method, setup: TrainingSetup, rank: int, in_f: int, out_f: int,
+                   dropout: float) -> Tuple[bool, int]:
+    """(keeps the shared input x, other bytes per token) that one adapter saves for backward.
+
+    LoRA: B's input z = A x (r) is kept for B's gradient; A's gradient needs x, unless A is frozen
+    (LoRA-FA, Zhang et al. 2023 sec. 3: only the r-dim projection is kept). With dropout, A's input is the
+    dropped copy of x (kept) and dropout keeps its bool mask (autograd: native_dropout saves the mask).
+    DoRA: also the combined output W x + s B A x, which the magnitude's gradient needs.
+    VeRA: d's gradient needs A x (r), b's needs B(d * A x) (out); A and B are frozen, so x is not kept.
+    """
+    a = setup.act_bytes
+    mask = in_f if dropout > 0 else 0
+    if method.adapter == "vera":
+        return False, mask + a * (rank + out_f)
+    keeps_dropped = method.trains_a and dropout > 0
+    saved = mask + (a * in_f if keeps_dropped else 0) + a * rank
+    if method.adapter == "dora":
+        saved += a * out_f
+    return method.trains_a and dropout == 0, saved
+
+
+def _norm_input_saves(spec: ModelSpec, a: int) -> int:
+    """Bytes per token a norm keeps whatever is trainable, once gradients flow through it.
+
+    RMSNorm as Hugging Face writes it (x.float(); pow(2).mean; x * rsqrt): the fp32 copy of x (4 d) and the
+    rsqrt (4). LayerNorm (native_layer_norm): its input (a d) plus fp32 mean and rstd (8).
+    """
+    if spec.norm == "layernorm":
+        return a * spec.hidden_size + 8
+    return 4 * spec.hidden_size + 4
+
+
+def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank) -> Tuple[bool, int]:
+    """Whether the tensor fed to the projections `names` is kept, and what their adapters add."""
+    shapes = spec.linear_shapes()
+    keep = method.base_trainable  # a trainable W needs its input for the weight gradient
+    extra = 0
+    for n in names:
+        if n in targets and method.uses_rank:
+            i, o, _ = shapes[n]
+            keeps_x, saved = _adapter_saves(method, setup, rank, i, o, dropout)
+            keep = keep or keeps_x
+            extra += saved
+    return keep, extra
+
+
+def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
+                           targets: Tuple[str, ...], setup: TrainingSetup,
+                           input_needs_grad: bool = True) -> int:
+    """Bytes per token one decoder layer saves for backward (no checkpointing).
+
+    input_needs_grad is False for the first layer when the embeddings are frozen: its first norm then
+    records nothing (autograd builds no graph for tensors that need no gradient).
+    """
+    a, d, i = setup.act_bytes, spec.hidden_size, spec.intermediate_size
+    dropout = 0.0 if method.name == "delta-lora" else setup.dropout
+    args = (spec, method, targets, setup, dropout, rank)
+    if spec.single_matrix:
+        keep, extra = _consumers_keep_input(("w",), *args)
+        return (a * d if keep else 0) + extra
+    norm_in = _norm_input_saves(spec, a)
+    total = 0
+    # Attention block: norm, q/k/v, rotary (cos/sin are shared by all layers), attention, o.
+    total += norm_in if input_needs_grad else 0
+    keep, extra = _consumers_keep_input(("qkv",) if spec.fused_qkv else ("q", "k", "v"), *args)
+    total += (a * d if keep else 0) + extra  # the norm's output, shared by q, k and v
+    tokens_kv = spec.num_kv_heads * spec.head_dim
+    if setup.attention == "sdpa":
+        # SDPA (flash / efficient kernels) keeps q, k, v, its output and fp32 logsumexp per head
+        # (Dao 2023, FlashAttention-2 Alg. 2). With GQA, k and v stay at kv width (enable_gqa).
+        total += a * (2 * spec.q_dim + 2 * tokens_kv) + 4 * spec.num_heads
+    else:
+        # Eager: q and k for QK^T, fp32 softmax output and its cast for the AV product, v.
+        total += a * (spec.q_dim + 2 * tokens_kv)
+        total += spec.num_heads * setup.seq_len * (4 + (a if a < 4 else 0))
+    keep, extra = _consumers_keep_input(("o",), *args)
+    total += (a * spec.q_dim if keep else 0) + extra  # o's input: the heads merged (a contiguous copy)
+    # MLP block.
+    total += norm_in
+    if spec.gated_mlp:
+        keep, extra = _consumers_keep_input(("gate", "up"), *args)
+        total += (a * d if keep else 0) + extra
+        total += 3 * a * i  # SwiGLU: silu keeps gate's output, the product keeps silu(gate) and up
+    else:
+        keep, extra = _consumers_keep_input(("up",), *args)
+        total += (a * d if keep else 0) + extra
+        total += a * i  # gelu keeps its input
+    keep, extra = _consumers_keep_input(("down",), *args)
+    total += (a * i if keep else 0) + extra
+    return total
+
+
+def _backward_transient_per_token(spec: ModelSpec, a: int) -> int:
+    """Gradient buffers alive while one layer's MLP back-propagates: grads of the product, of silu's
+    output, of gate and up (a x intermediate each at worst) plus the residual stream's gradient twice."""
+    mlp = (3 if spec.gated_mlp else 2) * a * spec.intermediate_size
+    return mlp + 2 * a * spec.hidden_size
+
+
+@dataclass(frozen=True)
+class ActivationBreakdown:
+    """Bytes of activations at the end of forward and of the logits/loss at their forward and backward peaks."""
+
+    saved_bytes: int
+    recompute_bytes: int
+    transient_bytes: int
+    logits_held_bytes: int
+    logits_forward_bytes: int
+    logits_backward_bytes: int
+
+
+def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
+                         targets: Tuple[str, ...], setup: TrainingSetup) -> ActivationBreakdown:
+    """Activation and logits memory of one step for the whole model."""
+    a, t, d = setup.act_bytes, setup.tokens, spec.hidden_size
+    L = spec.num_layers
+    first = layer_activation_bytes(spec, method, rank, targets, setup, input_needs_grad=method.base_trainable)
+    rest = layer_activation_bytes(spec, method, rank, targets, setup)
+    per_token = 16  # input_ids and labels, int64
+    if spec.single_matrix:
+        return ActivationBreakdown(t * (per_token + first + (L - 1) * rest), 0, t * 2 * a * d, 0, 0, 0)
+    if setup.grad_checkpointing:
+        # Checkpointing (Chen et al. 2016) keeps each layer's input; backward recomputes one layer at a time.
+        per_token += L * a * d
+        recompute = t * rest
+    else:
+        per_token += first + (L - 1) * rest
+        recompute = 0
+    if not spec.max_positions:
+        per_token += 2 * a * spec.head_dim  # rotary cos and sin, kept by the q/k multiplications
+    per_token += _norm_input_saves(spec, a)  # final norm
+    if method.base_trainable:
+        per_token += a * d  # final norm's output: the output head's weight gradient needs it
+    if setup.attention == "eager":
+        per_token += a * setup.seq_len  # the materialized causal mask, shared by all layers
+    # Logits and loss as transformers computes them: logits (a V) are upcast to fp32 (4 V) and
+    # cross_entropy = log_softmax (keeps its fp32 output, 4 V) + nll_loss. In backward, nll_loss's
+    # gradient (4 V) and log_softmax's input gradient (4 V) are alive with the kept output.
+    v = spec.vocab_size
+    held = a * v
+    upcast = 4 * v if a < 4 else 0
+    fwd = held + upcast + 4 * v
+    bwd = held + 12 * v
+    return ActivationBreakdown(t * per_token, recompute, t * _backward_transient_per_token(spec, a),
+                               t * held, t * fwd, t * bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimate.
+
+
+def estimate_memory(spec: ModelSpec, method: Method, rank: Optional[int] = None,
+                    targets=None, setup: TrainingSetup = TrainingSetup(),
+                    counts: Optional[ParamCount] = None) -> MemoryEstimate:
+    """Memory of one training step of method on spec.
+
+    Raises:
+        LorabenchError: bad setup values, bad rank/targets, or a quantized base under a method that
+            writes W (full, delta-lora).
+    """
+    setup.validate()
+    if setup.dtype in QUANTIZED and not method.allows_quantized_base:
+        raise LorabenchError(f"{method.name} writes the base weights, which a {setup.dtype} base cannot "
+                             f"hold; use an adapter method (lora, lora-fa, vera, lora-plus, dora).")
+    counts = counts or count_params(spec, method, rank, targets)
+    targets = counts.targets
+    notes = []
+    w_bytes = weights_bytes(spec, setup.dtype)
+    ad = FLOAT_BYTES[setup.adapter_dtype]
+    adapter = counts.adapter_params * ad
+    if method.adapter == "vera":
+        adapter += counts.shared_buffer_numel * ad
+        notes.append("VeRA's shared A and B are buffers: in adapter_bytes, not in the parameter counts.")
+    # Trainable tensors live in the base dtype (full) or the adapter dtype.
+    p_bytes = FLOAT_BYTES.get(setup.dtype, 2) if method.base_trainable else ad
+    tensors = _trainable_tensors(spec, method, rank, targets)
+    grads = counts.trainable_params * p_bytes
+    master = counts.trainable_params * 4 if setup.master_weights and p_bytes < 4 else 0
+    state_bytes = 4 if master else p_bytes
+    optim = sum(n * optimizer_state_bytes(setup.optimizer, numel, state_bytes) for numel, n in tensors)
+    method_state = 0
+    if method.name == "delta-lora":
+        # Delta-LoRA (Zi et al. 2023, eq. 4) needs A_t B_t after the step: a copy of A and B.
+        method_state = counts.adapter_params * ad
+        notes.append("delta-lora writes W after each step (no gradient or optimizer state for W); "
+                     "it keeps a copy of A and B; no dropout on its low-rank path.")
+    if method.name == "full" and not setup.master_weights and p_bytes < 4:
+        notes.append("pure low-precision training: gradients and AdamW states in the weights' dtype; "
+                     "--master-weights adds fp32 copies and fp32 states.")
+    act = estimate_activations(spec, method, rank, targets, setup)
+    # The largest dequantized weight alive at once (bitsandbytes dequantizes per matmul).
+    dequant = 0
+    if setup.dtype in QUANTIZED:
+        dequant = max(i * o for i, o, _ in spec.linear_shapes().values()) * setup.act_bytes
+    # Optimizer step transients: torch's foreach AdamW (the CUDA default) makes one temporary list the size
+    # of all exp_avg_sq (sqrt); the per-tensor loop (CPU default) two temporaries of the largest tensor.
+    largest = max((numel for numel, _ in tensors), default=0)
+    if setup.optimizer == "adamw":
+        opt_tmp = (counts.trainable_params if setup.device == "cuda" else 2 * largest) * state_bytes
+    else:
+        opt_tmp = 0
+    if method.name == "dora":
+        # DoRA's weight norm ||W + s B A|| builds one out x in matrix per adapted layer in forward.
+        dequant = max(dequant, max(spec.linear_shapes()[t][0] * spec.linear_shapes()[t][1]
+                                   for t in targets) * setup.act_bytes)
+    persistent = w_bytes + adapter + optim + master + method_state
+    forward = persistent + act.saved_bytes + max(act.logits_forward_bytes, dequant)
+    head_grads = 0
+    if method.base_trainable and not spec.single_matrix:
+        head_grads = spec.vocab_size * spec.hidden_size * p_bytes * (0 if spec.tie_embeddings else 1)
+    # Backward: at its start the loss gradients are alive with every saved activation; then each layer's
+    # activations are freed as its gradients appear, so the peak is at one end (or at the first layer).
+    backward = persistent + max(
+        act.saved_bytes + act.logits_backward_bytes,
+        act.saved_bytes + act.logits_held_bytes + head_grads + act.recompute_bytes
+        + act.transient_bytes + dequant,
+        grads + act.logits_held_bytes + act.transient_bytes,
+    )
+    opt_peak = persistent + grads + act.logits_held_bytes + opt_tmp
+    phases = {"forward": forward, "backward": backward, "optimizer": opt_peak}
+    phase = max(phases, key=phases.get)
+    overhead = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0
+    return MemoryEstimate(
+        method=method.name, rank=counts.rank, targets=targets,
+        trainable_params=counts.trainable_params, total_params=counts.total_params,
+        trainable_pct=counts.trainable_pct, weights_bytes=w_bytes, adapter_bytes=adapter,
+        gradients_bytes=grads, optimizer_bytes=optim, master_bytes=master,
+        method_state_bytes=method_state, activations_bytes=act.saved_bytes,
+        logits_bytes=act.logits_backward_bytes, overhead_bytes=overhead,
+        forward_peak_bytes=forward, backward_peak_bytes=backward, optimizer_peak_bytes=opt_peak,
+        peak_bytes=phases[phase], peak_phase=phase, device_bytes=phases[phase] + overhead,
+        updates_base_weights=method.updates_base, notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fitting on GPUs.
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether a step fits one GPU, and the fewest GPUs that hold it fully sharded (FSDP / ZeRO-3)."""
+
+    gpu: str
+    gpu_memory_bytes: int
+    fits: bool
+    gpus_needed: Optional[int]
+    per_gpu_bytes: Optional[int]
+
+
+def fit_on_gpu(est: MemoryEstimate, gpu: GPU, spec: ModelSpec, setup: TrainingSetup,
+               max_gpus: int = 4096) -> Fit:
+    """Data-parallel replicas need the whole step on each GPU. Full sharding (Rajbhandari et al. 2020,
+    ZeRO stage 3; PyTorch FSDP) splits weights, adapters, gradients, optimizer and master state N ways;
+    activations, logits and the runtime overhead stay whole on every GPU, and each GPU also holds the
+    all-gathered parameters of the layer in flight and of the next (prefetch).
+    """
+    cap = gpu.memory_bytes
+    if est.device_bytes <= cap:
+        return Fit(gpu.name, cap, True, 1, est.device_bytes)
+    sharded = (est.weights_bytes + est.adapter_bytes + est.optimizer_bytes + est.master_bytes
+               + est.method_state_bytes)
+    layer_params = sum(i * o for i, o, _ in spec.linear_shapes().values())
+    gather = 2 * layer_params * FLOAT_BYTES.get(setup.dtype, 2)
+    unsharded = est.peak_bytes - sharded
+    if est.peak_phase != "forward":
+        unsharded -= est.gradients_bytes  # the optimizer or end-of-backward peak holds all gradients
+        sharded += est.gradients_bytes
+    unsharded = max(unsharded, 0) + gather + est.overhead_bytes
+    if unsharded >= cap:
+        return Fit(gpu.name, cap, False, None, None)
+    n = max(2, math.ceil(sharded / (cap - unsharded)))
+    if n > max_gpus:
+        return Fit(gpu.name, cap, False, None, None)
+    return Fit(gpu.name, cap, False, n, math.ceil(sharded / n) + unsharded)
