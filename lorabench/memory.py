@@ -43,8 +43,9 @@ DEVICES = ("cuda", "cpu")
 
 # The runtime's own memory on a CUDA device, outside the caching allocator's counters: the CUDA context
 # (kernels, cuBLAS/cuDNN handles; lazy module loading on) and cuBLAS's workspace. Measured with NVML on an
-# H100 80GB, driver 580, torch 2.11 + CUDA 13 (reports/cuda-overhead.md); it varies a little by stack.
-CUDA_CONTEXT_BYTES = 512 * MiB
+# H100 80GB, driver 580.159, torch 2.11 + CUDA 13.0: 676 MiB outside the allocator after the first bf16
+# matmul (reports/probes/README.md); it varies a little with driver, CUDA and torch versions.
+CUDA_CONTEXT_BYTES = 676 * MiB
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 
 
@@ -251,6 +252,12 @@ def _norm_input_saves(spec: ModelSpec, a: int) -> int:
     return 4 * spec.hidden_size + 4
 
 
+def _norm_weight_saves(spec: ModelSpec, method: Method, a: int) -> int:
+    """A trainable RMSNorm weight keeps its other factor, x * rsqrt cast back to the input dtype (a d):
+    a tensor apart from the norm's output (weight * that), which the next projections keep."""
+    return a * spec.hidden_size if method.base_trainable and spec.norm == "rmsnorm" else 0
+
+
 def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank) -> Tuple[bool, int]:
     """Whether the tensor fed to the projections `names` is kept, and what their adapters add."""
     shapes = spec.linear_shapes()
@@ -279,7 +286,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     if spec.single_matrix:
         keep, extra = _consumers_keep_input(("w",), *args)
         return (a * d if keep else 0) + extra
-    norm_in = _norm_input_saves(spec, a)
+    norm_in = _norm_input_saves(spec, a) + _norm_weight_saves(spec, method, a)
     total = 0
     # Attention block: norm, q/k/v, rotary (cos/sin are shared by all layers), attention, o.
     total += norm_in if input_needs_grad else 0
@@ -295,7 +302,10 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
         total += a * (spec.q_dim + 2 * tokens_kv)
         total += spec.num_heads * setup.seq_len * (4 + (a if a < 4 else 0))
     keep, extra = _consumers_keep_input(("o",), *args)
-    total += (a * spec.q_dim if keep else 0) + extra  # o's input: the heads merged (a contiguous copy)
+    # o's input: the heads merged. CUDA's flash/efficient kernels write their output as [B, S, H, hd], so
+    # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; elsewhere it is a copy.
+    shared = setup.device == "cuda" and setup.attention == "sdpa"
+    total += (a * spec.q_dim if keep and not shared else 0) + extra
     # MLP block.
     total += norm_in
     if spec.gated_mlp:
@@ -336,6 +346,7 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     a, t, d = setup.act_bytes, setup.tokens, spec.hidden_size
     L = spec.num_layers
     first = layer_activation_bytes(spec, method, rank, targets, setup, input_needs_grad=method.base_trainable)
+    # (the first layer's norm keeps nothing when the embeddings are frozen: its input needs no gradient)
     rest = layer_activation_bytes(spec, method, rank, targets, setup)
     per_token = 16  # input_ids and labels, int64
     if spec.single_matrix:
@@ -349,7 +360,7 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         recompute = 0
     if not spec.max_positions:
         per_token += 2 * a * spec.head_dim  # rotary cos and sin, kept by the q/k multiplications
-    per_token += _norm_input_saves(spec, a)  # final norm
+    per_token += _norm_input_saves(spec, a) + _norm_weight_saves(spec, method, a)  # final norm
     if method.base_trainable:
         per_token += a * d  # final norm's output: the output head's weight gradient needs it
     if setup.attention == "eager":
