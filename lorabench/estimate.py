@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from lorabench.compute import estimate_flops, estimate_step_time
 from lorabench.gpus import GPU
-from lorabench.memory import TrainingSetup, estimate_memory, fit_on_gpu
+from lorabench.memory import TrainingSetup, estimate_from_parts, fit_on_gpu, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_params
 from lorabench.specs import ModelSpec
@@ -51,7 +51,8 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
     rows = []
     for method, rank in _cases(methods, ranks):
         c = count_params(spec, method, rank, targets)
-        est = estimate_memory(spec, method, rank, targets, setup, counts=c)
+        parts = step_parts(spec, method, rank, targets, setup, counts=c)
+        est = estimate_from_parts(parts)
         row = {"model": spec.name}
         row.update(asdict(est))
         row["targets"] = ",".join(est.targets)
@@ -62,7 +63,7 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         row["step_flops"] = flops.step_flops
         row["flops_per_token"] = flops.flops_per_token
         if gpu is not None:
-            fit = fit_on_gpu(est, gpu, spec, setup)
+            fit = fit_on_gpu(parts, gpu)
             t = estimate_step_time(flops, gpu, mfu, setup.tokens)
             row.update({"gpu": gpu.name, "gpu_memory_bytes": fit.gpu_memory_bytes, "fits": fit.fits,
                         "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,

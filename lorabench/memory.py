@@ -381,10 +381,55 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
 # The estimate.
 
 
-def estimate_memory(spec: ModelSpec, method: Method, rank: Optional[int] = None,
-                    targets=None, setup: TrainingSetup = TrainingSetup(),
-                    counts: Optional[ParamCount] = None) -> MemoryEstimate:
-    """Memory of one training step of method on spec.
+@dataclass(frozen=True)
+class StepParts:
+    """The pieces of one step's memory, before deciding the peak (for 1 GPU or sharded over N)."""
+
+    method: Method
+    counts: ParamCount
+    weights_bytes: int
+    adapter_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    master_bytes: int
+    method_state_bytes: int
+    optimizer_temp_bytes: int
+    head_grad_bytes: int
+    dequant_bytes: int
+    gather_bytes: int
+    act: ActivationBreakdown
+    overhead_bytes: int
+    notes: Tuple[str, ...]
+
+    @property
+    def persistent_bytes(self) -> int:
+        return (self.weights_bytes + self.adapter_bytes + self.optimizer_bytes + self.master_bytes
+                + self.method_state_bytes)
+
+    def phase_peaks(self, shards: int = 1) -> Dict[str, int]:
+        """Peak bytes per phase on each GPU when weights, adapters, gradients and optimizer state are
+        split over `shards` GPUs (FSDP / ZeRO-3); with shards > 1 each GPU also holds the all-gathered
+        parameters of the layer in flight and of the next (prefetch)."""
+        n, act = shards, self.act
+        persistent = -(-self.persistent_bytes // n) + (self.gather_bytes if n > 1 else 0)
+        grads, head = -(-self.gradients_bytes // n), -(-self.head_grad_bytes // n)
+        forward = persistent + act.saved_bytes + max(act.logits_forward_bytes, self.dequant_bytes)
+        # Backward: at its start the loss gradients are alive with every saved activation; then each
+        # layer's activations are freed as its gradients appear, so the peak is at one end (or at the
+        # first layer, where recomputation and the largest gradient buffers meet).
+        backward = persistent + max(
+            act.saved_bytes + act.logits_backward_bytes,
+            act.saved_bytes + act.logits_held_bytes + head + act.recompute_bytes + act.transient_bytes
+            + self.dequant_bytes,
+            grads + act.logits_held_bytes + act.transient_bytes,
+        )
+        optimizer = persistent + grads + act.logits_held_bytes + -(-self.optimizer_temp_bytes // n)
+        return {"forward": forward, "backward": backward, "optimizer": optimizer}
+
+
+def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targets=None,
+               setup: TrainingSetup = TrainingSetup(), counts: Optional[ParamCount] = None) -> StepParts:
+    """Every memory component of one training step of method on spec.
 
     Raises:
         LorabenchError: bad setup values, bad rank/targets, or a quantized base under a method that
@@ -419,49 +464,53 @@ def estimate_memory(spec: ModelSpec, method: Method, rank: Optional[int] = None,
     if method.name == "full" and not setup.master_weights and p_bytes < 4:
         notes.append("pure low-precision training: gradients and AdamW states in the weights' dtype; "
                      "--master-weights adds fp32 copies and fp32 states.")
-    act = estimate_activations(spec, method, rank, targets, setup)
+    shapes = spec.linear_shapes()
     # The largest dequantized weight alive at once (bitsandbytes dequantizes per matmul).
     dequant = 0
     if setup.dtype in QUANTIZED:
-        dequant = max(i * o for i, o, _ in spec.linear_shapes().values()) * setup.act_bytes
+        dequant = max(i * o for i, o, _ in shapes.values()) * setup.act_bytes
+    if method.adapter == "dora":
+        # DoRA's weight norm ||W + s B A|| builds one out x in matrix per adapted layer in forward.
+        dequant = max(dequant, max(shapes[t][0] * shapes[t][1] for t in targets) * setup.act_bytes)
     # Optimizer step transients: torch's foreach AdamW (the CUDA default) makes one temporary list the size
     # of all exp_avg_sq (sqrt); the per-tensor loop (CPU default) two temporaries of the largest tensor.
     largest = max((numel for numel, _ in tensors), default=0)
+    opt_tmp = 0
     if setup.optimizer == "adamw":
         opt_tmp = (counts.trainable_params if setup.device == "cuda" else 2 * largest) * state_bytes
-    else:
-        opt_tmp = 0
-    if method.name == "dora":
-        # DoRA's weight norm ||W + s B A|| builds one out x in matrix per adapted layer in forward.
-        dequant = max(dequant, max(spec.linear_shapes()[t][0] * spec.linear_shapes()[t][1]
-                                   for t in targets) * setup.act_bytes)
-    persistent = w_bytes + adapter + optim + master + method_state
-    forward = persistent + act.saved_bytes + max(act.logits_forward_bytes, dequant)
     head_grads = 0
-    if method.base_trainable and not spec.single_matrix:
-        head_grads = spec.vocab_size * spec.hidden_size * p_bytes * (0 if spec.tie_embeddings else 1)
-    # Backward: at its start the loss gradients are alive with every saved activation; then each layer's
-    # activations are freed as its gradients appear, so the peak is at one end (or at the first layer).
-    backward = persistent + max(
-        act.saved_bytes + act.logits_backward_bytes,
-        act.saved_bytes + act.logits_held_bytes + head_grads + act.recompute_bytes
-        + act.transient_bytes + dequant,
-        grads + act.logits_held_bytes + act.transient_bytes,
-    )
-    opt_peak = persistent + grads + act.logits_held_bytes + opt_tmp
-    phases = {"forward": forward, "backward": backward, "optimizer": opt_peak}
+    if method.base_trainable and not spec.single_matrix and not spec.tie_embeddings:
+        head_grads = spec.vocab_size * spec.hidden_size * p_bytes
+    gather = 2 * sum(i * o for i, o, _ in shapes.values()) * FLOAT_BYTES.get(setup.dtype, 2)
+    return StepParts(method, counts, w_bytes, adapter, grads, optim, master, method_state, opt_tmp,
+                     head_grads, dequant, gather, estimate_activations(spec, method, rank, targets, setup),
+                     CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
+                     tuple(notes))
+
+
+def estimate_from_parts(parts: StepParts) -> MemoryEstimate:
+    """The one-GPU estimate: components and the peak over the phases of a step."""
+    phases = parts.phase_peaks(1)
     phase = max(phases, key=phases.get)
-    overhead = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0
+    c = parts.counts
     return MemoryEstimate(
-        method=method.name, rank=counts.rank, targets=targets,
-        trainable_params=counts.trainable_params, total_params=counts.total_params,
-        trainable_pct=counts.trainable_pct, weights_bytes=w_bytes, adapter_bytes=adapter,
-        gradients_bytes=grads, optimizer_bytes=optim, master_bytes=master,
-        method_state_bytes=method_state, activations_bytes=act.saved_bytes,
-        logits_bytes=act.logits_backward_bytes, overhead_bytes=overhead,
-        forward_peak_bytes=forward, backward_peak_bytes=backward, optimizer_peak_bytes=opt_peak,
-        peak_bytes=phases[phase], peak_phase=phase, device_bytes=phases[phase] + overhead,
-        updates_base_weights=method.updates_base, notes=tuple(notes))
+        method=c.method, rank=c.rank, targets=c.targets, trainable_params=c.trainable_params,
+        total_params=c.total_params, trainable_pct=c.trainable_pct, weights_bytes=parts.weights_bytes,
+        adapter_bytes=parts.adapter_bytes, gradients_bytes=parts.gradients_bytes,
+        optimizer_bytes=parts.optimizer_bytes, master_bytes=parts.master_bytes,
+        method_state_bytes=parts.method_state_bytes, activations_bytes=parts.act.saved_bytes,
+        logits_bytes=parts.act.logits_backward_bytes, overhead_bytes=parts.overhead_bytes,
+        forward_peak_bytes=phases["forward"], backward_peak_bytes=phases["backward"],
+        optimizer_peak_bytes=phases["optimizer"], peak_bytes=phases[phase], peak_phase=phase,
+        device_bytes=phases[phase] + parts.overhead_bytes,
+        updates_base_weights=parts.method.updates_base, notes=parts.notes)
+
+
+def estimate_memory(spec: ModelSpec, method: Method, rank: Optional[int] = None, targets=None,
+                    setup: TrainingSetup = TrainingSetup(),
+                    counts: Optional[ParamCount] = None) -> MemoryEstimate:
+    """Memory of one training step of method on spec (see step_parts for what it raises)."""
+    return estimate_from_parts(step_parts(spec, method, rank, targets, setup, counts))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,28 +528,22 @@ class Fit:
     per_gpu_bytes: Optional[int]
 
 
-def fit_on_gpu(est: MemoryEstimate, gpu: GPU, spec: ModelSpec, setup: TrainingSetup,
-               max_gpus: int = 4096) -> Fit:
+def fit_on_gpu(parts: StepParts, gpu: GPU, max_gpus: int = 4096) -> Fit:
     """Data-parallel replicas need the whole step on each GPU. Full sharding (Rajbhandari et al. 2020,
     ZeRO stage 3; PyTorch FSDP) splits weights, adapters, gradients, optimizer and master state N ways;
-    activations, logits and the runtime overhead stay whole on every GPU, and each GPU also holds the
-    all-gathered parameters of the layer in flight and of the next (prefetch).
+    activations, logits and the runtime overhead stay whole on every GPU.
     """
     cap = gpu.memory_bytes
-    if est.device_bytes <= cap:
-        return Fit(gpu.name, cap, True, 1, est.device_bytes)
-    sharded = (est.weights_bytes + est.adapter_bytes + est.optimizer_bytes + est.master_bytes
-               + est.method_state_bytes)
-    layer_params = sum(i * o for i, o, _ in spec.linear_shapes().values())
-    gather = 2 * layer_params * FLOAT_BYTES.get(setup.dtype, 2)
-    unsharded = est.peak_bytes - sharded
-    if est.peak_phase != "forward":
-        unsharded -= est.gradients_bytes  # the optimizer or end-of-backward peak holds all gradients
-        sharded += est.gradients_bytes
-    unsharded = max(unsharded, 0) + gather + est.overhead_bytes
-    if unsharded >= cap:
+
+    def need(n: int) -> int:
+        return max(parts.phase_peaks(n).values()) + parts.overhead_bytes
+
+    if need(1) <= cap:
+        return Fit(gpu.name, cap, True, 1, need(1))
+    if need(max_gpus) > cap:
         return Fit(gpu.name, cap, False, None, None)
-    n = max(2, math.ceil(sharded / (cap - unsharded)))
-    if n > max_gpus:
-        return Fit(gpu.name, cap, False, None, None)
-    return Fit(gpu.name, cap, False, n, math.ceil(sharded / n) + unsharded)
+    lo, hi = 1, max_gpus  # need(lo) > cap >= need(hi); need falls as n grows
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if need(mid) <= cap else (mid, hi)
+    return Fit(gpu.name, cap, False, hi, need(hi))
