@@ -108,13 +108,20 @@ def saved_bytes(fn, model):
     return out, sum(seen.values())
 
 
-def measure(spec, method, rank, targets, setup, device, steps):
+def measure(spec, method, rank, targets, setup, device, steps, impl="hf"):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[setup.dtype]
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base_alloc = torch.cuda.memory_allocated() if cuda else 0
+    hooks = []
+    if impl == "lorabench":
+        from lorabench.nn.train import build_training
+
+        trainer = build_training(spec, method, rank, 16.0, targets, dtype=dtype, device=device)
+        model, opt, hooks = trainer.model, trainer.optimizer, trainer.hooks
+        return _run_steps(model, opt, hooks, spec, setup, device, steps, base_alloc, lambda m: m(ids, labels=ids))
     model = build(spec, method, rank, targets, dtype, device)
     if setup.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -123,16 +130,29 @@ def measure(spec, method, rank, targets, setup, device, steps):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    return _run_steps(model, opt, hooks, spec, setup, device, steps, base_alloc,
+                      lambda m: m(input_ids=ids, labels=ids))
+
+
+ids = None
+
+
+def _run_steps(model, opt, hooks, spec, setup, device, steps, base_alloc, forward):
+    global ids
+    cuda = device == "cuda"
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=g).to(device)
-    rec = {}
+    rec, times = {}, []
     for step in range(steps):
         last = step == steps - 1
         if cuda:
             torch.cuda.synchronize()
             start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        out, saved = saved_bytes(lambda: model(input_ids=ids, labels=ids), model)
+        if cuda:
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+        out, saved = saved_bytes(lambda: forward(model), model)
         if cuda:
             fwd_peak, after_fwd = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -141,8 +161,14 @@ def measure(spec, method, rank, targets, setup, device, steps):
             bwd_peak, after_bwd = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         opt.step()
+        for hook in hooks:
+            hook.step()
         if cuda:
             opt_peak = torch.cuda.max_memory_allocated()
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record()
+            torch.cuda.synchronize()
+            times.append(t0.elapsed_time(t1))
         opt.zero_grad(set_to_none=True)
         if last:
             rec = {"saved_bytes": saved, "loss": float(out.loss)}
@@ -152,9 +178,10 @@ def measure(spec, method, rank, targets, setup, device, steps):
                             "backward_peak_bytes": bwd_peak - base_alloc,
                             "after_backward_bytes": after_bwd - base_alloc,
                             "optimizer_peak_bytes": opt_peak - base_alloc,
-                            "peak_bytes": max(fwd_peak, bwd_peak, opt_peak) - base_alloc})
+                            "peak_bytes": max(fwd_peak, bwd_peak, opt_peak) - base_alloc,
+                            "step_ms": sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else None})
         del out
-    del model, opt, params
+    del model, opt
     return rec
 
 
@@ -172,6 +199,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="probe.json")
+    ap.add_argument("--impl", choices=("hf", "lorabench"), default="hf")
     a = ap.parse_args()
     import peft
     import transformers
@@ -193,18 +221,18 @@ def main():
                                               grad_checkpointing=bool(ckpt), device=a.device)
                         t0 = time.perf_counter()
                         try:
-                            rec = measure(spec, method, rank, targets, setup, a.device, a.steps)
+                            rec = measure(spec, method, rank, targets, setup, a.device, a.steps, a.impl)
                         except torch.cuda.OutOfMemoryError:
                             rec = {"oom": True}
                         est = estimate_memory(spec, method, rank, targets, setup)
-                        row = {"layers": layers, "seq_len": seq, "ckpt": ckpt, "method": name, "rank": rank,
+                        row = {"impl": a.impl, "layers": layers, "seq_len": seq, "ckpt": ckpt, "method": name, "rank": rank,
                                "measured": rec, "estimate": est.__dict__, "seconds": time.perf_counter() - t0}
                         results.append(row)
                         m = rec.get("peak_bytes")
                         at_rest = est.activations_bytes + (2 + 4) * spec.vocab_size * setup.tokens
                         print(f"L={layers} s={seq} ckpt={ckpt} {name:10s} r={rank}: saved {rec.get('saved_bytes', 0) / 2**20:9.1f} MiB "
                               f"(est {at_rest / 2**20:9.1f}) peak {0 if m is None else m / 2**20:9.1f} MiB "
-                              f"(est {est.peak_bytes / 2**20:9.1f}, {est.peak_phase})", flush=True)
+                              f"(est {est.peak_bytes / 2**20:9.1f}, {est.peak_phase}) {rec.get('step_ms') or 0:.1f} ms", flush=True)
     with open(a.out, "w") as fh:
         json.dump({"env": env, "overhead": overhead, "results": results}, fh, indent=1, default=str)
     print(json.dumps(env), json.dumps(overhead))

@@ -180,3 +180,18 @@ def test_estimate_within_5pct_of_h100_hf_peft_measurements():
         est = estimate_memory(spec, METHODS[r["method"]], r["rank"], "q,v", setup)
         measured = r["measured"]["peak_bytes"]
         assert abs(est.peak_bytes - measured) / measured < 0.05, (r["method"], r["layers"], r["ckpt"])
+
+
+NN_PROBE = os.path.join(os.path.dirname(__file__), "..", "reports", "probes", "lorabench_nn_h100_llama-3-8b.json")
+
+
+def test_estimate_within_1pct_of_h100_lorabench_nn_measurements():
+    """Peak allocated bytes of lorabench.nn's own layers on an H100, every method, r=8 and r=64."""
+    with open(NN_PROBE) as fh:
+        results = json.load(fh)["results"]
+    assert {r["method"] for r in results} == set(METHODS)
+    for r in results:
+        spec = LLAMA3_8B.with_layers(r["layers"])
+        est = estimate_memory(spec, METHODS[r["method"]], r["rank"], "q,v", TrainingSetup(seq_len=r["seq_len"]))
+        measured = r["measured"]["peak_bytes"]
+        assert abs(est.peak_bytes - measured) / measured < 0.01, (r["method"], r["rank"], r["layers"])

@@ -1,0 +1,135 @@
+"""Apply a registered method (lorabench.methods.METHODS) to a Transformer's target projections.
+
+Three independent axes, as in PEFT's tuners: the adapter's structure (LoRALinear, DoRALinear, VeRALinear),
+what is trainable (LoRA-FA freezes A; full trains everything), and the optimizer/step (LoRA+ param
+groups, Delta-LoRA's W update after the step). Counts read off the resulting modules equal
+lorabench.params.count_params (tested for every preset and method).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+
+from lorabench.errors import LorabenchError
+from lorabench.methods import Method, get_method
+from lorabench.nn.delta import DeltaLoRAUpdate
+from lorabench.nn.lora import DoRALinear, LoRALinear
+from lorabench.nn.model import Transformer, iter_targets
+from lorabench.nn.vera import VeRALinear, VeRAProjections
+from lorabench.params import check_rank, parse_targets
+
+ADAPTER_TYPES = (LoRALinear, DoRALinear, VeRALinear)
+QUANTIZED_BASES = ("nf4", "int8")
+
+
+def _resolve(method: Union[str, Method]) -> Method:
+    return method if isinstance(method, Method) else get_method(method)
+
+
+def _check_quantization(method: Method, quantization: Optional[str]) -> None:
+    if quantization in (None, "none"):
+        return
+    if quantization not in QUANTIZED_BASES:
+        raise LorabenchError(f"unknown base quantization '{quantization}' (choose none, nf4 or int8).")
+    if not method.allows_quantized_base:
+        raise LorabenchError(f"{method.name} writes the base weights, which a {quantization} base cannot hold.")
+    raise LorabenchError(f"a {quantization} base needs CUDA and bitsandbytes (QLoRA-style 4/8-bit layers); "
+                         "lorabench.nn builds unquantized bases only.")
+
+
+def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[int] = 8,
+                 alpha: Optional[float] = None, targets=None, dropout: float = 0.0, seed: int = 0,
+                 adapter_dtype: torch.dtype = torch.float32, quantization: Optional[str] = None,
+                 vera_d_initial: float = 0.1) -> List[nn.Module]:
+    """Freeze the model and wrap its target Linears for method, in place.
+
+    Args:
+        model: a Transformer (any device, "meta" included).
+        method: a METHODS name or Method.
+        rank: r (ignored by full fine-tuning).
+        alpha: LoRA/DoRA scale numerator, update scaled by alpha / r (None: alpha = r, scale 1).
+        targets: target names, "all-linear", or None for PEFT's default of the family.
+        dropout: adapter-input dropout. Delta-LoRA ignores it: the paper removes dropout from the
+            low-rank path so that W moves by the change of B A alone.
+        seed: draws LoRA's A (one CPU generator for all layers) and is VeRA's projection_prng_key.
+        adapter_dtype: dtype of adapter parameters (float32, as PEFT keeps them).
+        quantization: None; "nf4"/"int8" raise (they need CUDA and bitsandbytes).
+        vera_d_initial: starting value of VeRA's lambda_d.
+
+    Returns:
+        The adapter modules in layer order (empty for full fine-tuning).
+
+    Raises:
+        LorabenchError: unknown method or targets, a bad rank, a quantized base, or a model that
+            already has adapters.
+    """
+    method = _resolve(method)
+    _check_quantization(method, quantization)
+    spec = model.spec
+    if method.adapter == "none":
+        model.requires_grad_(method.base_trainable)
+        return []
+    names = parse_targets(spec, targets)
+    if rank is None:
+        raise LorabenchError(f"{method.name} needs a rank.")
+    check_rank(spec, rank, names)
+    found = list(iter_targets(model, names))
+    if not all(type(linear) is nn.Linear for _, _, linear in found):
+        raise LorabenchError("the model already has adapters; build a fresh one per method.")
+    alpha = float(rank if alpha is None else alpha)
+    dropout = 0.0 if method.updates_base else dropout
+    model.requires_grad_(False)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shared = None
+    if method.adapter == "vera":
+        shapes = [spec.linear_shapes()[t] for t in names]
+        shared = VeRAProjections(rank, max(s[0] for s in shapes), max(s[1] for s in shapes), seed=seed,
+                                 device=model.embed.weight.device, dtype=adapter_dtype)
+    wrapped: List[nn.Module] = []
+    for parent, name, linear in found:
+        if method.adapter == "lora":
+            module = LoRALinear(linear, rank, alpha, dropout, method.trains_a, adapter_dtype, generator)
+        elif method.adapter == "dora":
+            module = DoRALinear(linear, rank, alpha, dropout, adapter_dtype, generator)
+        else:
+            module = VeRALinear(linear, shared, dropout, vera_d_initial, adapter_dtype)
+        setattr(parent, name, module)
+        wrapped.append(module)
+    return wrapped
+
+
+def adapter_layers(model: nn.Module) -> List[nn.Module]:
+    """The LoRA, DoRA and VeRA wrappers in model, in module order."""
+    return [m for m in model.modules() if isinstance(m, ADAPTER_TYPES)]
+
+
+def param_groups(model: nn.Module, method: Union[str, Method], lr: float) -> List[dict]:
+    """Optimizer param groups of the trainable parameters.
+
+    LoRA+ (Hayou et al. 2024, arXiv:2402.12354) puts every B in a group at lr x method.b_lr_ratio and the
+    rest at lr; other methods get one group.
+    """
+    method = _resolve(method)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if method.b_lr_ratio == 1.0:
+        return [{"params": trainable, "lr": lr, "name": "trainable"}]
+    b_ids = {id(m.lora_b) for m in adapter_layers(model) if hasattr(m, "lora_b")}
+    return [{"params": [p for p in trainable if id(p) not in b_ids], "lr": lr, "name": "lora_a"},
+            {"params": [p for p in trainable if id(p) in b_ids], "lr": lr * method.b_lr_ratio,
+             "name": "lora_b"}]
+
+
+def step_hooks(model: nn.Module, method: Union[str, Method], delta_lambda: float = 0.5,
+               delta_start_step: int = 0) -> list:
+    """Objects whose .step() runs after each optimizer step: Delta-LoRA's W update, else none."""
+    method = _resolve(method)
+    if method.adapter == "lora" and method.updates_base:
+        return [DeltaLoRAUpdate(adapter_layers(model), delta_lambda, delta_start_step)]
+    return []
+
+
+__all__ = ["apply_method", "adapter_layers", "param_groups", "step_hooks", "ADAPTER_TYPES",
+           "LoRALinear", "DoRALinear", "VeRALinear", "VeRAProjections", "DeltaLoRAUpdate"]

@@ -1,0 +1,118 @@
+"""One training step for any method: what the benchmark harness times and measures.
+
+The step is what a plain user loop does: `out = model(ids, labels=labels); out.loss.backward();
+opt.step(); hooks; opt.zero_grad(set_to_none=True)`. `out` (and so the logits) stays referenced until
+the step returns, as in such a loop, so the measured peak includes the logits during backward.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+
+from lorabench.errors import LorabenchError
+from lorabench.methods import Method, get_method
+from lorabench.nn.adapters import apply_method, param_groups, step_hooks
+from lorabench.nn.model import Transformer, build_model
+from lorabench.specs import ModelSpec
+
+OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adamw-8bit")
+
+
+def make_optimizer(name: str, groups: List[dict], lr: float, weight_decay: float = 0.0,
+                   device: Union[str, torch.device] = "cpu") -> torch.optim.Optimizer:
+    """The optimizer the estimator models under name.
+
+    adamw: torch AdamW (two states per trainable parameter); sgd: no state; sgd-momentum: momentum 0.9
+    (one state); adamw-8bit: bitsandbytes' AdamW8bit (Dettmers et al. 2021, arXiv:2110.02861).
+
+    Raises:
+        LorabenchError: unknown name, or adamw-8bit without CUDA or bitsandbytes.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "adamw-8bit":
+        if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+            raise LorabenchError("adamw-8bit needs a CUDA device (bitsandbytes' 8-bit states live on the GPU).")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise LorabenchError("adamw-8bit needs bitsandbytes: pip install bitsandbytes.") from None
+        return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
+    raise LorabenchError(f"unknown optimizer '{name}'; choose from {', '.join(OPTIMIZERS)}.")
+
+
+class Trainer:
+    """A model with its method applied, its optimizer and its after-step hooks.
+
+    Attributes:
+        model: the Transformer with adapters in place.
+        optimizer: over the trainable parameters (LoRA+ param groups where the method has them).
+        method: the Method.
+        hooks: objects whose .step() runs after optimizer.step() (Delta-LoRA's W update).
+        adapters: the adapter modules in layer order (empty for full fine-tuning).
+    """
+
+    def __init__(self, model: Transformer, optimizer: torch.optim.Optimizer, method: Method,
+                 hooks: list, adapters: List[nn.Module]):
+        self.model, self.optimizer, self.method = model, optimizer, method
+        self.hooks, self.adapters = hooks, adapters
+
+    def step(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Forward, loss, backward, optimizer step, hooks, zero_grad(set_to_none=True).
+
+        Args:
+            input_ids: [B, S] token ids.
+            labels: [B, S] targets (HF convention: shifted inside the loss; None uses input_ids).
+
+        Returns:
+            The loss, detached.
+        """
+        out = self.model(input_ids, labels=input_ids if labels is None else labels)
+        out.loss.backward()
+        self.optimizer.step()
+        for hook in self.hooks:
+            hook.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+
+def build_training(spec: ModelSpec, method: Union[str, Method], rank: Optional[int] = 8,
+                   alpha: Optional[float] = None, targets=None, optimizer: str = "adamw", lr: float = 1e-4,
+                   dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                   layers: Optional[int] = None, seed: int = 0, dropout: float = 0.0,
+                   adapter_dtype: torch.dtype = torch.float32, weight_decay: float = 0.0,
+                   delta_lambda: float = 0.5, delta_start_step: int = 0,
+                   quantization: Optional[str] = None) -> Trainer:
+    """Build a model for spec on device, apply method, and return a Trainer ready to .step().
+
+    Args:
+        spec: model shape.
+        method: a METHODS name or Method.
+        rank, alpha, targets, dropout, adapter_dtype, quantization: see apply_method.
+        optimizer: one of OPTIMIZERS.
+        lr: learning rate (of A under LoRA+; B gets lr x b_lr_ratio).
+        dtype: base model dtype.
+        layers: cut the model to this many blocks (None: spec.num_layers).
+        seed: seeds the base weights and the adapters.
+        delta_lambda, delta_start_step: Delta-LoRA's lambda and first updating step.
+
+    Raises:
+        LorabenchError: a bad method, rank, targets, optimizer or quantization.
+    """
+    method = method if isinstance(method, Method) else get_method(method)
+    model = build_model(spec, device=device, dtype=dtype, layers=layers, seed=seed)
+    adapters = apply_method(model, method, rank, alpha, targets, dropout=dropout, seed=seed,
+                            adapter_dtype=adapter_dtype, quantization=quantization)
+    opt = make_optimizer(optimizer, param_groups(model, method, lr), lr, weight_decay, device)
+    hooks = step_hooks(model, method, delta_lambda, delta_start_step)
+    return Trainer(model, opt, method, hooks, adapters)
+
+
+__all__ = ["Trainer", "build_training", "make_optimizer", "OPTIMIZERS"]
