@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU, MiB
 from lorabench.methods import Method
-from lorabench.params import ParamCount, count_params
+from lorabench.params import ParamCount, count_base_params, count_params
 from lorabench.specs import ModelSpec
 
 # Bytes per element of the dtypes a base, an adapter or an activation can have.
@@ -161,8 +161,6 @@ def _quantized_linear_bytes(dtype: str, in_f: int, out_f: int) -> int:
 def weights_bytes(spec: ModelSpec, dtype: str) -> int:
     """Base weights. Quantized bases quantize the decoder's Linear weights only; embeddings, the
     output head, norms and biases stay in bf16 (transformers keeps the head out of bitsandbytes)."""
-    from lorabench.params import count_base_params
-
     total = count_base_params(spec)
     if dtype in FLOAT_BYTES:
         return total * FLOAT_BYTES[dtype]
