@@ -87,7 +87,7 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}, train_a={self.lora_a.requires_grad}"
 
 
-class DoRALinear(nn.Module):
+class DoRALinear(LoRALinear):
     """h = m / ||W + s B A||_row * (W x + s B A x) + b (Liu et al. 2024, arXiv:2402.09353).
 
     m [out] starts at the row norms of W (norm over in_features, one per output, as PEFT). The norm is
@@ -109,22 +109,14 @@ class DoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None):
-        super().__init__()
-        if rank <= 0:
-            raise ValueError(f"rank must be positive, got {rank}.")
-        self.base = _freeze(base)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.scale = rank, alpha / rank
+        super().__init__(base, rank, alpha, dropout, True, dtype, generator)
         device = base.weight.device
-        self.lora_a = nn.Parameter(init_lora_a(rank, self.in_features, device, dtype, generator))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         if base.weight.is_meta:
             norm = torch.empty(self.out_features, device=device, dtype=dtype)
         else:
             with torch.no_grad():
                 norm = torch.linalg.vector_norm(base.weight.to(dtype), dim=1)  # norm: [out]
         self.magnitude = nn.Parameter(norm)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def adapter_params(self) -> List[nn.Parameter]:
         return [self.lora_a, self.lora_b, self.magnitude]
@@ -137,10 +129,8 @@ class DoRALinear(nn.Module):
             return torch.linalg.vector_norm(w, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, S, in]
-        h = self.dropout(x) if self.dropout is not None else x
-        ax = F.linear(h, self.lora_a.to(x.dtype))  # ax: [B, S, r]
-        y = F.linear(x, self.base.weight) + F.linear(ax * self.scale, self.lora_b.to(x.dtype))  # y: [B, S, out]
+        # x: [B, S, in] -> y: [B, S, out]
+        y = F.linear(x, self.base.weight) + self.delta(x)
         g = self.magnitude.to(x.dtype) / self.weight_norm(x.dtype)  # g: [out]
         y = g * y
         return y if self.base.bias is None else y + self.base.bias
