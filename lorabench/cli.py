@@ -91,6 +91,39 @@ def method_options(fn):
     return wrapper
 
 
+def setup_options(fn):
+    """The options of how a step runs (memory, bench, report); passes setup=TrainingSetup(...)."""
+    @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/r).")
+    @click.option("--batch-size", "-b", type=int, default=1, show_default=True, callback=_positive,
+                  help="Sequences per step per GPU.")
+    @click.option("--seq-len", "-s", type=int, default=2048, show_default=True, callback=_positive,
+                  help="Tokens per sequence.")
+    @click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bf16", show_default=True,
+                  help="Base weights; int8/nf4 is a quantized frozen base (QLoRA), adapters only.")
+    @click.option("--adapter-dtype", type=click.Choice(tuple(FLOAT_BYTES), case_sensitive=False), default="fp32",
+                  show_default=True, help="Adapter weights (PEFT keeps them in fp32).")
+    @click.option("--optimizer", type=click.Choice(OPTIMIZERS, case_sensitive=False), default="adamw",
+                  show_default=True, help="Optimizer; its states follow the trainable weights' dtype.")
+    @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
+                  help="Keep only each layer's input; recompute in backward.")
+    @click.option("--attention", type=click.Choice(ATTENTION, case_sensitive=False), default="sdpa",
+                  show_default=True, help="sdpa (flash/efficient kernels) or eager (keeps s x s softmax).")
+    @click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout on adapter inputs.")
+    @click.option("--master-weights", is_flag=True, help="fp32 master copy and fp32 optimizer states (mixed precision).")
+    @click.option("--device", type=click.Choice(("cuda", "cpu")), default="cuda", show_default=True,
+                  help="Where the step runs: cuda adds the runtime's overhead and foreach AdamW.")
+    @functools.wraps(fn)
+    def wrapper(alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer, grad_checkpointing, attention,
+                dropout, master_weights, device, **kw):
+        setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
+                              adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
+                              grad_checkpointing=grad_checkpointing, attention=attention.lower(),
+                              dropout=dropout, master_weights=master_weights,
+                              device=device or "cuda", alpha=alpha)
+        return fn(setup=setup, **kw)
+    return wrapper
+
+
 def format_option(fn):
     return click.option("--format", "-f", "fmt", type=click.Choice(FORMATS, case_sensitive=False),
                         default="table", show_default=True,
@@ -134,31 +167,12 @@ def params(spec, methods, methods_from_all, ranks, targets, fmt):
 @cli.command(context_settings=CONTEXT)
 @model_options
 @method_options
-@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/r).")
-@click.option("--batch-size", "-b", type=int, default=1, show_default=True, callback=_positive,
-              help="Sequences per step per GPU.")
-@click.option("--seq-len", "-s", type=int, default=2048, show_default=True, callback=_positive,
-              help="Tokens per sequence.")
-@click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bf16", show_default=True,
-              help="Base weights; int8/nf4 is a quantized frozen base (QLoRA), adapters only.")
-@click.option("--adapter-dtype", type=click.Choice(tuple(FLOAT_BYTES), case_sensitive=False), default="fp32",
-              show_default=True, help="Adapter weights (PEFT keeps them in fp32).")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS, case_sensitive=False), default="adamw",
-              show_default=True, help="Optimizer; its states follow the trainable weights' dtype.")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
-              help="Keep only each layer's input; recompute in backward.")
-@click.option("--attention", type=click.Choice(ATTENTION, case_sensitive=False), default="sdpa",
-              show_default=True, help="sdpa (flash/efficient kernels) or eager (keeps s x s softmax).")
-@click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout on adapter inputs.")
-@click.option("--master-weights", is_flag=True, help="fp32 master copy and fp32 optimizer states (mixed precision).")
-@click.option("--device", type=click.Choice(("cuda", "cpu")), default="cuda", show_default=True,
-              help="Where the step runs: cuda adds the runtime's overhead and foreach AdamW.")
+@setup_options
 @click.option("--gpu", default=None, help="A GPU from 'lorabench gpus': adds fits, GPUs needed and step time.")
 @click.option("--mfu", type=click.FloatRange(0.01, 1.0), default=0.4, show_default=True,
               help="Model-FLOPs utilisation assumed for the step time.")
 @format_option
-def memory(spec, methods, methods_from_all, ranks, targets, alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer,
-           grad_checkpointing, attention, dropout, master_weights, device, gpu, mfu, fmt):
+def memory(spec, methods, methods_from_all, ranks, targets, setup, gpu, mfu, fmt):
     """GPU memory of one training step per method: components, peak, fit.
 
     Components are in GiB in tables and bytes in csv/json. 'peak' is what
@@ -173,17 +187,13 @@ def memory(spec, methods, methods_from_all, ranks, targets, alpha, batch_size, s
     """
     from lorabench.estimate import memory_rows
 
-    setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
-                          adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
-                          grad_checkpointing=grad_checkpointing, attention=attention.lower(),
-                          dropout=dropout, master_weights=master_weights, device=device, alpha=alpha)
     chosen = get_gpu(gpu) if gpu else None
     if setup.dtype in QUANTIZED and methods_from_all:
         # 'all' on a quantized base means every method that can run on one.
         methods = tuple(m for m in methods if m.allows_quantized_base)
     rows = memory_rows(spec, methods, ranks, targets, setup, chosen, mfu)
-    title = (f"{spec.name}: batch {batch_size} x {seq_len} tokens, {dtype} base, {optimizer}"
-             f"{', grad checkpointing' if grad_checkpointing else ''}; GiB")
+    title = (f"{spec.name}: batch {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype} base, "
+             f"{setup.optimizer}{', grad checkpointing' if setup.grad_checkpointing else ''}; GiB")
     columns = tuple(MEMORY_COLUMNS) + (tuple(GPU_COLUMNS) if chosen else ())
     out = render(rows, fmt, columns, title=title)
     if chosen and fmt in ("table", "markdown"):
