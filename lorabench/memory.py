@@ -40,6 +40,9 @@ BNB_MIN_8BIT_SIZE = 4096
 
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
+# Whose layers run the step: "peft" (Hugging Face transformers + PEFT, what users run) or "lorabench"
+# (lorabench.nn's own modules). They differ in what autograd keeps; see _adapter_saves and estimate_activations.
+IMPLS = ("peft", "lorabench")
 
 # The runtime's own memory on a CUDA device, outside the caching allocator's counters: the CUDA context
 # (kernels, cuBLAS/cuDNN handles; lazy module loading on) and cuBLAS's workspace. Measured with NVML on an
@@ -67,6 +70,9 @@ class TrainingSetup:
             as in Micikevicius et al. 2018, DeepSpeed and Megatron), beside the low-precision weights.
         device: "cuda" (foreach AdamW, runtime overhead) or "cpu" (per-tensor AdamW, no overhead).
         alpha: LoRA alpha (scale alpha/r); it changes no memory, only the numbers the model computes.
+        impl: "peft" (transformers + PEFT: each adapted layer casts its input to the adapter dtype and
+            keeps that copy; the model's output keeps a KV cache) or "lorabench" (lorabench.nn: adapters
+            share the layer's input in the activation dtype; no cache).
     """
 
     batch_size: int = 1
@@ -80,6 +86,7 @@ class TrainingSetup:
     master_weights: bool = False
     device: str = "cuda"
     alpha: float = 16.0
+    impl: str = "peft"
 
     def validate(self) -> None:
         """Raises LorabenchError for any value out of range."""
@@ -92,6 +99,7 @@ class TrainingSetup:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attention", self.attention, ATTENTION)
         _choice("device", self.device, DEVICES)
+        _choice("implementation", self.impl, IMPLS)
         if not 0.0 <= self.dropout < 1.0:
             raise LorabenchError(f"dropout must be in [0, 1), got {self.dropout!r}.")
 
@@ -227,16 +235,24 @@ def _adapter_saves(method: Method, setup: TrainingSetup, rank: int, in_f: int, o
     dropped copy of x (kept) and dropout keeps its bool mask (autograd: native_dropout saves the mask).
     DoRA: also the combined output W x + s B A x, which the magnitude's gradient needs.
     VeRA: d's gradient needs A x (r), b's needs B(d * A x) (out); A and B are frozen, so x is not kept.
+
+    PEFT (impl="peft") casts x to the adapter dtype in every adapted layer (`_cast_input_dtype`) and
+    computes the adapter there: when that dtype differs from the activations', each layer keeps its own
+    copy of x (ad in) instead of sharing x, and A x, B(...) are ad-wide. PEFT's DoRA
+    (`DoraLinearLayer.forward`) keeps the base output (a out) and the low-rank output (ad out) apart.
     """
     a = setup.act_bytes
+    peft = setup.impl == "peft"
+    ad = FLOAT_BYTES[setup.adapter_dtype] if peft else a  # the dtype the adapter computes in
+    own_copy = peft and ad != a  # x cast per layer: a copy each adapter keeps for itself
     mask = in_f if dropout > 0 else 0
     if method.adapter == "vera":
-        return False, mask + a * (rank + out_f)
-    keeps_dropped = method.trains_a and dropout > 0
-    saved = mask + (a * in_f if keeps_dropped else 0) + a * rank
+        return False, mask + ad * (rank + out_f)
+    keeps_own = method.trains_a and (dropout > 0 or own_copy)
+    saved = mask + (ad * in_f if keeps_own else 0) + ad * rank
     if method.adapter == "dora":
-        saved += a * out_f
-    return method.trains_a and dropout == 0, saved
+        saved += a * out_f + (ad * out_f if peft else 0)
+    return method.trains_a and not keeps_own, saved
 
 
 def _norm_input_saves(spec: ModelSpec, a: int) -> int:
@@ -275,48 +291,80 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
                            input_needs_grad: bool = True) -> int:
     """Bytes per token one decoder layer saves for backward (no checkpointing).
 
-    input_needs_grad is False for the first layer when the embeddings are frozen: its first norm then
-    records nothing (autograd builds no graph for tensors that need no gradient).
+    input_needs_grad is False for the first layer when the embeddings are frozen. Autograd records an op
+    only when something it reads needs a gradient, so until the first trainable weight in that layer
+    (LoRA on down only: the whole attention block and the MLP up to down) nothing is kept.
     """
     a, d, i = setup.act_bytes, spec.hidden_size, spec.intermediate_size
     dropout = 0.0 if method.name == "delta-lora" else setup.dropout
     args = (spec, method, targets, setup, dropout, rank)
+
+    def trains(names) -> bool:  # a weight of these projections gets a gradient
+        return method.base_trainable or (method.uses_rank and any(n in targets for n in names))
+
     if spec.single_matrix:
         keep, extra = _consumers_keep_input(("w",), *args)
         return (a * d if keep else 0) + extra
     norm_in = _norm_input_saves(spec, a) + _norm_weight_saves(spec, method, a)
+    live = input_needs_grad  # the residual stream needs a gradient
     total = 0
     # Attention block: norm, q/k/v, rotary (cos/sin are shared by all layers), attention, o.
-    total += norm_in if input_needs_grad else 0
-    keep, extra = _consumers_keep_input(("qkv",) if spec.fused_qkv else ("q", "k", "v"), *args)
+    total += norm_in if live else 0
+    qkv = ("qkv",) if spec.fused_qkv else ("q", "k", "v")
+    keep, extra = _consumers_keep_input(qkv, *args)
     total += (a * d if keep else 0) + extra  # the norm's output, shared by q, k and v
+    live = live or trains(qkv)
     tokens_kv = spec.num_kv_heads * spec.head_dim
-    if setup.attention == "sdpa":
+    if live and setup.attention == "sdpa":
         # SDPA (flash / efficient kernels) keeps q, k, v, its output and fp32 logsumexp per head
         # (Dao 2023, FlashAttention-2 Alg. 2). With GQA, k and v stay at kv width (enable_gqa).
         total += a * (2 * spec.q_dim + 2 * tokens_kv) + 4 * spec.num_heads
-    else:
+    elif live:
         # Eager: q and k for QK^T, fp32 softmax output and its cast for the AV product, v.
         total += a * (spec.q_dim + 2 * tokens_kv)
         total += spec.num_heads * setup.seq_len * (4 + (a if a < 4 else 0))
     keep, extra = _consumers_keep_input(("o",), *args)
-    # o's input: the heads merged. CUDA's flash/efficient kernels write their output as [B, S, H, hd], so
-    # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; elsewhere it is a copy.
-    shared = setup.device == "cuda" and setup.attention == "sdpa"
+    # o's input: the heads merged. The fused SDPA kernels (CUDA flash/efficient, and the CPU flash kernel
+    # for q made as view(B, S, H, hd).transpose(1, 2)) write their output as [B, S, H, hd], so
+    # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; eager makes a copy.
+    shared = live and setup.attention == "sdpa"
     total += (a * spec.q_dim if keep and not shared else 0) + extra
+    live = live or trains(("o",))
     # MLP block.
-    total += norm_in
+    total += norm_in if live else 0
     if spec.gated_mlp:
         keep, extra = _consumers_keep_input(("gate", "up"), *args)
         total += (a * d if keep else 0) + extra
-        total += 3 * a * i  # SwiGLU: silu keeps gate's output, the product keeps silu(gate) and up
+        # SwiGLU silu(g) * u: silu keeps g, the product keeps silu(g) for u's gradient and u for g's.
+        g_grad, u_grad = live or trains(("gate",)), live or trains(("up",))
+        total += a * i * ((2 if g_grad else 0) + (1 if u_grad else 0))
+        live = g_grad or u_grad
     else:
         keep, extra = _consumers_keep_input(("up",), *args)
         total += (a * d if keep else 0) + extra
-        total += a * i  # gelu keeps its input
+        live = live or trains(("up",))
+        total += a * i if live else 0  # gelu keeps its input
     keep, extra = _consumers_keep_input(("down",), *args)
     total += (a * i if keep else 0) + extra
     return total
+
+
+def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+                       setup: TrainingSetup) -> int:
+    """Adapter weights cast to the activation dtype, which lorabench.nn's layers keep for backward (F.linear
+    saves its weight): per adapted layer, not per token. PEFT casts x instead (see _adapter_saves)."""
+    a = setup.act_bytes
+    if setup.impl != "lorabench" or not method.uses_rank or FLOAT_BYTES[setup.adapter_dtype] == a:
+        return 0
+    per_layer = 0
+    for t in targets:
+        in_f, out_f, _ = spec.linear_shapes()[t]
+        per_layer += a * rank * (in_f + out_f)
+        if method.adapter == "vera":
+            per_layer += a * (rank + out_f)  # lambda_d and lambda_b
+        elif method.adapter == "dora":
+            per_layer += a * out_f  # the magnitude
+    return spec.num_layers * per_layer
 
 
 def _backward_transient_per_token(spec: ModelSpec, a: int) -> int:
@@ -328,7 +376,11 @@ def _backward_transient_per_token(spec: ModelSpec, a: int) -> int:
 
 @dataclass(frozen=True)
 class ActivationBreakdown:
-    """Bytes of activations at the end of forward and of the logits/loss at their forward and backward peaks."""
+    """Bytes of activations at the end of forward and of the logits/loss at their forward and backward peaks.
+
+    cache_bytes: transformers' KV cache, which the model output holds until the loop drops it (peft impl,
+    no checkpointing); during forward and early backward it is the very k and v SDPA keeps.
+    """
 
     saved_bytes: int
     recompute_bytes: int
@@ -336,6 +388,13 @@ class ActivationBreakdown:
     logits_held_bytes: int
     logits_forward_bytes: int
     logits_backward_bytes: int
+    logits_after_forward_bytes: int = 0
+    cache_bytes: int = 0
+
+    @property
+    def after_forward_bytes(self) -> int:
+        """What is alive when forward returns: saved activations, logits and the loss's kept tensors."""
+        return self.saved_bytes + self.logits_after_forward_bytes
 
 
 def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
@@ -356,8 +415,10 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     else:
         per_token += first + (L - 1) * rest
         recompute = 0
+    rope = 0
     if not spec.max_positions:
-        per_token += 2 * a * spec.head_dim  # rotary cos and sin, kept by the q/k multiplications
+        # rotary cos and sin [1, S, hd], kept by the q/k multiplications: per position, not per token
+        rope = 2 * a * spec.head_dim * setup.seq_len
     per_token += _norm_input_saves(spec, a) + _norm_weight_saves(spec, method, a)  # final norm
     if method.base_trainable:
         per_token += a * d  # final norm's output: the output head's weight gradient needs it
@@ -371,8 +432,14 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     upcast = 4 * v if a < 4 else 0
     fwd = held + upcast + 4 * v
     bwd = held + 12 * v
-    return ActivationBreakdown(t * per_token, recompute, t * _backward_transient_per_token(spec, a),
-                               t * held, t * fwd, t * bwd)
+    # transformers' decoder returns a DynamicCache of every layer's k and v unless use_cache is off (it is
+    # turned off under gradient checkpointing): a loop that keeps the output keeps the cache.
+    cache = 0
+    if setup.impl == "peft" and not setup.grad_checkpointing:
+        cache = L * 2 * t * spec.kv_dim * a
+    casts = 0 if setup.grad_checkpointing else _weight_cast_bytes(spec, method, rank, targets, setup)
+    return ActivationBreakdown(t * per_token + rope + casts, recompute, t * _backward_transient_per_token(spec, a),
+                               t * held, t * fwd, t * bwd, t * (held + 4 * v), cache)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,9 +486,10 @@ class StepParts:
             act.saved_bytes + act.logits_backward_bytes,
             act.saved_bytes + act.logits_held_bytes + head + act.recompute_bytes + act.transient_bytes
             + self.dequant_bytes,
-            grads + act.logits_held_bytes + act.transient_bytes,
+            grads + act.logits_held_bytes + act.cache_bytes + act.transient_bytes,
         )
-        optimizer = persistent + grads + act.logits_held_bytes + -(-self.optimizer_temp_bytes // n)
+        optimizer = (persistent + grads + act.logits_held_bytes + act.cache_bytes
+                     + -(-self.optimizer_temp_bytes // n))
         return {"forward": forward, "backward": backward, "optimizer": optimizer}
 
 

@@ -90,8 +90,8 @@ def test_vera_buffers_and_delta_lora_state():
 TINY = PRESETS["tiny-llama"]  # d=256, ffn=688, 8 heads of 32, 4 kv heads
 
 
-def test_layer_activations_by_hand_lora_on_cuda():
-    # bf16 activations (a=2), LoRA r=8 on q,v, SDPA on CUDA, per token:
+def test_layer_activations_by_hand_lora_lorabench_layers():
+    # bf16 activations (a=2), LoRA r=8 on q,v, SDPA, lorabench.nn's layers (adapters compute in bf16), per token:
     a, d, i, r, q, kv, heads = 2, 256, 688, 8, 256, 128, 8
     norms = 2 * (4 * d + 4)           # fp32 copy of x and rsqrt, twice
     x_for_a = a * d                   # the norm output, kept once for both A's gradients
@@ -99,20 +99,58 @@ def test_layer_activations_by_hand_lora_on_cuda():
     sdpa = a * (q + kv + kv + q) + 4 * heads  # q, k, v, output, fp32 logsumexp
     mlp = 3 * a * i                   # gate out, silu out, up out
     expected = norms + x_for_a + z + sdpa + mlp
-    got = layer_activation_bytes(TINY, METHODS["lora"], 8, ("q", "v"), TrainingSetup(seq_len=128))
+    setup = TrainingSetup(seq_len=128, impl="lorabench")
+    got = layer_activation_bytes(TINY, METHODS["lora"], 8, ("q", "v"), setup)
     assert got == expected
     # LoRA-FA keeps no x for the adapters (Zhang et al. 2023): exactly a*d less per token
-    fa = layer_activation_bytes(TINY, METHODS["lora-fa"], 8, ("q", "v"), TrainingSetup(seq_len=128))
+    fa = layer_activation_bytes(TINY, METHODS["lora-fa"], 8, ("q", "v"), setup)
     assert got - fa == x_for_a
     # VeRA: d's gradient needs A x (r), b's needs the B output (out), for q (256) and v (128)
-    vera = layer_activation_bytes(TINY, METHODS["vera"], 8, ("q", "v"), TrainingSetup(seq_len=128))
+    vera = layer_activation_bytes(TINY, METHODS["vera"], 8, ("q", "v"), setup)
     assert vera == norms + a * (r + q) + a * (r + kv) + sdpa + mlp
+
+
+def test_layer_activations_by_hand_lora_peft_layers():
+    # PEFT casts x to the fp32 adapter dtype in each adapted layer (BaseTunerLayer._cast_input_dtype):
+    # q and v each keep their own 4-byte copy of x for A's gradient, and A x is fp32.
+    a, d, i, r, q, kv, heads = 2, 256, 688, 8, 256, 128, 8
+    norms = 2 * (4 * d + 4)
+    sdpa = a * (q + kv + kv + q) + 4 * heads
+    mlp = 3 * a * i
+    setup = TrainingSetup(seq_len=128, impl="peft")
+    lora = layer_activation_bytes(TINY, METHODS["lora"], 8, ("q", "v"), setup)
+    assert lora == norms + 2 * 4 * d + 2 * 4 * r + sdpa + mlp
+    fa = layer_activation_bytes(TINY, METHODS["lora-fa"], 8, ("q", "v"), setup)
+    assert fa == norms + 2 * 4 * r + sdpa + mlp  # a frozen A needs no x
+    vera = layer_activation_bytes(TINY, METHODS["vera"], 8, ("q", "v"), setup)
+    assert vera == norms + 4 * (r + q) + 4 * (r + kv) + sdpa + mlp
+    # DoRA (DoraLinearLayer.forward): x copy, A x, the base output (bf16) and the low-rank output (fp32)
+    dora = layer_activation_bytes(TINY, METHODS["dora"], 8, ("q", "v"), setup)
+    assert dora == norms + sum(4 * d + 4 * r + a * out + 4 * out for out in (q, kv)) + sdpa + mlp
+    # with bf16 adapters nothing is cast: PEFT shares x like lorabench's layers
+    bf16 = TrainingSetup(seq_len=128, impl="peft", adapter_dtype="bf16")
+    assert layer_activation_bytes(TINY, METHODS["lora"], 8, ("q", "v"), bf16) == \
+        norms + a * d + 2 * a * r + sdpa + mlp
+
+
+def test_frozen_prefix_records_nothing():
+    # LoRA on down only, first layer with frozen embeddings: nothing before down needs a gradient, so
+    # autograd keeps only down's input (a i) for A's gradient and A x (a r).
+    a, i, r = 2, 688, 8
+    setup = TrainingSetup(seq_len=128, impl="lorabench")
+    first = layer_activation_bytes(TINY, METHODS["lora"], 8, ("down",), setup, input_needs_grad=False)
+    assert first == a * i + a * r
+    # LoRA on up only: the product silu(g) * u keeps silu(g) for u's gradient, nothing else
+    up = layer_activation_bytes(TINY, METHODS["lora"], 8, ("up",), setup, input_needs_grad=False)
+    assert up == a * 256 + a * r + a * i
 
 
 def test_layer_activations_by_hand_full_on_cpu():
     a, d, i, q, kv, heads = 2, 256, 688, 256, 128, 8
     norms = 2 * (4 * d + 4 + a * d)   # + the cast x*rsqrt a trainable weight keeps
-    inputs = a * d + a * q + a * d + a * i   # q/k/v input, o input (a copy on CPU), gate/up input, down input
+    # q/k/v input, gate/up input, down input; o's input is SDPA's output (the CPU flash kernel writes
+    # [B, S, H, hd] for q made as view().transpose(), so the merge of heads is free)
+    inputs = a * d + a * d + a * i
     sdpa = a * (q + kv + kv + q) + 4 * heads
     expected = norms + inputs + sdpa + 3 * a * i
     got = layer_activation_bytes(TINY, METHODS["full"], None, (), TrainingSetup(seq_len=128, device="cpu"))
@@ -125,22 +163,24 @@ def test_checkpointing_keeps_layer_inputs_only():
     ckpt = estimate_memory(LLAMA3_8B, METHODS["lora"], 8,
                            setup=TrainingSetup(seq_len=4096, batch_size=2, grad_checkpointing=True))
     tokens = 2 * 4096
-    fixed = tokens * (16 + 2 * 2 * 128 + 4 * 4096 + 4)  # ids+labels, rotary cos/sin, final norm
-    assert ckpt.activations_bytes == tokens * 32 * 2 * 4096 + fixed
+    fixed = tokens * (16 + 4 * 4096 + 4)  # ids+labels, final norm
+    rope = 2 * 2 * 128 * 4096  # cos and sin [1, S, head_dim]: per position, not per token
+    assert ckpt.activations_bytes == tokens * 32 * 2 * 4096 + fixed + rope
     assert ckpt.peak_bytes < plain.peak_bytes
 
 
 def test_lora_fa_saves_activation_memory_at_scale():
-    lora = estimate_memory(LLAMA3_8B, METHODS["lora"], 8, "all-linear")
-    fa = estimate_memory(LLAMA3_8B, METHODS["lora-fa"], 8, "all-linear")
+    ours = TrainingSetup(impl="lorabench")
+    lora = estimate_memory(LLAMA3_8B, METHODS["lora"], 8, "all-linear", ours)
+    fa = estimate_memory(LLAMA3_8B, METHODS["lora-fa"], 8, "all-linear", ours)
     # all-linear: LoRA keeps the inputs of q/k/v, gate/up and down; LoRA-FA none of them. o's input is
-    # SDPA's output on CUDA, which attention keeps for its own backward anyway.
+    # SDPA's output, which attention keeps for its own backward anyway.
     t = 2048
     assert lora.activations_bytes - fa.activations_bytes == t * 32 * 2 * (4096 + 4096 + 14336)
-    cpu = TrainingSetup(device="cpu")
-    lora = estimate_memory(LLAMA3_8B, METHODS["lora"], 8, "all-linear", cpu)
-    fa = estimate_memory(LLAMA3_8B, METHODS["lora-fa"], 8, "all-linear", cpu)
-    assert lora.activations_bytes - fa.activations_bytes == t * 32 * 2 * (4096 + 4096 + 4096 + 14336)
+    # PEFT: every adapted layer keeps its own fp32 copy of its input (q, k, v, o, gate, up: 4096; down: 14336)
+    lora = estimate_memory(LLAMA3_8B, METHODS["lora"], 8, "all-linear")
+    fa = estimate_memory(LLAMA3_8B, METHODS["lora-fa"], 8, "all-linear")
+    assert lora.activations_bytes - fa.activations_bytes == t * 32 * 4 * (6 * 4096 + 14336)
 
 
 def test_logits_peak_is_vocab_sized():
@@ -192,6 +232,7 @@ def test_estimate_within_1pct_of_h100_lorabench_nn_measurements():
     assert {r["method"] for r in results} == set(METHODS)
     for r in results:
         spec = LLAMA3_8B.with_layers(r["layers"])
-        est = estimate_memory(spec, METHODS[r["method"]], r["rank"], "q,v", TrainingSetup(seq_len=r["seq_len"]))
+        est = estimate_memory(spec, METHODS[r["method"]], r["rank"], "q,v",
+                              TrainingSetup(seq_len=r["seq_len"], impl="lorabench"))
         measured = r["measured"]["peak_bytes"]
         assert abs(est.peak_bytes - measured) / measured < 0.01, (r["method"], r["rank"], r["layers"])

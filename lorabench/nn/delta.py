@@ -55,6 +55,10 @@ class DeltaLoRAUpdate:
             b0.copy_(b1)
         self.steps_done += 1
 
+    def state_tensors(self) -> List[torch.Tensor]:
+        """The snapshot tensors (for memory measurement)."""
+        return self.prev_a + self.prev_b
+
     def state_numel(self) -> int:
         """Elements of the snapshot kept between steps."""
         return sum(a.numel() + b.numel() for a, b in zip(self.prev_a, self.prev_b))

@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lorabench.errors import LorabenchError
 from lorabench.specs import ModelSpec
@@ -210,6 +211,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(spec, eps, dtype) for _ in range(spec.num_layers))
         self.norm = make_norm(spec, eps, dtype)
         self.head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+        # Gradient checkpointing (Chen et al. 2016) per block, as transformers' gradient_checkpointing_enable
+        # with use_reentrant=False: each block keeps its input and is recomputed in backward.
+        self.grad_checkpointing = False
         if spec.tie_embeddings:
             self.head.weight = self.embed.weight
         self.reset_parameters()
@@ -241,8 +245,9 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(torch.arange(S, device=input_ids.device))
         else:
             rope = rope_cos_sin(S, self.spec.head_dim, self.rope_theta, x.device, x.dtype)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, rope)
+            x = checkpoint(layer, x, rope, use_reentrant=False) if ckpt else layer(x, rope)
         logits = self.head(self.norm(x))  # logits: [B, S, V]
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss)

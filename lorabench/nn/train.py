@@ -89,7 +89,7 @@ def build_training(spec: ModelSpec, method: Union[str, Method], rank: Optional[i
                    layers: Optional[int] = None, seed: int = 0, dropout: float = 0.0,
                    adapter_dtype: torch.dtype = torch.float32, weight_decay: float = 0.0,
                    delta_lambda: float = 0.5, delta_start_step: int = 0,
-                   quantization: Optional[str] = None) -> Trainer:
+                   quantization: Optional[str] = None, grad_checkpointing: bool = False) -> Trainer:
     """Build a model for spec on device, apply method, and return a Trainer ready to .step().
 
     Args:
@@ -102,12 +102,14 @@ def build_training(spec: ModelSpec, method: Union[str, Method], rank: Optional[i
         layers: cut the model to this many blocks (None: spec.num_layers).
         seed: seeds the base weights and the adapters.
         delta_lambda, delta_start_step: Delta-LoRA's lambda and first updating step.
+        grad_checkpointing: recompute each block in backward (keeps only block inputs).
 
     Raises:
         LorabenchError: a bad method, rank, targets, optimizer or quantization.
     """
     method = method if isinstance(method, Method) else get_method(method)
     model = build_model(spec, device=device, dtype=dtype, layers=layers, seed=seed)
+    model.grad_checkpointing = grad_checkpointing
     adapters = apply_method(model, method, rank, alpha, targets, dropout=dropout, seed=seed,
                             adapter_dtype=adapter_dtype, quantization=quantization)
     opt = make_optimizer(optimizer, param_groups(model, method, lr), lr, weight_decay, device)

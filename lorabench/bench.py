@@ -1,0 +1,379 @@
+"""`lorabench bench`: real training steps, timed and measured, next to the estimate for the same setup.
+
+For each (method, rank) it builds the model (lorabench's own modules, or Hugging Face transformers + PEFT
+with impl="peft"), runs warm-up steps (first calls, allocator growth and optimizer-state creation stay
+out of the numbers), one step whose memory is read phase by phase, and timed steps. Memory comes from
+the CUDA caching allocator on a GPU and from a live-tensor tracker elsewhere (lorabench.measure).
+
+A model cut to N layers (layers=N) is measured as built; the full-depth figures beside it add the
+estimator's per-layer terms for the layers not built (memory) and scale time by the FLOPs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from lorabench.compute import estimate_flops
+from lorabench.errors import LorabenchError
+from lorabench.estimate import memory_rows
+from lorabench.gpus import GPU, GPUS
+from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
+                               nvml_process_bytes, storage_bytes, summarize)
+from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, step_parts
+from lorabench.methods import Method
+from lorabench.specs import ModelSpec
+
+IMPLS = ("lorabench", "peft")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PEFT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+                "up": "up_proj", "down": "down_proj"}
+LR = 1e-4
+LORAPLUS_RATIO = 16.0
+
+
+@dataclass
+class Built:
+    """A model ready to train and what the measurement needs to tell its tensors apart."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    hooks: list
+    forward: Callable[[torch.Tensor], object]  # ids -> output with .loss
+    base_tensors: List[torch.Tensor]
+    adapter_tensors: List[torch.Tensor]
+
+    def step_state(self) -> List[torch.Tensor]:
+        """Tensors a method keeps between steps besides the optimizer (Delta-LoRA's copy of A and B)."""
+        return [t for h in self.hooks for t in getattr(h, "state_tensors", lambda: [])()]
+
+
+def _split_tensors(model: torch.nn.Module, base_ids: set) -> tuple:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return ([t for t in tensors if id(t) in base_ids], [t for t in tensors if id(t) not in base_ids])
+
+
+def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
+                    device: torch.device, seed: int = 0) -> Built:
+    """lorabench.nn's model with method applied, its optimizer and after-step hooks."""
+    from lorabench.nn.adapters import apply_method, param_groups, step_hooks
+    from lorabench.nn.model import build_model
+    from lorabench.nn.train import make_optimizer
+
+    model = build_model(spec, device=device, dtype=TORCH_DTYPES[setup.dtype], seed=seed)
+    model.grad_checkpointing = setup.grad_checkpointing
+    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    apply_method(model, method, rank, setup.alpha, targets, dropout=setup.dropout, seed=seed,
+                 adapter_dtype=TORCH_DTYPES[setup.adapter_dtype])
+    model.train()
+    opt = make_optimizer(setup.optimizer, param_groups(model, method, LR), LR, device=device)
+    hooks = step_hooks(model, method)
+    base, adapter = _split_tensors(model, base_ids)
+    return Built(model, opt, hooks, lambda ids: model(ids, labels=ids), base, adapter)
+
+
+def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
+               device: torch.device, seed: int = 0) -> Built:
+    """transformers' LlamaForCausalLM (SDPA, no dropout) wrapped by PEFT as users train it.
+
+    LoRA-FA is PEFT LoRA with lora_A frozen; LoRA+ is PEFT LoRA with peft.optimizers'
+    create_loraplus_optimizer. Delta-LoRA has no PEFT implementation.
+
+    Raises:
+        LorabenchError: transformers/peft missing, a spec transformers' Llama cannot express, or delta-lora.
+    """
+    try:
+        import peft
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise LorabenchError("--impl peft needs transformers and peft: pip install transformers peft.") from None
+    if method.name == "delta-lora":
+        raise LorabenchError("delta-lora has no PEFT implementation; measure it with --impl lorabench.")
+    if spec.single_matrix or spec.norm != "rmsnorm" or spec.fused_qkv or not spec.gated_mlp:
+        raise LorabenchError(f"--impl peft builds Llama-style models; '{spec.name}' is not one.")
+    cfg = LlamaConfig(hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                      num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                      num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                      vocab_size=spec.vocab_size, tie_word_embeddings=spec.tie_embeddings,
+                      attention_dropout=0.0, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(TORCH_DTYPES[setup.dtype])
+    if setup.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    if method.name != "full":
+        modules = [PEFT_TARGETS[t] for t in targets]
+        if method.adapter == "vera":
+            pcfg = peft.VeraConfig(r=rank, target_modules=modules, vera_dropout=setup.dropout)
+        else:
+            pcfg = peft.LoraConfig(r=rank, lora_alpha=setup.alpha, target_modules=modules,
+                                   lora_dropout=setup.dropout, use_dora=method.adapter == "dora")
+        model = peft.get_peft_model(model, pcfg)
+        if not method.trains_a:
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.requires_grad_(False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method.name == "lora-plus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=LR,
+                                        loraplus_lr_ratio=LORAPLUS_RATIO)
+    elif setup.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    else:
+        from lorabench.nn.train import make_optimizer
+
+        opt = make_optimizer(setup.optimizer, [{"params": params}], LR, device=device)
+    base, adapter = _split_tensors(model, base_ids)
+    return Built(model, opt, [], lambda ids: model(input_ids=ids, labels=ids), base, adapter)
+
+
+BUILDERS = {"lorabench": build_lorabench, "peft": build_peft}
+
+
+def _step(built: Built, ids: torch.Tensor, timer: Optional[PhaseTimer] = None) -> None:
+    if timer:
+        timer.start()
+    out = built.forward(ids)
+    if timer:
+        timer.mark("forward")
+    out.loss.backward()
+    if timer:
+        timer.mark("backward")
+    built.optimizer.step()
+    for hook in built.hooks:
+        hook.step()
+    built.optimizer.zero_grad(set_to_none=True)
+    if timer:
+        timer.mark("optimizer")
+    del out
+
+
+def _memory_step(built: Built, ids: torch.Tensor, probe: MemoryProbe) -> Dict[str, int]:
+    """One step with the memory read at the phase boundaries; `out` lives until the step ends, as in a
+    plain training loop (so the logits are alive through backward and the optimizer step)."""
+    if probe.cuda:
+        torch.cuda.synchronize()
+    start = probe.current()
+    probe.reset_peak()
+    out = built.forward(ids)
+    after_forward, forward_peak = probe.current(), probe.peak()
+    probe.reset_peak()
+    out.loss.backward()
+    backward_peak = probe.peak()
+    params = [p for group in built.optimizer.param_groups for p in group["params"]]
+    grads = storage_bytes(p.grad for p in params)
+    probe.reset_peak()
+    built.optimizer.step()
+    for hook in built.hooks:
+        hook.step()
+    optimizer_peak = probe.peak()
+    states = [t for s in built.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    built.optimizer.zero_grad(set_to_none=True)
+    del out
+    return {
+        "measured_weights_bytes": storage_bytes(built.base_tensors),
+        "measured_adapter_bytes": storage_bytes(built.adapter_tensors),
+        "measured_gradients_bytes": grads,
+        "measured_optimizer_bytes": storage_bytes(states),
+        "measured_method_state_bytes": storage_bytes(built.step_state()),
+        "measured_persistent_bytes": start,
+        "measured_activations_bytes": after_forward - start,
+        "measured_forward_peak_bytes": forward_peak,
+        "measured_backward_peak_bytes": backward_peak,
+        "measured_optimizer_peak_bytes": optimizer_peak,
+        "measured_peak_bytes": max(forward_peak, backward_peak, optimizer_peak),
+    }
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
+                 device: torch.device, steps: int = 5, warmup: int = 2, impl: str = "lorabench",
+                 seed: int = 0) -> Dict:
+    """Build, warm up, measure memory per phase, then time `steps` steps. Returns the measured fields.
+
+    Raises:
+        LorabenchError: bad arguments, or an implementation that cannot build this case.
+        torch.cuda.OutOfMemoryError (or RuntimeError out of memory): the case does not fit.
+    """
+    if warmup < 1:
+        raise LorabenchError("--warmup must be at least 1: the first step creates the optimizer states.")
+    cuda = device.type == "cuda"
+    tracker = None if cuda else LiveTensorTracker(device.type)
+    built = None
+    try:
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+        with tracker if tracker is not None else contextlib.nullcontext():
+            probe = MemoryProbe(device, tracker)
+            built = BUILDERS[impl](spec, method, rank, targets, setup, device, seed)
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=g).to(device)
+            for _ in range(warmup):
+                _step(built, ids)
+            rec = _memory_step(built, ids, probe)
+        if cuda:
+            rec["measured_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+            rec["measured_device_bytes"] = nvml_process_bytes(device)
+        timer, samples = PhaseTimer(device), []
+        for _ in range(steps):  # on the CPU outside the tracker: it would slow every op
+            _step(built, ids, timer)
+            samples.append(timer.finish())
+        for phase in ("forward", "backward", "optimizer", "step"):
+            stats = summarize([s[phase] for s in samples])
+            rec[f"measured_{phase}_ms"] = stats["median"]
+            rec[f"measured_{phase}_ms_iqr"] = stats["iqr"]
+        rec["measured_step_ms_min"] = min(s["step"] for s in samples)
+        rec["measured_step_ms_max"] = max(s["step"] for s in samples)
+        return rec
+    finally:
+        del built
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def catalog_gpu(device_name: str) -> Optional[GPU]:
+    """The catalog entry for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None."""
+    name = device_name.upper().replace(" ", "")
+    order = [("H200", "H200"), ("H100PCIE", "H100-PCIe"), ("H100", "H100-80GB"), ("A10080GB", "A100-80GB"),
+             ("A100", "A100-40GB"), ("L40S", "L40S"), ("L4", "L4"), ("4090", "RTX-4090"), ("3090", "RTX-3090")]
+    for key, gpu in order:
+        if key in name:
+            return GPUS[gpu]
+    return None
+
+
+def _estimate_fields(spec: ModelSpec, method: Method, rank, targets, setup: TrainingSetup,
+                     gpu: Optional[GPU]) -> Dict:
+    row = memory_rows(spec, [method], [rank] if rank else [8], targets, setup, gpu)[0]
+    parts = step_parts(spec, method, rank, targets, setup)
+    # What is alive when forward returns: the saved activations and the logits/loss tensors.
+    row["estimated_after_forward_bytes"] = parts.act.after_forward_bytes
+    return row
+
+
+def _error_pct(estimate: Optional[int], measured: Optional[int]) -> Optional[float]:
+    if estimate is None or not measured:
+        return None
+    return 100.0 * (estimate - measured) / measured
+
+
+def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup, *,
+               device: torch.device, layers: Optional[int] = None, steps: int = 5, warmup: int = 2,
+               impl: str = "lorabench", tolerance_pct: float = 5.0, gpu: Optional[GPU] = None,
+               matmul_flops: Optional[float] = None, info: Optional[Dict] = None) -> Dict:
+    """One row: the estimate for the model as built, what was measured, the error and the verdict."""
+    full_spec = spec
+    cut = spec.with_layers(layers) if layers and layers < spec.num_layers else spec
+    setup = replace(setup, device=device.type, impl=impl)
+    row = _estimate_fields(cut, method, rank, targets, setup, gpu)
+    row.update({"model": full_spec.name, "layers": cut.num_layers, "full_layers": full_spec.num_layers,
+                "impl": impl, "status": "ok", "error": None, "tolerance_pct": tolerance_pct,
+                "steps": steps, "warmup": warmup})
+    row.update(info or {})
+    targets = tuple(row["targets"].split(",")) if row["targets"] else None
+    try:
+        row.update(measure_case(cut, method, rank, targets, setup, device, steps, warmup, impl))
+    except LorabenchError as exc:
+        row.update({"status": "skipped", "error": str(exc)})
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_oom(exc):
+            raise
+        row.update({"status": "oom", "error": str(exc).splitlines()[0][:200]})
+    cap = row.get("device_memory_bytes")
+    row["estimated_fits"] = None if cap is None else row["device_bytes"] <= cap
+    measured = row.get("measured_peak_bytes")
+    row["peak_error_pct"] = _error_pct(row["peak_bytes"], measured)
+    row["activations_error_pct"] = _error_pct(row["estimated_after_forward_bytes"],
+                                              row.get("measured_activations_bytes"))
+    row["within_tolerance"] = (None if row["peak_error_pct"] is None
+                               else abs(row["peak_error_pct"]) <= tolerance_pct)
+    step_ms = row.get("measured_step_ms")
+    if step_ms:
+        row["measured_tokens_per_s"] = setup.tokens / (step_ms / 1e3)
+        row["achieved_tflops"] = row["step_flops"] / (step_ms / 1e3) / 1e12
+        row["matmul_tflops"] = None if matmul_flops is None else matmul_flops / 1e12
+        row["fraction_of_matmul"] = None if matmul_flops is None else row["achieved_tflops"] * 1e12 / matmul_flops
+        peak = gpu.bf16_flops if gpu is not None and setup.dtype != "fp32" else None
+        row["catalog_tflops"] = None if peak is None else peak / 1e12
+        row["mfu_measured"] = None if peak is None else row["achieved_tflops"] * 1e12 / peak
+    if cut is not full_spec:
+        full = _estimate_fields(full_spec, method, rank, targets, setup, gpu)
+        row["full_peak_bytes"] = full["peak_bytes"]
+        row["full_step_flops"] = full["step_flops"]
+        if measured is not None:
+            # measured at N layers + the estimator's per-layer terms for the L - N layers not built
+            row["full_projected_peak_bytes"] = measured + full["peak_bytes"] - row["peak_bytes"]
+        if step_ms:
+            row["full_projected_step_ms"] = step_ms * full["step_flops"] / row["step_flops"]
+    return row
+
+
+def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], targets,
+              setup: TrainingSetup, *, layers: Optional[int] = None, steps: int = 5, warmup: int = 2,
+              impl: str = "lorabench", tolerance_pct: float = 5.0, progress: bool = True,
+              gpu: Optional[GPU] = None, device: Optional[str] = None,
+              on_row: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
+    """Measure every (method, rank) on this machine; one row each (see bench_case).
+
+    A case that runs out of memory gives a row with status "oom" and the sweep goes on.
+
+    Raises:
+        LorabenchError: bad options (steps, warmup, impl, a quantized base, CUDA asked for and absent).
+    """
+    if impl not in IMPLS:
+        raise LorabenchError(f"unknown implementation '{impl}'; choose from {', '.join(IMPLS)}.")
+    if steps < 1:
+        raise LorabenchError(f"--steps must be at least 1, got {steps}.")
+    if warmup < 1:
+        raise LorabenchError("--warmup must be at least 1: the first step creates the optimizer states.")
+    if setup.dtype in QUANTIZED:
+        raise LorabenchError(f"bench runs float bases only ({', '.join(FLOAT_BYTES)}); a {setup.dtype} base "
+                             "needs bitsandbytes kernels lorabench does not build yet.")
+    if spec.single_matrix:
+        raise LorabenchError("bench builds a model; a bare --d matrix has no forward pass to run.")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LorabenchError("--device cuda: no CUDA device is available here; use --device cpu.")
+    if dev.type not in ("cuda", "cpu"):
+        raise LorabenchError(f"unsupported device '{dev.type}'; use cuda or cpu.")
+    setup = replace(setup, device=dev.type)
+    setup.validate()
+    info = device_info(dev)
+    if gpu is None and dev.type == "cuda":
+        gpu = catalog_gpu(info["device_name"])
+    info["gpu"] = gpu.name if gpu else None
+    matmul = matmul_flops_per_s(dev, TORCH_DTYPES[setup.dtype])
+    cases = [(m, r) for m in methods for r in (ranks if m.uses_rank else [None])]
+    rows = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr, disable=not progress, leave=False)
+    for method, rank in bar:
+        bar.set_postfix_str(f"{method.name}" + (f" r={rank}" if rank else ""))
+        row = bench_case(spec, method, rank, targets, setup, device=dev, layers=layers, steps=steps,
+                         warmup=warmup, impl=impl, tolerance_pct=tolerance_pct, gpu=gpu,
+                         matmul_flops=matmul, info=info)
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows
+
+
+__all__ = ["run_bench", "bench_case", "measure_case", "build_lorabench", "build_peft", "catalog_gpu", "IMPLS"]
