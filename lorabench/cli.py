@@ -6,14 +6,16 @@ The estimation commands (params, memory, models, gpus) never import torch.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
+from dataclasses import replace
 
 import click
 
 from lorabench import __version__
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
-from lorabench.memory import ATTENTION, DTYPES, FLOAT_BYTES, OPTIMIZERS, QUANTIZED, TrainingSetup
+from lorabench.memory import ATTENTION, DTYPES, FLOAT_BYTES, IMPLS, OPTIMIZERS, QUANTIZED, TrainingSetup
 from lorabench.methods import METHODS, resolve_methods
 from lorabench.render import FORMATS, GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, gib, render
 from lorabench.specs import PRESETS, from_dimension, from_name, load_config
@@ -26,7 +28,9 @@ class Cli(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            # without standalone mode click returns ctx.exit()'s code instead of raising it
+            code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
         except click.exceptions.Exit as exc:
             code = exc.exit_code
         except click.exceptions.Abort:
@@ -54,6 +58,8 @@ def _positive(ctx, param, value):
 
 
 def model_options(fn):
+    keep_depth = "layers" in inspect.signature(fn).parameters  # bench: --layers is its own, not a cut
+
     @click.option("--model", "-m", default=None, help="Preset name (see 'lorabench models'). Default: llama-3-8b.")
     @click.option("--config", "config_path", type=click.Path(), default=None,
                   help="A Hugging Face config.json (or a folder holding one), read offline.")
@@ -68,8 +74,12 @@ def model_options(fn):
             raise click.UsageError(f"give only one of {', '.join(given)}.")
         if dim is not None:
             spec = from_dimension(dim, layers or 1)
+            if keep_depth:
+                return fn(spec=spec, layers=None, **kw)
         else:
             spec = load_config(config_path) if config_path else from_name(model or "llama-3-8b")
+            if keep_depth:  # bench measures N layers and projects to the full depth itself
+                return fn(spec=spec, layers=layers, **kw)
             if layers:
                 spec = spec.with_layers(layers)
         return fn(spec=spec, **kw)
@@ -112,14 +122,17 @@ def setup_options(fn):
     @click.option("--master-weights", is_flag=True, help="fp32 master copy and fp32 optimizer states (mixed precision).")
     @click.option("--device", type=click.Choice(("cuda", "cpu")), default="cuda", show_default=True,
                   help="Where the step runs: cuda adds the runtime's overhead and foreach AdamW.")
+    @click.option("--impl", type=click.Choice(IMPLS), default="peft", show_default=True,
+                  help="Whose layers: peft (transformers + PEFT: per-layer fp32 input copies, KV cache) "
+                       "or lorabench (lorabench.nn's lean layers).")
     @functools.wraps(fn)
     def wrapper(alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer, grad_checkpointing, attention,
-                dropout, master_weights, device, **kw):
+                dropout, master_weights, device, impl, **kw):
         setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
                               adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
                               grad_checkpointing=grad_checkpointing, attention=attention.lower(),
                               dropout=dropout, master_weights=master_weights,
-                              device=device or "cuda", alpha=alpha)
+                              device=device or "cuda", alpha=alpha, impl=impl)
         return fn(setup=setup, **kw)
     return wrapper
 
@@ -242,6 +255,198 @@ def gpus(fmt):
             ("bf16_flops", "bf16 TFLOP/s", lambda v: f"{v / 1e12:,.1f}"),
             ("bandwidth_bytes_s", "GB/s", lambda v: f"{v / 1e9:,.0f}"), ("source", "source", str)]
     click.echo(render(rows, fmt, cols))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--model", "-m", "models", multiple=True,
+              help="Preset name; repeat for several models. Default: llama-3-8b (when no --config/--d).")
+@click.option("--config", "configs", multiple=True, type=click.Path(),
+              help="A Hugging Face config.json (or its folder); repeatable.")
+@click.option("--d", "dims", type=int, multiple=True, callback=_positive,
+              help="One d x d matrix (the seed's example); repeatable. Estimated, never benched.")
+@method_options
+@setup_options
+@click.option("--gpu", default="H100-80GB", show_default=True, help="GPU for fit and estimated step time.")
+@click.option("--mfu", type=click.FloatRange(0.01, 1.0), default=0.4, show_default=True,
+              help="Model-FLOPs utilisation assumed for the estimated step time.")
+@click.option("--bench", is_flag=True, help="Also measure every case on this machine (needs torch).")
+@click.option("--steps", type=int, default=5, show_default=True, callback=_positive,
+              help="With --bench: timed steps per case.")
+@click.option("--warmup", type=int, default=2, show_default=True, callback=_positive,
+              help="With --bench: untimed steps first.")
+@click.option("--layers", type=int, default=None, callback=_positive,
+              help="With --bench: build only this many layers of each model (estimates follow).")
+@click.option("--name", default=None, help="Folder name. Default: from the models (llama-3-8b_mistral-7b).")
+@click.option("--out-dir", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Where the report folder goes.")
+def report(models, configs, dims, methods, methods_from_all, ranks, targets, setup, gpu, mfu, bench, steps,
+           warmup, layers, name, out_dir):
+    """A sweep of models x methods x ranks as a report folder: md, html, csv, json.
+
+    Writes OUT_DIR/NAME/ with results.json (environment, command, settings,
+    rows), results.csv, report.md (tables) and report.html (tables and figures,
+    self-contained). The folder appears whole or not at all; an existing one of
+    that name is replaced. --bench adds measurements on this machine's device.
+
+    \b
+    Example:
+        lorabench report --model llama-3-8b --rank 8 --rank 64
+        lorabench report -m llama-3-8b -m mistral-7b --method lora,vera,full --gpu A100-80GB
+        lorabench report -m tiny-llama --bench --steps 3 --name tiny-bench
+    """
+    import os
+
+    from lorabench.envinfo import command_line
+    from lorabench.report import build_report, check_name, default_name, write_report
+
+    ctx = click.get_current_context()
+    if not bench:
+        given = [f"--{p}" for p in ("steps", "warmup", "layers")
+                 if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --bench.")
+    specs = [from_name(m) for m in models] + [load_config(c) for c in configs] + [from_dimension(d) for d in dims]
+    specs = list({s.name: s for s in specs or [from_name("llama-3-8b")]}.values())
+    name = check_name(name) if name else default_name(specs)
+    chosen = get_gpu(gpu)
+    if setup.dtype in QUANTIZED and methods_from_all:
+        methods = tuple(m for m in methods if m.allows_quantized_base)
+    data = build_report(specs, methods, ranks, targets, setup, chosen, mfu, command=command_line(),
+                        bench={"layers": layers, "steps": steps, "warmup": warmup} if bench else None)
+    try:
+        path = write_report(data, out_dir, name)
+    except OSError as exc:  # a read-only or full disk: one line, not a traceback
+        raise click.ClickException(f"cannot write the report: {exc}") from exc
+    click.echo(f"wrote {path}{os.sep} ({', '.join(sorted(p.name for p in path.iterdir()))})")
+
+
+BENCH_COLUMNS = (
+    ("method", "method", str), ("rank", "rank", lambda v: "" if v is None else str(v)),
+    ("layers", "layers", str), ("status", "status", str),
+    ("peak_bytes", "est. peak", gib), ("measured_peak_bytes", "measured", gib),
+    ("peak_error_pct", "error %", lambda v: "" if v is None else f"{v:+.2f}"),
+    ("within_tolerance", "ok", lambda v: "" if v is None else ("yes" if v else "NO")),
+    ("estimated_after_forward_bytes", "est. activ.", gib), ("measured_activations_bytes", "measured", gib),
+    ("measured_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_step_ms_iqr", "iqr", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_forward_ms", "fwd", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_backward_ms", "bwd", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_optimizer_ms", "optim", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_tokens_per_s", "tokens/s", lambda v: "" if v is None else f"{v:,.0f}"),
+    ("achieved_tflops", "TFLOP/s", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("fraction_of_matmul", "of matmul", lambda v: "" if v is None else f"{v:.0%}"),
+)
+FULL_DEPTH_COLUMNS = (
+    ("full_peak_bytes", "full depth: est.", gib), ("full_projected_peak_bytes", "projected", gib),
+    ("full_projected_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.0f}"),
+)
+
+
+@cli.command(context_settings=CONTEXT)
+@model_options
+@method_options
+@setup_options
+@click.option("--steps", type=int, default=5, show_default=True, callback=_positive, help="Timed steps.")
+@click.option("--warmup", type=int, default=2, show_default=True, callback=_positive,
+              help="Untimed steps first (first calls, allocator growth, optimizer states).")
+@click.option("--tolerance", type=click.FloatRange(0.0, 100.0), default=5.0, show_default=True,
+              help="Verdict: estimated peak within this % of the measured peak.")
+@click.option("--gpu", default=None, help="Catalog GPU for the peak-FLOP/s comparison (default: the one found).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Also write every field to this .json or .csv file (atomically).")
+@click.option("--check", is_flag=True, help="Exit 1 when a row is outside the tolerance or fails to run.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@format_option
+def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps, warmup, tolerance, gpu, output,
+          check, progress, fmt):
+    """Run real training steps and compare time and memory with the estimate.
+
+    For each method it builds the model (--impl lorabench: lorabench's own layers, the default here;
+    --impl peft: transformers + PEFT), runs --warmup steps, reads memory per phase (CUDA: the
+    allocator's peak counters and NVML; CPU: a live-tensor tracker), then times --steps steps
+    (CUDA events). --layers N measures the model cut to N layers and projects to the full depth.
+    --device defaults to cuda when one is present.
+
+    \b
+    Example:
+        lorabench bench --model tiny-llama --device cpu --method all
+        lorabench bench --model llama-3-8b --layers 4 --method all -r 8 -r 64 -o results.json
+        lorabench bench --model llama-3-8b --layers 2 --impl peft --method lora,dora --targets all-linear
+    """
+    from lorabench.bench import run_bench
+
+    ctx = click.get_current_context()
+    device = None if ctx.get_parameter_source("device") == click.core.ParameterSource.DEFAULT else setup.device
+    if ctx.get_parameter_source("impl") == click.core.ParameterSource.DEFAULT:
+        setup = replace(setup, impl="lorabench")
+    if output and not output.lower().endswith((".json", ".csv")):
+        raise click.BadParameter("must end in .json or .csv.", param_hint="--output")
+    chosen = get_gpu(gpu) if gpu else None
+    rows: list = []
+    interrupted = False
+    try:
+        run_bench(spec, methods, ranks, targets, setup, layers=layers, steps=steps, warmup=warmup,
+                  impl=setup.impl, tolerance_pct=tolerance, progress=progress, gpu=chosen, device=device,
+                  on_row=rows.append)
+    except KeyboardInterrupt:
+        interrupted = True
+    if output and rows:
+        _write_rows_atomically(rows, output)
+    cut = f"{rows[0]['layers']} of {rows[0]['full_layers']} layers" if rows else ""
+    title = (f"{spec.name} ({cut}), {setup.impl} layers on {rows[0]['device_name'] if rows else setup.device}: "
+             f"batch {setup.batch_size} x {setup.seq_len}, {setup.dtype}; GiB, ms")
+    projected = any(r.get("full_projected_peak_bytes") is not None for r in rows)
+    columns = BENCH_COLUMNS + (FULL_DEPTH_COLUMNS if projected else ())
+    if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):  # small models read better in MiB
+        columns = tuple((k, t, _mib) if f is gib else (k, t, f) for k, t, f in columns)
+        title = title.replace("; GiB", "; MiB")
+    out = render(rows, fmt, columns, title=title)
+    if fmt in ("table", "markdown") and rows:
+        r0 = rows[0]
+        if r0.get("matmul_tflops"):
+            out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({setup.dtype})"
+        if r0.get("catalog_tflops"):
+            out += f"; catalog peak {r0['gpu']}: {r0['catalog_tflops']:,.0f} TFLOP/s"
+        for r in rows:
+            if r["status"] != "ok":
+                out += f"\n{r['method']} r={r['rank']}: {r['status']}: {r['error']}"
+                if r["status"] == "oom":
+                    said = r.get("estimated_fits")
+                    out += (" (the estimate said it would not fit)" if said is False
+                            else " (the estimate said it would fit)" if said else "")
+        if projected:
+            out += ("\nfull depth: measured at the layers built + the estimate's per-layer terms for the "
+                    "rest; time scaled by FLOPs.")
+    click.echo(out)
+    if interrupted:
+        click.echo(f"lorabench: interrupted after {len(rows)} case(s)"
+                   + (f"; those are in {output}." if output and rows else "."), err=True)
+        ctx.exit(130)
+    if check and any(r["status"] != "ok" or not r["within_tolerance"] for r in rows
+                     if r["status"] != "skipped"):
+        ctx.exit(1)
+
+
+def _mib(n) -> str:
+    return "" if n is None else f"{n / 2 ** 20:,.2f}"
+
+
+def _write_rows_atomically(rows, path: str) -> None:
+    """Write rows as JSON or CSV into a temporary file beside path, then rename it over path."""
+    import os
+    import tempfile
+
+    text = render(rows, "json" if path.lower().endswith(".json") else "csv", BENCH_COLUMNS)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".lorabench-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def main() -> None:

@@ -163,7 +163,8 @@ def device_info(device: torch.device) -> Dict[str, Optional[str]]:
     cuda = device.type == "cuda"
     return {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+        "device_name": (torch.cuda.get_device_name(device) if cuda
+                        else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"),
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
         "driver": nvml_driver_version() if cuda else None,
         "torch": torch.__version__,

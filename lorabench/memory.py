@@ -465,6 +465,8 @@ class StepParts:
     act: ActivationBreakdown
     overhead_bytes: int
     notes: Tuple[str, ...]
+    norm_temp_bytes: int = 0  # DoRA's weight-norm temporaries: forward only (and recomputation)
+    recomputes: bool = False  # gradient checkpointing re-runs each layer's forward in backward
 
     @property
     def persistent_bytes(self) -> int:
@@ -478,14 +480,18 @@ class StepParts:
         n, act = shards, self.act
         persistent = -(-self.persistent_bytes // n) + (self.gather_bytes if n > 1 else 0)
         grads, head = -(-self.gradients_bytes // n), -(-self.head_grad_bytes // n)
-        forward = persistent + act.saved_bytes + max(act.logits_forward_bytes, self.dequant_bytes)
+        forward = persistent + act.saved_bytes + max(act.logits_forward_bytes, self.dequant_bytes,
+                                                     self.norm_temp_bytes)
+        # while one layer is recomputed (checkpointing) its forward temporaries come back; the MLP's
+        # gradient buffers come after, when that layer back-propagates
+        layer_temp = max(act.transient_bytes, self.dequant_bytes,
+                         self.norm_temp_bytes if self.recomputes else 0)
         # Backward: at its start the loss gradients are alive with every saved activation; then each
         # layer's activations are freed as its gradients appear, so the peak is at one end (or at the
         # first layer, where recomputation and the largest gradient buffers meet).
         backward = persistent + max(
             act.saved_bytes + act.logits_backward_bytes,
-            act.saved_bytes + act.logits_held_bytes + head + act.recompute_bytes + act.transient_bytes
-            + self.dequant_bytes,
+            act.saved_bytes + act.logits_held_bytes + head + act.recompute_bytes + layer_temp,
             grads + act.logits_held_bytes + act.cache_bytes + act.transient_bytes,
         )
         optimizer = (persistent + grads + act.logits_held_bytes + act.cache_bytes
@@ -532,12 +538,19 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
                      "--master-weights adds fp32 copies and fp32 states.")
     shapes = spec.linear_shapes()
     # The largest dequantized weight alive at once (bitsandbytes dequantizes per matmul).
-    dequant = 0
+    dequant = norm_temp = 0
     if setup.dtype in QUANTIZED:
         dequant = max(i * o for i, o, _ in shapes.values()) * setup.act_bytes
-    if method.adapter == "dora":
-        # DoRA's weight norm ||W + s B A|| builds one out x in matrix per adapted layer in forward.
-        dequant = max(dequant, max(shapes[t][0] * shapes[t][1] for t in targets) * setup.act_bytes)
+    if method.adapter == "dora" and setup.impl == "peft":
+        # PEFT's DoraLinearLayer.forward, per adapted layer: lora_weight = B(A(eye(in))).T keeps eye(in) and
+        # A(eye) for its graph; the norm of W + s * lora_weight builds W cast to x's dtype (when it differs),
+        # s * lora_weight and the sum: out x in each, all in the adapter dtype x was cast to.
+        ad, a = FLOAT_BYTES[setup.adapter_dtype], setup.act_bytes
+        norm_temp = max(ad * (i * i + i * rank + i * o * (3 + (1 if ad != a else 0)))
+                        for i, o, _ in (shapes[t] for t in targets))
+    elif method.adapter == "dora":
+        # lorabench's DoRALinear: ||W + s B A|| from one out x in addmm under no_grad.
+        norm_temp = max(shapes[t][0] * shapes[t][1] for t in targets) * setup.act_bytes
     # Optimizer step transients: torch's foreach AdamW (the CUDA default) makes one temporary list the size
     # of all exp_avg_sq (sqrt); the per-tensor loop (CPU default) two temporaries of the largest tensor.
     largest = max((numel for numel, _ in tensors), default=0)
@@ -551,7 +564,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     return StepParts(method, counts, w_bytes, adapter, grads, optim, master, method_state, opt_tmp,
                      head_grads, dequant, gather, estimate_activations(spec, method, rank, targets, setup),
                      CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
-                     tuple(notes))
+                     tuple(notes), norm_temp, setup.grad_checkpointing)
 
 
 def estimate_from_parts(parts: StepParts) -> MemoryEstimate:

@@ -1,0 +1,222 @@
+"""`lorabench bench` and its probes: real training steps on the CPU tracker (and CUDA when present),
+checked against the estimator; the tracker itself against allocations whose size is known."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lorabench import bench as bench_mod
+from lorabench.bench import run_bench
+from lorabench.cli import cli
+from lorabench.measure import LiveTensorTracker, PhaseTimer, storage_bytes, summarize
+from lorabench.memory import TrainingSetup, estimate_memory
+from lorabench.methods import METHODS
+from lorabench.specs import from_name
+
+TINY = from_name("tiny-llama")  # d=256, ffn=688, 4 layers, 8 heads (4 kv) of 32, vocab 4096
+ALL = tuple(METHODS.values())
+PEFT_METHODS = tuple(m for m in ALL if m.name != "delta-lora")  # PEFT has no Delta-LoRA
+
+
+def _run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tracker.
+
+
+def test_tracker_counts_storages_once_and_frees_them():
+    with LiveTensorTracker() as tracker:
+        a = torch.empty(1000)                  # 4,000 bytes
+        view = a.view(10, 100)                 # same storage: nothing more
+        b = torch.ones(250, dtype=torch.float64)  # 2,000 bytes
+        assert tracker.current_bytes == 4000 + 2000
+        del a
+        assert tracker.current_bytes == 6000   # the view keeps the storage alive
+        del view
+        assert tracker.current_bytes == 2000
+        tracker.reset_peak()
+        c = b * 2                              # +2,000
+        del c
+        assert tracker.peak_bytes == 4000 and tracker.current_bytes == 2000
+    del b
+    assert tracker.current_bytes == 0          # frees are seen after the mode exits
+
+
+def test_tracker_sees_backward_allocations():
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(16, 64)
+    with LiveTensorTracker() as tracker:
+        y = (x @ w).sum()                      # x @ w: 16 x 32 fp32 = 2,048 bytes (+ the scalar)
+        tracker.reset_peak()
+        y.backward()                           # w.grad: 64 x 32 fp32 = 8,192 bytes, made by autograd
+    assert storage_bytes([w.grad]) == 8192
+    assert tracker.peak_bytes >= 8192
+
+
+def test_summarize_and_timer():
+    stats = summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert stats["median"] == 3.0 and stats["min"] == 1.0 and stats["max"] == 100.0
+    assert stats["iqr"] == 4.0 - 2.0
+    timer = PhaseTimer(torch.device("cpu"))
+    timer.start()
+    timer.mark("a")
+    timer.mark("b")
+    ms = timer.finish()
+    assert set(ms) == {"a", "b", "step"} and ms["step"] >= ms["a"] >= 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration: the estimate against the CPU tracker, every method, several shapes.
+
+SHAPES = [
+    # (batch, seq, dtype, rank, targets, grad checkpointing)
+    (1, 64, "fp32", 8, None, False),
+    (2, 96, "bf16", 16, "all-linear", False),
+    (1, 128, "bf16", 4, "o,down", True),
+    (3, 32, "fp32", 32, "gate,up", False),
+]
+
+
+@pytest.mark.parametrize("batch,seq,dtype,rank,targets,ckpt", SHAPES)
+def test_estimate_within_1pct_of_cpu_tracker_lorabench_layers(batch, seq, dtype, rank, targets, ckpt):
+    setup = TrainingSetup(batch_size=batch, seq_len=seq, dtype=dtype, grad_checkpointing=ckpt)
+    rows = run_bench(TINY, ALL, [rank], targets, setup, steps=1, warmup=1, impl="lorabench",
+                     progress=False, device="cpu")
+    assert [r["method"] for r in rows] == [m.name for m in ALL]
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        # components the estimator counts exactly
+        assert r["measured_weights_bytes"] == r["weights_bytes"], r["method"]
+        assert r["measured_gradients_bytes"] == r["gradients_bytes"], r["method"]
+        assert r["measured_method_state_bytes"] == r["method_state_bytes"], r["method"]
+        assert abs(r["peak_error_pct"]) < 1.0, (r["method"], r["peak_error_pct"])
+        assert r["within_tolerance"]
+
+
+@pytest.mark.parametrize("dtype,targets,ckpt", [("bf16", "q,v", False), ("bf16", "all-linear", False),
+                                                ("fp32", "all-linear", True)])
+def test_estimate_within_1pct_of_transformers_peft(dtype, targets, ckpt):
+    pytest.importorskip("peft")
+    setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, grad_checkpointing=ckpt)
+    rows = run_bench(TINY, PEFT_METHODS, [8], targets, setup, steps=1, warmup=1, impl="peft",
+                     progress=False, device="cpu")
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert abs(r["peak_error_pct"]) < 1.0, (r["method"], r["peak_error_pct"])
+
+
+def test_peft_layers_need_their_own_model():
+    """PEFT's per-layer fp32 copies of x are real: the lean-layer estimate misses them by more than the
+    tolerance on DoRA with all-linear targets, the PEFT estimate does not."""
+    pytest.importorskip("peft")
+    setup = TrainingSetup(batch_size=2, seq_len=64, dtype="bf16")
+    row = run_bench(TINY, [METHODS["dora"]], [8], "all-linear", setup, steps=1, warmup=1, impl="peft",
+                    progress=False, device="cpu")[0]
+    lean = estimate_memory(TINY, METHODS["dora"], 8, "all-linear",
+                           TrainingSetup(batch_size=2, seq_len=64, dtype="bf16", device="cpu", impl="lorabench"))
+    measured = row["measured_peak_bytes"]
+    assert (measured - lean.peak_bytes) / measured > 0.05
+    assert abs(row["peak_error_pct"]) < 1.0
+
+
+def test_delta_lora_is_skipped_under_peft():
+    pytest.importorskip("peft")
+    rows = run_bench(TINY, [METHODS["delta-lora"]], [8], None, TrainingSetup(seq_len=32, dtype="fp32"),
+                     steps=1, warmup=1, impl="peft", progress=False, device="cpu")
+    assert rows[0]["status"] == "skipped" and "no PEFT implementation" in rows[0]["error"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The command.
+
+
+def test_bench_cli_every_method_on_cpu_within_tolerance(tmp_path):
+    out = tmp_path / "bench.json"
+    res = _run(["bench", "--model", "tiny-llama", "--device", "cpu", "--method", "all", "--seq-len", "64",
+                "--steps", "2", "--warmup", "1", "--no-progress", "--check", "-o", str(out), "-f", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["method"] for r in rows] == [m.name for m in ALL]
+    assert rows == json.loads(out.read_text())
+    for r in rows:
+        assert r["device"] == "cpu" and r["impl"] == "lorabench" and r["layers"] == 4
+        assert abs(r["peak_error_pct"]) <= r["tolerance_pct"] == 5.0
+        assert r["within_tolerance"]
+        assert r["measured_step_ms"] > 0 and r["measured_tokens_per_s"] > 0 and r["achieved_tflops"] > 0
+        # tokens/s is tokens over the median step
+        assert r["measured_tokens_per_s"] == pytest.approx(64 / (r["measured_step_ms"] / 1e3))
+
+
+def test_bench_cli_layers_projects_to_full_depth():
+    res = _run(["bench", "--model", "tiny-llama", "--device", "cpu", "--method", "lora", "--layers", "2",
+                "--seq-len", "32", "--steps", "1", "--warmup", "1", "--no-progress", "-f", "json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)[0]
+    assert r["layers"] == 2 and r["full_layers"] == 4
+    full = estimate_memory(TINY, METHODS["lora"], 8, None,
+                           TrainingSetup(seq_len=32, device="cpu", impl="lorabench"))
+    assert r["full_peak_bytes"] == full.peak_bytes
+    # projected = measured at 2 layers + (estimate at 4 - estimate at 2)
+    assert r["full_projected_peak_bytes"] == r["measured_peak_bytes"] + full.peak_bytes - r["peak_bytes"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-m", "tiny-llama", "--warmup", "0"], "must be positive"),
+    (["-m", "tiny-llama", "--steps", "0"], "must be positive"),
+    (["--d", "4096"], "bare --d matrix"),
+    (["-m", "tiny-llama", "--dtype", "nf4"], "float bases only"),
+    (["-m", "tiny-llama", "--output", "x.txt"], "must end in .json or .csv"),
+    (["-m", "tiny-llama", "--impl", "hf"], "Invalid value"),
+    (["-m", "tiny-llama", "--gpu", "nope"], "unknown GPU"),
+    (["-m", "no-such-model"], "unknown model"),
+])
+def test_bench_cli_bad_options_are_one_line(args, message):
+    res = CliRunner().invoke(cli, ["bench", "--device", "cpu", "--no-progress"] + args)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_cli_cuda_absent():
+    res = CliRunner().invoke(cli, ["bench", "--device", "cuda", "--model", "tiny-llama", "--no-progress"])
+    assert res.exit_code == 2 and "no CUDA device" in res.output
+
+
+def test_sweep_goes_on_after_oom_and_interrupt_keeps_rows(tmp_path, monkeypatch):
+    real = bench_mod.measure_case
+    calls = []
+
+    def fake(spec, method, *args, **kwargs):
+        calls.append(method.name)
+        if method.name == "lora":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if method.name == "vera":
+            raise KeyboardInterrupt
+        return real(spec, method, *args, **kwargs)
+
+    monkeypatch.setattr(bench_mod, "measure_case", fake)
+    out = tmp_path / "partial.csv"
+    res = CliRunner().invoke(cli, ["bench", "--model", "tiny-llama", "--device", "cpu", "--seq-len", "32",
+                                   "--method", "full,lora,lora-fa,vera,dora", "--steps", "1", "--warmup", "1",
+                                   "--no-progress", "-o", str(out)])
+    assert res.exit_code == 130
+    assert calls == ["full", "lora", "lora-fa", "vera"]  # went on after the OOM, stopped at the interrupt
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 3  # header + full, lora (oom), lora-fa
+    assert ",oom," in lines[2]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lorabench-")]  # no temp file left
+
+
+@pytest.mark.cuda
+def test_bench_on_cuda_every_method_within_tolerance():
+    setup = TrainingSetup(batch_size=1, seq_len=512, dtype="bf16")
+    rows = run_bench(TINY, ALL, [8], None, setup, steps=3, warmup=2, progress=False, device="cuda")
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert abs(r["peak_error_pct"]) < 5.0, (r["method"], r["peak_error_pct"])
+        assert r["measured_step_ms"] > 0
