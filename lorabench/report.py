@@ -108,7 +108,7 @@ def run_benches(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: Se
         raise LorabenchError(f"--bench cannot run: {exc}.") from exc
     # gpu=None: the bench estimates for the GPU it runs on, not for the one the sweep is about.
     return {spec.name: run_bench(spec, methods, ranks, targets, setup, layers=layers, steps=steps,
-                                 warmup=warmup, progress=True, gpu=None)
+                                 warmup=warmup, impl=setup.impl, progress=True, gpu=None)
             for spec in specs if not spec.single_matrix}
 
 
