@@ -364,7 +364,8 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
     rows = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr, leave=False,
+               disable=None if progress else True)  # None: only on a terminal
     for method, rank in bar:
         bar.set_postfix_str(f"{method.name}" + (f" r={rank}" if rank else ""))
         row = bench_case(spec, method, rank, targets, setup, device=dev, layers=layers, steps=steps,

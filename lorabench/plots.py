@@ -132,7 +132,9 @@ def measured_vs_estimated(rows: Sequence[Dict]) -> Optional[str]:
             ax.text(max(m, est[y]), y, note, va="center", fontsize=8)
         ax.set_yticks(ys, [label(r) for r in group])
         ax.invert_yaxis()
-        ax.set_xlabel("GiB (torch.cuda.max_memory_allocated)")
+        probe = ("torch.cuda.max_memory_allocated" if group[0].get("bench_device") == "cuda"
+                 else "live-tensor tracker")
+        ax.set_xlabel(f"GiB ({probe})")
         layers = group[0].get("bench_layers")
         device = group[0].get("bench_device_name") or group[0].get("bench_device") or "?"
         ax.set_title(f"{model}{f' ({layers} layers)' if layers else ''} on {device}: peak memory, "

@@ -34,7 +34,8 @@ from lorabench.estimate import memory_rows, param_rows
 from lorabench.gpus import GPU
 from lorabench.memory import TrainingSetup
 from lorabench.methods import Method
-from lorabench.render import GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, _text, count, gib, render
+from lorabench.render import GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, _text, count, render
+from lorabench.render import gib as _gib
 from lorabench.seed import seed_rows
 from lorabench.specs import ModelSpec
 
@@ -55,6 +56,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # --------------------------------------------------------------------------------------------------
 # Rows.
 
+
+
+def gib(n) -> str:
+    """GiB with two decimals, four below 1 GiB (small models and CPU benches read as 0.00 otherwise)."""
+    if n is not None and abs(n) < 2 ** 30:
+        return f"{n / 2 ** 30:.4f}"
+    return _gib(n)
 
 def _key(row: Dict):
     return row["method"], row["rank"]
@@ -212,7 +220,7 @@ def seed_columns(seed: Sequence[Dict]):
 # Columns of text, aligned left; numbers align right.
 LEFT = {"model", "method", "k", "v", "seed_trained", "peak_phase", "bench_status"}
 # The report's memory table: the library's, with step times below 10 ms kept readable.
-REPORT_MEMORY_COLUMNS = tuple(MEMORY_COLUMNS) + tuple(
+REPORT_MEMORY_COLUMNS = tuple((k, t, gib if f is _gib else f) for k, t, f in MEMORY_COLUMNS) + tuple(
     (k, t, _ms) if k == "step_ms" else (k, t, f) for k, t, f in GPU_COLUMNS)
 
 

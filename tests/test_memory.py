@@ -209,17 +209,23 @@ def test_fits_and_gpus_needed():
 PROBE = os.path.join(os.path.dirname(__file__), "..", "reports", "probes", "hf_peft_h100_llama-3-8b.json")
 
 
-def test_estimate_within_5pct_of_h100_hf_peft_measurements():
-    """Peak allocated bytes measured on an H100 (transformers + PEFT, reports/probes/)."""
-    with open(PROBE) as fh:
+@pytest.mark.parametrize("probe,targets,count", [
+    ("hf_peft_h100_llama-3-8b.json", "q,v", 20),
+    ("hf_peft_alllinear_h100_llama-3-8b.json", "all-linear", 4),
+])
+def test_estimate_within_1pct_of_h100_hf_peft_measurements(probe, targets, count):
+    """Peak allocated bytes measured on an H100 (transformers 5.17 + PEFT 0.21, reports/probes/): the PEFT
+    model (fp32 input copies per adapted layer, DoRA's two outputs, the KV cache) holds every row to 1%;
+    the lean-layer model was 9% (LoRA) to 19% (DoRA) low on the all-linear rows."""
+    with open(os.path.join(os.path.dirname(PROBE), probe)) as fh:
         results = json.load(fh)["results"]
-    assert len(results) == 20
+    assert len(results) == count
     for r in results:
         spec = LLAMA3_8B.with_layers(r["layers"])
-        setup = TrainingSetup(seq_len=r["seq_len"], grad_checkpointing=bool(r["ckpt"]))
-        est = estimate_memory(spec, METHODS[r["method"]], r["rank"], "q,v", setup)
+        setup = TrainingSetup(seq_len=r["seq_len"], grad_checkpointing=bool(r["ckpt"]), impl="peft")
+        est = estimate_memory(spec, METHODS[r["method"]], r["rank"], targets, setup)
         measured = r["measured"]["peak_bytes"]
-        assert abs(est.peak_bytes - measured) / measured < 0.05, (r["method"], r["layers"], r["ckpt"])
+        assert abs(est.peak_bytes - measured) / measured < 0.01, (r["method"], r["layers"], r["ckpt"])
 
 
 NN_PROBE = os.path.join(os.path.dirname(__file__), "..", "reports", "probes", "lorabench_nn_h100_llama-3-8b.json")
