@@ -108,7 +108,8 @@ def _measure_cuda_step(benchmark, spec, method, rank):
 def test_train_step_cuda(benchmark, cuda_warm, method, rank):
     benchmark.group = method
     spec = from_name(CUDA_MODEL).with_layers(CUDA_LAYERS)
-    setup = TrainingSetup(batch_size=CUDA_BATCH, seq_len=CUDA_SEQ, dtype="bf16", device="cuda", alpha=ALPHA)
+    setup = TrainingSetup(batch_size=CUDA_BATCH, seq_len=CUDA_SEQ, dtype="bf16", device="cuda", alpha=ALPHA,
+                          impl="lorabench")  # the step runs lorabench.nn's layers
     estimated = estimate_memory(spec, METHODS[method], rank, None, setup).peak_bytes
 
     loss, peak = _measure_cuda_step(benchmark, spec, method, rank)
