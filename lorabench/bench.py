@@ -79,7 +79,8 @@ def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], target
 
 def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
                device: torch.device, seed: int = 0) -> Built:
-    """transformers' LlamaForCausalLM (SDPA, no dropout) wrapped by PEFT as users train it.
+    """transformers' LlamaForCausalLM (Qwen2ForCausalLM for q/k/v biases; SDPA, no dropout) wrapped by
+    PEFT as users train it.
 
     LoRA-FA is PEFT LoRA with lora_A frozen; LoRA+ is PEFT LoRA with peft.optimizers'
     create_loraplus_optimizer. Delta-LoRA has no PEFT implementation.
@@ -89,21 +90,24 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     """
     try:
         import peft
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers
     except ImportError:
         raise LorabenchError("--impl peft needs transformers and peft: pip install transformers peft.") from None
     if method.name == "delta-lora":
         raise LorabenchError("delta-lora has no PEFT implementation; measure it with --impl lorabench.")
-    if spec.single_matrix or spec.norm != "rmsnorm" or spec.fused_qkv or not spec.gated_mlp:
-        raise LorabenchError(f"--impl peft builds Llama-style models; '{spec.name}' is not one.")
-    cfg = LlamaConfig(hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                      num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                      num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                      vocab_size=spec.vocab_size, tie_word_embeddings=spec.tie_embeddings,
-                      attention_dropout=0.0, attn_implementation="sdpa")
+    if spec.single_matrix or spec.norm != "rmsnorm" or spec.fused_qkv or not spec.gated_mlp or spec.o_bias:
+        raise LorabenchError(f"--impl peft builds Llama- and Qwen2-style models; '{spec.name}' is neither.")
+    # Qwen2 is Llama with biases on q, k and v (transformers' Llama would put one on o too)
+    name = "Qwen2" if spec.qkv_bias else "Llama"
+    extra = {} if spec.qkv_bias else {"head_dim": spec.head_dim}
+    cfg = getattr(transformers, f"{name}Config")(
+        hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads, vocab_size=spec.vocab_size,
+        tie_word_embeddings=spec.tie_embeddings, attention_dropout=0.0, attn_implementation="sdpa", **extra)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(TORCH_DTYPES[setup.dtype])
+        model = getattr(transformers, f"{name}ForCausalLM")(cfg).to(TORCH_DTYPES[setup.dtype])
     if setup.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}

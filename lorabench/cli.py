@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from dataclasses import replace
 
 import click
 
@@ -101,8 +100,10 @@ def method_options(fn):
     return wrapper
 
 
-def setup_options(fn):
+def setup_options(fn=None, *, impl_default: str = "peft"):
     """The options of how a step runs (memory, bench, report); passes setup=TrainingSetup(...)."""
+    if fn is None:
+        return functools.partial(setup_options, impl_default=impl_default)
     @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/r).")
     @click.option("--batch-size", "-b", type=int, default=1, show_default=True, callback=_positive,
                   help="Sequences per step per GPU.")
@@ -122,7 +123,7 @@ def setup_options(fn):
     @click.option("--master-weights", is_flag=True, help="fp32 master copy and fp32 optimizer states (mixed precision).")
     @click.option("--device", type=click.Choice(("cuda", "cpu")), default="cuda", show_default=True,
                   help="Where the step runs: cuda adds the runtime's overhead and foreach AdamW.")
-    @click.option("--impl", type=click.Choice(IMPLS), default="peft", show_default=True,
+    @click.option("--impl", type=click.Choice(IMPLS), default=impl_default, show_default=True,
                   help="Whose layers: peft (transformers + PEFT: per-layer fp32 input copies, KV cache) "
                        "or lorabench (lorabench.nn's lean layers).")
     @functools.wraps(fn)
@@ -345,7 +346,7 @@ FULL_DEPTH_COLUMNS = (
 @cli.command(context_settings=CONTEXT)
 @model_options
 @method_options
-@setup_options
+@setup_options(impl_default="lorabench")
 @click.option("--steps", type=int, default=5, show_default=True, callback=_positive, help="Timed steps.")
 @click.option("--warmup", type=int, default=2, show_default=True, callback=_positive,
               help="Untimed steps first (first calls, allocator growth, optimizer states).")
@@ -377,8 +378,6 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
 
     ctx = click.get_current_context()
     device = None if ctx.get_parameter_source("device") == click.core.ParameterSource.DEFAULT else setup.device
-    if ctx.get_parameter_source("impl") == click.core.ParameterSource.DEFAULT:
-        setup = replace(setup, impl="lorabench")
     if output and not output.lower().endswith((".json", ".csv")):
         raise click.BadParameter("must end in .json or .csv.", param_hint="--output")
     chosen = get_gpu(gpu) if gpu else None

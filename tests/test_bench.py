@@ -220,3 +220,28 @@ def test_bench_on_cuda_every_method_within_tolerance():
         assert r["status"] == "ok", r["error"]
         assert abs(r["peak_error_pct"]) < 5.0, (r["method"], r["peak_error_pct"])
         assert r["measured_step_ms"] > 0
+
+
+GPT2_CONFIG = {"model_type": "gpt2", "n_embd": 128, "n_layer": 3, "n_head": 4, "vocab_size": 2048,
+               "n_positions": 256, "n_inner": None, "tie_word_embeddings": True}
+QWEN2_CONFIG = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2048,
+                "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("config,impl", [(GPT2_CONFIG, "lorabench"), (QWEN2_CONFIG, "lorabench"),
+                                         (QWEN2_CONFIG, "peft")])
+def test_other_architectures_within_1pct(tmp_path, config, impl):
+    """GPT-2 (LayerNorm, GELU, fused qkv, learned positions, tied head) and Qwen2 (q/k/v biases)."""
+    if impl == "peft":
+        pytest.importorskip("peft")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    res = _run(["bench", "--config", str(path), "--device", "cpu", "--method", "all", "--seq-len", "64",
+                "--batch-size", "2", "--dtype", "bf16", "--steps", "1", "--warmup", "1", "--impl", impl,
+                "--no-progress", "-f", "json"])
+    assert res.exit_code == 0, res.output
+    for r in json.loads(res.output):
+        if r["status"] == "skipped":  # delta-lora under peft
+            continue
+        assert r["status"] == "ok" and abs(r["peak_error_pct"]) < 1.0, (r["method"], r["peak_error_pct"])
