@@ -306,6 +306,9 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     row["peak_error_pct"] = _error_pct(row["peak_bytes"], measured)
     row["activations_error_pct"] = _error_pct(row["estimated_after_forward_bytes"],
                                               row.get("measured_activations_bytes"))
+    # NVML sees the whole process: the estimate's peak + CUDA context, against allocated + the allocator's
+    # cached blocks + context (so fragmentation shows here, not in peak_error_pct)
+    row["device_error_pct"] = _error_pct(row["device_bytes"], row.get("measured_device_bytes"))
     row["within_tolerance"] = (None if row["peak_error_pct"] is None
                                else abs(row["peak_error_pct"]) <= tolerance_pct)
     step_ms = row.get("measured_step_ms")

@@ -245,3 +245,15 @@ def test_other_architectures_within_1pct(tmp_path, config, impl):
         if r["status"] == "skipped":  # delta-lora under peft
             continue
         assert r["status"] == "ok" and abs(r["peak_error_pct"]) < 1.0, (r["method"], r["peak_error_pct"])
+
+
+def test_check_fails_outside_tolerance():
+    # the estimate is a few KiB off the tracker here (not 0): inside 5%, outside a 0% tolerance
+    args = ["bench", "--model", "tiny-llama", "--device", "cpu", "--method", "lora", "--seq-len", "64",
+            "--steps", "1", "--warmup", "1", "--no-progress", "--check", "-f", "json"]
+    ok = _run(args)
+    assert ok.exit_code == 0
+    error = json.loads(ok.output)[0]["peak_error_pct"]
+    assert error != 0.0
+    strict = _run(args + ["--tolerance", "0"])
+    assert strict.exit_code == 1 and json.loads(strict.output)[0]["within_tolerance"] is False
