@@ -1,4 +1,4 @@
-"""Benchmark-suite plumbing: skip `cuda` benchmarks without a GPU, and put the GPU in machine_info.
+"""Benchmark-suite plumbing: put the GPU in machine_info (the `cuda` skip is the root conftest.py's).
 
 pytest-benchmark's machine_info (and the machine id it stores runs under) describes the CPU and Python
 only; two runs on different GPUs would look alike. The hook below adds the GPU, its driver and the
@@ -6,52 +6,13 @@ torch/CUDA versions, so a saved run says where it was taken and `--benchmark-com
 differ. Baselines must still be stored per GPU kind (docs/benchmarks.md).
 """
 
-from pathlib import Path
-
-import pytest
-
-HERE = Path(__file__).resolve().parent
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def pytest_collection_modifyitems(config, items):
-    # tests/conftest.py does the same for tests/; it is not loaded by `pytest benchmarks` alone.
-    if _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if item.get_closest_marker("cuda") and HERE in item.path.resolve().parents:
-            item.add_marker(skip)
-
-
-def _nvml_driver_version():
-    """The NVIDIA driver version from NVML, or None (no nvidia-ml-py, no driver, no permission)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        try:
-            version = pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - any NVML failure means: unknown
-        return None
-    return version.decode() if isinstance(version, bytes) else version
+from lorabench.envinfo import nvml_info
 
 
 def gpu_machine_info() -> dict:
     """The GPU this process sees, with the software stack that drives it; null fields when unknown."""
     info = {"name": None, "count": 0, "memory_bytes": None, "capability": None,
-            "driver_version": _nvml_driver_version(), "torch_version": None, "cuda_version": None}
+            "driver_version": nvml_info()["driver_version"], "torch_version": None, "cuda_version": None}
     try:
         import torch
     except ImportError:

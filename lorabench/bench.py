@@ -265,7 +265,7 @@ def catalog_gpu(device_name: str) -> Optional[GPU]:
 
 def _estimate_fields(spec: ModelSpec, method: Method, rank, targets, setup: TrainingSetup,
                      gpu: Optional[GPU]) -> Dict:
-    row = memory_rows(spec, [method], [rank] if rank else [8], targets, setup, gpu)[0]
+    row = memory_rows(spec, [method], [rank], targets, setup, gpu)[0]  # full ignores the rank
     parts = step_parts(spec, method, rank, targets, setup)
     # What is alive when forward returns: the saved activations and the logits/loss tensors.
     row["estimated_after_forward_bytes"] = parts.act.after_forward_bytes

@@ -27,6 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lorabench.envinfo import nvml_info
+
 
 class LiveTensorTracker(TorchDispatchMode):
     """Bytes of the live tensor storages created while the mode is active, and their peak.
@@ -146,17 +148,6 @@ def nvml_process_bytes(device: torch.device) -> Optional[int]:
         return None
 
 
-def nvml_driver_version() -> Optional[str]:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
-        return version.decode() if isinstance(version, bytes) else str(version)
-    except Exception:  # noqa: BLE001 - as above
-        return None
-
-
 def device_info(device: torch.device) -> Dict[str, Optional[str]]:
     """What the measurement ran on: device name, driver, torch and CUDA versions."""
     device = torch.device(device)
@@ -166,7 +157,7 @@ def device_info(device: torch.device) -> Dict[str, Optional[str]]:
         "device_name": (torch.cuda.get_device_name(device) if cuda
                         else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"),
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
-        "driver": nvml_driver_version() if cuda else None,
+        "driver": nvml_info()["driver_version"] if cuda else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),

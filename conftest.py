@@ -1,3 +1,5 @@
+"""Shared by tests/ and benchmarks/: `cuda`-marked tests are skipped where no CUDA GPU is available."""
+
 import pytest
 
 
