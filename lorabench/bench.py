@@ -143,58 +143,65 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
 BUILDERS = {"lorabench": build_lorabench, "peft": build_peft}
 
 
-def _step(built: Built, ids: torch.Tensor, timer: Optional[PhaseTimer] = None) -> None:
-    if timer:
-        timer.start()
+PHASES = ("forward", "backward", "optimizer")
+
+
+def _step(built: Built, ids: torch.Tensor, mark: Callable[[str], None] = lambda phase: None) -> None:
+    """One training step as a plain loop runs it; mark("start") before it and mark(phase) at the end of
+    each phase. `out` lives until the step ends (so the logits are alive through backward and the
+    optimizer step)."""
+    mark("start")
     out = built.forward(ids)
-    if timer:
-        timer.mark("forward")
+    mark("forward")
     out.loss.backward()
-    if timer:
-        timer.mark("backward")
+    mark("backward")
     built.optimizer.step()
     for hook in built.hooks:
         hook.step()
     built.optimizer.zero_grad(set_to_none=True)
-    if timer:
-        timer.mark("optimizer")
+    mark("optimizer")
     del out
+
+
+def _timed_step(built: Built, ids: torch.Tensor, timer: PhaseTimer) -> Dict[str, float]:
+    """Milliseconds per phase of one step, and of the whole."""
+    _step(built, ids, lambda phase: timer.start() if phase == "start" else timer.mark(phase))
+    return timer.finish()
 
 
 def _memory_step(built: Built, ids: torch.Tensor, probe: MemoryProbe) -> Dict[str, int]:
-    """One step with the memory read at the phase boundaries; `out` lives until the step ends, as in a
-    plain training loop (so the logits are alive through backward and the optimizer step)."""
-    if probe.cuda:
-        torch.cuda.synchronize()
-    start = probe.current()
-    probe.reset_peak()
-    out = built.forward(ids)
-    after_forward, forward_peak = probe.current(), probe.peak()
-    probe.reset_peak()
-    out.loss.backward()
-    backward_peak = probe.peak()
-    params = [p for group in built.optimizer.param_groups for p in group["params"]]
-    grads = storage_bytes(p.grad for p in params)
-    probe.reset_peak()
-    built.optimizer.step()
-    for hook in built.hooks:
-        hook.step()
-    optimizer_peak = probe.peak()
-    states = [t for s in built.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    built.optimizer.zero_grad(set_to_none=True)
-    del out
+    """One step with the memory read at the phase boundaries: the peak of each phase, what forward left
+    alive, the gradients as backward left them and the optimizer states after its step."""
+    read: Dict[str, int] = {}
+
+    def mark(phase: str) -> None:
+        if phase == "start":
+            if probe.cuda:
+                torch.cuda.synchronize()
+            read["start"] = probe.current()
+        else:
+            read[f"{phase}_peak"] = probe.peak()
+        if phase == "forward":
+            read["after_forward"] = probe.current()
+        elif phase == "backward":
+            params = [p for group in built.optimizer.param_groups for p in group["params"]]
+            read["grads"] = storage_bytes(p.grad for p in params)
+        elif phase == "optimizer":
+            read["states"] = storage_bytes(t for s in built.optimizer.state.values() for t in s.values()
+                                           if isinstance(t, torch.Tensor))
+        probe.reset_peak()
+
+    _step(built, ids, mark)
     return {
         "measured_weights_bytes": storage_bytes(built.base_tensors),
         "measured_adapter_bytes": storage_bytes(built.adapter_tensors),
-        "measured_gradients_bytes": grads,
-        "measured_optimizer_bytes": storage_bytes(states),
+        "measured_gradients_bytes": read["grads"],
+        "measured_optimizer_bytes": read["states"],
         "measured_method_state_bytes": storage_bytes(built.step_state()),
-        "measured_persistent_bytes": start,
-        "measured_activations_bytes": after_forward - start,
-        "measured_forward_peak_bytes": forward_peak,
-        "measured_backward_peak_bytes": backward_peak,
-        "measured_optimizer_peak_bytes": optimizer_peak,
-        "measured_peak_bytes": max(forward_peak, backward_peak, optimizer_peak),
+        "measured_persistent_bytes": read["start"],
+        "measured_activations_bytes": read["after_forward"] - read["start"],
+        **{f"measured_{phase}_peak_bytes": read[f"{phase}_peak"] for phase in PHASES},
+        "measured_peak_bytes": max(read[f"{phase}_peak"] for phase in PHASES),
     }
 
 
@@ -234,16 +241,14 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
         if cuda:
             rec["measured_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
             rec["measured_device_bytes"] = nvml_process_bytes(device)
-        timer, samples = PhaseTimer(device), []
-        for _ in range(steps):  # on the CPU outside the tracker: it would slow every op
-            _step(built, ids, timer)
-            samples.append(timer.finish())
-        for phase in ("forward", "backward", "optimizer", "step"):
+        timer = PhaseTimer(device)
+        # on the CPU outside the tracker: it would slow every op
+        samples = [_timed_step(built, ids, timer) for _ in range(steps)]
+        for phase in PHASES + ("step",):
             stats = summarize([s[phase] for s in samples])
             rec[f"measured_{phase}_ms"] = stats["median"]
             rec[f"measured_{phase}_ms_iqr"] = stats["iqr"]
-        rec["measured_step_ms_min"] = min(s["step"] for s in samples)
-        rec["measured_step_ms_max"] = max(s["step"] for s in samples)
+        rec["measured_step_ms_min"], rec["measured_step_ms_max"] = stats["min"], stats["max"]
         return rec
     finally:
         del built
