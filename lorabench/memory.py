@@ -356,9 +356,9 @@ def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], tar
     a = setup.act_bytes
     if setup.impl != "lorabench" or not method.uses_rank or FLOAT_BYTES[setup.adapter_dtype] == a:
         return 0
-    per_layer = 0
+    per_layer, shapes = 0, spec.linear_shapes()
     for t in targets:
-        in_f, out_f, _ = spec.linear_shapes()[t]
+        in_f, out_f, _ = shapes[t]
         per_layer += a * rank * (in_f + out_f)
         if method.adapter == "vera":
             per_layer += a * (rank + out_f)  # lambda_d and lambda_b
