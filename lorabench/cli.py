@@ -5,36 +5,47 @@ The estimation commands (params, memory, models, gpus) never import torch.
 
 from __future__ import annotations
 
-import functools
-import inspect
+import os
 import sys
+import traceback
 
 import click
 
-from lorabench import __version__
+from lorabench import __version__, safeio
+from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, BoundedInt, Text, format_option,
+                               method_options, model_options, setup_options, targets_note)
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
-from lorabench.memory import ATTENTION, DTYPES, FLOAT_BYTES, IMPLS, OPTIMIZERS, QUANTIZED, TrainingSetup
-from lorabench.methods import METHODS, resolve_methods
-from lorabench.render import FORMATS, GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, gib, render
-from lorabench.specs import PRESETS, from_dimension, from_name, load_config
+from lorabench.hfconfig import MAX_WIDTH, load_config
+from lorabench.memory import QUANTIZED
+from lorabench.render import GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, gib, render
+from lorabench.specs import PRESETS, from_dimension, from_name
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+# Exit codes: 0 done; 1 a --check failed, nothing was measured, or an output could not be written
+# mid-run; 2 bad input (one line on stderr); 130 SIGINT; 143 SIGTERM; 70 a bug in lorabench (please report).
+EXIT_INTERNAL = 70
+
 
 class Cli(click.Group):
-    """A group whose user errors are one line on stderr and exit code 2, never a traceback."""
+    """A group whose user errors are one line on stderr and exit code 2, never a traceback; SIGINT and
+    SIGTERM end any command with 130 and 143."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with safeio.sigterm_raises():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             # without standalone mode click returns ctx.exit()'s code instead of raising it
             code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
         except click.exceptions.Exit as exc:
             code = exc.exit_code
-        except click.exceptions.Abort:
-            click.echo("lorabench: aborted.", err=True)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("lorabench: interrupted.", err=True)
             code = 130
+        except safeio.Terminated as exc:
+            click.echo("lorabench: terminated (SIGTERM).", err=True)
+            code = exc.exit_code
         except click.ClickException as exc:
             click.echo(f"lorabench: error: {exc.format_message()}", err=True)
             code = 2 if isinstance(exc, click.UsageError) else exc.exit_code
@@ -43,105 +54,25 @@ class Cli(click.Group):
             code = 2
         except BrokenPipeError:
             code = 0
+        except OSError as exc:  # stdout on a full disk and the like: not a bug, not bad input
+            click.echo(f"lorabench: error: {exc.strerror or exc}"
+                       + (f": {exc.filename}" if getattr(exc, "filename", None) else "") + ".", err=True)
+            code = 1
+        except Exception as exc:  # a bug: one line, the traceback on request
+            if os.environ.get("LORABENCH_DEBUG"):
+                traceback.print_exc()
+            click.echo(f"lorabench: internal error: {type(exc).__name__}: {str(exc)[:200]} (please report it; "
+                       "LORABENCH_DEBUG=1 shows the traceback).", err=True)
+            code = EXIT_INTERNAL
         if standalone_mode:
             sys.exit(code)
         return code
 
 
-def _positive(ctx, param, value):
-    values = value if isinstance(value, tuple) else (value,)
-    for v in values:
-        if v is not None and v <= 0:
-            raise click.BadParameter(f"must be positive, got {v}.")
-    return value
-
-
-def model_options(fn):
-    keep_depth = "layers" in inspect.signature(fn).parameters  # bench: --layers is its own, not a cut
-
-    @click.option("--model", "-m", default=None, help="Preset name (see 'lorabench models'). Default: llama-3-8b.")
-    @click.option("--config", "config_path", type=click.Path(), default=None,
-                  help="A Hugging Face config.json (or a folder holding one), read offline.")
-    @click.option("--d", "dim", type=int, default=None,
-                  help="Describe one d x d weight matrix instead of a model (the seed's example).")
-    @click.option("--layers", type=int, default=None, callback=_positive,
-                  help="With --d: that many matrices. With a model: cut it to that many layers.")
-    @functools.wraps(fn)
-    def wrapper(model, config_path, dim, layers, **kw):
-        given = [n for n, v in (("--model", model), ("--config", config_path), ("--d", dim)) if v is not None]
-        if len(given) > 1:
-            raise click.UsageError(f"give only one of {', '.join(given)}.")
-        if dim is not None:
-            spec = from_dimension(dim, layers or 1)
-            if keep_depth:
-                return fn(spec=spec, layers=None, **kw)
-        else:
-            spec = load_config(config_path) if config_path else from_name(model or "llama-3-8b")
-            if keep_depth:  # bench measures N layers and projects to the full depth itself
-                return fn(spec=spec, layers=layers, **kw)
-            if layers:
-                spec = spec.with_layers(layers)
-        return fn(spec=spec, **kw)
-    return wrapper
-
-
-def method_options(fn):
-    @click.option("--method", "methods", multiple=True, default=("all",), show_default=True,
-                  help=f"Repeatable or comma-separated: {', '.join(METHODS)}, all.")
-    @click.option("--rank", "-r", "ranks", type=int, multiple=True, default=(8,), show_default=True,
-                  callback=_positive, help="LoRA rank; repeat for a sweep (--rank 8 --rank 64).")
-    @click.option("--targets", "-t", default=None,
-                  help="Projections to adapt: q,k,v,o,gate,up,down (qkv for gpt2) or all-linear. "
-                       "Default: PEFT's (q,v; gpt2: qkv).")
-    @functools.wraps(fn)
-    def wrapper(methods, **kw):
-        from_all = any(part.strip().lower() == "all" for m in methods for part in m.split(","))
-        return fn(methods=resolve_methods(methods), methods_from_all=from_all, **kw)
-    return wrapper
-
-
-def setup_options(fn=None, *, impl_default: str = "peft"):
-    """The options of how a step runs (memory, bench, report); passes setup=TrainingSetup(...)."""
-    if fn is None:
-        return functools.partial(setup_options, impl_default=impl_default)
-    @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/r).")
-    @click.option("--batch-size", "-b", type=int, default=1, show_default=True, callback=_positive,
-                  help="Sequences per step per GPU.")
-    @click.option("--seq-len", "-s", type=int, default=2048, show_default=True, callback=_positive,
-                  help="Tokens per sequence.")
-    @click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bf16", show_default=True,
-                  help="Base weights; int8/nf4 is a quantized frozen base (QLoRA), adapters only.")
-    @click.option("--adapter-dtype", type=click.Choice(tuple(FLOAT_BYTES), case_sensitive=False), default="fp32",
-                  show_default=True, help="Adapter weights (PEFT keeps them in fp32).")
-    @click.option("--optimizer", type=click.Choice(OPTIMIZERS, case_sensitive=False), default="adamw",
-                  show_default=True, help="Optimizer; its states follow the trainable weights' dtype.")
-    @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
-                  help="Keep only each layer's input; recompute in backward.")
-    @click.option("--attention", type=click.Choice(ATTENTION, case_sensitive=False), default="sdpa",
-                  show_default=True, help="sdpa (flash/efficient kernels) or eager (keeps s x s softmax).")
-    @click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout on adapter inputs.")
-    @click.option("--master-weights", is_flag=True, help="fp32 master copy and fp32 optimizer states (mixed precision).")
-    @click.option("--device", type=click.Choice(("cuda", "cpu")), default="cuda", show_default=True,
-                  help="Where the step runs: cuda adds the runtime's overhead and foreach AdamW.")
-    @click.option("--impl", type=click.Choice(IMPLS), default=impl_default, show_default=True,
-                  help="Whose layers: peft (transformers + PEFT: per-layer fp32 input copies, KV cache) "
-                       "or lorabench (lorabench.nn's lean layers).")
-    @functools.wraps(fn)
-    def wrapper(alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer, grad_checkpointing, attention,
-                dropout, master_weights, device, impl, **kw):
-        setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
-                              adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
-                              grad_checkpointing=grad_checkpointing, attention=attention.lower(),
-                              dropout=dropout, master_weights=master_weights,
-                              device=device or "cuda", alpha=alpha, impl=impl)
-        return fn(setup=setup, **kw)
-    return wrapper
-
-
-def format_option(fn):
-    return click.option("--format", "-f", "fmt", type=click.Choice(FORMATS, case_sensitive=False),
-                        default="table", show_default=True,
-                        help="table and markdown for people; csv and json carry every field.")(fn)
+def note(text: str) -> None:
+    """A note on stderr: seen in every format, never inside the JSON or CSV on stdout."""
+    if text:
+        click.echo(f"lorabench: note: {text}", err=True)
 
 
 @click.group(cls=Cli, context_settings=CONTEXT)
@@ -174,6 +105,7 @@ def params(spec, methods, methods_from_all, ranks, targets, fmt):
     """
     from lorabench.estimate import param_rows
 
+    note(targets_note(methods, targets))
     rows = param_rows(spec, methods, ranks, targets)
     click.echo(render(rows, fmt, PARAM_COLUMNS, title=f"{spec.name}: parameters"))
 
@@ -182,9 +114,10 @@ def params(spec, methods, methods_from_all, ranks, targets, fmt):
 @model_options
 @method_options
 @setup_options
-@click.option("--gpu", default=None, help="A GPU from 'lorabench gpus': adds fits, GPUs needed and step time.")
-@click.option("--mfu", type=click.FloatRange(0.01, 1.0), default=0.4, show_default=True,
-              help="Model-FLOPs utilisation assumed for the step time.")
+@click.option("--gpu", type=Text("GPU"), default=None,
+              help="A GPU from 'lorabench gpus': adds fits, GPUs needed and step time.")
+@click.option("--mfu", type=MFU, default=0.4, show_default=True,
+              help="Model-FLOPs utilisation assumed for the step time, in [0.01, 1].")
 @format_option
 def memory(spec, methods, methods_from_all, ranks, targets, setup, gpu, mfu, fmt):
     """GPU memory of one training step per method: components, peak, fit.
@@ -201,10 +134,11 @@ def memory(spec, methods, methods_from_all, ranks, targets, setup, gpu, mfu, fmt
     """
     from lorabench.estimate import memory_rows
 
-    chosen = get_gpu(gpu) if gpu else None
+    chosen = get_gpu(gpu) if gpu is not None else None
     if setup.dtype in QUANTIZED and methods_from_all:
         # 'all' on a quantized base means every method that can run on one.
         methods = tuple(m for m in methods if m.allows_quantized_base)
+    note(targets_note(methods, targets))
     rows = memory_rows(spec, methods, ranks, targets, setup, chosen, mfu)
     title = (f"{spec.name}: batch {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype} base, "
              f"{setup.optimizer}{', grad checkpointing' if setup.grad_checkpointing else ''}; GiB")
@@ -258,36 +192,55 @@ def gpus(fmt):
     click.echo(render(rows, fmt, cols))
 
 
+def _report_specs(models, configs, dims):
+    """The report's models: presets, configs and --d matrices, each once and each under its own name."""
+    from lorabench.report import distinct_specs
+
+    entries = [(("preset", spec.name), spec.name, spec) for spec in map(from_name, models)]
+    for path in configs:
+        spec = load_config(path)
+        folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+        entries.append((("config", folder), f"{spec.name} (config {os.path.relpath(folder)})", spec))
+    entries += [(("d", d), spec.name, spec) for d, spec in ((d, from_dimension(d)) for d in dims)]
+    return distinct_specs(entries or [(("preset", DEFAULT_MODEL), DEFAULT_MODEL, from_name(DEFAULT_MODEL))])
+
+
 @cli.command(context_settings=CONTEXT)
-@click.option("--model", "-m", "models", multiple=True,
-              help="Preset name; repeat for several models. Default: llama-3-8b (when no --config/--d).")
-@click.option("--config", "configs", multiple=True, type=click.Path(),
+@click.option("--model", "-m", "models", type=Text("NAME"), multiple=True,
+              help=f"Preset name; repeat for several models. Default: {DEFAULT_MODEL} (when no --config/--d).")
+@click.option("--config", "configs", type=Text("PATH"), multiple=True,
               help="A Hugging Face config.json (or its folder); repeatable.")
-@click.option("--d", "dims", type=int, multiple=True, callback=_positive,
-              help="One d x d matrix (the seed's example); repeatable. Estimated, never benched.")
+@click.option("--d", "dims", type=BoundedInt(1, MAX_WIDTH), multiple=True,
+              help="One d x d matrix (the deep dive's worked example); repeatable. Estimated, never benched.")
 @method_options
 @setup_options
-@click.option("--gpu", default="H100-80GB", show_default=True, help="GPU for fit and estimated step time.")
-@click.option("--mfu", type=click.FloatRange(0.01, 1.0), default=0.4, show_default=True,
-              help="Model-FLOPs utilisation assumed for the estimated step time.")
+@click.option("--gpu", type=Text("GPU"), default="H100-80GB", show_default=True,
+              help="GPU for fit and estimated step time.")
+@click.option("--mfu", type=MFU, default=0.4, show_default=True,
+              help="Model-FLOPs utilisation assumed for the estimated step time, in [0.01, 1].")
 @click.option("--bench", is_flag=True, help="Also measure every case on this machine (needs torch).")
-@click.option("--steps", type=int, default=5, show_default=True, callback=_positive,
-              help="With --bench: timed steps per case.")
-@click.option("--warmup", type=int, default=2, show_default=True, callback=_positive,
-              help="With --bench: untimed steps first.")
-@click.option("--layers", type=int, default=None, callback=_positive,
+@click.option("--steps", type=STEPS, default=5, show_default=True, help="With --bench: timed steps per case.")
+@click.option("--warmup", type=STEPS, default=2, show_default=True, help="With --bench: untimed steps first.")
+@click.option("--layers", type=LAYERS, default=None,
               help="With --bench: build only this many layers of each model (estimates follow).")
-@click.option("--name", default=None, help="Folder name. Default: from the models (llama-3-8b_mistral-7b).")
-@click.option("--out-dir", default="reports", show_default=True, type=click.Path(file_okay=False),
-              help="Where the report folder goes.")
+@click.option("--name", type=Text("NAME"), default=None,
+              help="Folder name. Default: from the models (llama-3-8b_mistral-7b).")
+@click.option("--out-dir", type=Text("DIR"), default="reports", show_default=True,
+              help="Where the report folder goes (made if missing).")
+@click.option("--force", is_flag=True,
+              help="If OUT_DIR/NAME exists and is not a report lorabench wrote, move it aside "
+                   "(NAME.replaced-DATE) instead of refusing. Nothing is ever deleted.")
 def report(models, configs, dims, methods, methods_from_all, ranks, targets, setup, gpu, mfu, bench, steps,
-           warmup, layers, name, out_dir):
+           warmup, layers, name, out_dir, force):
     """A sweep of models x methods x ranks as a report folder: md, html, csv, json.
 
     Writes OUT_DIR/NAME/ with results.json (environment, command, settings,
     rows), results.csv, report.md (tables) and report.html (tables and figures,
-    self-contained). The folder appears whole or not at all; an existing one of
-    that name is replaced. --bench adds measurements on this machine's device.
+    self-contained). The folder appears whole or not at all, and replaces only a
+    report lorabench wrote (marked by a hidden .lorabench-report.json); any other
+    folder of that name is refused before anything runs, unless --force.
+    --bench adds measurements on this machine's device; interrupted (Ctrl-C,
+    SIGTERM), the report keeps the cases measured so far and exits 130/143.
 
     \b
     Example:
@@ -295,10 +248,8 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
         lorabench report -m llama-3-8b -m mistral-7b --method lora,vera,full --gpu A100-80GB
         lorabench report -m tiny-llama --bench --steps 3 --name tiny-bench
     """
-    import os
-
     from lorabench.envinfo import command_line
-    from lorabench.report import build_report, check_name, default_name, write_report
+    from lorabench.report import FILES, build_report, check_name, default_name, write_report
 
     ctx = click.get_current_context()
     if not bench:
@@ -306,19 +257,30 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
                  if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply with --bench.")
-    specs = [from_name(m) for m in models] + [load_config(c) for c in configs] + [from_dimension(d) for d in dims]
-    specs = list({s.name: s for s in specs or [from_name("llama-3-8b")]}.values())
-    name = check_name(name) if name else default_name(specs)
+    specs = _report_specs(models, configs, dims)
+    name = check_name(name) if name is not None else default_name(specs)
     chosen = get_gpu(gpu)
     if setup.dtype in QUANTIZED and methods_from_all:
         methods = tuple(m for m in methods if m.allows_quantized_base)
+    note(targets_note(methods, targets))
+    if targets is not None and any(s.single_matrix for s in specs):
+        note("--targets does not apply to the --d matrices (each is its own one target).")
+    safeio.check_report_target(out_dir, name, FILES, force)  # before any work: refuse now, not after the bench
     data = build_report(specs, methods, ranks, targets, setup, chosen, mfu, command=command_line(),
                         bench={"layers": layers, "steps": steps, "warmup": warmup} if bench else None)
     try:
-        path = write_report(data, out_dir, name)
+        path, moved = write_report(data, out_dir, name, force)
     except OSError as exc:  # a read-only or full disk: one line, not a traceback
-        raise click.ClickException(f"cannot write the report: {exc}") from exc
-    click.echo(f"wrote {path}{os.sep} ({', '.join(sorted(p.name for p in path.iterdir()))})")
+        raise LorabenchError(f"cannot write the report: {exc.strerror or exc}.") from None
+    if moved is not None:
+        note(f"the folder that was at {path} is now {moved}.")
+    click.echo(f"wrote {path}{os.sep} ({', '.join(sorted(FILES))})")
+    stopped = data["settings"]["interrupted"]
+    if stopped:
+        measured = sum(1 for r in data["rows"] if r.get("bench_status") is not None)
+        click.echo(f"lorabench: interrupted ({stopped}) after {measured} measured case(s); the report holds "
+                   "those and estimates for the rest.", err=True)
+        ctx.exit(130 if stopped == "SIGINT" else safeio.Terminated.exit_code)
 
 
 BENCH_COLUMNS = (
@@ -347,26 +309,33 @@ FULL_DEPTH_COLUMNS = (
 @model_options
 @method_options
 @setup_options(impl_default="lorabench")
-@click.option("--steps", type=int, default=5, show_default=True, callback=_positive, help="Timed steps.")
-@click.option("--warmup", type=int, default=2, show_default=True, callback=_positive,
+@click.option("--steps", type=STEPS, default=5, show_default=True, help="Timed steps.")
+@click.option("--warmup", type=STEPS, default=2, show_default=True,
               help="Untimed steps first (first calls, allocator growth, optimizer states).")
-@click.option("--tolerance", type=click.FloatRange(0.0, 100.0), default=5.0, show_default=True,
+@click.option("--tolerance", type=BoundedFloat(0.0, 100.0), default=5.0, show_default=True,
               help="Verdict: estimated peak within this % of the measured peak.")
-@click.option("--gpu", default=None, help="Catalog GPU for the peak-FLOP/s comparison (default: the one found).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Also write every field to this .json or .csv file (atomically).")
-@click.option("--check", is_flag=True, help="Exit 1 when a row is outside the tolerance or fails to run.")
+@click.option("--gpu", type=Text("GPU"), default=None,
+              help="Catalog GPU for the peak-FLOP/s comparison (default: the one found).")
+@click.option("--output", "-o", type=Text("FILE"), default=None,
+              help="Also write every field to this .json or .csv file, rewritten (atomically) as each case "
+                   "finishes. Checked before the run; a file lorabench did not write is refused.")
+@click.option("--force", is_flag=True,
+              help="With -o: move a file there that lorabench did not write aside (NAME.replaced-DATE.ext) "
+                   "instead of refusing.")
+@click.option("--check", is_flag=True,
+              help="Exit 1 when a row is outside the tolerance or fails to run, or when nothing was measured.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @format_option
 def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps, warmup, tolerance, gpu, output,
-          check, progress, fmt):
+          force, check, progress, fmt):
     """Run real training steps and compare time and memory with the estimate.
 
     For each method it builds the model (--impl lorabench: lorabench's own layers, the default here;
     --impl peft: transformers + PEFT), runs --warmup steps, reads memory per phase (CUDA: the
     allocator's peak counters and NVML; CPU: a live-tensor tracker), then times --steps steps
     (CUDA events). --layers N measures the model cut to N layers and projects to the full depth.
-    --device defaults to cuda when one is present.
+    --device defaults to cuda when one is present. Ctrl-C or SIGTERM ends the run with the cases
+    that finished (printed, and in -o) and exit code 130 or 143.
 
     \b
     Example:
@@ -374,23 +343,58 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
         lorabench bench --model llama-3-8b --layers 4 --method all -r 8 -r 64 -o results.json
         lorabench bench --model llama-3-8b --layers 2 --impl peft --method lora,dora --targets all-linear
     """
-    from lorabench.bench import run_bench
-
     ctx = click.get_current_context()
     device = None if ctx.get_parameter_source("device") == click.core.ParameterSource.DEFAULT else setup.device
-    if output and not output.lower().endswith((".json", ".csv")):
-        raise click.BadParameter("must end in .json or .csv.", param_hint="--output")
-    chosen = get_gpu(gpu) if gpu else None
+    sink = None
+    if output is not None:  # checked before torch is even imported
+        target = safeio.check_output_file(output, force=force)
+        sink = safeio.RowFile(target, lambda rows, f: render(rows, f, BENCH_COLUMNS))
+    chosen = get_gpu(gpu) if gpu is not None else None
+    note(targets_note(methods, targets))
+    from lorabench.bench import run_bench
+
     rows: list = []
-    interrupted = False
+    write_error = None
+
+    def on_row(row):
+        nonlocal write_error
+        rows.append(row)
+        if sink is not None and write_error is None:
+            try:
+                sink.add(row)
+            except OSError as exc:  # a full disk mid-run: say so now, keep measuring, print the table
+                write_error = f"cannot write {output}: {exc.strerror or exc}"
+                click.echo(f"lorabench: error: {write_error}; the run goes on, results on stdout only.", err=True)
+            if sink.moved is not None and len(sink.rows) == 1:
+                note(f"the file that was at {output} is now {sink.moved}.")
+
+    stopped = None
     try:
         run_bench(spec, methods, ranks, targets, setup, layers=layers, steps=steps, warmup=warmup,
                   impl=setup.impl, tolerance_pct=tolerance, progress=progress, gpu=chosen, device=device,
-                  on_row=rows.append)
+                  on_row=on_row)
     except KeyboardInterrupt:
-        interrupted = True
-    if output and rows:
-        _write_rows_atomically(rows, output)
+        stopped = ("SIGINT", 130)
+    except safeio.Terminated as exc:
+        stopped = ("SIGTERM", exc.exit_code)
+    click.echo(_bench_text(rows, spec, setup, fmt))
+    if stopped:
+        saved = f"; those are in {output}" if sink is not None and sink.rows and write_error is None else ""
+        click.echo(f"lorabench: interrupted ({stopped[0]}) after {len(rows)} case(s){saved}.", err=True)
+        ctx.exit(stopped[1])
+    if write_error:
+        ctx.exit(1)
+    if check:
+        measured = [r for r in rows if r["status"] != "skipped"]
+        if not measured:
+            click.echo("lorabench: --check: nothing was measured (every case was skipped).", err=True)
+            ctx.exit(1)
+        if any(r["status"] != "ok" or not r["within_tolerance"] for r in measured):
+            ctx.exit(1)
+
+
+def _bench_text(rows, spec, setup, fmt: str) -> str:
+    """The bench's rows as text: the table with its title and notes, or every field in csv/json."""
     cut = f"{rows[0]['layers']} of {rows[0]['full_layers']} layers" if rows else ""
     title = (f"{spec.name} ({cut}), {setup.impl} layers on {rows[0]['device_name'] if rows else setup.device}: "
              f"batch {setup.batch_size} x {setup.seq_len}, {setup.dtype}; GiB, ms")
@@ -400,52 +404,28 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
         columns = tuple((k, t, _mib) if f is gib else (k, t, f) for k, t, f in columns)
         title = title.replace("; GiB", "; MiB")
     out = render(rows, fmt, columns, title=title)
-    if fmt in ("table", "markdown") and rows:
-        r0 = rows[0]
-        if r0.get("matmul_tflops"):
-            out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({setup.dtype})"
-        if r0.get("catalog_tflops"):
-            out += f"; catalog peak {r0['gpu']}: {r0['catalog_tflops']:,.0f} TFLOP/s"
-        for r in rows:
-            if r["status"] != "ok":
-                out += f"\n{r['method']} r={r['rank']}: {r['status']}: {r['error']}"
-                if r["status"] == "oom":
-                    said = r.get("estimated_fits")
-                    out += (" (the estimate said it would not fit)" if said is False
-                            else " (the estimate said it would fit)" if said else "")
-        if projected:
-            out += ("\nfull depth: measured at the layers built + the estimate's per-layer terms for the "
-                    "rest; time scaled by FLOPs.")
-    click.echo(out)
-    if interrupted:
-        click.echo(f"lorabench: interrupted after {len(rows)} case(s)"
-                   + (f"; those are in {output}." if output and rows else "."), err=True)
-        ctx.exit(130)
-    if check and any(r["status"] != "ok" or not r["within_tolerance"] for r in rows
-                     if r["status"] != "skipped"):
-        ctx.exit(1)
+    if fmt not in ("table", "markdown") or not rows:
+        return out
+    r0 = rows[0]
+    if r0.get("matmul_tflops"):
+        out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({setup.dtype})"
+    if r0.get("catalog_tflops"):
+        out += f"; catalog peak {r0['gpu']}: {r0['catalog_tflops']:,.0f} TFLOP/s"
+    for r in rows:
+        if r["status"] != "ok":
+            out += f"\n{r['method']} r={r['rank']}: {r['status']}: {r['error']}"
+            if r["status"] == "oom":
+                said = r.get("estimated_fits")
+                out += (" (the estimate said it would not fit)" if said is False
+                        else " (the estimate said it would fit)" if said else "")
+    if projected:
+        out += ("\nfull depth: measured at the layers built + the estimate's per-layer terms for the "
+                "rest; time scaled by FLOPs.")
+    return out
 
 
 def _mib(n) -> str:
     return "" if n is None else f"{n / 2 ** 20:,.2f}"
-
-
-def _write_rows_atomically(rows, path: str) -> None:
-    """Write rows as JSON or CSV into a temporary file beside path, then rename it over path."""
-    import os
-    import tempfile
-
-    text = render(rows, "json" if path.lower().endswith(".json") else "csv", BENCH_COLUMNS)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lorabench-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main() -> None:

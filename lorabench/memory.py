@@ -100,8 +100,10 @@ class TrainingSetup:
         _choice("attention", self.attention, ATTENTION)
         _choice("device", self.device, DEVICES)
         _choice("implementation", self.impl, IMPLS)
-        if not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:  # (NaN fails this too)
             raise LorabenchError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise LorabenchError(f"alpha must be a positive finite number, got {self.alpha!r}.")
 
     @property
     def tokens(self) -> int:

@@ -27,6 +27,8 @@ def parse_targets(spec: ModelSpec, targets: Optional[Iterable[str] | str]) -> Tu
     """
     valid = spec.target_names
     if spec.single_matrix:
+        if targets is not None:
+            raise LorabenchError("--targets does not apply to a --d matrix: the matrix is its one target.")
         return valid
     if targets is None:
         return spec.default_targets

@@ -40,6 +40,17 @@ def _text(value) -> str:
     return str(value)
 
 
+def finite(value):
+    """value with every inf or NaN float made None: JSON has neither (json.dumps would write NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 # (row key, column title, formatter) for human-readable tables.
 Column = Tuple[str, str, object]
 
@@ -68,7 +79,7 @@ GPU_COLUMNS: Sequence[Column] = (
 def render(rows: List[Dict], fmt: str, columns: Sequence[Column], title: str = "") -> str:
     """rows as text in fmt. table/markdown show the human columns with units; csv/json every field."""
     if fmt == "json":
-        return json.dumps(rows, indent=2)
+        return json.dumps(finite(rows), indent=2, allow_nan=False)
     if fmt == "csv":
         buf = io.StringIO()
         keys: List[str] = []

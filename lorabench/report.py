@@ -17,24 +17,21 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import re
 import shutil
-import tempfile
-import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from lorabench import plots
+from lorabench import plots, safeio
 from lorabench.envinfo import capture_environment, utc_now
 from lorabench.errors import LorabenchError
 from lorabench.estimate import memory_rows, param_rows
 from lorabench.gpus import GPU
 from lorabench.memory import TrainingSetup
 from lorabench.methods import Method
-from lorabench.render import GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, _text, count, render
+from lorabench.render import GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, _text, count, finite, render
 from lorabench.render import gib as _gib
 from lorabench.seed import seed_rows
 from lorabench.specs import ModelSpec
@@ -73,12 +70,29 @@ def sweep_rows(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: Seq
     """Parameter and memory rows merged per (model, method, rank), models in the order given."""
     rows = []
     for spec in specs:
-        mem = {_key(r): r for r in memory_rows(spec, methods, ranks, targets, setup, gpu, mfu)}
-        for prow in param_rows(spec, methods, ranks, targets):
+        own = None if spec.single_matrix else targets  # a --d matrix is its own one target
+        mem = {_key(r): r for r in memory_rows(spec, methods, ranks, own, setup, gpu, mfu)}
+        for prow in param_rows(spec, methods, ranks, own):
             row = dict(prow)
             row.update(mem[_key(prow)])
             rows.append(row)
     return rows
+
+
+def distinct_specs(entries: Sequence[Tuple[object, str, ModelSpec]]) -> List[ModelSpec]:
+    """The models of a report, each once and each under its own name.
+
+    entries are (key, label, spec): entries with the same key (a preset named twice, one config file
+    reached by two paths) are one model. Specs that share a name but not a key (two config folders
+    called my-model, or a config folder called llama-3-8b beside the preset) take their label as name,
+    so that rows, bench results and the folder name never mix them.
+    """
+    seen: Dict[object, Tuple[str, ModelSpec]] = {}
+    for key, label, spec in entries:
+        seen.setdefault(key, (label, spec))
+    names = [spec.name for _, spec in seen.values()]
+    return [replace(spec, name=label) if names.count(spec.name) > 1 and label != spec.name else spec
+            for label, spec in seen.values()]
 
 
 def bench_fields(bench_row: Dict, estimate_keys) -> Dict:
@@ -103,9 +117,11 @@ def bench_fields(bench_row: Dict, estimate_keys) -> Dict:
 
 
 def run_benches(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: Sequence[int], targets,
-                setup: TrainingSetup, *, layers: Optional[int], steps: int,
-                warmup: int) -> Dict[str, List[Dict]]:
+                setup: TrainingSetup, *, layers: Optional[int], steps: int, warmup: int,
+                into: Optional[Dict[str, List[Dict]]] = None) -> Dict[str, List[Dict]]:
     """lorabench.bench.run_bench for every model (not for --d matrices); rows by model name.
+
+    Rows land in `into` as each case finishes, so a caller that catches an interrupt keeps them.
 
     Raises:
         LorabenchError: the bench cannot run here (no torch, no lorabench.bench).
@@ -114,10 +130,14 @@ def run_benches(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: Se
         from lorabench.bench import run_bench
     except ImportError as exc:
         raise LorabenchError(f"--bench cannot run: {exc}.") from exc
-    # gpu=None: the bench estimates for the GPU it runs on, not for the one the sweep is about.
-    return {spec.name: run_bench(spec, methods, ranks, targets, setup, layers=layers, steps=steps,
-                                 warmup=warmup, impl=setup.impl, progress=True, gpu=None)
-            for spec in specs if not spec.single_matrix}
+    out = {} if into is None else into
+    for spec in specs:
+        if spec.single_matrix:
+            continue
+        # gpu=None: the bench estimates for the GPU it runs on, not for the one the sweep is about.
+        run_bench(spec, methods, ranks, targets, setup, layers=layers, steps=steps, warmup=warmup,
+                  impl=setup.impl, progress=True, gpu=None, on_row=out.setdefault(spec.name, []).append)
+    return out
 
 
 def merge_bench(rows: List[Dict], benched: Dict[str, List[Dict]]) -> List[Dict]:
@@ -140,8 +160,16 @@ def build_report(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: S
     """
     started = utc_now()
     rows = sweep_rows(specs, methods, ranks, targets, setup, gpu, mfu)
+    interrupted = None
     if bench is not None:
-        rows = merge_bench(rows, run_benches(specs, methods, ranks, targets, setup, **bench))
+        benched: Dict[str, List[Dict]] = {}
+        try:
+            run_benches(specs, methods, ranks, targets, setup, into=benched, **bench)
+        except KeyboardInterrupt:
+            interrupted = "SIGINT"
+        except safeio.Terminated:
+            interrupted = "SIGTERM"
+        rows = merge_bench(rows, benched)
     return {
         # Captured after the bench, so that torch's own answers are in it when the bench loaded torch.
         "environment": capture_environment(date=started),
@@ -151,6 +179,8 @@ def build_report(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: S
             "targets": targets, "setup": asdict(setup), "gpu": gpu.name if gpu else None, "mfu": mfu,
             "bench": dict(bench) if bench is not None else None,
             "not_benched": [s.name for s in specs if s.single_matrix] if bench is not None else [],
+            # the bench was stopped by this signal; rows measured before it are in, the rest estimates only
+            "interrupted": interrupted,
         },
         "rows": rows,
         "seed_comparison": seed_rows(),
@@ -378,17 +408,6 @@ def report_html(report: Dict, figures: Dict[str, Optional[str]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _finite(value):
-    """JSON has no inf or NaN: they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 # --------------------------------------------------------------------------------------------------
 # The folder, written atomically.
 
@@ -416,45 +435,31 @@ def write_files(report: Dict, folder: Path) -> None:
     def write(name: str, text: str) -> None:
         (folder / name).write_text(text, encoding="utf-8")
 
-    write("results.json", json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    write("results.json", json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
     write("results.csv", render(report["rows"], "csv", ()) + "\n")
     write("report.md", report_markdown(report))
     write("report.html", report_html(report, plots.render_plots(report["rows"])))
 
 
-def write_report(report: Dict, out_dir: os.PathLike | str, name: str) -> Path:
-    """Write the report to out_dir/name all at once; returns that path.
+def write_report(report: Dict, out_dir: os.PathLike | str, name: str, force: bool = False) -> Tuple[Path, Optional[Path]]:
+    """Write the report to out_dir/name all at once; returns that path and, with force, where a folder
+    lorabench did not write was moved (else None).
 
-    The files are built in a hidden temporary folder beside the target (same filesystem), then
-    renamed into place; an existing report of that name is moved aside first and deleted after.
-    Any failure, KeyboardInterrupt included, leaves the old report (or none) and no temporary folder.
+    The files are built in a hidden temporary folder beside the target (same filesystem), marked as
+    lorabench's, then swapped with the old report in one atomic exchange (lorabench.safeio). Any
+    failure, KeyboardInterrupt and SIGTERM included, leaves the old report (or none) and no temporary
+    folder; a SIGKILL's leftovers are cleaned by the next run.
 
     Raises:
-        LorabenchError: a bad name, or a target that is a file.
+        LorabenchError: a bad name, a target that is not lorabench's (without force), or an unwritable place.
     """
-    out = Path(out_dir)
-    target = out / check_name(name)
-    if target.exists() and not target.is_dir():
-        raise LorabenchError(f"{target} exists and is not a folder.")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
-    old: Optional[Path] = None
+    target = safeio.check_report_target(str(out_dir), check_name(name), FILES, force)
+    tmp = safeio.new_report_folder(target.parent, name)
     try:
         write_files(report, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a report folder is as readable as any other
-        if target.exists():
-            old = out / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, target)
-                old = None
-            raise
+        safeio.write_marker(tmp, FILES)
+        moved = safeio.publish_report(tmp, target, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    return target, moved

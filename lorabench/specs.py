@@ -1,4 +1,4 @@
-"""Model specifications for decoder-only transformers: presets, Hugging Face config.json, raw d x d.
+"""Model specifications for decoder-only transformers: presets and raw d x d (config.json: lorabench.hfconfig).
 
 Pure Python: no torch import. Every preset's parameter total equals the real model's
 (checked in tests against transformers models built on the meta device).
@@ -7,8 +7,6 @@ Pure Python: no torch import. Every preset's parameter total equals the real mod
 from __future__ import annotations
 
 import difflib
-import json
-import os
 from dataclasses import dataclass, replace
 from typing import Dict, Tuple
 
@@ -169,79 +167,3 @@ def from_dimension(d: int, layers: int = 1) -> ModelSpec:
     return ModelSpec(name=f"d={d}" + (f" x{layers}" if layers > 1 else ""), hidden_size=d,
                      intermediate_size=d, num_layers=layers, num_heads=1, num_kv_heads=1,
                      head_dim=d, vocab_size=0, gated_mlp=False, single_matrix=True)
-
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
-
-
-def _require(cfg: dict, key: str, where: str):
-    value = cfg.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise LorabenchError(f"{where}: '{key}' must be a positive integer, got {value!r}.")
-    return value
-
-
-def from_hf_config(cfg: dict, name: str = "config.json") -> ModelSpec:
-    """A spec from the contents of a Hugging Face config.json (llama, mistral, qwen2, gpt2).
-
-    Defaults follow transformers' config classes when a key is absent.
-
-    Raises:
-        LorabenchError: unsupported model_type, or a missing or malformed field.
-    """
-    if not isinstance(cfg, dict):
-        raise LorabenchError(f"{name}: expected a JSON object.")
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise LorabenchError(f"{name}: model_type {model_type!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
-    if model_type == "gpt2":
-        d = _require(cfg, "n_embd", name)
-        heads = _require(cfg, "n_head", name)
-        if d % heads:
-            raise LorabenchError(f"{name}: n_embd {d} is not divisible by n_head {heads}.")
-        inner = cfg.get("n_inner") or 4 * d
-        return ModelSpec(name=name, hidden_size=d, intermediate_size=inner,
-                         num_layers=_require(cfg, "n_layer", name), num_heads=heads,
-                         num_kv_heads=heads, head_dim=d // heads,
-                         vocab_size=_require(cfg, "vocab_size", name),
-                         tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-                         qkv_bias=True, o_bias=True, mlp_bias=True, gated_mlp=False,
-                         norm="layernorm", fused_qkv=True,
-                         max_positions=_require(cfg, "n_positions", name), family="gpt2")
-    d = _require(cfg, "hidden_size", name)
-    heads = _require(cfg, "num_attention_heads", name)
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or (d // heads)
-    if not isinstance(kv, int) or heads % kv:
-        raise LorabenchError(f"{name}: num_attention_heads {heads} is not a multiple of "
-                             f"num_key_value_heads {kv!r}.")
-    if head_dim * heads != d and not cfg.get("head_dim"):
-        raise LorabenchError(f"{name}: hidden_size {d} is not divisible by num_attention_heads {heads}.")
-    attention_bias = bool(cfg.get("attention_bias", False)) if model_type == "llama" else False
-    return ModelSpec(name=name, hidden_size=d, intermediate_size=_require(cfg, "intermediate_size", name),
-                     num_layers=_require(cfg, "num_hidden_layers", name), num_heads=heads,
-                     num_kv_heads=kv, head_dim=head_dim, vocab_size=_require(cfg, "vocab_size", name),
-                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                     # Qwen2 always has q/k/v biases and no o bias; llama has attention_bias on all four.
-                     qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
-                     mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False)
-
-
-def load_config(path: str) -> ModelSpec:
-    """Read a config.json (or a folder holding one) offline.
-
-    Raises:
-        LorabenchError: the file is missing, not JSON, or not a supported model.
-    """
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    try:
-        with open(file, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except FileNotFoundError:
-        raise LorabenchError(f"no config.json at '{path}'.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LorabenchError(f"'{file}' is not valid JSON ({exc}).") from None
-    except OSError as exc:
-        raise LorabenchError(f"cannot read '{file}': {exc.strerror}.") from None
-    return from_hf_config(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(file))) or file)

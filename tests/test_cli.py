@@ -55,15 +55,15 @@ def test_quantized_all_skips_methods_that_write_w():
 
 @pytest.mark.parametrize("args, message", [
     (("params", "--model", "llama3-8b"), "Did you mean llama-3-8b"),
-    (("params", "--rank", "0"), "must be positive"),
+    (("params", "--rank", "0"), "must be from 1 to"),
     (("params", "--rank", "5000"), "larger than target"),
     (("params", "--method", "loraa"), "unknown method"),
     (("memory", "--dtype", "fp8"), "fp8"),
     (("memory", "--optimizer", "lion"), "lion"),
     (("memory", "--gpu", "H1000"), "unknown GPU"),
     (("memory", "--format", "xml"), "xml"),
-    (("memory", "--batch-size", "0"), "must be positive"),
-    (("memory", "--seq-len", "-5"), "must be positive"),
+    (("memory", "--batch-size", "0"), "must be from 1 to"),
+    (("memory", "--seq-len", "-5"), "must be from 1 to"),
     (("memory", "--method", "full", "--dtype", "nf4"), "writes the base weights"),
     (("memory", "--method", "delta-lora", "--dtype", "int8"), "writes the base weights"),
     (("params", "--config", "/nonexistent/config.json"), "no config.json"),

@@ -7,7 +7,8 @@ import pytest
 from hf_configs import HF_CONFIGS, PUBLISHED_TOTALS
 from lorabench.errors import LorabenchError
 from lorabench.params import count_base_params
-from lorabench.specs import PRESETS, from_dimension, from_hf_config, from_name, load_config
+from lorabench.hfconfig import from_hf_config, load_config
+from lorabench.specs import PRESETS, from_dimension, from_name
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_TOTALS))
@@ -75,7 +76,7 @@ def test_single_matrix():
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ('{"model_type": "bert", "hidden_size": 768}', "not supported"),
-    ('{"model_type": "llama", "hidden_size": 4096}', "must be a positive integer"),
+    ('{"model_type": "llama", "hidden_size": 4096}', "'intermediate_size' is missing"),
     ('{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 1, "num_hidden_layers": 2, '
      '"num_attention_heads": 32, "num_key_value_heads": 5, "vocab_size": 10}', "multiple"),
     ('[1, 2]', "JSON object"),

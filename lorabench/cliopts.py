@@ -1,0 +1,221 @@
+"""The CLI's option types and shared option groups: every value a user types is checked here, once.
+
+Numbers are finite and within a sane range (NaN, inf, 10**300 or 4096.5 where a count is meant get
+one line and exit code 2); strings are never empty (an unset $MODEL is an error, not the default
+model). The ranges are far outside anything real, so they only stop absurd inputs from becoming
+absurd numbers: the longest context trained today is ~10**6 tokens, the widest model d=16384.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import re
+
+import click
+
+from lorabench.hfconfig import MAX_LAYERS, MAX_WIDTH, load_config
+from lorabench.memory import ATTENTION, DTYPES, FLOAT_BYTES, IMPLS, OPTIMIZERS, TrainingSetup
+from lorabench.methods import resolve_methods
+from lorabench.render import FORMATS
+from lorabench.specs import from_dimension, from_name
+
+MAX_RANK = 1 << 16
+MAX_BATCH = 1 << 20
+MAX_SEQ_LEN = 1 << 24
+MAX_STEPS = 100_000
+MAX_ALPHA = 1e6
+DEFAULT_MODEL = "llama-3-8b"
+
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def shown(text: str, limit: int = 24) -> str:
+    """A user's value for an error message, shortened: 10**300 typed out is not worth echoing."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else repr(text[:limit - 6] + "...") + f" ({len(text):,} characters)"
+
+
+class BoundedInt(click.ParamType):
+    """An integer in [lo, hi], typed as digits: no fractions, no exponents, no hundreds of digits."""
+
+    name = "integer"
+
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not an integer.", param, ctx)
+        if isinstance(value, int):
+            number = value
+        else:
+            text = str(value).strip()
+            if not text:
+                self.fail("is empty.", param, ctx)
+            if not _INT_RE.fullmatch(text):
+                self.fail(f"{shown(text)} is not an integer.", param, ctx)
+            if len(text.lstrip("+-0")) > len(str(self.hi)):
+                self.fail(f"must be from {self.lo:,} to {self.hi:,}, got {shown(text)}.", param, ctx)
+            number = int(text)
+        if not self.lo <= number <= self.hi:
+            self.fail(f"must be from {self.lo:,} to {self.hi:,}, got {shown(str(number))}.", param, ctx)
+        return number
+
+    def get_metavar(self, param, ctx=None):
+        return "INTEGER"
+
+
+class BoundedFloat(click.ParamType):
+    """A finite number in [lo, hi] (lo excluded with lo_open): never NaN or inf."""
+
+    name = "number"
+
+    def __init__(self, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if not text:
+            self.fail("is empty.", param, ctx)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{shown(text)} is not a number.", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"must be a finite number, got {shown(text)}.", param, ctx)
+        low_ok = number > self.lo if self.lo_open else number >= self.lo
+        high_ok = number < self.hi if self.hi_open else number <= self.hi
+        if not (low_ok and high_ok):
+            interval = f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            self.fail(f"must be in {interval}, got {shown(text)}.", param, ctx)
+        return number
+
+    def get_metavar(self, param, ctx=None):
+        return "FLOAT"
+
+
+class Text(click.ParamType):
+    """A non-empty string: an empty --model "" (an unset variable in a script) is an error."""
+
+    name = "text"
+
+    def __init__(self, metavar: str = "TEXT"):
+        self.metavar = metavar
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("is empty.", param, ctx)
+        return value
+
+    def get_metavar(self, param, ctx=None):
+        return self.metavar
+
+
+RANK = BoundedInt(1, MAX_RANK)
+LAYERS = BoundedInt(1, MAX_LAYERS)
+STEPS = BoundedInt(1, MAX_STEPS)
+MFU = BoundedFloat(0.01, 1.0)
+
+
+def model_options(fn):
+    keep_depth = "layers" in inspect.signature(fn).parameters  # bench: --layers is its own, not a cut
+
+    @click.option("--model", "-m", type=Text("NAME"), default=None,
+                  help=f"Preset name (see 'lorabench models'). Default: {DEFAULT_MODEL}.")
+    @click.option("--config", "config_path", type=Text("PATH"), default=None,
+                  help="A Hugging Face config.json (or a folder holding one), read offline.")
+    @click.option("--d", "dim", type=BoundedInt(1, MAX_WIDTH), default=None,
+                  help="Describe one d x d weight matrix instead of a model (the worked example of the "
+                       "'Neurons, Weights & Fine-Tuning' deep dive: --d 4096).")
+    @click.option("--layers", type=LAYERS, default=None,
+                  help="With --d: that many matrices. With a model: cut it to that many layers.")
+    @functools.wraps(fn)
+    def wrapper(model, config_path, dim, layers, **kw):
+        given = [n for n, v in (("--model", model), ("--config", config_path), ("--d", dim)) if v is not None]
+        if len(given) > 1:
+            raise click.UsageError(f"give only one of {', '.join(given)}.")
+        if dim is not None:
+            spec = from_dimension(dim, layers or 1)
+            if keep_depth:
+                return fn(spec=spec, layers=None, **kw)
+        else:
+            spec = load_config(config_path) if config_path is not None else from_name(model or DEFAULT_MODEL)
+            if keep_depth:  # bench measures N layers and projects to the full depth itself
+                return fn(spec=spec, layers=layers, **kw)
+            if layers:
+                spec = spec.with_layers(layers)
+        return fn(spec=spec, **kw)
+    return wrapper
+
+
+def method_options(fn):
+    from lorabench.methods import METHODS
+
+    @click.option("--method", "methods", multiple=True, default=("all",), show_default=True,
+                  help=f"Repeatable or comma-separated: {', '.join(METHODS)}, all.")
+    @click.option("--rank", "-r", "ranks", type=RANK, multiple=True, default=(8,), show_default=True,
+                  help="LoRA rank; repeat for a sweep (--rank 8 --rank 64).")
+    @click.option("--targets", "-t", type=Text("NAMES"), default=None,
+                  help="Projections to adapt: q,k,v,o,gate,up,down (qkv for gpt2) or all-linear. "
+                       "Default: PEFT's (q,v; gpt2: qkv).")
+    @functools.wraps(fn)
+    def wrapper(methods, **kw):
+        from_all = any(part.strip().lower() == "all" for m in methods for part in m.split(","))
+        return fn(methods=resolve_methods(methods), methods_from_all=from_all, **kw)
+    return wrapper
+
+
+def setup_options(fn=None, *, impl_default: str = "peft"):
+    """The options of how a step runs (memory, bench, report); passes setup=TrainingSetup(...)."""
+    if fn is None:
+        return functools.partial(setup_options, impl_default=impl_default)
+
+    @click.option("--alpha", type=BoundedFloat(0.0, MAX_ALPHA, lo_open=True), default=16.0, show_default=True,
+                  help="LoRA alpha (scale alpha/r).")
+    @click.option("--batch-size", "-b", type=BoundedInt(1, MAX_BATCH), default=1, show_default=True,
+                  help="Sequences per step per GPU.")
+    @click.option("--seq-len", "-s", type=BoundedInt(1, MAX_SEQ_LEN), default=2048, show_default=True,
+                  help="Tokens per sequence.")
+    @click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False), default="bf16", show_default=True,
+                  help="Base weights; int8/nf4 is a quantized frozen base (QLoRA), adapters only.")
+    @click.option("--adapter-dtype", type=click.Choice(tuple(FLOAT_BYTES), case_sensitive=False), default="fp32",
+                  show_default=True, help="Adapter weights (PEFT keeps them in fp32).")
+    @click.option("--optimizer", type=click.Choice(OPTIMIZERS, case_sensitive=False), default="adamw",
+                  show_default=True, help="Optimizer; its states follow the trainable weights' dtype.")
+    @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
+                  help="Keep only each layer's input; recompute in backward.")
+    @click.option("--attention", type=click.Choice(ATTENTION, case_sensitive=False), default="sdpa",
+                  show_default=True, help="sdpa (flash/efficient kernels) or eager (keeps s x s softmax).")
+    @click.option("--dropout", type=BoundedFloat(0.0, 1.0, hi_open=True), default=0.0, show_default=True,
+                  help="LoRA dropout on adapter inputs, in [0, 1).")
+    @click.option("--master-weights", is_flag=True, help="fp32 master copy and fp32 optimizer states (mixed precision).")
+    @click.option("--device", type=click.Choice(("cuda", "cpu")), default="cuda", show_default=True,
+                  help="Where the step runs: cuda adds the runtime's overhead and foreach AdamW.")
+    @click.option("--impl", type=click.Choice(IMPLS), default=impl_default, show_default=True,
+                  help="Whose layers: peft (transformers + PEFT: per-layer fp32 input copies, KV cache) "
+                       "or lorabench (lorabench.nn's lean layers).")
+    @functools.wraps(fn)
+    def wrapper(alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer, grad_checkpointing, attention,
+                dropout, master_weights, device, impl, **kw):
+        setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
+                              adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
+                              grad_checkpointing=grad_checkpointing, attention=attention.lower(),
+                              dropout=dropout, master_weights=master_weights,
+                              device=device or "cuda", alpha=alpha, impl=impl)
+        return fn(setup=setup, **kw)
+    return wrapper
+
+
+def format_option(fn):
+    return click.option("--format", "-f", "fmt", type=click.Choice(FORMATS, case_sensitive=False),
+                        default="table", show_default=True,
+                        help="table and markdown for people; csv and json carry every field.")(fn)
+
+
+def targets_note(methods, targets) -> str:
+    """A note when --targets was given but no chosen method has targets (full fine-tuning only)."""
+    if targets is not None and not any(m.uses_rank for m in methods):
+        return "--targets does not apply to full fine-tuning, which trains every weight; it is ignored."
+    return ""

@@ -1,0 +1,297 @@
+"""Hugging Face config.json: read strictly, validate against one schema per family, build a ModelSpec.
+
+Everything a config.json can get wrong is refused here, in one line that names the file and the key:
+a file that is not a regular file or is larger than a config ever is, nesting deeper than a config
+ever has, JSON's non-standard NaN/Infinity, duplicate keys, wrong types (a boolean must be a JSON
+boolean, a size an integer, never 4096.5 or "4096"), and sizes outside a sane range. A family is one
+row of FAMILIES: its keys, and how the spec is built from them. Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from lorabench.errors import LorabenchError
+from lorabench.specs import ModelSpec
+
+# A real config.json is a few KB (Llama-3-8B: 0.7 KB; the largest multimodal ones ~10 KB).
+MAX_CONFIG_BYTES = 1 << 20
+# Real configs nest 3-4 levels (text_config.rope_scaling...); 64 also keeps json clear of recursion limits.
+MAX_DEPTH = 64
+
+# Sane ranges for sizes. The largest published models are far inside them (Llama-3.1-405B: d=16384,
+# 53248 MLP, 126 layers; Gemma-3: 262,208 vocab): the bounds only stop absurd inputs from becoming
+# absurd numbers.
+MAX_WIDTH = 1 << 20        # hidden size, head_dim
+MAX_MLP = 1 << 22          # intermediate size
+MAX_LAYERS = 10_000
+MAX_HEADS = 1 << 16
+MAX_VOCAB = 1 << 24
+MAX_POSITIONS = 1 << 24
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config.json key a family reads.
+
+    Attributes:
+        name: the key.
+        kind: "int" (an integer in [1, hi]) or "bool" (a JSON boolean).
+        required: absent is an error (otherwise the family's default applies).
+        hi: largest accepted integer.
+        nullable: null means "the default" (transformers' configs write `"head_dim": null`).
+    """
+
+    name: str
+    kind: str = "int"
+    required: bool = True
+    hi: int = MAX_WIDTH
+    nullable: bool = False
+
+
+def _int(name, hi=MAX_WIDTH, required=True, nullable=False) -> Key:
+    return Key(name, "int", required, hi, nullable)
+
+
+def _bool(name) -> Key:
+    return Key(name, "bool", required=False)
+
+
+LLAMA_KEYS = (
+    _int("hidden_size"), _int("intermediate_size", MAX_MLP), _int("num_hidden_layers", MAX_LAYERS),
+    _int("num_attention_heads", MAX_HEADS), _int("num_key_value_heads", MAX_HEADS, False, True),
+    _int("head_dim", required=False, nullable=True), _int("vocab_size", MAX_VOCAB),
+    _bool("tie_word_embeddings"),
+)
+GPT2_KEYS = (
+    _int("n_embd"), _int("n_head", MAX_HEADS), _int("n_layer", MAX_LAYERS), _int("n_positions", MAX_POSITIONS),
+    _int("vocab_size", MAX_VOCAB), _int("n_inner", MAX_MLP, False, True), _bool("tie_word_embeddings"),
+)
+
+
+def _attention(v: Dict, where: str) -> Tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) of a llama-style config, checked for consistency."""
+    d, heads = v["hidden_size"], v["num_attention_heads"]
+    kv = v.get("num_key_value_heads") or heads
+    if kv > heads or heads % kv:
+        raise LorabenchError(f"{where}: 'num_attention_heads' {heads} is not a multiple of "
+                             f"'num_key_value_heads' {kv}.")
+    head_dim = v.get("head_dim")
+    if head_dim is None:
+        if d % heads:
+            raise LorabenchError(f"{where}: 'hidden_size' {d} is not divisible by 'num_attention_heads' {heads} "
+                                 f"(and no 'head_dim' is given).")
+        head_dim = d // heads
+    return heads, kv, head_dim
+
+
+def _build_llama(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
+    heads, kv, head_dim = _attention(v, where)
+    # transformers: Qwen2 always has q/k/v biases and no o bias; llama's attention_bias puts one on all four.
+    attention_bias = v.get("attention_bias", False)
+    return ModelSpec(name=name, hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                     num_layers=v["num_hidden_layers"], num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+                     vocab_size=v["vocab_size"], tie_embeddings=v.get("tie_word_embeddings", False),
+                     qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
+                     mlp_bias=v.get("mlp_bias", False))
+
+
+def _build_gpt2(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
+    d, heads = v["n_embd"], v["n_head"]
+    if d % heads:
+        raise LorabenchError(f"{where}: 'n_embd' {d} is not divisible by 'n_head' {heads}.")
+    return ModelSpec(name=name, hidden_size=d, intermediate_size=v.get("n_inner") or 4 * d,
+                     num_layers=v["n_layer"], num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
+                     vocab_size=v["vocab_size"], tie_embeddings=v.get("tie_word_embeddings", True),
+                     qkv_bias=True, o_bias=True, mlp_bias=True, gated_mlp=False, norm="layernorm",
+                     fused_qkv=True, max_positions=v["n_positions"], family="gpt2")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model_type's config.json becomes a spec: the keys it reads and the builder."""
+
+    keys: Tuple[Key, ...]
+    build: Callable[[Dict, str, str, str], ModelSpec]
+
+
+# model_type -> family. Defaults for absent keys follow transformers' config classes.
+FAMILIES: Dict[str, Family] = {
+    "llama": Family(LLAMA_KEYS + (_bool("attention_bias"), _bool("mlp_bias")), _build_llama),
+    "mistral": Family(LLAMA_KEYS, _build_llama),
+    "qwen2": Family(LLAMA_KEYS, _build_llama),
+    "gpt2": Family(GPT2_KEYS, _build_gpt2),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def _shown(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check(key: Key, value, where: str):
+    """value if it is what key allows; raises LorabenchError naming the file and the key."""
+    if value is None and key.nullable:
+        return None
+    if key.kind == "bool":
+        if not isinstance(value, bool):
+            raise LorabenchError(f"{where}: '{key.name}' must be true or false (a JSON boolean), "
+                                 f"got {_shown(value)}.")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "a fraction" if isinstance(value, float) else f"not an integer"
+        raise LorabenchError(f"{where}: '{key.name}' must be a positive integer, got {_shown(value)} ({kind}).")
+    if not 1 <= value <= key.hi:
+        raise LorabenchError(f"{where}: '{key.name}' must be an integer from 1 to {key.hi:,}, got {_shown(value)}.")
+    return value
+
+
+def from_hf_config(cfg, name: str = "config.json", where: Optional[str] = None) -> ModelSpec:
+    """A spec from the contents of a Hugging Face config.json.
+
+    Args:
+        cfg: the parsed JSON.
+        name: the spec's name.
+        where: how errors name the file (default: name).
+
+    Raises:
+        LorabenchError: not an object, an unsupported model_type, or a missing, mistyped or
+            out-of-range key.
+    """
+    where = where or name
+    if not isinstance(cfg, dict):
+        raise LorabenchError(f"{where}: expected a JSON object, got {type(cfg).__name__ if cfg is not None else 'null'}.")
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise LorabenchError(f"{where}: 'model_type' is missing (supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise LorabenchError(f"{where}: model_type {_shown(model_type)} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
+    family = FAMILIES[model_type]
+    values: Dict = {}
+    for key in family.keys:
+        if key.name not in cfg:
+            if key.required:
+                raise LorabenchError(f"{where}: '{key.name}' is missing; a {model_type} config.json has it.")
+            continue
+        values[key.name] = _check(key, cfg[key.name], where)
+    return family.build(values, name, where, model_type)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the file.
+
+
+def _max_depth(text: str) -> int:
+    """Deepest nesting of [ and { outside strings; stops counting once past MAX_DEPTH."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _reject_constant(token: str):
+    raise ValueError(f"{token}: JSON has no NaN or Infinity")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"{token[:20]} overflows a float")
+    return value
+
+
+def _unique_keys(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key '{key[:40]}' appears twice")
+        out[key] = value
+    return out
+
+
+def parse_json(text: str, where: str):
+    """Strict JSON: no NaN/Infinity, no duplicate keys, no float overflow, nesting capped.
+
+    Raises:
+        LorabenchError: anything else, in one line naming where.
+    """
+    if _max_depth(text) > MAX_DEPTH:
+        raise LorabenchError(f"{where}: nested more than {MAX_DEPTH} levels deep; not a config.json.")
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise LorabenchError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).") from None
+    except ValueError as exc:  # ours above, and int() past Python's digit limit
+        msg = str(exc).split(";")[0].split("\n")[0][:120]
+        raise LorabenchError(f"{where}: not valid JSON ({msg}).") from None
+
+
+def read_config_text(path: str) -> Tuple[str, str]:
+    """(text, file) of a config.json given as a file or a folder holding one, size-capped.
+
+    Raises:
+        LorabenchError: empty path, missing, not a regular file, unreadable, too large or not UTF-8.
+    """
+    if not path or not path.strip():
+        raise LorabenchError("--config is empty; give a config.json or a folder holding one.")
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        st = os.stat(file)
+    except FileNotFoundError:
+        raise LorabenchError(f"no config.json at '{path}'.") from None
+    except OSError as exc:
+        raise LorabenchError(f"cannot read '{file}': {exc.strerror}.") from None
+    # FIFOs are allowed (--config <(...)); devices (/dev/zero) and sockets are not.
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        raise LorabenchError(f"'{file}' is not a regular file.")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise LorabenchError(f"'{file}' is {st.st_size:,} bytes; a config.json is at most "
+                             f"{MAX_CONFIG_BYTES:,} (they are a few KB).")
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise LorabenchError(f"cannot read '{file}': {exc.strerror}.") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise LorabenchError(f"'{file}' is larger than {MAX_CONFIG_BYTES:,} bytes; a config.json is a few KB.")
+    try:
+        return data.decode("utf-8-sig"), file
+    except UnicodeDecodeError as exc:
+        raise LorabenchError(f"'{file}' is not UTF-8 text (byte {exc.start}).") from None
+
+
+def load_config(path: str) -> ModelSpec:
+    """Read a config.json (or a folder holding one) offline; the spec is named after its folder.
+
+    Raises:
+        LorabenchError: see read_config_text, parse_json and from_hf_config.
+    """
+    text, file = read_config_text(path)
+    cfg = parse_json(text, file)
+    name = os.path.basename(os.path.dirname(os.path.abspath(file))) or file
+    return from_hf_config(cfg, name=name, where=file)

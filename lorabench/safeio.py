@@ -1,0 +1,403 @@
+"""Every file lorabench writes goes through here: checked before the run, written atomically, never
+replacing what lorabench did not write.
+
+- Output paths are checked before any work starts (check_output_file, check_report_target): the folder
+  exists and is writable, the path is not a folder or a device, the extension is known, and an existing
+  file or folder is lorabench's own (a report folder carries MARKER; a rows file has the bench's columns).
+  Anything else is refused in one line unless the user says --force, and even then it is moved aside,
+  never deleted.
+- Files are written to a temporary file beside the target, fsynced, and renamed over it (atomic_write);
+  rows are rewritten that way as each one finishes (RowFile), so a kill at any moment leaves the rows
+  that finished.
+- A report folder is swapped with the old one in one rename (renameat2 RENAME_EXCHANGE on Linux,
+  renamex_np RENAME_SWAP on macOS), so a crash at any moment leaves one complete report under its name;
+  elsewhere the two renames are repaired by the next run (clean_stale).
+- Temporary files and folders carry the writer's pid; the next run removes those whose process is gone.
+- Files get the user's umask, as any other program's.
+- SIGTERM raises Terminated, as SIGINT raises KeyboardInterrupt, so runs end the same way on both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import errno
+import json
+import os
+import re
+import signal
+import stat
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from lorabench import __version__
+from lorabench.errors import LorabenchError
+
+MARKER = ".lorabench-report.json"
+ROW_EXTENSIONS = (".json", ".csv")
+# The columns every bench row has: what makes a rows file recognisably lorabench's.
+ROW_KEYS = ("model", "method", "rank", "status", "impl")
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a timeout, a job scheduler). Like KeyboardInterrupt, not an Exception."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextmanager
+def sigterm_raises():
+    """Within the block SIGTERM raises Terminated (main thread only; elsewhere the default stays)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # no cheap check: keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tmp_name(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in folder: os.access cannot tell a read-only filesystem, and root passes it."""
+    probe = folder / _tmp_name("lorabench-probe", "tmp")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        raise LorabenchError(f"{what}: cannot write in '{folder}': {exc.strerror or exc}.") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single files: -o rows.
+
+
+def check_output_file(path: str, *, option: str = "--output", extensions: Sequence[str] = ROW_EXTENSIONS,
+                      force: bool = False) -> Path:
+    """The path to write, checked before the run: known extension, an existing writable folder, not a
+    folder or a device, and not someone else's file (unless force). Symlinks are followed.
+
+    Raises:
+        LorabenchError: in one line, naming the option.
+    """
+    if not path or not path.strip():
+        raise LorabenchError(f"{option} is empty; give a file name ending in {' or '.join(extensions)}.")
+    if not path.lower().endswith(tuple(extensions)):
+        raise LorabenchError(f"{option} '{path}' must end in {' or '.join(extensions)}.")
+    target = Path(os.path.realpath(path))
+    folder = target.parent
+    if not folder.is_dir():
+        raise LorabenchError(f"{option}: folder '{os.path.dirname(path) or '.'}' does not exist.")
+    if target.is_dir():
+        raise LorabenchError(f"{option} '{path}' is a folder.")
+    if target.exists():
+        if not stat.S_ISREG(target.stat().st_mode):
+            raise LorabenchError(f"{option} '{path}' exists and is not a regular file.")
+        if not force and not is_rows_file(target):
+            raise LorabenchError(f"{option} '{path}' exists and was not written by lorabench; "
+                                 "choose another name, or add --force to replace it.")
+    _probe_writable(folder, option)
+    clean_stale_files(folder, target.name)
+    return target
+
+
+def is_rows_file(path: Path) -> bool:
+    """An empty file, or rows lorabench wrote: a JSON list of bench rows, or a CSV with their header."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 20)
+    except OSError:
+        return False
+    if not head.strip():
+        return True
+    text = head.decode("utf-8", "replace")
+    if path.suffix.lower() == ".csv":
+        header = text.splitlines()[0].split(",")
+        return set(ROW_KEYS) <= set(header)
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and set(ROW_KEYS) <= set(r) for r in rows)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write text to path all at once: a temporary file beside it, fsynced, renamed over it.
+
+    Any failure (KeyboardInterrupt and Terminated included) leaves the old file and no temporary file.
+    """
+    path = Path(path)
+    tmp = path.parent / _tmp_name(path.name, "tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask applies, as for open()
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_stale_files(folder: Path, name: str) -> None:
+    """Remove temporary files of name that a killed writer left in folder."""
+    for entry in folder.iterdir():
+        m = _TMP_RE.match(entry.name)
+        if m and m["name"] == name and m["kind"] == "tmp" and entry.is_file() and not _pid_alive(int(m["pid"])):
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+
+class RowFile:
+    """Rows written as they finish: each add() rewrites the whole file atomically, so it is always
+    complete JSON (or CSV) holding every finished row, whatever kills the run.
+
+    A file there that lorabench did not write (accepted by check_output_file with force) is moved
+    aside before the first row is written, never overwritten; `moved` says where.
+    """
+
+    def __init__(self, path: Path, render: Callable[[List[Dict], str], str]):
+        self.path = Path(path)
+        self.fmt = "csv" if self.path.suffix.lower() == ".csv" else "json"
+        self.render = render
+        self.rows: List[Dict] = []
+        self.moved: Optional[Path] = None
+
+    def add(self, row: Dict) -> None:
+        if not self.rows and self.path.exists() and not is_rows_file(self.path):
+            self.moved = move_aside(self.path)
+        self.rows.append(row)
+        atomic_write(self.path, self.render(self.rows, self.fmt) + "\n")
+
+
+def move_aside(path: Path) -> Path:
+    """Rename path to NAME.replaced-DATE[.ext] beside it (never over anything); returns the new path."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem, ext = (path.stem, path.suffix) if path.is_file() else (path.name, "")
+    n, aside = 1, path.with_name(f"{stem}.replaced-{stamp}{ext}")
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = path.with_name(f"{stem}.replaced-{stamp}-{n}{ext}")
+    os.rename(path, aside)
+    return aside
+
+
+# --------------------------------------------------------------------------------------------------
+# Report folders.
+
+
+def is_report_folder(folder: Path, extra_ok: bool = False) -> bool:
+    """folder holds MARKER and nothing but the files MARKER lists (what lorabench report wrote)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return False
+    return extra_ok or {p.name for p in folder.iterdir()} <= set(marker["files"]) | {MARKER}
+
+
+def read_marker(folder: Path) -> Optional[Dict]:
+    try:
+        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+        return None
+    if not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in data["files"]):
+        return None
+    return data
+
+
+def write_marker(folder: Path, files: Iterable[str]) -> None:
+    data = {"written_by": "lorabench report", "version": __version__, "files": sorted(files),
+            "note": "lorabench replaces this folder only while it holds just these files."}
+    (folder / MARKER).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _remove_report_folder(folder: Path) -> bool:
+    """Delete a folder lorabench made: the files its marker lists, the marker, then the folder (only if
+    that empties it). Returns False when something else is in it (then it stays)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return False
+    try:
+        for name in marker["files"]:
+            if (folder / name).is_file() and not (folder / name).is_symlink():
+                (folder / name).unlink()
+        (folder / MARKER).unlink()
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bool = False) -> Path:
+    """out_dir/name, checked before the run: out_dir is (or can be made in) a writable folder, and
+    out_dir/name is absent, a report lorabench wrote, or force is set. Stale temporary folders of
+    killed runs are cleaned first.
+
+    Raises:
+        LorabenchError: in one line.
+    """
+    if not out_dir or not out_dir.strip():
+        raise LorabenchError("--out-dir is empty; give a folder (default: reports).")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LorabenchError(f"--out-dir '{out_dir}' is not a folder.")
+    base = _nearest_existing(out.absolute())
+    if not base.is_dir():
+        raise LorabenchError(f"--out-dir: '{base}' is not a folder.")
+    _probe_writable(base, "--out-dir")
+    target = out / name
+    if out.is_dir():
+        clean_stale(out, name, files)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise LorabenchError(f"{target} exists and is not a folder; choose another --name.")
+    if target.exists() and not force and not is_report_folder(target):
+        why = ("holds files lorabench did not write" if read_marker(target) is not None
+               else "was not written by 'lorabench report'")
+        raise LorabenchError(f"{target} exists and {why}; choose another --name or --out-dir, or add --force "
+                             f"to move it aside (to {name}.replaced-DATE) and write the report there.")
+    return target
+
+
+def clean_stale(out: Path, name: str, files: Sequence[str]) -> None:
+    """Finish what a killed report run left for name: restore a moved-aside report if none is under the
+    name, then remove the hidden temporary folders of writers that are gone. Only lorabench's files are
+    deleted: those a marker lists or, in a folder killed before its marker, the report's files."""
+    leftovers = []
+    for entry in out.iterdir():
+        m = _TMP_RE.match(entry.name)
+        if m and m["name"] == name and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m["pid"])):
+            leftovers.append((m["kind"], entry))
+    target = out / name
+    if not target.exists():
+        # The fallback's two renames were cut between: a complete new report beats the old one.
+        complete = [e for kind, e in sorted(leftovers, key=lambda x: x[0] != "tmp") if read_marker(e) is not None]
+        if complete:
+            os.rename(complete[0], target)
+            leftovers = [(k, e) for k, e in leftovers if e != complete[0]]
+    for _, entry in leftovers:
+        if read_marker(entry) is not None:
+            _remove_report_folder(entry)
+        elif not any(entry.iterdir()):
+            entry.rmdir()
+        elif {p.name for p in entry.iterdir()} <= set(files):  # killed before its marker
+                for p in entry.iterdir():
+                    p.unlink()
+                entry.rmdir()
+
+
+def new_report_folder(out: Path, name: str) -> Path:
+    """A hidden temporary folder beside out/name (same filesystem), with the umask's permissions
+    (tempfile.mkdtemp would make it 0700)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / _tmp_name(name, "tmp")
+    tmp.mkdir(mode=0o777)  # the umask applies
+    return tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic rename where the OS can; False where it cannot."""
+    try:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "renameat2", None)
+            if fn is None:
+                return False
+            at_fdcwd, rename_exchange = -100, 2
+            rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+        elif sys.platform == "darwin":
+            libc = ctypes.CDLL(None, use_errno=True)
+            rename_swap = 0x2
+            rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), rename_swap)
+        else:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the kernel or filesystem has no exchange: use two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish_report(tmp: Path, target: Path, force: bool = False) -> Optional[Path]:
+    """Put the complete folder tmp under target. Returns where a replaced foreign folder was moved
+    (with force), else None.
+
+    A report lorabench wrote is swapped with the new one in one atomic exchange, then deleted (its own
+    files only). Without an exchange in the OS it is renamed aside first, and clean_stale repairs a kill
+    between the two renames.
+    """
+    moved = None
+    if target.exists() and not is_report_folder(target):
+        if not force:  # it changed since check_report_target
+            raise LorabenchError(f"{target} was changed by someone else during the run; the report is not written.")
+        moved = move_aside(target)
+    if not target.exists():
+        os.rename(tmp, target)
+        return moved
+    if _exchange(tmp, target):
+        _remove_report_folder(tmp)  # tmp now holds the old report
+        return moved
+    old = target.with_name(_tmp_name(target.name, "old"))
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _remove_report_folder(old)
+    return moved

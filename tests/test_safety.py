@@ -1,0 +1,427 @@
+"""Output safety (lorabench.safeio) and the hostile-user findings of issue 9, one plain test each: no run
+deletes a file it did not create, no result is lost, every bad value is one line and exit code 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lorabench import safeio
+from lorabench.cli import cli
+from lorabench.report import FILES
+from lorabench.safeio import MARKER
+
+LLAMA_TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 100}
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_error_line(res, code=2):
+    """The run ended with `code` and said why in exactly one line on stderr, with no traceback."""
+    assert res.exit_code == code, (res.exit_code, res.output)
+    errors = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("lorabench: note:")]
+    assert len(errors) == 1 and "Traceback" not in res.output, res.stderr
+    return errors[0]
+
+
+def model_folder(parent: Path, name="my-model") -> Path:
+    folder = parent / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_TINY))
+    (folder / "model.safetensors").write_bytes(b"weights that took a week to train")
+    return folder
+
+
+def snapshot(folder: Path):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# --------------------------------------------------------------------------------------------------
+# Data loss: report never replaces a folder it did not make.
+
+
+def test_report_named_after_a_model_folder_does_not_delete_it(tmp_path, monkeypatch):
+    folder = model_folder(tmp_path)
+    before = snapshot(folder)
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(run("report", "--config", "my-model", "--method", "lora", "--out-dir", "."))
+    assert "was not written by 'lorabench report'" in line and "--force" in line
+    assert snapshot(folder) == before
+
+
+def test_report_name_of_a_source_folder_does_not_delete_it(tmp_path):
+    src = tmp_path / "proj" / "src"
+    src.mkdir(parents=True)
+    (src / "main.py").write_text("print('mine')\n")
+    one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path / "proj", "--name", "src"))
+    assert (src / "main.py").read_text() == "print('mine')\n"
+
+
+def test_refusal_comes_before_the_bench_runs(tmp_path, monkeypatch):
+    model_folder(tmp_path, "r")
+    module = types.ModuleType("lorabench.bench")
+    module.run_bench = lambda *a, **k: pytest.fail("the bench ran although the report could not be written")
+    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    one_error_line(run("report", "--method", "lora", "--bench", "--out-dir", tmp_path, "--name", "r"))
+
+
+def test_force_moves_the_folder_aside_and_deletes_nothing(tmp_path):
+    folder = model_folder(tmp_path, "r")
+    before = snapshot(folder)
+    res = run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r", "--force")
+    assert res.exit_code == 0, res.output
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(aside) == 1 and snapshot(aside[0]) == before
+    assert f"now {aside[0]}" in res.stderr
+    assert {p.name for p in folder.iterdir()} == set(FILES) | {MARKER}
+
+
+def test_report_replaces_its_own_report(tmp_path):
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+    res = run("report", "--method", "vera", "--out-dir", tmp_path, "--name", "r")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "r" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["vera"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_a_forged_marker_listing_other_names_deletes_nothing_else(tmp_path):
+    """The marker lists what may be deleted; a folder holding anything more is not lorabench's."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    (folder / MARKER).write_text(json.dumps({"files": ["report.md"]}))
+    one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r"))
+    assert (folder / "keep.txt").read_text() == "mine"
+
+
+def test_a_symlink_or_file_under_the_name_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "r").symlink_to(tmp_path / "elsewhere")
+    assert "not a folder" in one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r"))
+    (tmp_path / "f").write_text("x")
+    assert "not a folder" in one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "f"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Crashes at any moment: one complete report under the name, stale temporaries cleaned.
+
+
+def test_swap_is_one_atomic_exchange_where_the_os_has_it(tmp_path, monkeypatch):
+    """With renameat2(RENAME_EXCHANGE) there is no moment without a report: the two-rename fallback
+    (which has one) is never used."""
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+    if not safeio._exchange(tmp_path / "r", tmp_path / "r"):
+        pytest.skip("no atomic exchange on this OS/filesystem: the fallback and clean_stale apply")
+    renames = []
+    real = os.rename
+    monkeypatch.setattr(safeio.os, "rename", lambda a, b: (renames.append((a, b)), real(a, b)))
+    assert run("report", "--method", "vera", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+    assert renames == []
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["rows"][0]["method"] == "vera"
+
+
+def test_kill_between_the_fallback_renames_is_repaired_by_the_next_run(tmp_path):
+    """The state a SIGKILL leaves between the two renames (no exchange): the old report aside, the new
+    one complete, nothing under the name. The next run puts a complete report back first."""
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+    pid = dead_pid()
+    os.rename(tmp_path / "r", tmp_path / f".r.old-{pid}-0123abcd")
+    assert not (tmp_path / "r").exists()
+    safeio.clean_stale(tmp_path, "r", FILES)
+    assert safeio.is_report_folder(tmp_path / "r")
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
+    pid = dead_pid()
+    unfinished = tmp_path / f".r.tmp-{pid}-0123abcd"  # killed while writing: some files, no marker
+    unfinished.mkdir()
+    (unfinished / "results.json").write_text("{")
+    finished_old = tmp_path / f".r.tmp-{pid}-4567abcd"  # killed after the exchange: the old report
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "x").exit_code == 0
+    os.rename(tmp_path / "x", finished_old)
+    alive = tmp_path / f".r.tmp-{os.getppid()}-89abcdef"  # a running writer's: left alone
+    alive.mkdir()
+    res = run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r", alive.name])
+
+
+def test_a_leftover_with_foreign_files_is_not_deleted(tmp_path):
+    odd = tmp_path / f".r.tmp-{dead_pid()}-0123abcd"
+    odd.mkdir()
+    (odd / "mine.txt").write_text("not lorabench's")
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+    assert (odd / "mine.txt").read_text() == "not lorabench's"
+
+
+def test_files_and_folders_get_the_users_umask(tmp_path, fake_bench):
+    old = os.umask(0o027)
+    try:
+        assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+        assert run("bench", "-m", "tiny-llama", "--method", "lora", "-o", tmp_path / "b.json").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "r" / "report.md").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
+
+
+# --------------------------------------------------------------------------------------------------
+# bench -o: checked before the run, written row by row, kept on SIGINT and SIGTERM.
+
+
+@pytest.fixture
+def fake_bench(monkeypatch):
+    """lorabench.bench with a run_bench that makes one row per method at once (the real one needs torch)."""
+    calls = []
+
+    def run_bench(spec, methods, ranks, targets, setup, *, on_row=None, **kw):
+        calls.append(spec.name)
+        rows = []
+        for m in methods:
+            row = {"model": spec.name, "method": m.name, "rank": ranks[0] if m.uses_rank else None,
+                   "status": "ok", "impl": setup.impl, "layers": spec.num_layers, "full_layers": spec.num_layers,
+                   "device_name": "cpu", "peak_bytes": 1000, "measured_peak_bytes": 1000,
+                   "peak_error_pct": 0.0, "within_tolerance": True}
+            rows.append(row)
+            if on_row:
+                on_row(row)
+        return rows
+
+    module = types.ModuleType("lorabench.bench")
+    module.run_bench = run_bench
+    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    return calls
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing-dir/out.json", "does not exist"),
+    ("out.txt", "must end in .json or .csv"),
+    ("", "is empty"),
+    ("folder.json", "is a folder"),
+])
+def test_bad_output_paths_are_refused_before_the_run(tmp_path, fake_bench, name, message):
+    (tmp_path / "folder.json").mkdir()
+    target = str(tmp_path / name) if name else ""
+    line = one_error_line(run("bench", "-m", "tiny-llama", "--method", "lora", "-o", target))
+    assert message in line and fake_bench == []
+
+
+def test_unwritable_output_folder_is_refused_before_the_run(tmp_path, fake_bench):
+    if os.geteuid() == 0:  # root writes through permissions: use a filesystem nobody can write
+        folder = Path("/sys")
+        if not folder.is_dir() or os.access(folder, os.W_OK) and _can_create(folder):
+            pytest.skip("no unwritable folder available to root here")
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+    line = one_error_line(run("bench", "-m", "tiny-llama", "--method", "lora", "-o", folder / "out.json"))
+    assert "cannot write in" in line and fake_bench == []
+    line = one_error_line(run("report", "--method", "lora", "--out-dir", folder / "reports"))
+    assert "cannot write in" in line
+
+
+def _can_create(folder: Path) -> bool:
+    try:
+        (folder / ".lorabench-probe").touch()
+    except OSError:
+        return False
+    (folder / ".lorabench-probe").unlink()
+    return True
+
+
+def test_output_that_lorabench_did_not_write_is_refused_then_moved_aside_with_force(tmp_path, fake_bench):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_TINY))
+    line = one_error_line(run("bench", "--config", config, "--method", "lora", "-o", config))
+    assert "was not written by lorabench" in line and json.loads(config.read_text()) == LLAMA_TINY
+    res = run("bench", "--config", config, "--method", "lora", "-o", config, "--force")
+    assert res.exit_code == 0, res.output
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("config.replaced-")]
+    assert len(aside) == 1 and json.loads(aside[0].read_text()) == LLAMA_TINY
+    assert json.loads(config.read_text())[0]["method"] == "lora"
+
+
+def test_output_lorabench_wrote_is_replaced(tmp_path, fake_bench):
+    out = tmp_path / "out.csv"
+    assert run("bench", "-m", "tiny-llama", "--method", "lora,vera", "-o", out).exit_code == 0
+    assert run("bench", "-m", "tiny-llama", "--method", "dora", "-o", out).exit_code == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and ",dora," in lines[1]
+
+
+def test_check_with_nothing_measured_exits_1(tmp_path, monkeypatch):
+    def run_bench(spec, methods, ranks, targets, setup, *, on_row=None, **kw):
+        row = {"model": spec.name, "method": "delta-lora", "rank": 8, "status": "skipped", "impl": "peft",
+               "layers": 4, "full_layers": 4, "device_name": "cpu", "error": "delta-lora has no PEFT implementation"}
+        on_row(row)
+        return [row]
+
+    module = types.ModuleType("lorabench.bench")
+    module.run_bench = run_bench
+    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    res = run("bench", "-m", "tiny-llama", "--method", "delta-lora", "--impl", "peft", "--check")
+    assert "nothing was measured" in one_error_line(res, code=1)
+    assert run("bench", "-m", "tiny-llama", "--method", "delta-lora", "--impl", "peft").exit_code == 0
+
+
+BENCH = [sys.executable, "-m", "lorabench", "bench", "-m", "tiny-llama", "--device", "cpu", "--method", "all",
+         "--seq-len", "32", "--steps", "30", "--warmup", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_bench_keeps_the_finished_rows(tmp_path, sig, code):
+    pytest.importorskip("torch")
+    out = tmp_path / "rows.json"
+    proc = subprocess.Popen(BENCH + ["-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not out.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    rows = json.loads(out.read_text())
+    assert proc.returncode == code, stderr
+    assert 1 <= len(rows) < 7 and all(r["status"] == "ok" for r in rows)
+    assert "Traceback" not in stderr and f"after {len(rows)} case(s); those are in {out}" in stderr
+    assert rows[0]["method"] in stdout  # the table of what finished is printed too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+
+
+def test_ctrl_c_during_start_up_is_one_line():
+    """KeyboardInterrupt while the CLI's modules are being imported (a deterministic stand-in for a
+    Ctrl-C that lands during start-up)."""
+    code = ("import sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'lorabench.cli':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "sys.argv = ['lorabench', 'params']\n"
+            "from lorabench.__main__ import main\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 130 and res.stderr == "lorabench: interrupted.\n" and res.stdout == ""
+
+
+def test_sigterm_in_any_command_is_143_without_traceback(tmp_path):
+    """SIGTERM raises Terminated inside every command (here: while the report is being written)."""
+    code = ("import os, signal\n"
+            "from lorabench import plots\n"
+            "from lorabench.cli import cli\n"
+            "plots.render_plots = lambda rows: os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"cli(['report', '--method', 'lora', '--out-dir', {str(tmp_path)!r}], prog_name='lorabench')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 143 and res.stderr == "lorabench: terminated (SIGTERM).\n"
+    assert list(tmp_path.iterdir()) == []  # the temporary folder went with it
+
+
+# --------------------------------------------------------------------------------------------------
+# Nonsense refused: CLI values.
+
+
+@pytest.mark.parametrize("args, message", [
+    (("memory", "--mfu", "nan", "--gpu", "H100-80GB"), "finite"),
+    (("report", "--mfu", "nan"), "finite"),
+    (("memory", "--alpha", "nan"), "finite"),
+    (("memory", "--alpha", "inf"), "finite"),
+    (("memory", "--alpha", "0"), "must be in (0"),
+    (("memory", "--dropout", "nan"), "finite"),
+    (("memory", "--dropout", "1"), "must be in [0, 1)"),
+    (("bench", "--alpha", "nan"), "finite"),
+    (("bench", "--tolerance", "nan"), "finite"),
+    (("memory", "--seq-len", "1" + "0" * 300), "must be from 1 to 16,777,216"),
+    (("memory", "--layers", "9" * 400), "must be from 1 to 10,000"),
+    (("params", "--d", "4" * 200), "must be from 1 to 1,048,576"),
+    (("params", "--rank", "8.5"), "is not an integer"),
+    (("params", "--rank", "1e3"), "is not an integer"),
+    (("memory", "--batch-size", "-1"), "must be from 1"),
+    (("memory", "--model", ""), "is empty"),
+    (("memory", "--config", ""), "is empty"),
+    (("memory", "--gpu", ""), "is empty"),
+    (("memory", "--targets", ""), "is empty"),
+    (("params", "--method", ""), "no method given"),
+    (("report", "--name", ""), "is empty"),
+    (("report", "--out-dir", ""), "is empty"),
+    (("report", "--model", " "), "is empty"),
+    (("params", "--d", "4096", "--targets", "q,v"), "does not apply to a --d matrix"),
+])
+def test_bad_cli_values_are_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(run(*args))
+    assert message in line and len(line) < 200, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_targets_that_apply_to_nothing_get_a_note():
+    res = run("params", "--method", "full", "--targets", "q,v", "-f", "json")
+    assert res.exit_code == 0 and json.loads(res.stdout)[0]["method"] == "full"
+    assert res.stderr == ("lorabench: note: --targets does not apply to full fine-tuning, which trains every "
+                          "weight; it is ignored.\n")
+    assert run("params", "--method", "full,lora", "--targets", "q,v").stderr == ""
+
+
+def test_json_never_holds_nan():
+    """Every float on stdout is finite JSON (json.dumps would otherwise write NaN for inf/NaN)."""
+    from lorabench.render import render
+
+    text = render([{"a": float("nan"), "b": [float("inf")], "c": 1.5}], "json", ())
+    assert json.loads(text, parse_constant=lambda t: pytest.fail(t)) == [{"a": None, "b": [None], "c": 1.5}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models in reports: never mixed.
+
+
+def test_two_configs_in_folders_of_the_same_name_stay_two_rows(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = model_folder(tmp_path / "a"), model_folder(tmp_path / "b")
+    bigger = dict(LLAMA_TINY, num_hidden_layers=4)
+    (b / "config.json").write_text(json.dumps(bigger))
+    res = run("report", "--config", a, "--config", b, "--method", "lora", "--out-dir", tmp_path / "out",
+              "--name", "two")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "out" / "two" / "results.json").read_text())["rows"]
+    assert len(rows) == 2 and len({r["model"] for r in rows}) == 2
+    assert rows[0]["total_params"] < rows[1]["total_params"]
+
+
+def test_a_config_named_like_a_preset_does_not_mix_with_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_folder(tmp_path, "llama-3-8b")  # a tiny model in a folder named like the preset
+    res = run("report", "-m", "llama-3-8b", "--config", "llama-3-8b", "--method", "lora", "--out-dir", "out",
+              "--name", "mixed")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "out" / "mixed" / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["llama-3-8b", "llama-3-8b (config llama-3-8b)"]
+    assert rows[0]["base_params"] == 8_030_261_248 and rows[1]["base_params"] < 10 ** 6
+
+
+def test_the_same_model_twice_is_one_row(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_folder(tmp_path)
+    res = run("report", "-m", "gpt2", "-m", "GPT2", "--config", "my-model", "--config", "./my-model/config.json",
+              "--method", "lora", "--out-dir", "out", "--name", "dups")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "out" / "dups" / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["gpt2", "my-model"]
