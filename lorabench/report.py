@@ -317,6 +317,12 @@ def _sections(report: Dict) -> List[Dict]:
         "bullets": [f"note: {n}" for n in notes],
     })
     benched = [r for r in rows if r.get("bench_status") is not None]
+    stopped = st.get("interrupted")
+    if stopped:
+        waiting = len([r for r in rows if r.get("bench_status") is None]) - len(
+            [r for r in rows if r["model"] in st.get("not_benched", [])])
+        cut = (f"The bench was interrupted ({stopped}) after {len(benched)} measured case(s); "
+               f"{waiting} case(s) after it are estimates only.")
     if benched:
         failed = [f"{r['model']} {plots.label(r)}: {r['bench_status']}"
                   f"{': ' + str(r['bench_error']) if r.get('bench_error') else ''}"
@@ -326,17 +332,18 @@ def _sections(report: Dict) -> List[Dict]:
         skipped = [f"{m}: one matrix, not a model; not benched." for m in st.get("not_benched", [])]
         sections.append({
             "title": "Measured vs estimated",
-            "paragraphs": [f"Measured on {', '.join(devices)} ({', '.join(impls)} implementation). Estimates "
-                           "here are for the model as measured (cut to the bench's layers) on that device. "
-                           "error % = 100 x (estimate - measured) / measured. Components: estimate / "
-                           "measured, GiB."],
+            "paragraphs": ([cut] if stopped else []) + [
+                f"Measured on {', '.join(devices)} ({', '.join(impls)} implementation). Estimates "
+                "here are for the model as measured (cut to the bench's layers) on that device. "
+                "error % = 100 x (estimate - measured) / measured. Components: estimate / measured, GiB."],
             "tables": [(benched, _with_model(BENCH_COLUMNS, benched)),
                        (benched, _with_model(BENCH_COMPONENT_COLUMNS, benched))],
             "bullets": failed + skipped,
         })
     else:
         sections.append({"title": "Measured vs estimated",
-                         "paragraphs": ["Not measured: run with --bench to add measurements on this machine's GPU."]})
+                         "paragraphs": [cut if stopped else
+                                        "Not measured: run with --bench to add measurements on this machine's GPU."]})
     seed = report["seed_comparison"]
     seed_rank = next(r["rank"] for r in seed if r["rank"] is not None)
     sections.append({

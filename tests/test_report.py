@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import lorabench
-from lorabench import envinfo, plots, report
+from lorabench import envinfo, plots, report, safeio
 from lorabench.safeio import MARKER
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
@@ -254,6 +254,30 @@ def test_bench_rows_and_plots(tmp_path, fake_bench):
     assert page.count("data:image/png;base64,") == 5 and "http://" not in page and "https://" not in page
     rows = list(csv.DictReader((tmp_path / "b" / "results.csv").open()))
     assert len(rows) == 2 * 2 and "measured_peak_bytes" in rows[0]
+
+
+@pytest.mark.parametrize("signal_exc, name, code", [(KeyboardInterrupt, "SIGINT", 130),
+                                                     (safeio.Terminated, "SIGTERM", 143)])
+def test_interrupted_bench_writes_the_report_with_what_finished(tmp_path, monkeypatch, signal_exc, name, code):
+    measure_first = fake_run_bench([])
+
+    def run_bench(spec, methods, ranks, targets, setup, **kw):
+        measure_first(spec, methods[:1], ranks, targets, setup, **kw)
+        raise signal_exc
+
+    module = types.ModuleType("lorabench.bench")
+    module.run_bench = run_bench
+    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    res = run("report", "-m", "llama-3-8b", "--method", "lora,vera", "--bench", "--out-dir", str(tmp_path),
+              "--name", "cut")
+    assert res.exit_code == code, res.output
+    assert f"interrupted ({name}) after 1 measured case(s)" in res.stderr
+    data = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert data["settings"]["interrupted"] == name
+    assert [(r["method"], r.get("bench_status")) for r in data["rows"]] == [("lora", "ok"), ("vera", None)]
+    md = (tmp_path / "cut" / "report.md").read_text()
+    assert (f"The bench was interrupted ({name}) after 1 measured case(s); 1 case(s) after it are estimates "
+            "only.") in md
 
 
 def test_bench_unavailable_is_one_line(tmp_path, monkeypatch):
