@@ -39,6 +39,7 @@ MARKER = ".lorabench-report.json"
 ROW_EXTENSIONS = (".json", ".csv")
 # The columns every bench row has: what makes a rows file recognisably lorabench's.
 ROW_KEYS = ("model", "method", "rank", "status", "impl")
+MAX_ROWS_FILE_BYTES = 64 << 20  # a sweep's rows are a few KB each
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
@@ -63,6 +64,33 @@ def sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM that arrive within the block take effect when it ends.
+
+    Python-level handlers, not a signal mask: a mask is per thread, and torch's worker threads would take
+    the signal instead. Outside the main thread this is a no-op.
+    """
+    got: List[int] = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if got:
+            handler = previous[got[0]]
+            if callable(handler):
+                handler(got[0], None)  # KeyboardInterrupt, Terminated
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), got[0])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -129,17 +157,19 @@ def check_output_file(path: str, *, option: str = "--output", extensions: Sequen
 
 def is_rows_file(path: Path) -> bool:
     """An empty file, or rows lorabench wrote: a JSON list of bench rows, or a CSV with their header."""
+    csv = path.suffix.lower() == ".csv"
     try:
         with open(path, "rb") as fh:
-            head = fh.read(1 << 20)
+            head = fh.readline(1 << 16) if csv else fh.read(MAX_ROWS_FILE_BYTES + 1)
     except OSError:
         return False
     if not head.strip():
         return True
     text = head.decode("utf-8", "replace")
-    if path.suffix.lower() == ".csv":
-        header = text.splitlines()[0].split(",")
-        return set(ROW_KEYS) <= set(header)
+    if csv:
+        return set(ROW_KEYS) <= {c.strip() for c in text.split(",")}
+    if len(head) > MAX_ROWS_FILE_BYTES:
+        return False
     try:
         rows = json.loads(text)
     except ValueError:
@@ -213,7 +243,8 @@ class RowFile:
         if not self.rows and self.path.exists() and not is_rows_file(self.path):
             self.moved = move_aside(self.path)
         self.rows.append(row)
-        atomic_write(self.path, self.render(self.rows, self.fmt) + "\n")
+        with signals_deferred():  # a Ctrl-C now would cost this row its place in the file
+            atomic_write(self.path, self.render(self.rows, self.fmt) + "\n")
 
 
 def move_aside(path: Path) -> Path:

@@ -425,3 +425,22 @@ def test_the_same_model_twice_is_one_row(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "out" / "dups" / "results.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["gpt2", "my-model"]
+
+
+def test_a_signal_during_a_row_write_waits_for_the_write(tmp_path):
+    """SIGTERM (or Ctrl-C) that lands while a row is being written is delivered after the file is whole."""
+    sink = safeio.RowFile(tmp_path / "rows.json", lambda rows, fmt: json.dumps(rows))
+    real = safeio.atomic_write
+
+    def write_then_signal(path, text):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-write
+        real(path, text)
+
+    with safeio.sigterm_raises():
+        safeio.atomic_write, saved = write_then_signal, safeio.atomic_write
+        try:
+            with pytest.raises(safeio.Terminated):
+                sink.add({"method": "lora"})
+        finally:
+            safeio.atomic_write = saved
+    assert json.loads((tmp_path / "rows.json").read_text()) == [{"method": "lora"}]
