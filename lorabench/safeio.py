@@ -50,20 +50,30 @@ class Terminated(BaseException):
 
 
 @contextmanager
-def sigterm_raises():
-    """Within the block SIGTERM raises Terminated (main thread only; elsewhere the default stays)."""
-    def handler(signum, frame):
-        raise Terminated()
-
+def _handling(handlers: Dict[int, Callable]):
+    """Install signal handlers for the block, then put the previous ones back; yields those (None outside
+    the main thread, where Python cannot set handlers and nothing is changed)."""
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        for signum, handler in handlers.items():
+            previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread
-        yield
+        yield None
         return
     try:
-        yield
+        yield previous
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def sigterm_raises():
+    """Within the block SIGTERM raises Terminated (main thread only; elsewhere the default stays)."""
+    return _handling({signal.SIGTERM: _raise_terminated})
 
 
 @contextmanager
@@ -74,23 +84,18 @@ def signals_deferred():
     the signal instead. Outside the main thread this is a no-op.
     """
     got: List[int] = []
-    try:
-        previous = {s: signal.signal(s, lambda signum, frame: got.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
+
+    def record(signum, frame):
+        got.append(signum)
+
+    with _handling({signal.SIGINT: record, signal.SIGTERM: record}) as previous:
         yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if got:
-            handler = previous[got[0]]
-            if callable(handler):
-                handler(got[0], None)  # KeyboardInterrupt, Terminated
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), got[0])
+    if got and previous:
+        handler = previous[got[0]]
+        if callable(handler):
+            handler(got[0], None)  # KeyboardInterrupt, Terminated
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), got[0])
 
 
 def _pid_alive(pid: int) -> bool:
