@@ -1,6 +1,21 @@
-"""Shared by tests/ and benchmarks/: `cuda`-marked tests are skipped where no CUDA GPU is available."""
+"""Shared by tests/ and benchmarks/: `cuda`-marked tests are skipped where no CUDA GPU is available, and
+the hypothesis profiles of tests/test_properties.py are chosen here (LORABENCH_HYPOTHESIS=ci|thorough)."""
+
+import os
 
 import pytest
+
+try:
+    from hypothesis import settings
+except ImportError:  # a test extra: without it tests/test_properties.py skips itself
+    settings = None
+
+if settings is not None:
+    # ci: a few hundred examples per fast property, no example database, so runs do not depend on the last.
+    settings.register_profile("ci", max_examples=300, deadline=None, database=None, print_blob=True)
+    # thorough: a few thousand; the database in .hypothesis/ replays past failures first.
+    settings.register_profile("thorough", max_examples=3000, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("LORABENCH_HYPOTHESIS", "ci"))
 
 
 def _has_cuda() -> bool:

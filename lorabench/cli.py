@@ -6,6 +6,7 @@ The estimation commands (params, memory, models, gpus) never import torch.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
@@ -28,6 +29,17 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_INTERNAL = 70
 
 
+_LONG_WORD = re.compile(r"\S{121,}")
+
+
+def one_line(text: str) -> str:
+    """A message fit for one terminal line: control characters escaped (a newline or an escape sequence
+    in a user's value cannot break the line or clear the screen), words over 120 characters shortened in
+    the middle (a 400-character --model, a 300-digit number), keeping a path's start and its file name."""
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+    return _LONG_WORD.sub(lambda m: f"{m[0][:50]}...{m[0][-50:]} ({len(m[0]):,} characters)", text)
+
+
 class Cli(click.Group):
     """A group whose user errors are one line on stderr and exit code 2, never a traceback; SIGINT and
     SIGTERM end any command with 130 and 143."""
@@ -47,22 +59,22 @@ class Cli(click.Group):
             click.echo("lorabench: terminated (SIGTERM).", err=True)
             code = exc.exit_code
         except click.ClickException as exc:
-            click.echo(f"lorabench: error: {exc.format_message()}", err=True)
+            click.echo(f"lorabench: error: {one_line(exc.format_message())}", err=True)
             code = 2 if isinstance(exc, click.UsageError) else exc.exit_code
         except LorabenchError as exc:
-            click.echo(f"lorabench: error: {exc}", err=True)
+            click.echo(f"lorabench: error: {one_line(exc)}", err=True)
             code = 2
         except BrokenPipeError:
             code = 0
         except OSError as exc:  # stdout on a full disk and the like: not a bug, not bad input
-            click.echo(f"lorabench: error: {exc.strerror or exc}"
-                       + (f": {exc.filename}" if getattr(exc, "filename", None) else "") + ".", err=True)
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            click.echo(one_line(f"lorabench: error: {exc.strerror or exc}{where}."), err=True)
             code = 1
         except Exception as exc:  # a bug: one line, the traceback on request
             if os.environ.get("LORABENCH_DEBUG"):
                 traceback.print_exc()
-            click.echo(f"lorabench: internal error: {type(exc).__name__}: {str(exc)[:200]} (please report it; "
-                       "LORABENCH_DEBUG=1 shows the traceback).", err=True)
+            click.echo(one_line(f"lorabench: internal error: {type(exc).__name__}: {str(exc)[:200]} (please report "
+                                "it; LORABENCH_DEBUG=1 shows the traceback)."), err=True)
             code = EXIT_INTERNAL
         if standalone_mode:
             sys.exit(code)
@@ -72,7 +84,7 @@ class Cli(click.Group):
 def note(text: str) -> None:
     """A note on stderr: seen in every format, never inside the JSON or CSV on stdout."""
     if text:
-        click.echo(f"lorabench: note: {text}", err=True)
+        click.echo(f"lorabench: note: {one_line(text)}", err=True)
 
 
 @click.group(cls=Cli, context_settings=CONTEXT)
@@ -271,7 +283,8 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
     try:
         path, moved = write_report(data, out_dir, name, force)
     except OSError as exc:  # a read-only or full disk: one line, not a traceback
-        raise LorabenchError(f"cannot write the report: {exc.strerror or exc}.") from None
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise LorabenchError(f"cannot write the report: {exc.strerror or exc}{where}.") from None
     if moved is not None:
         note(f"the folder that was at {path} is now {moved}.")
     click.echo(f"wrote {path}{os.sep} ({', '.join(sorted(FILES))})")

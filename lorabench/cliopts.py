@@ -107,6 +107,8 @@ class Text(click.ParamType):
     def convert(self, value, param, ctx):
         if not str(value).strip():
             self.fail("is empty.", param, ctx)
+        if "\0" in str(value):
+            self.fail("contains a NUL character.", param, ctx)
         return value
 
     def get_metavar(self, param, ctx=None):

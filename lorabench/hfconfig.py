@@ -145,7 +145,8 @@ def _check(key: Key, value, where: str):
                                  f"got {_shown(value)}.")
         return value
     if isinstance(value, bool) or not isinstance(value, int):
-        kind = "a fraction" if isinstance(value, float) else f"not an integer"
+        kind = ("not an integer" if not isinstance(value, float) else "a fraction" if not value.is_integer()
+                else f"a float; write {int(value)}" if abs(value) < 1e15 else "a float")
         raise LorabenchError(f"{where}: '{key.name}' must be a positive integer, got {_shown(value)} ({kind}).")
     if not 1 <= value <= key.hi:
         raise LorabenchError(f"{where}: '{key.name}' must be an integer from 1 to {key.hi:,}, got {_shown(value)}.")

@@ -461,12 +461,16 @@ def write_report(report: Dict, out_dir: os.PathLike | str, name: str, force: boo
         LorabenchError: a bad name, a target that is not lorabench's (without force), or an unwritable place.
     """
     target = safeio.check_report_target(str(out_dir), check_name(name), FILES, force)
-    tmp = safeio.new_report_folder(target.parent, name)
+    made = safeio.missing_folders(target.parent)
+    tmp = None
     try:
+        tmp = safeio.new_report_folder(target.parent, name)
         write_files(report, tmp)
         safeio.write_marker(tmp, FILES)
         moved = safeio.publish_report(tmp, target, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
+        safeio.remove_empty_folders(made)  # and the --out-dir folders this run made
         raise
     return target, moved

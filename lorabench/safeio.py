@@ -311,6 +311,13 @@ def _remove_report_folder(folder: Path) -> bool:
     return True
 
 
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -334,6 +341,11 @@ def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bo
     if not base.is_dir():
         raise LorabenchError(f"--out-dir: '{base}' is not a folder.")
     _probe_writable(base, "--out-dir")
+    longest = _name_max(base)
+    for part in out.absolute().relative_to(base).parts + (name, _tmp_name(name, "tmp")):
+        if len(os.fsencode(part)) > longest:
+            raise LorabenchError(f"--out-dir/--name: '{part}' is longer than the {longest} bytes a file name "
+                                 "can have here.")
     target = out / name
     if out.is_dir():
         clean_stale(out, name, files)
@@ -372,6 +384,25 @@ def clean_stale(out: Path, name: str, files: Sequence[str]) -> None:
                 for p in entry.iterdir():
                     p.unlink()
                 entry.rmdir()
+
+
+def missing_folders(out: Path) -> List[Path]:
+    """The folders of out that do not exist yet, outermost first (what mkdir(parents=True) would make)."""
+    missing = []
+    path = out.absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Undo missing_folders' mkdir: remove those folders, innermost first, where they are still empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def new_report_folder(out: Path, name: str) -> Path:

@@ -30,7 +30,7 @@ def refusal(tmp_path, text, name="config.json"):
     ("hidden_size", -4096, "'hidden_size' must be an integer from 1 to 1,048,576, got -4096"),
     ("hidden_size", 0, "'hidden_size' must be an integer from 1"),
     ("hidden_size", 4096.5, "'hidden_size' must be a positive integer, got 4096.5 (a fraction)"),
-    ("hidden_size", 4096.0, "(a fraction)"),  # a size is written as an integer in every real config
+    ("hidden_size", 4096.0, "got 4096.0 (a float; write 4096)"),  # sizes are integers in every real config
     ("hidden_size", "4096", "'hidden_size' must be a positive integer, got '4096' (not an integer)"),
     ("hidden_size", True, "'hidden_size' must be a positive integer, got true"),
     ("hidden_size", [4096], "'hidden_size' must be a positive integer"),

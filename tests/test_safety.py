@@ -444,3 +444,40 @@ def test_a_signal_during_a_row_write_waits_for_the_write(tmp_path):
         finally:
             safeio.atomic_write = saved
     assert json.loads((tmp_path / "rows.json").read_text()) == [{"method": "lora"}]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("params", "--model", "x" * 400),
+     "lorabench: error: unknown model '" + "x" * 49 + "..." + "x" * 48 + "'. (403 characters) Run 'lorabench "
+     "models' for the list."),
+    (("params", "--config", "0\n"), "lorabench: error: no config.json at '0\\n'."),
+    (("params", "--model", "\x1b[2J"), "lorabench: error: unknown model '\\x1b[2J'. Run 'lorabench models' for "
+                                       "the list."),
+])
+def test_error_lines_stay_one_short_line(args, expected):
+    """A user's value is escaped (a newline or an escape sequence cannot break the line or clear the
+    screen) and shortened in the middle when it is long."""
+    assert one_error_line(run(*args)) == expected
+
+
+def test_a_name_too_long_for_the_filesystem_is_refused_and_nothing_is_made(tmp_path):
+    out = tmp_path / "new" / ("x" * 300)
+    line = one_error_line(run("report", "--method", "lora", "--out-dir", out))
+    assert "longer than the 255 bytes a file name can have here" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_dir_folders_made_by_a_failed_write_are_removed(tmp_path, monkeypatch):
+    from lorabench import plots
+
+    def full_disk(rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "render_plots", full_disk)
+    line = one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path / "a" / "b"))
+    assert line == "lorabench: error: cannot write the report: No space left on device."
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nul_in_a_value_is_bad_input():
+    assert "contains a NUL character" in one_error_line(run("params", "--config", "a\0b"))
