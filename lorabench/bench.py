@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from lorabench import __version__, safeio
 from lorabench.compute import estimate_flops
 from lorabench.errors import LorabenchError
 from lorabench.estimate import memory_rows
@@ -337,6 +339,28 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     return row
 
 
+def _preload(impl: str) -> None:
+    """Import now what the cases import later. A Ctrl-C that lands inside an import (torch's, transformers'
+    lazy model modules) can leave a module half-initialised: the next use then fails oddly or aborts the
+    process. Run under signals_deferred, the signal takes effect once the imports are whole."""
+    import torch.utils.benchmark  # noqa: F401  (the matmul ceiling)
+    import tqdm.auto  # noqa: F401
+
+    import lorabench.nn.adapters  # noqa: F401
+    import lorabench.nn.model  # noqa: F401
+    import lorabench.nn.train  # noqa: F401
+    if impl == "peft":
+        try:
+            import peft
+            import peft.optimizers  # noqa: F401
+            import transformers
+        except ImportError:
+            return  # build_peft says so, per case
+        for name in ("LlamaConfig", "LlamaForCausalLM", "Qwen2Config", "Qwen2ForCausalLM"):
+            getattr(transformers, name)  # transformers imports a model's module on first access
+        peft.get_peft_model, peft.LoraConfig, peft.VeraConfig  # noqa: B018
+
+
 def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], targets,
               setup: TrainingSetup, *, layers: Optional[int] = None, steps: int = 5, warmup: int = 2,
               impl: str = "lorabench", tolerance_pct: float = 5.0, progress: bool = True,
@@ -360,6 +384,8 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
                              "needs bitsandbytes kernels lorabench does not build yet.")
     if spec.single_matrix:
         raise LorabenchError("bench builds a model; a bare --d matrix has no forward pass to run.")
+    with safeio.signals_deferred():
+        _preload(impl)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LorabenchError("--device cuda: no CUDA device is available here; use --device cpu.")
@@ -367,7 +393,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
         raise LorabenchError(f"unsupported device '{dev.type}'; use cuda or cpu.")
     setup = replace(setup, device=dev.type)
     setup.validate()
-    info = device_info(dev)
+    info = {"lorabench_version": __version__, **device_info(dev)}  # every row says what wrote it
     if gpu is None and dev.type == "cuda":
         gpu = catalog_gpu(info["device_name"])
     info["gpu"] = gpu.name if gpu else None
@@ -380,9 +406,13 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
                disable=None if progress else True)  # None: only on a terminal
     for method, rank in bar:
         bar.set_postfix_str(f"{method.name}" + (f" r={rank}" if rank else ""))
-        row = bench_case(spec, method, rank, targets, setup, device=dev, layers=layers, steps=steps,
-                         warmup=warmup, impl=impl, tolerance_pct=tolerance_pct, gpu=gpu,
-                         matmul_flops=matmul, info=info)
+        with warnings.catch_warnings():
+            # transformers' deprecation notices about its own API (gradient checkpointing's names) are
+            # for people changing transformers, not for someone reading a benchmark
+            warnings.simplefilter("ignore", FutureWarning)
+            row = bench_case(spec, method, rank, targets, setup, device=dev, layers=layers, steps=steps,
+                             warmup=warmup, impl=impl, tolerance_pct=tolerance_pct, gpu=gpu,
+                             matmul_flops=matmul, info=info)
         rows.append(row)
         if on_row:
             on_row(row)

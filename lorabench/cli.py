@@ -17,7 +17,7 @@ from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, 
                                method_options, model_options, setup_options, targets_note)
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
-from lorabench.hfconfig import MAX_WIDTH, load_config
+from lorabench.hfconfig import MAX_WIDTH, load_config, printable_path
 from lorabench.memory import QUANTIZED
 from lorabench.render import GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, gib, render
 from lorabench.specs import PRESETS, from_dimension, from_name
@@ -30,6 +30,8 @@ EXIT_INTERNAL = 70
 
 
 _LONG_WORD = re.compile(r"\S{121,}")
+# click >= 8.2 raises this for a group run without a command; older clicks print the help themselves
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def one_line(text: str) -> str:
@@ -45,6 +47,12 @@ class Cli(click.Group):
     SIGTERM end any command with 130 and 143."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if sys.stdout is None:  # `lorabench ... >&-`: Python sets it to None and click would print nothing
+            click.echo("lorabench: error: standard output is closed; there is nowhere to write the answer.",
+                       err=True)
+            if standalone_mode:
+                sys.exit(1)
+            return 1
         try:
             with safeio.sigterm_raises():
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -58,6 +66,9 @@ class Cli(click.Group):
         except safeio.Terminated as exc:
             click.echo("lorabench: terminated (SIGTERM).", err=True)
             code = exc.exit_code
+        except _NO_ARGS as exc:  # plain `lorabench` (or `lorabench COMMAND` of a group): its help
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else self.get_help(click.Context(self)))
+            code = 0
         except click.ClickException as exc:
             click.echo(f"lorabench: error: {one_line(exc.format_message())}", err=True)
             code = 2 if isinstance(exc, click.UsageError) else exc.exit_code
@@ -117,8 +128,8 @@ def params(spec, methods, methods_from_all, ranks, targets, fmt):
     """
     from lorabench.estimate import param_rows
 
-    note(targets_note(methods, targets))
     rows = param_rows(spec, methods, ranks, targets)
+    note(targets_note(methods, targets))  # after the rows: an error above it stays the only line
     click.echo(render(rows, fmt, PARAM_COLUMNS, title=f"{spec.name}: parameters"))
 
 
@@ -150,8 +161,8 @@ def memory(spec, methods, methods_from_all, ranks, targets, setup, gpu, mfu, fmt
     if setup.dtype in QUANTIZED and methods_from_all:
         # 'all' on a quantized base means every method that can run on one.
         methods = tuple(m for m in methods if m.allows_quantized_base)
-    note(targets_note(methods, targets))
     rows = memory_rows(spec, methods, ranks, targets, setup, chosen, mfu)
+    note(targets_note(methods, targets))
     title = (f"{spec.name}: batch {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype} base, "
              f"{setup.optimizer}{', grad checkpointing' if setup.grad_checkpointing else ''}; GiB")
     columns = tuple(MEMORY_COLUMNS) + (tuple(GPU_COLUMNS) if chosen else ())
@@ -211,8 +222,9 @@ def _report_specs(models, configs, dims):
     entries = [(("preset", spec.name), spec.name, spec) for spec in map(from_name, models)]
     for path in configs:
         spec = load_config(path)
-        folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-        entries.append((("config", folder), f"{spec.name} (config {os.path.relpath(folder)})", spec))
+        file = os.path.realpath(os.path.join(path, "config.json") if os.path.isdir(path) else path)
+        shown = os.path.relpath(os.path.dirname(file) if file.endswith(os.sep + "config.json") else file)
+        entries.append((("config", file), f"{spec.name} (config {printable_path(shown)})", spec))
     entries += [(("d", d), spec.name, spec) for d, spec in ((d, from_dimension(d)) for d in dims)]
     return distinct_specs(entries or [(("preset", DEFAULT_MODEL), DEFAULT_MODEL, from_name(DEFAULT_MODEL))])
 
@@ -261,7 +273,7 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
         lorabench report -m tiny-llama --bench --steps 3 --name tiny-bench
     """
     from lorabench.envinfo import command_line
-    from lorabench.report import FILES, build_report, check_name, default_name, write_report
+    from lorabench.report import FILES, build_report, check_name, default_name, report_markdown, write_report
 
     ctx = click.get_current_context()
     if not bench:
@@ -270,24 +282,36 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply with --bench.")
     specs = _report_specs(models, configs, dims)
+    shallow = [s.name for s in specs if layers and not s.single_matrix and s.num_layers <= layers]
     name = check_name(name) if name is not None else default_name(specs)
     chosen = get_gpu(gpu)
     if setup.dtype in QUANTIZED and methods_from_all:
         methods = tuple(m for m in methods if m.allows_quantized_base)
-    note(targets_note(methods, targets))
-    if targets is not None and any(s.single_matrix for s in specs):
-        note("--targets does not apply to the --d matrices (each is its own one target).")
-    safeio.check_report_target(out_dir, name, FILES, force)  # before any work: refuse now, not after the bench
+    # before any work: refuse now, not after an hour of benchmarks
+    safeio.check_report_target(out_dir, name, FILES, force, measured=bench)
     data = build_report(specs, methods, ranks, targets, setup, chosen, mfu, command=command_line(),
                         bench={"layers": layers, "steps": steps, "warmup": warmup} if bench else None)
-    try:
-        path, moved = write_report(data, out_dir, name, force)
-    except OSError as exc:  # a read-only or full disk: one line, not a traceback
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        raise LorabenchError(f"cannot write the report: {exc.strerror or exc}{where}.") from None
-    if moved is not None:
-        note(f"the folder that was at {path} is now {moved}.")
-    click.echo(f"wrote {path}{os.sep} ({', '.join(sorted(FILES))})")
+    with safeio.signals_deferred():  # a Ctrl-C now would throw away what the bench measured
+        try:
+            path, moved = write_report(data, out_dir, name, force)
+        except (OSError, LorabenchError) as exc:  # a full disk, or the folder changed: print, don't lose
+            click.echo(report_markdown(data))
+            why = exc if isinstance(exc, LorabenchError) else exc.strerror or exc
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            click.echo(one_line(f"lorabench: error: cannot write the report: {why}{where}; its tables are on "
+                                "stdout above."), err=True)
+            path = None
+        else:
+            if moved is not None:
+                note(f"the folder that was at {path} is now {moved}.")
+            click.echo(f"wrote {path}{os.sep} ({', '.join(sorted(FILES))})")
+    if path is None:
+        ctx.exit(1)
+    note(targets_note(methods, targets))
+    if shallow:
+        note(f"--layers {layers} is not fewer than the layers of {', '.join(shallow)}: measured whole.")
+    if targets is not None and any(s.single_matrix for s in specs):
+        note("--targets does not apply to the --d matrices (each is its own one target).")
     stopped = data["settings"]["interrupted"]
     if stopped:
         measured = sum(1 for r in data["rows"] if r.get("bench_status") is not None)
@@ -363,8 +387,8 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
         target = safeio.check_output_file(output, force=force)
         sink = safeio.RowFile(target, lambda rows, f: render(rows, f, BENCH_COLUMNS))
     chosen = get_gpu(gpu) if gpu is not None else None
-    note(targets_note(methods, targets))
-    from lorabench.bench import run_bench
+    with safeio.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
+        from lorabench.bench import run_bench
 
     rows: list = []
     write_error = None
@@ -390,7 +414,11 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
         stopped = ("SIGINT", 130)
     except safeio.Terminated as exc:
         stopped = ("SIGTERM", exc.exit_code)
+    finally:
+        if sink is not None:
+            sink.close()
     click.echo(_bench_text(rows, spec, setup, fmt))
+    note(targets_note(methods, targets))
     if stopped:
         saved = f"; those are in {output}" if sink is not None and sink.rows and write_error is None else ""
         click.echo(f"lorabench: interrupted ({stopped[0]}) after {len(rows)} case(s){saved}.", err=True)

@@ -29,6 +29,8 @@ MAX_ALPHA = 1e6
 DEFAULT_MODEL = "llama-3-8b"
 
 _INT_RE = re.compile(r"[+-]?[0-9]+")
+# decimal notation, and the words float() knows for the non-finite values (refused below, by name)
+_FLOAT_RE = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
 
 
 def shown(text: str, limit: int = 24) -> str:
@@ -79,10 +81,9 @@ class BoundedFloat(click.ParamType):
         text = str(value).strip()
         if not text:
             self.fail("is empty.", param, ctx)
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
+        if not _FLOAT_RE.fullmatch(text):  # float() would also take '٣' and '1_6'
             self.fail(f"{shown(text)} is not a number.", param, ctx)
+        number = float(text)
         if not math.isfinite(number):
             self.fail(f"must be a finite number, got {shown(text)}.", param, ctx)
         low_ok = number > self.lo if self.lo_open else number >= self.lo
@@ -144,6 +145,9 @@ def model_options(fn):
                 return fn(spec=spec, layers=None, **kw)
         else:
             spec = load_config(config_path) if config_path is not None else from_name(model or DEFAULT_MODEL)
+            if layers is not None and layers > spec.num_layers:
+                raise click.BadParameter(f"{spec.name} has {spec.num_layers} layers; --layers cuts a model to fewer, "
+                                         f"got {layers}.", param_hint="--layers")
             if keep_depth:  # bench measures N layers and projects to the full depth itself
                 return fn(spec=spec, layers=layers, **kw)
             if layers:
@@ -165,6 +169,7 @@ def method_options(fn):
     @functools.wraps(fn)
     def wrapper(methods, **kw):
         from_all = any(part.strip().lower() == "all" for m in methods for part in m.split(","))
+        kw["ranks"] = tuple(dict.fromkeys(kw["ranks"]))  # -r 8 -r 8 is one sweep point, not two rows
         return fn(methods=resolve_methods(methods), methods_from_all=from_all, **kw)
     return wrapper
 

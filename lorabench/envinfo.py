@@ -139,7 +139,19 @@ def command_line(argv: Optional[List[str]] = None) -> str:
     argv = list(sys.argv if argv is None else argv)
     prog = os.path.basename(argv[0]) if argv else "lorabench"
     head = ["python", "-m", "lorabench"] if prog == "__main__.py" else [prog]
-    return shlex.join(head + argv[1:])
+    return " ".join(_shell_word(a) for a in head + argv[1:])
+
+
+def _shell_word(arg: str) -> str:
+    """arg quoted for a POSIX shell; an argument that is not UTF-8 (a folder named b'bad\\xff') becomes
+    bash's $'...' with \\x escapes, so that the line is still valid text and still runs."""
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(arg)
+        return "$'" + "".join(chr(b) if 32 <= b < 127 and chr(b) not in "'\\" else f"\\x{b:02x}"
+                              for b in raw) + "'"
+    return shlex.quote(arg)
 
 
 def capture_environment(date: Optional[str] = None) -> Dict:

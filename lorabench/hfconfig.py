@@ -264,26 +264,27 @@ def read_config_text(path: str) -> Tuple[str, str]:
     try:
         st = os.stat(file)
     except FileNotFoundError:
-        raise LorabenchError(f"no config.json at '{path}'.") from None
+        raise LorabenchError(f"no config.json at '{printable_path(path)}'.") from None
     except OSError as exc:
-        raise LorabenchError(f"cannot read '{file}': {exc.strerror}.") from None
+        raise LorabenchError(f"cannot read '{printable_path(file)}': {exc.strerror}.") from None
     # FIFOs are allowed (--config <(...)); devices (/dev/zero) and sockets are not.
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
-        raise LorabenchError(f"'{file}' is not a regular file.")
+        raise LorabenchError(f"'{printable_path(file)}' is not a regular file.")
     if st.st_size > MAX_CONFIG_BYTES:
-        raise LorabenchError(f"'{file}' is {st.st_size:,} bytes; a config.json is at most "
+        raise LorabenchError(f"'{printable_path(file)}' is {st.st_size:,} bytes; a config.json is at most "
                              f"{MAX_CONFIG_BYTES:,} (they are a few KB).")
     try:
         with open(file, "rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise LorabenchError(f"cannot read '{file}': {exc.strerror}.") from None
+        raise LorabenchError(f"cannot read '{printable_path(file)}': {exc.strerror}.") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise LorabenchError(f"'{file}' is larger than {MAX_CONFIG_BYTES:,} bytes; a config.json is a few KB.")
+        raise LorabenchError(f"'{printable_path(file)}' is larger than {MAX_CONFIG_BYTES:,} bytes; a config.json "
+                             "is a few KB.")
     try:
         return data.decode("utf-8-sig"), file
     except UnicodeDecodeError as exc:
-        raise LorabenchError(f"'{file}' is not UTF-8 text (byte {exc.start}).") from None
+        raise LorabenchError(f"'{printable_path(file)}' is not UTF-8 text (byte {exc.start}).") from None
 
 
 def load_config(path: str) -> ModelSpec:
@@ -293,6 +294,17 @@ def load_config(path: str) -> ModelSpec:
         LorabenchError: see read_config_text, parse_json and from_hf_config.
     """
     text, file = read_config_text(path)
-    cfg = parse_json(text, file)
-    name = os.path.basename(os.path.dirname(os.path.abspath(file))) or file
-    return from_hf_config(cfg, name=name, where=file)
+    where = printable_path(file)
+    cfg = parse_json(text, where)
+    base = os.path.basename(file)
+    # a folder's config.json is named after the folder (my-model/config.json: my-model), any other file
+    # after itself (configs/small.json: small)
+    name = os.path.basename(os.path.dirname(os.path.abspath(file))) if base == "config.json" else \
+        os.path.splitext(base)[0]
+    return from_hf_config(cfg, name=printable_path(name or file), where=where)
+
+
+def printable_path(path: str) -> str:
+    """path as text that every JSON reader and terminal takes: bytes that are not UTF-8 (a folder named
+    b'bad\\xffname') are written as \\xff escapes instead of lone surrogates."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

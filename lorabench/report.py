@@ -127,7 +127,8 @@ def run_benches(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: Se
         LorabenchError: the bench cannot run here (no torch, no lorabench.bench).
     """
     try:
-        from lorabench.bench import run_bench
+        with safeio.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
+            from lorabench.bench import run_bench
     except ImportError as exc:
         raise LorabenchError(f"--bench cannot run: {exc}.") from exc
     out = {} if into is None else into
@@ -431,7 +432,9 @@ def check_name(name: str) -> str:
     Raises:
         LorabenchError: a path, a hidden name, or characters outside letters, digits and ._+-.
     """
-    if not NAME_RE.match(name) or len(name) > 200:
+    if len(name) > 200:
+        raise LorabenchError(f"report name is {len(name)} characters long; keep it to 200.")
+    if not NAME_RE.match(name):
         raise LorabenchError(f"report name '{name}' must be a plain folder name: letters, digits and . _ + -, "
                              f"not starting with '.' or '-'.")
     return name
@@ -448,6 +451,11 @@ def write_files(report: Dict, folder: Path) -> None:
     write("report.html", report_html(report, plots.render_plots(report["rows"])))
 
 
+def has_measurements(report: Dict) -> bool:
+    """Some case of the report was measured (its bench ran to the end)."""
+    return any(r.get("bench_status") == "ok" for r in report["rows"])
+
+
 def write_report(report: Dict, out_dir: os.PathLike | str, name: str, force: bool = False) -> Tuple[Path, Optional[Path]]:
     """Write the report to out_dir/name all at once; returns that path and, with force, where a folder
     lorabench did not write was moved (else None).
@@ -460,14 +468,15 @@ def write_report(report: Dict, out_dir: os.PathLike | str, name: str, force: boo
     Raises:
         LorabenchError: a bad name, a target that is not lorabench's (without force), or an unwritable place.
     """
-    target = safeio.check_report_target(str(out_dir), check_name(name), FILES, force)
+    measured = has_measurements(report)
+    target = safeio.check_report_target(str(out_dir), check_name(name), FILES, force, measured)
     made = safeio.missing_folders(target.parent)
     tmp = None
     try:
         tmp = safeio.new_report_folder(target.parent, name)
         write_files(report, tmp)
-        safeio.write_marker(tmp, FILES)
-        moved = safeio.publish_report(tmp, target, force)
+        safeio.write_marker(tmp, FILES, measured)
+        moved = safeio.publish_report(tmp, target, force, measured)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder

@@ -38,7 +38,8 @@ from lorabench.errors import LorabenchError
 MARKER = ".lorabench-report.json"
 ROW_EXTENSIONS = (".json", ".csv")
 # The columns every bench row has: what makes a rows file recognisably lorabench's.
-ROW_KEYS = ("model", "method", "rank", "status", "impl")
+# (lorabench_version is in every row since the rows carried it: older files need --force.)
+ROW_KEYS = ("lorabench_version", "model", "method", "rank", "status", "impl")
 MAX_ROWS_FILE_BYTES = 64 << 20  # a sweep's rows are a few KB each
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
@@ -143,25 +144,31 @@ def check_output_file(path: str, *, option: str = "--output", extensions: Sequen
         raise LorabenchError(f"{option} is empty; give a file name ending in {' or '.join(extensions)}.")
     if not path.lower().endswith(tuple(extensions)):
         raise LorabenchError(f"{option} '{path}' must end in {' or '.join(extensions)}.")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise LorabenchError(f"{option} '{path}' is a symlink to nothing (dangling, or a loop).")
     target = Path(os.path.realpath(path))
     folder = target.parent
     if not folder.is_dir():
         raise LorabenchError(f"{option}: folder '{os.path.dirname(path) or '.'}' does not exist.")
+    if len(os.fsencode(_tmp_name(target.name, "tmp"))) > _name_max(folder):
+        raise LorabenchError(f"{option}: the file name is longer than a file name can be here "
+                             f"({_name_max(folder)} bytes, with room for a temporary name).")
     if target.is_dir():
         raise LorabenchError(f"{option} '{path}' is a folder.")
     if target.exists():
         if not stat.S_ISREG(target.stat().st_mode):
             raise LorabenchError(f"{option} '{path}' exists and is not a regular file.")
         if not force and not is_rows_file(target):
-            raise LorabenchError(f"{option} '{path}' exists and was not written by lorabench; "
-                                 "choose another name, or add --force to replace it.")
+            raise LorabenchError(f"{option} '{path}' exists and was not written by lorabench bench; "
+                                 "choose another name, or add --force to move it aside and write there.")
     _probe_writable(folder, option)
     clean_stale_files(folder, target.name)
     return target
 
 
 def is_rows_file(path: Path) -> bool:
-    """An empty file, or rows lorabench wrote: a JSON list of bench rows, or a CSV with their header."""
+    """An empty file (nothing to lose), or rows lorabench bench wrote: a JSON list of its rows, or a CSV
+    with their header (each row names the lorabench version that wrote it)."""
     csv = path.suffix.lower() == ".csv"
     try:
         with open(path, "rb") as fh:
@@ -191,6 +198,10 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.parent / _tmp_name(path.name, "tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask applies, as for open()
     try:
+        try:  # a file being replaced keeps its permissions (a chmod 600 stays private)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -233,8 +244,13 @@ class RowFile:
     """Rows written as they finish: each add() rewrites the whole file atomically, so it is always
     complete JSON (or CSV) holding every finished row, whatever kills the run.
 
-    A file there that lorabench did not write (accepted by check_output_file with force) is moved
-    aside before the first row is written, never overwritten; `moved` says where.
+    The file is claimed for the run (a lock beside it): a second run writing the same file is refused
+    before it starts, instead of the two overwriting each other's rows. A file there that lorabench did
+    not write (accepted by check_output_file with force) is moved aside before the first row is
+    written, never overwritten; `moved` says where.
+
+    Raises:
+        LorabenchError: another run holds the file.
     """
 
     def __init__(self, path: Path, render: Callable[[List[Dict], str], str]):
@@ -243,6 +259,7 @@ class RowFile:
         self.render = render
         self.rows: List[Dict] = []
         self.moved: Optional[Path] = None
+        self._lock = _claim(self.path.parent / f".{self.path.name}.lock", str(self.path))
 
     def add(self, row: Dict) -> None:
         if not self.rows and self.path.exists() and not is_rows_file(self.path):
@@ -250,6 +267,34 @@ class RowFile:
         self.rows.append(row)
         with signals_deferred():  # a Ctrl-C now would cost this row its place in the file
             atomic_write(self.path, self.render(self.rows, self.fmt) + "\n")
+
+    def close(self) -> None:
+        """Give the file back (the lock goes; the rows stay)."""
+        if self._lock is not None:
+            lock_path, fd = self._lock
+            self._lock = None
+            try:
+                os.unlink(lock_path)
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def _claim(lock_path: Path, what: str):
+    """(lock_path, fd) holding an exclusive flock on lock_path, or None where there is no flock.
+    A killed holder's lock is released by the kernel, so a stale lock file is simply taken over."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise LorabenchError(f"{what} is being written by another lorabench run; wait for it or choose "
+                             "another name.") from None
+    return lock_path, fd
 
 
 def move_aside(path: Path) -> Path:
@@ -268,12 +313,16 @@ def move_aside(path: Path) -> Path:
 # Report folders.
 
 
-def is_report_folder(folder: Path, extra_ok: bool = False) -> bool:
+def _only_files(folder: Path, names: Iterable[str]) -> bool:
+    """folder holds nothing but regular files (not folders, not symlinks) with these names."""
+    allowed = set(names)
+    return all(p.name in allowed and p.is_file() and not p.is_symlink() for p in folder.iterdir())
+
+
+def is_report_folder(folder: Path) -> bool:
     """folder holds MARKER and nothing but the files MARKER lists (what lorabench report wrote)."""
     marker = read_marker(folder)
-    if marker is None:
-        return False
-    return extra_ok or {p.name for p in folder.iterdir()} <= set(marker["files"]) | {MARKER}
+    return marker is not None and _only_files(folder, [*marker["files"], MARKER])
 
 
 def read_marker(folder: Path) -> Optional[Dict]:
@@ -288,8 +337,9 @@ def read_marker(folder: Path) -> Optional[Dict]:
     return data
 
 
-def write_marker(folder: Path, files: Iterable[str]) -> None:
+def write_marker(folder: Path, files: Iterable[str], measured: bool = False) -> None:
     data = {"written_by": "lorabench report", "version": __version__, "files": sorted(files),
+            "measured": measured,
             "note": "lorabench replaces this folder only while it holds just these files."}
     (folder / MARKER).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
@@ -300,11 +350,11 @@ def _remove_report_folder(folder: Path) -> bool:
     marker = read_marker(folder)
     if marker is None:
         return False
+    if not _only_files(folder, [*marker["files"], MARKER]):
+        return False
     try:
-        for name in marker["files"]:
-            if (folder / name).is_file() and not (folder / name).is_symlink():
-                (folder / name).unlink()
-        (folder / MARKER).unlink()
+        for p in folder.iterdir():
+            p.unlink()
         folder.rmdir()
     except OSError:
         return False
@@ -324,10 +374,29 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bool = False) -> Path:
+def keep_reason(target: Path, measured: bool) -> Optional[str]:
+    """Why the folder at target must not be replaced (None: absent, or a report that may be).
+
+    Not lorabench's, or lorabench's with other files in it; or a report with measurements (--bench,
+    maybe hours of GPU time) about to be replaced by one without.
+    """
+    if not os.path.lexists(target):
+        return None
+    marker = read_marker(target) if target.is_dir() and not target.is_symlink() else None
+    if marker is None:
+        return "was not written by 'lorabench report'"
+    if not is_report_folder(target):
+        return "holds files lorabench did not write"
+    if marker.get("measured") and not measured:
+        return "holds measurements (report --bench) and this run has none"
+    return None
+
+
+def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bool = False,
+                        measured: bool = False) -> Path:
     """out_dir/name, checked before the run: out_dir is (or can be made in) a writable folder, and
-    out_dir/name is absent, a report lorabench wrote, or force is set. Stale temporary folders of
-    killed runs are cleaned first.
+    out_dir/name is absent or a report lorabench wrote that this one may replace (see keep_reason),
+    or force is set (it will be moved aside). Stale temporary folders of killed runs are cleaned first.
 
     Raises:
         LorabenchError: in one line.
@@ -340,6 +409,9 @@ def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bo
     base = _nearest_existing(out.absolute())
     if not base.is_dir():
         raise LorabenchError(f"--out-dir: '{base}' is not a folder.")
+    for folder in missing_folders(out):
+        if folder.is_symlink():
+            raise LorabenchError(f"--out-dir: '{folder}' is a symlink to nothing (dangling, or a loop).")
     _probe_writable(base, "--out-dir")
     longest = _name_max(base)
     for part in out.absolute().relative_to(base).parts + (name, _tmp_name(name, "tmp")):
@@ -350,10 +422,10 @@ def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bo
     if out.is_dir():
         clean_stale(out, name, files)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise LorabenchError(f"{target} exists and is not a folder; choose another --name.")
-    if target.exists() and not force and not is_report_folder(target):
-        why = ("holds files lorabench did not write" if read_marker(target) is not None
-               else "was not written by 'lorabench report'")
+        what = "a symlink" if target.is_symlink() else "not a folder"
+        raise LorabenchError(f"{target} exists and is {what}; choose another --name.")
+    why = keep_reason(target, measured)
+    if why and not force:
         raise LorabenchError(f"{target} exists and {why}; choose another --name or --out-dir, or add --force "
                              f"to move it aside (to {name}.replaced-DATE) and write the report there.")
     return target
@@ -380,10 +452,10 @@ def clean_stale(out: Path, name: str, files: Sequence[str]) -> None:
             _remove_report_folder(entry)
         elif not any(entry.iterdir()):
             entry.rmdir()
-        elif {p.name for p in entry.iterdir()} <= set(files):  # killed before its marker
-                for p in entry.iterdir():
-                    p.unlink()
-                entry.rmdir()
+        elif _only_files(entry, files):  # killed before its marker
+            for p in entry.iterdir():
+                p.unlink()
+            entry.rmdir()
 
 
 def missing_folders(out: Path) -> List[Path]:
@@ -440,8 +512,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def publish_report(tmp: Path, target: Path, force: bool = False) -> Optional[Path]:
-    """Put the complete folder tmp under target. Returns where a replaced foreign folder was moved
+def publish_report(tmp: Path, target: Path, force: bool = False, measured: bool = False) -> Optional[Path]:
+    """Put the complete folder tmp under target. Returns where a folder that had to be kept was moved
     (with force), else None.
 
     A report lorabench wrote is swapped with the new one in one atomic exchange, then deleted (its own
@@ -449,13 +521,19 @@ def publish_report(tmp: Path, target: Path, force: bool = False) -> Optional[Pat
     between the two renames.
     """
     moved = None
-    if target.exists() and not is_report_folder(target):
+    why = keep_reason(target, measured)
+    if why:
         if not force:  # it changed since check_report_target
-            raise LorabenchError(f"{target} was changed by someone else during the run; the report is not written.")
+            raise LorabenchError(f"{target} {why}; the report is not written there (add --force to move the "
+                                 "folder aside).")
         moved = move_aside(target)
     if not target.exists():
-        os.rename(tmp, target)
-        return moved
+        try:
+            os.rename(tmp, target)
+            return moved
+        except OSError as exc:  # another run published first: swap with its report as with any other
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or keep_reason(target, measured):
+                raise
     if _exchange(tmp, target):
         _remove_report_folder(tmp)  # tmp now holds the old report
         return moved

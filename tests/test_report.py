@@ -144,8 +144,8 @@ def test_disk_error_is_one_line_and_cleans_up(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plots, "render_plots", full_disk)
     res = run("report", "--method", "lora", "--out-dir", str(tmp_path), "--name", "r")
-    assert res.exit_code == 2 and res.output.strip().splitlines() == [
-        "lorabench: error: cannot write the report: No space left on device."]
+    assert res.exit_code == 1 and res.stderr.strip().splitlines() == [
+        "lorabench: error: cannot write the report: No space left on device; its tables are on stdout above."]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -114,7 +114,7 @@ def test_a_forged_marker_listing_other_names_deletes_nothing_else(tmp_path):
 def test_a_symlink_or_file_under_the_name_is_refused(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "r").symlink_to(tmp_path / "elsewhere")
-    assert "not a folder" in one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r"))
+    assert "is a symlink" in one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r"))
     (tmp_path / "f").write_text("x")
     assert "not a folder" in one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "f"))
 
@@ -197,7 +197,8 @@ def fake_bench(monkeypatch):
         calls.append(spec.name)
         rows = []
         for m in methods:
-            row = {"model": spec.name, "method": m.name, "rank": ranks[0] if m.uses_rank else None,
+            row = {"lorabench_version": "test", "model": spec.name, "method": m.name,
+                   "rank": ranks[0] if m.uses_rank else None,
                    "status": "ok", "impl": setup.impl, "layers": spec.num_layers, "full_layers": spec.num_layers,
                    "device_name": "cpu", "peak_bytes": 1000, "measured_peak_bytes": 1000,
                    "peak_error_pct": 0.0, "within_tolerance": True}
@@ -271,7 +272,8 @@ def test_output_lorabench_wrote_is_replaced(tmp_path, fake_bench):
 
 def test_check_with_nothing_measured_exits_1(tmp_path, monkeypatch):
     def run_bench(spec, methods, ranks, targets, setup, *, on_row=None, **kw):
-        row = {"model": spec.name, "method": "delta-lora", "rank": 8, "status": "skipped", "impl": "peft",
+        row = {"lorabench_version": "test", "model": spec.name, "method": "delta-lora", "rank": 8,
+               "status": "skipped", "impl": "peft",
                "layers": 4, "full_layers": 4, "device_name": "cpu", "error": "delta-lora has no PEFT implementation"}
         on_row(row)
         return [row]
@@ -323,16 +325,26 @@ def test_ctrl_c_during_start_up_is_one_line():
     assert res.returncode == 130 and res.stderr == "lorabench: interrupted.\n" and res.stdout == ""
 
 
-def test_sigterm_in_any_command_is_143_without_traceback(tmp_path):
-    """SIGTERM raises Terminated inside every command (here: while the report is being written)."""
+@pytest.mark.parametrize("where, written", [("estimate_flops", False), ("render_plots", True)])
+def test_sigterm_in_any_command_is_143_without_traceback(tmp_path, where, written):
+    """SIGTERM raises Terminated inside every command: while estimating, nothing is written; while the
+    report is being written, it is finished first (what a --bench measured is not thrown away)."""
+    module = "estimate" if where == "estimate_flops" else "plots"
     code = ("import os, signal\n"
-            "from lorabench import plots\n"
+            f"from lorabench import {module} as m\n"
             "from lorabench.cli import cli\n"
-            "plots.render_plots = lambda rows: os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"real = m.{where}\n"
+            "def fake(*args):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(*args)\n"
+            f"m.{where} = fake\n"
             f"cli(['report', '--method', 'lora', '--out-dir', {str(tmp_path)!r}], prog_name='lorabench')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 143 and res.stderr == "lorabench: terminated (SIGTERM).\n"
-    assert list(tmp_path.iterdir()) == []  # the temporary folder went with it
+    assert res.returncode == 143 and res.stderr.endswith("lorabench: terminated (SIGTERM).\n"), res.stderr
+    if written:
+        assert res.stdout.startswith("wrote ") and safeio.is_report_folder(tmp_path / "llama-3-8b")
+    else:
+        assert res.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,17 +479,97 @@ def test_a_name_too_long_for_the_filesystem_is_refused_and_nothing_is_made(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_out_dir_folders_made_by_a_failed_write_are_removed(tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_results_on_stdout_and_removes_what_it_made(tmp_path, monkeypatch):
     from lorabench import plots
 
     def full_disk(rows):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(plots, "render_plots", full_disk)
-    line = one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path / "a" / "b"))
-    assert line == "lorabench: error: cannot write the report: No space left on device."
+    res = run("report", "--method", "lora", "--out-dir", tmp_path / "a" / "b")
+    line = one_error_line(res, code=1)
+    assert line == ("lorabench: error: cannot write the report: No space left on device; its tables are on "
+                    "stdout above.")
+    assert res.stdout.startswith("# lorabench report: llama-3-8b") and "| lora " in res.stdout
     assert list(tmp_path.iterdir()) == []
 
 
 def test_nul_in_a_value_is_bad_input():
     assert "contains a NUL character" in one_error_line(run("params", "--config", "a\0b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The second audit's findings.
+
+
+def test_a_folder_named_like_a_report_file_makes_the_folder_not_ours(tmp_path):
+    """A folder is lorabench's only if it holds regular files with the marker's names: a notes folder
+    called report.md in it is the user's."""
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+    (tmp_path / "r" / "report.md").unlink()
+    (tmp_path / "r" / "report.md").mkdir()
+    (tmp_path / "r" / "report.md" / "notes.txt").write_text("mine")
+    assert "holds files lorabench did not write" in one_error_line(
+        run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r"))
+    assert (tmp_path / "r" / "report.md" / "notes.txt").read_text() == "mine"
+
+
+def test_a_measured_report_is_not_replaced_by_estimates(tmp_path, fake_bench):
+    """An estimate-only rerun under the same name would throw away hours of measurements."""
+    def report(*extra):
+        return run("report", "-m", "tiny-llama", "--method", "lora", "--out-dir", tmp_path, "--name", "r", *extra)
+
+    assert report("--bench").exit_code == 0
+    assert "holds measurements (report --bench) and this run has none" in one_error_line(report())
+    assert report("--bench").exit_code == 0  # a new measurement may replace an old one
+    res = report("--force")
+    assert res.exit_code == 0
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(kept) == 1 and json.loads((kept[0] / "results.json").read_text())["settings"]["bench"]
+
+
+def test_a_users_csv_with_bench_like_columns_is_not_overwritten(tmp_path, fake_bench):
+    mine = tmp_path / "mine.csv"
+    mine.write_text('model,method,rank,status,impl,my_notes\nllama,lora,8,ok,peft,"3 weeks of H100 runs"\n')
+    assert "was not written by lorabench bench" in one_error_line(
+        run("bench", "-m", "tiny-llama", "--method", "lora", "-o", mine))
+    assert "3 weeks" in mine.read_text()
+
+
+@pytest.mark.parametrize("make", ["loop", "dangling"])
+def test_an_output_symlink_to_nothing_is_refused(tmp_path, fake_bench, make):
+    link = tmp_path / "out.json"
+    link.symlink_to(link if make == "loop" else tmp_path / "nowhere" / "x.json")
+    assert "is a symlink to nothing" in one_error_line(run("bench", "-m", "tiny-llama", "-o", link))
+    assert link.is_symlink()
+
+
+def test_a_dangling_out_dir_symlink_is_refused_before_the_run(tmp_path, fake_bench):
+    (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
+    line = one_error_line(run("report", "-m", "tiny-llama", "--bench", "--out-dir", tmp_path / "dang"))
+    assert "is a symlink to nothing" in line and fake_bench == []
+
+
+def test_rewriting_an_output_keeps_its_permissions(tmp_path, fake_bench):
+    out = tmp_path / "b.json"
+    assert run("bench", "-m", "tiny-llama", "--method", "lora", "-o", out).exit_code == 0
+    out.chmod(0o600)
+    assert run("bench", "-m", "tiny-llama", "--method", "vera", "-o", out).exit_code == 0
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, fake_bench):
+    out = tmp_path / "same.json"
+    first = safeio.RowFile(out, lambda rows, fmt: json.dumps(rows))  # a run in progress holds it
+    try:
+        line = one_error_line(run("bench", "-m", "tiny-llama", "--method", "lora", "-o", out))
+        assert "is being written by another lorabench run" in line and fake_bench == []
+    finally:
+        first.close()
+    assert run("bench", "-m", "tiny-llama", "--method", "lora", "-o", out).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.json"]  # no lock file left
+
+
+def test_a_too_long_output_name_is_bad_input(tmp_path, fake_bench):
+    line = one_error_line(run("bench", "-m", "tiny-llama", "-o", tmp_path / ("x" * 300 + ".json")))
+    assert "longer than a file name can be here" in line and fake_bench == []
