@@ -3,6 +3,7 @@ deletes a file it did not create, no result is lost, every bad value is one line
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -376,6 +377,9 @@ def test_sigterm_in_any_command_is_143_without_traceback(tmp_path, where, writte
     (("report", "--out-dir", ""), "is empty"),
     (("report", "--model", " "), "is empty"),
     (("params", "--d", "4096", "--targets", "q,v"), "does not apply to a --d matrix"),
+    (("memory", "--alpha", "\u0663"), "is not a number"),  # float() reads an Arabic-Indic 3 as 3.0
+    (("memory", "--alpha", "1_6"), "is not a number"),
+    (("params", "-m", "tiny-llama", "--layers", "5"), "tiny-llama has 4 layers; --layers cuts a model to fewer"),
 ])
 def test_bad_cli_values_are_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -573,3 +577,63 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, fake_bench):
 def test_a_too_long_output_name_is_bad_input(tmp_path, fake_bench):
     line = one_error_line(run("bench", "-m", "tiny-llama", "-o", tmp_path / ("x" * 300 + ".json")))
     assert "longer than a file name can be here" in line and fake_bench == []
+
+
+def test_paths_that_are_not_utf8_stay_valid_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = os.fsdecode(b"bad\xffname")  # a folder name that is not UTF-8, as Python sees it
+    os.mkdir(folder)
+    Path(folder, "config.json").write_text(json.dumps(LLAMA_TINY))
+    res = run("params", "--config", folder, "-f", "json")
+    assert res.exit_code == 0 and json.loads(res.stdout)[0]["model"] == "bad\\xffname"
+    res = CliRunner().invoke(cli, ["report", "--config", folder, "--method", "lora", "--out-dir", "out"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(Path("out", "bad-xffname", "results.json").read_text(encoding="utf-8"))
+    assert data["rows"][0]["model"] == "bad\\xffname"
+
+
+def test_configs_in_one_folder_are_named_after_their_files(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "small.json").write_text(json.dumps(LLAMA_TINY))
+    (tmp_path / "configs" / "big.json").write_text(json.dumps(dict(LLAMA_TINY, num_hidden_layers=4)))
+    res = run("report", "--config", tmp_path / "configs" / "small.json", "--config", tmp_path / "configs" / "big.json",
+              "--method", "lora", "--out-dir", tmp_path / "out", "--name", "two")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "out" / "two" / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["small", "big"]
+
+
+def test_plain_lorabench_prints_its_help():
+    res = run()
+    assert res.exit_code == 0 and res.stdout.startswith("Usage: ") and "Commands:" in res.stdout
+
+
+def test_closed_stdout_is_an_error():
+    res = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m lorabench params >&-"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "standard output is closed" in res.stderr
+
+
+def test_a_rank_given_twice_is_one_row():
+    rows = json.loads(run("params", "--method", "lora", "-r", "8", "-r", "16", "-r", "8", "-f", "json").stdout)
+    assert [r["rank"] for r in rows] == [8, 16]
+
+
+def test_ctrl_c_during_the_benchs_imports_ends_cleanly(tmp_path):
+    """A signal that lands while torch/transformers modules are importing takes effect once they are whole:
+    exit 130 and one line, not a half-imported module's odd error or an abort."""
+    pytest.importorskip("torch")
+    code = ("import os, signal\n"
+            "import lorabench.bench as b\n"
+            "from lorabench.cli import cli\n"
+            "real = b._preload\n"
+            "def preload(impl):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    real(impl)\n"
+            "    print('imports finished', flush=True)\n"
+            "b._preload = preload\n"
+            "cli(['bench', '-m', 'tiny-llama', '--device', 'cpu', '--no-progress', '-o', "
+            f"{str(tmp_path / 'rows.json')!r}], prog_name='lorabench')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 130 and "imports finished" in res.stdout, res.stderr
+    assert "Traceback" not in res.stderr and "interrupted" in res.stderr
