@@ -637,3 +637,23 @@ def test_ctrl_c_during_the_benchs_imports_ends_cleanly(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 130 and "imports finished" in res.stdout, res.stderr
     assert "Traceback" not in res.stderr and "interrupted" in res.stderr
+
+
+def test_two_first_reports_into_one_name_both_land(tmp_path, monkeypatch):
+    """Another run publishes the same new name between our check and our rename: ours is swapped in as
+    over any report (the rename's ENOTEMPTY is not a failure)."""
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "other").exit_code == 0
+    real = os.rename
+    raced = []
+
+    def rename(src, dst):
+        if Path(dst).name == "r" and not raced:  # the other run wins the race
+            raced.append(True)
+            real(tmp_path / "other", tmp_path / "r")
+        return real(src, dst)
+
+    monkeypatch.setattr(safeio.os, "rename", rename)
+    res = run("report", "--method", "vera", "--out-dir", tmp_path, "--name", "r")
+    assert res.exit_code == 0 and raced, res.output
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["rows"][0]["method"] == "vera"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
