@@ -20,8 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from lorabench import __version__, safeio
-from lorabench.compute import estimate_flops
+from lorabench import __version__, signals
 from lorabench.errors import LorabenchError
 from lorabench.estimate import memory_rows
 from lorabench.gpus import GPU, GPUS
@@ -384,7 +383,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
                              "needs bitsandbytes kernels lorabench does not build yet.")
     if spec.single_matrix:
         raise LorabenchError("bench builds a model; a bare --d matrix has no forward pass to run.")
-    with safeio.signals_deferred():
+    with signals.signals_deferred():
         _preload(impl)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():

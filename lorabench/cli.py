@@ -12,14 +12,15 @@ import traceback
 
 import click
 
-from lorabench import __version__, safeio
+from lorabench import __version__, reportfolder, safeio, signals
 from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, BoundedInt, Text, format_option,
                                method_options, model_options, setup_options, targets_note)
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
 from lorabench.hfconfig import MAX_WIDTH, load_config, printable_path
 from lorabench.memory import QUANTIZED
-from lorabench.render import GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, gib, render
+from lorabench.render import (BENCH_COLUMNS, GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, gib,
+                              render)
 from lorabench.specs import PRESETS, from_dimension, from_name
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -54,7 +55,7 @@ class Cli(click.Group):
                 sys.exit(1)
             return 1
         try:
-            with safeio.sigterm_raises():
+            with signals.sigterm_raises():
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             # without standalone mode click returns ctx.exit()'s code instead of raising it
             code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
@@ -63,7 +64,7 @@ class Cli(click.Group):
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("lorabench: interrupted.", err=True)
             code = 130
-        except safeio.Terminated as exc:
+        except signals.Terminated as exc:
             click.echo("lorabench: terminated (SIGTERM).", err=True)
             code = exc.exit_code
         except _NO_ARGS as exc:  # plain `lorabench` (or `lorabench COMMAND` of a group): its help
@@ -288,10 +289,10 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
     if setup.dtype in QUANTIZED and methods_from_all:
         methods = tuple(m for m in methods if m.allows_quantized_base)
     # before any work: refuse now, not after an hour of benchmarks
-    safeio.check_report_target(out_dir, name, FILES, force, measured=bench)
+    reportfolder.check_report_target(out_dir, name, FILES, force, measured=bench)
     data = build_report(specs, methods, ranks, targets, setup, chosen, mfu, command=command_line(),
                         bench={"layers": layers, "steps": steps, "warmup": warmup} if bench else None)
-    with safeio.signals_deferred():  # a Ctrl-C now would throw away what the bench measured
+    with signals.signals_deferred():  # a Ctrl-C now would throw away what the bench measured
         try:
             path, moved = write_report(data, out_dir, name, force)
         except (OSError, LorabenchError) as exc:  # a full disk, or the folder changed: print, don't lose
@@ -317,29 +318,7 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
         measured = sum(1 for r in data["rows"] if r.get("bench_status") is not None)
         click.echo(f"lorabench: interrupted ({stopped}) after {measured} measured case(s); the report holds "
                    "those and estimates for the rest.", err=True)
-        ctx.exit(130 if stopped == "SIGINT" else safeio.Terminated.exit_code)
-
-
-BENCH_COLUMNS = (
-    ("method", "method", str), ("rank", "rank", lambda v: "" if v is None else str(v)),
-    ("layers", "layers", str), ("status", "status", str),
-    ("peak_bytes", "est. peak", gib), ("measured_peak_bytes", "measured", gib),
-    ("peak_error_pct", "error %", lambda v: "" if v is None else f"{v:+.2f}"),
-    ("within_tolerance", "ok", lambda v: "" if v is None else ("yes" if v else "NO")),
-    ("estimated_after_forward_bytes", "est. activ.", gib), ("measured_activations_bytes", "measured", gib),
-    ("measured_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.1f}"),
-    ("measured_step_ms_iqr", "iqr", lambda v: "" if v is None else f"{v:,.1f}"),
-    ("measured_forward_ms", "fwd", lambda v: "" if v is None else f"{v:,.1f}"),
-    ("measured_backward_ms", "bwd", lambda v: "" if v is None else f"{v:,.1f}"),
-    ("measured_optimizer_ms", "optim", lambda v: "" if v is None else f"{v:,.1f}"),
-    ("measured_tokens_per_s", "tokens/s", lambda v: "" if v is None else f"{v:,.0f}"),
-    ("achieved_tflops", "TFLOP/s", lambda v: "" if v is None else f"{v:,.1f}"),
-    ("fraction_of_matmul", "of matmul", lambda v: "" if v is None else f"{v:.0%}"),
-)
-FULL_DEPTH_COLUMNS = (
-    ("full_peak_bytes", "full depth: est.", gib), ("full_projected_peak_bytes", "projected", gib),
-    ("full_projected_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.0f}"),
-)
+        ctx.exit(130 if stopped == "SIGINT" else signals.Terminated.exit_code)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -387,7 +366,7 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
         target = safeio.check_output_file(output, force=force)
         sink = safeio.RowFile(target, lambda rows, f: render(rows, f, BENCH_COLUMNS))
     chosen = get_gpu(gpu) if gpu is not None else None
-    with safeio.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
+    with signals.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
         from lorabench.bench import run_bench
 
     rows: list = []
@@ -412,12 +391,12 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
                   on_row=on_row)
     except KeyboardInterrupt:
         stopped = ("SIGINT", 130)
-    except safeio.Terminated as exc:
+    except signals.Terminated as exc:
         stopped = ("SIGTERM", exc.exit_code)
     finally:
         if sink is not None:
             sink.close()
-    click.echo(_bench_text(rows, spec, setup, fmt))
+    click.echo(bench_text(rows, spec.name, setup, fmt))
     note(targets_note(methods, targets))
     if stopped:
         saved = f"; those are in {output}" if sink is not None and sink.rows and write_error is None else ""
@@ -432,41 +411,6 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
             ctx.exit(1)
         if any(r["status"] != "ok" or not r["within_tolerance"] for r in measured):
             ctx.exit(1)
-
-
-def _bench_text(rows, spec, setup, fmt: str) -> str:
-    """The bench's rows as text: the table with its title and notes, or every field in csv/json."""
-    cut = f"{rows[0]['layers']} of {rows[0]['full_layers']} layers" if rows else ""
-    title = (f"{spec.name} ({cut}), {setup.impl} layers on {rows[0]['device_name'] if rows else setup.device}: "
-             f"batch {setup.batch_size} x {setup.seq_len}, {setup.dtype}; GiB, ms")
-    projected = any(r.get("full_projected_peak_bytes") is not None for r in rows)
-    columns = BENCH_COLUMNS + (FULL_DEPTH_COLUMNS if projected else ())
-    if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):  # small models read better in MiB
-        columns = tuple((k, t, _mib) if f is gib else (k, t, f) for k, t, f in columns)
-        title = title.replace("; GiB", "; MiB")
-    out = render(rows, fmt, columns, title=title)
-    if fmt not in ("table", "markdown") or not rows:
-        return out
-    r0 = rows[0]
-    if r0.get("matmul_tflops"):
-        out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({setup.dtype})"
-    if r0.get("catalog_tflops"):
-        out += f"; catalog peak {r0['gpu']}: {r0['catalog_tflops']:,.0f} TFLOP/s"
-    for r in rows:
-        if r["status"] != "ok":
-            out += f"\n{r['method']} r={r['rank']}: {r['status']}: {r['error']}"
-            if r["status"] == "oom":
-                said = r.get("estimated_fits")
-                out += (" (the estimate said it would not fit)" if said is False
-                        else " (the estimate said it would fit)" if said else "")
-    if projected:
-        out += ("\nfull depth: measured at the layers built + the estimate's per-layer terms for the "
-                "rest; time scaled by FLOPs.")
-    return out
-
-
-def _mib(n) -> str:
-    return "" if n is None else f"{n / 2 ** 20:,.2f}"
 
 
 def main() -> None:

@@ -97,3 +97,61 @@ def render(rows: List[Dict], fmt: str, columns: Sequence[Column], title: str = "
     table = tabulate(body, headers=[c[1] for c in cols], tablefmt="github" if fmt == "markdown" else "simple",
                      disable_numparse=True, colalign=["left"] + ["right"] * (len(cols) - 1))
     return f"{title}\n\n{table}" if title else table
+
+
+# `lorabench bench`'s rows: (key, title, formatter) as above; the full-depth columns when projected.
+BENCH_COLUMNS = (
+    ("method", "method", str), ("rank", "rank", lambda v: "" if v is None else str(v)),
+    ("layers", "layers", str), ("status", "status", str),
+    ("peak_bytes", "est. peak", gib), ("measured_peak_bytes", "measured", gib),
+    ("peak_error_pct", "error %", lambda v: "" if v is None else f"{v:+.2f}"),
+    ("within_tolerance", "ok", lambda v: "" if v is None else ("yes" if v else "NO")),
+    ("estimated_after_forward_bytes", "est. activ.", gib), ("measured_activations_bytes", "measured", gib),
+    ("measured_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_step_ms_iqr", "iqr", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_forward_ms", "fwd", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_backward_ms", "bwd", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_optimizer_ms", "optim", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("measured_tokens_per_s", "tokens/s", lambda v: "" if v is None else f"{v:,.0f}"),
+    ("achieved_tflops", "TFLOP/s", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("fraction_of_matmul", "of matmul", lambda v: "" if v is None else f"{v:.0%}"),
+)
+FULL_DEPTH_COLUMNS = (
+    ("full_peak_bytes", "full depth: est.", gib), ("full_projected_peak_bytes", "projected", gib),
+    ("full_projected_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.0f}"),
+)
+
+
+def bench_text(rows: List[Dict], model: str, setup, fmt: str) -> str:
+    """The bench's rows as text: the table with its title and notes, or every field in csv/json."""
+    cut = f"{rows[0]['layers']} of {rows[0]['full_layers']} layers" if rows else ""
+    title = (f"{model} ({cut}), {setup.impl} layers on {rows[0]['device_name'] if rows else setup.device}: "
+             f"batch {setup.batch_size} x {setup.seq_len}, {setup.dtype}; GiB, ms")
+    projected = any(r.get("full_projected_peak_bytes") is not None for r in rows)
+    columns = BENCH_COLUMNS + (FULL_DEPTH_COLUMNS if projected else ())
+    if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):  # small models read better in MiB
+        columns = tuple((k, t, _mib) if f is gib else (k, t, f) for k, t, f in columns)
+        title = title.replace("; GiB", "; MiB")
+    out = render(rows, fmt, columns, title=title)
+    if fmt not in ("table", "markdown") or not rows:
+        return out
+    r0 = rows[0]
+    if r0.get("matmul_tflops"):
+        out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({setup.dtype})"
+    if r0.get("catalog_tflops"):
+        out += f"; catalog peak {r0['gpu']}: {r0['catalog_tflops']:,.0f} TFLOP/s"
+    for r in rows:
+        if r["status"] != "ok":
+            out += f"\n{r['method']} r={r['rank']}: {r['status']}: {r['error']}"
+            if r["status"] == "oom":
+                said = r.get("estimated_fits")
+                out += (" (the estimate said it would not fit)" if said is False
+                        else " (the estimate said it would fit)" if said else "")
+    if projected:
+        out += ("\nfull depth: measured at the layers built + the estimate's per-layer terms for the "
+                "rest; time scaled by FLOPs.")
+    return out
+
+
+def _mib(n) -> str:
+    return "" if n is None else f"{n / 2 ** 20:,.2f}"

@@ -24,7 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lorabench import plots, safeio
+from lorabench import plots, reportfolder, signals
 from lorabench.envinfo import capture_environment, utc_now
 from lorabench.errors import LorabenchError
 from lorabench.estimate import memory_rows, param_rows
@@ -127,7 +127,7 @@ def run_benches(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: Se
         LorabenchError: the bench cannot run here (no torch, no lorabench.bench).
     """
     try:
-        with safeio.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
+        with signals.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
             from lorabench.bench import run_bench
     except ImportError as exc:
         raise LorabenchError(f"--bench cannot run: {exc}.") from exc
@@ -168,7 +168,7 @@ def build_report(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: S
             run_benches(specs, methods, ranks, targets, setup, into=benched, **bench)
         except KeyboardInterrupt:
             interrupted = "SIGINT"
-        except safeio.Terminated:
+        except signals.Terminated:
             interrupted = "SIGTERM"
         rows = merge_bench(rows, benched)
     return {
@@ -469,17 +469,17 @@ def write_report(report: Dict, out_dir: os.PathLike | str, name: str, force: boo
         LorabenchError: a bad name, a target that is not lorabench's (without force), or an unwritable place.
     """
     measured = has_measurements(report)
-    target = safeio.check_report_target(str(out_dir), check_name(name), FILES, force, measured)
-    made = safeio.missing_folders(target.parent)
+    target = reportfolder.check_report_target(str(out_dir), check_name(name), FILES, force, measured)
+    made = reportfolder.missing_folders(target.parent)
     tmp = None
     try:
-        tmp = safeio.new_report_folder(target.parent, name)
+        tmp = reportfolder.new_report_folder(target.parent, name)
         write_files(report, tmp)
-        safeio.write_marker(tmp, FILES, measured)
-        moved = safeio.publish_report(tmp, target, force, measured)
+        reportfolder.write_marker(tmp, FILES, measured)
+        moved = reportfolder.publish_report(tmp, target, force, measured)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
-        safeio.remove_empty_folders(made)  # and the --out-dir folders this run made
+        reportfolder.remove_empty_folders(made)  # and the --out-dir folders this run made
         raise
     return target, moved

@@ -46,7 +46,7 @@ from lorabench.memory import ATTENTION, DTYPES, FLOAT_BYTES, IMPLS, OPTIMIZERS
 from lorabench.methods import METHODS
 from lorabench.render import FORMATS
 from lorabench.report import FILES
-from lorabench.safeio import MARKER
+from lorabench.reportfolder import MARKER
 from lorabench.specs import PRESETS, ModelSpec
 
 pytest.importorskip("hypothesis")  # a test extra (setup.cfg)

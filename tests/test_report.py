@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 import lorabench
-from lorabench import envinfo, plots, report, safeio
-from lorabench.safeio import MARKER
+from lorabench import envinfo, plots, report, signals
+from lorabench.reportfolder import MARKER
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
 from lorabench.estimate import memory_rows
@@ -257,7 +257,7 @@ def test_bench_rows_and_plots(tmp_path, fake_bench):
 
 
 @pytest.mark.parametrize("signal_exc, name, code", [(KeyboardInterrupt, "SIGINT", 130),
-                                                     (safeio.Terminated, "SIGTERM", 143)])
+                                                     (signals.Terminated, "SIGTERM", 143)])
 def test_interrupted_bench_writes_the_report_with_what_finished(tmp_path, monkeypatch, signal_exc, name, code):
     measure_first = fake_run_bench([])
 

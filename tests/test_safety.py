@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lorabench import safeio
+from lorabench import reportfolder, safeio, signals
 from lorabench.cli import cli
 from lorabench.report import FILES
-from lorabench.safeio import MARKER
+from lorabench.reportfolder import MARKER
 
 LLAMA_TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "vocab_size": 100}
@@ -128,7 +128,7 @@ def test_swap_is_one_atomic_exchange_where_the_os_has_it(tmp_path, monkeypatch):
     """With renameat2(RENAME_EXCHANGE) there is no moment without a report: the two-rename fallback
     (which has one) is never used."""
     assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
-    if not safeio._exchange(tmp_path / "r", tmp_path / "r"):
+    if not reportfolder._exchange(tmp_path / "r", tmp_path / "r"):
         pytest.skip("no atomic exchange on this OS/filesystem: the fallback and clean_stale apply")
     renames = []
     real = os.rename
@@ -145,8 +145,8 @@ def test_kill_between_the_fallback_renames_is_repaired_by_the_next_run(tmp_path)
     pid = dead_pid()
     os.rename(tmp_path / "r", tmp_path / f".r.old-{pid}-0123abcd")
     assert not (tmp_path / "r").exists()
-    safeio.clean_stale(tmp_path, "r", FILES)
-    assert safeio.is_report_folder(tmp_path / "r")
+    reportfolder.clean_stale(tmp_path, "r", FILES)
+    assert reportfolder.is_report_folder(tmp_path / "r")
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
 
 
@@ -343,7 +343,7 @@ def test_sigterm_in_any_command_is_143_without_traceback(tmp_path, where, writte
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 143 and res.stderr.endswith("lorabench: terminated (SIGTERM).\n"), res.stderr
     if written:
-        assert res.stdout.startswith("wrote ") and safeio.is_report_folder(tmp_path / "llama-3-8b")
+        assert res.stdout.startswith("wrote ") and reportfolder.is_report_folder(tmp_path / "llama-3-8b")
     else:
         assert res.stdout == "" and list(tmp_path.iterdir()) == []
 
@@ -452,10 +452,10 @@ def test_a_signal_during_a_row_write_waits_for_the_write(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-write
         real(path, text)
 
-    with safeio.sigterm_raises():
+    with signals.sigterm_raises():
         safeio.atomic_write, saved = write_then_signal, safeio.atomic_write
         try:
-            with pytest.raises(safeio.Terminated):
+            with pytest.raises(signals.Terminated):
                 sink.add({"method": "lora"})
         finally:
             safeio.atomic_write = saved
