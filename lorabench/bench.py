@@ -25,7 +25,7 @@ from lorabench.errors import LorabenchError
 from lorabench.estimate import memory_rows
 from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
-                               nvml_process_bytes, storage_bytes, summarize)
+                               nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
 from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
 from lorabench.specs import ModelSpec
@@ -397,6 +397,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
         gpu = catalog_gpu(info["device_name"])
     info["gpu"] = gpu.name if gpu else None
     matmul = matmul_flops_per_s(dev, TORCH_DTYPES[setup.dtype])
+    warm_cuda_libraries(dev)
     cases = [(m, r) for m in methods for r in (ranks if m.uses_rank else [None])]
     rows = []
     from tqdm.auto import tqdm
