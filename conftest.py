@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# No test reaches the network: a Hub id (ORG/NAME), typed by a test or drawn by hypothesis, is read from
+# the local cache only; tests of the download path replace it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 try:
     from hypothesis import settings
 except ImportError:  # a test extra: without it tests/test_properties.py skips itself

@@ -18,6 +18,7 @@ from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, 
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
 from lorabench.hfconfig import MAX_WIDTH, load_config, printable_path
+from lorabench.hub import is_local_model, resolve_model
 from lorabench.memory import QUANTIZED
 from lorabench.render import (BENCH_COLUMNS, GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, gib,
                               render)
@@ -220,19 +221,22 @@ def _report_specs(models, configs, dims):
     """The report's models: presets, configs and --d matrices, each once and each under its own name."""
     from lorabench.report import distinct_specs
 
-    entries = [(("preset", spec.name), spec.name, spec) for spec in map(from_name, models)]
+    configs = [*configs, *(m for m in models if is_local_model(m))]  # `-m ./my-model` is a config folder
+    entries = [(("model", spec.name), spec.name, spec)
+               for spec in map(resolve_model, (m for m in models if not is_local_model(m)))]
     for path in configs:
         spec = load_config(path)
         file = os.path.realpath(os.path.join(path, "config.json") if os.path.isdir(path) else path)
         shown = os.path.relpath(os.path.dirname(file) if file.endswith(os.sep + "config.json") else file)
         entries.append((("config", file), f"{spec.name} (config {printable_path(shown)})", spec))
     entries += [(("d", d), spec.name, spec) for d, spec in ((d, from_dimension(d)) for d in dims)]
-    return distinct_specs(entries or [(("preset", DEFAULT_MODEL), DEFAULT_MODEL, from_name(DEFAULT_MODEL))])
+    return distinct_specs(entries or [(("model", DEFAULT_MODEL), DEFAULT_MODEL, from_name(DEFAULT_MODEL))])
 
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--model", "-m", "models", type=Text("NAME"), multiple=True,
-              help=f"Preset name; repeat for several models. Default: {DEFAULT_MODEL} (when no --config/--d).")
+              help=f"A preset, Hub id (ORG/NAME) or model folder; repeat for several models. Default: "
+                   f"{DEFAULT_MODEL} (when no --config/--d).")
 @click.option("--config", "configs", type=Text("PATH"), multiple=True,
               help="A Hugging Face config.json (or its folder); repeatable.")
 @click.option("--d", "dims", type=BoundedInt(1, MAX_WIDTH), multiple=True,

@@ -19,7 +19,8 @@ from lorabench.hfconfig import MAX_LAYERS, MAX_WIDTH, load_config
 from lorabench.memory import ATTENTION, DTYPES, FLOAT_BYTES, IMPLS, OPTIMIZERS, TrainingSetup
 from lorabench.methods import resolve_methods
 from lorabench.render import FORMATS
-from lorabench.specs import from_dimension, from_name
+from lorabench.hub import resolve_model
+from lorabench.specs import from_dimension
 
 MAX_RANK = 1 << 16
 MAX_BATCH = 1 << 20
@@ -126,7 +127,8 @@ def model_options(fn):
     keep_depth = "layers" in inspect.signature(fn).parameters  # bench: --layers is its own, not a cut
 
     @click.option("--model", "-m", type=Text("NAME"), default=None,
-                  help=f"Preset name (see 'lorabench models'). Default: {DEFAULT_MODEL}.")
+                  help=f"A preset (see 'lorabench models'), a Hugging Face Hub id (Qwen/Qwen3-8B: its config.json, "
+                       f"from the local cache or downloaded) or a local model folder. Default: {DEFAULT_MODEL}.")
     @click.option("--config", "config_path", type=Text("PATH"), default=None,
                   help="A Hugging Face config.json (or a folder holding one), read offline.")
     @click.option("--d", "dim", type=BoundedInt(1, MAX_WIDTH), default=None,
@@ -144,7 +146,7 @@ def model_options(fn):
             if keep_depth:
                 return fn(spec=spec, layers=None, **kw)
         else:
-            spec = load_config(config_path) if config_path is not None else from_name(model or DEFAULT_MODEL)
+            spec = load_config(config_path) if config_path is not None else resolve_model(model or DEFAULT_MODEL)
             if layers is not None and layers > spec.num_layers:
                 raise click.BadParameter(f"{spec.name} has {spec.num_layers} layers; --layers cuts a model to fewer, "
                                          f"got {layers}.", param_hint="--layers")

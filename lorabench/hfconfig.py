@@ -287,14 +287,17 @@ def read_config_text(path: str) -> Tuple[str, str]:
         raise LorabenchError(f"'{printable_path(file)}' is not UTF-8 text (byte {exc.start}).") from None
 
 
-def load_config(path: str) -> ModelSpec:
+def load_config(path: str, where: Optional[str] = None) -> ModelSpec:
     """Read a config.json (or a folder holding one) offline; the spec is named after its folder.
+
+    Args:
+        where: how errors about its contents name it (default: the file's path).
 
     Raises:
         LorabenchError: see read_config_text, parse_json and from_hf_config.
     """
     text, file = read_config_text(path)
-    where = printable_path(file)
+    where = where or printable_path(file)
     cfg = parse_json(text, where)
     base = os.path.basename(file)
     # a folder's config.json is named after the folder (my-model/config.json: my-model), any other file

@@ -157,7 +157,8 @@ def from_name(name: str) -> ModelSpec:
         return PRESETS[key]
     near = difflib.get_close_matches(key, PRESETS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
-    raise LorabenchError(f"unknown model '{name}'.{hint} Run 'lorabench models' for the list.")
+    raise LorabenchError(f"unknown model '{name}'.{hint} Run 'lorabench models' for the presets, or give a "
+                         "Hugging Face Hub id (ORG/NAME) or --config.")
 
 
 def from_dimension(d: int, layers: int = 1) -> ModelSpec:

@@ -465,10 +465,10 @@ def test_a_signal_during_a_row_write_waits_for_the_write(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (("params", "--model", "x" * 400),
      "lorabench: error: unknown model '" + "x" * 49 + "..." + "x" * 48 + "'. (403 characters) Run 'lorabench "
-     "models' for the list."),
+     "models' for the presets, or give a Hugging Face Hub id (ORG/NAME) or --config."),
     (("params", "--config", "0\n"), "lorabench: error: no config.json at '0\\n'."),
     (("params", "--model", "\x1b[2J"), "lorabench: error: unknown model '\\x1b[2J'. Run 'lorabench models' for "
-                                       "the list."),
+                                       "the presets, or give a Hugging Face Hub id (ORG/NAME) or --config."),
 ])
 def test_error_lines_stay_one_short_line(args, expected):
     """A user's value is escaped (a newline or an escape sequence cannot break the line or clear the
