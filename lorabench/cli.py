@@ -17,7 +17,7 @@ from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, 
                                method_options, model_options, setup_options, targets_note)
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
-from lorabench.hfconfig import MAX_WIDTH, load_config, printable_path
+from lorabench.hfconfig import MAX_WIDTH, config_json_path, load_config, printable_path
 from lorabench.hub import is_local_model, resolve_model
 from lorabench.memory import QUANTIZED
 from lorabench.render import (BENCH_COLUMNS, GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, gib,
@@ -221,12 +221,12 @@ def _report_specs(models, configs, dims):
     """The report's models: presets, configs and --d matrices, each once and each under its own name."""
     from lorabench.report import distinct_specs
 
-    configs = [*configs, *(m for m in models if is_local_model(m))]  # `-m ./my-model` is a config folder
+    local = [m for m in models if is_local_model(m)]  # `-m ./my-model` is a config folder
     entries = [(("model", spec.name), spec.name, spec)
-               for spec in map(resolve_model, (m for m in models if not is_local_model(m)))]
-    for path in configs:
+               for spec in map(resolve_model, (m for m in models if m not in local))]
+    for path in [*configs, *local]:
         spec = load_config(path)
-        file = os.path.realpath(os.path.join(path, "config.json") if os.path.isdir(path) else path)
+        file = os.path.realpath(config_json_path(path))
         shown = os.path.relpath(os.path.dirname(file) if file.endswith(os.sep + "config.json") else file)
         entries.append((("config", file), f"{spec.name} (config {printable_path(shown)})", spec))
     entries += [(("d", d), spec.name, spec) for d, spec in ((d, from_dimension(d)) for d in dims)]
@@ -384,7 +384,8 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
                 sink.add(row)
             except OSError as exc:  # a full disk mid-run: say so now, keep measuring, print the table
                 write_error = f"cannot write {output}: {exc.strerror or exc}"
-                click.echo(f"lorabench: error: {write_error}; the run goes on, results on stdout only.", err=True)
+                click.echo(one_line(f"lorabench: error: {write_error}; the run goes on, results on stdout only."),
+                           err=True)
             if sink.moved is not None and len(sink.rows) == 1:
                 note(f"the file that was at {output} is now {sink.moved}.")
 
@@ -416,6 +417,3 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
         if any(r["status"] != "ok" or not r["within_tolerance"] for r in measured):
             ctx.exit(1)
 
-
-def main() -> None:
-    cli(prog_name="lorabench")

@@ -252,6 +252,11 @@ def parse_json(text: str, where: str):
         raise LorabenchError(f"{where}: not valid JSON ({msg}).") from None
 
 
+def config_json_path(path: str) -> str:
+    """The file a --config names: path itself, or the config.json in it when it is a folder."""
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
+
+
 def read_config_text(path: str) -> Tuple[str, str]:
     """(text, file) of a config.json given as a file or a folder holding one, size-capped.
 
@@ -260,7 +265,7 @@ def read_config_text(path: str) -> Tuple[str, str]:
     """
     if not path or not path.strip():
         raise LorabenchError("--config is empty; give a config.json or a folder holding one.")
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    file = config_json_path(path)
     try:
         st = os.stat(file)
     except FileNotFoundError:

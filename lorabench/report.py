@@ -461,7 +461,7 @@ def write_report(report: Dict, out_dir: os.PathLike | str, name: str, force: boo
     lorabench did not write was moved (else None).
 
     The files are built in a hidden temporary folder beside the target (same filesystem), marked as
-    lorabench's, then swapped with the old report in one atomic exchange (lorabench.safeio). Any
+    lorabench's, then swapped with the old report in one atomic exchange (lorabench.reportfolder). Any
     failure, KeyboardInterrupt and SIGTERM included, leaves the old report (or none) and no temporary
     folder; a SIGKILL's leftovers are cleaned by the next run.
 

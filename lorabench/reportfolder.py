@@ -57,14 +57,9 @@ def write_marker(folder: Path, files: Iterable[str], measured: bool = False) -> 
     (folder / MARKER).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _remove_report_folder(folder: Path) -> bool:
-    """Delete a folder lorabench made: the files its marker lists, the marker, then the folder (only if
-    that empties it). Returns False when something else is in it (then it stays)."""
-    marker = read_marker(folder)
-    if marker is None:
-        return False
-    if not _only_files(folder, [*marker["files"], MARKER]):
-        return False
+def _delete(folder: Path) -> bool:
+    """Delete folder's files, then the folder; callers have checked that every file is lorabench's.
+    Returns False when that fails part-way (what is left stays)."""
     try:
         for p in folder.iterdir():
             p.unlink()
@@ -74,10 +69,9 @@ def _remove_report_folder(folder: Path) -> bool:
     return True
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+def _remove_report_folder(folder: Path) -> bool:
+    """Delete a folder lorabench made (see is_report_folder); anything else in it keeps it whole."""
+    return is_report_folder(folder) and _delete(folder)
 
 
 def keep_reason(target: Path, measured: bool) -> Optional[str]:
@@ -91,7 +85,7 @@ def keep_reason(target: Path, measured: bool) -> Optional[str]:
     marker = read_marker(target) if target.is_dir() and not target.is_symlink() else None
     if marker is None:
         return "was not written by 'lorabench report'"
-    if not is_report_folder(target):
+    if not _only_files(target, [*marker["files"], MARKER]):
         return "holds files lorabench did not write"
     if marker.get("measured") and not measured:
         return "holds measurements (report --bench) and this run has none"
@@ -112,10 +106,11 @@ def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bo
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LorabenchError(f"--out-dir '{out_dir}' is not a folder.")
-    base = _nearest_existing(out.absolute())
+    missing = missing_folders(out)
+    base = missing[0].parent if missing else out.absolute()  # the nearest folder that exists
     if not base.is_dir():
         raise LorabenchError(f"--out-dir: '{base}' is not a folder.")
-    for folder in missing_folders(out):
+    for folder in missing:
         if folder.is_symlink():
             raise LorabenchError(f"--out-dir: '{folder}' is a symlink to nothing (dangling, or a loop).")
     probe_writable(base, "--out-dir")
@@ -159,9 +154,7 @@ def clean_stale(out: Path, name: str, files: Sequence[str]) -> None:
         elif not any(entry.iterdir()):
             entry.rmdir()
         elif _only_files(entry, files):  # killed before its marker
-            for p in entry.iterdir():
-                p.unlink()
-            entry.rmdir()
+            _delete(entry)
 
 
 def missing_folders(out: Path) -> List[Path]:

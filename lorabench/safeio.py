@@ -40,11 +40,11 @@ def pid_alive(pid: int) -> bool:
     if os.name != "posix":
         return True  # no cheap check: keep it
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -92,9 +92,10 @@ def check_output_file(path: str, *, option: str = "--output", extensions: Sequen
     folder = target.parent
     if not folder.is_dir():
         raise LorabenchError(f"{option}: folder '{os.path.dirname(path) or '.'}' does not exist.")
-    if len(os.fsencode(tmp_name(target.name, "tmp"))) > name_max(folder):
+    longest = name_max(folder)
+    if len(os.fsencode(tmp_name(target.name, "tmp"))) > longest:
         raise LorabenchError(f"{option}: the file name is longer than a file name can be here "
-                             f"({name_max(folder)} bytes, with room for a temporary name).")
+                             f"({longest} bytes, with room for a temporary name).")
     if target.is_dir():
         raise LorabenchError(f"{option} '{path}' is a folder.")
     if target.exists():
