@@ -26,14 +26,13 @@ from lorabench.estimate import memory_rows
 from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
+from lorabench.hfconfig import hf_config_dict
 from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
 from lorabench.specs import ModelSpec
 
 IMPLS = ("lorabench", "peft")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PEFT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
-                "up": "up_proj", "down": "down_proj"}
 LR = 1e-4
 LORAPLUS_RATIO = 16.0
 
@@ -80,14 +79,15 @@ def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], target
 
 def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
                device: torch.device, seed: int = 0) -> Built:
-    """transformers' LlamaForCausalLM (Qwen2ForCausalLM for q/k/v biases; SDPA, no dropout) wrapped by
-    PEFT as users train it.
+    """transformers' model for spec's family (AutoModelForCausalLM from the spec's config; dropout off; the
+    attention setup.attention names) wrapped by PEFT as users train it.
 
     LoRA-FA is PEFT LoRA with lora_A frozen; LoRA+ is PEFT LoRA with peft.optimizers'
     create_loraplus_optimizer. Delta-LoRA has no PEFT implementation.
 
     Raises:
-        LorabenchError: transformers/peft missing, a spec transformers' Llama cannot express, or delta-lora.
+        LorabenchError: transformers/peft missing, a spec transformers cannot express, delta-lora, or an
+            attention transformers refuses for the family.
     """
     try:
         import peft
@@ -96,24 +96,25 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         raise LorabenchError("--impl peft needs transformers and peft: pip install transformers peft.") from None
     if method.name == "delta-lora":
         raise LorabenchError("delta-lora has no PEFT implementation; measure it with --impl lorabench.")
-    if spec.single_matrix or spec.norm != "rmsnorm" or spec.fused_qkv or not spec.gated_mlp or spec.o_bias:
-        raise LorabenchError(f"--impl peft builds Llama- and Qwen2-style models; '{spec.name}' is neither.")
-    # Qwen2 is Llama with biases on q, k and v (transformers' Llama would put one on o too)
-    name = "Qwen2" if spec.qkv_bias else "Llama"
-    extra = {} if spec.qkv_bias else {"head_dim": spec.head_dim}
-    cfg = getattr(transformers, f"{name}Config")(
-        hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads, vocab_size=spec.vocab_size,
-        tie_word_embeddings=spec.tie_embeddings, attention_dropout=0.0, attn_implementation="sdpa", **extra)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = getattr(transformers, f"{name}ForCausalLM")(cfg).to(TORCH_DTYPES[setup.dtype])
+    if spec.family == "gpt2":
+        raise LorabenchError("--impl peft does not build gpt2 (its Conv1D layers are not wired in); use "
+                             "--impl lorabench.")
+    cfg = dict(hf_config_dict(spec))
+    try:
+        hf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        hf._attn_implementation = setup.attention
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(
+                hf, attn_implementation=setup.attention).to(TORCH_DTYPES[setup.dtype])
+    except ValueError as exc:  # e.g. Gemma 2 refuses SDPA
+        raise LorabenchError(f"transformers cannot build {spec.name} with {setup.attention} attention: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
     if setup.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     if method.name != "full":
-        modules = [PEFT_TARGETS[t] for t in targets]
+        modules = [spec.peft_name(t) for t in targets]
         if method.adapter == "vera":
             pcfg = peft.VeraConfig(r=rank, target_modules=modules, vera_dropout=setup.dropout)
         else:
@@ -224,6 +225,7 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
     """
     if warmup < 1:
         raise LorabenchError("--warmup must be at least 1: the first step creates the optimizer states.")
+    setup = setup.for_spec(spec)
     cuda = device.type == "cuda"
     tracker = None if cuda else LiveTensorTracker(device.type)
     built = None
@@ -378,6 +380,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
         raise LorabenchError(f"--steps must be at least 1, got {steps}.")
     if warmup < 1:
         raise LorabenchError("--warmup must be at least 1: the first step creates the optimizer states.")
+    setup = setup.for_spec(spec)  # "auto" attention: the family's
     if setup.dtype in QUANTIZED:
         raise LorabenchError(f"bench runs float bases only ({', '.join(FLOAT_BYTES)}); a {setup.dtype} base "
                              "needs bitsandbytes kernels lorabench does not build yet.")

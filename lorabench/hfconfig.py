@@ -13,7 +13,7 @@ import json
 import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Tuple
 
 from lorabench.errors import LorabenchError
@@ -41,10 +41,13 @@ class Key:
 
     Attributes:
         name: the key.
-        kind: "int" (an integer in [1, hi]) or "bool" (a JSON boolean).
-        required: absent is an error (otherwise the family's default applies).
+        kind: "int" (an integer in [1, hi]), "bool" (a JSON boolean), "float" (a positive finite number),
+            "ints" (a list of integers in [0, hi]) or "strs" (a list of strings).
+        required: absent is an error (otherwise `default` applies).
         hi: largest accepted integer.
-        nullable: null means "the default" (transformers' configs write `"head_dim": null`).
+        nullable: null is accepted (transformers' configs write `"head_dim": null`, "no soft-capping").
+        default: the value when the key is absent: transformers' config class default for the family
+            (None: the builder derives it, as head_dim = hidden_size / heads).
     """
 
     name: str
@@ -52,14 +55,23 @@ class Key:
     required: bool = True
     hi: int = MAX_WIDTH
     nullable: bool = False
+    default: object = None
 
 
-def _int(name, hi=MAX_WIDTH, required=True, nullable=False) -> Key:
-    return Key(name, "int", required, hi, nullable)
+def _int(name, hi=MAX_WIDTH, required=True, nullable=False, default=None) -> Key:
+    return Key(name, "int", required and default is None, hi, nullable, default)
 
 
-def _bool(name) -> Key:
-    return Key(name, "bool", required=False)
+def _bool(name, default=None) -> Key:
+    return Key(name, "bool", required=False, default=default)
+
+
+def _float(name, default=None) -> Key:
+    return Key(name, "float", required=False, nullable=True, default=default)
+
+
+def _list(name, kind, hi=MAX_LAYERS) -> Key:
+    return Key(name, kind, required=False, hi=hi, nullable=True)
 
 
 LLAMA_KEYS = (
@@ -92,13 +104,76 @@ def _attention(v: Dict, where: str) -> Tuple[int, int, int]:
 
 def _build_llama(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
     heads, kv, head_dim = _attention(v, where)
-    # transformers: Qwen2 always has q/k/v biases and no o bias; llama's attention_bias puts one on all four.
+    # transformers: Qwen2 always has q/k/v biases and no o bias; llama's attention_bias puts one on all four
+    # (so do Qwen3's and OLMo 2's); Phi-3 has none.
     attention_bias = v.get("attention_bias", False)
     return ModelSpec(name=name, hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
                      num_layers=v["num_hidden_layers"], num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
                      vocab_size=v["vocab_size"], tie_embeddings=v.get("tie_word_embeddings", False),
                      qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
-                     mlp_bias=v.get("mlp_bias", False))
+                     mlp_bias=v.get("mlp_bias", False), family=model_type)
+
+
+def _sliding_pattern(v: Dict, where: str, model_type: str) -> int:
+    """Gemma's sliding-window layout as "every Nth layer is global": from layer_types (transformers 5) or
+    sliding_window_pattern (older Gemma 3 configs); Gemma 2 alternates (N = 2)."""
+    types = v.get("layer_types")
+    if types:
+        sliding = [t == "sliding_attention" for t in types]
+        if not all(t in ("sliding_attention", "full_attention") for t in types):
+            raise LorabenchError(f"{where}: 'layer_types' holds a type other than sliding_attention and "
+                                 "full_attention.")
+        if all(sliding):
+            return 1
+        n = sliding.index(False) + 1
+        if any(s != bool((i + 1) % n) for i, s in enumerate(sliding)):
+            raise LorabenchError(f"{where}: 'layer_types' is not a repeating pattern of sliding layers and one "
+                                 "global layer; lorabench models only that layout.")
+        return n
+    return v.get("sliding_window_pattern") or GEMMA_GLOBAL_EVERY[model_type]
+
+
+# transformers' default layer_types: Gemma 2 alternates sliding and global layers, Gemma 3 has five sliding
+# layers to one global.
+GEMMA_GLOBAL_EVERY = {"gemma2": 2, "gemma3_text": 6}
+
+
+def _build_gemma(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
+    heads, kv, head_dim = _attention(v, where)
+    bias = v.get("attention_bias", False)
+    return ModelSpec(name=name, hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                     num_layers=v["num_hidden_layers"], num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+                     vocab_size=v["vocab_size"], tie_embeddings=v["tie_word_embeddings"], qkv_bias=bias,
+                     o_bias=bias, family=model_type, attn_softcap=v.get("attn_logit_softcapping") or 0.0,
+                     final_softcap=v.get("final_logit_softcapping") or 0.0,
+                     sliding_window=v.get("sliding_window") or 0,
+                     sliding_pattern=_sliding_pattern(v, where, model_type) if v.get("sliding_window") else 0,
+                     query_pre_attn_scalar=v["query_pre_attn_scalar"])
+
+
+def _moe_layers(v: Dict, where: str) -> None:
+    """Refuses layouts with dense layers among the sparse ones (no published Qwen MoE has them)."""
+    if v.get("decoder_sparse_step", 1) != 1 or v.get("mlp_only_layers"):
+        raise LorabenchError(f"{where}: dense layers among the experts ('decoder_sparse_step' other than 1 or "
+                             "a non-empty 'mlp_only_layers') are not modelled.")
+
+
+def _build_moe(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
+    heads, kv, head_dim = _attention(v, where)
+    _moe_layers(v, where)
+    experts = v.get("num_local_experts") or v["num_experts"]
+    top_k = v["num_experts_per_tok"]
+    if top_k > experts:
+        raise LorabenchError(f"{where}: 'num_experts_per_tok' {top_k} is more than the {experts} experts.")
+    shared = v.get("shared_expert_intermediate_size", 0)  # Qwen2-MoE's always-on expert
+    bias = v.get("attention_bias", False)
+    return ModelSpec(name=name, hidden_size=v["hidden_size"], intermediate_size=shared,
+                     num_layers=v["num_hidden_layers"], num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+                     vocab_size=v["vocab_size"], tie_embeddings=v.get("tie_word_embeddings", False),
+                     qkv_bias=v.get("qkv_bias", bias), o_bias=bias, family=model_type, num_experts=experts,
+                     experts_per_token=top_k,
+                     expert_intermediate_size=v.get("moe_intermediate_size") or v["intermediate_size"],
+                     shared_expert_gate=bool(shared))
 
 
 def _build_gpt2(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
@@ -108,8 +183,7 @@ def _build_gpt2(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
     return ModelSpec(name=name, hidden_size=d, intermediate_size=v.get("n_inner") or 4 * d,
                      num_layers=v["n_layer"], num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
                      vocab_size=v["vocab_size"], tie_embeddings=v.get("tie_word_embeddings", True),
-                     qkv_bias=True, o_bias=True, mlp_bias=True, gated_mlp=False, norm="layernorm",
-                     fused_qkv=True, max_positions=v["n_positions"], family="gpt2")
+                     qkv_bias=True, o_bias=True, mlp_bias=True, max_positions=v["n_positions"], family="gpt2")
 
 
 @dataclass(frozen=True)
@@ -120,14 +194,58 @@ class Family:
     build: Callable[[Dict, str, str, str], ModelSpec]
 
 
+ATTENTION_BIAS = (_bool("attention_bias"),)
+# Gemma's configs leave many keys to the config class: these defaults are transformers' Gemma2Config and
+# Gemma3TextConfig (checked against them in tests/test_families.py).
+GEMMA_SHARED = (
+    _int("num_attention_heads", MAX_HEADS, default=8), _int("num_key_value_heads", MAX_HEADS, False, True, 4),
+    _int("head_dim", nullable=True, default=256), _int("query_pre_attn_scalar", default=256),
+    _bool("tie_word_embeddings", True), _bool("attention_bias"), _list("layer_types", "strs"),
+)
+GEMMA2_KEYS = GEMMA_SHARED + (
+    _int("hidden_size", default=2304), _int("intermediate_size", MAX_MLP, default=9216),
+    _int("num_hidden_layers", MAX_LAYERS, default=26), _int("vocab_size", MAX_VOCAB, default=256000),
+    _float("attn_logit_softcapping", 50.0), _float("final_logit_softcapping", 30.0),
+    _int("sliding_window", MAX_POSITIONS, nullable=True, default=4096),
+)
+GEMMA3_KEYS = GEMMA_SHARED + (
+    _int("hidden_size", default=2304), _int("intermediate_size", MAX_MLP, default=9216),
+    _int("num_hidden_layers", MAX_LAYERS, default=26), _int("vocab_size", MAX_VOCAB, default=262208),
+    _float("attn_logit_softcapping"), _float("final_logit_softcapping"),
+    _int("sliding_window", MAX_POSITIONS, nullable=True, default=4096),
+    _int("sliding_window_pattern", MAX_LAYERS, required=False),
+)
+MOE_KEYS = (
+    _int("hidden_size"), _int("num_hidden_layers", MAX_LAYERS), _int("num_attention_heads", MAX_HEADS),
+    _int("num_key_value_heads", MAX_HEADS, False, True), _int("head_dim", required=False, nullable=True),
+    _int("vocab_size", MAX_VOCAB), _bool("tie_word_embeddings"), _int("num_experts_per_tok", MAX_HEADS),
+)
+QWEN_MOE_KEYS = MOE_KEYS + (
+    _int("num_experts", MAX_HEADS), _int("moe_intermediate_size", MAX_MLP),
+    _int("intermediate_size", MAX_MLP, required=False), _int("decoder_sparse_step", MAX_LAYERS, required=False),
+    _list("mlp_only_layers", "ints"),
+)
+
 # model_type -> family. Defaults for absent keys follow transformers' config classes.
 FAMILIES: Dict[str, Family] = {
-    "llama": Family(LLAMA_KEYS + (_bool("attention_bias"), _bool("mlp_bias")), _build_llama),
+    "llama": Family(LLAMA_KEYS + ATTENTION_BIAS + (_bool("mlp_bias"),), _build_llama),
     "mistral": Family(LLAMA_KEYS, _build_llama),
     "qwen2": Family(LLAMA_KEYS, _build_llama),
+    "qwen3": Family(LLAMA_KEYS + ATTENTION_BIAS, _build_llama),
+    "gemma2": Family(GEMMA2_KEYS, _build_gemma),
+    "gemma3_text": Family(GEMMA3_KEYS, _build_gemma),
+    "phi3": Family(LLAMA_KEYS, _build_llama),
+    "olmo2": Family(LLAMA_KEYS + ATTENTION_BIAS, _build_llama),
+    "mixtral": Family(MOE_KEYS + (_int("num_local_experts", MAX_HEADS), _int("intermediate_size", MAX_MLP)),
+                      _build_moe),
+    "qwen2_moe": Family(QWEN_MOE_KEYS + (_int("shared_expert_intermediate_size", MAX_MLP),
+                                         _bool("qkv_bias", True)), _build_moe),
+    "qwen3_moe": Family(QWEN_MOE_KEYS + ATTENTION_BIAS, _build_moe),
     "gpt2": Family(GPT2_KEYS, _build_gpt2),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# Vision-language checkpoints whose language model lorabench reads from text_config.
+MULTIMODAL = {"gemma3": "gemma3_text"}
 
 
 def _shown(value) -> str:
@@ -139,6 +257,17 @@ def _check(key: Key, value, where: str):
     """value if it is what key allows; raises LorabenchError naming the file and the key."""
     if value is None and key.nullable:
         return None
+    if key.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise LorabenchError(f"{where}: '{key.name}' must be a positive number or null, got {_shown(value)}.")
+        return float(value)
+    if key.kind in ("ints", "strs"):
+        item = (lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= key.hi) \
+            if key.kind == "ints" else (lambda x: isinstance(x, str))
+        if not isinstance(value, list) or not all(item(x) for x in value):
+            what = f"integers from 0 to {key.hi:,}" if key.kind == "ints" else "strings"
+            raise LorabenchError(f"{where}: '{key.name}' must be a list of {what}, got {_shown(value)}.")
+        return value
     if key.kind == "bool":
         if not isinstance(value, bool):
             raise LorabenchError(f"{where}: '{key.name}' must be true or false (a JSON boolean), "
@@ -169,6 +298,17 @@ def from_hf_config(cfg, name: str = "config.json", where: Optional[str] = None) 
     if not isinstance(cfg, dict):
         raise LorabenchError(f"{where}: expected a JSON object, got {type(cfg).__name__ if cfg is not None else 'null'}.")
     model_type = cfg.get("model_type")
+    notes: Tuple[str, ...] = ()
+    if isinstance(model_type, str) and model_type in MULTIMODAL:
+        # A vision-language checkpoint (Gemma 3 4B and up): its language model is text_config.
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise LorabenchError(f"{where}: a {model_type} config.json needs a 'text_config' object (the "
+                                 "language model).")
+        cfg = {"model_type": MULTIMODAL[model_type], **text}
+        notes = (f"{model_type} is a vision-language model: the language model (text_config) is counted; the "
+                 "vision tower and its projector are not, and training them is not modelled.",)
+        model_type = cfg["model_type"]
     if model_type is None:
         raise LorabenchError(f"{where}: 'model_type' is missing (supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
     if not isinstance(model_type, str) or model_type not in FAMILIES:
@@ -180,9 +320,12 @@ def from_hf_config(cfg, name: str = "config.json", where: Optional[str] = None) 
         if key.name not in cfg:
             if key.required:
                 raise LorabenchError(f"{where}: '{key.name}' is missing; a {model_type} config.json has it.")
+            if key.default is not None:
+                values[key.name] = key.default
             continue
         values[key.name] = _check(key, cfg[key.name], where)
-    return family.build(values, name, where, model_type)
+    spec = family.build(values, name, where, model_type)
+    return replace(spec, notes=spec.notes + notes) if notes else spec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,4 +458,55 @@ def load_config(path: str, where: Optional[str] = None) -> ModelSpec:
 def printable_path(path: str) -> str:
     """path as text that every JSON reader and terminal takes: bytes that are not UTF-8 (a folder named
     b'bad\\xffname') are written as \\xff escapes instead of lone surrogates."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate that no filesystem name decodes to ('\ud800')
+        return path.encode("utf-8", "backslashreplace").decode("ascii")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def hf_config_dict(spec: ModelSpec) -> Dict:
+    """The config.json keys transformers needs to build spec's model (the inverse of from_hf_config), for
+    `lorabench bench --impl peft`. Dropout off; special-token ids inside any vocabulary.
+
+    Raises:
+        LorabenchError: a --d matrix, which is no model.
+    """
+    if spec.single_matrix:
+        raise LorabenchError(f"'{spec.name}' is a single d x d matrix, not a model to build.")
+    s, f = spec, spec.family
+    if f == "gpt2":
+        return {"model_type": f, "n_embd": s.hidden_size, "n_head": s.num_heads, "n_layer": s.num_layers,
+                "n_positions": s.max_positions, "n_inner": s.intermediate_size, "vocab_size": s.vocab_size,
+                "tie_word_embeddings": s.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    cfg = {"model_type": f, "hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
+           "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads, "head_dim": s.head_dim,
+           "vocab_size": s.vocab_size, "tie_word_embeddings": s.tie_embeddings, "attention_dropout": 0.0,
+           "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
+    if s.intermediate_size:
+        cfg["intermediate_size"] = s.intermediate_size
+    if f == "llama":
+        cfg.update(attention_bias=s.o_bias, mlp_bias=s.mlp_bias)
+        if s.qkv_bias and not s.o_bias:
+            raise LorabenchError(f"transformers' Llama has no q/k/v-only biases ('{spec.name}'); use qwen2.")
+    elif f in ("qwen3", "olmo2", "qwen3_moe", "gemma2", "gemma3_text"):
+        cfg["attention_bias"] = s.o_bias
+    elif f == "phi3":
+        cfg.update(resid_pdrop=0.0, embd_pdrop=0.0)
+    if f in ("gemma2", "gemma3_text"):
+        cfg.update(query_pre_attn_scalar=s.query_pre_attn_scalar or s.head_dim,
+                   attn_logit_softcapping=s.attn_softcap or None, final_logit_softcapping=s.final_softcap or None,
+                   sliding_window=s.sliding_window or None,
+                   layer_types=["sliding_attention" if s.sliding_pattern and (
+                       s.sliding_pattern == 1 or (i + 1) % s.sliding_pattern) else "full_attention"
+                                for i in range(s.num_layers)] if s.sliding_window else None)
+    if s.moe:
+        cfg.update(num_experts_per_tok=s.experts_per_token, router_jitter_noise=0.0, output_router_logits=False)
+        if f == "mixtral":
+            cfg.update(num_local_experts=s.num_experts, intermediate_size=s.expert_intermediate_size)
+        else:
+            cfg.update(num_experts=s.num_experts, moe_intermediate_size=s.expert_intermediate_size,
+                       decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=f == "qwen3_moe")
+        if f == "qwen2_moe":
+            cfg.update(shared_expert_intermediate_size=s.intermediate_size, qkv_bias=s.qkv_bias)
+    return cfg

@@ -10,13 +10,13 @@ saves), checked by measurement in `lorabench bench`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU, MiB
 from lorabench.methods import Method
-from lorabench.params import ParamCount, count_base_params, count_params
+from lorabench.params import ParamCount, adapter_tensors, count_base_params, count_params
 from lorabench.specs import ModelSpec
 
 # Bytes per element of the dtypes a base, an adapter or an activation can have.
@@ -38,7 +38,8 @@ OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "sgd-momentum")
 BNB_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
 
-ATTENTION = ("sdpa", "eager")
+# "auto": the attention transformers runs for the family (Arch.attention).
+ATTENTION = ("auto", "sdpa", "eager")
 DEVICES = ("cuda", "cpu")
 # Whose layers run the step: "peft" (Hugging Face transformers + PEFT, what users run) or "lorabench"
 # (lorabench.nn's own modules). They differ in what autograd keeps; see _adapter_saves and estimate_activations.
@@ -64,7 +65,8 @@ class TrainingSetup:
         adapter_dtype: storage dtype of adapter parameters (fp32, as PEFT keeps them).
         optimizer: adamw, adamw-8bit, sgd or sgd-momentum.
         grad_checkpointing: keep only each decoder layer's input; recompute the layer in backward.
-        attention: "sdpa" (flash / memory-efficient kernels: no s x s tensor) or "eager" (softmax kept).
+        attention: "sdpa" (flash / memory-efficient kernels: no s x s tensor), "eager" (softmax kept) or
+            "auto": what transformers runs for the family (eager for Gemma 2, sdpa otherwise).
         dropout: LoRA dropout on the adapter input (0 means the layer is skipped).
         master_weights: keep an fp32 copy of trainable weights and fp32 optimizer states (mixed precision
             as in Micikevicius et al. 2018, DeepSpeed and Megatron), beside the low-precision weights.
@@ -81,7 +83,7 @@ class TrainingSetup:
     adapter_dtype: str = "fp32"
     optimizer: str = "adamw"
     grad_checkpointing: bool = False
-    attention: str = "sdpa"
+    attention: str = "auto"
     dropout: float = 0.0
     master_weights: bool = False
     device: str = "cuda"
@@ -108,6 +110,12 @@ class TrainingSetup:
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
+
+    def for_spec(self, spec: ModelSpec) -> "TrainingSetup":
+        """This setup with "auto" attention resolved to the family's."""
+        if self.attention != "auto":
+            return self
+        return replace(self, attention="sdpa" if spec.single_matrix else spec.arch.attention)
 
     @property
     def act_bytes(self) -> int:
@@ -183,31 +191,28 @@ def weights_bytes(spec: ModelSpec, dtype: str) -> int:
 def _trainable_tensors(spec: ModelSpec, method: Method, rank: Optional[int],
                        targets: Tuple[str, ...]) -> Tuple[Tuple[int, int], ...]:
     """(numel, count) of each kind of trainable tensor: bnb's 8-bit optimizer decides per tensor."""
-    if method.base_trainable:
-        d, out = spec.hidden_size, []
-        for i, o, bias in spec.linear_shapes().values():
-            out.append((i * o, spec.num_layers))
-            if bias:
-                out.append((o, spec.num_layers))
-        norms = 2 * spec.num_layers + (0 if spec.single_matrix else 1)
-        if not spec.single_matrix:
-            out += [(d, norms * (2 if spec.norm == "layernorm" else 1)),
-                    (spec.vocab_size * d, 1 if spec.tie_embeddings else 2)]
-            if spec.max_positions:
-                out.append((spec.max_positions * d, 1))
+    L = spec.num_layers
+    if not method.base_trainable:
+        out = []
+        for t in targets:
+            out += [(numel, L) for numel, trains in adapter_tensors(spec, method, rank, t) if trains]
         return tuple(out)
-    shapes = spec.linear_shapes()
-    out = []
-    for t in targets:
-        i, o, _ = shapes[t]
-        if method.adapter == "vera":
-            out += [(rank, spec.num_layers), (o, spec.num_layers)]
-            continue
-        if method.trains_a:
-            out.append((rank * i, spec.num_layers))
-        out.append((o * rank, spec.num_layers))
-        if method.adapter == "dora":
-            out.append((o, spec.num_layers))
+    d, out = spec.hidden_size, []
+    for i, o, bias in spec.linear_shapes().values():
+        out.append((i * o, L))
+        if bias:
+            out.append((o, L))
+    if spec.single_matrix:
+        return tuple(out)
+    out += [(e * o * i, L) for e, o, i in spec.moe_shapes().values()]
+    norms = spec.arch.norms_per_layer * L + 1
+    out += [(d, norms * (2 if spec.norm == "layernorm" else 1)), (spec.vocab_size * d, 1 if spec.tie_embeddings else 2)]
+    if spec.arch.qk_norm == "head":
+        out.append((spec.head_dim, 2 * L))
+    elif spec.arch.qk_norm == "full":
+        out += [(spec.q_dim, L), (spec.kv_dim, L)]
+    if spec.max_positions:
+        out.append((spec.max_positions * d, 1))
     return tuple(out)
 
 
@@ -257,21 +262,20 @@ def _adapter_saves(method: Method, setup: TrainingSetup, rank: int, in_f: int, o
     return method.trains_a and not keeps_own, saved
 
 
-def _norm_input_saves(spec: ModelSpec, a: int) -> int:
-    """Bytes per token a norm keeps whatever is trainable, once gradients flow through it.
+def _norm_saves(spec: ModelSpec, width: int, rows: int, a: int, weight_trainable: bool) -> int:
+    """Bytes per token one norm over `width` keeps once its input needs a gradient (rows: norms per token,
+    e.g. one per head for a per-head q norm).
 
-    RMSNorm as Hugging Face writes it (x.float(); pow(2).mean; x * rsqrt): the fp32 copy of x (4 d) and the
-    rsqrt (4). LayerNorm (native_layer_norm): its input (a d) plus fp32 mean and rstd (8).
+    RMSNorm as transformers writes it (x.float(); pow(2).mean; x * rsqrt): the fp32 copy of x (4 width) and
+    the rsqrt (4 per row). A trainable weight keeps its other factor: x * rsqrt cast back to x's dtype (a
+    width) in Llama's order (weight * x.to(dtype)); in float32 (4 width) where the product is taken before
+    the cast (OLMo 2's weight * x, Gemma's x * (1 + weight)). LayerNorm (native_layer_norm): its input (a
+    width) plus fp32 mean and rstd (8).
     """
     if spec.norm == "layernorm":
-        return a * spec.hidden_size + 8
-    return 4 * spec.hidden_size + 4
-
-
-def _norm_weight_saves(spec: ModelSpec, method: Method, a: int) -> int:
-    """A trainable RMSNorm weight keeps its other factor, x * rsqrt cast back to the input dtype (a d):
-    a tensor apart from the norm's output (weight * that), which the next projections keep."""
-    return a * spec.hidden_size if method.base_trainable and spec.norm == "rmsnorm" else 0
+        return a * width + 8 * rows
+    weight = (a if spec.norm == "rmsnorm" else 4) * width if weight_trainable else 0
+    return 4 * width + 4 * rows + weight
 
 
 def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank) -> Tuple[bool, int]:
@@ -280,12 +284,49 @@ def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank) ->
     keep = method.base_trainable  # a trainable W needs its input for the weight gradient
     extra = 0
     for n in names:
-        if n in targets and method.uses_rank:
+        if n in targets and method.uses_rank and n in shapes:
             i, o, _ = shapes[n]
             keeps_x, saved = _adapter_saves(method, setup, rank, i, o, dropout)
             keep = keep or keeps_x
             extra += saved
     return keep, extra
+
+
+def _eager_attention_saves(spec: ModelSpec, a: int, seq_len: int) -> int:
+    """Bytes per token transformers' eager_attention_forward keeps: q and k for QK^T, where k (and v) are
+    repeat_kv copies at full query width under grouped-query attention; the tanh of soft-capped scores
+    (Gemma 2); the fp32 softmax output and its cast to q's dtype for the AV product; v."""
+    kv = spec.q_dim if spec.num_kv_heads != spec.num_heads else spec.kv_dim
+    scores = spec.num_heads * seq_len
+    return (a * (spec.q_dim + 2 * kv) + scores * (4 + (a if a < 4 else 0))
+            + (a * scores if spec.attn_softcap else 0))
+
+
+def _moe_saves(spec: ModelSpec, method: Method, targets: Tuple[str, ...], a: int, live: bool) -> int:
+    """Bytes per token a mixture-of-experts block keeps, past its input, as transformers' default
+    grouped_mm experts (transformers/integrations/moe.py) and the family's router run it.
+
+    Router: the fp32 softmax over E experts, the top-k indices (int64) and, where the top-k weights are
+    renormalised (Mixtral, Qwen3-MoE), those weights and their sum. Dispatch: the sort permutation, the
+    token index and the inverse permutation (int64, k each). Experts, per routed token copy (k per token):
+    the gate_up output (2I, kept whole: silu keeps the gate half, the product the up half), silu's output
+    (I), the down output (d, for the routing weight's gradient) and the routing weight (fp32 for Mixtral).
+    A trainable expert weight (full fine-tuning, or PEFT's ParamWrapper, whose merged weight requires a
+    gradient) also keeps the gathered input (d) and the product (I). Qwen2-MoE's shared expert keeps its
+    gate and up outputs and silu's (3 S), its output (d) and the sigmoid gate (1).
+    Measured against the tracker for every family.
+    """
+    if not live:
+        return 0
+    e, k, i, d = spec.num_experts, spec.experts_per_token, spec.expert_intermediate_size, spec.hidden_size
+    renorm = spec.family in ("mixtral", "qwen3_moe")
+    w = 4 if spec.family == "mixtral" else a
+    trains_experts = method.base_trainable or (method.uses_rank and "experts" in targets)
+    saved = 4 * e + 8 * k + (4 * k + 4 if renorm else 0)
+    saved += k * (24 + a * d + 3 * a * i + w + (a * (d + i) if trains_experts else 0))
+    if spec.shared_expert_gate:  # (the product, down's input, is counted with down's consumers)
+        saved += 3 * a * spec.intermediate_size + a * d + a
+    return saved
 
 
 def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
@@ -295,36 +336,47 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
 
     input_needs_grad is False for the first layer when the embeddings are frozen. Autograd records an op
     only when something it reads needs a gradient, so until the first trainable weight in that layer
-    (LoRA on down only: the whole attention block and the MLP up to down) nothing is kept.
+    (LoRA on down only: the whole attention block and the MLP up to down) nothing is kept. The family's
+    structure (spec.arch) decides the rest: where the norms sit, q/k norms, fused projections, experts.
     """
+    setup = setup.for_spec(spec)
     a, d, i = setup.act_bytes, spec.hidden_size, spec.intermediate_size
+    arch = spec.arch
     dropout = 0.0 if method.name == "delta-lora" else setup.dropout
     args = (spec, method, targets, setup, dropout, rank)
+    full = method.base_trainable
 
     def trains(names) -> bool:  # a weight of these projections gets a gradient
-        return method.base_trainable or (method.uses_rank and any(n in targets for n in names))
+        return full or (method.uses_rank and any(n in targets for n in names))
+
+    def norm(width: int = d, rows: int = 1) -> int:
+        return _norm_saves(spec, width, rows, a, full)
 
     if spec.single_matrix:
         keep, extra = _consumers_keep_input(("w",), *args)
         return (a * d if keep else 0) + extra
-    norm_in = _norm_input_saves(spec, a) + _norm_weight_saves(spec, method, a)
+    pre, post = arch.norm_layout in ("pre", "sandwich"), arch.norm_layout in ("post", "sandwich")
     live = input_needs_grad  # the residual stream needs a gradient
     total = 0
-    # Attention block: norm, q/k/v, rotary (cos/sin are shared by all layers), attention, o.
-    total += norm_in if live else 0
-    qkv = ("qkv",) if spec.fused_qkv else ("q", "k", "v")
+    # Attention block: (pre-norm), q/k/v, (q/k norms), rotary (cos/sin shared by all layers), attention, o.
+    total += norm() if live and pre else 0
+    qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
     keep, extra = _consumers_keep_input(qkv, *args)
-    total += (a * d if keep else 0) + extra  # the norm's output, shared by q, k and v
+    total += (a * d if keep else 0) + extra  # the norm's output (or the residual), shared by q, k and v
+    if arch.qk_norm:
+        head = arch.qk_norm == "head"
+        if live or trains(("q", "qkv")):
+            total += norm(spec.q_dim, spec.num_heads if head else 1)
+        if live or trains(("k", "qkv")):
+            total += norm(spec.kv_dim, spec.num_kv_heads if head else 1)
     live = live or trains(qkv)
-    tokens_kv = spec.num_kv_heads * spec.head_dim
     if live and setup.attention == "sdpa":
         # SDPA (flash / efficient kernels) keeps q, k, v, its output and fp32 logsumexp per head
-        # (Dao 2023, FlashAttention-2 Alg. 2). With GQA, k and v stay at kv width (enable_gqa).
-        total += a * (2 * spec.q_dim + 2 * tokens_kv) + 4 * spec.num_heads
+        # (Dao 2023, FlashAttention-2 Alg. 2). With GQA, k and v stay at kv width (enable_gqa). (A fused
+        # qkv's v is a slice of its output, but what SDPA keeps is a contiguous copy: measured.)
+        total += a * (2 * spec.q_dim + 2 * spec.kv_dim) + 4 * spec.num_heads
     elif live:
-        # Eager: q and k for QK^T, fp32 softmax output and its cast for the AV product, v.
-        total += a * (spec.q_dim + 2 * tokens_kv)
-        total += spec.num_heads * setup.seq_len * (4 + (a if a < 4 else 0))
+        total += _eager_attention_saves(spec, a, setup.seq_len)
     keep, extra = _consumers_keep_input(("o",), *args)
     # o's input: the heads merged. The fused SDPA kernels (CUDA flash/efficient, and the CPU flash kernel
     # for q made as view(B, S, H, hd).transpose(1, 2)) write their output as [B, S, H, hd], so
@@ -332,13 +384,26 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     shared = live and setup.attention == "sdpa"
     total += (a * spec.q_dim if keep and not shared else 0) + extra
     live = live or trains(("o",))
+    total += norm() if live and post else 0  # post-attention norm on o's output
     # MLP block.
-    total += norm_in if live else 0
+    total += norm() if live and pre else 0
+    if spec.moe:
+        router = ("router", "experts") + (("gate", "up", "shared_gate") if spec.shared_expert_gate else ())
+        keep, extra = _consumers_keep_input(router, *args)
+        keep = keep or method.uses_rank and "router" in targets  # PEFT's merged router weight needs x
+        total += (a * d if keep else 0) + extra + _moe_saves(spec, method, targets, a, live)
+        live = live or trains(router)
+        if spec.shared_expert_gate:
+            keep, extra = _consumers_keep_input(("down",), *args)
+            total += (a * i if keep else 0) + extra
+        total += norm() if live and post else 0
+        return total
     if spec.gated_mlp:
-        keep, extra = _consumers_keep_input(("gate", "up"), *args)
+        gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up")
+        keep, extra = _consumers_keep_input(gate_up, *args)
         total += (a * d if keep else 0) + extra
-        # SwiGLU silu(g) * u: silu keeps g, the product keeps silu(g) for u's gradient and u for g's.
-        g_grad, u_grad = live or trains(("gate",)), live or trains(("up",))
+        # act(g) * u: the activation keeps g, the product keeps act(g) for u's gradient and u for g's.
+        g_grad, u_grad = live or trains(("gate", "gate_up")), live or trains(("up", "gate_up"))
         total += a * i * ((2 if g_grad else 0) + (1 if u_grad else 0))
         live = g_grad or u_grad
     else:
@@ -348,6 +413,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
         total += a * i if live else 0  # gelu keeps its input
     keep, extra = _consumers_keep_input(("down",), *args)
     total += (a * i if keep else 0) + extra
+    total += norm() if live and post else 0  # post-feedforward norm on down's output
     return total
 
 
@@ -369,10 +435,34 @@ def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], tar
     return spec.num_layers * per_layer
 
 
+def _merged_expert_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+                         setup: TrainingSetup) -> int:
+    """PEFT's lora.ParamWrapper on fused experts (transformers 5) merges W + s B A into a full-size weight on
+    every forward (torch.baddbmm, peft/tuners/lora/layer.py _LoraFactorsProxy), which grouped_mm keeps for
+    backward: every expert's weights once more per layer, whatever the tokens. In a low-precision model the
+    fp32 factors are cast for the product and kept too (B only when A is frozen: A's copies stay). The
+    router's merged weight (E x d) likewise."""
+    if setup.impl != "peft" or not method.uses_rank or "experts" not in targets:
+        return 0
+    a, shapes = setup.act_bytes, spec.moe_shapes()
+    e, i, d = spec.num_experts, spec.expert_intermediate_size, spec.hidden_size
+    per_layer = a * 3 * e * i * d
+    if FLOAT_BYTES[setup.adapter_dtype] != a:
+        # gate_up at rank 2r: B [E, 2I, 2r], A [E, 2r, d]; down at rank r: B [E, d, r], A [E, r, I]
+        per_layer += a * e * ((4 * rank * i if method.trains_a else 0) + 2 * rank * d
+                              + (rank * d if method.trains_a else 0) + rank * i)
+    if "router" in targets:
+        per_layer += a * shapes["router"][1] * d
+    return spec.num_layers * per_layer
+
+
 def _backward_transient_per_token(spec: ModelSpec, a: int) -> int:
     """Gradient buffers alive while one layer's MLP back-propagates: grads of the product, of silu's
-    output, of gate and up (a x intermediate each at worst) plus the residual stream's gradient twice."""
+    output, of gate and up (a x intermediate each at worst) plus the residual stream's gradient twice.
+    A mixture of experts has these per routed token copy (k per token), and its shared expert's."""
     mlp = (3 if spec.gated_mlp else 2) * a * spec.intermediate_size
+    if spec.moe:
+        mlp += 3 * a * spec.experts_per_token * spec.expert_intermediate_size
     return mlp + 2 * a * spec.hidden_size
 
 
@@ -420,28 +510,37 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     rope = 0
     if not spec.max_positions:
         # rotary cos and sin [1, S, hd], kept by the q/k multiplications: per position, not per token
-        rope = 2 * a * spec.head_dim * setup.seq_len
-    per_token += _norm_input_saves(spec, a) + _norm_weight_saves(spec, method, a)  # final norm
+        # (Gemma 3: one pair for its sliding layers, one for its global layers)
+        rope = 2 * a * spec.head_dim * setup.seq_len * spec.arch.rope_tables
+    per_token += _norm_saves(spec, d, 1, a, method.base_trainable)  # final norm
     if method.base_trainable:
         per_token += a * d  # final norm's output: the output head's weight gradient needs it
     if setup.attention == "eager":
-        per_token += a * setup.seq_len  # the materialized causal mask, shared by all layers
+        # the materialized causal mask, shared by all layers (and a sliding-window one for sliding layers)
+        masks = 1 + (1 if 0 < spec.sliding_layers() < L else 0)
+        per_token += masks * a * setup.seq_len
     # Logits and loss as transformers computes them: logits (a V) are upcast to fp32 (4 V) and
     # cross_entropy = log_softmax (keeps its fp32 output, 4 V) + nll_loss. In backward, nll_loss's
     # gradient (4 V) and log_softmax's input gradient (4 V) are alive with the kept output.
     v = spec.vocab_size
     held = a * v
     upcast = 4 * v if a < 4 else 0
-    fwd = held + upcast + 4 * v
-    bwd = held + 12 * v
+    # Gemma 2 soft-caps the logits, cap * tanh(logits / cap): tanh keeps its output (a V) until backward.
+    capped = a * v if spec.final_softcap else 0
+    fwd = held + upcast + 4 * v + capped
+    bwd = held + 12 * v + capped
     # transformers' decoder returns a DynamicCache of every layer's k and v unless use_cache is off (it is
     # turned off under gradient checkpointing): a loop that keeps the output keeps the cache.
     cache = 0
     if setup.impl == "peft" and not setup.grad_checkpointing:
         cache = L * 2 * t * spec.kv_dim * a
-    casts = 0 if setup.grad_checkpointing else _weight_cast_bytes(spec, method, rank, targets, setup)
+    casts = _weight_cast_bytes(spec, method, rank, targets, setup) + _merged_expert_bytes(spec, method, rank,
+                                                                                           targets, setup)
+    if setup.grad_checkpointing:  # recomputed one layer at a time
+        recompute += casts // L
+        casts = 0
     return ActivationBreakdown(t * per_token + rope + casts, recompute, t * _backward_transient_per_token(spec, a),
-                               t * held, t * fwd, t * bwd, t * (held + 4 * v), cache)
+                               t * held, t * fwd, t * bwd, t * (held + 4 * v + capped), cache)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -510,12 +609,19 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
             writes W (full, delta-lora).
     """
     setup.validate()
+    setup = setup.for_spec(spec)
     if setup.dtype in QUANTIZED and not method.allows_quantized_base:
         raise LorabenchError(f"{method.name} writes the base weights, which a {setup.dtype} base cannot "
                              f"hold; use an adapter method (lora, lora-fa, vera, lora-plus, dora).")
     counts = counts or count_params(spec, method, rank, targets)
     targets = counts.targets
-    notes = []
+    notes = list(spec.notes)
+    if setup.attention == "eager" and spec.arch.attention == "eager":
+        notes.append(f"{spec.arch.label} runs eager attention in transformers, which refuses SDPA for it (SDPA "
+                     "cannot soft-cap the scores): every layer keeps its s x s scores.")
+    if setup.impl == "peft" and "experts" in targets:
+        notes.append("PEFT's LoRA on fused experts (transformers 5) merges W + sBA into a full-size weight on "
+                     "every forward and keeps it for backward: every expert's weights once more per layer.")
     w_bytes = weights_bytes(spec, setup.dtype)
     ad = FLOAT_BYTES[setup.adapter_dtype]
     adapter = counts.adapter_params * ad
@@ -562,7 +668,8 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     head_grads = 0
     if method.base_trainable and not spec.single_matrix and not spec.tie_embeddings:
         head_grads = spec.vocab_size * spec.hidden_size * p_bytes
-    gather = 2 * sum(i * o for i, o, _ in shapes.values()) * FLOAT_BYTES.get(setup.dtype, 2)
+    layer_numel = sum(i * o for i, o, _ in shapes.values()) + sum(e * o * i for e, o, i in spec.moe_shapes().values())
+    gather = 2 * layer_numel * FLOAT_BYTES.get(setup.dtype, 2)
     return StepParts(method, counts, w_bytes, adapter, grads, optim, master, method_state, opt_tmp,
                      head_grads, dequant, gather, estimate_activations(spec, method, rank, targets, setup),
                      CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,

@@ -12,18 +12,31 @@ from typing import Dict, Iterable, Optional, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.methods import Method
-from lorabench.specs import ModelSpec
+from lorabench.specs import MOE_TARGETS, ModelSpec
 
 
-def parse_targets(spec: ModelSpec, targets: Optional[Iterable[str] | str]) -> Tuple[str, ...]:
+def _target_aliases(spec: ModelSpec) -> Dict[str, str]:
+    """Every name a user may give for a target, lower-case, mapped to ours: q, q_proj, ..."""
+    names = {t: t for t in spec.target_names}
+    for t in spec.target_names:
+        if not spec.single_matrix:
+            names[spec.peft_name(t).lower()] = t
+    return names
+
+
+def parse_targets(spec: ModelSpec, targets: Optional[Iterable[str] | str],
+                  modules_only: bool = False) -> Tuple[str, ...]:
     """Target projections in the model's layer order.
 
     Args:
-        targets: names such as "q,v" (or a list), "all-linear" (PEFT's meaning: every Linear but the
-            output head), or None for the family's PEFT default.
+        targets: names such as "q,v" or PEFT's "q_proj,v_proj" (or a list), "all-linear" (PEFT's meaning:
+            every Linear but the output head, and a mixture of experts' fused expert weights), or None for
+            the family's PEFT default.
+        modules_only: all-linear means the nn.Linear modules only, not a mixture of experts' router and
+            experts (PEFT's VeRA, which has no conversion for fused experts).
 
     Raises:
-        LorabenchError: a name the model does not have.
+        LorabenchError: a name the model does not have (the message lists the ones it has).
     """
     valid = spec.target_names
     if spec.single_matrix:
@@ -38,13 +51,20 @@ def parse_targets(spec: ModelSpec, targets: Optional[Iterable[str] | str]) -> Tu
     if not names:
         raise LorabenchError("--targets is empty.")
     if "all-linear" in names or "all" in names:
-        return valid
-    unknown = sorted(names - set(valid))
+        return tuple(t for t in valid if not (modules_only and t in MOE_TARGETS))
+    aliases = _target_aliases(spec)
+    unknown = sorted(n for n in names if n not in aliases)
     if unknown:
-        hint = " (gpt2 fuses q, k and v: use qkv)" if spec.fused_qkv and set(unknown) & {"q", "k", "v"} else ""
-        raise LorabenchError(f"unknown target(s) {', '.join(unknown)} for {spec.name}{hint}; "
-                             f"choose from {', '.join(valid)} or all-linear.")
-    return tuple(n for n in valid if n in names)
+        fused = ""
+        if spec.fused_qkv and set(unknown) & {"q", "k", "v", "q_proj", "k_proj", "v_proj"}:
+            fused = f" ({spec.arch.label} fuses q, k and v into one projection: use qkv)"
+        elif spec.arch.fused_gate_up and set(unknown) & {"gate", "up", "gate_proj", "up_proj"}:
+            fused = f" ({spec.arch.label} fuses gate and up into one projection: use gate_up)"
+        have = ", ".join(f"{t} ({spec.peft_name(t)})" if spec.peft_name(t) != t else t for t in valid)
+        raise LorabenchError(f"unknown target(s) {', '.join(unknown)} for {spec.name}{fused}; "
+                             f"it has {have}, or all-linear.")
+    chosen = {aliases[n] for n in names}
+    return tuple(n for n in valid if n in chosen)
 
 
 def count_base_params(spec: ModelSpec) -> int:
@@ -52,34 +72,41 @@ def count_base_params(spec: ModelSpec) -> int:
     layer = sum(i * o + (o if bias else 0) for i, o, bias in spec.linear_shapes().values())
     if spec.single_matrix:
         return spec.num_layers * layer
-    layer += 2 * spec.norm_params
+    layer += spec.arch.norms_per_layer * spec.norm_params + spec.qk_norm_params
+    layer += sum(e * o * i for e, o, i in spec.moe_shapes().values())
     embed = spec.vocab_size * spec.hidden_size
     head = 0 if spec.tie_embeddings else embed
     return embed + head + spec.max_positions * spec.hidden_size + spec.num_layers * layer + spec.norm_params
 
 
-@dataclass(frozen=True)
-class AdapterParams:
-    """Adapter parameters added to one target projection."""
+def count_active_params(spec: ModelSpec) -> int:
+    """Parameters one token computes with: a mixture of experts uses experts_per_token of its experts
+    (the rest are resident but idle); every other parameter, the embedding row lookup aside, is used."""
+    idle = spec.num_layers * (spec.num_experts - spec.experts_per_token) * spec.expert_params
+    return count_base_params(spec) - idle
 
-    trainable: int
-    frozen: int
 
+def adapter_tensors(spec: ModelSpec, method: Method, rank: int, target: str) -> Tuple[Tuple[int, bool], ...]:
+    """(numel, trainable) of each adapter tensor the method adds to one target of one layer.
 
-def adapter_params(method: Method, rank: int, in_features: int, out_features: int) -> AdapterParams:
-    """Adapter parameters on one in x out projection.
-
-    LoRA: A is r x in, B is out x r (Hu et al. 2021). DoRA adds a magnitude vector of size out
-    (Liu et al. 2024). VeRA trains lambda_d (r) and lambda_b (out); its A and B are shared buffers.
+    An nn.Linear gets PEFT's lora.Linear (adapter_params). A mixture of experts' router and fused experts
+    are parameters, which PEFT wraps in lora.ParamWrapper (peft/tuners/lora/layer.py): for a 3-D weight
+    [E, out, in], A is (r E) x in and B is out x (r E); the router is one matrix (E = 1). PEFT's conversion
+    for transformers 5 gives the fused gate_up_proj rank 2r (its rank_pattern), down_proj rank r.
     """
-    a, b = rank * in_features, out_features * rank
-    if method.adapter == "lora":
-        return AdapterParams(trainable=a + b, frozen=0) if method.trains_a else AdapterParams(b, a)
-    if method.adapter == "dora":
-        return AdapterParams(trainable=a + b + out_features, frozen=0)
-    if method.adapter == "vera":
-        return AdapterParams(trainable=rank + out_features, frozen=0)
-    return AdapterParams(0, 0)
+    if target not in MOE_TARGETS:
+        i, o, _ = spec.linear_shapes()[target]
+        if method.adapter == "vera":
+            return ((rank, True), (o, True))
+        tensors = ((rank * i, method.trains_a), (o * rank, True))
+        return tensors + (((o, True),) if method.adapter == "dora" else ())
+    shapes = spec.moe_shapes()
+    wrapped = [shapes["router"] + (rank,)] if target == "router" else \
+        [shapes["gate_up_proj"] + (2 * rank,), shapes["down_proj"] + (rank,)]
+    out = []
+    for e, o, i, r in wrapped:
+        out += [(r * e * i, method.trains_a), (o * r * e, True)]
+    return tuple(out)
 
 
 def vera_shared_numel(spec: ModelSpec, rank: int, targets: Tuple[str, ...]) -> int:
@@ -88,12 +115,27 @@ def vera_shared_numel(spec: ModelSpec, rank: int, targets: Tuple[str, ...]) -> i
     return rank * max(s[0] for s in shapes) + rank * max(s[1] for s in shapes)
 
 
-def check_rank(spec: ModelSpec, rank: int, targets: Tuple[str, ...]) -> None:
-    """Raises LorabenchError unless 0 < rank <= the smallest dimension of every target."""
+def check_targets(spec: ModelSpec, method: Method, rank: int, targets: Tuple[str, ...]) -> None:
+    """Raises LorabenchError unless 0 < rank <= the smallest dimension of every attention and MLP target,
+    and the method can adapt every target as PEFT does.
+
+    PEFT checks no rank: a router (E outputs) or Qwen2-MoE's shared-expert gate (1 output) takes any rank,
+    so those are not checked either.
+    """
     if not isinstance(rank, int) or rank <= 0:
         raise LorabenchError(f"rank must be a positive integer, got {rank!r}.")
+    moe = [t for t in targets if t in MOE_TARGETS]
+    if moe and method.adapter == "dora":
+        raise LorabenchError(f"dora cannot adapt the {' and '.join(moe)} of {spec.name}: PEFT wraps them in "
+                             "lora.ParamWrapper, which does not work with use_dora=True; target the attention "
+                             "(-t q,k,v,o) or use lora.")
+    if moe and method.adapter == "vera":
+        raise LorabenchError(f"vera cannot adapt the {' and '.join(moe)} of {spec.name}: PEFT's VeRA adapts "
+                             "nn.Linear modules only (its all-linear leaves them out).")
     shapes = spec.linear_shapes()
     for t in targets:
+        if t in moe or t == "shared_gate":
+            continue
         i, o, _ = shapes[t]
         if rank > min(i, o):
             raise LorabenchError(f"rank {rank} is larger than target '{t}' ({o} x {i}) of {spec.name}.")
@@ -142,18 +184,18 @@ def count_params(spec: ModelSpec, method: Method, rank: Optional[int] = None,
     if not method.uses_rank:
         return ParamCount(method.name, None, (), base, 0, base, base, 100.0, 100.0, 1.0, 0,
                           True, {})
-    names = parse_targets(spec, targets)
+    names = parse_targets(spec, targets, modules_only=method.adapter == "vera")
     if rank is None:
         raise LorabenchError(f"{method.name} needs a rank (--rank).")
-    check_rank(spec, rank, names)
-    shapes = spec.linear_shapes()
+    check_targets(spec, method, rank, names)
     per_target: Dict[str, int] = {}
     trainable = frozen = 0
     for t in names:
-        p = adapter_params(method, rank, shapes[t][0], shapes[t][1])
-        per_target[t] = spec.num_layers * p.trainable
-        trainable += spec.num_layers * p.trainable
-        frozen += spec.num_layers * p.frozen
+        tensors = adapter_tensors(spec, method, rank, t)
+        layer_trainable = sum(n for n, train in tensors if train)
+        per_target[t] = spec.num_layers * layer_trainable
+        trainable += spec.num_layers * layer_trainable
+        frozen += spec.num_layers * sum(n for n, train in tensors if not train)
     total = base + trainable + frozen
     shared = vera_shared_numel(spec, rank, names) if method.adapter == "vera" else 0
     return ParamCount(method.name, rank, names, base, trainable + frozen, trainable, total,

@@ -40,6 +40,58 @@ HF_CONFIGS = {
                     "vocab_size": 152064, "tie_word_embeddings": False},
     "gpt2": {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024,
              "vocab_size": 50257, "n_inner": None},
+    # The families added in issue 10; values from each repository's config.json (copies found verbatim).
+    "mistral-nemo-12b": {"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 14336,
+                         "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
+                         "head_dim": 128, "vocab_size": 131072, "tie_word_embeddings": False},
+    "qwen3-8b": {"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                 "tie_word_embeddings": False, "attention_bias": False},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                      "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [], "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+                      "tie_word_embeddings": False, "attention_bias": False},
+    "qwen1.5-moe-a2.7b": {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632,
+                          "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts": 60,
+                          "num_experts_per_tok": 4, "decoder_sparse_step": 1, "num_hidden_layers": 24,
+                          "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936,
+                          "tie_word_embeddings": False},
+    # Gemma 2's config.json leaves tie_word_embeddings to Gemma2Config (true).
+    "gemma-2-2b": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                   "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000,
+                   "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                   "final_logit_softcapping": 30.0, "attention_bias": False},
+    "gemma-2-9b": {"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+                   "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                   "final_logit_softcapping": 30.0, "attention_bias": False},
+    "gemma-3-1b": {"model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912,
+                   "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                   "vocab_size": 262144, "query_pre_attn_scalar": 256, "sliding_window": 512,
+                   "sliding_window_pattern": 6, "attn_logit_softcapping": None, "final_logit_softcapping": None},
+    # Gemma 3 4B and 27B are vision-language checkpoints: their text_config is this short, the rest is
+    # Gemma3TextConfig's defaults (vocab 262208, 8 heads, 4 kv heads, head_dim 256).
+    "gemma-3-4b": {"model_type": "gemma3", "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}},
+    "gemma-3-27b": {"model_type": "gemma3", "text_config": {
+        "head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504, "model_type": "gemma3_text",
+        "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16, "query_pre_attn_scalar": 168,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}},
+    "phi-3-mini": {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+                   "tie_word_embeddings": False, "attention_bias": False},
+    "phi-4": {"model_type": "phi3", "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 10, "vocab_size": 100352,
+              "tie_word_embeddings": False},
+    "olmo-2-7b": {"model_type": "olmo2", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 100352,
+                  "tie_word_embeddings": False, "attention_bias": False},
+    "mixtral-8x7b": {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_local_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+                     "tie_word_embeddings": False},
 }
 
 # Totals as published on the model cards / counted with `model.num_parameters()`.
@@ -57,4 +109,28 @@ PUBLISHED_TOTALS = {
     "qwen2.5-7b": 7_615_616_512,
     "qwen2.5-72b": 72_706_203_648,
     "gpt2": 124_439_808,
+    # safetensors totals (the Hub API's `safetensors.total`, also in keras-hub's presets and llama.cpp):
+    "mistral-nemo-12b": 12_247_782_400,
+    "qwen3-8b": 8_190_735_360,
+    "qwen3-30b-a3b": 30_532_122_624,
+    "qwen1.5-moe-a2.7b": 14_315_784_192,
+    "gemma-2-2b": 2_614_341_888,
+    "gemma-2-9b": 9_241_705_984,
+    "gemma-3-1b": 999_885_952,
+    "phi-3-mini": 3_821_079_552,
+    "phi-4": 14_659_507_200,
+    "olmo-2-7b": 7_298_617_344,
+    "mixtral-8x7b": 46_702_792_704,
 }
+
+# Vision-language checkpoints: the published total includes the SigLIP vision tower and its projector, which
+# lorabench does not count (its spec is the language model). Their vision_config, from the same config.json.
+PUBLISHED_MULTIMODAL_TOTALS = {"gemma-3-4b": 4_300_079_472, "gemma-3-27b": 27_432_406_640}
+GEMMA3_VISION_CONFIG = {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                        "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                        "patch_size": 14, "vision_use_head": False}
+
+# Active parameters per token as the model cards state them: "3.3B activated" (Qwen3-30B-A3B), "12.9B
+# parameters per token" (Mixtral), "2.7B activated" (Qwen1.5-MoE-A2.7B); exact figures are checked by hand
+# in tests/test_families.py.
+PUBLISHED_ACTIVE_BILLIONS = {"qwen3-30b-a3b": 3.3, "mixtral-8x7b": 12.9, "qwen1.5-moe-a2.7b": 2.7}

@@ -45,7 +45,8 @@ def refusal(tmp_path, text, name="config.json"):
     ("tie_word_embeddings", "false", "'tie_word_embeddings' must be true or false (a JSON boolean), got 'false'"),
     ("tie_word_embeddings", 0, "'tie_word_embeddings' must be true or false"),
     ("attention_bias", "yes", "'attention_bias' must be true or false"),
-    ("model_type", "bert", "model_type 'bert' is not supported (supported: llama, mistral, qwen2, gpt2)"),
+    ("model_type", "bert", "model_type 'bert' is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, "
+     "olmo2, mixtral, qwen2_moe, qwen3_moe, gpt2)"),
     ("model_type", 7, "model_type 7 is not supported"),
 ])
 def test_bad_llama_values_name_file_and_key(tmp_path, key, value, message):

@@ -217,7 +217,9 @@ def command_lines(draw, options, formats=True, max_options=8):
 LLAMA_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "attention_bias", "mlp_bias")
 GPT2_KEYS = ("n_embd", "n_head", "n_layer", "n_positions", "n_inner", "vocab_size", "tie_word_embeddings")
-FAMILY_KEYS = {"llama": LLAMA_KEYS, "mistral": LLAMA_KEYS, "qwen2": LLAMA_KEYS, "gpt2": GPT2_KEYS}
+# (the llama-shaped families; Gemma's and the experts' configs are checked in tests/test_families.py)
+FAMILY_KEYS = {"llama": LLAMA_KEYS, "mistral": LLAMA_KEYS, "qwen2": LLAMA_KEYS, "qwen3": LLAMA_KEYS,
+               "phi3": LLAMA_KEYS, "olmo2": LLAMA_KEYS, "gpt2": GPT2_KEYS}
 KNOWN_KEYS = sorted(set(LLAMA_KEYS + GPT2_KEYS + ("model_type",)))
 
 HEADS = (1, 2, 4, 8, 32, 128)
@@ -462,15 +464,23 @@ def check_memory_row(row):
     assert is_number(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
 
 
+# Sizes that are 0 when a model lacks the feature (learned positions, sliding windows, experts).
+MAY_BE_ZERO = ("max_positions", "sliding_window", "sliding_pattern", "num_experts", "experts_per_token",
+               "expert_intermediate_size", "query_pre_attn_scalar")
+
+
 def check_spec(spec: ModelSpec):
-    """Every size of a loaded spec is a positive int (max_positions: 0 for rotary models), flags are bools."""
+    """Every size of a loaded spec is a positive int (0 where the feature is absent), flags are bools,
+    soft-caps finite and >= 0."""
     for f in fields(ModelSpec):
         value = getattr(spec, f.name)
         if f.type in ("int", int):
             assert isinstance(value, int) and not isinstance(value, bool), (f.name, value)
-            assert value >= 0 if f.name == "max_positions" else value > 0, (f.name, value)
+            assert value >= 0 if f.name in MAY_BE_ZERO else value > 0, (f.name, value)
         elif f.type in ("bool", bool):
             assert isinstance(value, bool), (f.name, value)
+        elif f.type in ("float", float):
+            assert isinstance(value, float) and math.isfinite(value) and value >= 0, (f.name, value)
 
 
 # --------------------------------------------------------------------------------------------------
