@@ -29,7 +29,8 @@ from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, devic
 from lorabench.hfconfig import hf_config_dict
 from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
-from lorabench.specs import ModelSpec
+from lorabench.params import parse_targets
+from lorabench.specs import MOE_TARGETS, ModelSpec
 
 IMPLS = ("lorabench", "peft")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +116,11 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     if method.name != "full":
         modules = [spec.peft_name(t) for t in targets]
+        if set(targets) == set(parse_targets(spec, "all-linear", modules_only=method.adapter == "vera")):
+            modules = "all-linear"  # PEFT's own resolution: its conversion for fused experts included
+        elif set(targets) & set(MOE_TARGETS):
+            raise LorabenchError("--impl peft adapts a mixture of experts' router and experts through all-linear "
+                                 "only (PEFT's conversion for transformers 5); use -t all-linear.")
         if method.adapter == "vera":
             pcfg = peft.VeraConfig(r=rank, target_modules=modules, vera_dropout=setup.dropout)
         else:

@@ -112,6 +112,23 @@ def cli():
     """
 
 
+def usable_methods(spec, methods, methods_from_all, ranks, targets):
+    """--method all keeps the methods that can adapt these targets (PEFT's DoRA cannot adapt fused experts)
+    and says which it left out; a method asked for by name is refused in one line instead."""
+    if not methods_from_all:
+        return methods
+    from lorabench.params import count_params
+
+    kept = []
+    for m in methods:
+        try:
+            count_params(spec, m, ranks[0] if m.uses_rank else None, targets)
+            kept.append(m)
+        except LorabenchError as exc:
+            note(f"{m.name} left out: {exc}")
+    return tuple(kept) or methods
+
+
 @cli.command(context_settings=CONTEXT)
 @model_options
 @method_options
@@ -130,9 +147,13 @@ def params(spec, methods, methods_from_all, ranks, targets, fmt):
     """
     from lorabench.estimate import param_rows
 
+    methods = usable_methods(spec, methods, methods_from_all, ranks, targets)
     rows = param_rows(spec, methods, ranks, targets)
     note(targets_note(methods, targets))  # after the rows: an error above it stays the only line
-    click.echo(render(rows, fmt, PARAM_COLUMNS, title=f"{spec.name}: parameters"))
+    out = render(rows, fmt, PARAM_COLUMNS, title=f"{spec.name}: parameters")
+    if fmt in ("table", "markdown") and rows:
+        out += "".join(f"\nnote: {n}" for n in rows[0]["notes"])
+    click.echo(out)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -163,6 +184,7 @@ def memory(spec, methods, methods_from_all, ranks, targets, setup, gpu, mfu, fmt
     if setup.dtype in QUANTIZED and methods_from_all:
         # 'all' on a quantized base means every method that can run on one.
         methods = tuple(m for m in methods if m.allows_quantized_base)
+    methods = usable_methods(spec, methods, methods_from_all, ranks, targets)
     rows = memory_rows(spec, methods, ranks, targets, setup, chosen, mfu)
     note(targets_note(methods, targets))
     title = (f"{spec.name}: batch {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype} base, "

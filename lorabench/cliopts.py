@@ -195,8 +195,9 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
                   show_default=True, help="Optimizer; its states follow the trainable weights' dtype.")
     @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
                   help="Keep only each layer's input; recompute in backward.")
-    @click.option("--attention", type=click.Choice(ATTENTION, case_sensitive=False), default="sdpa",
-                  show_default=True, help="sdpa (flash/efficient kernels) or eager (keeps s x s softmax).")
+    @click.option("--attention", type=click.Choice(ATTENTION, case_sensitive=False), default="auto",
+                  show_default=True, help="sdpa (flash/efficient kernels), eager (keeps s x s scores), or auto: "
+                                          "what transformers runs for the family (eager for Gemma 2).")
     @click.option("--dropout", type=BoundedFloat(0.0, 1.0, hi_open=True), default=0.0, show_default=True,
                   help="LoRA dropout on adapter inputs, in [0, 1).")
     @click.option("--master-weights", is_flag=True, help="fp32 master copy and fp32 optimizer states (mixed precision).")

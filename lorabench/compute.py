@@ -51,10 +51,14 @@ def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
     t = setup.tokens
     shapes = spec.linear_shapes()
     linear = sum(i * o for i, o, _ in shapes.values())
+    if spec.moe:  # the router, and the experts each token is routed to (its active parameters)
+        linear += spec.num_experts * spec.hidden_size + spec.experts_per_token * spec.expert_params
     layer_fwd = 2 * linear  # per token
     layer_bwd = 2 * linear * (2 if method.base_trainable else 1)
     update = 0
     for name in targets if method.uses_rank else ():
+        if name not in shapes:  # a mixture of experts' router and experts (PEFT's ParamWrapper)
+            continue
         i, o, _ = shapes[name]
         # Adapter products: A (r x in) then B (out x r). VeRA runs the same two shapes (shared A, B).
         adapter = 2 * rank * (i + o)

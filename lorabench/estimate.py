@@ -13,7 +13,7 @@ from lorabench.compute import estimate_flops, estimate_step_time
 from lorabench.gpus import GPU
 from lorabench.memory import TrainingSetup, estimate_from_parts, fit_on_gpu, step_parts
 from lorabench.methods import Method
-from lorabench.params import count_params
+from lorabench.params import count_active_params, count_base_params, count_params
 from lorabench.specs import ModelSpec
 
 
@@ -27,10 +27,25 @@ def _cases(methods: Sequence[Method], ranks: Sequence[int]):
             yield method, None
 
 
+def spec_notes(spec: ModelSpec, targets: Optional[Iterable[str] | str]) -> List[str]:
+    """What the answer for spec leaves out or assumes: the spec's own notes, a default target set PEFT does
+    not define for the family, and a mixture of experts' active parameters."""
+    notes = list(spec.notes)
+    if targets is None and spec.arch.note_default and not spec.single_matrix:
+        notes.append(f"PEFT has no default LoRA targets for {spec.arch.label}: "
+                     f"{', '.join(spec.peft_name(t) for t in spec.default_targets)} assumed (-t to choose).")
+    if spec.moe:
+        notes.append(f"{spec.num_experts} experts, {spec.experts_per_token} per token: "
+                     f"{count_active_params(spec):,} of {count_base_params(spec):,} parameters are active per "
+                     "token (FLOPs use these); every expert's weights are resident.")
+    return notes
+
+
 def param_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
                targets: Optional[Iterable[str] | str] = None) -> List[Dict]:
     """Parameter counts for every (method, rank)."""
     rows = []
+    notes = spec_notes(spec, targets)
     for method, rank in _cases(methods, ranks):
         c = count_params(spec, method, rank, targets)
         rows.append({
@@ -39,7 +54,8 @@ def param_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
             "trainable_pct": c.trainable_pct, "base_params": c.base_params,
             "adapter_params": c.adapter_params, "pct_of_full": c.pct_of_full,
             "reduction": c.reduction, "shared_buffer_numel": c.shared_buffer_numel,
-            "updates_base_weights": c.updates_base_weights,
+            "updates_base_weights": c.updates_base_weights, "active_params": count_active_params(spec),
+            "family": spec.family, "notes": notes,
         })
     return rows
 
@@ -56,7 +72,7 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         row = {"model": spec.name}
         row.update(asdict(est))
         row["targets"] = ",".join(est.targets)
-        row["notes"] = list(est.notes)
+        row["notes"] = list(dict.fromkeys(spec_notes(spec, targets) + list(est.notes)))
         row.update({"batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
                     "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing})
         flops = estimate_flops(spec, method, rank, c.targets, setup)

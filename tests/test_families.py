@@ -7,6 +7,7 @@ device. PEFT's trainable counts come from peft.get_peft_model on the same transf
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -224,3 +225,55 @@ def test_spec_fields_survive_cutting_layers():
     spec = PRESETS["gemma-2-9b"].with_layers(4)
     assert dataclasses.replace(spec, num_layers=42) == PRESETS["gemma-2-9b"]
     assert spec.sliding_layers() == 2  # layers 0 and 2 slide, 1 and 3 are global
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: the estimate against a measured transformers + PEFT step on the CPU live-tensor tracker, steady
+# state (after a warm-up step, so the optimizer's states exist). Small configs (hidden 128, 2 layers,
+# vocab 4096), batch 2 x 64 tokens.
+
+def _memory_spec(family):
+    return from_hf_config({**SMALL[family], "vocab_size": 4096}, name=family)
+
+
+def _methods_for(family, targets):
+    """Every method PEFT runs on these targets (DoRA cannot adapt fused experts; VeRA never adapts them)."""
+    names = ["full", "lora", "lora-fa", "lora-plus", "vera", "dora"]
+    if targets == "all-linear" and ARCHS[family].moe_targets:
+        names.remove("dora")
+    return [METHODS[m] for m in names]
+
+
+def _check_memory(family, dtype, ckpt, targets, methods=None):
+    pytest.importorskip("peft")
+    from lorabench.bench import run_bench
+    from lorabench.memory import TrainingSetup
+
+    spec = _memory_spec(family)
+    setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, grad_checkpointing=ckpt, device="cpu")
+    rows = run_bench(spec, methods or _methods_for(family, targets), [8], targets, setup, steps=1, warmup=1,
+                     impl="peft", progress=False, device="cpu")
+    for r in rows:
+        assert r["status"] == "ok", (r["method"], r.get("error"))
+        assert abs(r["peak_error_pct"]) < 1.0, (family, dtype, ckpt, r["method"], r["peak_error_pct"])
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_memory_within_1pct_of_transformers_peft_all_linear_bf16(family):
+    # (the CI subset: every method in every case is test_memory_within_1pct_of_transformers_peft_every_case)
+    last = "lora-fa" if ARCHS[family].moe_targets else "dora"
+    _check_memory(family, "bf16", False, "all-linear", [METHODS["full"], METHODS["lora"], METHODS[last]])
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_memory_within_1pct_of_transformers_peft_checkpointed_fp32(family):
+    _check_memory(family, "fp32", True, None, [METHODS["vera"]])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LORABENCH_FULL_GRID"), reason="the whole grid: LORABENCH_FULL_GRID=1")
+@pytest.mark.parametrize("family", sorted(SMALL))
+@pytest.mark.parametrize("dtype, ckpt", [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)])
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+def test_memory_within_1pct_of_transformers_peft_every_case(family, dtype, ckpt, targets):
+    _check_memory(family, dtype, ckpt, targets)
