@@ -29,11 +29,20 @@ def seed():
     torch.manual_seed(SEED)
 
 
+def _nn_targets(spec, method, targets):
+    """The targets lorabench.nn can adapt: its all-linear is the nn.Linear modules, never a mixture of
+    experts' router and experts (PEFT's ParamWrapper; VeRA's all-linear leaves them out anyway)."""
+    if targets == "all-linear" and spec.arch.moe_targets and METHODS[method].adapter != "vera":
+        return ",".join(spec.linear_shapes())
+    return targets
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_counts_off_full_size_meta_modules_equal_count_params(name, method):
     spec = PRESETS[name]
     for rank, targets in ((8, None), (16, "all-linear")):
+        targets = _nn_targets(spec, method, targets)
         model = build_model(spec, device="meta")
         apply_method(model, method, rank, 16, targets)
         expected = count_params(spec, METHODS[method], rank, targets)
@@ -221,6 +230,24 @@ def test_apply_method_errors(kwargs, match):
     model = build_model(TINY, device="meta")
     with pytest.raises(LorabenchError, match=match):
         apply_method(model, **{"rank": 4, **kwargs})
+
+
+@pytest.mark.parametrize("name,targets", [("mixtral-8x7b", "all-linear"), ("qwen3-30b-a3b", "q,experts"),
+                                          ("mixtral-8x7b", "router")])
+def test_router_and_experts_are_left_to_peft(name, targets):
+    model = build_model(PRESETS[name], device="meta")
+    with pytest.raises(LorabenchError, match="router or experts; use --impl peft"):
+        apply_method(model, "lora", 8, 16, targets)
+
+
+def test_moe_linear_targets_are_wrapped():
+    model = build_model(PRESETS["qwen1.5-moe-a2.7b"], device="meta", layers=2)
+    layers = apply_method(model, "lora", 8, 16, "all-linear")
+    # q, k, v, o, the shared expert's gate, up, down and its sigmoid gate (d -> 1), in each of 2 layers.
+    assert len(layers) == 2 * 8
+    assert model.layers[1].mlp.shared_gate.lora_b.shape == (1, 8)
+    vera = build_model(PRESETS["mixtral-8x7b"], device="meta", layers=1)
+    assert len(apply_method(vera, "vera", 8, None, "all-linear")) == 4
 
 
 def test_applying_twice_is_refused():

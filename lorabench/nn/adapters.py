@@ -19,7 +19,8 @@ from lorabench.nn.delta import DeltaLoRAUpdate
 from lorabench.nn.lora import DoRALinear, LoRALinear
 from lorabench.nn.model import Transformer, iter_targets
 from lorabench.nn.vera import VeRALinear, VeRAProjections
-from lorabench.params import check_rank, parse_targets
+from lorabench.params import check_targets, parse_targets
+from lorabench.specs import MOE_TARGETS
 
 ADAPTER_TYPES = (LoRALinear, DoRALinear, VeRALinear)
 QUANTIZED_BASES = ("nf4", "int8")
@@ -63,8 +64,9 @@ def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[
         The adapter modules in layer order (empty for full fine-tuning).
 
     Raises:
-        LorabenchError: unknown method or targets, a bad rank, a quantized base, or a model that
-            already has adapters.
+        LorabenchError: unknown method or targets, a bad rank, a quantized base, a mixture of experts'
+            router or experts as targets (nn.Linear wrappers only: PEFT's ParamWrapper adapts those), or a
+            model that already has adapters.
     """
     method = _resolve(method)
     _check_quantization(method, quantization)
@@ -72,10 +74,14 @@ def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[
     if method.adapter == "none":
         model.requires_grad_(method.base_trainable)
         return []
-    names = parse_targets(spec, targets)
+    # VeRA's all-linear is the nn.Linear modules only, as in PEFT and count_params.
+    names = parse_targets(spec, targets, modules_only=method.adapter == "vera")
     if rank is None:
         raise LorabenchError(f"{method.name} needs a rank.")
-    check_rank(spec, rank, names)
+    check_targets(spec, method, rank, names)
+    if set(names) & set(MOE_TARGETS):
+        raise LorabenchError("lorabench's layers do not adapt a mixture of experts' router or experts; "
+                             "use --impl peft")
     found = list(iter_targets(model, names))
     if not all(type(linear) is nn.Linear for _, _, linear in found):
         raise LorabenchError("the model already has adapters; build a fresh one per method.")

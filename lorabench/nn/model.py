@@ -1,15 +1,17 @@
-"""A decoder-only transformer built from a ModelSpec: Llama layout (RMSNorm, RoPE, GQA, SwiGLU) or gpt2's.
+"""A decoder-only transformer built from a ModelSpec, one Block for every family in specs.ARCHS.
 
-The ops mirror Hugging Face's LlamaForCausalLM and GPT2LMHeadModel one for one (RMSNorm in float32,
-rotate_half RoPE, SDPA attention, HF's shifted cross-entropy), because the memory estimator models the
-tensors these exact ops save for backward. Projections are named by target (`layers[i].attn.q`,
+The ops mirror transformers 5's modeling files one for one (each family's RMSNorm, rotate_half RoPE, SDPA or
+Gemma 2's eager attention, the experts' grouped matmuls, HF's shifted cross-entropy), because the memory
+estimator models the tensors these exact ops save for backward. What differs between families is data
+(spec.arch), read here: norms and their layout, q/k norms, fused projections, GeGLU, embedding scale,
+soft-capping, sliding windows, experts. Projections are named by target (`layers[i].attn.q`,
 `layers[i].mlp.down`, ...) so an adapter target maps to one attribute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,153 +19,85 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorabench.errors import LorabenchError
+from lorabench.nn.attention import (FLOAT32_ROPE, LOCAL_ROPE_THETA, Attention, Rope, apply_rope, attention,
+                                    causal_masks, rope_cos_sin, rotate_half, runs_eager)
+from lorabench.nn.moe import Experts, Router, SparseMoE
+from lorabench.nn.norms import RMSNorm, make_norm
 from lorabench.specs import ModelSpec
 
-# Which block attribute holds each target projection.
+# Which block attribute holds each target projection (a mixture of experts keeps its shared expert's
+# gate, up, down and shared_gate on the MoE module, `mlp`).
 TARGET_PARENTS = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "o": "attn",
-                  "gate": "mlp", "up": "mlp", "down": "mlp"}
-# HF's initializer_range: weights start as N(0, 0.02) in Llama and gpt2.
+                  "gate": "mlp", "up": "mlp", "gate_up": "mlp", "down": "mlp", "shared_gate": "mlp"}
+# HF's initializer_range: weights start as N(0, 0.02) in every family here.
 INIT_STD = 0.02
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm exactly as HF's LlamaRMSNorm (Zhang & Sennrich 2019).
-
-    The statistics are taken in float32 whatever the input dtype; the estimator counts the float32
-    copy of x and the normalized tensor that this order of ops saves for backward.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5, dtype: Optional[torch.dtype] = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, S, D]
-        input_dtype = x.dtype
-        x32 = x.to(torch.float32)
-        var = x32.pow(2).mean(-1, keepdim=True)
-        x32 = x32 * torch.rsqrt(var + self.eps)
-        return self.weight * x32.to(input_dtype)
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation: transformers' gelu_pytorch_tanh (Gemma). gpt2's gelu_new is the same
+    function, which transformers writes out in Python ops (NewGELUActivation)."""
+    return F.gelu(x, approximate="tanh")
 
 
-def make_norm(spec: ModelSpec, eps: float, dtype: Optional[torch.dtype]) -> nn.Module:
-    """The spec's norm: LayerNorm with bias (gpt2) or RMSNorm (Llama)."""
-    if spec.norm == "layernorm":
-        return nn.LayerNorm(spec.hidden_size, eps=eps, dtype=dtype)
-    return RMSNorm(spec.hidden_size, eps=eps, dtype=dtype)
-
-
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
-                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of rotary embeddings (Su et al. 2021, arXiv:2104.09864), HF layout.
-
-    Computed in float32 then cast, as HF's LlamaRotaryEmbedding does; once per forward, shared by all
-    layers.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)  # freqs: [S, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # emb: [S, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x1, x2] -> [-x2, x1] over the last dim: HF's pairing of rotary halves (not interleaved)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k by position, as HF's apply_rotary_pos_emb."""
-    # x: [B, H, S, hd]; cos, sin: [S, hd]
-    return x * cos + rotate_half(x) * sin
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA; grouped-query heads are broadcast by the kernel, not copied (Ainslie et al. 2023).
-
-    Falls back to repeating k and v per query group only where this torch's SDPA lacks enable_gqa
-    (a TypeError); other errors, out-of-memory included, propagate. Which kernel runs is torch's choice:
-    flash attention takes GQA natively (fp16/bf16 on CUDA); where no fused kernel accepts it, torch's
-    math path expands k and v itself.
-    """
-    # q: [B, H, S, hd]; k, v: [B, KV, S, hd]
-    if k.shape[1] == q.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    try:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    except TypeError:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-class Attention(nn.Module):
-    """Multi-head attention with separate q, k, v (Llama) or one fused qkv projection (gpt2)."""
-
-    def __init__(self, spec: ModelSpec, dtype: Optional[torch.dtype] = None):
-        super().__init__()
-        self.spec = spec
-        d = spec.hidden_size
-        if spec.fused_qkv:
-            self.qkv = nn.Linear(d, spec.q_dim + 2 * spec.kv_dim, bias=spec.qkv_bias, dtype=dtype)
-        else:
-            self.q = nn.Linear(d, spec.q_dim, bias=spec.qkv_bias, dtype=dtype)
-            self.k = nn.Linear(d, spec.kv_dim, bias=spec.qkv_bias, dtype=dtype)
-            self.v = nn.Linear(d, spec.kv_dim, bias=spec.qkv_bias, dtype=dtype)
-        self.o = nn.Linear(spec.q_dim, d, bias=spec.o_bias, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        # x: [B, S, D]
-        B, S, _ = x.shape
-        s = self.spec
-        if s.fused_qkv:
-            q, k, v = self.qkv(x).split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.view(B, S, s.num_heads, s.head_dim).transpose(1, 2)  # q: [B, H, S, hd]
-        k = k.view(B, S, s.num_kv_heads, s.head_dim).transpose(1, 2)  # k: [B, KV, S, hd]
-        v = v.view(B, S, s.num_kv_heads, s.head_dim).transpose(1, 2)  # v: [B, KV, S, hd]
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = attention(q, k, v)  # y: [B, H, S, hd]
-        return self.o(y.transpose(1, 2).contiguous().view(B, S, -1))
+ACTIVATIONS = {"silu": F.silu, "gelu-tanh": gelu_tanh}
 
 
 class MLP(nn.Module):
-    """SwiGLU down(silu(gate x) * up x) (Shazeer 2020, arXiv:2002.05202) or gpt2's down(gelu(up x))."""
+    """SwiGLU down(silu(gate x) * up x) (Shazeer 2020, arXiv:2002.05202), GeGLU with tanh-GELU (Gemma), Phi-3's
+    fused gate_up (split by chunk, then up * act(gate)), or gpt2's down(gelu(up x))."""
 
     def __init__(self, spec: ModelSpec, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        d, i, bias = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
-        self.gated = spec.gated_mlp
-        if self.gated:
-            self.gate = nn.Linear(d, i, bias=bias, dtype=dtype)
-        self.up = nn.Linear(d, i, bias=bias, dtype=dtype)
+        d, i, bias, arch = spec.hidden_size, spec.intermediate_size, spec.mlp_bias, spec.arch
+        self.act = ACTIVATIONS[arch.activation]
+        self.gated, self.fused = arch.gated_mlp, arch.fused_gate_up
+        if self.fused:
+            self.gate_up = nn.Linear(d, 2 * i, bias=bias, dtype=dtype)
+        else:
+            if self.gated:
+                self.gate = nn.Linear(d, i, bias=bias, dtype=dtype)
+            self.up = nn.Linear(d, i, bias=bias, dtype=dtype)
         self.down = nn.Linear(i, d, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, D] -> hidden [B, S, I] -> [B, S, D]
+        if self.fused:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(up * self.act(gate))
         if self.gated:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        # gpt2's "gelu_new" is the tanh approximation.
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: x + attn(norm x), then x + mlp(norm x)."""
+    """One decoder layer, its norms laid out as spec.arch.norm_layout:
 
-    def __init__(self, spec: ModelSpec, eps: float, dtype: Optional[torch.dtype] = None):
+    pre (Llama): x + attn(norm x), then x + mlp(norm x);
+    sandwich (Gemma 2/3): x + post_norm(attn(norm x)), then x + post_norm(mlp(norm x));
+    post (OLMo 2): x + post_norm(attn x), then x + post_norm(mlp x).
+    Pre norms are `attn_norm`/`mlp_norm`, post norms `attn_post_norm`/`mlp_post_norm`.
+    """
+
+    def __init__(self, spec: ModelSpec, eps: float, dtype: Optional[torch.dtype] = None, index: int = 0):
         super().__init__()
-        self.attn_norm = make_norm(spec, eps, dtype)
-        self.attn = Attention(spec, dtype)
-        self.mlp_norm = make_norm(spec, eps, dtype)
-        self.mlp = MLP(spec, dtype)
+        layout, d = spec.arch.norm_layout, spec.hidden_size
+        pre, post = layout in ("pre", "sandwich"), layout in ("sandwich", "post")
+        self.attn_norm = make_norm(spec.norm, d, eps, dtype) if pre else None
+        self.attn = Attention(spec, index, eps, dtype)
+        self.attn_post_norm = make_norm(spec.norm, d, eps, dtype) if post else None
+        self.mlp_norm = make_norm(spec.norm, d, eps, dtype) if pre else None
+        self.mlp = SparseMoE(spec, dtype) if spec.moe else MLP(spec, dtype)
+        self.mlp_post_norm = make_norm(spec.norm, d, eps, dtype) if post else None
 
-    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, rope: Rope = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, rope, mask)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else x)
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + h
 
 
 @dataclass
@@ -192,7 +126,8 @@ class Transformer(nn.Module):
         spec: the model's shape; spec.with_layers(n) for a short real model.
         dtype: parameter dtype (None: torch's default).
         eps: norm epsilon (Llama-2 and gpt2 use 1e-5).
-        rope_theta: rotary base (10000 as Llama-2; Llama-3 uses 500000).
+        rope_theta: rotary base (10000 as Llama-2; Llama-3 uses 500000); Gemma 3's global layers use it,
+            its sliding layers LOCAL_ROPE_THETA.
 
     Raises:
         LorabenchError: the spec is a bare d x d matrix, not a model.
@@ -206,10 +141,14 @@ class Transformer(nn.Module):
         self.spec = spec
         self.rope_theta = rope_theta
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        # Gemma multiplies embeddings by sqrt(d), cast to the weight dtype (sqrt(3072) = 55.43 is 55.5 in bf16).
+        self.embed_scale: Optional[torch.Tensor]
+        self.register_buffer("embed_scale", torch.tensor(spec.hidden_size ** 0.5) if spec.arch.embed_scale
+                             else None, persistent=False)
         self.pos_embed = (nn.Embedding(spec.max_positions, spec.hidden_size, dtype=dtype)
                           if spec.max_positions else None)
-        self.layers = nn.ModuleList(Block(spec, eps, dtype) for _ in range(spec.num_layers))
-        self.norm = make_norm(spec, eps, dtype)
+        self.layers = nn.ModuleList(Block(spec, eps, dtype, i) for i in range(spec.num_layers))
+        self.norm = make_norm(spec.norm, spec.hidden_size, eps, dtype)
         self.head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
         # Gradient checkpointing (Chen et al. 2016) per block, as transformers' gradient_checkpointing_enable
         # with use_reentrant=False: each block keeps its input and is recomputed in backward.
@@ -220,14 +159,32 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """HF's init: linear and embedding weights N(0, 0.02), biases 0, norms 1 (skipped on meta)."""
+        """HF's init: linear, embedding, router and expert weights N(0, 0.02), biases 0, norms as built
+        (1, or 0 for Gemma's 1 + weight); skipped on meta."""
         if self.embed.weight.is_meta:
             return
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
                 module.weight.normal_(0.0, INIT_STD)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.zero_()
+            if isinstance(module, Experts):
+                module.gate_up_proj.normal_(0.0, INIT_STD)
+                module.down_proj.normal_(0.0, INIT_STD)
+
+    def rope_tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> Dict[str, Rope]:
+        """Rotary cos/sin per layer kind in use, as HF's rotary embedding: one table, or Gemma 3's two
+        (sliding layers with LOCAL_ROPE_THETA, full layers with rope_theta); in dtype, or float32 for
+        OLMo 2."""
+        kinds = {layer.attn.kind for layer in self.layers}
+        if self.spec.family in FLOAT32_ROPE:
+            dtype = torch.float32
+        if self.spec.arch.rope_tables == 1:
+            table = rope_cos_sin(seq_len, self.spec.head_dim, self.rope_theta, device, dtype)
+            return {kind: table for kind in kinds}
+        return {kind: rope_cos_sin(seq_len, self.spec.head_dim,
+                                   LOCAL_ROPE_THETA if kind == "sliding" else self.rope_theta, device, dtype)
+                for kind in sorted(kinds)}
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """Logits for input_ids [B, S], and HF's causal LM loss when labels [B, S] are given.
@@ -236,19 +193,28 @@ class Transformer(nn.Module):
             LorabenchError: a sequence longer than a learned position table.
         """
         B, S = input_ids.shape
+        spec = self.spec
         x = self.embed(input_ids)  # x: [B, S, D]
-        rope = None
+        if self.embed_scale is not None:
+            x = x * self.embed_scale.to(self.embed.weight.dtype)
+        ropes: Dict[str, Rope] = {"full": None, "sliding": None}
         if self.pos_embed is not None:
-            if S > self.spec.max_positions:
-                raise LorabenchError(f"sequence length {S} exceeds {self.spec.name}'s "
-                                     f"{self.spec.max_positions} positions.")
+            if S > spec.max_positions:
+                raise LorabenchError(f"sequence length {S} exceeds {spec.name}'s {spec.max_positions} positions.")
             x = x + self.pos_embed(torch.arange(S, device=input_ids.device))
         else:
-            rope = rope_cos_sin(S, self.spec.head_dim, self.rope_theta, x.device, x.dtype)
+            ropes = self.rope_tables(S, x.device, x.dtype)
+        masks = causal_masks(spec, B, S, runs_eager(spec), x.dtype, x.device)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = checkpoint(layer, x, rope, use_reentrant=False) if ckpt else layer(x, rope)
+            rope, mask = ropes[layer.attn.kind], masks[layer.attn.kind]
+            x = checkpoint(layer, x, rope, mask, use_reentrant=False) if ckpt else layer(x, rope, mask)
         logits = self.head(self.norm(x))  # logits: [B, S, V]
+        if spec.final_softcap:
+            # Gemma 2's final logit soft-capping: cap * tanh(logits / cap).
+            logits = logits / spec.final_softcap
+            logits = torch.tanh(logits)
+            logits = logits * spec.final_softcap
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss)
 
@@ -287,5 +253,6 @@ def count_module_params(model: nn.Module) -> Tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-__all__ = ["Transformer", "CausalLMOutput", "RMSNorm", "build_model", "causal_lm_loss", "iter_targets",
-           "count_module_params", "rope_cos_sin", "apply_rope", "rotate_half", "TARGET_PARENTS"]
+__all__ = ["Transformer", "Block", "MLP", "CausalLMOutput", "RMSNorm", "build_model", "causal_lm_loss",
+           "iter_targets", "count_module_params", "rope_cos_sin", "apply_rope", "rotate_half", "attention",
+           "TARGET_PARENTS"]
