@@ -119,14 +119,18 @@ def usable_methods(spec, methods, methods_from_all, ranks, targets):
         return methods
     from lorabench.params import count_params
 
-    kept = []
+    kept, refused = [], []
     for m in methods:
         try:
             count_params(spec, m, ranks[0] if m.uses_rank else None, targets)
             kept.append(m)
         except LorabenchError as exc:
-            note(f"{m.name} left out: {exc}")
-    return tuple(kept) or methods
+            refused.append((m, exc))
+    if not any(m.uses_rank for m in kept) and refused:
+        raise refused[0][1]  # bad input for every adapter method: the error, not a note
+    for m, exc in refused:
+        note(f"{m.name} left out: {exc}")
+    return tuple(kept)
 
 
 @cli.command(context_settings=CONTEXT)
