@@ -103,7 +103,6 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     cfg = dict(hf_config_dict(spec))
     try:
         hf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        hf._attn_implementation = setup.attention
         torch.manual_seed(seed)
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(

@@ -506,7 +506,7 @@ def hf_config_dict(spec: ModelSpec) -> Dict:
             cfg.update(num_local_experts=s.num_experts, intermediate_size=s.expert_intermediate_size)
         else:
             cfg.update(num_experts=s.num_experts, moe_intermediate_size=s.expert_intermediate_size,
-                       decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=f == "qwen3_moe")
+                       decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=s.arch.routing.renormalize)
         if f == "qwen2_moe":
             cfg.update(shared_expert_intermediate_size=s.intermediate_size, qkv_bias=s.qkv_bias)
     return cfg

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU, MiB
 from lorabench.methods import Method
-from lorabench.params import ParamCount, adapter_tensors, count_base_params, count_params
+from lorabench.params import ParamCount, adapter_tensors, base_tensors, count_base_params, count_params
 from lorabench.specs import ModelSpec
 
 # Bytes per element of the dtypes a base, an adapter or an activation can have.
@@ -197,23 +197,7 @@ def _trainable_tensors(spec: ModelSpec, method: Method, rank: Optional[int],
         for t in targets:
             out += [(numel, L) for numel, trains in adapter_tensors(spec, method, rank, t) if trains]
         return tuple(out)
-    d, out = spec.hidden_size, []
-    for i, o, bias in spec.linear_shapes().values():
-        out.append((i * o, L))
-        if bias:
-            out.append((o, L))
-    if spec.single_matrix:
-        return tuple(out)
-    out += [(e * o * i, L) for e, o, i in spec.moe_shapes().values()]
-    norms = spec.arch.norms_per_layer * L + 1
-    out += [(d, norms * (2 if spec.norm == "layernorm" else 1)), (spec.vocab_size * d, 1 if spec.tie_embeddings else 2)]
-    if spec.arch.qk_norm == "head":
-        out.append((spec.head_dim, 2 * L))
-    elif spec.arch.qk_norm == "full":
-        out += [(spec.q_dim, L), (spec.kv_dim, L)]
-    if spec.max_positions:
-        out.append((spec.max_positions * d, 1))
-    return tuple(out)
+    return base_tensors(spec)
 
 
 def optimizer_state_bytes(optimizer: str, numel: int, param_bytes: int) -> int:
@@ -319,8 +303,9 @@ def _moe_saves(spec: ModelSpec, method: Method, targets: Tuple[str, ...], a: int
     if not live:
         return 0
     e, k, i, d = spec.num_experts, spec.experts_per_token, spec.expert_intermediate_size, spec.hidden_size
-    renorm = spec.family in ("mixtral", "qwen3_moe")
-    w = 4 if spec.family == "mixtral" else a
+    routing = spec.arch.routing
+    renorm = routing.renormalize
+    w = a if routing.cast_back else 4
     trains_experts = method.base_trainable or (method.uses_rank and "experts" in targets)
     saved = 4 * e + 8 * k + (4 * k + 4 if renorm else 0)
     saved += k * (24 + a * d + 3 * a * i + w + (a * (d + i) if trains_experts else 0))

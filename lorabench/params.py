@@ -67,16 +67,31 @@ def parse_targets(spec: ModelSpec, targets: Optional[Iterable[str] | str],
     return tuple(n for n in valid if n in chosen)
 
 
+def base_tensors(spec: ModelSpec) -> Tuple[Tuple[int, int], ...]:
+    """(numel, count) of each kind of the model's own parameter tensors, tied embeddings once: what full
+    fine-tuning trains (bnb's 8-bit optimizer decides per tensor) and what the total counts."""
+    L, d, out = spec.num_layers, spec.hidden_size, []
+    for i, o, bias in spec.linear_shapes().values():
+        out.append((i * o, L))
+        if bias:
+            out.append((o, L))
+    if spec.single_matrix:
+        return tuple(out)
+    out += [(e * o * i, L) for e, o, i in spec.moe_shapes().values()]
+    norms = spec.arch.norms_per_layer * L + 1  # the final norm too
+    out += [(d, norms * (2 if spec.norm == "layernorm" else 1)), (spec.vocab_size * d, 1 if spec.tie_embeddings else 2)]
+    if spec.arch.qk_norm == "head":
+        out.append((spec.head_dim, 2 * L))
+    elif spec.arch.qk_norm == "full":
+        out += [(spec.q_dim, L), (spec.kv_dim, L)]
+    if spec.max_positions:
+        out.append((spec.max_positions * d, 1))
+    return tuple(out)
+
+
 def count_base_params(spec: ModelSpec) -> int:
     """All parameters of the model, tied embeddings counted once (as `model.num_parameters()`)."""
-    layer = sum(i * o + (o if bias else 0) for i, o, bias in spec.linear_shapes().values())
-    if spec.single_matrix:
-        return spec.num_layers * layer
-    layer += spec.arch.norms_per_layer * spec.norm_params + spec.qk_norm_params
-    layer += sum(e * o * i for e, o, i in spec.moe_shapes().values())
-    embed = spec.vocab_size * spec.hidden_size
-    head = 0 if spec.tie_embeddings else embed
-    return embed + head + spec.max_positions * spec.hidden_size + spec.num_layers * layer + spec.norm_params
+    return sum(numel * count for numel, count in base_tensors(spec))
 
 
 def count_active_params(spec: ModelSpec) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, replace
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from lorabench.errors import LorabenchError
 
@@ -20,6 +20,23 @@ PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "qkv":
 # A mixture of experts' targets that are parameters, not nn.Linear modules (lora.ParamWrapper in PEFT).
 MOE_TARGETS = ("router", "experts")
 GPT2_PEFT_NAMES = {"qkv": "c_attn", "o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"}
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a mixture of experts' router turns logits into top-k weights (each family's *TopKRouter).
+
+    Attributes:
+        upcast_logits: softmax(logits.float()) (Mixtral) rather than softmax(logits, dtype=float32) (Qwen).
+        renormalize: the k weights are divided by their sum (Mixtral always; Qwen by norm_topk_prob, false in
+            Qwen1.5-MoE's config.json, true in Qwen3-MoE's).
+        cast_back: the weights return to the activation dtype (Qwen); Mixtral's stay float32, so each
+            expert output is weighted in float32.
+    """
+
+    upcast_logits: bool
+    renormalize: bool
+    cast_back: bool
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class Arch:
             (Gemma 2: `_supports_sdpa = False`, since SDPA cannot soft-cap the scores).
         rope_tables: rotary cos/sin tables per forward (Gemma 3: one for local, one for global layers).
         moe: the MLP is a mixture of experts (router, fused 3-D expert weights, maybe a shared expert).
+        routing: how its router weighs the top-k experts (None for a dense MLP).
         moe_targets: PEFT's all-linear also adapts the router and the fused experts. PEFT 0.21 rewrites a
             LoRA config for transformers 5's fused experts (peft/utils/transformers_weight_conversion.py)
             for mixtral and qwen3_moe, not qwen2_moe, whose all-linear stays on the nn.Linear modules.
@@ -64,6 +82,7 @@ class Arch:
     attention: str = "sdpa"
     rope_tables: int = 1
     moe: bool = False
+    routing: Optional[Routing] = None
     moe_targets: bool = False
     default_targets: Tuple[str, ...] = ("q", "v")
     note_default: bool = False
@@ -85,9 +104,10 @@ ARCHS: Dict[str, Arch] = {
                         activation="gelu-tanh", embed_scale=True, rope_tables=2),
     "phi3": Arch("Phi-3", fused_qkv=True, fused_gate_up=True, default_targets=("qkv",), note_default=True),
     "olmo2": Arch("OLMo 2", norm="rmsnorm-fp32", norm_layout="post", qk_norm="full", note_default=True),
-    "mixtral": Arch("Mixtral", moe=True, moe_targets=True),
-    "qwen2_moe": Arch("Qwen2-MoE", moe=True, note_default=True),
-    "qwen3_moe": Arch("Qwen3-MoE", qk_norm="head", moe=True, moe_targets=True, note_default=True),
+    "mixtral": Arch("Mixtral", moe=True, routing=Routing(True, True, False), moe_targets=True),
+    "qwen2_moe": Arch("Qwen2-MoE", moe=True, routing=Routing(False, False, True), note_default=True),
+    "qwen3_moe": Arch("Qwen3-MoE", qk_norm="head", moe=True, routing=Routing(False, True, True),
+                        moe_targets=True, note_default=True),
     "gpt2": Arch("GPT-2", norm="layernorm", fused_qkv=True, gated_mlp=False, activation="gelu-tanh",
                  default_targets=("qkv",)),
 }
@@ -241,17 +261,6 @@ class ModelSpec:
     def expert_params(self) -> int:
         """Parameters of one expert (its gate, up and down)."""
         return 3 * self.expert_intermediate_size * self.hidden_size if self.moe else 0
-
-    @property
-    def norm_params(self) -> int:
-        """Parameters of one norm layer: RMSNorm has a weight, LayerNorm a weight and a bias."""
-        return self.hidden_size * (2 if self.norm == "layernorm" else 1)
-
-    @property
-    def qk_norm_params(self) -> int:
-        """Parameters of one layer's q and k norms: over head_dim (Qwen3, Gemma 3) or full width (OLMo 2)."""
-        kind = self.arch.qk_norm
-        return 2 * self.head_dim if kind == "head" else self.q_dim + self.kv_dim if kind == "full" else 0
 
     def sliding_layers(self) -> int:
         """Layers that attend within a sliding window (transformers' layer_types)."""

@@ -9,7 +9,6 @@ an nn.Linear, so lorabench's adapter layers do not wrap them (PEFT's lora.ParamW
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -21,34 +20,13 @@ from lorabench.specs import ModelSpec
 _TORCH = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__).groups())
 
 
-@dataclass(frozen=True)
-class Routing:
-    """How a family's router turns logits into top-k weights.
-
-    Attributes:
-        upcast_logits: softmax(logits.float()) (Mixtral) rather than softmax(logits, dtype=float32) (Qwen).
-        renormalize: the k weights are divided by their sum (Mixtral always; Qwen by norm_topk_prob, false in
-            Qwen1.5-MoE's config.json, true in Qwen3-MoE's).
-        cast_back: the weights return to the activation dtype (Qwen); Mixtral's stay float32, so each
-            expert output is weighted in float32.
-    """
-
-    upcast_logits: bool
-    renormalize: bool
-    cast_back: bool
-
-
-ROUTING = {"mixtral": Routing(True, True, False), "qwen2_moe": Routing(False, False, True),
-           "qwen3_moe": Routing(False, True, True)}
-
-
 class Router(nn.Module):
     """Top-k router (Shazeer et al. 2017, arXiv:1701.06538): weight [E, d], softmax in float32, top k."""
 
     def __init__(self, spec: ModelSpec, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.top_k = spec.experts_per_token
-        self.routing = ROUTING[spec.family]
+        self.routing = spec.arch.routing
         self.weight = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -186,4 +164,4 @@ class SparseMoE(nn.Module):
         return (out + shared).reshape(B, S, d)
 
 
-__all__ = ["SparseMoE", "Router", "Experts", "Routing", "ROUTING", "grouped_mm"]
+__all__ = ["SparseMoE", "Router", "Experts", "grouped_mm"]
