@@ -360,13 +360,19 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
         # (Dao 2023, FlashAttention-2 Alg. 2). With GQA, k and v stay at kv width (enable_gqa). (A fused
         # qkv's v is a slice of its output, but what SDPA keeps is a contiguous copy: measured.)
         total += a * (2 * spec.q_dim + 2 * spec.kv_dim) + 4 * spec.num_heads
+        if arch.fused_qkv and arch.rope_copies and not (setup.impl == "peft" and not setup.grad_checkpointing):
+            # v is a slice of qkv's output, so SDPA's v keeps the whole output alive, q's and k's widths
+            # more than v (the rotation copied q and k). transformers' KV cache, on in a PEFT step without
+            # checkpointing, hands SDPA its own copies of k and v instead.
+            total += a * (spec.q_dim + spec.kv_dim)
     elif live:
         total += _eager_attention_saves(spec, a, setup.seq_len)
     keep, extra = _consumers_keep_input(("o",), *args)
     # o's input: the heads merged. The fused SDPA kernels (CUDA flash/efficient, and the CPU flash kernel
     # for q made as view(B, S, H, hd).transpose(1, 2)) write their output as [B, S, H, hd], so
-    # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; eager makes a copy.
-    shared = live and setup.attention == "sdpa"
+    # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; eager makes a copy, and so
+    # does SDPA where the rotation wrote q anew in [B, H, S, hd] order (Phi-3).
+    shared = live and setup.attention == "sdpa" and not arch.rope_copies
     total += (a * spec.q_dim if keep and not shared else 0) + extra
     live = live or trains(("o",))
     total += norm() if live and post else 0  # post-attention norm on o's output
@@ -441,14 +447,29 @@ def _merged_expert_bytes(spec: ModelSpec, method: Method, rank: Optional[int], t
     return spec.num_layers * per_layer
 
 
-def _backward_transient_per_token(spec: ModelSpec, a: int) -> int:
-    """Gradient buffers alive while one layer's MLP back-propagates: grads of the product, of silu's
-    output, of gate and up (a x intermediate each at worst) plus the residual stream's gradient twice.
-    A mixture of experts has these per routed token copy (k per token), and its shared expert's."""
-    mlp = (3 if spec.gated_mlp else 2) * a * spec.intermediate_size
+def _layer_backward_transient(spec: ModelSpec, method: Method, targets: Tuple[str, ...],
+                              setup: TrainingSetup) -> int:
+    """Gradient buffers alive while one layer's MLP back-propagates, for setup.tokens tokens, plus the
+    residual stream's gradient twice.
+
+    Dense MLP: grads of the product, of silu's output, of gate and up (intermediate each at worst).
+    Mixture of experts (transformers' grouped_mm, per routed token copy, k per token): at the fused
+    gate_up's chunk the grads of gate and up and their concatenation (4 I); at down's grouped_mm the
+    input's grad (I), the incoming grad (d) having replaced the down output that the routing weight's
+    product kept. A trainable expert weight that is not a parameter (PEFT's merged
+    W + sBA) also gets its full-size gradient there, which baddbmm's backward reduces to B's and A's:
+    down's (E x d x I) while both merged weights are kept; gate_up's comes after down's merged weight and
+    the expert activations it read are freed. Qwen2-MoE's shared expert back-propagates as a dense MLP,
+    apart from the routed tokens.
+    """
+    a, t, d = setup.act_bytes, setup.tokens, spec.hidden_size
+    mlp = 0 if spec.moe and not spec.shared_expert_gate else (3 if spec.gated_mlp else 2) * a * spec.intermediate_size * t
     if spec.moe:
-        mlp += 3 * a * spec.experts_per_token * spec.expert_intermediate_size
-    return mlp + 2 * a * spec.hidden_size
+        k, i = spec.experts_per_token, spec.expert_intermediate_size
+        merged = (setup.impl == "peft" and method.uses_rank and "experts" in targets)
+        down = a * k * t * i + (a * spec.num_experts * i * d if merged else 0)
+        mlp = max(mlp, a * k * t * 4 * i, down)
+    return mlp + 2 * a * d * t
 
 
 @dataclass(frozen=True)
@@ -457,6 +478,10 @@ class ActivationBreakdown:
 
     cache_bytes: transformers' KV cache, which the model output holds until the loop drops it (peft impl,
     no checkpointing); during forward and early backward it is the very k and v SDPA keeps.
+    layer_forward_bytes: under checkpointing, the weights one layer makes for its forward and drops after it
+    (cast or merged weights), which the stored activations do not hold.
+    final_norm_bytes: what the final norm (and the head's weight gradient) keeps, in saved_bytes; freed
+    before any layer back-propagates.
     """
 
     saved_bytes: int
@@ -467,6 +492,8 @@ class ActivationBreakdown:
     logits_backward_bytes: int
     logits_after_forward_bytes: int = 0
     cache_bytes: int = 0
+    layer_forward_bytes: int = 0
+    final_norm_bytes: int = 0
 
     @property
     def after_forward_bytes(self) -> int:
@@ -497,9 +524,10 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         # rotary cos and sin [1, S, hd], kept by the q/k multiplications: per position, not per token
         # (Gemma 3: one pair for its sliding layers, one for its global layers)
         rope = 2 * a * spec.head_dim * setup.seq_len * spec.arch.rope_tables
-    per_token += _norm_saves(spec, d, 1, a, method.base_trainable)  # final norm
+    final = _norm_saves(spec, d, 1, a, method.base_trainable)  # final norm
     if method.base_trainable:
-        per_token += a * d  # final norm's output: the output head's weight gradient needs it
+        final += a * d  # final norm's output: the output head's weight gradient needs it
+    per_token += final
     if setup.attention == "eager":
         # the materialized causal mask, shared by all layers (and a sliding-window one for sliding layers)
         masks = 1 + (1 if 0 < spec.sliding_layers() < L else 0)
@@ -521,11 +549,14 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         cache = L * 2 * t * spec.kv_dim * a
     casts = _weight_cast_bytes(spec, method, rank, targets, setup) + _merged_expert_bytes(spec, method, rank,
                                                                                            targets, setup)
-    if setup.grad_checkpointing:  # recomputed one layer at a time
+    layer_forward = 0
+    if setup.grad_checkpointing:  # recomputed one layer at a time, and made one layer at a time in forward
         recompute += casts // L
+        layer_forward = casts // L
         casts = 0
-    return ActivationBreakdown(t * per_token + rope + casts, recompute, t * _backward_transient_per_token(spec, a),
-                               t * held, t * fwd, t * bwd, t * (held + 4 * v + capped), cache)
+    transient = _layer_backward_transient(spec, method, targets, setup)
+    return ActivationBreakdown(t * per_token + rope + casts, recompute, transient, t * held, t * fwd, t * bwd,
+                               t * (held + 4 * v + capped), cache, layer_forward, t * final)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,7 +598,7 @@ class StepParts:
         persistent = -(-self.persistent_bytes // n) + (self.gather_bytes if n > 1 else 0)
         grads, head = -(-self.gradients_bytes // n), -(-self.head_grad_bytes // n)
         forward = persistent + act.saved_bytes + max(act.logits_forward_bytes, self.dequant_bytes,
-                                                     self.norm_temp_bytes)
+                                                     self.norm_temp_bytes, act.layer_forward_bytes)
         # while one layer is recomputed (checkpointing) its forward temporaries come back; the MLP's
         # gradient buffers come after, when that layer back-propagates
         layer_temp = max(act.transient_bytes, self.dequant_bytes,
@@ -577,7 +608,8 @@ class StepParts:
         # first layer, where recomputation and the largest gradient buffers meet).
         backward = persistent + max(
             act.saved_bytes + act.logits_backward_bytes,
-            act.saved_bytes + act.logits_held_bytes + head + act.recompute_bytes + layer_temp,
+            act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + head + act.recompute_bytes
+            + layer_temp,
             grads + act.logits_held_bytes + act.cache_bytes + act.transient_bytes,
         )
         optimizer = (persistent + grads + act.logits_held_bytes + act.cache_bytes

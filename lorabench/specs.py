@@ -61,6 +61,13 @@ class Arch:
         attention: the attention transformers runs by default: "sdpa", or "eager" where it refuses SDPA
             (Gemma 2: `_supports_sdpa = False`, since SDPA cannot soft-cap the scores).
         rope_tables: rotary cos/sin tables per forward (Gemma 3: one for local, one for global layers).
+        rope_copies: the rotation writes new q and k in [B, H, S, hd] order (Phi-3 rotates
+            q[..., :rotary_dim] and cats the rest back on), so SDPA's output is not [B, S, H, hd] and o's
+            input is a copy of it (elsewhere transpose(1, 2).contiguous() is free).
+        sliced_qkv: q, k and v are sliced out of the fused projection's output (Phi-3) rather than split
+            (gpt2): backward makes one full-width zero gradient per slice.
+        float32_rope: the rotary tables stay float32, so q and k are rotated in float32 and cast back
+            (OLMo 2).
         moe: the MLP is a mixture of experts (router, fused 3-D expert weights, maybe a shared expert).
         routing: how its router weighs the top-k experts (None for a dense MLP).
         moe_targets: PEFT's all-linear also adapts the router and the fused experts. PEFT 0.21 rewrites a
@@ -81,6 +88,9 @@ class Arch:
     embed_scale: bool = False
     attention: str = "sdpa"
     rope_tables: int = 1
+    rope_copies: bool = False
+    sliced_qkv: bool = False
+    float32_rope: bool = False
     moe: bool = False
     routing: Optional[Routing] = None
     moe_targets: bool = False
@@ -102,8 +112,10 @@ ARCHS: Dict[str, Arch] = {
                    embed_scale=True, attention="eager"),
     "gemma3_text": Arch("Gemma 3", norm="rmsnorm-plus1", norm_layout="sandwich", qk_norm="head",
                         activation="gelu-tanh", embed_scale=True, rope_tables=2),
-    "phi3": Arch("Phi-3", fused_qkv=True, fused_gate_up=True, default_targets=("qkv",), note_default=True),
-    "olmo2": Arch("OLMo 2", norm="rmsnorm-fp32", norm_layout="post", qk_norm="full", note_default=True),
+    "phi3": Arch("Phi-3", fused_qkv=True, fused_gate_up=True, rope_copies=True, sliced_qkv=True,
+                 default_targets=("qkv",), note_default=True),
+    "olmo2": Arch("OLMo 2", norm="rmsnorm-fp32", norm_layout="post", qk_norm="full", float32_rope=True,
+                  note_default=True),
     "mixtral": Arch("Mixtral", moe=True, routing=Routing(True, True, False), moe_targets=True),
     "qwen2_moe": Arch("Qwen2-MoE", moe=True, routing=Routing(False, False, True), note_default=True),
     "qwen3_moe": Arch("Qwen3-MoE", qk_norm="head", moe=True, routing=Routing(False, True, True),

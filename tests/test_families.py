@@ -229,11 +229,17 @@ def test_spec_fields_survive_cutting_layers():
 
 # --------------------------------------------------------------------------------------------------
 # Memory: the estimate against a measured transformers + PEFT step on the CPU live-tensor tracker, steady
-# state (after a warm-up step, so the optimizer's states exist). Small configs (hidden 128, 2 layers,
-# vocab 4096), batch 2 x 64 tokens.
+# state (after a warm-up step, so the optimizer's states exist). The small configs widened to hidden 256
+# (widths doubled, heads of 64), 2 layers, vocab 4096; batch 2 x 64 tokens.
 
 def _memory_spec(family):
-    return from_hf_config({**SMALL[family], "vocab_size": 4096}, name=family)
+    cfg = {**SMALL[family], "vocab_size": 4096, "hidden_size": 256}
+    for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if key in cfg:
+            cfg[key] *= 2
+    if "head_dim" in cfg:
+        cfg["head_dim"] = 64
+    return from_hf_config(cfg, name=family)
 
 
 def _methods_for(family, targets):
@@ -244,15 +250,16 @@ def _methods_for(family, targets):
     return [METHODS[m] for m in names]
 
 
-def _check_memory(family, dtype, ckpt, targets, methods=None):
-    pytest.importorskip("peft")
+def _check_memory(family, dtype, ckpt, targets, methods=None, impl="peft"):
+    if impl == "peft":
+        pytest.importorskip("peft")
     from lorabench.bench import run_bench
     from lorabench.memory import TrainingSetup
 
     spec = _memory_spec(family)
     setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, grad_checkpointing=ckpt, device="cpu")
     rows = run_bench(spec, methods or _methods_for(family, targets), [8], targets, setup, steps=1, warmup=1,
-                     impl="peft", progress=False, device="cpu")
+                     impl=impl, progress=False, device="cpu")
     for r in rows:
         assert r["status"] == "ok", (r["method"], r.get("error"))
         assert abs(r["peak_error_pct"]) < 1.0, (family, dtype, ckpt, r["method"], r["peak_error_pct"])
@@ -277,3 +284,23 @@ def test_memory_within_1pct_of_transformers_peft_checkpointed_fp32(family):
 @pytest.mark.parametrize("targets", [None, "all-linear"])
 def test_memory_within_1pct_of_transformers_peft_every_case(family, dtype, ckpt, targets):
     _check_memory(family, dtype, ckpt, targets)
+
+
+# lorabench's own modules (--impl lorabench), which also run delta-lora; they adapt no router or experts.
+
+def _nn_methods():
+    return [METHODS[m] for m in ("full", "lora", "lora-fa", "lora-plus", "vera", "dora", "delta-lora")]
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_memory_within_1pct_of_lorabench_modules(family):
+    _check_memory(family, "bf16", False, None, [METHODS["full"], METHODS["dora"], METHODS["delta-lora"]],
+                  impl="lorabench")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LORABENCH_FULL_GRID"), reason="the whole grid: LORABENCH_FULL_GRID=1")
+@pytest.mark.parametrize("family", sorted(SMALL))
+@pytest.mark.parametrize("dtype, ckpt", [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)])
+def test_memory_within_1pct_of_lorabench_modules_every_case(family, dtype, ckpt):
+    _check_memory(family, dtype, ckpt, None, _nn_methods(), impl="lorabench")

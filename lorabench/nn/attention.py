@@ -19,15 +19,6 @@ from lorabench.specs import ModelSpec
 Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
 # Gemma 3's rope_local_base_freq: its sliding layers rotate with this base, its global layers with rope_theta.
 LOCAL_ROPE_THETA = 10000.0
-# Op-level details of single modeling files that the Arch table does not carry. They change which tensors
-# exist, not the values: Phi3Attention slices qkv_proj's output where GPT2Attention splits c_attn's (three
-# SliceBackward nodes, each making a full-width zero gradient, against one SplitBackward), and Phi-3's
-# apply_rotary_pos_emb rotates q[..., :rotary_dim] and cats the (empty) rest back on, a copy of q and k.
-SLICED_QKV = ("phi3",)
-CAT_ROPE = ("phi3",)
-# Olmo2RotaryEmbedding returns its cos/sin in float32 (the others cast them to the activation dtype), so
-# OLMo 2 rotates q and k in float32 and casts the results back.
-FLOAT32_ROPE = ("olmo2",)
 # SDPA takes grouped k and v (enable_gqa) only without a mask and for head_dim up to this
 # (transformers' use_gqa_in_sdpa); otherwise k and v are repeated per query group first.
 SDPA_GQA_MAX_HEAD_DIM = 256
@@ -189,8 +180,8 @@ class Attention(nn.Module):
         self.scale = (spec.query_pre_attn_scalar or spec.head_dim) ** -0.5
         self.softcap = spec.attn_softcap or None
         self.eager = runs_eager(spec)
-        self.sliced_qkv = spec.family in SLICED_QKV
-        self.cat_rope = spec.family in CAT_ROPE
+        self.sliced_qkv = spec.arch.sliced_qkv
+        self.cat_rope = spec.arch.rope_copies
 
     def forward(self, x: torch.Tensor, rope: Rope = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [B, S, D]
@@ -225,4 +216,4 @@ class Attention(nn.Module):
 
 
 __all__ = ["Attention", "attention", "eager_attention", "causal_masks", "layer_kind", "runs_eager",
-           "repeat_kv", "rope_cos_sin", "rotate_half", "apply_rope", "LOCAL_ROPE_THETA", "FLOAT32_ROPE"]
+           "repeat_kv", "rope_cos_sin", "rotate_half", "apply_rope", "LOCAL_ROPE_THETA"]

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lorabench.errors import LorabenchError
-from lorabench.nn.attention import (FLOAT32_ROPE, LOCAL_ROPE_THETA, Attention, Rope, apply_rope, attention,
+from lorabench.nn.attention import (LOCAL_ROPE_THETA, Attention, Rope, apply_rope, attention,
                                     causal_masks, rope_cos_sin, rotate_half, runs_eager)
 from lorabench.nn.moe import Experts, Router, SparseMoE
 from lorabench.nn.norms import RMSNorm, make_norm
@@ -177,7 +177,7 @@ class Transformer(nn.Module):
         (sliding layers with LOCAL_ROPE_THETA, full layers with rope_theta); in dtype, or float32 for
         OLMo 2."""
         kinds = {layer.attn.kind for layer in self.layers}
-        if self.spec.family in FLOAT32_ROPE:
+        if self.spec.arch.float32_rope:
             dtype = torch.float32
         if self.spec.arch.rope_tables == 1:
             table = rope_cos_sin(seq_len, self.spec.head_dim, self.rope_theta, device, dtype)
