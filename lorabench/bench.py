@@ -125,7 +125,12 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         else:
             pcfg = peft.LoraConfig(r=rank, lora_alpha=setup.alpha, target_modules=modules,
                                    lora_dropout=setup.dropout, use_dora=method.adapter == "dora")
-        model = peft.get_peft_model(model, pcfg)
+        with warnings.catch_warnings():
+            # PEFT's conversion for fused experts sets gate_up's rank and alpha by pattern, and warns where
+            # the model has no gate_up_proj module (every dense model): nothing for the reader to act on
+            warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
+                                    category=RuntimeWarning)
+            model = peft.get_peft_model(model, pcfg)
         if not method.trains_a:
             for name, p in model.named_parameters():
                 if "lora_A" in name:

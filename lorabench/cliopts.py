@@ -166,8 +166,10 @@ def method_options(fn):
     @click.option("--rank", "-r", "ranks", type=RANK, multiple=True, default=(8,), show_default=True,
                   help="LoRA rank; repeat for a sweep (--rank 8 --rank 64).")
     @click.option("--targets", "-t", type=Text("NAMES"), default=None,
-                  help="Projections to adapt: q,k,v,o,gate,up,down (qkv for gpt2) or all-linear. "
-                       "Default: PEFT's (q,v; gpt2: qkv).")
+                  help="Projections to adapt: q,k,v,o,gate,up,down (or PEFT's names, q_proj...); fused "
+                       "ones where the family has them (qkv, gate_up: Phi-3, gpt2); router, experts and "
+                       "shared_gate on a mixture of experts; or all-linear (what PEFT's all-linear "
+                       "adapts). Default: PEFT's for the family (q,v; Phi-3, gpt2: qkv).")
     @functools.wraps(fn)
     def wrapper(methods, **kw):
         from_all = any(part.strip().lower() == "all" for m in methods for part in m.split(","))
