@@ -236,8 +236,8 @@ def seed_columns(seed: Sequence[Dict]):
     """The seed table's columns, headed with the matrix and model the rows were computed for."""
     matrix, model = seed[0]["matrix"], seed[0]["model"]
     return (
-        ("method", "method", str), ("seed_trained", "seed: trained", _text),
-        ("seed_w_updated", "seed: W updated", _text), ("seed_pct", "seed: % of full", _text),
+        ("method", "method", str), ("seed_trained", "deep dive: trained", _text),
+        ("seed_w_updated", "deep dive: W updated", _text), ("seed_pct", "deep dive: % of full", _text),
         ("matrix_trainable_params", f"ours: {matrix} trainable", count),
         ("matrix_pct_of_full", "% of W", _pct_of_full),
         ("model_qv_trainable_params", f"{model} q,v", count),
@@ -348,8 +348,9 @@ def _sections(report: Dict) -> List[Dict]:
     seed = report["seed_comparison"]
     seed_rank = next(r["rank"] for r in seed if r["rank"] is not None)
     sections.append({
-        "title": "The seed's table, recomputed",
-        "paragraphs": [f"The seed's 'Parameter efficiency' bars and technique table (d=4096, r=8) beside "
+        "title": "The deep dive's table, recomputed",
+        "paragraphs": [f"The 'Neurons, Weights & Fine-Tuning' deep dive's 'Parameter efficiency' bars and technique "
+                       f"table (d=4096, r=8) beside "
                        f"exact counts at r={seed_rank} for one {seed[0]['matrix']} matrix and for "
                        f"{seed[0]['model']} (PEFT's default targets q,v, and all-linear). Percentages are "
                        f"trainable / the base's parameters."],

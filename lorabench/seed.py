@@ -1,4 +1,4 @@
-"""The seed's "Compare All Techniques" table, recomputed exactly.
+"""The deep dive's "Compare All Techniques" table, recomputed exactly.
 
 The seed (the explainer this project started from) shows, for d=4096 and r=8, bars of trainable
 parameters as a share of full fine-tuning (Full 100%, Delta-LoRA 1.4%, LoRA 0.8%, LoRA+ 0.8%,
@@ -49,7 +49,7 @@ def _by_method(rows: List[Dict]) -> Dict[str, Dict]:
 
 
 def _why(method: str, d: int, rank: int, mat: Dict[str, Dict], qv: Dict[str, Dict], model: str) -> str:
-    """Why the seed's number and ours differ, with our numbers filled in from the counts."""
+    """Why the deep dive's number and ours differ, with our numbers filled in from the counts."""
     m, q = mat[method], qv[method]
     lora, lora_q = mat["lora"], qv["lora"]
     if method == "full":
@@ -59,7 +59,7 @@ def _why(method: str, d: int, rank: int, mat: Dict[str, Dict], qv: Dict[str, Dic
         double = param_rows(from_dimension(d, 1), (METHODS["lora"],), (2 * rank,))[0]
         return (f"A (r x d) and B (d x r): 2·{d}·{rank} = {m['trainable_params']:,} of {d}² = "
                 f"{m['pct_of_full']:.2f}% of W, not 0.8%; 0.8% is what r={2 * rank} gives "
-                f"({double['pct_of_full']:.2f}%): the seed's bars look rounded or illustrative. "
+                f"({double['pct_of_full']:.2f}%): the deep dive's bars look rounded or illustrative. "
                 f"On a model only the targeted projections get adapters: {q['pct_of_full']:.3f}% of "
                 f"{model} with q,v.")
     if method == "lora-plus":
@@ -67,29 +67,29 @@ def _why(method: str, d: int, rank: int, mat: Dict[str, Dict], qv: Dict[str, Dic
                 f"rate is higher (16x A's by default), which changes no count and no memory.")
     if method == "lora-fa":
         return (f"A frozen, only B (d x r) trains: {d}·{rank} = {m['trainable_params']:,}, half of LoRA "
-                f"for a square matrix ({m['pct_of_full']:.3f}%); the seed keeps the half but of its "
+                f"for a square matrix ({m['pct_of_full']:.3f}%); the deep dive keeps the half but of its "
                 f"doubled LoRA. On {model} it is {q['trainable_params'] / lora_q['trainable_params']:.0%} "
                 f"of LoRA, not half: v's output is narrower than its input (grouped-query attention).")
     if method == "vera":
         return (f"Trains two vectors per adapted matrix, d (r) and b (out): {rank} + {d} = "
-                f"{m['trainable_params']:,} = {m['pct_of_full']:.3f}% of W; the seed's 0.05% is "
+                f"{m['trainable_params']:,} = {m['pct_of_full']:.3f}% of W; the deep dive's 0.05% is "
                 f"{SEED_CLAIMS['vera'].pct / m['pct_of_full']:.1f}x that. "
                 f"The shared frozen A and B ({m['shared_buffer_numel']:,} numbers) are buffers, "
                 f"trained by no one.")
     if method == "delta-lora":
         return (f"Trains the same A and B as LoRA ({m['trainable_params']:,} = LoRA's "
                 f"{lora['trainable_params']:,}); W moves by the change of (alpha/r)·BA after each step, "
-                f"with no gradient and no optimizer state, so it is not trained. The seed's 1.4% "
+                f"with no gradient and no optimizer state, so it is not trained. The deep dive's 1.4% "
                 f"(above LoRA) seems to count that W update; what Delta-LoRA costs beyond LoRA is memory "
                 f"(a copy of A and B, a writable W: no quantized base), not parameters.")
     if method == "dora":
-        return (f"Not in the seed. LoRA plus a magnitude vector per output: "
+        return (f"Not in the deep dive. LoRA plus a magnitude vector per output: "
                 f"{lora['trainable_params']:,} + {d} = {m['trainable_params']:,}.")
-    return "Not in the seed."
+    return "Not in the deep dive."
 
 
 def seed_rows(d: int = SEED_D, rank: int = SEED_RANK, model: str = SEED_MODEL) -> List[Dict]:
-    """One row per method: the seed's claim beside our exact counts.
+    """One row per method: the deep dive's claim beside our exact counts.
 
     Keys: method, seed_pct, seed_trained, seed_w_updated, seed_idea; for the seed's example (one
     d x d matrix) matrix_trainable_params and matrix_pct_of_full; for the model with PEFT's default

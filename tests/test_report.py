@@ -81,7 +81,7 @@ def test_markdown_tables(small_report):
     folder, _ = small_report
     md = (folder / "report.md").read_text()
     for title in ("## Environment and settings", "## Parameters", "## Memory and fit",
-                  "## Measured vs estimated", "## The seed's table, recomputed"):
+                  "## Measured vs estimated", "## The deep dive's table, recomputed"):
         assert title in md
     assert "3,407,872" in md and "run with --bench" in md
 
@@ -94,7 +94,7 @@ def test_html_is_self_contained_with_every_plot(small_report):
     assert "run with --bench" in page
     assert "http://" not in page and "https://" not in page
     assert "<link" not in page and "<script" not in page and "<style>" in page
-    assert "The seed&#x27;s table, recomputed" in page or "The seed's table, recomputed" in page
+    assert "The deep dive&#x27;s table, recomputed" in page or "The deep dive's table, recomputed" in page
 
 
 def test_estimate_report_never_imports_torch(tmp_path):
