@@ -360,7 +360,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
         # (Dao 2023, FlashAttention-2 Alg. 2). With GQA, k and v stay at kv width (enable_gqa). (A fused
         # qkv's v is a slice of its output, but what SDPA keeps is a contiguous copy: measured.)
         total += a * (2 * spec.q_dim + 2 * spec.kv_dim) + 4 * spec.num_heads
-        if arch.fused_qkv and arch.rope_copies and not (setup.impl == "peft" and not setup.grad_checkpointing):
+        if arch.fused_qkv and arch.rope_copies and not _kv_cache_on(setup):
             # v is a slice of qkv's output, so SDPA's v keeps the whole output alive, q's and k's widths
             # more than v (the rotation copied q and k). transformers' KV cache, on in a PEFT step without
             # checkpointing, hands SDPA its own copies of k and v instead.
@@ -426,6 +426,17 @@ def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], tar
     return spec.num_layers * per_layer
 
 
+def _merges_experts(method: Method, targets: Tuple[str, ...], setup: TrainingSetup) -> bool:
+    """PEFT adapts the fused experts through lora.ParamWrapper, which merges W + s B A on every forward."""
+    return setup.impl == "peft" and method.uses_rank and "experts" in targets
+
+
+def _kv_cache_on(setup: TrainingSetup) -> bool:
+    """transformers' decoder returns a DynamicCache of every layer's k and v unless use_cache is off (it is
+    turned off under gradient checkpointing); lorabench's layers keep none."""
+    return setup.impl == "peft" and not setup.grad_checkpointing
+
+
 def _merged_expert_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
                          setup: TrainingSetup) -> int:
     """PEFT's lora.ParamWrapper on fused experts (transformers 5) merges W + s B A into a full-size weight on
@@ -433,7 +444,7 @@ def _merged_expert_bytes(spec: ModelSpec, method: Method, rank: Optional[int], t
     backward: every expert's weights once more per layer, whatever the tokens. In a low-precision model the
     fp32 factors are cast for the product and kept too (B only when A is frozen: A's copies stay). The
     router's merged weight (E x d) likewise."""
-    if setup.impl != "peft" or not method.uses_rank or "experts" not in targets:
+    if not _merges_experts(method, targets, setup):
         return 0
     a, shapes = setup.act_bytes, spec.moe_shapes()
     e, i, d = spec.num_experts, spec.expert_intermediate_size, spec.hidden_size
@@ -455,19 +466,19 @@ def _layer_backward_transient(spec: ModelSpec, method: Method, targets: Tuple[st
     Dense MLP: grads of the product, of silu's output, of gate and up (intermediate each at worst).
     Mixture of experts (transformers' grouped_mm, per routed token copy, k per token): at the fused
     gate_up's chunk the grads of gate and up and their concatenation (4 I); at down's grouped_mm the
-    input's grad (I), the incoming grad (d) having replaced the down output that the routing weight's
-    product kept. A trainable expert weight that is not a parameter (PEFT's merged
-    W + sBA) also gets its full-size gradient there, which baddbmm's backward reduces to B's and A's:
-    down's (E x d x I) while both merged weights are kept; gate_up's comes after down's merged weight and
-    the expert activations it read are freed. Qwen2-MoE's shared expert back-propagates as a dense MLP,
-    apart from the routed tokens.
+    input's grad (I) beyond what the layer keeps (measured on the CPU tracker, Mixtral and Qwen3-MoE).
+    A trainable expert weight that is not a parameter (PEFT's merged W + sBA) also gets its full-size
+    gradient there, which baddbmm's backward reduces to B's and A's: down's (E x d x I) while both merged
+    weights are kept; gate_up's comes after down's merged weight and the expert activations it read are
+    freed. Qwen2-MoE's shared expert back-propagates as a dense MLP, apart from the routed tokens.
     """
     a, t, d = setup.act_bytes, setup.tokens, spec.hidden_size
-    mlp = 0 if spec.moe and not spec.shared_expert_gate else (3 if spec.gated_mlp else 2) * a * spec.intermediate_size * t
+    dense = not spec.moe or spec.shared_expert_gate  # (Mixtral and Qwen3-MoE have no dense MLP)
+    mlp = (3 if spec.gated_mlp else 2) * a * spec.intermediate_size * t if dense else 0
     if spec.moe:
         k, i = spec.experts_per_token, spec.expert_intermediate_size
-        merged = (setup.impl == "peft" and method.uses_rank and "experts" in targets)
-        down = a * k * t * i + (a * spec.num_experts * i * d if merged else 0)
+        merged = a * spec.num_experts * i * d if _merges_experts(method, targets, setup) else 0
+        down = a * k * t * i + merged
         mlp = max(mlp, a * k * t * 4 * i, down)
     return mlp + 2 * a * d * t
 
@@ -542,11 +553,8 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     capped = a * v if spec.final_softcap else 0
     fwd = held + upcast + 4 * v + capped
     bwd = held + 12 * v + capped
-    # transformers' decoder returns a DynamicCache of every layer's k and v unless use_cache is off (it is
-    # turned off under gradient checkpointing): a loop that keeps the output keeps the cache.
-    cache = 0
-    if setup.impl == "peft" and not setup.grad_checkpointing:
-        cache = L * 2 * t * spec.kv_dim * a
+    # a loop that keeps the output keeps transformers' KV cache
+    cache = L * 2 * t * spec.kv_dim * a if _kv_cache_on(setup) else 0
     casts = _weight_cast_bytes(spec, method, rank, targets, setup) + _merged_expert_bytes(spec, method, rank,
                                                                                            targets, setup)
     layer_forward = 0
@@ -636,7 +644,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     if setup.attention == "eager" and spec.arch.attention == "eager":
         notes.append(f"{spec.arch.label} runs eager attention in transformers, which refuses SDPA for it (SDPA "
                      "cannot soft-cap the scores): every layer keeps its s x s scores.")
-    if setup.impl == "peft" and "experts" in targets:
+    if _merges_experts(method, targets, setup):
         notes.append("PEFT's LoRA on fused experts (transformers 5) merges W + sBA into a full-size weight on "
                      "every forward and keeps it for backward: every expert's weights once more per layer.")
     w_bytes = weights_bytes(spec, setup.dtype)
