@@ -26,6 +26,47 @@ def pct(x) -> str:
     return f"{x:.4f}" if x < 1 else f"{x:.2f}"
 
 
+def mib(n) -> str:
+    return "" if n is None else f"{n / 2 ** 20:,.2f}"
+
+
+def bytes_unit(values) -> Tuple[object, str]:
+    """(formatter, unit) for byte counts shown together: GiB, or MiB when all are under 1 GiB or some are
+    under 0.1 GiB (a 1.6 MiB adapter would read 0.00 GiB; 15 GiB reads 15,360.00 MiB beside it)."""
+    sizes = [abs(v) for v in values if v]
+    return (gib, "GiB") if sizes and max(sizes) >= GIB and min(sizes) >= GIB / 10 else (mib, "MiB")
+
+
+def ms(v) -> str:
+    """Milliseconds: whole above 10 ms, three significant digits below (a tiny model's 0.0327 ms)."""
+    if v is None:
+        return ""
+    return f"{v:,.0f}" if v >= 10 else f"{v:.3g}"
+
+
+def fixed(digits: int):
+    """A formatter with `digits` decimals and thousands separators (tokens/s, TFLOP/s)."""
+    return lambda v: "" if v is None else f"{v:,.{digits}f}"
+
+
+def signed_pct(v) -> str:
+    """An error in percent, signed: +0.04."""
+    return "" if v is None else f"{v:+.2f}"
+
+
+def gpus_needed_text(row: Dict) -> str:
+    """A memory row's "GPUs (FSDP)": the count, or why none: sharding splits weights, adapters, gradients
+    and optimizer state, never the activations, logits and runtime each GPU holds whole."""
+    n = row.get("gpus_needed")
+    if n is not None:
+        return f"{n:,}"
+    if row.get("fits") is None:  # no GPU asked for
+        return ""
+    if (row.get("activations_bytes") or 0) > row.get("gpu_memory_bytes", 0):
+        return "none: activations alone exceed one GPU"
+    return "none: activations, logits and runtime exceed one GPU"
+
+
 def _text(value) -> str:
     if value is None:
         return ""
@@ -130,7 +171,7 @@ def bench_text(rows: List[Dict], model: str, setup, fmt: str) -> str:
     projected = any(r.get("full_projected_peak_bytes") is not None for r in rows)
     columns = BENCH_COLUMNS + (FULL_DEPTH_COLUMNS if projected else ())
     if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):  # small models read better in MiB
-        columns = tuple((k, t, _mib) if f is gib else (k, t, f) for k, t, f in columns)
+        columns = tuple((k, t, mib) if f is gib else (k, t, f) for k, t, f in columns)
         title = title.replace("; GiB", "; MiB")
     out = render(rows, fmt, columns, title=title)
     if fmt not in ("table", "markdown") or not rows:
@@ -151,7 +192,3 @@ def bench_text(rows: List[Dict], model: str, setup, fmt: str) -> str:
         out += ("\nfull depth: measured at the layers built + the estimate's per-layer terms for the "
                 "rest; time scaled by FLOPs.")
     return out
-
-
-def _mib(n) -> str:
-    return "" if n is None else f"{n / 2 ** 20:,.2f}"

@@ -205,7 +205,8 @@ def fake_run_bench(calls):
                 "measured_adapter_bytes": None if oom else row["adapter_bytes"],
                 "measured_gradients_bytes": None if oom else row["gradients_bytes"],
                 "measured_optimizer_bytes": None if oom else row["optimizer_bytes"],
-                "measured_activations_bytes": None if oom else row["activations_bytes"],
+                "estimated_after_forward_bytes": row["activations_bytes"] + row["logits_bytes"],
+                "measured_activations_bytes": None if oom else row["activations_bytes"] + row["logits_bytes"],
                 "measured_peak_bytes": measured, "measured_device_bytes": None,
                 "peak_error_pct": None if oom else 100.0 * (row["peak_bytes"] - measured) / measured,
                 "within_tolerance": None if oom else True,
@@ -250,6 +251,10 @@ def test_bench_rows_and_plots(tmp_path, fake_bench):
     md = (tmp_path / "b" / "report.md").read_text()
     assert "Not measured" not in md and "oom: CUDA out of memory" in md and "Measured on Fake GPU" in md
     assert "d=4096: one matrix, not a model; not benched." in md
+    # what forward leaves alive, measured, beside the bench's estimate of the same (saved activations + logits)
+    after = lora["bench_estimated_after_forward_bytes"]
+    assert lora["measured_activations_bytes"] == after > lora["bench_estimated_activations_bytes"]
+    assert f" {after / 2 ** 30:,.2f} / {after / 2 ** 30:,.2f} |" in md
     page = (tmp_path / "b" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5 and "http://" not in page and "https://" not in page
     rows = list(csv.DictReader((tmp_path / "b" / "results.csv").open()))
