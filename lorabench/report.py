@@ -269,7 +269,8 @@ def has_measurements(report: Dict) -> bool:
     return any(r.get("bench_status") == "ok" for r in report["rows"])
 
 
-def write_report(report: Dict, out_dir: os.PathLike | str, name: str, force: bool = False) -> Tuple[Path, Optional[Path]]:
+def write_report(report: Dict, out_dir: os.PathLike | str, name: str,
+                 force: bool = False) -> Tuple[Path, Optional[Path]]:
     """Write the report to out_dir/name all at once; returns that path and, with force, where a folder
     lorabench did not write was moved (else None).
 

@@ -1,7 +1,8 @@
 """A report's text: its sections as format-neutral data, then report.md and a self-contained report.html.
 
 Every number is formatted by lorabench.render (the layer the CLI uses); this module only chooses the
-columns, the unit of each table (GiB, or MiB for small models), and says what each figure shows.
+columns, the unit of each (render.bytes_unit: GiB, or MiB where GiB would read 0.00), one set of tables
+per model, and says what each figure shows.
 The report's data is results.json's object (see lorabench.report); nothing here imports torch.
 """
 
@@ -51,11 +52,15 @@ def markdown_table(t: Table) -> str:
                     colalign=["left" if c[1] in TEXT_TITLES else "right" for c in t.columns])
 
 
+def _classes(title: str) -> str:
+    names = [name for name, titles in (("text", TEXT_TITLES), ("wrap", WRAP_TITLES)) if title in titles]
+    return f' class="{" ".join(names)}"' if names else ""
+
+
 def html_table(t: Table) -> str:
     """A table in its own scroll box (sticky header and first column), so that no table widens the page."""
     esc = html.escape
-    cls = [' class="%s"' % " ".join(k for k, titles in (("text", TEXT_TITLES), ("wrap", WRAP_TITLES))
-                                   if c[1] in titles) if c[1] in TEXT_TITLES else "" for c in t.columns]
+    cls = [_classes(c[1]) for c in t.columns]
     head = "".join(f"<th{k}>{esc(c[1])}</th>" for c, k in zip(t.columns, cls))
     body = "\n".join("<tr>" + "".join(f"<td{k}>{esc(_cell(r, c[0], c[2]))}</td>" for c, k in zip(t.columns, cls))
                      + "</tr>" for r in t.rows)
@@ -90,8 +95,8 @@ def _unit(rows: Sequence[Dict], keys: Sequence[str]):
 
 
 def _bytes(rows: Sequence[Dict], key: str, title: str):
-    """A column of byte counts in its own unit (GiB, or MiB when all under 1 GiB), named in its title: a
-    1.6 MiB adapter beside 15 GiB of weights reads 1.62 MiB, not 0.00 GiB."""
+    """A column of byte counts in its own unit (render.bytes_unit), named in its title: a 1.6 MiB adapter
+    reads 1.62 MiB, not 0.00 GiB."""
     fmt, unit = _unit(rows, (key,))
     return key, f"{title} {unit}", fmt
 
@@ -261,7 +266,8 @@ def _sections(report: Dict) -> List[Dict]:
     notes = sorted({n for r in rows for n in r.get("notes", [])})
     on = f", estimated for one {st['gpu']}" if st["gpu"] else ""
     sections.append({"title": f"Memory and fit{on}", "paragraphs": _memory_paragraphs(report),
-                     "tables": per_model(rows, lambda g: memory_tables(g, st["gpu"])), "bullets": [f"note: {n}" for n in notes]})
+                     "tables": per_model(rows, lambda g: memory_tables(g, st["gpu"])),
+                     "bullets": [f"note: {n}" for n in notes]})
     benched = [r for r in rows if r.get("bench_status") is not None]
     stopped = st.get("interrupted")
     cut = ""
