@@ -9,13 +9,16 @@ left out, as in those references.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from lorabench.gpus import GPU
+from lorabench.errors import LorabenchError
+from lorabench.gpus import GPU, PRICES
 from lorabench.memory import TrainingSetup
 from lorabench.methods import Method
 from lorabench.specs import ModelSpec
+from lorabench.stepwork import PHASES, Op, step_ops
 
 
 @dataclass(frozen=True)
@@ -83,17 +86,251 @@ def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
     return StepFlops(fwd, bwd, recompute, update, total, total / t)
 
 
+# --------------------------------------------------------------------------------------------------
+# Step time: a roofline per op (Williams et al. 2009), summed over the ops of lorabench.stepwork.
+
+# Achievable fraction of the datasheet dense peak in large matrix products (what --mfu sets): the lowest bf16
+# 8192^3 ceiling `lorabench bench` measured on an H100 SXM, 672 TFLOP/s of its 989 (reports/gpu-sweep-h100,
+# matmul_tflops: 672-731). The same fraction is taken of the fp32 (non-tensor) peak.
+MATMUL_EFFICIENCY = 0.68
+# Achievable fraction of the datasheet memory bandwidth in eager elementwise kernels: torch's foreach
+# AdamW step of full fine-tuning (Llama-3-8B at 4 layers, 1.92e9 bf16 parameters, 19 elements read or
+# written each: 73 GB) took 29.1 ms on the H100 SXM, 2.5 TB/s of its 3.35 (reports/gpu-sweep-h100).
+BANDWIDTH_EFFICIENCY = 0.75
+# Fused attention against the device's achievable matmul rate: FlashAttention-2 reaches about 335 TFLOP/s
+# forward and backward on an H100 SXM (Dao 2023, arXiv:2307.08691, sec. 4.1), about half of what its
+# large products reach (above).
+ATTENTION_EFFICIENCY = 0.5
+# An elementwise op with a transposed operand (PEFT's DoRA adds W to (B A eye)^T) reads it across strides,
+# which a GPU's coalesced loads do at a fraction of the bandwidth. Fitted: PEFT's DoRA on all-linear
+# (Llama-3-8B, 4 layers, reports/gpu-sweep-h100) measured 45.5 ms forward; at the full bandwidth the model
+# gives 40.0 ms, at half of it 47.0. A CPU's caches hold these operands: 1 there.
+STRIDED_EFFICIENCY = 0.5
+# Host time per eager op on a GPU machine (dispatch, launch, and the Python of transformers' and PEFT's
+# modules around it), which the GPU hides while its queue holds work: it decides only where kernels are
+# short (small models, few tokens). Taken at 20 us; between 10 and 40 us no committed H100 row moves by more
+# than a few percent.
+GPU_HOST_OP_S = 20e-6
+# Device time a GPU loses per matrix product beyond FLOPs / rate: the last wave of output tiles runs on part
+# of the SMs and each kernel ramps up and drains. On an H100 SXM one wave of 128 x 256 tiles at K = 4096 takes
+# about 50 us at the achievable rate, so about half a wave per product; it scales with the card's speed. It
+# is what makes 2048-token products slower than the 8192^3 ceiling (reports/gpu-sweep-h100: without it,
+# steps came out 5-10% short).
+GEMM_TAIL_S = 20e-6
+GEMM_TAIL_PEAK = 989.4e12  # the H100 SXM's dense bf16 peak, which GEMM_TAIL_S was taken at
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the step-time model needs of a device: achievable rates, not datasheet peaks.
+
+    Attributes:
+        name: the device.
+        matmul_flops: dense matrix products in bf16/fp16, FLOP/s.
+        fp32_flops: fp32 matrix products (torch keeps TF32 off for matmuls by default), FLOP/s: PEFT runs
+            the adapters' products in fp32.
+        bandwidth_bytes_s: what streaming elementwise kernels move, bytes/s.
+        peak_flops: the dense bf16 peak the reported MFU is taken against.
+        attention_efficiency: fraction of matmul_flops fused attention reaches.
+        host_op_s: host time per eager op (Python, PyTorch's dispatch, the kernel launch).
+        host_overlaps: the device runs behind the host (a GPU's queue), so a phase takes the longer of the
+            two; False for a CPU, which runs each op in turn and pays both.
+        gemm_tail_s: device time per matrix product beyond its FLOPs (a GPU's last partial wave of tiles; a
+            CPU's fixed cost of a small product).
+        strided_efficiency: fraction of the bandwidth an op reading a transposed operand reaches.
+    """
+
+    name: str
+    matmul_flops: float
+    fp32_flops: float
+    bandwidth_bytes_s: float
+    peak_flops: float
+    attention_efficiency: float = ATTENTION_EFFICIENCY
+    host_op_s: float = 0.0
+    host_overlaps: bool = True
+    gemm_tail_s: float = 0.0
+    strided_efficiency: float = 1.0
+
+    @property
+    def matmul_efficiency(self) -> float:
+        return self.matmul_flops / self.peak_flops
+
+
+def device_for_gpu(gpu: GPU, matmul_efficiency: Optional[float] = None) -> Device:
+    """A catalog GPU at achievable rates: matmul_efficiency (MATMUL_EFFICIENCY when None) of its dense
+    peaks, BANDWIDTH_EFFICIENCY of its memory bandwidth."""
+    eff = MATMUL_EFFICIENCY if matmul_efficiency is None else matmul_efficiency
+    return Device(gpu.name, gpu.bf16_flops * eff, gpu.fp32_flops * eff,
+                  gpu.bandwidth_bytes_s * BANDWIDTH_EFFICIENCY, gpu.bf16_flops, host_op_s=GPU_HOST_OP_S,
+                  gemm_tail_s=GEMM_TAIL_S * GEMM_TAIL_PEAK / gpu.bf16_flops, strided_efficiency=STRIDED_EFFICIENCY)
+
+
+def measured_device(name: str, matmul_flops: float, bandwidth_bytes_s: float, fp32_flops: Optional[float] = None,
+                    host_op_s: float = 0.0, host_overlaps: bool = False, gemm_tail_s: float = 0.0,
+                    attention_efficiency: float = ATTENTION_EFFICIENCY) -> Device:
+    """A device described by what was measured on it (a CPU, or a GPU outside the catalog): its matmul
+    ceiling (`lorabench bench`'s matmul_tflops), its streaming bandwidth and per-op host cost. The MFU
+    is then taken against the measured ceiling."""
+    return Device(name, matmul_flops, fp32_flops or matmul_flops, bandwidth_bytes_s, matmul_flops,
+                  attention_efficiency, host_op_s, host_overlaps, gemm_tail_s)
+
+
 @dataclass(frozen=True)
 class StepTime:
-    """Step time implied by a FLOP count on a GPU at a stated model-FLOPs utilisation."""
+    """Estimated time of one training step on a device, and how it splits.
 
-    gpu: str
-    mfu: float
+    Attributes:
+        device: the device's name.
+        step_ms: the whole step.
+        forward_ms, backward_ms, optimizer_ms: its phases (recomputation under checkpointing is backward's).
+        matmul_ms: time in matrix products and attention, each at its roofline bound (compute or memory).
+        memory_ms: time in memory-bound ops: norms, activations, casts, the loss, the optimizer step.
+        overhead_ms: per-op host time (devices that run ops synchronously).
+        matmul_efficiency: the fraction of the peak the device's matrix products were taken at.
+        mfu: model FLOPs (StepFlops.step_flops) per second over the dense peak: the utilisation this time implies.
+        tokens_per_s: tokens / step time.
+    """
+
+    device: str
     step_ms: float
+    forward_ms: float
+    backward_ms: float
+    optimizer_ms: float
+    matmul_ms: float
+    memory_ms: float
+    overhead_ms: float
+    matmul_efficiency: float
+    mfu: float
     tokens_per_s: float
 
 
-def estimate_step_time(flops: StepFlops, gpu: GPU, mfu: float, tokens: int) -> StepTime:
-    """step time = FLOPs / (peak dense bf16 FLOP/s x utilisation)."""
-    seconds = flops.step_flops / (gpu.bf16_flops * mfu)
-    return StepTime(gpu.name, mfu, 1e3 * seconds, tokens / seconds)
+def op_seconds(op: Op, device: Device) -> Tuple[float, float]:
+    """(device seconds, host overhead seconds) of all runs of op: the larger of its compute and its memory
+    time, as a roofline bounds a kernel."""
+    bandwidth = device.bandwidth_bytes_s * (device.strided_efficiency if op.strided else 1.0)
+    rate = device.fp32_flops if op.dtype_bytes >= 4 else device.matmul_flops
+    if op.kind == "attention":
+        rate *= device.attention_efficiency
+    busy = max(op.flops / rate if op.flops else 0.0, op.bytes / bandwidth)
+    if op.kind == "gemm":
+        busy += device.gemm_tail_s
+    return op.runs * busy, op.runs * op.launches * device.host_op_s
+
+
+def estimate_step_time(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+                       setup: TrainingSetup, device: Device, flops: Optional[StepFlops] = None) -> StepTime:
+    """Time of one step: every op of lorabench.stepwork at its roofline bound on device, summed (ops run one
+    after another), plus per-op host time where the device does not hide it."""
+    flops = flops or estimate_flops(spec, method, rank, targets, setup)
+    busy = dict.fromkeys(PHASES, 0.0)
+    host = dict.fromkeys(PHASES, 0.0)
+    matmul = memory = 0.0
+    for op in step_ops(spec, method, rank, targets, setup):
+        dev, cpu = op_seconds(op, device)
+        busy[op.phase] += dev
+        host[op.phase] += cpu
+        if op.kind == "stream":
+            memory += dev
+        else:
+            matmul += dev
+    if device.host_overlaps:  # the slower of the host's queueing and the device's work, phase by phase
+        phase = {p: max(busy[p], host[p]) for p in PHASES}
+    else:
+        phase = {p: busy[p] + host[p] for p in PHASES}
+    seconds = sum(phase.values())
+    overhead = max(0.0, seconds - matmul - memory)  # host time the device did not hide
+    return StepTime(device.name, 1e3 * seconds, 1e3 * phase["forward"], 1e3 * phase["backward"],
+                    1e3 * phase["optimizer"], 1e3 * matmul, 1e3 * memory, 1e3 * overhead,
+                    device.matmul_efficiency, flops.step_flops / seconds / device.peak_flops,
+                    setup.tokens / seconds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training time and cost.
+
+
+@dataclass(frozen=True)
+class CostSetup:
+    """How much to train and at what price.
+
+    Attributes:
+        tokens: tokens to train on in all (epochs included); or None to give dataset_tokens and epochs.
+        dataset_tokens: tokens in the dataset, trained over `epochs` times.
+        epochs: passes over the dataset (fractions allowed).
+        price_per_gpu_hour: US dollars per GPU-hour; None takes the catalog's default for the GPU.
+    """
+
+    tokens: Optional[int] = None
+    dataset_tokens: Optional[int] = None
+    epochs: float = 1.0
+    price_per_gpu_hour: Optional[float] = None
+
+    @property
+    def train_tokens(self) -> Optional[int]:
+        if self.tokens is not None:
+            return self.tokens
+        if self.dataset_tokens is not None:
+            return math.ceil(self.dataset_tokens * self.epochs)
+        return None
+
+    def validate(self) -> None:
+        """Raises LorabenchError for a combination or value that cannot be priced."""
+        if self.tokens is not None and self.dataset_tokens is not None:
+            raise LorabenchError("give --tokens (all tokens trained) or --dataset-tokens with --epochs, not both.")
+        for name, value in (("tokens", self.tokens), ("dataset tokens", self.dataset_tokens)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise LorabenchError(f"{name} must be a positive integer, got {value!r}.")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise LorabenchError(f"epochs must be a positive number, got {self.epochs!r}.")
+        if self.price_per_gpu_hour is not None and not (math.isfinite(self.price_per_gpu_hour)
+                                                        and self.price_per_gpu_hour >= 0):
+            raise LorabenchError(f"price must be a non-negative number, got {self.price_per_gpu_hour!r}.")
+
+
+@dataclass(frozen=True)
+class TrainingCost:
+    """A training run: steps, wall-clock hours, GPU-hours and dollars.
+
+    Attributes:
+        train_tokens: tokens trained on in all.
+        gpus: GPUs working together (data-parallel replicas, or the fewest that hold the step sharded).
+        tokens_per_step: tokens one optimizer step takes over all GPUs.
+        train_steps: optimizer steps (the last one partial, counted whole).
+        train_hours: wall-clock hours at the estimated step time.
+        gpu_hours: train_hours x gpus.
+        price_per_gpu_hour: dollars per GPU-hour used (given, or the catalog's), None when unknown.
+        price_source: where the price comes from.
+        cost_usd: gpu_hours x price, None without a price.
+    """
+
+    train_tokens: int
+    gpus: int
+    tokens_per_step: int
+    train_steps: int
+    train_hours: float
+    gpu_hours: float
+    price_per_gpu_hour: Optional[float]
+    price_source: Optional[str]
+    cost_usd: Optional[float]
+
+
+def estimate_training_cost(step: StepTime, tokens_per_gpu_step: int, gpus: int, cost: CostSetup,
+                           gpu: Optional[GPU] = None) -> Optional[TrainingCost]:
+    """Steps, hours, GPU-hours and dollars to train cost.train_tokens at step's time per step, each of `gpus`
+    GPUs taking tokens_per_gpu_step tokens per step (data parallel; time spent communicating is not added).
+    The price is cost.price_per_gpu_hour, else the catalog's default for gpu (lorabench.gpus.PRICES).
+    None when no tokens were given."""
+    cost.validate()
+    tokens = cost.train_tokens
+    if tokens is None:
+        return None
+    per_step = tokens_per_gpu_step * gpus
+    steps = -(-tokens // per_step)
+    hours = steps * step.step_ms / 3.6e6
+    price, source = cost.price_per_gpu_hour, "--price"
+    if price is None and gpu is not None and gpu.name in PRICES:
+        price, source = PRICES[gpu.name].usd_per_gpu_hour, PRICES[gpu.name].source
+    if price is None:
+        source = None
+    return TrainingCost(tokens, gpus, per_step, steps, hours, hours * gpus, price, source,
+                        None if price is None else hours * gpus * price)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from lorabench.compute import estimate_flops, estimate_step_time
+from lorabench.compute import (CostSetup, StepTime, device_for_gpu, estimate_flops, estimate_step_time,
+                               estimate_training_cost)
 from lorabench.gpus import GPU
 from lorabench.memory import TrainingSetup, estimate_from_parts, fit_on_gpu, step_parts
 from lorabench.methods import Method
@@ -60,10 +61,35 @@ def param_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
     return rows
 
 
+def step_time_fields(t: StepTime) -> Dict:
+    """The step time's JSON fields (see README, "Time and cost")."""
+    return {"mfu": t.mfu, "matmul_efficiency": t.matmul_efficiency, "step_ms": t.step_ms,
+            "tokens_per_s": t.tokens_per_s, "step_ms_forward": t.forward_ms, "step_ms_backward": t.backward_ms,
+            "step_ms_optimizer": t.optimizer_ms, "step_ms_matmul": t.matmul_ms, "step_ms_memory": t.memory_ms,
+            "step_ms_overhead": t.overhead_ms}
+
+
+def cost_fields(t: StepTime, tokens_per_gpu_step: int, gpus: Optional[int], cost: CostSetup,
+                gpu: Optional[GPU]) -> Dict:
+    """A training run's JSON fields: None throughout when no number of GPUs holds the step, or no tokens."""
+    run = None if gpus is None else estimate_training_cost(t, tokens_per_gpu_step, gpus, cost, gpu)
+    keys = ("train_tokens", "train_gpus", "train_steps", "train_hours", "gpu_hours", "price_per_gpu_hour",
+            "price_source", "cost_usd")
+    if run is None:
+        return dict.fromkeys(keys)
+    return dict(zip(keys, (run.train_tokens, run.gpus, run.train_steps, run.train_hours, run.gpu_hours,
+                           run.price_per_gpu_hour, run.price_source, run.cost_usd)))
+
+
 def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
                 targets: Optional[Iterable[str] | str], setup: TrainingSetup,
-                gpu: Optional[GPU] = None, mfu: float = 0.4) -> List[Dict]:
-    """Memory (and, with a GPU, fit and step time) for every (method, rank)."""
+                gpu: Optional[GPU] = None, mfu: Optional[float] = None,
+                cost: Optional[CostSetup] = None) -> List[Dict]:
+    """Memory (and, with a GPU, fit and step time; with cost, training time and dollars) for every (method, rank).
+
+    mfu: the achievable fraction of the GPU's dense peak in large matrix products (None: the time model's
+    default, compute.MATMUL_EFFICIENCY); the row's "mfu" is the model-FLOPs utilisation the estimate implies.
+    """
     rows = []
     for method, rank in _cases(methods, ranks):
         c = count_params(spec, method, rank, targets)
@@ -80,9 +106,11 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         row["flops_per_token"] = flops.flops_per_token
         if gpu is not None:
             fit = fit_on_gpu(parts, gpu)
-            t = estimate_step_time(flops, gpu, mfu, setup.tokens)
+            t = estimate_step_time(spec, method, rank, c.targets, setup, device_for_gpu(gpu, mfu), flops)
             row.update({"gpu": gpu.name, "gpu_memory_bytes": fit.gpu_memory_bytes, "fits": fit.fits,
-                        "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,
-                        "mfu": mfu, "step_ms": t.step_ms, "tokens_per_s": t.tokens_per_s})
+                        "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes})
+            row.update(step_time_fields(t))
+            if cost is not None:
+                row.update(cost_fields(t, setup.tokens, fit.gpus_needed, cost, gpu))
         rows.append(row)
     return rows

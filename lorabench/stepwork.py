@@ -1,0 +1,421 @@
+"""The work of one training step, op by op: matrix products (FLOPs, and the dtype they run in) and the bytes
+the memory-bound ops move. Pure Python; lorabench.compute turns it into time on a device.
+
+Counted as eager PyTorch runs transformers + PEFT and lorabench.nn (no torch.compile): every elementwise op
+reads its inputs and writes its output once, nothing is fused, and a matrix product reads both operands and
+writes its result. Forward ops follow the family's modeling file and PEFT's layers; each op's backward is
+written next to it (the gradient of an elementwise op reads the output gradient and what it saved, and writes
+one gradient per input). `launches` are the eager ops an entry stands for: a CPU runs them one after another
+and pays PyTorch's dispatch for each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes, _trainable_tensors
+from lorabench.methods import Method
+from lorabench.specs import ModelSpec
+
+PHASES = ("forward", "backward", "optimizer")
+
+# FlashAttention-2's backward runs 5 matrix products to the forward's 2 (it recomputes the scores): 2.5x the
+# forward's FLOPs (Dao 2023, arXiv:2307.08691, sec. 3.1.2 and the FLOP count of sec. 4.1).
+FLASH_BACKWARD = 2.5
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kind of kernel in a training step.
+
+    Attributes:
+        name: what it is, for the breakdown.
+        phase: "forward", "backward" (checkpointing's recomputation included) or "optimizer".
+        kind: "gemm" (a matrix product), "attention" (a fused attention kernel) or "stream" (memory-bound).
+        flops: FLOPs of one run.
+        bytes: bytes read and written by one run.
+        dtype_bytes: element size the product computes in: 2 (bf16/fp16 tensor cores) or 4 (fp32).
+        runs: runs per step.
+        launches: eager ops one run stands for.
+        strided: one operand is read across strides (a transposed view), which streams at a fraction of the
+            bandwidth.
+    """
+
+    name: str
+    phase: str
+    kind: str
+    flops: float
+    bytes: float
+    dtype_bytes: int = 2
+    runs: int = 1
+    launches: int = 1
+    strided: bool = False
+
+
+class _Ops:
+    """Collects ops for one phase pair (forward ops and their backward)."""
+
+    def __init__(self) -> None:
+        self.ops: List[Op] = []
+
+    def stream(self, name: str, phase: str, nbytes: float, launches: int = 1, strided: bool = False) -> None:
+        if nbytes > 0:
+            self.ops.append(Op(name, phase, "stream", 0.0, float(nbytes), launches=launches, strided=strided))
+
+    def gemm(self, name: str, phase: str, m: int, k: int, n: int, db: int) -> None:
+        """[m, k] x [k, n] in elements of db bytes."""
+        self.ops.append(Op(name, phase, "gemm", 2.0 * m * k * n, float(db * (m * k + k * n + m * n)), db))
+
+    def attention(self, name: str, phase: str, flops: float, nbytes: float, db: int) -> None:
+        self.ops.append(Op(name, phase, "attention", float(flops), float(nbytes), db))
+
+
+def _norm_bytes(spec: ModelSpec, a: int) -> Tuple[int, int, int]:
+    """(forward bytes per element, backward bytes per element, eager ops) of one norm.
+
+    transformers' RMSNorms: x.float(), pow(2), mean, x * rsqrt, cast back, the weight's product (Llama order;
+    OLMo 2 and Gemma multiply in float32 and cast after: the same traffic). LayerNorm is one fused kernel."""
+    if spec.norm == "layernorm":
+        return 2 * a, 4 * a, 1
+    fwd = (a + 4) + 8 + 4 + 8 + (4 + a) + 2 * a if a < 4 else 8 + 4 + 8 + 2 * a
+    return fwd, 2 * fwd, 6
+
+
+def _linear(ops: _Ops, name: str, t: int, i: int, o: int, setup: TrainingSetup, method: Method,
+            needs_dx: bool) -> None:
+    """A frozen or trainable base projection [t, i] -> [t, o]; a quantized one dequantizes its weight for every
+    product (bitsandbytes' Linear4bit/Linear8bitLt in training: forward and input gradient)."""
+    a = setup.act_bytes
+    if setup.dtype in QUANTIZED:
+        deq = _quantized_linear_bytes(setup.dtype, i, o) + a * i * o
+        ops.stream(f"{name} dequantize", "forward", deq)
+        if needs_dx:
+            ops.stream(f"{name} dequantize", "backward", deq)
+        if setup.dtype == "int8":
+            # LLM.int8(): x quantized row-wise (absmax, then int8 codes), the int32 result scaled back
+            ops.stream(f"{name} int8 in/out", "forward", t * (2 * a + 1) * i + t * (4 + a) * o, launches=3)
+    ops.gemm(name, "forward", t, i, o, a)
+    if needs_dx:
+        ops.gemm(f"{name} dx", "backward", t, o, i, a)
+    if method.base_trainable:
+        ops.gemm(f"{name} dW", "backward", i, t, o, a)
+
+
+def _adapter(ops: _Ops, name: str, t: int, i: int, o: int, rank: int, setup: TrainingSetup, method: Method,
+             needs_dx: bool) -> None:
+    """The adapter on one projection, as PEFT's layer (impl "peft") or lorabench.nn's (impl "lorabench") runs it."""
+    a, r = setup.act_bytes, rank
+    peft = setup.impl == "peft"
+    ad = FLOAT_BYTES[setup.adapter_dtype] if peft else a  # the dtype the adapter's products run in
+    cast = ad != a
+    if setup.dropout > 0 and method.name != "delta-lora":  # a dropped copy of x and its bool mask
+        ops.stream(f"{name} dropout", "forward", t * (2 * ad + 1) * i)
+        ops.stream(f"{name} dropout", "backward", t * (2 * ad + 1) * i)
+    if peft and cast:  # _cast_input_dtype: each adapted layer its own copy of x, and the result cast back
+        ops.stream(f"{name} x cast", "forward", t * (a + ad) * i)
+        ops.stream(f"{name} out cast", "forward", t * (ad + a) * o)
+        # backward: the output gradient cast up, and the base result's gradient cast back down
+        ops.stream(f"{name} out cast", "backward", t * 2 * (a + ad) * o, launches=2)
+        if needs_dx:
+            ops.stream(f"{name} x cast", "backward", t * (ad + a) * i)
+    if not peft:  # lorabench.nn casts the fp32 factors to x's dtype: per layer, not per token
+        ops.stream(f"{name} factor casts", "forward", (FLOAT_BYTES[setup.adapter_dtype] + a) * r * (i + o),
+                   launches=2)
+    if needs_dx:  # the adapter's input gradient joins the base layer's
+        ops.stream(f"{name} dx sum", "backward", t * 3 * a * i)
+    # the two products, A then B (VeRA: the shared frozen pair, sliced)
+    ops.gemm(f"{name} A", "forward", t, i, r, ad)
+    ops.gemm(f"{name} B", "forward", t, r, o, ad)
+    ops.gemm(f"{name} B dx", "backward", t, o, r, ad)
+    if needs_dx:
+        ops.gemm(f"{name} A dx", "backward", t, r, i, ad)
+    if method.adapter == "vera":
+        # lambda_d * (A x) (r wide), lambda_b * (B ...) (out wide), added to the result; backward: the
+        # vectors' gradients reduce over tokens
+        ops.stream(f"{name} vectors", "forward", t * (3 * ad * r + 2 * ad * o + (a + 2 * ad) * o), launches=3)
+        ops.stream(f"{name} vectors", "backward", t * (6 * ad * r + 5 * ad * o), launches=5)
+        return
+    ops.gemm(f"{name} dB", "backward", o, t, r, ad)
+    if method.trains_a:
+        ops.gemm(f"{name} dA", "backward", r, t, i, ad)
+    if not peft:
+        # scale on the r-wide projection, then base + delta (out wide); DoRA: g * y and m's gradient
+        ops.stream(f"{name} scale, add", "forward", t * (2 * a * r + 3 * a * o), launches=2)
+        ops.stream(f"{name} scale", "backward", t * 2 * a * r)
+        if method.adapter == "dora":
+            ops.stream(f"{name} magnitude", "forward", t * 2 * a * o, launches=3)
+            ops.stream(f"{name} magnitude", "backward", t * 4 * a * o, launches=3)
+            # ||W + s B A|| per row under no_grad: one addmm (out x in, inner r) and the norm's read
+            ops.gemm(f"{name} W + sBA", "forward", o, r, i, a)
+            ops.stream(f"{name} weight norm", "forward", a * i * o, launches=2)
+        return
+    if method.adapter != "dora":
+        # lora_B(lora_A(x)) * scaling, then result + that (in ad)
+        ops.stream(f"{name} scale, add", "forward", t * (2 * ad + a + 2 * ad) * o, launches=2)
+        ops.stream(f"{name} scale, add", "backward", t * 2 * ad * o)
+        return
+    # PEFT's DoraLinearLayer.forward: (m/||W + s lora_weight|| - 1) * base + m/||.|| * lora * s, added to the
+    # result; backward: each product's two gradients, m's reduced over tokens, base's cast and summed.
+    ops.stream(f"{name} dora combine", "forward", t * ((a + ad) + 2 * ad + 2 * ad + 3 * ad + (a + 2 * ad)) * o,
+               launches=5)
+    ops.stream(f"{name} dora combine", "backward", t * (14 * ad + 5 * a) * o, launches=10)
+    # ... and the weight norm, per layer (not per token): lora_weight = B(A(eye(in))).T, W cast to x's dtype,
+    # W + s * lora_weight (a transposed operand), the row norms.
+    w = FLOAT_BYTES.get(setup.dtype, 2) if setup.dtype not in QUANTIZED else a
+    ops.stream(f"{name} eye", "forward", ad * i * i)
+    ops.gemm(f"{name} A(eye)", "forward", i, i, r, ad)
+    ops.gemm(f"{name} B(A(eye))", "forward", i, r, o, ad)
+    if setup.dtype in QUANTIZED:
+        ops.stream(f"{name} dequantize for the norm", "forward", _quantized_linear_bytes(setup.dtype, i, o) + a * i * o)
+    if w != ad or setup.dtype in QUANTIZED:
+        ops.stream(f"{name} W cast", "forward", (w + ad) * i * o)
+    ops.stream(f"{name} W + s lora_weight", "forward", 5 * ad * i * o, launches=2, strided=True)
+    ops.stream(f"{name} weight norm", "forward", ad * i * o)
+
+
+def _attention(ops: _Ops, spec: ModelSpec, t: int, setup: TrainingSetup, sliding: bool, live: bool) -> None:
+    """Rotary embedding, the attention kernel (SDPA's flash/efficient kernels, or transformers' eager path),
+    and the merge of the heads."""
+    a, s, h = setup.act_bytes, setup.seq_len, spec.num_heads
+    qk = spec.q_dim + spec.kv_dim
+    if not spec.max_positions:  # q * cos + rotate_half(q) * sin: 5 ops over q and k (OLMo 2: in float32)
+        e = 4 if spec.arch.float32_rope else a
+        rope = 10 * e + (2 * (a + 4) if spec.arch.float32_rope and a < 4 else 0)
+        ops.stream("rotary", "forward", t * rope * qk, launches=7)
+        if live:
+            ops.stream("rotary", "backward", t * rope * qk, launches=7)
+    w = spec.sliding_window if sliding else 0
+    keys = s / 2 if not w or w >= s else w * (1 - w / (2 * s))  # keys a causal query sees, on average
+    if setup.attention == "sdpa":
+        flops = 4.0 * t * keys * spec.q_dim  # QK^T and AV
+        io = t * a * 2 * (spec.q_dim + spec.kv_dim)
+        ops.attention("attention", "forward", flops, io, a)
+        if live:
+            ops.attention("attention", "backward", FLASH_BACKWARD * flops, 2 * io, a)
+        if spec.arch.rope_copies:  # the output is [B, H, S, hd]: merging the heads copies it
+            ops.stream("merge heads", "forward", t * 2 * a * spec.q_dim)
+    else:
+        # eager: repeat_kv copies, full s x s scores per head, (soft-cap), mask, fp32 softmax, cast, AV
+        kv = spec.q_dim if spec.num_kv_heads != spec.num_heads else spec.kv_dim
+        ops.stream("repeat_kv", "forward", t * 2 * a * (kv if kv != spec.kv_dim else 0), launches=2)
+        ops.gemm("QK^T", "forward", t, spec.head_dim, h * s, a)
+        ops.gemm("AV", "forward", t, h * s, spec.head_dim, a)
+        per = h * s * (3 * a + (a + 4) + (4 + a) + (6 * a if spec.attn_softcap else 0))
+        ops.stream("scores: mask, softmax", "forward", t * per, launches=4 + (3 if spec.attn_softcap else 0))
+        ops.stream("merge heads", "forward", t * 2 * a * spec.q_dim)
+        if live:
+            for n in ("dQ", "dK"):
+                ops.gemm(f"QK^T {n}", "backward", t, h * s, spec.head_dim, a)
+            for n in ("dA", "dV"):
+                ops.gemm(f"AV {n}", "backward", t, spec.head_dim, h * s, a)
+            ops.stream("scores: mask, softmax", "backward", 2 * t * per, launches=6)
+
+
+def _moe(ops: _Ops, spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...], t: int,
+         setup: TrainingSetup, live: bool) -> None:
+    """transformers 5's grouped_mm experts: router, top-k, sort and gather of the routed copies, two grouped
+    products, the gate, the routing weights and the sum back per token; PEFT's ParamWrapper merges
+    W + s B A into every expert's weight on each forward (torch.baddbmm) when the experts are targets."""
+    a, d, e, k, i = setup.act_bytes, spec.hidden_size, spec.num_experts, spec.experts_per_token, \
+        spec.expert_intermediate_size
+    full = method.base_trainable
+    routed = t * k
+    w = 4 if not spec.arch.routing.cast_back else a  # Mixtral weighs each expert's output in float32
+    ops.gemm("router", "forward", t, d, e, a)
+    ops.stream("routing", "forward", t * (e * (a + 12) + 40 * k), launches=10)
+    ops.stream("gather, weigh, sum", "forward", routed * (2 * a * d + (a + w + w) * d + 2 * w * d), launches=6)
+    ops.stream("expert gate", "forward", routed * 5 * a * i, launches=2)
+    merged = setup.impl == "peft" and method.uses_rank and "experts" in targets
+    for name, m, kk, n in (("experts gate_up", routed, d, 2 * i), ("experts down", routed, i, d)):
+        ops.gemm(name, "forward", m, kk, n, a)
+        if live or full or merged:
+            ops.gemm(f"{name} dx", "backward", m, n, kk, a)
+        if full or merged:  # the (merged) weight's gradient
+            ops.gemm(f"{name} dW", "backward", kk, m, n, a)
+    if live or full or merged:
+        ops.stream("gather, weigh, sum", "backward", routed * 2 * (2 * a * d + (a + w + w) * d), launches=8)
+        ops.stream("expert gate", "backward", routed * 2 * 5 * a * i, launches=4)
+        ops.stream("routing", "backward", t * e * 3 * (a + 4), launches=4)
+    if merged:
+        ad = FLOAT_BYTES[setup.adapter_dtype]
+        for name, out, inn, r in (("gate_up", 2 * i, d, 2 * rank), ("down", d, i, rank)):
+            size = e * out * inn
+            ops.stream(f"{name} factor casts", "forward", (ad + a) * e * r * (inn + out), launches=2)
+            ops.gemm(f"merge {name}", "forward", e * out, r, inn, a)  # baddbmm: W + s B A, E of them
+            ops.stream(f"merge {name}", "forward", a * size)  # reading W (the product writes the merged copy)
+            # backward: the merged weight's gradient (written by grouped_mm's dW) feeds B's and A's
+            ops.gemm(f"merge {name} dB", "backward", e * out, inn, r, a)
+            ops.gemm(f"merge {name} dA", "backward", e * r, out, inn, a)
+
+
+def _layer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...], setup: TrainingSetup,
+           first: bool, sliding: bool) -> List[Op]:
+    """Forward and backward ops of one decoder layer. In the first layer of a frozen model nothing before the
+    first trainable weight needs a gradient (autograd records no op there), as in memory.layer_activation_bytes."""
+    ops = _Ops()
+    a, t, d, i = setup.act_bytes, setup.tokens, spec.hidden_size, spec.intermediate_size
+    arch, full = spec.arch, method.base_trainable
+    shapes = spec.linear_shapes()
+    nf, nb, nl = _norm_bytes(spec, a)
+    live = full or not first  # the layer's input needs a gradient
+
+    def adapted(name: str) -> bool:
+        return method.uses_rank and name in targets
+
+    def norm(name: str, width: int, needs: bool) -> None:
+        ops.stream(name, "forward", t * nf * width, launches=nl)
+        if needs:
+            ops.stream(name, "backward", t * nb * width, launches=2 * nl)
+
+    def project(names) -> None:
+        for n in names:
+            if n in shapes:
+                ii, oo, _ = shapes[n]
+                _linear(ops, n, t, ii, oo, setup, method, live)
+                if adapted(n):
+                    _adapter(ops, n, t, ii, oo, rank, setup, method, live)
+
+    def residual() -> None:
+        ops.stream("residual add", "forward", t * 3 * a * d)
+
+    pre, post = arch.norm_layout in ("pre", "sandwich"), arch.norm_layout in ("post", "sandwich")
+    if pre:
+        norm("attention norm", d, live)
+    qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
+    project(qkv)
+    live = live or any(adapted(n) for n in qkv)
+    if arch.sliced_qkv and live:  # each slice's gradient is a zeroed full-width tensor, then the three summed
+        ops.stream("qkv slices", "backward", t * 10 * a * (spec.q_dim + 2 * spec.kv_dim), launches=8)
+    if arch.qk_norm:
+        norm("q/k norms", spec.q_dim + spec.kv_dim, live)
+    _attention(ops, spec, t, setup, sliding, live)
+    project(("o",))
+    live = live or adapted("o")
+    if post:
+        norm("attention post-norm", d, live)
+    residual()
+    if pre:
+        norm("MLP norm", d, live)
+    if spec.moe:
+        _moe(ops, spec, method, rank, targets, t, setup, live)
+        live = live or full or any(adapted(n) for n in ("router", "experts"))
+        if spec.shared_expert_gate:  # Qwen2-MoE's shared expert and its sigmoid gate
+            project(("gate", "up", "shared_gate"))
+            ops.stream("shared expert", "forward", t * (5 * a * i + 5 * a * d), launches=4)
+            project(("down",))
+    else:
+        gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up") if arch.gated_mlp else ("up",)
+        project(gate_up)
+        live = live or any(adapted(n) for n in gate_up)
+        act = (2 + 3) * a * i if arch.gated_mlp else 2 * a * i  # act(g) (* u)
+        ops.stream("activation", "forward", t * act, launches=2 if arch.gated_mlp else 1)
+        if live:
+            ops.stream("activation", "backward", t * 2 * act, launches=4 if arch.gated_mlp else 2)
+            if arch.fused_gate_up:  # chunk's backward joins the two halves' gradients into one tensor
+                ops.stream("gate_up chunk", "backward", t * 2 * a * 2 * i)
+        project(("down",))
+        live = live or adapted("down")
+    if post:
+        norm("MLP post-norm", d, live)
+    residual()
+    return ops.ops
+
+
+def _outside_layers(spec: ModelSpec, method: Method, setup: TrainingSetup) -> List[Op]:
+    """Embeddings, the final norm, the output head and transformers' causal-LM loss (fp32 logits, log_softmax,
+    nll_loss; Gemma 2's logit soft-cap)."""
+    ops = _Ops()
+    a, t, d, v = setup.act_bytes, setup.tokens, spec.hidden_size, spec.vocab_size
+    full = method.base_trainable
+    p = FLOAT_BYTES.get(setup.dtype, 2)
+    ops.stream("embedding", "forward", t * 2 * a * d + (t * 3 * a * d if spec.arch.embed_scale else 0))
+    if spec.max_positions:
+        ops.stream("positions", "forward", t * 3 * a * d)
+    if full:  # a zeroed V x d gradient and the rows added into it
+        ops.stream("embedding", "backward", p * v * d + t * 3 * a * d)
+    nf, nb, nl = _norm_bytes(spec, a)
+    ops.stream("final norm", "forward", t * nf * d, launches=nl)
+    ops.stream("final norm", "backward", t * nb * d, launches=2 * nl)
+    ops.gemm("output head", "forward", t, d, v, a)
+    ops.gemm("output head dx", "backward", t, v, d, a)
+    if full:
+        ops.gemm("output head dW", "backward", d, t, v, a)
+    if spec.final_softcap:  # cap * tanh(logits / cap)
+        ops.stream("logit soft-cap", "forward", t * 6 * a * v, launches=3)
+        ops.stream("logit soft-cap", "backward", t * 8 * a * v, launches=3)
+    up = a + 4 if a < 4 else 0  # logits.float()
+    # log_softmax over a long row reads it three times (max, sum of exp, output) and writes once; its
+    # backward reads the gradient twice (sum, output) and the output once; nll_loss's gradient is a zeroed V
+    ops.stream("loss: fp32 logits, log_softmax", "forward", t * (up + 16 * v), launches=4)
+    ops.stream("loss: fp32 logits, log_softmax", "backward", t * (up + 20 * v), launches=4)
+    return ops.ops
+
+
+def _optimizer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+               setup: TrainingSetup) -> List[Op]:
+    """The optimizer step over every trainable tensor, and Delta-LoRA's W update after it.
+
+    torch's AdamW (foreach on CUDA, a loop per tensor on the CPU; torch/optim/adam.py) with weight decay 0:
+    lerp_(m, g), mul_(v), addcmul_(v, g, g), sqrt(v), div_, add_(eps), addcdiv_(p, m, denom): 19 elements
+    read or written per parameter. SGD: add_; with momentum mul_, add_ and add_. bitsandbytes' 8-bit AdamW:
+    one fused kernel reading and writing p and both 1-byte states, reading g."""
+    ops = _Ops()
+    tensors = _trainable_tensors(spec, method, rank, targets)
+    numel = sum(n * c for n, c in tensors)
+    count = sum(c for _, c in tensors)
+    p = FLOAT_BYTES.get(setup.dtype, 2) if method.base_trainable else FLOAT_BYTES[setup.adapter_dtype]
+    master = setup.master_weights and p < 4
+    s = 4 if master else p
+    per, launches = {"adamw": (19 * s, 8), "sgd": (3 * s, 1), "sgd-momentum": (8 * s, 3),
+                     "adamw-8bit": (3 * s + 4, 1)}[setup.optimizer]
+    if master:  # fp32 master weights: the gradient read up, the weights written back down
+        per += 2 * p + 4 + p
+    # CUDA's foreach kernels take the tensors in lists (chunks of dozens per launch); the CPU loops per tensor
+    lists = -(-count // 32) if setup.device == "cuda" and setup.optimizer != "adamw-8bit" else count
+    ops.stream("optimizer step", "optimizer", numel * per, launches=launches * lists)
+    if method.name == "delta-lora":
+        # W += lambda s [B1 B0][A1; -A0] per adapted layer (lorabench.nn.delta): one addmm of inner 2r, in place
+        a = setup.act_bytes
+        for name in targets:
+            ii, oo, _ = spec.linear_shapes()[name]
+            for _ in range(spec.num_layers):
+                ops.gemm(f"{name} W update", "optimizer", oo, 2 * rank, ii, a)
+                ops.stream(f"{name} W update", "optimizer", a * ii * oo, launches=8)
+    return ops.ops
+
+
+def step_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+             setup: TrainingSetup) -> Tuple[Op, ...]:
+    """Every op of one training step of method on spec, with its runs per step. Under gradient checkpointing
+    each layer's forward runs again in backward (Chen et al. 2016)."""
+    setup = setup.for_spec(spec)
+    targets = targets if method.uses_rank else ()
+    if spec.single_matrix:
+        ops = _Ops()
+        d, t = spec.hidden_size, setup.tokens
+        for layer in range(spec.num_layers):
+            _linear(ops, "w", t, d, d, setup, method, layer > 0 or method.base_trainable)
+            if method.uses_rank:
+                _adapter(ops, "w", t, d, d, rank, setup, method, layer > 0)
+        return tuple(ops.ops) + tuple(_optimizer(spec, method, rank, targets, setup))
+    L = spec.num_layers
+    sliding = spec.sliding_layers()
+    out: List[Op] = []
+    # layer kinds: (first?, sliding?) -> how many; the first layer is sliding wherever any layer is
+    kinds = {(True, sliding > 0): 1}
+    for (first, slides), n in (((False, True), sliding - (1 if sliding else 0)),
+                               ((False, False), L - 1 - max(sliding - 1, 0))):
+        if n > 0:
+            kinds[(first, slides)] = n
+    for (first, slides), n in kinds.items():
+        for op in _layer(spec, method, rank, targets, setup, first, slides):
+            out.append(_times(op, n))
+            if setup.grad_checkpointing and op.phase == "forward":
+                out.append(_times(Op(f"recompute: {op.name}", "backward", op.kind, op.flops, op.bytes,
+                                     op.dtype_bytes, 1, op.launches, op.strided), n))
+    return tuple(out + _outside_layers(spec, method, setup) + _optimizer(spec, method, rank, targets, setup))
+
+
+def _times(op: Op, n: int) -> Op:
+    return Op(op.name, op.phase, op.kind, op.flops, op.bytes, op.dtype_bytes, op.runs * n, op.launches, op.strided)
