@@ -231,3 +231,49 @@ def targets_note(methods, targets) -> str:
     if targets is not None and not any(m.uses_rank for m in methods):
         return "--targets does not apply to full fine-tuning, which trains every weight; it is ignored."
     return ""
+
+MAX_TOKENS = 10 ** 15  # a thousand times the largest pre-training runs published (~10^13 tokens)
+_SUFFIXED_RE = re.compile(r"([0-9]+(\.[0-9]+)?)([kKmMbBtT])")
+
+
+class TokenCount(BoundedInt):
+    """A token count in [lo, hi]: digits, or a number with a K, M, B or T suffix (500k, 2B, 1.5T)."""
+
+    _SCALE = {"k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "t": 10 ** 12}
+
+    def convert(self, value, param, ctx):
+        match = _SUFFIXED_RE.fullmatch(str(value).strip())
+        if match:
+            value = str(round(float(match.group(1)) * self._SCALE[match.group(3).lower()]))
+        return super().convert(value, param, ctx)
+
+
+def cost_options(fn):
+    """How much to train and at what price (memory, report); passes cost=CostSetup(...), or cost=None when no
+    tokens were given."""
+    from lorabench.compute import CostSetup
+
+    @click.option("--tokens", type=TokenCount(1, MAX_TOKENS), default=None,
+                  help="Tokens to train on in all, epochs included (digits, or 500M, 2B, 1.5T): adds training "
+                       "steps, hours, GPU-hours and, with a price, the cost (with --gpu).")
+    @click.option("--dataset-tokens", type=TokenCount(1, MAX_TOKENS), default=None,
+                  help="Tokens in the dataset, trained over --epochs times (instead of --tokens).")
+    @click.option("--epochs", type=BoundedFloat(0.0, 10_000.0, lo_open=True), default=None,
+                  help="Passes over --dataset-tokens (fractions allowed). Default: 1.")
+    @click.option("--price", type=BoundedFloat(0.0, 1_000.0), default=None,
+                  help="US dollars per GPU-hour. Default: the catalog's dated on-demand price for --gpu, where "
+                       "it has one ('lorabench gpus').")
+    @functools.wraps(fn)
+    def wrapper(tokens, dataset_tokens, epochs, price, **kw):
+        if tokens is not None and dataset_tokens is not None:
+            raise click.UsageError("give --tokens (all tokens trained) or --dataset-tokens with --epochs, not both.")
+        if epochs is not None and dataset_tokens is None:
+            raise click.UsageError("--epochs counts passes over --dataset-tokens; give --dataset-tokens too.")
+        if price is not None and tokens is None and dataset_tokens is None:
+            raise click.UsageError("--price prices a training run; give --tokens or --dataset-tokens too.")
+        cost = None
+        if tokens is not None or dataset_tokens is not None:
+            cost = CostSetup(tokens=tokens, dataset_tokens=dataset_tokens,
+                             epochs=1.0 if epochs is None else epochs, price_per_gpu_hour=price)
+        return fn(cost=cost, **kw)
+    return wrapper
