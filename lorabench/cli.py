@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import traceback
 
@@ -19,9 +20,9 @@ from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
 from lorabench.hfconfig import MAX_WIDTH, config_json_path, load_config, printable_path
 from lorabench.hub import is_local_model, resolve_model
-from lorabench.memory import QUANTIZED
+from lorabench.memory import ALLOCATOR_ALLOWANCE, ALLOWANCE_SOURCE, QUANTIZED
 from lorabench.render import (BENCH_COLUMNS, GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, gib,
-                              render)
+                              render, size)
 from lorabench.specs import PRESETS, from_dimension, from_name
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -112,6 +113,16 @@ def cli():
     """
 
 
+def quantized_methods(methods, methods_from_all, setup):
+    """'all' on a quantized base means every method that can run on one; a note names the ones left out."""
+    if setup.dtype not in QUANTIZED or not methods_from_all:
+        return methods
+    dropped = [m.name for m in methods if not m.allows_quantized_base]
+    if dropped:
+        note(f"{', '.join(dropped)} left out: they write the base weights, which a {setup.dtype} base cannot hold.")
+    return tuple(m for m in methods if m.allows_quantized_base)
+
+
 def usable_methods(spec, methods, methods_from_all, ranks, targets):
     """--method all keeps the methods that can adapt these targets (PEFT's DoRA cannot adapt fused experts)
     and says which it left out; a method asked for by name is refused in one line instead."""
@@ -129,15 +140,24 @@ def usable_methods(spec, methods, methods_from_all, ranks, targets):
     if not any(m.uses_rank for m in kept) and refused:
         raise refused[0][1]  # bad input for every adapter method: the error, not a note
     for m, exc in refused:
-        note(f"{m.name} left out: {exc}")
+        note(f"{spec.name}: {m.name} left out: {exc}")
     return tuple(kept)
+
+
+def terminal_width() -> int:
+    """The terminal's width ($COLUMNS first); 100 when the output is not a terminal."""
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _blocks(texts) -> str:
+    return "\n\n".join(t for t in texts if t)
 
 
 @cli.command(context_settings=CONTEXT)
 @model_options
 @method_options
 @format_option
-def params(spec, methods, methods_from_all, ranks, targets, fmt):
+def params(specs, methods, methods_from_all, ranks, targets, fmt):
     """Exact trainable and total parameter counts per method and rank.
 
     Counts match PEFT's get_nb_trainable_parameters(); VeRA's shared projections
@@ -146,18 +166,109 @@ def params(spec, methods, methods_from_all, ranks, targets, fmt):
     \b
     Example:
         lorabench params --model llama-3-8b --method lora --method vera --rank 8 --rank 256
+        lorabench params -m llama-3-8b -m mistral-7b --method lora -t all-linear
         lorabench params --d 4096 --method lora --rank 8
         lorabench params --config ./my-model/config.json --targets all-linear -f json
     """
     from lorabench.estimate import param_rows
 
-    methods = usable_methods(spec, methods, methods_from_all, ranks, targets)
-    rows = param_rows(spec, methods, ranks, targets)
+    per_model = []
+    for spec in specs:
+        used = usable_methods(spec, methods, methods_from_all, ranks, targets)
+        per_model.append((spec, param_rows(spec, used, ranks, targets)))
     note(targets_note(methods, targets))  # after the rows: an error above it stays the only line
-    out = render(rows, fmt, PARAM_COLUMNS, title=f"{spec.name}: parameters")
-    if fmt in ("table", "markdown") and rows:
-        out += "".join(f"\nnote: {n}" for n in rows[0]["notes"])
-    click.echo(out)
+    if fmt not in ("table", "markdown"):
+        click.echo(render([r for _, rows in per_model for r in rows], fmt, PARAM_COLUMNS))
+        return
+    texts = []
+    for spec, rows in per_model:
+        out = render(rows, fmt, PARAM_COLUMNS, title=f"{spec.name}: parameters")
+        texts.append(out + "".join(f"\nnote: {n}" for n in (rows[0]["notes"] if rows else ())))
+    click.echo(_blocks(texts))
+
+
+def _memory_block(spec, rows, setup, chosen, methods, targets, fmt, wide, columns, allowance):
+    """One model's answer as text: the setup, a verdict line per case, the table, the notes."""
+    from lorabench.render import MEMORY_SUMMARY_COLUMNS, fit_width, setup_sentence, verdict_line, wrap
+
+    width = terminal_width()
+    if chosen is not None:  # the answer first: one sentence per case
+        lines = [verdict_line(r, r.get("fix"), r.get("fix_alternative"), width) for r in rows]
+    else:
+        lines = [wrap(smallest_gpu_sentence(r), width, "  ") for r in rows]
+    lines += ["", wrap(setup_sentence(spec, rows, setup, targets), width, "  ")]
+    if chosen is not None:
+        lines.append(wrap(f"'fits' leaves {allowance:.1%} of the peak to the allocator (--headroom; "
+                          f"{ALLOWANCE_SOURCE}).", width, "  "))
+    if columns:
+        cols = pick_columns(columns)
+    elif wide:
+        cols = tuple(MEMORY_COLUMNS) + (tuple(GPU_COLUMNS) if chosen else ())
+    else:
+        cols = MEMORY_SUMMARY_COLUMNS
+    hidden: list = []
+    if fmt == "table" and not wide and not columns:
+        cols, hidden = fit_width(rows, cols, width, keep=4)
+    table = render(rows, fmt, cols, title="Per GPU, GiB:" if fmt == "table" else "")
+    lines += ["", table]
+    if hidden:
+        lines.append(wrap(f"not shown at {width} columns: {', '.join(hidden)} (--wide shows every component, "
+                          "--columns chooses).", width))
+    notes = sorted({n for r in rows for n in r["notes"]})
+    lines += [wrap(f"note: {n}", width, "  ") for n in notes]
+    return "\n".join(lines)
+
+
+def smallest_gpu_sentence(row) -> str:
+    who = row["method"] + (f" r={row['rank']}" if row.get("rank") else "")
+    gpu = row.get("smallest_gpu")
+    where = (f"fits one {gpu}, the smallest catalog GPU that holds it" if gpu
+             else "fits no single catalog GPU (--gpu shows what makes it fit)")
+    return f"{who}: peak {size(row['peak_bytes'])} in {row['peak_phase']}, {size(row['device_bytes'])} with " \
+           f"the runtime; {where}."
+
+
+def pick_columns(text: str):
+    """--columns: row keys or column titles, comma-separated, in that order."""
+    from lorabench.render import MEMORY_SUMMARY_COLUMNS
+
+    known = {}
+    for c in (*MEMORY_COLUMNS, *GPU_COLUMNS, *MEMORY_SUMMARY_COLUMNS):
+        known.setdefault(c[0], c)
+        known.setdefault(c[1], c)
+    out = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name not in known:
+            raise click.BadParameter(f"unknown column {name!r}; choose from "
+                                     f"{', '.join(dict.fromkeys(c[0] for c in known.values()))}.",
+                                     param_hint="--columns")
+        out.append(known[name])
+    return tuple(dict.fromkeys(out))
+
+
+def _fix_dict(fix):
+    return None if fix is None else {"kinds": list(fix.kinds), "args": list(fix.args),
+                                     "required_bytes": fix.required_bytes, "spare_bytes": fix.spare_bytes}
+
+
+def add_verdicts(spec, rows, methods, targets, setup, chosen, allowance):
+    """The verdict fields of each memory row: on a GPU, the largest component and the cheapest change that
+    fits (fix, fix_args, fix_required_bytes, fix_spare_bytes); without one, the smallest catalog GPU."""
+    from lorabench.fit import Case, fixes, overflow, smallest_gpu
+
+    by_name = {m.name: m for m in methods}
+    for row in rows:
+        case = Case(spec, by_name[row["method"]], row["rank"], targets, setup)
+        if chosen is None:
+            row["smallest_gpu"] = smallest_gpu(case.parts(), allowance)
+            continue
+        name, big, _ = overflow(row, chosen.memory_bytes)
+        row.update({"largest_component": name, "largest_component_bytes": big})
+        found = [] if row["fits"] else fixes(case, chosen.memory_bytes, allowance)
+        first = found[0] if found else None
+        # another way, of another kind: the first that changes none of what the cheapest changes
+        other = next((f for f in found[1:] if not set(f.kinds) & set(first.kinds)), None)
+        row["fix"], row["fix_alternative"] = _fix_dict(first), _fix_dict(other)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -165,42 +276,125 @@ def params(spec, methods, methods_from_all, ranks, targets, fmt):
 @method_options
 @setup_options
 @click.option("--gpu", type=Text("GPU"), default=None,
-              help="A GPU from 'lorabench gpus': adds fits, GPUs needed and step time.")
+              help="A GPU from 'lorabench gpus': whether it fits, the spare memory, what makes a 'no' fit, GPUs "
+                   "needed and step time. Without it: the smallest catalog GPU that fits.")
 @click.option("--mfu", type=MFU, default=0.4, show_default=True,
               help="Model-FLOPs utilisation assumed for the step time, in [0.01, 1].")
+@click.option("--headroom", type=BoundedFloat(0.0, 90.0), default=round(100 * ALLOCATOR_ALLOWANCE, 1),
+              show_default=True,
+              help="Allocator allowance in % of the peak, kept free when deciding 'fits' (the caching allocator "
+                   "reserves more than it hands out; bench reads both).")
+@click.option("--wide", is_flag=True, help="Every memory component in the table (wider than a terminal).")
+@click.option("--columns", type=Text("KEYS"), default=None,
+              help="The table's columns, comma-separated (row keys or titles: method,rank,peak,fits,...).")
 @format_option
-def memory(spec, methods, methods_from_all, ranks, targets, setup, gpu, mfu, fmt):
-    """GPU memory of one training step per method: components, peak, fit.
+def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, headroom, wide, columns, fmt):
+    """GPU memory of one training step per method: does it fit, and what makes it fit.
 
-    Components are in GiB in tables and bytes in csv/json. 'peak' is what
-    torch.cuda.max_memory_allocated() should read; '+runtime' (CUDA context,
-    cuBLAS workspace) comes on top and is counted when deciding 'fits'.
+    The first lines answer: per method, fits or not on --gpu, the memory to
+    spare, the phase of the peak and, for a "no", the largest component and the
+    cheapest change that fits (checkpointing, a smaller batch, 8-bit AdamW, an
+    nf4 base, a shorter sequence, more GPUs), found by the estimator. 'peak' is
+    what torch.cuda.max_memory_allocated() should read; the runtime (CUDA
+    context, cuBLAS workspace) and the allocator allowance (--headroom) come on
+    top when deciding 'fits'. The table keeps the columns that fit the terminal;
+    --wide shows every component. csv/json carry every field, in bytes.
 
     \b
     Example:
-        lorabench memory --model llama-3-8b --method lora --rank 16 --gpu A100-40GB
+        lorabench memory -m llama-3-8b --method lora -r 16 -t all-linear --gpu RTX-4090 -s 4096
         lorabench memory --model llama-3-70b --method all --dtype nf4 --gpu H100-80GB
+        lorabench memory -m llama-3-8b -m mistral-7b --method lora,full --gpu A100-80GB --wide
         lorabench memory --model llama-3-70b --method full --gpu A100-80GB -f json
     """
     from lorabench.estimate import memory_rows
 
     chosen = get_gpu(gpu) if gpu is not None else None
-    if setup.dtype in QUANTIZED and methods_from_all:
-        # 'all' on a quantized base means every method that can run on one.
-        methods = tuple(m for m in methods if m.allows_quantized_base)
-    methods = usable_methods(spec, methods, methods_from_all, ranks, targets)
-    rows = memory_rows(spec, methods, ranks, targets, setup, chosen, mfu)
+    allowance = headroom / 100
+    methods = quantized_methods(methods, methods_from_all, setup)
+    per_model = []
+    for spec in specs:
+        used = usable_methods(spec, methods, methods_from_all, ranks, targets)
+        rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance)
+        add_verdicts(spec, rows, used, targets, setup, chosen, allowance)
+        per_model.append((spec, used, rows))
     note(targets_note(methods, targets))
-    title = (f"{spec.name}: batch {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype} base, "
-             f"{setup.optimizer}{', grad checkpointing' if setup.grad_checkpointing else ''}; GiB")
-    columns = tuple(MEMORY_COLUMNS) + (tuple(GPU_COLUMNS) if chosen else ())
-    out = render(rows, fmt, columns, title=title)
-    if chosen and fmt in ("table", "markdown"):
-        out += f"\n\n{chosen.name}: {gib(chosen.memory_bytes)} GiB; step time at {mfu:.0%} of {chosen.bf16_flops / 1e12:,.0f} TFLOP/s bf16."
-    if fmt in ("table", "markdown"):
-        notes = sorted({n for r in rows for n in r["notes"]})
-        out += "".join(f"\nnote: {n}" for n in notes)
-    click.echo(out)
+    if fmt not in ("table", "markdown"):
+        click.echo(render([r for _, _, rows in per_model for r in rows], fmt, MEMORY_COLUMNS))
+        return
+    click.echo(_blocks(_memory_block(spec, rows, setup, chosen, used, targets, fmt, wide, columns, allowance)
+                       for spec, used, rows in per_model))
+
+
+@cli.command(context_settings=CONTEXT)
+@model_options
+@method_options
+@setup_options
+@click.option("--gpu", type=Text("GPU"), default=None, help="A GPU from 'lorabench gpus'.")
+@click.option("--gpu-memory", type=BoundedFloat(0.0, 1e6, lo_open=True), default=None,
+              help="Or a GPU memory size in GiB (as nvidia-smi reports it, e.g. 23.99 for an RTX 4090).")
+@click.option("--headroom", type=BoundedFloat(0.0, 90.0), default=round(100 * ALLOCATOR_ALLOWANCE, 1),
+              show_default=True, help="Allocator allowance in % of the peak, kept free when deciding 'fits'.")
+@format_option
+def fit(specs, methods, methods_from_all, ranks, targets, setup, gpu, gpu_memory, headroom, fmt):
+    """What fits a GPU: the largest batch, sequence length and rank per method, and which knobs make a setup fit.
+
+    For each method (and rank): whether the setup as given fits, the largest batch
+    size at the given sequence length, the longest sequence at the given batch
+    size and the largest rank at both, each found by search over the estimator.
+    Then a table of the memory savers (gradient checkpointing, 8-bit AdamW, an
+    nf4 base) alone and together: which make the given setup fit, and with how
+    much to spare. 'Fits' counts the runtime and the allocator allowance
+    (--headroom), as in 'lorabench memory'.
+
+    \b
+    Example:
+        lorabench fit -m llama-3-8b --gpu RTX-4090 --method lora,dora,full -r 16 -t all-linear -s 4096
+        lorabench fit -m qwen3-8b --gpu-memory 48 --method lora --grad-checkpointing -f json
+    """
+    import json
+
+    from lorabench.fit import Case, limits, required_bytes, savers, spare_bytes
+    from lorabench.render import fit_text
+
+    if (gpu is None) == (gpu_memory is None):
+        raise click.UsageError("give --gpu NAME or --gpu-memory GIB (one of them).")
+    if gpu is not None:
+        chosen = get_gpu(gpu)
+        label, capacity = chosen.name, chosen.memory_bytes
+    else:
+        label, capacity = f"{gpu_memory:g} GiB GPU", int(gpu_memory * 2 ** 30)
+    allowance = headroom / 100
+    methods = quantized_methods(methods, methods_from_all, setup)
+    limit_rows, knob_rows = [], []
+    for spec in specs:
+        used = usable_methods(spec, methods, methods_from_all, ranks, targets)
+        for m in used:
+            for r in (ranks if m.uses_rank else (None,)):
+                case = Case(spec, m, r, targets, setup)
+                parts = case.parts()
+                lim = limits(case, capacity, allowance)
+                spare = spare_bytes(case, capacity, allowance)
+                base = {"model": spec.name, "method": m.name, "rank": r, "targets": ",".join(parts.counts.targets),
+                        "gpu": label, "gpu_memory_bytes": capacity, "allowance_fraction": allowance,
+                        "batch_size": setup.batch_size, "seq_len": setup.seq_len}
+                limit_rows.append({**base, "fits": spare >= 0, "required_bytes": required_bytes(parts),
+                                   "spare_bytes": spare, "max_batch_size": lim.max_batch_size,
+                                   "max_seq_len": lim.max_seq_len, "max_rank": lim.max_rank,
+                                   "max_positions": spec.max_positions or None})
+                for kinds, args, changed in savers(case):
+                    alt = Case(spec, m, r, targets, changed)
+                    left = spare_bytes(alt, capacity, allowance)
+                    knob_rows.append({**base, "change": " + ".join(kinds) or "as given", "args": list(args),
+                                      "fits": left >= 0, "required_bytes": required_bytes(alt.parts()),
+                                      "spare_bytes": left})
+    note(targets_note(methods, targets))
+    if fmt == "json":
+        click.echo(json.dumps({"limits": limit_rows, "knobs": knob_rows}, indent=2))
+    elif fmt == "csv":
+        click.echo(render(limit_rows, fmt, ()))
+    else:
+        click.echo(fit_text(limit_rows, knob_rows, setup, terminal_width(), fmt))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -354,7 +548,7 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
 @cli.command(context_settings=CONTEXT)
 @model_options
 @method_options
-@setup_options(impl_default="lorabench")
+@setup_options
 @click.option("--steps", type=STEPS, default=5, show_default=True, help="Timed steps.")
 @click.option("--warmup", type=STEPS, default=2, show_default=True,
               help="Untimed steps first (first calls, allocator growth, optimizer states).")
@@ -372,12 +566,12 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
               help="Exit 1 when a row is outside the tolerance or fails to run, or when nothing was measured.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @format_option
-def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps, warmup, tolerance, gpu, output,
+def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps, warmup, tolerance, gpu, output,
           force, check, progress, fmt):
     """Run real training steps and compare time and memory with the estimate.
 
-    For each method it builds the model (--impl lorabench: lorabench's own layers, the default here;
-    --impl peft: transformers + PEFT), runs --warmup steps, reads memory per phase (CUDA: the
+    For each model and method it builds the model (--impl peft: transformers + PEFT, the default, as
+    everywhere; --impl lorabench: lorabench's own layers), runs --warmup steps, reads memory per phase (CUDA: the
     allocator's peak counters and NVML; CPU: a live-tensor tracker), then times --steps steps
     (CUDA events). --layers N measures the model cut to N layers and projects to the full depth.
     --device defaults to cuda when one is present. Ctrl-C or SIGTERM ends the run with the cases
@@ -387,7 +581,8 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
     Example:
         lorabench bench --model tiny-llama --device cpu --method all
         lorabench bench --model llama-3-8b --layers 4 --method all -r 8 -r 64 -o results.json
-        lorabench bench --model llama-3-8b --layers 2 --impl peft --method lora,dora --targets all-linear
+        lorabench bench -m llama-3-8b -m qwen3-8b --layers 2 --method lora,dora --targets all-linear
+        lorabench bench --model llama-3-8b --layers 2 --impl lorabench --method all
     """
     ctx = click.get_current_context()
     device = None if ctx.get_parameter_source("device") == click.core.ParameterSource.DEFAULT else setup.device
@@ -416,10 +611,19 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
                 note(f"the file that was at {output} is now {sink.moved}.")
 
     stopped = None
+    done = []  # (spec, its rows): one table per model
     try:
-        run_bench(spec, methods, ranks, targets, setup, layers=layers, steps=steps, warmup=warmup,
-                  impl=setup.impl, tolerance_pct=tolerance, progress=progress, gpu=chosen, device=device,
-                  on_row=on_row)
+        for spec in specs:
+            done.append((spec, []))
+            used = usable_methods(spec, methods, methods_from_all, ranks, targets)
+
+            def keep(row, mine=done[-1][1]):
+                mine.append(row)
+                on_row(row)
+
+            run_bench(spec, used, ranks, targets, setup, layers=layers, steps=steps, warmup=warmup,
+                      impl=setup.impl, tolerance_pct=tolerance, progress=progress, gpu=chosen, device=device,
+                      on_row=keep)
     except KeyboardInterrupt:
         stopped = ("SIGINT", 130)
     except signals.Terminated as exc:
@@ -427,7 +631,10 @@ def bench(spec, layers, methods, methods_from_all, ranks, targets, setup, steps,
     finally:
         if sink is not None:
             sink.close()
-    click.echo(bench_text(rows, spec.name, setup, fmt))
+    if fmt in ("table", "markdown"):
+        click.echo(_blocks(bench_text(mine, spec.name, setup, fmt) for spec, mine in done if mine or len(done) == 1))
+    else:
+        click.echo(render(rows, fmt, BENCH_COLUMNS))
     note(targets_note(methods, targets))
     if stopped:
         saved = f"; those are in {output}" if sink is not None and sink.rows and write_error is None else ""

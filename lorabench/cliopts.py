@@ -124,37 +124,41 @@ MFU = BoundedFloat(0.01, 1.0)
 
 
 def model_options(fn):
-    keep_depth = "layers" in inspect.signature(fn).parameters  # bench: --layers is its own, not a cut
+    """--model (repeatable), --config (repeatable), --d and --layers; passes specs=(ModelSpec, ...), in the
+    order given (bench also gets layers=: it measures a cut and projects to the full depth itself)."""
+    keep_depth = "layers" in inspect.signature(fn).parameters
 
-    @click.option("--model", "-m", type=Text("NAME"), default=None,
+    @click.option("--model", "-m", "models", type=Text("NAME"), multiple=True,
                   help=f"A preset (see 'lorabench models'), a Hugging Face Hub id (Qwen/Qwen3-8B: its config.json, "
-                       f"from the local cache or downloaded) or a local model folder. Default: {DEFAULT_MODEL}.")
-    @click.option("--config", "config_path", type=Text("PATH"), default=None,
-                  help="A Hugging Face config.json (or a folder holding one), read offline.")
+                       f"from the local cache or downloaded) or a local model folder; repeat for several models. "
+                       f"Default: {DEFAULT_MODEL}.")
+    @click.option("--config", "config_paths", type=Text("PATH"), multiple=True,
+                  help="A Hugging Face config.json (or a folder holding one), read offline; repeatable.")
     @click.option("--d", "dim", type=BoundedInt(1, MAX_WIDTH), default=None,
                   help="Describe one d x d weight matrix instead of a model (the worked example of the "
                        "'Neurons, Weights & Fine-Tuning' deep dive: --d 4096).")
     @click.option("--layers", type=LAYERS, default=None,
                   help="With --d: that many matrices. With a model: cut it to that many layers.")
     @functools.wraps(fn)
-    def wrapper(model, config_path, dim, layers, **kw):
-        given = [n for n, v in (("--model", model), ("--config", config_path), ("--d", dim)) if v is not None]
-        if len(given) > 1:
-            raise click.UsageError(f"give only one of {', '.join(given)}.")
+    def wrapper(models, config_paths, dim, layers, **kw):
+        if dim is not None and (models or config_paths):
+            given = ", ".join(n for n, v in (("--model", models), ("--config", config_paths)) if v)
+            raise click.UsageError(f"give --d or {given}, not both.")
         if dim is not None:
-            spec = from_dimension(dim, layers or 1)
-            if keep_depth:
-                return fn(spec=spec, layers=None, **kw)
-        else:
-            spec = load_config(config_path) if config_path is not None else resolve_model(model or DEFAULT_MODEL)
-            if layers is not None and layers > spec.num_layers:
-                raise click.BadParameter(f"{spec.name} has {spec.num_layers} layers; --layers cuts a model to fewer, "
-                                         f"got {layers}.", param_hint="--layers")
-            if keep_depth:  # bench measures N layers and projects to the full depth itself
-                return fn(spec=spec, layers=layers, **kw)
-            if layers:
-                spec = spec.with_layers(layers)
-        return fn(spec=spec, **kw)
+            specs = (from_dimension(dim, layers or 1),)
+            return fn(specs=specs, layers=None, **kw) if keep_depth else fn(specs=specs, **kw)
+        specs = tuple(load_config(p) for p in config_paths) + tuple(resolve_model(m) for m in models)
+        specs = specs or (resolve_model(DEFAULT_MODEL),)
+        if layers is not None:
+            shallow = [s for s in specs if layers > s.num_layers]
+            if shallow:
+                raise click.BadParameter(f"{shallow[0].name} has {shallow[0].num_layers} layers; --layers cuts a "
+                                         f"model to fewer, got {layers}.", param_hint="--layers")
+        if keep_depth:  # bench measures N layers and projects to the full depth itself
+            return fn(specs=specs, layers=layers, **kw)
+        if layers:
+            specs = tuple(s.with_layers(layers) for s in specs)
+        return fn(specs=specs, **kw)
     return wrapper
 
 
@@ -231,6 +235,7 @@ def targets_note(methods, targets) -> str:
     if targets is not None and not any(m.uses_rank for m in methods):
         return "--targets does not apply to full fine-tuning, which trains every weight; it is ignored."
     return ""
+
 
 MAX_TOKENS = 10 ** 15  # a thousand times the largest pre-training runs published (~10^13 tokens)
 _SUFFIXED_RE = re.compile(r"([0-9]+(\.[0-9]+)?)([kKmMbBtT])")

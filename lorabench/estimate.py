@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from lorabench.compute import (CostSetup, StepTime, device_for_gpu, estimate_flops, estimate_step_time,
                                estimate_training_cost)
 from lorabench.gpus import GPU
-from lorabench.memory import TrainingSetup, estimate_from_parts, fit_on_gpu, step_parts
+from lorabench.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, estimate_from_parts, fit_on_gpu, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_active_params, count_base_params, count_params
 from lorabench.specs import ModelSpec
@@ -84,7 +84,7 @@ def cost_fields(t: StepTime, tokens_per_gpu_step: int, gpus: Optional[int], cost
 def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
                 targets: Optional[Iterable[str] | str], setup: TrainingSetup,
                 gpu: Optional[GPU] = None, mfu: Optional[float] = None,
-                cost: Optional[CostSetup] = None) -> List[Dict]:
+                allowance: float = ALLOCATOR_ALLOWANCE, cost: Optional[CostSetup] = None) -> List[Dict]:
     """Memory (and, with a GPU, fit and step time; with cost, training time and dollars) for every (method, rank).
 
     mfu: the achievable fraction of the GPU's dense peak in large matrix products (None: the time model's
@@ -105,10 +105,12 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         row["step_flops"] = flops.step_flops
         row["flops_per_token"] = flops.flops_per_token
         if gpu is not None:
-            fit = fit_on_gpu(parts, gpu)
+            fit = fit_on_gpu(parts, gpu, allowance=allowance)
             t = estimate_step_time(spec, method, rank, c.targets, setup, device_for_gpu(gpu, mfu), flops)
             row.update({"gpu": gpu.name, "gpu_memory_bytes": fit.gpu_memory_bytes, "fits": fit.fits,
-                        "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes})
+                        "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,
+                        "allowance_fraction": allowance, "allowance_bytes": fit.allowance_bytes,
+                        "spare_bytes": fit.spare_bytes})
             row.update(step_time_fields(t))
             if cost is not None:
                 row.update(cost_fields(t, setup.tokens, fit.gpus_needed, cost, gpu))

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 FORMATS = ("table", "markdown", "csv", "json")
 GIB = 1024 ** 3
@@ -111,9 +111,24 @@ MEMORY_COLUMNS: Sequence[Column] = (
     ("peak_bytes", "peak", gib), ("peak_phase", "at", str), ("overhead_bytes", "+runtime", gib),
 )
 
+def gpus_text(n) -> str:
+    """GPUs needed fully sharded; "none" when no count holds the step (what sharding cannot split, the
+    activations and logits, exceeds one GPU)."""
+    return "none" if n is None else f"{n:,}"
+
+
 GPU_COLUMNS: Sequence[Column] = (
-    ("fits", "fits 1 GPU", _text), ("gpus_needed", "GPUs (FSDP)", _text),
+    ("fits", "fits 1 GPU", _text), ("spare_bytes", "spare", gib), ("gpus_needed", "GPUs (FSDP)", gpus_text),
     ("step_ms", "step ms", lambda v: f"{v:,.0f}"),
+)
+
+# `memory`'s default table: what answers "does it fit"; --wide adds every component.
+MEMORY_SUMMARY_COLUMNS: Sequence[Column] = (
+    ("method", "method", str), ("rank", "rank", _text), ("peak_bytes", "peak", gib), ("peak_phase", "at", str),
+    ("device_bytes", "w/ runtime", gib), ("fits", "fits", _text), ("spare_bytes", "spare", gib),
+    ("gpus_needed", "GPUs (FSDP)", gpus_text), ("step_ms", "step ms", lambda v: f"{v:,.0f}"),
+    ("trainable_params", "trainable", count), ("activations_bytes", "activ.", gib), ("logits_bytes", "logits", gib),
+    ("weights_bytes", "weights", gib),
 )
 
 
@@ -192,3 +207,170 @@ def bench_text(rows: List[Dict], model: str, setup, fmt: str) -> str:
         out += ("\nfull depth: measured at the layers built + the estimate's per-layer terms for the "
                 "rest; time scaled by FLOPs.")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Answers that fit a terminal: the setup as one sentence, a verdict line per case, tables cut to width.
+
+
+def size(n) -> str:
+    """Bytes for a sentence: MiB under 1 GiB (a "40 MiB spare" must not read "0.04 GiB"), else GiB."""
+    if n is None:
+        return ""
+    return f"{n / 2 ** 20:,.0f} MiB" if abs(n) < GIB else f"{n / GIB:,.2f} GiB"
+
+
+def wrap(text: str, width: int, indent: str = "") -> str:
+    """text wrapped to width, continuation lines indented; words (a long command) never broken."""
+    import textwrap
+
+    return textwrap.fill(text, width=max(width, 40), subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def fit_width(rows: List[Dict], columns: Sequence[Column], width: int, keep: int) -> Tuple[Sequence[Column], List[str]]:
+    """The columns whose table fits width characters: the first `keep` always, then as many of the rest as
+    fit, in order. Returns (columns, titles of the columns left out)."""
+    from tabulate import tabulate
+
+    def text_width(cols) -> int:
+        body = [[fn(r.get(key)) for key, _, fn in cols] for r in rows]
+        table = tabulate(body, headers=[c[1] for c in cols], tablefmt="simple", disable_numparse=True)
+        return max(len(line) for line in table.splitlines())
+
+    cols = [c for c in columns if any(c[0] in r for r in rows)]
+    chosen = list(cols[:keep])
+    dropped = []
+    for c in cols[keep:]:
+        if text_width(chosen + [c]) <= width:
+            chosen.append(c)
+        else:
+            dropped.append(c[1])
+    return chosen, dropped
+
+
+def verdict_line(row: Dict, fix: Optional[Dict], alternative: Optional[Dict], width: int) -> str:
+    """One case's answer on its GPU, as a sentence: fits or not, the memory to spare or missing (allocator
+    allowance included), the phase of the peak; for a "no" the largest component and the cheapest change
+    that fits (fix, and an alternative of another kind: fit.Fix as dicts), as the options to add."""
+    who = row["method"] + (f" r={row['rank']}" if row.get("rank") else "")
+    need = row["device_bytes"] + row["allowance_bytes"]
+    where = f"{who} on one {row['gpu']} ({size(row['gpu_memory_bytes'])})"
+    if row["fits"]:
+        tight = ", tight" if row["spare_bytes"] < 0.05 * row["gpu_memory_bytes"] else ""
+        return wrap(f"{where}: fits, {size(row['spare_bytes'])} spare{tight} (needs {size(need)}; peak in "
+                    f"{row['peak_phase']}).", width, "  ")
+    text = f"{where}: does NOT fit, needs {size(need)} (peak in {row['peak_phase']})"
+    name, big = row.get("largest_component"), row.get("largest_component_bytes")
+    if name:
+        text += f"; {name} {size(big)}" + (" alone exceed the GPU" if big > row["gpu_memory_bytes"] else "")
+    if fix is None:
+        text += ". Nothing within reach fits: no saver, batch, sequence or GPU count."
+    else:
+        text += f". {_fix_text(fix, 'Fits')}"
+        if alternative is not None:
+            text += f"; or {_fix_text(alternative, 'fits')}"
+        text += "."
+    return wrap(text, width, "  ")
+
+
+def _fix_text(fix: Dict, lead: str) -> str:
+    """'Fits with --grad-checkpointing on 2 GPUs (FSDP) (40.1 GiB, 30.2 GiB spare)'."""
+    args = " ".join(fix["args"])
+    gpus = next((k for k in fix["kinds"] if k.endswith("GPUs (FSDP)")), None)
+    how = " ".join(p for p in (f"with {args}" if args else "", f"on {gpus}" if gpus else "") if p)
+    return f"{lead} {how} ({size(fix['required_bytes'])}, {size(fix['spare_bytes'])} spare)"
+
+
+def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
+    """The title of an answer: the model and every setting that changes it, defaults included (the targets,
+    whose layers, the loop, the precision, the optimizer, checkpointing, attention)."""
+    setup = setup.for_spec(spec)
+    adapted = next((r["targets"] for r in rows if r.get("rank")), None)
+    parts = [f"{spec.name}, batch {setup.batch_size} x {setup.seq_len:,} tokens"]
+    if adapted is not None and not spec.single_matrix:
+        how = ("PEFT's default for the family" if targets is None
+               else targets if isinstance(targets, str) and targets == "all-linear" else "")
+        parts.append(f"targets {adapted}" + (f" ({how})" if how else ""))
+    if not spec.single_matrix:
+        parts.append("transformers + PEFT layers" if setup.impl == "peft" else "lorabench's own layers")
+        parts.append("plain loop (model output kept through backward)")
+    precision = f"{setup.dtype} weights"
+    if adapted is not None:
+        precision += f", {setup.adapter_dtype} adapters"
+    if setup.master_weights:
+        precision += ", fp32 master weights"
+    parts.append(precision)
+    parts.append({"adamw": "AdamW", "adamw-8bit": "8-bit AdamW", "sgd": "SGD",
+                  "sgd-momentum": "SGD with momentum"}.get(setup.optimizer, setup.optimizer)
+                 + (" (foreach)" if setup.optimizer == "adamw" and setup.device == "cuda" else ""))
+    parts.append("gradient checkpointing" if setup.grad_checkpointing else "no checkpointing")
+    if not spec.single_matrix:
+        parts.append(f"{setup.attention} attention")
+    if setup.dropout:
+        parts.append(f"dropout {setup.dropout:g}")
+    if setup.device != "cuda":
+        parts.append(f"on {setup.device}")
+    return "; ".join(parts) + "."
+
+
+def _who(row: Dict) -> str:
+    return row["method"] + (f" r={row['rank']}" if row.get("rank") else "")
+
+
+# `lorabench fit`'s column titles for the savers (fit.savers' kinds), short enough for 80 columns.
+SHORT_CHANGES = {"as given": "given", "checkpointing": "ckpt", "8-bit AdamW": "8bit", "nf4 base (QLoRA)": "nf4",
+                 "checkpointing + 8-bit AdamW": "ckpt+8bit", "checkpointing + nf4 base (QLoRA)": "ckpt+nf4"}
+
+
+def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str = "table") -> str:
+    """`lorabench fit` for people: per model, the limits table, then which savers make the setup fit (one
+    column per method, split into several tables where the terminal is too narrow)."""
+    from tabulate import tabulate
+
+    tablefmt = "github" if fmt == "markdown" else "simple"
+    out = []
+    for model in dict.fromkeys(r["model"] for r in limits):
+        mine = [r for r in limits if r["model"] == model]
+        r0 = mine[0]
+        shape = f"batch {r0['batch_size']} x {r0['seq_len']:,} tokens"
+        out.append(wrap(f"{model} on one {r0['gpu']} ({gib(r0['gpu_memory_bytes'])} GiB), {shape}; 'fits' leaves "
+                        f"{r0['allowance_fraction']:.1%} of the peak to the allocator:", width, "  "))
+        out.append("")
+
+        def limit(v, row):
+            if v is None:
+                return "none"
+            beyond = row.get("max_positions") and v == row["max_seq_len"] and v > row["max_positions"]
+            return f"{v:,}" + ("*" if beyond else "")
+
+        body = [[r["method"], _text(r["rank"]), _text(r["fits"]), gib(r["spare_bytes"]),
+                 limit(r["max_batch_size"], r), limit(r["max_seq_len"], r),
+                 "" if r["rank"] is None else limit(r["max_rank"], r)] for r in mine]
+        out.append(tabulate(body, headers=["method", "rank", "fits", "spare GiB", "max batch", "max seq",
+                                           "max rank"], tablefmt=tablefmt, disable_numparse=True,
+                            colalign=["left"] + ["right"] * 6))
+        out.append(wrap(f"max batch at {r0['seq_len']:,} tokens, max seq at batch {r0['batch_size']}, max rank at "
+                        "both; 'none': not even 1 fits.", width))
+        if any(limit(r["max_seq_len"], r).endswith("*") for r in mine):
+            out.append(f"* longer than the model's {r0['max_positions']:,} positions.")
+        mine_knobs = [k for k in knobs if k["model"] == model]
+        changes = list(dict.fromkeys(k["change"] for k in mine_knobs))
+        short = {c: SHORT_CHANGES.get(c, c) for c in changes}
+        cell = {(_who(k), k["change"]): k for k in mine_knobs}
+        out.append("")
+        out.append(wrap(f"Which savers make {shape} fit: GiB to spare (fits), or missing (-):", width))
+
+        def show(k):
+            return "" if k is None else f"{k['spare_bytes'] / GIB:,.1f}"
+
+        cases = list(dict.fromkeys(_who(k) for k in mine_knobs))
+        body = [[w] + [show(cell.get((w, c))) for c in changes] for w in cases]
+        out.append(tabulate(body, headers=["method"] + [short[c] for c in changes], tablefmt=tablefmt,
+                            disable_numparse=True, colalign=["left"] + ["right"] * len(changes)))
+        first = {k["change"]: k for k in reversed(mine_knobs)}
+        legend = [f"{short[c]}: {' '.join(first[c]['args'])}" for c in changes if first[c]["args"] and " + " not in c]
+        if legend:
+            out.append(wrap("; ".join(legend) + ".", width, "  "))
+        out.append("")
+    return "\n".join(out).rstrip()

@@ -137,7 +137,8 @@ def test_delta_lora_is_skipped_under_peft():
 def test_bench_cli_every_method_on_cpu_within_tolerance(tmp_path):
     out = tmp_path / "bench.json"
     res = _run(["bench", "--model", "tiny-llama", "--device", "cpu", "--method", "all", "--seq-len", "64",
-                "--steps", "2", "--warmup", "1", "--no-progress", "--check", "-o", str(out), "-f", "json"])
+                "--impl", "lorabench", "--steps", "2", "--warmup", "1", "--no-progress", "--check", "-o", str(out),
+                "-f", "json"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
     assert [r["method"] for r in rows] == [m.name for m in ALL]
@@ -158,7 +159,7 @@ def test_bench_cli_layers_projects_to_full_depth():
     r = json.loads(res.output)[0]
     assert r["layers"] == 2 and r["full_layers"] == 4
     full = estimate_memory(TINY, METHODS["lora"], 8, None,
-                           TrainingSetup(seq_len=32, device="cpu", impl="lorabench"))
+                           TrainingSetup(seq_len=32, device="cpu", impl="peft"))
     assert r["full_peak_bytes"] == full.peak_bytes
     # projected = measured at 2 layers + (estimate at 4 - estimate at 2)
     assert r["full_projected_peak_bytes"] == r["measured_peak_bytes"] + full.peak_bytes - r["peak_bytes"]

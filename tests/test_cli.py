@@ -48,9 +48,11 @@ def test_seed_example_and_formats():
         assert "65,536" in run("params", "--d", "4096", "--method", "lora", "-f", fmt).output
 
 
-def test_quantized_all_skips_methods_that_write_w():
-    rows = json.loads(run("memory", "--dtype", "nf4", "-f", "json").output)
+def test_quantized_all_skips_methods_that_write_w_and_says_so():
+    res = run("memory", "--dtype", "nf4", "-f", "json")
+    rows = json.loads(res.stdout)
     assert "full" not in [r["method"] for r in rows] and "delta-lora" not in [r["method"] for r in rows]
+    assert "note: full, delta-lora left out: they write the base weights" in res.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -67,7 +69,7 @@ def test_quantized_all_skips_methods_that_write_w():
     (("memory", "--method", "full", "--dtype", "nf4"), "writes the base weights"),
     (("memory", "--method", "delta-lora", "--dtype", "int8"), "writes the base weights"),
     (("params", "--config", "/nonexistent/config.json"), "no config.json"),
-    (("params", "--model", "gpt2", "--d", "4096"), "only one of"),
+    (("params", "--model", "gpt2", "--d", "4096"), "not both"),
     (("params", "--model", "gpt2", "--targets", "q,v"), "use qkv"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):

@@ -442,7 +442,7 @@ def check_param_row(row):
 
 def check_memory_row(row):
     for key, value in row.items():
-        if key.endswith("_bytes"):
+        if key.endswith("_bytes") and key != "spare_bytes":  # spare is negative when it does not fit
             assert value is None or is_count(value), (key, value)
     assert row["trainable_params"] <= row["total_params"], row
     peaks = {phase: row[f"{phase}_peak_bytes"] for phase in PHASES}
@@ -452,7 +452,9 @@ def check_memory_row(row):
     assert is_count(row["step_flops"]), row
     if "fits" not in row:
         return
-    assert row["fits"] is (row["device_bytes"] <= row["gpu_memory_bytes"]), row
+    assert row["allowance_bytes"] == int(row["allowance_fraction"] * row["peak_bytes"]), row
+    assert row["spare_bytes"] == row["gpu_memory_bytes"] - row["device_bytes"] - row["allowance_bytes"], row
+    assert row["fits"] is (row["spare_bytes"] >= 0), row
     if row["fits"]:
         assert row["gpus_needed"] == 1 and row["per_gpu_bytes"] == row["device_bytes"], row
     elif row["gpus_needed"] is None:

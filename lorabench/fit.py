@@ -1,0 +1,299 @@
+"""Does a step fit a GPU, and what makes it fit. Pure Python: every answer is a search over the estimator.
+
+- `verdict`: fits or not, the spare bytes, the phase of the peak, the component that overflows, and the
+  cheapest change that makes a "no" fit (`cheapest_fix`).
+- `fixes`: every change (checkpointing, a smaller batch, 8-bit AdamW, an nf4 base, a shorter sequence, more
+  GPUs) that makes a setup fit, cheapest first.
+- `limits`: the largest batch size, sequence length and rank that fit.
+
+"Fits" counts the allocator's headroom: the caching allocator reserves more than it hands out (rounding to
+its block sizes, fragmentation), and a step whose allocated peak is a few MiB under the card's memory still
+fails to reserve its next block. See memory.ALLOCATOR_ALLOWANCE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from lorabench.errors import LorabenchError
+from lorabench.gpus import GPU
+from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, step_parts
+from lorabench.methods import Method
+from lorabench.params import count_params
+from lorabench.specs import ModelSpec
+
+# The components a row reports, in the order a "why not" names them.
+COMPONENTS = (("weights_bytes", "weights"), ("adapter_bytes", "adapter weights"), ("gradients_bytes", "gradients"),
+              ("optimizer_bytes", "optimizer states"), ("master_bytes", "fp32 master weights"),
+              ("method_state_bytes", "method state"), ("activations_bytes", "activations"),
+              ("logits_bytes", "logits"))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One question: method at rank on spec's targets, run as setup, on `gpus` GPUs (fully sharded)."""
+
+    spec: ModelSpec
+    method: Method
+    rank: Optional[int]
+    targets: object
+    setup: TrainingSetup
+    gpus: int = 1
+
+    def parts(self) -> StepParts:
+        return step_parts(self.spec, self.method, self.rank, self.targets, self.setup)
+
+
+def required_bytes(parts: StepParts, shards: int = 1) -> int:
+    """What one GPU must hold: the peak over the phases plus the runtime outside the allocator."""
+    return max(parts.phase_peaks(shards).values()) + parts.overhead_bytes
+
+
+def allowance_bytes(parts: StepParts, fraction: float, shards: int = 1) -> int:
+    return int(fraction * max(parts.phase_peaks(shards).values()))
+
+
+def spare_bytes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> int:
+    """capacity minus what the case needs with its allocator allowance: >= 0 means it fits."""
+    parts = case.parts()
+    return capacity - required_bytes(parts, case.gpus) - allowance_bytes(parts, fraction, case.gpus)
+
+
+def fits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> bool:
+    try:
+        return spare_bytes(case, capacity, fraction) >= 0
+    except LorabenchError:  # not a valid setup (a rank no layer can take, full on nf4): never "fits"
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Changes that make a case fit.
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A change to the command line, and what the case then needs.
+
+    Attributes:
+        kinds: what was changed, cheapest first ("checkpointing", "batch", "8-bit AdamW", "nf4", "sequence",
+            "GPUs").
+        args: the options to add or change, as typed (["--grad-checkpointing", "--batch-size", "2"]); a fix
+            on more GPUs names them in kinds only (sharding options are not in the CLI yet).
+        case: the changed case.
+        required_bytes: its peak plus runtime (per GPU).
+        spare_bytes: the capacity left after the allowance.
+    """
+
+    kinds: Tuple[str, ...]
+    args: Tuple[str, ...]
+    case: Case
+    required_bytes: int
+    spare_bytes: int
+
+    @property
+    def label(self) -> str:
+        return " + ".join(self.kinds)
+
+
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> Optional[int]:
+    """The largest n in [lo, hi] with ok(n), for ok true up to some n and false after; None if ok(lo) fails."""
+    if not ok(lo):
+        return None
+    if ok(hi):
+        return hi
+    while hi - lo > 1:  # ok(lo), not ok(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def savers(case: Case) -> List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]]:
+    """The on/off memory savers not yet on, alone and together, cheapest first: checkpointing (same result,
+    about a third more compute), 8-bit AdamW (Dettmers et al. 2021: same accuracy, states in 8 bits), an nf4
+    base (QLoRA, Dettmers et al. 2023: adapter methods only)."""
+    s = case.setup
+    options = []
+    if not s.grad_checkpointing:
+        options.append(("checkpointing", ("--grad-checkpointing",), {"grad_checkpointing": True}))
+    if s.optimizer == "adamw" and case.method.base_trainable:  # adapters' states are small: no help there
+        options.append(("8-bit AdamW", ("--optimizer", "adamw-8bit"), {"optimizer": "adamw-8bit"}))
+    if case.method.allows_quantized_base and s.dtype not in QUANTIZED:
+        options.append(("nf4 base (QLoRA)", ("--dtype", "nf4"), {"dtype": "nf4"}))
+    combos: List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]] = [((), (), s)]
+    for kind, args, change in options:  # each saver extends every combination before it: cheapest first
+        combos += [(kinds + (kind,), a + args, replace(setup, **change)) for kinds, a, setup in combos]
+    return combos
+
+
+def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_gpus: int = 4096) -> List[Fix]:
+    """Every change that makes case fit `capacity` bytes per GPU, cheapest first: the memory savers alone
+    and together, then each with the largest batch that fits, then the longest sequence at batch 1, then
+    the fewest fully sharded GPUs. Empty if the case already fits."""
+    if fits(case, capacity, fraction):
+        return []
+    out: List[Fix] = []
+
+    def add(kinds, args, changed: Case):
+        parts = changed.parts()
+        need = required_bytes(parts, changed.gpus)
+        out.append(Fix(kinds, args, changed, need, capacity - need - allowance_bytes(parts, fraction, changed.gpus)))
+
+    combos = savers(case)
+    s = case.setup
+    for kinds, args, setup in combos[1:]:  # the savers alone and together
+        if fits(replace(case, setup=setup), capacity, fraction):
+            add(kinds, args, replace(case, setup=setup))
+    for kinds, args, setup in combos:  # where a whole batch is too much: a smaller one
+        if s.batch_size == 1 or fits(replace(case, setup=setup), capacity, fraction):
+            continue
+        b = _largest(1, s.batch_size - 1,
+                     lambda n: fits(replace(case, setup=replace(setup, batch_size=n)), capacity, fraction))
+        if b is not None:
+            add(kinds + ("batch",), args + ("--batch-size", str(b)), replace(case, setup=replace(setup, batch_size=b)))
+    for kinds, args, setup in combos:  # where even one sequence is too long: a shorter one
+        one = replace(setup, batch_size=1)
+        if fits(replace(case, setup=one), capacity, fraction):
+            continue
+        n = _largest(1, s.seq_len - 1, lambda n: fits(replace(case, setup=replace(one, seq_len=n)), capacity, fraction))
+        if n is not None:
+            n = round_down(n)
+            batch = ("--batch-size", "1") if s.batch_size > 1 else ()
+            add(kinds + ("sequence",), args + batch + ("--seq-len", str(n)),
+                replace(case, setup=replace(one, seq_len=n)))
+    for kinds, args, setup in combos:  # more GPUs, fully sharded: the fewest, with the savers that need fewest
+        if "nf4 base (QLoRA)" in kinds:
+            continue
+        g = _fewest_gpus(replace(case, setup=setup), capacity, fraction, max_gpus)
+        if g is not None:
+            add(kinds + (f"{g} GPUs (FSDP)",), args, replace(case, setup=setup, gpus=g))
+            break
+    return out
+
+
+def round_down(seq_len: int) -> int:
+    """A suggested sequence length: down to a multiple of 64 from 128 tokens up (what data pipelines pack
+    to), so the suggestion still fits."""
+    return seq_len - seq_len % 64 if seq_len >= 128 else seq_len
+
+
+def _fewest_gpus(case: Case, capacity: int, fraction: float, max_gpus: int) -> Optional[int]:
+    """The fewest GPUs that hold case fully sharded (FSDP / ZeRO-3), or None when activations alone overflow."""
+    if not fits(replace(case, gpus=max_gpus), capacity, fraction):
+        return None
+    lo, hi = 1, max_gpus  # not fits(lo) (the caller checked 1), fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(replace(case, gpus=mid), capacity, fraction) else (mid, hi)
+    return hi
+
+
+def cheapest_fix(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> Optional[Fix]:
+    """The first of `fixes`: what changes least and fits."""
+    found = fixes(case, capacity, fraction)
+    return found[0] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The verdict for one row.
+
+
+def overflow(row: dict, capacity: int) -> Tuple[str, int, bool]:
+    """The largest component of an estimate row: (name, bytes, whether it alone exceeds capacity)."""
+    key, name = max(COMPONENTS, key=lambda kv: row.get(kv[0]) or 0)
+    size = row.get(key) or 0
+    return name, size, size > capacity
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether one case fits one GPU, how close it is, and what would make it fit.
+
+    Attributes:
+        fits: required plus allowance within capacity.
+        capacity_bytes: the GPU's memory.
+        required_bytes: peak plus runtime overhead.
+        allowance_bytes: the allocator's headroom counted on top (ALLOCATOR_ALLOWANCE x peak).
+        spare_bytes: capacity - required - allowance (negative when it does not fit).
+        peak_phase: forward, backward or optimizer.
+        largest: the largest component, its bytes, and whether it alone exceeds the GPU.
+        fix: the cheapest change that fits (None when it fits, or when nothing does).
+    """
+
+    fits: bool
+    capacity_bytes: int
+    required_bytes: int
+    allowance_bytes: int
+    spare_bytes: int
+    peak_phase: str
+    largest: Tuple[str, int, bool]
+    fix: Optional[Fix]
+
+
+def verdict(case: Case, row: dict, gpu: GPU, fraction: float = ALLOCATOR_ALLOWANCE) -> Verdict:
+    """The verdict for case, whose estimate row (estimate.memory_rows) is row, on gpu."""
+    parts = case.parts()
+    need, allow = required_bytes(parts), allowance_bytes(parts, fraction)
+    spare = gpu.memory_bytes - need - allow
+    ok = spare >= 0
+    fix = None if ok else cheapest_fix(case, gpu.memory_bytes, fraction)
+    return Verdict(ok, gpu.memory_bytes, need, allow, spare, row["peak_phase"],
+                   overflow(row, gpu.memory_bytes), fix)
+
+
+# --------------------------------------------------------------------------------------------------
+# Limits: the largest batch, sequence and rank that fit.
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest values that fit, each with the other settings as given (None: not even the smallest).
+
+    Attributes:
+        max_batch_size: at the given sequence length (searched up to max_batch).
+        max_seq_len: at the given batch size.
+        max_rank: at the given batch and sequence length, up to the model's width (None for full).
+    """
+
+    max_batch_size: Optional[int]
+    max_seq_len: Optional[int]
+    max_rank: Optional[int]
+
+
+def limits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_batch: int = 1 << 20,
+           max_seq: int = 1 << 24) -> Limits:
+    s = case.setup
+
+    def varying(key: str) -> Callable[[int], bool]:
+        return lambda n: fits(replace(case, setup=replace(s, **{key: n})), capacity, fraction)
+
+    batch = _largest(1, max_batch, varying("batch_size"))
+    seq = _largest(1, max_seq, varying("seq_len"))
+    rank = None
+    if case.method.uses_rank:
+        rank = _largest(1, max_rank(case), lambda r: fits(replace(case, rank=r), capacity, fraction))
+    return Limits(batch, seq, rank)
+
+
+def max_rank(case: Case) -> int:
+    """The largest rank worth searching: the narrowest side of the adapted projections (a wider rank adds
+    parameters and no expressiveness)."""
+    counts = count_params(case.spec, case.method, 1, case.targets)
+    shapes = case.spec.linear_shapes()
+    sides = [min(shapes[t][0], shapes[t][1]) for t in counts.targets if t in shapes]
+    return max(1, min(sides) if sides else case.spec.hidden_size)
+
+
+def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE) -> Optional[str]:
+    """The catalog GPU with the least memory that holds the step alone (ties: the first listed)."""
+    from lorabench.gpus import GPUS
+
+    need = required_bytes(parts) + allowance_bytes(parts, fraction)
+    fitting = [g for g in GPUS.values() if g.memory_bytes >= need]
+    return min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
+
+
+def search_cases(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], targets,
+                 setup: TrainingSetup) -> List[Case]:
+    """One Case per (method, rank); methods without a rank appear once."""
+    return [Case(spec, m, r, targets, setup) for m in methods for r in (ranks if m.uses_rank else (None,))]
