@@ -376,12 +376,17 @@ def _optimizer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tu
     ops.stream("optimizer step", "optimizer", numel * per, launches=launches * lists)
     if method.name == "delta-lora":
         # W += lambda s [B1 B0][A1; -A0] per adapted layer (lorabench.nn.delta): one addmm of inner 2r, in place
-        a = setup.act_bytes
-        for name in targets:
-            ii, oo, _ = spec.linear_shapes()[name]
+        a, shapes, moe = setup.act_bytes, spec.linear_shapes(), spec.moe_shapes()
+        weights = [(n, 1, shapes[n][1], shapes[n][0], rank) for n in targets if n in shapes]
+        if "router" in targets:
+            weights.append(("router",) + moe["router"][:2] + (moe["router"][2], rank))
+        if "experts" in targets:  # PEFT's ranks on fused experts: gate_up 2r, down r
+            weights += [("experts " + k, e, o, i, r) for k, (e, o, i), r in
+                        (("gate_up", moe["gate_up_proj"], 2 * rank), ("down", moe["down_proj"], rank))]
+        for name, e, oo, ii, r in weights:
             for _ in range(spec.num_layers):
-                ops.gemm(f"{name} W update", "optimizer", oo, 2 * rank, ii, a)
-                ops.stream(f"{name} W update", "optimizer", a * ii * oo, launches=8)
+                ops.gemm(f"{name} W update", "optimizer", e * oo, 2 * r, ii, a)
+                ops.stream(f"{name} W update", "optimizer", a * e * ii * oo, launches=8)
     return ops.ops
 
 

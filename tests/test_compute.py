@@ -139,3 +139,22 @@ def test_catalog_price_is_the_default_and_price_overrides_it():
 def test_cost_setup_refuses_what_it_cannot_price(cost, message):
     with pytest.raises(LorabenchError, match=message):
         cost.validate()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_method_and_target_set_has_a_step_time(preset):
+    """Every family (mixtures of experts, fused projections, eager attention) and every method, on the
+    default targets and all-linear, with and without checkpointing, quantized where the method allows."""
+    spec = PRESETS[preset].with_layers(2)
+    gpu = device_for_gpu(get_gpu("H100-80GB"))
+    for method in METHODS.values():
+        for targets in (None, "all-linear"):
+            if method.adapter == "dora" and targets and spec.moe:
+                continue  # PEFT refuses DoRA on fused experts
+            counts = count_params(spec, method, 8, targets)
+            for ckpt in (False, True):
+                for dtype in ("bf16", "nf4") if method.allows_quantized_base else ("bf16",):
+                    t = estimate_step_time(spec, method, 8, counts.targets,
+                                           TrainingSetup(seq_len=256, grad_checkpointing=ckpt, dtype=dtype), gpu)
+                    assert t.step_ms > 0 and 0 < t.mfu < 1
+                    assert t.step_ms == pytest.approx(t.forward_ms + t.backward_ms + t.optimizer_ms)
