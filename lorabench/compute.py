@@ -1,10 +1,13 @@
-"""FLOPs of one training step per method, and the step time they imply on a GPU. Pure Python.
+"""Model FLOPs of one training step, its time on a device, and what a training run costs. Pure Python.
 
-Matrix multiplies dominate: a [t, in] x [in, out] product costs 2 t in out FLOPs (Kaplan et al. 2020,
-sec. 2.1; PaLM, Chowdhery et al. 2022, appendix B). Backward costs one such product for the input
-gradient and one for the weight gradient; a frozen weight skips the second, which is why adapters train
-at about 2/3 of full fine-tuning's cost per token. Elementwise work (norms, activations, optimizer) is
-left out, as in those references.
+Model FLOPs (estimate_flops) follow the references: a [t, in] x [in, out] product costs 2 t in out FLOPs
+(Kaplan et al. 2020, sec. 2.1; PaLM, Chowdhery et al. 2022, appendix B); backward costs one such product
+for the input gradient and one for the weight gradient; a frozen weight skips the second, which is why
+adapters train at about 2/3 of full fine-tuning's FLOPs per token. Elementwise work is left out there, as in
+those references, and the MFU is taken over these FLOPs.
+
+The step time (estimate_step_time) counts what each method really runs: every op of lorabench.stepwork,
+matrix products and memory-bound work alike, each at its roofline bound on the device.
 """
 
 from __future__ import annotations
