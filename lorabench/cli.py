@@ -14,8 +14,9 @@ import traceback
 import click
 
 from lorabench import __version__, reportfolder, safeio, signals
-from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, BoundedInt, Text, format_option,
-                               method_options, model_options, setup_options, targets_note)
+from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, BoundedInt, Text, cost_options,
+                               format_option, method_options, model_options, setup_options, targets_note)
+from lorabench.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
 from lorabench.hfconfig import MAX_WIDTH, config_json_path, load_config, printable_path
@@ -189,7 +190,7 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
 
 def _memory_block(spec, rows, setup, chosen, methods, targets, fmt, wide, columns, allowance):
     """One model's answer as text: the setup, a verdict line per case, the table, the notes."""
-    from lorabench.render import MEMORY_SUMMARY_COLUMNS, fit_width, setup_sentence, verdict_line, wrap
+    from lorabench.render import MEMORY_SUMMARY_COLUMNS, cost_text, fit_width, setup_sentence, verdict_line, wrap
 
     width = terminal_width()
     if chosen is not None:  # the answer first: one sentence per case
@@ -214,6 +215,9 @@ def _memory_block(spec, rows, setup, chosen, methods, targets, fmt, wide, column
     if hidden:
         lines.append(wrap(f"not shown at {width} columns: {', '.join(hidden)} (--wide shows every component, "
                           "--columns chooses).", width))
+    costs = cost_text(rows, fmt) if "train_tokens" in rows[0] else ""
+    if costs:
+        lines += ["", wrap(costs.split("\n", 1)[0], width, "  "), costs.split("\n", 1)[1]]
     notes = sorted({n for r in rows for n in r["notes"]})
     lines += [wrap(f"note: {n}", width, "  ") for n in notes]
     return "\n".join(lines)
@@ -278,17 +282,19 @@ def add_verdicts(spec, rows, methods, targets, setup, chosen, allowance):
 @click.option("--gpu", type=Text("GPU"), default=None,
               help="A GPU from 'lorabench gpus': whether it fits, the spare memory, what makes a 'no' fit, GPUs "
                    "needed and step time. Without it: the smallest catalog GPU that fits.")
-@click.option("--mfu", type=MFU, default=0.4, show_default=True,
-              help="Model-FLOPs utilisation assumed for the step time, in [0.01, 1].")
+@click.option("--mfu", type=MFU, default=None,
+              help="Fraction of the GPU's dense peak its large matrix products reach, in [0.01, 1]. Default: "
+                   f"{MATMUL_EFFICIENCY:.2f} (measured on an H100); the rows' mfu is what the whole step achieves.")
 @click.option("--headroom", type=BoundedFloat(0.0, 90.0), default=round(100 * ALLOCATOR_ALLOWANCE, 1),
               show_default=True,
               help="Allocator allowance in % of the peak, kept free when deciding 'fits' (the caching allocator "
                    "reserves more than it hands out; bench reads both).")
+@cost_options
 @click.option("--wide", is_flag=True, help="Every memory component in the table (wider than a terminal).")
 @click.option("--columns", type=Text("KEYS"), default=None,
               help="The table's columns, comma-separated (row keys or titles: method,rank,peak,fits,...).")
 @format_option
-def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, headroom, wide, columns, fmt):
+def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, headroom, cost, wide, columns, fmt):
     """GPU memory of one training step per method: does it fit, and what makes it fit.
 
     The first lines answer: per method, fits or not on --gpu, the memory to
@@ -310,12 +316,14 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
     from lorabench.estimate import memory_rows
 
     chosen = get_gpu(gpu) if gpu is not None else None
+    if cost is not None and chosen is None:
+        raise click.UsageError("--tokens/--dataset-tokens need --gpu: time and cost are for a GPU.")
     allowance = headroom / 100
     methods = quantized_methods(methods, methods_from_all, setup)
     per_model = []
     for spec in specs:
         used = usable_methods(spec, methods, methods_from_all, ranks, targets)
-        rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance)
+        rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance, cost=cost)
         add_verdicts(spec, rows, used, targets, setup, chosen, allowance)
         per_model.append((spec, used, rows))
     note(targets_note(methods, targets))
@@ -423,18 +431,38 @@ def models(fmt):
 @cli.command(context_settings=CONTEXT)
 @format_option
 def gpus(fmt):
-    """The GPU catalog: memory and peak dense bf16 FLOP/s.
+    """The GPU catalog: memory, peak dense bf16 and fp32 FLOP/s, memory bandwidth, interconnect, and a dated
+    on-demand price where one was found, each with its source.
 
     \b
     Example:
         lorabench gpus
+        lorabench gpus -f json
     """
-    rows = [{"gpu": g.name, "memory_bytes": g.memory_bytes, "bf16_flops": g.bf16_flops,
-             "bandwidth_bytes_s": g.bandwidth_bytes_s, "source": g.source} for g in GPUS.values()]
-    cols = [("gpu", "gpu", str), ("memory_bytes", "memory GiB", gib),
-            ("bf16_flops", "bf16 TFLOP/s", lambda v: f"{v / 1e12:,.1f}"),
-            ("bandwidth_bytes_s", "GB/s", lambda v: f"{v / 1e9:,.0f}"), ("source", "source", str)]
-    click.echo(render(rows, fmt, cols))
+    from lorabench.gpus import PRICES
+
+    rows = []
+    for g in GPUS.values():
+        price = PRICES.get(g.name)
+        rows.append({"gpu": g.name, "memory_bytes": g.memory_bytes, "bf16_flops": g.bf16_flops,
+                     "fp32_flops": g.fp32_flops, "bandwidth_bytes_s": g.bandwidth_bytes_s,
+                     "interconnect": g.interconnect, "interconnect_bytes_s": g.interconnect_bytes_s,
+                     "usd_per_gpu_hour": price.usd_per_gpu_hour if price else None,
+                     "price_source": price.source if price else None, "source": g.source})
+    tflops = lambda v: "" if v is None else f"{v / 1e12:,.1f}"  # noqa: E731
+    cols = [("gpu", "gpu", str), ("memory_bytes", "GiB", gib), ("bf16_flops", "bf16 TFLOP/s", tflops),
+            ("fp32_flops", "fp32", tflops), ("bandwidth_bytes_s", "GB/s", lambda v: f"{v / 1e9:,.0f}"),
+            ("interconnect", "link", str), ("interconnect_bytes_s", "link GB/s", lambda v: f"{v / 1e9:,.0f}"),
+            ("usd_per_gpu_hour", "$/GPU-h", lambda v: "" if v is None else f"{v:,.2f}")]
+    out = render(rows, fmt, cols)
+    if fmt in ("table", "markdown"):
+        from lorabench.render import wrap
+
+        width = terminal_width()
+        out += "\n\nSources:\n" + "\n".join(wrap(f"  {r['gpu']}: {r['source']}", width, "    ") for r in rows)
+        out += "\nPrices (on-demand, dated; --price to use yours):\n" + "\n".join(
+            wrap(f"  {r['gpu']}: {r['price_source']}", width, "    ") for r in rows if r["price_source"])
+    click.echo(out)
 
 
 def _report_specs(models, configs, dims):
@@ -465,8 +493,9 @@ def _report_specs(models, configs, dims):
 @setup_options
 @click.option("--gpu", type=Text("GPU"), default="H100-80GB", show_default=True,
               help="GPU for fit and estimated step time.")
-@click.option("--mfu", type=MFU, default=0.4, show_default=True,
-              help="Model-FLOPs utilisation assumed for the estimated step time, in [0.01, 1].")
+@click.option("--mfu", type=MFU, default=None,
+              help="Fraction of the GPU's dense peak its large matrix products reach, in [0.01, 1]. Default: "
+                   f"{MATMUL_EFFICIENCY:.2f} (measured on an H100); the rows' mfu is what the whole step achieves.")
 @click.option("--bench", is_flag=True, help="Also measure every case on this machine (needs torch).")
 @click.option("--steps", type=STEPS, default=5, show_default=True, help="With --bench: timed steps per case.")
 @click.option("--warmup", type=STEPS, default=2, show_default=True, help="With --bench: untimed steps first.")

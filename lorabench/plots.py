@@ -222,7 +222,7 @@ def step_time(rows: Sequence[Dict]) -> Optional[Image]:
     fig, axes = _figure(len(groups), max(len(g) for g in groups.values()), per_row=0.5 if pairs else 0.3)
     for ax, (model, group) in zip(axes, groups.items()):
         ys = list(range(len(group)))
-        gpu, mfu = group[0].get("gpu"), group[0].get("mfu")
+        gpu = group[0].get("gpu")
         if benched:
             # The measured model may be cut to fewer layers: compare with the estimate for that model.
             est = [r.get("bench_estimated_step_ms") or 0 for r in group]
@@ -246,9 +246,11 @@ def step_time(rows: Sequence[Dict]) -> Optional[Image]:
         else:
             est = [r["step_ms"] for r in group]
             ax.barh(ys, est, color="#4c72b0")
-            for y, v in zip(ys, est):
-                ax.text(v, y, f" {v:,.0f} ms" if v >= 10 else f" {v:.2g} ms", va="center", fontsize=NOTE_SIZE)
-            title = f"{model}: estimated step time on {gpu} at {mfu:.0%} MFU"
+            for y, v, r in zip(ys, est, group):
+                mfu = f", {r['mfu']:.0%} MFU" if r.get("mfu") is not None else ""
+                ax.text(v, y, (f" {v:,.0f} ms" if v >= 10 else f" {v:.2g} ms") + mfu, va="center",
+                        fontsize=NOTE_SIZE)
+            title = f"{model}: estimated step time on {gpu}"
             top = max(est)
         ax.set_xlim(0, top * 1.2 if top else 1)
         ax.set_yticks(ys, [label(r) for r in group])

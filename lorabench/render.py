@@ -374,3 +374,27 @@ def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str 
             out.append(wrap("; ".join(legend) + ".", width, "  "))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def cost_text(rows: List[Dict], fmt: str = "table") -> str:
+    """With --tokens: the training time and cost of each case, on the GPUs it needs (1, or the fewest that
+    hold it fully sharded); a case no GPU count holds has no time."""
+    from tabulate import tabulate
+
+    priced = [r for r in rows if r.get("train_steps") is not None]
+    if not rows or "train_tokens" not in rows[0] and not priced:
+        return ""
+    r0 = priced[0] if priced else rows[0]
+    head = f"Training {r0['train_tokens']:,} tokens on {r0['gpu']}" if priced else "Training"
+    price = next((r for r in priced if r.get("price_per_gpu_hour") is not None), None)
+    head += (f" at ${price['price_per_gpu_hour']:,.2f} per GPU-hour ({price['price_source']}):" if price
+             else " (no price: --price USD per GPU-hour):")
+    body = [[_who(r), _text(r.get("train_gpus")) or "none", ms(r.get("step_ms")),
+             f"{r['train_steps']:,}" if r.get("train_steps") is not None else "",
+             f"{r['train_hours']:,.1f}" if r.get("train_hours") is not None else "",
+             f"{r['gpu_hours']:,.1f}" if r.get("gpu_hours") is not None else "",
+             f"{r['cost_usd']:,.0f}" if r.get("cost_usd") is not None else ""] for r in rows]
+    table = tabulate(body, headers=["method", "GPUs", "step ms", "steps", "hours", "GPU-hours", "USD"],
+                     tablefmt="github" if fmt == "markdown" else "simple", disable_numparse=True,
+                     colalign=["left"] + ["right"] * 6)
+    return f"{head}\n\n{table}"

@@ -215,7 +215,9 @@ def _settings(report: Dict) -> List[tuple]:
            ("step", step)]
     if st["gpu"]:
         runtime = " (its CUDA runtime, foreach AdamW)" if setup["device"] == "cuda" else ""
-        out.append(("estimates", f"for one {st['gpu']}{runtime}; step time at {st['mfu']:.0%} MFU"))
+        how = (f"at {st['mfu']:.0%} MFU" if st.get("mfu") is not None
+               else "by the roofline model (lorabench.compute: matrix products and memory-bound ops)")
+        out.append(("estimates", f"for one {st['gpu']}{runtime}; step time {how}"))
     else:
         out.append(("estimates", f"on {setup['device']}, no GPU chosen: no fit or step time"))
     if st["bench"]:
