@@ -7,7 +7,7 @@ and checkpointing, and prints estimated against measured milliseconds.
 
 H100 rows are estimated for the catalog's H100-80GB at the default efficiencies (what `--gpu H100-80GB`
 answers). CPU rows run on no catalog device: they are estimated for a device made of the matmul ceiling the
-bench measured in the same run (matmul_tflops) and CPU_* below.
+bench measured in the same run (matmul_tflops) and lorabench.compute.CPU_*.
 
     python benchmarks/check_steptime.py [--tolerance-pct 25] [--all]
 
@@ -24,7 +24,8 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from lorabench.compute import Device, StepTime, device_for_gpu, estimate_step_time, measured_device
+from lorabench.compute import Device, StepTime, device_for_gpu, estimate_step_time
+from lorabench.compute import cpu_device as compute_cpu_device
 from lorabench.gpus import get_gpu
 from lorabench.hfconfig import from_hf_config
 from lorabench.memory import TrainingSetup
@@ -34,18 +35,6 @@ from lorabench.specs import from_name
 
 REPORTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reports")
 
-# The CPU the committed CPU reports ran on (2 cores of an AMD EPYC, family 26, AVX-512 with bf16; Linux under
-# KVM; torch 2.13.0+cpu) measured besides the bf16 matmul ceiling each row records. Measured on a machine of
-# the same kind (`python benchmarks/check_steptime.py --measure-cpu`, torch.utils.benchmark medians, 2026-11-26):
-# fp32 over bf16 matmul rate at 1024^3 (0.113 of 0.497 TFLOP/s); what out-of-place bf16 elementwise ops move at
-# activation sizes (512 x 688: 41 GB/s; tensors past the 32 MiB L3 that are freshly allocated run far slower,
-# 6 GB/s, but a step's activations stay in cache); the host time of an op with autograd recording it inside a
-# module call (about 10 us; a bare op 1-1.4 us, an nn.Linear call 5 us); and what a small product costs
-# beyond its FLOPs ([512, 256] x [256, 8] in bf16: 20 us for 4 us of FLOPs).
-CPU_FP32_RATIO = 0.23
-CPU_BANDWIDTH_BYTES_S = 40e9
-CPU_OP_OVERHEAD_S = 10e-6
-CPU_GEMM_TAIL_S = 20e-6
 
 
 # Rows the model does not meet, left out of the check by name with the reason (benchmarks/README and the
@@ -101,8 +90,7 @@ H100 = device_for_gpu(get_gpu("H100-80GB"))
 
 
 def cpu_device(matmul_tflops: float) -> Device:
-    return measured_device("cpu", matmul_tflops * 1e12, CPU_BANDWIDTH_BYTES_S, CPU_FP32_RATIO * matmul_tflops * 1e12,
-                           CPU_OP_OVERHEAD_S, gemm_tail_s=CPU_GEMM_TAIL_S)
+    return compute_cpu_device(matmul_tflops * 1e12)
 
 
 def _phases(row: Dict) -> Tuple[Optional[float], ...]:
@@ -211,7 +199,7 @@ def _family_cases() -> Iterator[Case]:
 
 
 def measure_cpu() -> Dict[str, float]:
-    """What CPU_* above hold, measured on this machine (torch needed)."""
+    """What lorabench.compute.CPU_* hold, measured on this machine (torch needed)."""
     import torch
     from torch.utils.benchmark import Timer
 

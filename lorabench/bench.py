@@ -23,6 +23,7 @@ import torch
 from lorabench import __version__, signals
 from lorabench.errors import LorabenchError
 from lorabench.estimate import memory_rows
+from lorabench.compute import cpu_device, device_for_gpu, estimate_step_time
 from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
@@ -330,6 +331,13 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     row["within_tolerance"] = (None if row["peak_error_pct"] is None
                                else abs(row["peak_error_pct"]) <= tolerance_pct)
     step_ms = row.get("measured_step_ms")
+    # The time model for the device measured: the catalog GPU found, or the CPU at its measured matmul ceiling.
+    model = (device_for_gpu(gpu) if device.type == "cuda" and gpu is not None
+             else cpu_device(matmul_flops) if device.type == "cpu" and matmul_flops else None)
+    if model is not None and row["status"] == "ok":
+        est = estimate_step_time(cut, method, rank, targets or None, setup, model)
+        row["estimated_step_ms"] = est.step_ms
+        row["step_error_pct"] = None if not step_ms else 100.0 * (est.step_ms - step_ms) / step_ms
     if step_ms:
         row["measured_tokens_per_s"] = setup.tokens / (step_ms / 1e3)
         row["achieved_tflops"] = row["step_flops"] / (step_ms / 1e3) / 1e12

@@ -23,7 +23,7 @@ from lorabench.hfconfig import MAX_WIDTH, config_json_path, load_config, printab
 from lorabench.hub import is_local_model, resolve_model
 from lorabench.memory import ALLOCATOR_ALLOWANCE, ALLOWANCE_SOURCE, QUANTIZED
 from lorabench.render import (BENCH_COLUMNS, GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, gib,
-                              render, size)
+                              fit_width, render, size)
 from lorabench.specs import PRESETS, from_dimension, from_name
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -183,7 +183,11 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
         return
     texts = []
     for spec, rows in per_model:
-        out = render(rows, fmt, PARAM_COLUMNS, title=f"{spec.name}: parameters")
+        cols, hidden = (fit_width(rows, PARAM_COLUMNS, terminal_width(), keep=3) if fmt == "table" and rows
+                        else (PARAM_COLUMNS, []))
+        out = render(rows, fmt, cols, title=f"{spec.name}: parameters")
+        if hidden:
+            out += f"\nnot shown at {terminal_width()} columns: {', '.join(hidden)} (-f json carries every field)."
         texts.append(out + "".join(f"\nnote: {n}" for n in (rows[0]["notes"] if rows else ())))
     click.echo(_blocks(texts))
 
@@ -661,7 +665,8 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
         if sink is not None:
             sink.close()
     if fmt in ("table", "markdown"):
-        click.echo(_blocks(bench_text(mine, spec.name, setup, fmt) for spec, mine in done if mine or len(done) == 1))
+        click.echo(_blocks(bench_text(mine, spec.name, setup, fmt, terminal_width()) for spec, mine in done
+                           if mine or len(done) == 1))
     else:
         click.echo(render(rows, fmt, BENCH_COLUMNS))
     note(targets_note(methods, targets))

@@ -178,6 +178,26 @@ def measured_device(name: str, matmul_flops: float, bandwidth_bytes_s: float, fp
                   attention_efficiency, host_op_s, host_overlaps, gemm_tail_s)
 
 
+# The CPU the committed CPU reports ran on (2 cores of an AMD EPYC, family 26, AVX-512 with bf16; Linux under
+# KVM; torch 2.13.0+cpu) measured besides the bf16 matmul ceiling each row records. Measured on a machine of
+# the same kind (`python benchmarks/check_steptime.py --measure-cpu`, torch.utils.benchmark medians, 2026-11-26):
+# fp32 over bf16 matmul rate at 1024^3 (0.113 of 0.497 TFLOP/s); what out-of-place bf16 elementwise ops move at
+# activation sizes (512 x 688: 41 GB/s; tensors past the 32 MiB L3 that are freshly allocated run far slower,
+# 6 GB/s, but a step's activations stay in cache); the host time of an op with autograd recording it inside a
+# module call (about 10 us; a bare op 1-1.4 us, an nn.Linear call 5 us); and what a small product costs
+# beyond its FLOPs ([512, 256] x [256, 8] in bf16: 20 us for 4 us of FLOPs).
+CPU_FP32_RATIO = 0.23
+CPU_BANDWIDTH_BYTES_S = 40e9
+CPU_OP_OVERHEAD_S = 10e-6
+CPU_GEMM_TAIL_S = 20e-6
+
+
+def cpu_device(matmul_flops: float) -> Device:
+    """The CPU as `lorabench bench` sees it: its measured bf16 matmul ceiling, and the CPU_* figures above."""
+    return measured_device("cpu", matmul_flops, CPU_BANDWIDTH_BYTES_S, CPU_FP32_RATIO * matmul_flops,
+                           CPU_OP_OVERHEAD_S, gemm_tail_s=CPU_GEMM_TAIL_S)
+
+
 @dataclass(frozen=True)
 class StepTime:
     """Estimated time of one training step on a device, and how it splits.

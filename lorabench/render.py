@@ -163,6 +163,7 @@ BENCH_COLUMNS = (
     ("peak_error_pct", "error %", lambda v: "" if v is None else f"{v:+.2f}"),
     ("within_tolerance", "ok", lambda v: "" if v is None else ("yes" if v else "NO")),
     ("estimated_after_forward_bytes", "est. activ.", gib), ("measured_activations_bytes", "measured", gib),
+    ("estimated_step_ms", "est. ms", lambda v: "" if v is None else f"{v:,.1f}"),
     ("measured_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.1f}"),
     ("measured_step_ms_iqr", "iqr", lambda v: "" if v is None else f"{v:,.1f}"),
     ("measured_forward_ms", "fwd", lambda v: "" if v is None else f"{v:,.1f}"),
@@ -178,8 +179,9 @@ FULL_DEPTH_COLUMNS = (
 )
 
 
-def bench_text(rows: List[Dict], model: str, setup, fmt: str) -> str:
-    """The bench's rows as text: the table with its title and notes, or every field in csv/json."""
+def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[int] = None) -> str:
+    """The bench's rows as text: the table with its title and notes, or every field in csv/json. With a
+    width, the table keeps the columns that fit it and names the others."""
     cut = f"{rows[0]['layers']} of {rows[0]['full_layers']} layers" if rows else ""
     title = (f"{model} ({cut}), {setup.impl} layers on {rows[0]['device_name'] if rows else setup.device}: "
              f"batch {setup.batch_size} x {setup.seq_len}, {setup.dtype}; GiB, ms")
@@ -188,9 +190,15 @@ def bench_text(rows: List[Dict], model: str, setup, fmt: str) -> str:
     if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):  # small models read better in MiB
         columns = tuple((k, t, mib) if f is gib else (k, t, f) for k, t, f in columns)
         title = title.replace("; GiB", "; MiB")
+    hidden: List[str] = []
+    if fmt == "table" and width and rows:
+        columns, hidden = fit_width(rows, columns, width, keep=4)
     out = render(rows, fmt, columns, title=title)
     if fmt not in ("table", "markdown") or not rows:
         return out
+    if hidden:
+        out += "\n" + wrap(f"not shown at {width} columns: {', '.join(hidden)} (-f json or -o carry every field).",
+                           width)
     r0 = rows[0]
     if r0.get("matmul_tflops"):
         out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({setup.dtype})"
@@ -253,7 +261,7 @@ def verdict_line(row: Dict, fix: Optional[Dict], alternative: Optional[Dict], wi
     """One case's answer on its GPU, as a sentence: fits or not, the memory to spare or missing (allocator
     allowance included), the phase of the peak; for a "no" the largest component and the cheapest change
     that fits (fix, and an alternative of another kind: fit.Fix as dicts), as the options to add."""
-    who = row["method"] + (f" r={row['rank']}" if row.get("rank") else "")
+    who = _who(row)
     need = row["device_bytes"] + row["allowance_bytes"]
     where = f"{who} on one {row['gpu']} ({size(row['gpu_memory_bytes'])})"
     if row["fits"]:

@@ -150,6 +150,14 @@ def test_bench_cli_every_method_on_cpu_within_tolerance(tmp_path):
         assert r["measured_step_ms"] > 0 and r["measured_tokens_per_s"] > 0 and r["achieved_tflops"] > 0
         # tokens/s is tokens over the median step
         assert r["measured_tokens_per_s"] == pytest.approx(64 / (r["measured_step_ms"] / 1e3))
+        # the time model for this CPU, at the matmul ceiling measured in the same run
+        from lorabench.compute import cpu_device, estimate_step_time
+        targets = tuple(r["targets"].split(",")) if r["targets"] else None
+        setup = TrainingSetup(seq_len=64, device="cpu", impl="lorabench")
+        est = estimate_step_time(TINY, METHODS[r["method"]], r["rank"], targets, setup,
+                                 cpu_device(r["matmul_tflops"] * 1e12))
+        assert r["estimated_step_ms"] == pytest.approx(est.step_ms) and r["estimated_step_ms"] > 0
+        assert r["step_error_pct"] == pytest.approx(100 * (est.step_ms / r["measured_step_ms"] - 1))
 
 
 def test_bench_cli_layers_projects_to_full_depth():
