@@ -125,8 +125,9 @@ def quantized_methods(methods, methods_from_all, setup):
 
 
 def usable_methods(spec, methods, methods_from_all, ranks, targets):
-    """--method all keeps the methods that can adapt these targets (PEFT's DoRA cannot adapt fused experts)
-    and says which it left out; a method asked for by name is refused in one line instead."""
+    """--method all, or several models, keeps the methods that can adapt these targets of this model (PEFT's
+    DoRA cannot adapt fused experts) and says which it left out; a method asked for by name for one model is
+    refused in one line instead."""
     if not methods_from_all:
         return methods
     from lorabench.params import count_params
@@ -175,7 +176,7 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
 
     per_model = []
     for spec in specs:
-        used = usable_methods(spec, methods, methods_from_all, ranks, targets)
+        used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
         per_model.append((spec, param_rows(spec, used, ranks, targets)))
     note(targets_note(methods, targets))  # after the rows: an error above it stays the only line
     if fmt not in ("table", "markdown"):
@@ -326,7 +327,7 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
     methods = quantized_methods(methods, methods_from_all, setup)
     per_model = []
     for spec in specs:
-        used = usable_methods(spec, methods, methods_from_all, ranks, targets)
+        used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
         rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance, cost=cost)
         add_verdicts(spec, rows, used, targets, setup, chosen, allowance)
         per_model.append((spec, used, rows))
@@ -380,7 +381,7 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, gpu, gpu_memory
     methods = quantized_methods(methods, methods_from_all, setup)
     limit_rows, knob_rows = [], []
     for spec in specs:
-        used = usable_methods(spec, methods, methods_from_all, ranks, targets)
+        used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
         for m in used:
             for r in (ranks if m.uses_rank else (None,)):
                 case = Case(spec, m, r, targets, setup)
@@ -648,7 +649,7 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     try:
         for spec in specs:
             done.append((spec, []))
-            used = usable_methods(spec, methods, methods_from_all, ranks, targets)
+            used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
 
             def keep(row, mine=done[-1][1]):
                 mine.append(row)

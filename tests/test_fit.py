@@ -198,3 +198,15 @@ def test_every_command_defaults_to_peft_layers():
     for command in (memory, report, bench):
         impl = next(p for p in command.params if p.name == "impl")
         assert impl.default == "peft", command.name
+
+
+def test_a_method_one_of_several_models_cannot_take_is_left_out_for_that_model():
+    res = run("memory", "-m", "mixtral-8x7b", "-m", "llama-3-8b", "--method", "lora,dora", "-t", "all-linear",
+              "-f", "json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [(r["model"], r["method"]) for r in rows] == [("mixtral-8x7b", "lora"), ("llama-3-8b", "lora"),
+                                                         ("llama-3-8b", "dora")]
+    assert "mixtral-8x7b: dora left out" in res.stderr
+    alone = run("memory", "-m", "mixtral-8x7b", "--method", "lora,dora", "-t", "all-linear")
+    assert alone.exit_code == 2 and "dora cannot adapt" in alone.output
