@@ -21,9 +21,8 @@ from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
 from lorabench.hfconfig import MAX_WIDTH, config_json_path, load_config, printable_path
 from lorabench.hub import is_local_model, resolve_model
-from lorabench.memory import ALLOCATOR_ALLOWANCE, ALLOWANCE_SOURCE, QUANTIZED
-from lorabench.render import (BENCH_COLUMNS, GPU_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, gib,
-                              fit_width, render, size)
+from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED
+from lorabench.render import BENCH_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, fit_width, gib, render
 from lorabench.specs import PRESETS, from_dimension, from_name
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -193,93 +192,6 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
     click.echo(_blocks(texts))
 
 
-def _memory_block(spec, rows, setup, chosen, methods, targets, fmt, wide, columns, allowance):
-    """One model's answer as text: the setup, a verdict line per case, the table, the notes."""
-    from lorabench.render import MEMORY_SUMMARY_COLUMNS, cost_text, fit_width, setup_sentence, verdict_line, wrap
-
-    width = terminal_width()
-    if chosen is not None:  # the answer first: one sentence per case
-        lines = [verdict_line(r, r.get("fix"), r.get("fix_alternative"), width) for r in rows]
-    else:
-        lines = [wrap(smallest_gpu_sentence(r), width, "  ") for r in rows]
-    lines += ["", wrap(setup_sentence(spec, rows, setup, targets), width, "  ")]
-    if chosen is not None:
-        lines.append(wrap(f"'fits' leaves {allowance:.1%} of the peak to the allocator (--headroom; "
-                          f"{ALLOWANCE_SOURCE}).", width, "  "))
-    if columns:
-        cols = pick_columns(columns)
-    elif wide:
-        cols = tuple(MEMORY_COLUMNS) + (tuple(GPU_COLUMNS) if chosen else ())
-    else:
-        cols = MEMORY_SUMMARY_COLUMNS
-    hidden: list = []
-    if fmt == "table" and not wide and not columns:
-        cols, hidden = fit_width(rows, cols, width, keep=4)
-    table = render(rows, fmt, cols, title="Per GPU, GiB:" if fmt == "table" else "")
-    lines += ["", table]
-    if hidden:
-        lines.append(wrap(f"not shown at {width} columns: {', '.join(hidden)} (--wide shows every component, "
-                          "--columns chooses).", width))
-    costs = cost_text(rows, fmt) if "train_tokens" in rows[0] else ""
-    if costs:
-        lines += ["", wrap(costs.split("\n", 1)[0], width, "  "), costs.split("\n", 1)[1]]
-    notes = sorted({n for r in rows for n in r["notes"]})
-    lines += [wrap(f"note: {n}", width, "  ") for n in notes]
-    return "\n".join(lines)
-
-
-def smallest_gpu_sentence(row) -> str:
-    who = row["method"] + (f" r={row['rank']}" if row.get("rank") else "")
-    gpu = row.get("smallest_gpu")
-    where = (f"fits one {gpu}, the smallest catalog GPU that holds it" if gpu
-             else "fits no single catalog GPU (--gpu shows what makes it fit)")
-    return f"{who}: peak {size(row['peak_bytes'])} in {row['peak_phase']}, {size(row['device_bytes'])} with " \
-           f"the runtime; {where}."
-
-
-def pick_columns(text: str):
-    """--columns: row keys or column titles, comma-separated, in that order."""
-    from lorabench.render import MEMORY_SUMMARY_COLUMNS
-
-    known = {}
-    for c in (*MEMORY_COLUMNS, *GPU_COLUMNS, *MEMORY_SUMMARY_COLUMNS):
-        known.setdefault(c[0], c)
-        known.setdefault(c[1], c)
-    out = []
-    for name in (n.strip() for n in text.split(",") if n.strip()):
-        if name not in known:
-            raise click.BadParameter(f"unknown column {name!r}; choose from "
-                                     f"{', '.join(dict.fromkeys(c[0] for c in known.values()))}.",
-                                     param_hint="--columns")
-        out.append(known[name])
-    return tuple(dict.fromkeys(out))
-
-
-def _fix_dict(fix):
-    return None if fix is None else {"kinds": list(fix.kinds), "args": list(fix.args),
-                                     "required_bytes": fix.required_bytes, "spare_bytes": fix.spare_bytes}
-
-
-def add_verdicts(spec, rows, methods, targets, setup, chosen, allowance):
-    """The verdict fields of each memory row: on a GPU, the largest component and the cheapest change that
-    fits (fix, fix_args, fix_required_bytes, fix_spare_bytes); without one, the smallest catalog GPU."""
-    from lorabench.fit import Case, fixes, overflow, smallest_gpu
-
-    by_name = {m.name: m for m in methods}
-    for row in rows:
-        case = Case(spec, by_name[row["method"]], row["rank"], targets, setup)
-        if chosen is None:
-            row["smallest_gpu"] = smallest_gpu(case.parts(), allowance)
-            continue
-        name, big, _ = overflow(row, chosen.memory_bytes)
-        row.update({"largest_component": name, "largest_component_bytes": big})
-        found = [] if row["fits"] else fixes(case, chosen.memory_bytes, allowance)
-        first = found[0] if found else None
-        # another way, of another kind: the first that changes none of what the cheapest changes
-        other = next((f for f in found[1:] if not set(f.kinds) & set(first.kinds)), None)
-        row["fix"], row["fix_alternative"] = _fix_dict(first), _fix_dict(other)
-
-
 @cli.command(context_settings=CONTEXT)
 @model_options
 @method_options
@@ -318,8 +230,11 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
         lorabench memory -m llama-3-8b -m mistral-7b --method lora,full --gpu A100-80GB --wide
         lorabench memory --model llama-3-70b --method full --gpu A100-80GB -f json
     """
+    from lorabench.answer import add_verdicts, memory_text, pick_columns
     from lorabench.estimate import memory_rows
 
+    if columns:
+        pick_columns(columns)  # a bad name is an error before any work
     chosen = get_gpu(gpu) if gpu is not None else None
     if cost is not None and chosen is None:
         raise click.UsageError("--tokens/--dataset-tokens need --gpu: time and cost are for a GPU.")
@@ -335,8 +250,8 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
     if fmt not in ("table", "markdown"):
         click.echo(render([r for _, _, rows in per_model for r in rows], fmt, MEMORY_COLUMNS))
         return
-    click.echo(_blocks(_memory_block(spec, rows, setup, chosen, used, targets, fmt, wide, columns, allowance)
-                       for spec, used, rows in per_model))
+    click.echo(_blocks(memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowance,
+                                   terminal_width()) for spec, used, rows in per_model))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -367,8 +282,8 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, gpu, gpu_memory
     """
     import json
 
-    from lorabench.fit import Case, limits, required_bytes, savers, spare_bytes
-    from lorabench.render import fit_text
+    from lorabench.answer import fit_text
+    from lorabench.fit import fit_rows, search_cases
 
     if (gpu is None) == (gpu_memory is None):
         raise click.UsageError("give --gpu NAME or --gpu-memory GIB (one of them).")
@@ -382,25 +297,9 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, gpu, gpu_memory
     limit_rows, knob_rows = [], []
     for spec in specs:
         used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
-        for m in used:
-            for r in (ranks if m.uses_rank else (None,)):
-                case = Case(spec, m, r, targets, setup)
-                parts = case.parts()
-                lim = limits(case, capacity, allowance)
-                spare = spare_bytes(case, capacity, allowance)
-                base = {"model": spec.name, "method": m.name, "rank": r, "targets": ",".join(parts.counts.targets),
-                        "gpu": label, "gpu_memory_bytes": capacity, "allowance_fraction": allowance,
-                        "batch_size": setup.batch_size, "seq_len": setup.seq_len}
-                limit_rows.append({**base, "fits": spare >= 0, "required_bytes": required_bytes(parts),
-                                   "spare_bytes": spare, "max_batch_size": lim.max_batch_size,
-                                   "max_seq_len": lim.max_seq_len, "max_rank": lim.max_rank,
-                                   "max_positions": spec.max_positions or None})
-                for kinds, args, changed in savers(case):
-                    alt = Case(spec, m, r, targets, changed)
-                    left = spare_bytes(alt, capacity, allowance)
-                    knob_rows.append({**base, "change": " + ".join(kinds) or "as given", "args": list(args),
-                                      "fits": left >= 0, "required_bytes": required_bytes(alt.parts()),
-                                      "spare_bytes": left})
+        limits_, knobs = fit_rows(search_cases(spec, used, ranks, targets, setup), label, capacity, allowance)
+        limit_rows += limits_
+        knob_rows += knobs
     note(targets_note(methods, targets))
     if fmt == "json":
         click.echo(json.dumps({"limits": limit_rows, "knobs": knob_rows}, indent=2))

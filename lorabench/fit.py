@@ -1,7 +1,6 @@
 """Does a step fit a GPU, and what makes it fit. Pure Python: every answer is a search over the estimator.
 
-- `verdict`: fits or not, the spare bytes, the phase of the peak, the component that overflows, and the
-  cheapest change that makes a "no" fit (`cheapest_fix`).
+- `overflow`: the component that overflows; `cheapest_fix`: the cheapest change that makes a "no" fit.
 - `fixes`: every change (checkpointing, a smaller batch, 8-bit AdamW, an nf4 base, a shorter sequence, more
   GPUs) that makes a setup fit, cheapest first.
 - `limits`: the largest batch size, sequence length and rank that fit.
@@ -14,10 +13,9 @@ fails to reserve its next block. See memory.ALLOCATOR_ALLOWANCE.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from lorabench.errors import LorabenchError
-from lorabench.gpus import GPU
 from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_params
@@ -205,42 +203,6 @@ def overflow(row: dict, capacity: int) -> Tuple[str, int, bool]:
     return name, size, size > capacity
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Whether one case fits one GPU, how close it is, and what would make it fit.
-
-    Attributes:
-        fits: required plus allowance within capacity.
-        capacity_bytes: the GPU's memory.
-        required_bytes: peak plus runtime overhead.
-        allowance_bytes: the allocator's headroom counted on top (ALLOCATOR_ALLOWANCE x peak).
-        spare_bytes: capacity - required - allowance (negative when it does not fit).
-        peak_phase: forward, backward or optimizer.
-        largest: the largest component, its bytes, and whether it alone exceeds the GPU.
-        fix: the cheapest change that fits (None when it fits, or when nothing does).
-    """
-
-    fits: bool
-    capacity_bytes: int
-    required_bytes: int
-    allowance_bytes: int
-    spare_bytes: int
-    peak_phase: str
-    largest: Tuple[str, int, bool]
-    fix: Optional[Fix]
-
-
-def verdict(case: Case, row: dict, gpu: GPU, fraction: float = ALLOCATOR_ALLOWANCE) -> Verdict:
-    """The verdict for case, whose estimate row (estimate.memory_rows) is row, on gpu."""
-    parts = case.parts()
-    need, allow = required_bytes(parts), allowance_bytes(parts, fraction)
-    spare = gpu.memory_bytes - need - allow
-    ok = spare >= 0
-    fix = None if ok else cheapest_fix(case, gpu.memory_bytes, fraction)
-    return Verdict(ok, gpu.memory_bytes, need, allow, spare, row["peak_phase"],
-                   overflow(row, gpu.memory_bytes), fix)
-
-
 # --------------------------------------------------------------------------------------------------
 # Limits: the largest batch, sequence and rank that fit.
 
@@ -293,7 +255,30 @@ def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE) -> Opt
     return min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
 
 
-def search_cases(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], targets,
-                 setup: TrainingSetup) -> List[Case]:
-    """One Case per (method, rank); methods without a rank appear once."""
+def search_cases(spec: ModelSpec, methods, ranks, targets, setup: TrainingSetup) -> List[Case]:
+    """One Case per (method, rank); methods without a rank (full) appear once."""
     return [Case(spec, m, r, targets, setup) for m in methods for r in (ranks if m.uses_rank else (None,))]
+
+
+def fit_rows(cases: List[Case], gpu: str, capacity: int,
+             fraction: float = ALLOCATOR_ALLOWANCE) -> Tuple[List[dict], List[dict]]:
+    """`lorabench fit`'s JSON rows (see README): per case its limits, and per (case, saver combination)
+    whether the setup then fits."""
+    limit_rows, knob_rows = [], []
+    for case in cases:
+        parts = case.parts()
+        lim = limits(case, capacity, fraction)
+        spare = spare_bytes(case, capacity, fraction)
+        s = case.setup
+        base = {"model": case.spec.name, "method": case.method.name, "rank": case.rank,
+                "targets": ",".join(parts.counts.targets), "gpu": gpu, "gpu_memory_bytes": capacity,
+                "allowance_fraction": fraction, "batch_size": s.batch_size, "seq_len": s.seq_len}
+        limit_rows.append({**base, "fits": spare >= 0, "required_bytes": required_bytes(parts), "spare_bytes": spare,
+                           "max_batch_size": lim.max_batch_size, "max_seq_len": lim.max_seq_len,
+                           "max_rank": lim.max_rank, "max_positions": case.spec.max_positions or None})
+        for kinds, args, changed in savers(case):
+            alt = replace(case, setup=changed)
+            left = spare_bytes(alt, capacity, fraction)
+            knob_rows.append({**base, "change": " + ".join(kinds) or "as given", "args": list(args),
+                              "fits": left >= 0, "required_bytes": required_bytes(alt.parts()), "spare_bytes": left})
+    return limit_rows, knob_rows
