@@ -15,7 +15,8 @@ from lorabench.render import (GIB, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_C
 
 
 def memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowance, width):
-    """One model's answer as text: the setup, a verdict line per case, the table, the notes."""
+    """One model's answer as text: a verdict line per case, the setup, the table, the notes. columns: the
+    table's columns (pick_columns), or None for the default set cut to width (or every one, with wide)."""
     if chosen is not None:  # the answer first: one sentence per case
         lines = [verdict_line(r, r.get("fix"), r.get("fix_alternative"), width) for r in rows]
     else:
@@ -25,7 +26,7 @@ def memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowanc
         lines.append(wrap(f"'fits' leaves {allowance:.1%} of the peak to the allocator (--headroom; "
                           f"{ALLOWANCE_SOURCE}).", width, "  "))
     if columns:
-        cols = pick_columns(columns)
+        cols = columns
     elif wide:
         cols = tuple(MEMORY_COLUMNS) + (tuple(GPU_COLUMNS) if chosen else ())
     else:
@@ -47,7 +48,7 @@ def memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowanc
 
 
 def smallest_gpu_sentence(row) -> str:
-    who = row["method"] + (f" r={row['rank']}" if row.get("rank") else "")
+    who = _who(row)
     gpu = row.get("smallest_gpu")
     where = (f"fits one {gpu}, the smallest catalog GPU that holds it" if gpu
              else "fits no single catalog GPU (--gpu shows what makes it fit)")

@@ -21,9 +21,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from lorabench import __version__, signals
+from lorabench.compute import cpu_device, device_for_gpu, estimate_step_time
 from lorabench.errors import LorabenchError
 from lorabench.estimate import memory_rows
-from lorabench.compute import cpu_device, device_for_gpu, estimate_step_time
 from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)

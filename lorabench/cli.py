@@ -145,6 +145,13 @@ def usable_methods(spec, methods, methods_from_all, ranks, targets):
     return tuple(kept)
 
 
+def each_model(specs, methods, methods_from_all, ranks, targets):
+    """(spec, the methods it can take) for each model, in order: with several models, a method one of them
+    cannot take is left out for that model with a note (usable_methods)."""
+    for spec in specs:
+        yield spec, usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
+
+
 def terminal_width() -> int:
     """The terminal's width ($COLUMNS first); 100 when the output is not a terminal."""
     return shutil.get_terminal_size((100, 24)).columns
@@ -173,10 +180,8 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
     """
     from lorabench.estimate import param_rows
 
-    per_model = []
-    for spec in specs:
-        used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
-        per_model.append((spec, param_rows(spec, used, ranks, targets)))
+    per_model = [(spec, param_rows(spec, used, ranks, targets))
+                 for spec, used in each_model(specs, methods, methods_from_all, ranks, targets)]
     note(targets_note(methods, targets))  # after the rows: an error above it stays the only line
     if fmt not in ("table", "markdown"):
         click.echo(render([r for _, rows in per_model for r in rows], fmt, PARAM_COLUMNS))
@@ -233,16 +238,14 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
     from lorabench.answer import add_verdicts, memory_text, pick_columns
     from lorabench.estimate import memory_rows
 
-    if columns:
-        pick_columns(columns)  # a bad name is an error before any work
+    picked = pick_columns(columns) if columns else None  # a bad name is an error before any work
     chosen = get_gpu(gpu) if gpu is not None else None
     if cost is not None and chosen is None:
         raise click.UsageError("--tokens/--dataset-tokens need --gpu: time and cost are for a GPU.")
     allowance = headroom / 100
     methods = quantized_methods(methods, methods_from_all, setup)
     per_model = []
-    for spec in specs:
-        used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
+    for spec, used in each_model(specs, methods, methods_from_all, ranks, targets):
         rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance, cost=cost)
         add_verdicts(spec, rows, used, targets, setup, chosen, allowance)
         per_model.append((spec, used, rows))
@@ -250,7 +253,7 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
     if fmt not in ("table", "markdown"):
         click.echo(render([r for _, _, rows in per_model for r in rows], fmt, MEMORY_COLUMNS))
         return
-    click.echo(_blocks(memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowance,
+    click.echo(_blocks(memory_text(spec, rows, setup, chosen, targets, fmt, wide, picked, allowance,
                                    terminal_width()) for spec, used, rows in per_model))
 
 
@@ -295,8 +298,7 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, gpu, gpu_memory
     allowance = headroom / 100
     methods = quantized_methods(methods, methods_from_all, setup)
     limit_rows, knob_rows = [], []
-    for spec in specs:
-        used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
+    for spec, used in each_model(specs, methods, methods_from_all, ranks, targets):
         limits_, knobs = fit_rows(search_cases(spec, used, ranks, targets, setup), label, capacity, allowance)
         limit_rows += limits_
         knob_rows += knobs
@@ -546,9 +548,8 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     stopped = None
     done = []  # (spec, its rows): one table per model
     try:
-        for spec in specs:
+        for spec, used in each_model(specs, methods, methods_from_all, ranks, targets):
             done.append((spec, []))
-            used = usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
 
             def keep(row, mine=done[-1][1]):
                 mine.append(row)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 from lorabench.errors import LorabenchError
-from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, step_parts
+from lorabench.memory import (ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, fewest_gpus, need_bytes,
+                              step_parts)
 from lorabench.methods import Method
 from lorabench.params import count_params
 from lorabench.specs import ModelSpec
@@ -45,17 +46,12 @@ class Case:
 
 def required_bytes(parts: StepParts, shards: int = 1) -> int:
     """What one GPU must hold: the peak over the phases plus the runtime outside the allocator."""
-    return max(parts.phase_peaks(shards).values()) + parts.overhead_bytes
-
-
-def allowance_bytes(parts: StepParts, fraction: float, shards: int = 1) -> int:
-    return int(fraction * max(parts.phase_peaks(shards).values()))
+    return need_bytes(parts, shards, 0.0)
 
 
 def spare_bytes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> int:
     """capacity minus what the case needs with its allocator allowance: >= 0 means it fits."""
-    parts = case.parts()
-    return capacity - required_bytes(parts, case.gpus) - allowance_bytes(parts, fraction, case.gpus)
+    return capacity - need_bytes(case.parts(), case.gpus, fraction)
 
 
 def fits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> bool:
@@ -134,8 +130,8 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
 
     def add(kinds, args, changed: Case):
         parts = changed.parts()
-        need = required_bytes(parts, changed.gpus)
-        out.append(Fix(kinds, args, changed, need, capacity - need - allowance_bytes(parts, fraction, changed.gpus)))
+        out.append(Fix(kinds, args, changed, required_bytes(parts, changed.gpus),
+                       capacity - need_bytes(parts, changed.gpus, fraction)))
 
     combos = savers(case)
     s = case.setup
@@ -162,8 +158,8 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
     for kinds, args, setup in combos:  # more GPUs, fully sharded: the fewest, with the savers that need fewest
         if "nf4 base (QLoRA)" in kinds:
             continue
-        g = _fewest_gpus(replace(case, setup=setup), capacity, fraction, max_gpus)
-        if g is not None:
+        g = fewest_gpus(replace(case, setup=setup).parts(), capacity, fraction, max_gpus)
+        if g is not None and g > 1:  # on one GPU, these savers are a fix of their own, listed above
             add(kinds + (f"{g} GPUs (FSDP)",), args, replace(case, setup=setup, gpus=g))
             break
     return out
@@ -173,17 +169,6 @@ def round_down(seq_len: int) -> int:
     """A suggested sequence length: down to a multiple of 64 from 128 tokens up (what data pipelines pack
     to), so the suggestion still fits."""
     return seq_len - seq_len % 64 if seq_len >= 128 else seq_len
-
-
-def _fewest_gpus(case: Case, capacity: int, fraction: float, max_gpus: int) -> Optional[int]:
-    """The fewest GPUs that hold case fully sharded (FSDP / ZeRO-3), or None when activations alone overflow."""
-    if not fits(replace(case, gpus=max_gpus), capacity, fraction):
-        return None
-    lo, hi = 1, max_gpus  # not fits(lo) (the caller checked 1), fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(replace(case, gpus=mid), capacity, fraction) else (mid, hi)
-    return hi
 
 
 def cheapest_fix(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> Optional[Fix]:
@@ -250,7 +235,7 @@ def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE) -> Opt
     """The catalog GPU with the least memory that holds the step alone (ties: the first listed)."""
     from lorabench.gpus import GPUS
 
-    need = required_bytes(parts) + allowance_bytes(parts, fraction)
+    need = need_bytes(parts, 1, fraction)
     fitting = [g for g in GPUS.values() if g.memory_bytes >= need]
     return min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
 

@@ -761,6 +761,28 @@ class Fit:
     spare_bytes: int = 0
 
 
+def need_bytes(parts: StepParts, shards: int = 1, allowance: float = ALLOCATOR_ALLOWANCE) -> int:
+    """What one of `shards` GPUs must have: the peak over the phases, the runtime outside the allocator, and
+    `allowance` x the peak kept free for the allocator."""
+    peak = max(parts.phase_peaks(shards).values())
+    return peak + parts.overhead_bytes + int(allowance * peak)
+
+
+def fewest_gpus(parts: StepParts, capacity: int, allowance: float = ALLOCATOR_ALLOWANCE,
+                max_gpus: int = 4096) -> Optional[int]:
+    """The fewest GPUs of `capacity` bytes that hold the step fully sharded; None when even max_gpus do not
+    (what sharding cannot split, activations, logits and the runtime, exceeds one GPU)."""
+    if need_bytes(parts, 1, allowance) <= capacity:
+        return 1
+    if need_bytes(parts, max_gpus, allowance) > capacity:
+        return None
+    lo, hi = 1, max_gpus  # need(lo) > capacity >= need(hi); beyond one GPU need falls as n grows
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if need_bytes(parts, mid, allowance) <= capacity else (mid, hi)
+    return hi
+
+
 def fit_on_gpu(parts: StepParts, gpu: GPU, max_gpus: int = 4096, allowance: float = ALLOCATOR_ALLOWANCE) -> Fit:
     """Data-parallel replicas need the whole step on each GPU. Full sharding (Rajbhandari et al. 2020,
     ZeRO stage 3; PyTorch FSDP) splits weights, adapters, gradients, optimizer and master state N ways;
@@ -768,20 +790,8 @@ def fit_on_gpu(parts: StepParts, gpu: GPU, max_gpus: int = 4096, allowance: floa
     x its peak free for the allocator (ALLOCATOR_ALLOWANCE).
     """
     cap = gpu.memory_bytes
-
-    def need(n: int) -> int:
-        peak = max(parts.phase_peaks(n).values())
-        return peak + parts.overhead_bytes + int(allowance * peak)
-
-    one = max(parts.phase_peaks(1).values())
-    allow, spare = int(allowance * one), cap - need(1)
-    if need(1) <= cap:
-        return Fit(gpu.name, cap, True, 1, need(1) - allow, allow, spare)
-    if need(max_gpus) > cap:
-        return Fit(gpu.name, cap, False, None, None, allow, spare)
-    lo, hi = 1, max_gpus  # need(lo) > cap >= need(hi); need falls as n grows
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if need(mid) <= cap else (mid, hi)
-    peak_n = max(parts.phase_peaks(hi).values())
-    return Fit(gpu.name, cap, False, hi, need(hi) - int(allowance * peak_n), allow, spare)
+    allow = int(allowance * max(parts.phase_peaks(1).values()))
+    spare = cap - need_bytes(parts, 1, allowance)
+    n = fewest_gpus(parts, cap, allowance, max_gpus)
+    per_gpu = None if n is None else need_bytes(parts, n, 0.0)
+    return Fit(gpu.name, cap, n == 1, n, per_gpu, allow, spare)
