@@ -208,7 +208,7 @@ class StepTime:
         forward_ms, backward_ms, optimizer_ms: its phases (recomputation under checkpointing is backward's).
         matmul_ms: time in matrix products and attention, each at its roofline bound (compute or memory).
         memory_ms: time in memory-bound ops: norms, activations, casts, the loss, the optimizer step.
-        overhead_ms: per-op host time (devices that run ops synchronously).
+        overhead_ms: host time the device does not hide (per-op host time on a CPU; a GPU's measured stalls).
         matmul_efficiency: the fraction of the peak the device's matrix products were taken at.
         mfu: model FLOPs (StepFlops.step_flops) per second over the dense peak: the utilisation this time implies.
         tokens_per_s: tokens / step time.
@@ -230,6 +230,8 @@ class StepTime:
 def op_seconds(op: Op, device: Device) -> Tuple[float, float]:
     """(device seconds, host overhead seconds) of all runs of op: the larger of its compute and its memory
     time, as a roofline bounds a kernel."""
+    if op.kind == "stall":  # a GPU's measured idle time (its queue drained); a CPU pays host time per op instead
+        return (op.runs * op.seconds if device.host_overlaps else 0.0), 0.0
     bandwidth = device.bandwidth_bytes_s * (device.strided_efficiency if op.strided else 1.0)
     rate = device.fp32_flops if op.dtype_bytes >= 4 else device.matmul_flops
     if op.kind == "attention":
@@ -254,7 +256,7 @@ def estimate_step_time(spec: ModelSpec, method: Method, rank: Optional[int], tar
         host[op.phase] += cpu
         if op.kind == "stream":
             memory += dev
-        else:
+        elif op.kind != "stall":  # a stall is overhead: neither matrix nor memory work
             matmul += dev
     if device.host_overlaps:  # the slower of the host's queueing and the device's work, phase by phase
         phase = {p: max(busy[p], host[p]) for p in PHASES}

@@ -11,7 +11,7 @@ and pays PyTorch's dispatch for each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes, _trainable_tensors
@@ -32,7 +32,8 @@ class Op:
     Attributes:
         name: what it is, for the breakdown.
         phase: "forward", "backward" (checkpointing's recomputation included) or "optimizer".
-        kind: "gemm" (a matrix product), "attention" (a fused attention kernel) or "stream" (memory-bound).
+        kind: "gemm" (a matrix product), "attention" (a fused attention kernel), "stream" (memory-bound) or
+            "stall" (a measured time the device idles per run, on a GPU: see MOE_STALL_S).
         flops: FLOPs of one run.
         bytes: bytes read and written by one run.
         dtype_bytes: element size the product computes in: 2 (bf16/fp16 tensor cores) or 4 (fp32).
@@ -51,6 +52,7 @@ class Op:
     runs: int = 1
     launches: int = 1
     strided: bool = False
+    seconds: float = 0.0
 
 
 class _Ops:
@@ -66,6 +68,10 @@ class _Ops:
     def gemm(self, name: str, phase: str, m: int, k: int, n: int, db: int) -> None:
         """[m, k] x [k, n] in elements of db bytes."""
         self.ops.append(Op(name, phase, "gemm", 2.0 * m * k * n, float(db * (m * k + k * n + m * n)), db))
+
+    def stall(self, name: str, phase: str, seconds: float) -> None:
+        if seconds > 0:
+            self.ops.append(Op(name, phase, "stall", 0.0, 0.0, seconds=seconds))
 
     def attention(self, name: str, phase: str, flops: float, nbytes: float, db: int) -> None:
         self.ops.append(Op(name, phase, "attention", float(flops), float(nbytes), db))
@@ -212,11 +218,29 @@ def _attention(ops: _Ops, spec: ModelSpec, t: int, setup: TrainingSetup, sliding
             ops.stream("scores: mask, softmax", "backward", 2 * t * per, launches=6)
 
 
+# Routing stalls of a mixture-of-experts layer on a GPU, measured rather than derived: the H100 probes
+# (reports/probes/families_h100_{2,4}layers.jsonl: transformers 5.17 grouped_mm experts, torch 2.11) take longer
+# per MoE layer than every kernel of the layer at its roofline, by a time that does not grow with the experts'
+# FLOPs (Mixtral's are 9x Qwen3-MoE's): in forward about 1.25 ms plus 20 us per expert, in backward about 1.46 ms.
+# Each is the median over the probes' cases of the per-layer excess, (4-layer - 2-layer time) / 2 less the same
+# difference of the estimate without these stalls, fitted as a + b * experts
+# (`python benchmarks/check_steptime.py --fit-moe` recomputes them; tests/test_steptime.py checks they agree).
+# Nothing measured separates the grouped products' kernels from the routing's host work, so the stalls stand
+# for both; a GPU idles by about as long whatever its speed, and a CPU (which pays every op's host time
+# already) is not charged them.
+MOE_STALL_S = {"forward": 1.25e-3, "forward_per_expert": 20e-6, "backward": 1.46e-3}
+
+
 def _moe(ops: _Ops, spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...], t: int,
          setup: TrainingSetup, live: bool) -> None:
     """transformers 5's grouped_mm experts: router, top-k, sort and gather of the routed copies, two grouped
-    products, the gate, the routing weights and the sum back per token; PEFT's ParamWrapper merges
-    W + s B A into every expert's weight on each forward (torch.baddbmm) when the experts are targets."""
+    products, the gate, the routing weights and the sum back per token; the routing stalls (MOE_STALL_S).
+
+    PEFT's ParamWrapper on the experts folds W + s B A into every expert's weight on each forward through a
+    parametrization (peft/tuners/lora/layer.py, _LoraFactorsProxy: torch.baddbmm). Registering it evaluates it
+    once to check its shape (torch/nn/utils/parametrize.py, ParametrizationList: `Z = self()` unless unsafe), and
+    the forward evaluates it again: two folds per forward. Each out-of-place baddbmm first copies W into its
+    result, then the product reads and rewrites it (ATen's CUDA addmm/baddbmm with beta != 0)."""
     a, d, e, k, i = setup.act_bytes, spec.hidden_size, spec.num_experts, spec.experts_per_token, \
         spec.expert_intermediate_size
     full = method.base_trainable
@@ -224,6 +248,7 @@ def _moe(ops: _Ops, spec: ModelSpec, method: Method, rank: Optional[int], target
     w = 4 if not spec.arch.routing.cast_back else a  # Mixtral weighs each expert's output in float32
     ops.gemm("router", "forward", t, d, e, a)
     ops.stream("routing", "forward", t * (e * (a + 12) + 40 * k), launches=10)
+    ops.stall("MoE routing stall", "forward", MOE_STALL_S["forward"] + e * MOE_STALL_S["forward_per_expert"])
     ops.stream("gather, weigh, sum", "forward", routed * (2 * a * d + (a + w + w) * d + 2 * w * d), launches=6)
     ops.stream("expert gate", "forward", routed * 5 * a * i, launches=2)
     merged = setup.impl == "peft" and method.uses_rank and "experts" in targets
@@ -237,13 +262,16 @@ def _moe(ops: _Ops, spec: ModelSpec, method: Method, rank: Optional[int], target
         ops.stream("gather, weigh, sum", "backward", routed * 2 * (2 * a * d + (a + w + w) * d), launches=8)
         ops.stream("expert gate", "backward", routed * 2 * 5 * a * i, launches=4)
         ops.stream("routing", "backward", t * e * 3 * (a + 4), launches=4)
+        ops.stall("MoE routing stall", "backward", MOE_STALL_S["backward"])
     if merged:
         ad = FLOAT_BYTES[setup.adapter_dtype]
         for name, out, inn, r in (("gate_up", 2 * i, d, 2 * rank), ("down", d, i, rank)):
             size = e * out * inn
-            ops.stream(f"{name} factor casts", "forward", (ad + a) * e * r * (inn + out), launches=2)
-            ops.gemm(f"merge {name}", "forward", e * out, r, inn, a)  # baddbmm: W + s B A, E of them
-            ops.stream(f"merge {name}", "forward", a * size)  # reading W (the product writes the merged copy)
+            for fold in ("check", "forward"):  # the registration's check, then the forward's own fold
+                ops.stream(f"{name} factor casts ({fold})", "forward", (ad + a) * e * r * (inn + out), launches=2)
+                ops.stream(f"merge {name}: copy W ({fold})", "forward", 2 * a * size)
+                ops.gemm(f"merge {name} ({fold})", "forward", e * out, r, inn, a)  # baddbmm: W + s B A
+                ops.stream(f"merge {name}: read C ({fold})", "forward", a * size)  # the product reads the copy
             # backward: the merged weight's gradient (written by grouped_mm's dW) feeds B's and A's
             ops.gemm(f"merge {name} dB", "backward", e * out, inn, r, a)
             ops.gemm(f"merge {name} dA", "backward", e * r, out, inn, a)
@@ -417,10 +445,9 @@ def step_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tupl
         for op in _layer(spec, method, rank, targets, setup, first, slides):
             out.append(_times(op, n))
             if setup.grad_checkpointing and op.phase == "forward":
-                out.append(_times(Op(f"recompute: {op.name}", "backward", op.kind, op.flops, op.bytes,
-                                     op.dtype_bytes, 1, op.launches, op.strided), n))
+                out.append(_times(replace(op, name=f"recompute: {op.name}", phase="backward", runs=1), n))
     return tuple(out + _outside_layers(spec, method, setup) + _optimizer(spec, method, rank, targets, setup))
 
 
 def _times(op: Op, n: int) -> Op:
-    return Op(op.name, op.phase, op.kind, op.flops, op.bytes, op.dtype_bytes, op.runs * n, op.launches, op.strided)
+    return replace(op, runs=op.runs * n)
