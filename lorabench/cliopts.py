@@ -16,7 +16,8 @@ import re
 import click
 
 from lorabench.hfconfig import MAX_LAYERS, MAX_WIDTH, load_config
-from lorabench.memory import ATTENTION, DTYPES, FLOAT_BYTES, IMPLS, OPTIMIZERS, TrainingSetup
+from lorabench.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
+                              OPTIMIZERS, TrainingSetup)
 from lorabench.methods import resolve_methods
 from lorabench.render import FORMATS
 from lorabench.hub import resolve_model
@@ -212,14 +213,33 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
     @click.option("--impl", type=click.Choice(IMPLS), default=impl_default, show_default=True,
                   help="Whose layers: peft (transformers + PEFT: per-layer fp32 input copies, KV cache) "
                        "or lorabench (lorabench.nn's lean layers).")
+    @click.option("--loop", type=click.Choice(LOOPS), default="plain", show_default=True,
+                  help="plain: the model's output (logits) lives through backward; trainer: transformers' "
+                       "Trainer.training_step, which keeps only the loss.")
+    @click.option("--autocast", type=click.Choice(AUTOCAST), default=None,
+                  help="Autocast mixed precision over fp32 weights (Trainer's bf16=True/fp16=True); needs "
+                       "--dtype fp32.")
+    @click.option("--grad-accum", type=BoundedInt(1, MAX_GRAD_ACCUM), default=1, show_default=True,
+                  help="Micro-batches of --batch-size per optimizer step.")
+    @click.option("--loss", type=click.Choice(LOSSES), default="standard", show_default=True,
+                  help="standard (transformers' loss on full logits), chunked (logits per chunk, recomputed "
+                       "in backward) or fused-linear (Liger's fused linear cross-entropy).")
+    @click.option("--loss-chunk", type=BoundedInt(1, MAX_SEQ_LEN * MAX_BATCH), default=1024, show_default=True,
+                  help="Tokens per chunk of --loss chunked.")
+    @click.option("--kbit-prepare", is_flag=True,
+                  help="With --dtype nf4/int8: peft.prepare_model_for_kbit_training (fp32 upcasts of the "
+                       "non-quantized parameters).")
     @functools.wraps(fn)
     def wrapper(alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer, grad_checkpointing, attention,
-                dropout, master_weights, device, impl, **kw):
+                dropout, master_weights, device, impl, loop, autocast, grad_accum, loss, loss_chunk,
+                kbit_prepare, **kw):
         setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
                               adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
                               grad_checkpointing=grad_checkpointing, attention=attention.lower(),
                               dropout=dropout, master_weights=master_weights,
-                              device=device or "cuda", alpha=alpha, impl=impl)
+                              device=device or "cuda", alpha=alpha, impl=impl, loop=loop, autocast=autocast,
+                              grad_accum=grad_accum, loss=loss, loss_chunk=loss_chunk,
+                              kbit_prepare=kbit_prepare)
         return fn(setup=setup, **kw)
     return wrapper
 

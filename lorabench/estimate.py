@@ -100,7 +100,10 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         row["targets"] = ",".join(est.targets)
         row["notes"] = list(dict.fromkeys(spec_notes(spec, targets) + list(est.notes)))
         row.update({"batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
-                    "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing})
+                    "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing,
+                    "loop": setup.loop, "autocast": setup.autocast, "grad_accum": setup.grad_accum,
+                    "tokens_per_step": setup.tokens * setup.grad_accum, "loss": setup.loss,
+                    "kbit_prepare": setup.kbit_prepare})
         flops = estimate_flops(spec, method, rank, c.targets, setup)
         row["step_flops"] = flops.step_flops
         row["flops_per_token"] = flops.flops_per_token

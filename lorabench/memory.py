@@ -34,7 +34,7 @@ NF4_DQ_BLOCK = 256
 # Optimizer states per trainable element. Torch keeps AdamW's exp_avg/exp_avg_sq and SGD's momentum
 # buffer in the parameter's dtype (zeros_like); bitsandbytes' 8-bit AdamW keeps two uint8 states with an
 # fp32 absmax per 256-element block, and fp32 states for tensors under 4096 elements (min_8bit_size).
-OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "sgd-momentum")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw", "sgd", "sgd-momentum")
 BNB_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
 
@@ -44,6 +44,16 @@ DEVICES = ("cuda", "cpu")
 # Whose layers run the step: "peft" (Hugging Face transformers + PEFT, what users run) or "lorabench"
 # (lorabench.nn's own modules). They differ in what autograd keeps; see _adapter_saves and estimate_activations.
 IMPLS = ("peft", "lorabench")
+# The training loop: "plain" keeps the model's output (its logits) alive through backward and the optimizer
+# step; "trainer" is transformers.Trainer.training_step: only the loss is kept, the outputs are freed before
+# backward.
+LOOPS = ("plain", "trainer")
+# Autocast mixed precision over an fp32 model (Trainer's bf16=True / fp16=True).
+AUTOCAST = ("bf16", "fp16")
+# The causal-LM loss: transformers' (full tokens x vocab logits), a chunked cross-entropy that recomputes each
+# chunk's logits in backward (lorabench.nn.loss), or Liger's fused linear cross-entropy.
+LOSSES = ("standard", "chunked", "fused-linear")
+MAX_GRAD_ACCUM = 65536
 
 # The runtime's own memory on a CUDA device, outside the caching allocator's counters: the CUDA context
 # (kernels, cuBLAS/cuDNN handles; lazy module loading on) and cuBLAS's workspace. Measured with NVML on an
@@ -75,6 +85,13 @@ class TrainingSetup:
         impl: "peft" (transformers + PEFT: each adapted layer casts its input to the adapter dtype and
             keeps that copy; the model's output keeps a KV cache) or "lorabench" (lorabench.nn: adapters
             share the layer's input in the activation dtype; no cache).
+        loop: "plain" or "trainer" (LOOPS).
+        autocast: None, or "bf16"/"fp16": autocast mixed precision over fp32 weights (dtype must be fp32).
+        grad_accum: micro-batches per optimizer step (batch_size each); gradients stay alive between them.
+        loss: "standard", "chunked" or "fused-linear" (LOSSES).
+        loss_chunk: tokens per chunk of the chunked loss.
+        kbit_prepare: peft.prepare_model_for_kbit_training on a quantized base (fp32 upcasts of the
+            non-quantized parameters, gradient checkpointing as setup.grad_checkpointing says).
     """
 
     batch_size: int = 1
@@ -89,6 +106,12 @@ class TrainingSetup:
     device: str = "cuda"
     alpha: float = 16.0
     impl: str = "peft"
+    loop: str = "plain"
+    autocast: Optional[str] = None
+    grad_accum: int = 1
+    loss: str = "standard"
+    loss_chunk: int = 1024
+    kbit_prepare: bool = False
 
     def validate(self) -> None:
         """Raises LorabenchError for any value out of range."""
@@ -102,6 +125,28 @@ class TrainingSetup:
         _choice("attention", self.attention, ATTENTION)
         _choice("device", self.device, DEVICES)
         _choice("implementation", self.impl, IMPLS)
+        _choice("loop", self.loop, LOOPS)
+        _choice("loss", self.loss, LOSSES)
+        if self.autocast is not None:
+            _choice("autocast dtype", self.autocast, AUTOCAST)
+            if self.dtype != "fp32":
+                raise LorabenchError(f"autocast runs an fp32 model in {self.autocast}; give --dtype fp32 "
+                                     f"(got {self.dtype}).")
+        if not isinstance(self.grad_accum, int) or not 1 <= self.grad_accum <= MAX_GRAD_ACCUM:
+            raise LorabenchError(f"gradient accumulation must be an integer from 1 to {MAX_GRAD_ACCUM}, "
+                                 f"got {self.grad_accum!r}.")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0:
+            raise LorabenchError(f"loss chunk must be a positive integer, got {self.loss_chunk!r}.")
+        if self.kbit_prepare and self.dtype not in QUANTIZED:
+            raise LorabenchError("--kbit-prepare prepares a quantized base; give --dtype nf4 or int8.")
+        for what, unmodeled in (("--optimizer " + self.optimizer, self.optimizer.startswith("paged")),
+                                ("--loss " + self.loss, self.loss != "standard"),
+                                ("--kbit-prepare", self.kbit_prepare),
+                                ("--autocast", self.autocast is not None),
+                                ("--loop trainer", self.loop == "trainer"),
+                                ("--grad-accum above 1", self.grad_accum > 1)):
+            if unmodeled:
+                raise LorabenchError(f"{what} is not modeled yet.")
         if not 0.0 <= self.dropout < 1.0:  # (NaN fails this too)
             raise LorabenchError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
