@@ -28,6 +28,7 @@ from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
 from lorabench.hfconfig import hf_config_dict
+from lorabench.loops import TrainerLoop, plain_step
 from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
 from lorabench.params import parse_targets
@@ -159,32 +160,28 @@ BUILDERS = {"lorabench": build_lorabench, "peft": build_peft}
 PHASES = ("forward", "backward", "optimizer")
 
 
-def _step(built: Built, ids: torch.Tensor, mark: Callable[[str], None] = lambda phase: None) -> None:
-    """One training step as a plain loop runs it; mark("start") before it and mark(phase) at the end of
-    each phase. `out` lives until the step ends (so the logits are alive through backward and the
-    optimizer step)."""
-    mark("start")
-    out = built.forward(ids)
-    mark("forward")
-    out.loss.backward()
-    mark("backward")
-    built.optimizer.step()
-    for hook in built.hooks:
-        hook.step()
-    built.optimizer.zero_grad(set_to_none=True)
-    mark("optimizer")
-    del out
+Step = Callable[[torch.Tensor, Callable[[str], None]], None]
 
 
-def _timed_step(built: Built, ids: torch.Tensor, timer: PhaseTimer) -> Dict[str, float]:
-    """Milliseconds per phase of one step, and of the whole."""
-    _step(built, ids, lambda phase: timer.start() if phase == "start" else timer.mark(phase))
+def _stepper(built: Built, setup: TrainingSetup, device: torch.device):
+    """(step, close): step(ids, mark) runs one optimizer step of setup.loop over setup.grad_accum
+    micro-batches (lorabench.loops); close() releases what the loop holds."""
+    if setup.loop == "trainer":
+        loop = TrainerLoop(built, setup.batch_size, setup.grad_accum, device)
+        return loop.step, loop.close
+    return (lambda ids, mark: plain_step(built, ids, setup.grad_accum, mark)), (lambda: None)
+
+
+def _timed_step(step: Step, ids: torch.Tensor, timer: PhaseTimer) -> Dict[str, float]:
+    """Milliseconds per phase of one step (micro-batches summed), and of the whole."""
+    step(ids, lambda phase: timer.start() if phase == "start" else timer.mark(phase))
     return timer.finish()
 
 
-def _memory_step(built: Built, ids: torch.Tensor, probe: MemoryProbe) -> Dict[str, int]:
-    """One step with the memory read at the phase boundaries: the peak of each phase, what forward left
-    alive, the gradients as backward left them and the optimizer states after its step."""
+def _memory_step(built: Built, step: Step, ids: torch.Tensor, probe: MemoryProbe) -> Dict[str, int]:
+    """One step with the memory read at the phase boundaries: the peak of each phase (the largest over the
+    micro-batches), what the first forward left alive, the gradients as the last backward left them and the
+    optimizer states after its step."""
     read: Dict[str, int] = {}
 
     def mark(phase: str) -> None:
@@ -193,8 +190,8 @@ def _memory_step(built: Built, ids: torch.Tensor, probe: MemoryProbe) -> Dict[st
                 torch.cuda.synchronize()
             read["start"] = probe.current()
         else:
-            read[f"{phase}_peak"] = probe.peak()
-        if phase == "forward":
+            read[f"{phase}_peak"] = max(read.get(f"{phase}_peak", 0), probe.peak())
+        if phase == "forward" and "after_forward" not in read:
             read["after_forward"] = probe.current()
         elif phase == "backward":
             params = [p for group in built.optimizer.param_groups for p in group["params"]]
@@ -204,7 +201,7 @@ def _memory_step(built: Built, ids: torch.Tensor, probe: MemoryProbe) -> Dict[st
                                            if isinstance(t, torch.Tensor))
         probe.reset_peak()
 
-    _step(built, ids, mark)
+    step(ids, mark)
     return {
         "measured_weights_bytes": storage_bytes(built.base_tensors),
         "measured_adapter_bytes": storage_bytes(built.adapter_tensors),
@@ -240,6 +237,7 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
     cuda = device.type == "cuda"
     tracker = None if cuda else LiveTensorTracker(device.type)
     built = None
+    close = None
     try:
         if cuda:
             gc.collect()
@@ -249,15 +247,16 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
             built = BUILDERS[impl](spec, method, rank, targets, setup, device, seed)
             g = torch.Generator().manual_seed(seed)
             ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=g).to(device)
+            step, close = _stepper(built, setup, device)
             for _ in range(warmup):
-                _step(built, ids)
-            rec = _memory_step(built, ids, probe)
+                step(ids, lambda phase: None)
+            rec = _memory_step(built, step, ids, probe)
         if cuda:
             rec["measured_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
             rec["measured_device_bytes"] = nvml_process_bytes(device)
         timer = PhaseTimer(device)
         # on the CPU outside the tracker: it would slow every op
-        samples = [_timed_step(built, ids, timer) for _ in range(steps)]
+        samples = [_timed_step(step, ids, timer) for _ in range(steps)]
         for phase in PHASES + ("step",):
             stats = summarize([s[phase] for s in samples])
             rec[f"measured_{phase}_ms"] = stats["median"]
@@ -265,6 +264,8 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
         rec["measured_step_ms_min"], rec["measured_step_ms_max"] = stats["min"], stats["max"]
         return rec
     finally:
+        if close is not None:
+            close()
         del built
         gc.collect()
         if cuda:
@@ -339,7 +340,7 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         row["estimated_step_ms"] = est.step_ms
         row["step_error_pct"] = None if not step_ms else 100.0 * (est.step_ms - step_ms) / step_ms
     if step_ms:
-        row["measured_tokens_per_s"] = setup.tokens / (step_ms / 1e3)
+        row["measured_tokens_per_s"] = setup.tokens * setup.grad_accum / (step_ms / 1e3)
         row["achieved_tflops"] = row["step_flops"] / (step_ms / 1e3) / 1e12
         row["matmul_tflops"] = None if matmul_flops is None else matmul_flops / 1e12
         row["fraction_of_matmul"] = None if matmul_flops is None else row["achieved_tflops"] * 1e12 / matmul_flops

@@ -213,7 +213,7 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
     @click.option("--impl", type=click.Choice(IMPLS), default=impl_default, show_default=True,
                   help="Whose layers: peft (transformers + PEFT: per-layer fp32 input copies, KV cache) "
                        "or lorabench (lorabench.nn's lean layers).")
-    @click.option("--loop", type=click.Choice(LOOPS), default="plain", show_default=True,
+    @click.option("--loop", type=click.Choice(LOOPS), default="trainer", show_default=True,
                   help="plain: the model's output (logits) lives through backward; trainer: transformers' "
                        "Trainer.training_step, which keeps only the loss.")
     @click.option("--autocast", type=click.Choice(AUTOCAST), default=None,

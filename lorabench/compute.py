@@ -53,7 +53,8 @@ def _attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
 
 def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
                    targets: Tuple[str, ...], setup: TrainingSetup) -> StepFlops:
-    """FLOPs of one training step of method on spec at setup's batch and sequence length."""
+    """FLOPs of one optimizer step of method on spec at setup's batch and sequence length, over its
+    setup.grad_accum micro-batches."""
     t = setup.tokens
     shapes = spec.linear_shapes()
     linear = sum(i * o for i, o, _ in shapes.values())
@@ -85,8 +86,10 @@ def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
     fwd = t * (spec.num_layers * layer_fwd + head)
     bwd = t * (spec.num_layers * layer_bwd + head_bwd)
     recompute = t * spec.num_layers * layer_fwd if setup.grad_checkpointing else 0
+    k = setup.grad_accum  # micro-batches per optimizer step: forward and backward run k times, the update once
+    fwd, bwd, recompute = k * fwd, k * bwd, k * recompute
     total = fwd + bwd + recompute + update
-    return StepFlops(fwd, bwd, recompute, update, total, total / t)
+    return StepFlops(fwd, bwd, recompute, update, total, total / (t * k))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +270,7 @@ def estimate_step_time(spec: ModelSpec, method: Method, rank: Optional[int], tar
     return StepTime(device.name, 1e3 * seconds, 1e3 * phase["forward"], 1e3 * phase["backward"],
                     1e3 * phase["optimizer"], 1e3 * matmul, 1e3 * memory, 1e3 * overhead,
                     device.matmul_efficiency, flops.step_flops / seconds / device.peak_flops,
-                    setup.tokens / seconds)
+                    setup.tokens * setup.grad_accum / seconds)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -116,6 +116,6 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
                         "spare_bytes": fit.spare_bytes})
             row.update(step_time_fields(t))
             if cost is not None:
-                row.update(cost_fields(t, setup.tokens, fit.gpus_needed, cost, gpu))
+                row.update(cost_fields(t, setup.tokens * setup.grad_accum, fit.gpus_needed, cost, gpu))
         rows.append(row)
     return rows

@@ -166,7 +166,8 @@ def device_info(device: torch.device) -> Dict[str, Optional[str]]:
 
 
 class PhaseTimer:
-    """Times consecutive phases of a step: mark(name) ends the phase begun at the previous mark.
+    """Times consecutive phases of a step: mark(name) ends the phase begun at the previous mark; a name
+    marked several times (one per micro-batch) gets the sum of its phases.
 
     CUDA: events recorded on the current stream, read after a synchronize in finish(). CPU: perf_counter.
     """
@@ -197,7 +198,9 @@ class PhaseTimer:
         else:
             ms = [(b - a) * 1e3 for (_, a), (_, b) in zip(self._marks, self._marks[1:])]
             total = (self._marks[-1][1] - self._marks[0][1]) * 1e3
-        out = {name: t for (name, _), t in zip(self._marks[1:], ms)}
+        out: Dict[str, float] = {}
+        for (name, _), t in zip(self._marks[1:], ms):  # a phase marked again (micro-batches) adds up
+            out[name] = out.get(name, 0.0) + t
         out["step"] = total
         return out
 

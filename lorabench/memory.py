@@ -106,7 +106,7 @@ class TrainingSetup:
     device: str = "cuda"
     alpha: float = 16.0
     impl: str = "peft"
-    loop: str = "plain"
+    loop: str = "trainer"
     autocast: Optional[str] = None
     grad_accum: int = 1
     loss: str = "standard"
@@ -143,8 +143,7 @@ class TrainingSetup:
                                 ("--loss " + self.loss, self.loss != "standard"),
                                 ("--kbit-prepare", self.kbit_prepare),
                                 ("--autocast", self.autocast is not None),
-                                ("--loop trainer", self.loop == "trainer"),
-                                ("--grad-accum above 1", self.grad_accum > 1)):
+                                ):
             if unmodeled:
                 raise LorabenchError(f"{what} is not modeled yet.")
         if not 0.0 <= self.dropout < 1.0:  # (NaN fails this too)
@@ -597,9 +596,12 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     # Gemma 2 soft-caps the logits, cap * tanh(logits / cap): tanh keeps its output (a V) until backward.
     capped = a * v if spec.final_softcap else 0
     fwd = held + upcast + 4 * v + capped
+    # The plain loop keeps the model's output (the logits, and transformers' KV cache) until the step ends;
+    # Trainer.training_step keeps only the loss: the output is gone before backward.
+    if setup.loop != "plain":
+        held = 0
     bwd = held + 12 * v + capped
-    # a loop that keeps the output keeps transformers' KV cache
-    cache = L * 2 * t * spec.kv_dim * a if _kv_cache_on(setup) else 0
+    cache = L * 2 * t * spec.kv_dim * a if _kv_cache_on(setup) and setup.loop == "plain" else 0
     casts = _weight_cast_bytes(spec, method, rank, targets, setup) + _merged_expert_bytes(spec, method, rank,
                                                                                            targets, setup)
     layer_forward = 0
@@ -637,6 +639,7 @@ class StepParts:
     notes: Tuple[str, ...]
     norm_temp_bytes: int = 0  # DoRA's weight-norm temporaries: forward only (and recomputation)
     recomputes: bool = False  # gradient checkpointing re-runs each layer's forward in backward
+    grad_accum: int = 1  # micro-batches per optimizer step
 
     @property
     def persistent_bytes(self) -> int:
@@ -650,8 +653,13 @@ class StepParts:
         n, act = shards, self.act
         persistent = -(-self.persistent_bytes // n) + (self.gather_bytes if n > 1 else 0)
         grads, head = -(-self.gradients_bytes // n), -(-self.head_grad_bytes // n)
-        forward = persistent + act.saved_bytes + max(act.logits_forward_bytes, self.dequant_bytes,
-                                                     self.norm_temp_bytes, act.layer_forward_bytes)
+        # Gradient accumulation: from the second micro-batch on, every gradient is alive through forward and
+        # backward (accumulated in place), and the plain loop's previous output (logits, KV cache) through
+        # the next forward, until the new output replaces it.
+        accum = grads if self.grad_accum > 1 else 0
+        previous_out = act.logits_held_bytes + act.cache_bytes if self.grad_accum > 1 else 0
+        forward = persistent + accum + previous_out + act.saved_bytes + max(
+            act.logits_forward_bytes, self.dequant_bytes, self.norm_temp_bytes, act.layer_forward_bytes)
         # while one layer is recomputed (checkpointing) its forward temporaries come back; the MLP's
         # gradient buffers come after, when that layer back-propagates
         layer_temp = max(act.transient_bytes, self.dequant_bytes,
@@ -660,9 +668,9 @@ class StepParts:
         # layer's activations are freed as its gradients appear, so the peak is at one end (or at the
         # first layer, where recomputation and the largest gradient buffers meet).
         backward = persistent + max(
-            act.saved_bytes + act.logits_backward_bytes,
-            act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + head + act.recompute_bytes
-            + layer_temp,
+            act.saved_bytes + act.logits_backward_bytes + accum,
+            act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + max(head, accum)
+            + act.recompute_bytes + layer_temp,
             grads + act.logits_held_bytes + act.cache_bytes + act.transient_bytes,
         )
         optimizer = (persistent + grads + act.logits_held_bytes + act.cache_bytes
@@ -743,7 +751,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     return StepParts(method, counts, w_bytes, adapter, grads, optim, master, method_state, opt_tmp,
                      head_grads, dequant, gather, estimate_activations(spec, method, rank, targets, setup),
                      CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
-                     tuple(notes), norm_temp, setup.grad_checkpointing)
+                     tuple(notes), norm_temp, setup.grad_checkpointing, setup.grad_accum)
 
 
 def estimate_from_parts(parts: StepParts) -> MemoryEstimate:

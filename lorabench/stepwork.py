@@ -420,8 +420,9 @@ def _optimizer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tu
 
 def step_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
              setup: TrainingSetup) -> Tuple[Op, ...]:
-    """Every op of one training step of method on spec, with its runs per step. Under gradient checkpointing
-    each layer's forward runs again in backward (Chen et al. 2016)."""
+    """Every op of one optimizer step of method on spec, with its runs per step: forward and backward once per
+    micro-batch (setup.grad_accum), the optimizer once. Under gradient checkpointing each layer's forward runs
+    again in backward (Chen et al. 2016)."""
     setup = setup.for_spec(spec)
     targets = targets if method.uses_rank else ()
     if spec.single_matrix:
@@ -431,7 +432,8 @@ def step_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tupl
             _linear(ops, "w", t, d, d, setup, method, layer > 0 or method.base_trainable)
             if method.uses_rank:
                 _adapter(ops, "w", t, d, d, rank, setup, method, layer > 0)
-        return tuple(ops.ops) + tuple(_optimizer(spec, method, rank, targets, setup))
+        return tuple(_times(op, setup.grad_accum) for op in ops.ops) + tuple(_optimizer(spec, method, rank,
+                                                                                         targets, setup))
     L = spec.num_layers
     sliding = spec.sliding_layers()
     out: List[Op] = []
@@ -446,7 +448,8 @@ def step_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tupl
             out.append(_times(op, n))
             if setup.grad_checkpointing and op.phase == "forward":
                 out.append(_times(replace(op, name=f"recompute: {op.name}", phase="backward", runs=1), n))
-    return tuple(out + _outside_layers(spec, method, setup) + _optimizer(spec, method, rank, targets, setup))
+    micro = [_times(op, setup.grad_accum) for op in out + _outside_layers(spec, method, setup)]
+    return tuple(micro + _optimizer(spec, method, rank, targets, setup))
 
 
 def _times(op: Op, n: int) -> Op:

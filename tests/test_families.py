@@ -257,7 +257,9 @@ def _check_memory(family, dtype, ckpt, targets, methods=None, impl="peft"):
     from lorabench.memory import TrainingSetup
 
     spec = _memory_spec(family)
-    setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, grad_checkpointing=ckpt, device="cpu")
+    # the plain loop, as these were calibrated (the trainer loop: tests/test_loops.py)
+    setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, grad_checkpointing=ckpt, device="cpu",
+                          loop="plain")
     rows = run_bench(spec, methods or _methods_for(family, targets), [8], targets, setup, steps=1, warmup=1,
                      impl=impl, progress=False, device="cpu")
     for r in rows:

@@ -127,7 +127,8 @@ def test_without_a_gpu_the_smallest_catalog_gpu_that_fits():
     by_size = sorted((g.memory_bytes, g.name) for g in GPUS.values() if g.memory_bytes >= need)
     assert smallest_gpu(parts) == by_size[0][1]
     res = run("memory", "--method", "lora")
-    assert res.stdout.splitlines()[0].startswith("lora r=8: peak 28.93 GiB in backward")
+    peak = max(parts.phase_peaks().values())
+    assert res.stdout.splitlines()[0].startswith(f"lora r=8: peak {peak / 2**30:.2f} GiB in backward")
     assert f"fits one {by_size[0][1]}" in " ".join(res.stdout.split())
 
 

@@ -102,10 +102,14 @@ class Block(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    """What a forward returns: logits [B, S, V] and the mean loss when labels were given."""
+    """What a forward returns: logits [B, S, V] and the mean loss when labels were given. Indexing follows
+    transformers' ModelOutput (the fields that are set, loss first), which is how Trainer reads a loss."""
 
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None
+
+    def __getitem__(self, index):
+        return tuple(t for t in (self.loss, self.logits) if t is not None)[index]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""The training loops `lorabench bench` runs, each one optimizer step of setup.grad_accum micro-batches.
+
+plain: the loop of most scripts and of lorabench.nn.Trainer,
+
+    for micro_batch in batches:
+        out = model(input_ids=ids, labels=ids)   # the previous `out` is released only when this returns
+        (out.loss / grad_accum).backward()
+    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+so the output (its logits, and transformers' KV cache) lives through backward and the optimizer step, and
+with accumulation through the next micro-batch's forward.
+
+trainer: transformers.Trainer's own `training_step` (transformers/trainer.py), called as its inner training
+loop calls it: compute_loss keeps only the loss (the outputs are dropped before backward), the loss is
+scaled for accumulation, `accelerator.backward`; then `optimizer.step()` and `model.zero_grad()`.
+
+`mark(phase)` is called with "start" before the step and with "forward", "backward" after each
+micro-batch's phases and "optimizer" at the end, so a probe can read each phase's peak.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Callable, Optional
+
+import torch
+
+from lorabench.errors import LorabenchError
+
+Mark = Callable[[str], None]
+
+
+def _finish(built, mark: Mark) -> None:
+    built.optimizer.step()
+    for hook in built.hooks:
+        hook.step()
+    built.optimizer.zero_grad(set_to_none=True)
+    mark("optimizer")
+
+
+def plain_step(built, ids: torch.Tensor, grad_accum: int, mark: Mark) -> None:
+    """One optimizer step of the plain loop (module docstring)."""
+    mark("start")
+    out = None
+    for _ in range(grad_accum):
+        out = built.forward(ids)
+        mark("forward")
+        loss = out.loss / grad_accum if grad_accum > 1 else out.loss
+        loss.backward()
+        del loss
+        mark("backward")
+    _finish(built, mark)
+    del out
+
+
+class TrainerLoop:
+    """transformers.Trainer around a built model, stepping through Trainer.training_step.
+
+    The Trainer gets the model and the optimizer bench built (its own optimizer and scheduler are not made),
+    writes nothing (no logging, no saving, no reporting) and keeps its output folder in a temporary directory.
+    """
+
+    def __init__(self, built, batch_size: int, grad_accum: int, device: torch.device):
+        try:
+            import transformers
+        except ImportError:
+            raise LorabenchError("--loop trainer needs transformers: pip install transformers.") from None
+        self.built = built
+        self.grad_accum = grad_accum
+        self._dir = tempfile.TemporaryDirectory(prefix="lorabench-trainer-")
+        args = transformers.TrainingArguments(
+            output_dir=self._dir.name, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum, report_to="none", save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu")
+        self.trainer = transformers.Trainer(model=built.model, args=args, optimizers=(built.optimizer, None))
+        # set by Trainer's inner loop before it calls training_step
+        self.trainer.current_gradient_accumulation_steps = grad_accum
+        self._mark: Optional[Mark] = None
+        compute_loss = self.trainer.compute_loss
+
+        def marked_compute_loss(*args, **kwargs):  # the forward ends when compute_loss returns the loss
+            loss = compute_loss(*args, **kwargs)
+            if self._mark is not None:
+                self._mark("forward")
+            return loss
+
+        self.trainer.compute_loss = marked_compute_loss
+
+    def step(self, ids: torch.Tensor, mark: Mark) -> None:
+        """One optimizer step: grad_accum calls of Trainer.training_step, then the optimizer step."""
+        mark("start")
+        self._mark = mark
+        # Trainer counts the labels of the whole accumulated batch (labels != -100) and passes the count to
+        # the model's loss, which then sums and divides by it
+        items = torch.tensor(ids.numel() * self.grad_accum, device=ids.device)
+        try:
+            for _ in range(self.grad_accum):
+                self.trainer.training_step(self.built.model, {"input_ids": ids, "labels": ids}, items)
+                mark("backward")
+        finally:
+            self._mark = None
+        _finish(self.built, mark)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+__all__ = ["plain_step", "TrainerLoop"]
