@@ -17,7 +17,7 @@ import click
 
 from lorabench.hfconfig import MAX_LAYERS, MAX_WIDTH, load_config
 from lorabench.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
-                              OPTIMIZERS, TrainingSetup)
+                              MAX_LOSS_CHUNK, OPTIMIZERS, TrainingSetup)
 from lorabench.methods import resolve_methods
 from lorabench.render import FORMATS
 from lorabench.hub import resolve_model
@@ -224,8 +224,8 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
     @click.option("--loss", type=click.Choice(LOSSES), default="standard", show_default=True,
                   help="standard (transformers' loss on full logits), chunked (logits per chunk, recomputed "
                        "in backward) or fused-linear (Liger's fused linear cross-entropy).")
-    @click.option("--loss-chunk", type=BoundedInt(1, MAX_SEQ_LEN * MAX_BATCH), default=1024, show_default=True,
-                  help="Tokens per chunk of --loss chunked.")
+    @click.option("--loss-chunk", type=BoundedInt(1, MAX_LOSS_CHUNK), default=1024, show_default=True,
+                  help="Tokens per chunk of --loss chunked (its logits: (a + 4) x chunk x vocab bytes).")
     @click.option("--kbit-prepare", is_flag=True,
                   help="With --dtype nf4/int8: peft.prepare_model_for_kbit_training (fp32 upcasts of the "
                        "non-quantized parameters).")

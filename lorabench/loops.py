@@ -53,14 +53,28 @@ def plain_step(built, ids: torch.Tensor, grad_accum: int, mark: Mark) -> None:
     del out
 
 
+class _OwnLoss(torch.nn.Module):
+    """The built model behind a forward that computes the loss itself (--loss chunked or fused-linear), for
+    Trainer, which calls model(**inputs) and reads the loss from what it returns."""
+
+    def __init__(self, built):
+        super().__init__()
+        self.inner = built.model
+        self._forward = built.forward
+
+    def forward(self, input_ids, labels=None, **kwargs):
+        return {"loss": self._forward(input_ids).loss}
+
+
 class TrainerLoop:
     """transformers.Trainer around a built model, stepping through Trainer.training_step.
 
-    The Trainer gets the model and the optimizer bench built (its own optimizer and scheduler are not made),
+    The Trainer gets the model and the optimizer bench built (its own optimizer and scheduler are not made;
+    with own_loss, the model behind the built forward, which computes a memory-saving loss itself),
     writes nothing (no logging, no saving, no reporting) and keeps its output folder in a temporary directory.
     """
 
-    def __init__(self, built, batch_size: int, grad_accum: int, device: torch.device):
+    def __init__(self, built, batch_size: int, grad_accum: int, device: torch.device, own_loss: bool = False):
         try:
             import transformers
         except ImportError:
@@ -72,7 +86,8 @@ class TrainerLoop:
             output_dir=self._dir.name, per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=grad_accum, report_to="none", save_strategy="no",
             logging_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu")
-        self.trainer = transformers.Trainer(model=built.model, args=args, optimizers=(built.optimizer, None))
+        self.model = _OwnLoss(built) if own_loss else built.model
+        self.trainer = transformers.Trainer(model=self.model, args=args, optimizers=(built.optimizer, None))
         # set by Trainer's inner loop before it calls training_step
         self.trainer.current_gradient_accumulation_steps = grad_accum
         self._mark: Optional[Mark] = None
@@ -95,7 +110,7 @@ class TrainerLoop:
         items = torch.tensor(ids.numel() * self.grad_accum, device=ids.device)
         try:
             for _ in range(self.grad_accum):
-                self.trainer.training_step(self.built.model, {"input_ids": ids, "labels": ids}, items)
+                self.trainer.training_step(self.model, {"input_ids": ids, "labels": ids}, items)
                 mark("backward")
         finally:
             self._mark = None

@@ -53,6 +53,9 @@ AUTOCAST = ("bf16", "fp16")
 # The causal-LM loss: transformers' (full tokens x vocab logits), a chunked cross-entropy that recomputes each
 # chunk's logits in backward (lorabench.nn.loss), or Liger's fused linear cross-entropy.
 LOSSES = ("standard", "chunked", "fused-linear")
+# The chunked loss's bound on tokens per chunk: one chunk's logits, (a + 4) x chunk x V bytes, stay below
+# the full logits of any step this size covers (65,536 tokens x 256k vocab x 6 bytes is 100 GB).
+MAX_LOSS_CHUNK = 65536
 MAX_GRAD_ACCUM = 65536
 
 # The runtime's own memory on a CUDA device, outside the caching allocator's counters: the CUDA context
@@ -135,12 +138,12 @@ class TrainingSetup:
         if not isinstance(self.grad_accum, int) or not 1 <= self.grad_accum <= MAX_GRAD_ACCUM:
             raise LorabenchError(f"gradient accumulation must be an integer from 1 to {MAX_GRAD_ACCUM}, "
                                  f"got {self.grad_accum!r}.")
-        if not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0:
-            raise LorabenchError(f"loss chunk must be a positive integer, got {self.loss_chunk!r}.")
+        if not isinstance(self.loss_chunk, int) or not 1 <= self.loss_chunk <= MAX_LOSS_CHUNK:
+            raise LorabenchError(f"loss chunk must be an integer from 1 to {MAX_LOSS_CHUNK} tokens, "
+                                 f"got {self.loss_chunk!r}.")
         if self.kbit_prepare and self.dtype not in QUANTIZED:
             raise LorabenchError("--kbit-prepare prepares a quantized base; give --dtype nf4 or int8.")
         for what, unmodeled in (("--optimizer " + self.optimizer, self.optimizer.startswith("paged")),
-                                ("--loss " + self.loss, self.loss != "standard"),
                                 ("--kbit-prepare", self.kbit_prepare),
                                 ("--autocast", self.autocast is not None),
                                 ):
@@ -580,27 +583,17 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         # (Gemma 3: one pair for its sliding layers, one for its global layers)
         rope = 2 * a * spec.head_dim * setup.seq_len * spec.arch.rope_tables
     final = _norm_saves(spec, d, 1, a, method.base_trainable)  # final norm
-    if method.base_trainable:
-        final += a * d  # final norm's output: the output head's weight gradient needs it
+    if setup.loss == "chunked" or (method.base_trainable and setup.loss == "standard"):
+        # final norm's output: the output head's weight gradient needs it, the chunked loss recomputes the
+        # logits from it (Liger's fused loss takes its gradients in forward and keeps neither)
+        final += a * d
     per_token += final
     if setup.attention == "eager":
         # the materialized causal mask, shared by all layers (and a sliding-window one for sliding layers)
         masks = 1 + (1 if 0 < spec.sliding_layers() < L else 0)
         per_token += masks * a * setup.seq_len
-    # Logits and loss as transformers computes them: logits (a V) are upcast to fp32 (4 V) and
-    # cross_entropy = log_softmax (keeps its fp32 output, 4 V) + nll_loss. In backward, nll_loss's
-    # gradient (4 V) and log_softmax's input gradient (4 V) are alive with the kept output.
-    v = spec.vocab_size
-    held = a * v
-    upcast = 4 * v if a < 4 else 0
-    # Gemma 2 soft-caps the logits, cap * tanh(logits / cap): tanh keeps its output (a V) until backward.
-    capped = a * v if spec.final_softcap else 0
-    fwd = held + upcast + 4 * v + capped
-    # The plain loop keeps the model's output (the logits, and transformers' KV cache) until the step ends;
-    # Trainer.training_step keeps only the loss: the output is gone before backward.
-    if setup.loop != "plain":
-        held = 0
-    bwd = held + 12 * v + capped
+    held, fwd, bwd, after = _loss_bytes(spec, method, setup)
+    # the plain loop's output keeps transformers' KV cache until the step ends (Trainer drops it)
     cache = L * 2 * t * spec.kv_dim * a if _kv_cache_on(setup) and setup.loop == "plain" else 0
     casts = _weight_cast_bytes(spec, method, rank, targets, setup) + _merged_expert_bytes(spec, method, rank,
                                                                                            targets, setup)
@@ -610,8 +603,48 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         layer_forward = casts // L
         casts = 0
     transient = _layer_backward_transient(spec, method, targets, setup)
-    return ActivationBreakdown(t * per_token + rope + casts, recompute, transient, t * held, t * fwd, t * bwd,
-                               t * (held + 4 * v + capped), cache, layer_forward, t * final)
+    return ActivationBreakdown(t * per_token + rope + casts, recompute, transient, held, fwd, bwd, after, cache,
+                               layer_forward, t * final)
+
+
+def liger_chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk of Liger's fused linear cross-entropy: next_pow2(ceil(BT / ceil(V / H))), at most BT
+    (liger_kernel/ops/fused_linear_cross_entropy.py, chunk_mem_const 1)."""
+    return min(tokens, 1 << max(0, math.ceil(math.log2(-(-tokens // -(-vocab // hidden))))))
+
+
+def _loss_bytes(spec: ModelSpec, method: Method, setup: TrainingSetup) -> Tuple[int, int, int, int]:
+    """Bytes of the output head's logits and the loss beyond the saved activations: (held by the model
+    output through backward, at the forward peak, at the start of backward, kept when forward returns)."""
+    a, t, d, v = setup.act_bytes, setup.tokens, spec.hidden_size, spec.vocab_size
+    up = 4 if a < 4 else 0  # an fp32 copy of logits in a lower precision
+    head_grad = v * d * FLOAT_BYTES.get(setup.dtype, 2) if method.base_trainable else 0
+    if setup.loss == "chunked":
+        # lorabench.nn.loss: per-token log-sum-exp (fp32) kept from forward; one chunk's logits at a time,
+        # as the product and its fp32 copy (forward) or the fp32 softmax gradient and its cast (backward);
+        # backward makes d_hidden whole and d_weight (a trainable head) before the first chunk.
+        chunk = (a + up) * min(setup.loss_chunk, t) * v
+        return 0, 4 * t + t + chunk, 4 * t + a * t * d + head_grad + chunk, 4 * t
+    if setup.loss == "fused-linear":
+        # Liger's LigerFusedLinearCrossEntropyFunction (liger_kernel/ops/fused_linear_cross_entropy.py):
+        # forward allocates d_hidden (zeros_like input) and d_weight (a trainable head), loss_1d (fp32) and
+        # a target mask, and runs chunks of next_pow2(ceil(BT / ceil(V / H))) tokens; the kernel writes each
+        # chunk's logit gradients over its logits. fp32 weights add d_weight's product before it is added
+        # in. It keeps d_hidden and d_weight for backward; the hidden states it read are not kept.
+        chunk = liger_chunk_tokens(t, d, v)
+        kept = a * t * d + head_grad
+        temp = head_grad if method.base_trainable and a == 4 else 0
+        return 0, a * t * d + kept + 4 * t + t + a * chunk * v + temp, kept, kept
+    # Logits and loss as transformers computes them: logits (a V) are upcast to fp32 (4 V) and
+    # cross_entropy = log_softmax (keeps its fp32 output, 4 V) + nll_loss. In backward, nll_loss's
+    # gradient (4 V) and log_softmax's input gradient (4 V) are alive with the kept output.
+    held = a * v
+    # Gemma 2 soft-caps the logits, cap * tanh(logits / cap): tanh keeps its output (a V) until backward.
+    capped = a * v if spec.final_softcap else 0
+    # The plain loop keeps the model's output (its logits) until the step ends; Trainer.training_step keeps
+    # only the loss: the output is gone before backward.
+    kept = held if setup.loop == "plain" else 0
+    return t * kept, t * (held + up + 4 * v + capped), t * (kept + 12 * v + capped), t * (kept + 4 * v + capped)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -688,6 +721,9 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     """
     setup.validate()
     setup = setup.for_spec(spec)
+    if setup.loss == "chunked" and spec.final_softcap:
+        raise LorabenchError(f"--loss chunked does not soft-cap the logits as {spec.name} does (Gemma 2's "
+                             "final_logit_softcapping); use --loss standard or fused-linear.")
     if setup.dtype in QUANTIZED and not method.allows_quantized_base:
         raise LorabenchError(f"{method.name} writes the base weights, which a {setup.dtype} base cannot "
                              f"hold; use an adapter method (lora, lora-fa, vera, lora-plus, dora).")

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
-from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes, _trainable_tensors
+from lorabench.memory import (FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes, _trainable_tensors,
+                              liger_chunk_tokens)
 from lorabench.methods import Method
 from lorabench.specs import ModelSpec
 
@@ -365,6 +366,9 @@ def _outside_layers(spec: ModelSpec, method: Method, setup: TrainingSetup) -> Li
     nf, nb, nl = _norm_bytes(spec, a)
     ops.stream("final norm", "forward", t * nf * d, launches=nl)
     ops.stream("final norm", "backward", t * nb * d, launches=2 * nl)
+    if setup.loss != "standard":
+        ops.ops.extend(_chunked_head(spec, method, setup))
+        return ops.ops
     ops.gemm("output head", "forward", t, d, v, a)
     ops.gemm("output head dx", "backward", t, v, d, a)
     if full:
@@ -377,6 +381,43 @@ def _outside_layers(spec: ModelSpec, method: Method, setup: TrainingSetup) -> Li
     # backward reads the gradient twice (sum, output) and the output once; nll_loss's gradient is a zeroed V
     ops.stream("loss: fp32 logits, log_softmax", "forward", t * (up + 16 * v), launches=4)
     ops.stream("loss: fp32 logits, log_softmax", "backward", t * (up + 20 * v), launches=4)
+    return ops.ops
+
+
+def _chunks(t: int, chunk: int) -> List[Tuple[int, int]]:
+    """(tokens, how many) of the chunks t tokens split into: full chunks, then the rest."""
+    return [(c, n) for c, n in ((chunk, t // chunk), (t % chunk, 1)) if c and n]
+
+
+def _chunked_head(spec: ModelSpec, method: Method, setup: TrainingSetup) -> List[Op]:
+    """The output head and loss without full logits, chunk by chunk (each chunk's products reread the head).
+
+    chunked (lorabench.nn.loss): forward = product, fp32 copy, max, exp in place, sum; backward recomputes
+    the product (one more output-head product), exp in place, the scatter and scale, the cast, then the
+    d_hidden and d_weight products. fused-linear (Liger): forward = product, one Triton kernel that reads
+    each row twice (online max and sum, then the gradient) and writes the gradient over the logits, then the
+    d_hidden and d_weight products, all in forward; backward only hands the gradients on.
+    """
+    ops = _Ops()
+    a, t, d, v = setup.act_bytes, setup.tokens, spec.hidden_size, spec.vocab_size
+    full = method.base_trainable
+    up = a + 4 if a < 4 else 0
+    fused = setup.loss == "fused-linear"
+    chunk = liger_chunk_tokens(t, d, v) if fused else min(setup.loss_chunk, t)
+    grads = "forward" if fused else "backward"
+    for c, n in _chunks(t, chunk):
+        group = _Ops()
+        group.gemm("output head", "forward", c, d, v, a)
+        if fused:
+            group.stream("loss: Liger's cross-entropy kernel", "forward", c * 3 * a * v)
+        else:
+            group.stream("loss: fp32 logits, log-sum-exp", "forward", c * (up + 16 * v), launches=5)
+            group.gemm("output head (recomputed)", "backward", c, d, v, a)
+            group.stream("loss: softmax gradient", "backward", c * (up + 16 * v + up), launches=6)
+        group.gemm("output head dx", grads, c, v, d, a)
+        if full:
+            group.gemm("output head dW", grads, d, c, v, a)
+        ops.ops.extend(_times(op, n) for op in group.ops)
     return ops.ops
 
 

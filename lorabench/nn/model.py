@@ -196,6 +196,21 @@ class Transformer(nn.Module):
         Raises:
             LorabenchError: a sequence longer than a learned position table.
         """
+        logits = self.head(self.hidden_states(input_ids))  # logits: [B, S, V]
+        if self.spec.final_softcap:
+            # Gemma 2's final logit soft-capping: cap * tanh(logits / cap).
+            logits = logits / self.spec.final_softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.spec.final_softcap
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits, loss)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final norm's output [B, S, D] for input_ids [B, S]: what the output head reads.
+
+        Raises:
+            LorabenchError: a sequence longer than a learned position table.
+        """
         B, S = input_ids.shape
         spec = self.spec
         x = self.embed(input_ids)  # x: [B, S, D]
@@ -213,14 +228,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             rope, mask = ropes[layer.attn.kind], masks[layer.attn.kind]
             x = checkpoint(layer, x, rope, mask, use_reentrant=False) if ckpt else layer(x, rope, mask)
-        logits = self.head(self.norm(x))  # logits: [B, S, V]
-        if spec.final_softcap:
-            # Gemma 2's final logit soft-capping: cap * tanh(logits / cap).
-            logits = logits / spec.final_softcap
-            logits = torch.tanh(logits)
-            logits = logits * spec.final_softcap
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits, loss)
+        return self.norm(x)
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
