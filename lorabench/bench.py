@@ -32,6 +32,7 @@ from lorabench.loops import TrainerLoop, plain_step
 from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
 from lorabench.params import parse_targets
+from lorabench.qlora import load_quantized, quant_state_tensors
 from lorabench.specs import MOE_TARGETS, ModelSpec
 
 IMPLS = ("lorabench", "peft")
@@ -99,6 +100,9 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         raise LorabenchError("--impl peft needs transformers and peft: pip install transformers peft.") from None
     if method.name == "delta-lora":
         raise LorabenchError("delta-lora has no PEFT implementation; measure it with --impl lorabench.")
+    if setup.dtype == "int8" and method.adapter == "dora" and device.type == "cpu":
+        raise LorabenchError("PEFT's DoRA on a bitsandbytes int8 base fails on the CPU from its second step "
+                             "(bitsandbytes 0.50, PEFT 0.21: the layer's row scales are lost); measure it on CUDA.")
     if spec.family == "gpt2":
         raise LorabenchError("--impl peft does not build gpt2 (its Conv1D layers are not wired in); use "
                              "--impl lorabench.")
@@ -108,13 +112,19 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         torch.manual_seed(seed)
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(
-                hf, attn_implementation=setup.attention).to(TORCH_DTYPES[setup.dtype])
+                hf, attn_implementation=setup.attention).to(TORCH_DTYPES.get(setup.dtype, torch.bfloat16))
+        if setup.dtype in QUANTIZED:
+            model = load_quantized(model, setup.dtype, device, setup.attention)
     except ValueError as exc:  # e.g. Gemma 2 refuses SDPA
         raise LorabenchError(f"transformers cannot build {spec.name} with {setup.attention} attention: "
                              f"{str(exc).splitlines()[0][:200]}") from None
-    if setup.grad_checkpointing:
+    if setup.kbit_prepare:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing,
+                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif setup.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    quant_consts = quant_state_tensors(model)
+    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) + quant_consts}
     if method.name != "full":
         modules = [spec.peft_name(t) for t in targets]
         if set(targets) == set(parse_targets(spec, "all-linear", modules_only=method.adapter == "vera")):
@@ -151,7 +161,7 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
 
         opt = make_optimizer(setup.optimizer, [{"params": params}], LR, device=device)
     base, adapter = _split_tensors(model, base_ids)
-    return Built(model, opt, [], lambda ids: model(input_ids=ids, labels=ids), base, adapter)
+    return Built(model, opt, [], lambda ids: model(input_ids=ids, labels=ids), base + quant_consts, adapter)
 
 
 BUILDERS = {"lorabench": build_lorabench, "peft": build_peft}
@@ -304,8 +314,10 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
             torch.cuda.empty_cache()
         with tracker if tracker is not None else contextlib.nullcontext():
             probe = MemoryProbe(device, tracker)
-            built = _forward_with_loss(BUILDERS[impl](spec, method, rank, targets, setup, device, seed),
-                                       spec, setup, device, impl)
+            built = BUILDERS[impl](spec, method, rank, targets, setup, device, seed)
+            if tracker is not None:  # tensors a checkpoint load made outside torch's dispatcher
+                tracker.track(built.base_tensors + built.adapter_tensors)
+            built = _forward_with_loss(built, spec, setup, device, impl)
             g = torch.Generator().manual_seed(seed)
             ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=g).to(device)
             step, close = _stepper(built, setup, device)
@@ -461,9 +473,9 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
     if warmup < 1:
         raise LorabenchError("--warmup must be at least 1: the first step creates the optimizer states.")
     setup = setup.for_spec(spec)  # "auto" attention: the family's
-    if setup.dtype in QUANTIZED:
-        raise LorabenchError(f"bench runs float bases only ({', '.join(FLOAT_BYTES)}); a {setup.dtype} base "
-                             "needs bitsandbytes kernels lorabench does not build yet.")
+    if setup.dtype in QUANTIZED and impl != "peft":
+        raise LorabenchError(f"--impl lorabench builds float bases only ({', '.join(FLOAT_BYTES)}); measure a "
+                             f"{setup.dtype} base with --impl peft (transformers + bitsandbytes + PEFT).")
     if spec.single_matrix:
         raise LorabenchError("bench builds a model; a bare --d matrix has no forward pass to run.")
     with signals.signals_deferred():
@@ -479,7 +491,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
     if gpu is None and dev.type == "cuda":
         gpu = catalog_gpu(info["device_name"])
     info["gpu"] = gpu.name if gpu else None
-    matmul = matmul_flops_per_s(dev, TORCH_DTYPES[setup.dtype])
+    matmul = matmul_flops_per_s(dev, TORCH_DTYPES.get(setup.dtype, torch.bfloat16))
     warm_cuda_libraries(dev)
     cases = [(m, r) for m in methods for r in (ranks if m.uses_rank else [None])]
     rows = []
@@ -493,6 +505,8 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
             # transformers' deprecation notices about its own API (gradient checkpointing's names) are
             # for people changing transformers, not for someone reading a benchmark
             warnings.simplefilter("ignore", FutureWarning)
+            # bitsandbytes' paged optimizers run unpaged on the CPU (the README says so once)
+            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
             row = bench_case(spec, method, rank, targets, setup, device=dev, layers=layers, steps=steps,
                              warmup=warmup, impl=impl, tolerance_pct=tolerance_pct, gpu=gpu,
                              matmul_flops=matmul, info=info)

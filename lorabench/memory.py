@@ -26,9 +26,13 @@ DTYPES = tuple(FLOAT_BYTES) + QUANTIZED
 
 # bitsandbytes NF4 (Dettmers et al. 2023, QLoRA sec. 2): 4-bit codes, one absmax per 64-element block.
 # With double quantization the absmax values are themselves 8-bit, one fp32 constant per 256 blocks,
-# plus a 256-entry fp32 code book per tensor: 8/64 + 32/(64*256) bits of constants per parameter.
+# plus a 256-entry fp32 code book per tensor: 8/64 + 32/(64*256) bits of constants per parameter. Each
+# tensor's QuantState also holds its own copy of the 16-value NF4 code (fp32) and the fp32 offset
+# subtracted from the absmax before their quantization (bitsandbytes.functional.quantize_4bit).
 NF4_BLOCK = 64
 NF4_DQ_BLOCK = 256
+NF4_CODE = 16
+DQ_CODE = 256
 # bitsandbytes LLM.int8() (Dettmers et al. 2022): int8 weights plus one fp32 scale per output row.
 
 # Optimizer states per trainable element. Torch keeps AdamW's exp_avg/exp_avg_sq and SGD's momentum
@@ -76,7 +80,8 @@ class TrainingSetup:
         dtype: storage dtype of the base weights: fp32, bf16, fp16, or int8/nf4 (a quantized frozen base
             computing in bf16).
         adapter_dtype: storage dtype of adapter parameters (fp32, as PEFT keeps them).
-        optimizer: adamw, adamw-8bit, sgd or sgd-momentum.
+        optimizer: adamw, adamw-8bit, paged-adamw-8bit, paged-adamw (bitsandbytes; paged states live in CUDA
+            unified memory and count as device memory until evicted), sgd or sgd-momentum.
         grad_checkpointing: keep only each decoder layer's input; recompute the layer in backward.
         attention: "sdpa" (flash / memory-efficient kernels: no s x s tensor), "eager" (softmax kept) or
             "auto": what transformers runs for the family (eager for Gemma 2, sdpa otherwise).
@@ -143,12 +148,8 @@ class TrainingSetup:
                                  f"got {self.loss_chunk!r}.")
         if self.kbit_prepare and self.dtype not in QUANTIZED:
             raise LorabenchError("--kbit-prepare prepares a quantized base; give --dtype nf4 or int8.")
-        for what, unmodeled in (("--optimizer " + self.optimizer, self.optimizer.startswith("paged")),
-                                ("--kbit-prepare", self.kbit_prepare),
-                                ("--autocast", self.autocast is not None),
-                                ):
-            if unmodeled:
-                raise LorabenchError(f"{what} is not modeled yet.")
+        if self.autocast is not None:
+            raise LorabenchError("--autocast is not modeled yet.")
         if not 0.0 <= self.dropout < 1.0:  # (NaN fails this too)
             raise LorabenchError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
@@ -166,8 +167,18 @@ class TrainingSetup:
 
     @property
     def act_bytes(self) -> int:
-        """Bytes of one activation element: quantized bases compute in bf16 (bnb's compute dtype)."""
-        return FLOAT_BYTES.get(self.dtype, 2)
+        """Bytes of one activation element: quantized bases compute in bf16 (bnb's compute dtype), unless
+        peft.prepare_model_for_kbit_training cast the embeddings, norms and head to fp32: then the residual
+        stream, attention and logits are fp32 (4-bit layers cast x to bf16 and their output back)."""
+        return 4 if self.kbit_prepare else FLOAT_BYTES.get(self.dtype, 2)
+
+    @property
+    def base_keeps_input(self) -> bool:
+        """Whether a frozen quantized base layer keeps its input for backward. bitsandbytes' MatMul4Bit
+        keeps only the packed weight (its input gradient needs no x); LLM.int8() on the CPU runs
+        MatMul8bitFp (bitsandbytes/autograd/_functions.py: dequantize, then F.linear), which keeps its input
+        A as ctx.A whenever the graph records it. (On CUDA, MatMul8bitLt keeps no x when W is frozen.)"""
+        return self.dtype == "int8" and self.device == "cpu"
 
 
 def _choice(what: str, value: str, allowed: Tuple[str, ...]) -> None:
@@ -219,20 +230,23 @@ def _quantized_linear_bytes(dtype: str, in_f: int, out_f: int) -> int:
     if dtype == "int8":
         return numel + 4 * out_f  # int8 codes + fp32 row scales (SCB)
     blocks = math.ceil(numel / NF4_BLOCK)
-    # packed 4-bit codes, uint8 absmax per block, fp32 absmax per 256 blocks, 256-entry fp32 code book
-    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 256 * 4 + 4
+    # packed 4-bit codes, uint8 absmax per block, fp32 absmax per 256 blocks, the fp32 code books of both
+    # quantizations and the offset
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 4 * (DQ_CODE + NF4_CODE + 1)
 
 
-def weights_bytes(spec: ModelSpec, dtype: str) -> int:
+def weights_bytes(spec: ModelSpec, dtype: str, kbit_prepare: bool = False) -> int:
     """Base weights. Quantized bases quantize the decoder's Linear weights only; embeddings, the
-    output head, norms and biases stay in bf16 (transformers keeps the head out of bitsandbytes)."""
+    output head, norms and biases stay in bf16 (transformers keeps the head out of bitsandbytes), or in fp32
+    after peft.prepare_model_for_kbit_training (peft/utils/other.py casts every bf16/fp16 parameter that
+    is not a Params4bit to fp32)."""
     total = count_base_params(spec)
     if dtype in FLOAT_BYTES:
         return total * FLOAT_BYTES[dtype]
     shapes = spec.linear_shapes().values()
     quant_numel = spec.num_layers * sum(i * o for i, o, _ in shapes)
     quant = spec.num_layers * sum(_quantized_linear_bytes(dtype, i, o) for i, o, _ in shapes)
-    return quant + (total - quant_numel) * 2
+    return quant + (total - quant_numel) * (4 if kbit_prepare else 2)
 
 
 def _trainable_tensors(spec: ModelSpec, method: Method, rank: Optional[int],
@@ -253,7 +267,9 @@ def optimizer_state_bytes(optimizer: str, numel: int, param_bytes: int) -> int:
         return 2 * numel * param_bytes
     if optimizer == "sgd-momentum":
         return numel * param_bytes
-    if optimizer == "adamw-8bit":
+    if optimizer == "paged-adamw":  # bitsandbytes' 32-bit AdamW: fp32 states whatever the parameter's dtype
+        return 2 * numel * 4
+    if optimizer in ("adamw-8bit", "paged-adamw-8bit"):  # paging moves the states, it does not shrink them
         if numel < BNB_MIN_8BIT_SIZE:
             return 2 * numel * 4
         return 2 * numel + 2 * 4 * math.ceil(numel / BNB_BLOCK)
@@ -394,6 +410,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     total += norm() if live and pre else 0
     qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
     keep, extra = _consumers_keep_input(qkv, *args)
+    keep = keep or setup.base_keeps_input and live
     total += (a * d if keep else 0) + extra  # the norm's output (or the residual), shared by q, k and v
     if arch.qk_norm:
         head = arch.qk_norm == "head"
@@ -415,6 +432,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     elif live:
         total += _eager_attention_saves(spec, a, setup.seq_len)
     keep, extra = _consumers_keep_input(("o",), *args)
+    keep = keep or setup.base_keeps_input and live
     # o's input: the heads merged. The fused SDPA kernels (CUDA flash/efficient, and the CPU flash kernel
     # for q made as view(B, S, H, hd).transpose(1, 2)) write their output as [B, S, H, hd], so
     # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; eager makes a copy, and so
@@ -439,6 +457,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     if spec.gated_mlp:
         gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up")
         keep, extra = _consumers_keep_input(gate_up, *args)
+        keep = keep or setup.base_keeps_input and live
         total += (a * d if keep else 0) + extra
         # act(g) * u: the activation keeps g, the product keeps act(g) for u's gradient and u for g's.
         g_grad, u_grad = live or trains(("gate", "gate_up")), live or trains(("up", "gate_up"))
@@ -446,10 +465,12 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
         live = g_grad or u_grad
     else:
         keep, extra = _consumers_keep_input(("up",), *args)
+        keep = keep or setup.base_keeps_input and live
         total += (a * d if keep else 0) + extra
         live = live or trains(("up",))
         total += a * i if live else 0  # gelu keeps its input
     keep, extra = _consumers_keep_input(("down",), *args)
+    keep = keep or setup.base_keeps_input and live
     total += (a * i if keep else 0) + extra
     total += norm() if live and post else 0  # post-feedforward norm on down's output
     return total
@@ -736,7 +757,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     if _merges_experts(method, targets, setup):
         notes.append("PEFT's LoRA on fused experts (transformers 5) merges W + sBA into a full-size weight on "
                      "every forward and keeps it for backward: every expert's weights once more per layer.")
-    w_bytes = weights_bytes(spec, setup.dtype)
+    w_bytes = weights_bytes(spec, setup.dtype, setup.kbit_prepare)
     ad = FLOAT_BYTES[setup.adapter_dtype]
     adapter = counts.adapter_params * ad
     if method.adapter == "vera":
@@ -759,10 +780,11 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
         notes.append("pure low-precision training: gradients and AdamW states in the weights' dtype; "
                      "--master-weights adds fp32 copies and fp32 states.")
     shapes = spec.linear_shapes()
-    # The largest dequantized weight alive at once (bitsandbytes dequantizes per matmul).
+    # The largest dequantized weight alive at once (bitsandbytes dequantizes per matmul): NF4 to its bf16
+    # compute dtype; int8 on the CPU (MatMul8bitFp) to its input's dtype, fp32 after kbit preparation.
     dequant = norm_temp = 0
     if setup.dtype in QUANTIZED:
-        dequant = max(i * o for i, o, _ in shapes.values()) * setup.act_bytes
+        dequant = max(i * o for i, o, _ in shapes.values()) * (2 if setup.dtype == "nf4" else setup.act_bytes)
     if method.adapter == "dora" and setup.impl == "peft":
         # PEFT's DoraLinearLayer.forward, per adapted layer: lora_weight = B(A(eye(in))).T keeps eye(in) and
         # A(eye) for its graph; the norm of W + s * lora_weight builds W cast to x's dtype (when it differs),

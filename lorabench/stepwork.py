@@ -437,11 +437,13 @@ def _optimizer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tu
     master = setup.master_weights and p < 4
     s = 4 if master else p
     per, launches = {"adamw": (19 * s, 8), "sgd": (3 * s, 1), "sgd-momentum": (8 * s, 3),
-                     "adamw-8bit": (3 * s + 4, 1)}[setup.optimizer]
+                     "adamw-8bit": (3 * s + 4, 1), "paged-adamw-8bit": (3 * s + 4, 1),
+                     "paged-adamw": (3 * s + 16, 1)}[setup.optimizer]
     if master:  # fp32 master weights: the gradient read up, the weights written back down
         per += 2 * p + 4 + p
     # CUDA's foreach kernels take the tensors in lists (chunks of dozens per launch); the CPU loops per tensor
-    lists = -(-count // 32) if setup.device == "cuda" and setup.optimizer != "adamw-8bit" else count
+    bnb = setup.optimizer in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw")  # one kernel per tensor
+    lists = -(-count // 32) if setup.device == "cuda" and not bnb else count
     ops.stream("optimizer step", "optimizer", numel * per, launches=launches * lists)
     if method.name == "delta-lora":
         # W += lambda s [B1 B0][A1; -A0] per adapted layer (lorabench.nn.delta): one addmm of inner 2r, in place

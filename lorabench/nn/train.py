@@ -18,7 +18,10 @@ from lorabench.nn.adapters import apply_method, param_groups, step_hooks
 from lorabench.nn.model import Transformer, build_model
 from lorabench.specs import ModelSpec
 
-OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adamw-8bit")
+# bitsandbytes' optimizers by lorabench's names. They run on CPU tensors too (bitsandbytes >= 0.48 has CPU
+# kernels for the 8-bit blockwise update); a paged one falls back to ordinary memory there.
+BNB_OPTIMIZERS = {"adamw-8bit": "AdamW8bit", "paged-adamw-8bit": "PagedAdamW8bit", "paged-adamw": "PagedAdamW"}
+OPTIMIZERS = ("adamw", "sgd", "sgd-momentum") + tuple(BNB_OPTIMIZERS)
 
 
 def make_optimizer(name: str, groups: List[dict], lr: float, weight_decay: float = 0.0,
@@ -26,10 +29,11 @@ def make_optimizer(name: str, groups: List[dict], lr: float, weight_decay: float
     """The optimizer the estimator models under name.
 
     adamw: torch AdamW (two states per trainable parameter); sgd: no state; sgd-momentum: momentum 0.9
-    (one state); adamw-8bit: bitsandbytes' AdamW8bit (Dettmers et al. 2021, arXiv:2110.02861).
+    (one state); adamw-8bit, paged-adamw-8bit, paged-adamw: bitsandbytes' AdamW8bit, PagedAdamW8bit,
+    PagedAdamW (Dettmers et al. 2021, arXiv:2110.02861; paged: states in CUDA unified memory).
 
     Raises:
-        LorabenchError: unknown name, or adamw-8bit without CUDA or bitsandbytes.
+        LorabenchError: unknown name, or a bitsandbytes optimizer without bitsandbytes.
     """
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
@@ -37,14 +41,12 @@ def make_optimizer(name: str, groups: List[dict], lr: float, weight_decay: float
         return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd-momentum":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if name == "adamw-8bit":
-        if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-            raise LorabenchError("adamw-8bit needs a CUDA device (bitsandbytes' 8-bit states live on the GPU).")
+    if name in BNB_OPTIMIZERS:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise LorabenchError("adamw-8bit needs bitsandbytes: pip install bitsandbytes.") from None
-        return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
+            raise LorabenchError(f"{name} needs bitsandbytes: pip install 'lorabench[qlora]'.") from None
+        return getattr(bnb.optim, BNB_OPTIMIZERS[name])(groups, lr=lr, weight_decay=weight_decay)
     raise LorabenchError(f"unknown optimizer '{name}'; choose from {', '.join(OPTIMIZERS)}.")
 
 
