@@ -155,6 +155,10 @@ def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
         parts.append(f"{setup.attention} attention")
     if setup.dropout:
         parts.append(f"dropout {setup.dropout:g}")
+    if setup.loss == "chunked":
+        parts.append(f"chunked loss ({min(setup.loss_chunk, setup.tokens):,} tokens a chunk)")
+    elif setup.loss == "fused-linear":
+        parts.append("Liger's fused linear cross-entropy")
     if setup.device != "cuda":
         parts.append(f"on {setup.device}")
     return "; ".join(parts) + "."
