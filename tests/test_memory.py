@@ -44,7 +44,8 @@ def test_master_weights_and_fp32_states():
 def test_nf4_bytes_of_one_4096_matrix_by_hand():
     numel = 4096 * 4096
     blocks = numel // 64                       # one absmax per 64 weights
-    # + the fp32 code books of the 8-bit absmax (256 entries) and of NF4 itself (16), and the offset
+    # + the double quantization's 256-entry fp32 code book, the tensor's own 16-value NF4 code and the fp32
+    # offset (each QuantState holds them; measured in tests/test_qlora.py)
     expected = numel // 2 + blocks + 4 * (blocks // 256) + 256 * 4 + 16 * 4 + 4
     assert weights_bytes(from_dimension(4096), "nf4") == expected == 8_655_940
     bits = 8 * expected / numel
