@@ -185,9 +185,8 @@ def head_loss(spec: ModelSpec, setup: TrainingSetup,
     Raises:
         LorabenchError: fused-linear off CUDA or without liger-kernel installed.
     """
-    import torch.nn.functional as F
-
     from lorabench.nn.loss import IGNORE_INDEX, chunked_causal_lm_loss
+    from lorabench.nn.model import shift_labels
 
     if setup.loss == "chunked":
         return lambda h, w, y: chunked_causal_lm_loss(h, w, y, setup.loss_chunk)
@@ -201,8 +200,7 @@ def head_loss(spec: ModelSpec, setup: TrainingSetup,
     fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, softcap=spec.final_softcap or None)
 
     def loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shifted = F.pad(y, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()  # as ForCausalLMLoss shifts
-        return fused(w, h.reshape(-1, h.shape[-1]), shifted.view(-1))
+        return fused(w, h.reshape(-1, h.shape[-1]), shift_labels(y).view(-1))
     return loss
 
 

@@ -38,7 +38,8 @@ DQ_CODE = 256
 # Optimizer states per trainable element. Torch keeps AdamW's exp_avg/exp_avg_sq and SGD's momentum
 # buffer in the parameter's dtype (zeros_like); bitsandbytes' 8-bit AdamW keeps two uint8 states with an
 # fp32 absmax per 256-element block, and fp32 states for tensors under 4096 elements (min_8bit_size).
-OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw", "sgd", "sgd-momentum")
+BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit", "paged-adamw")  # bitsandbytes': one fused kernel per tensor
+OPTIMIZERS = ("adamw",) + BNB_OPTIMIZERS + ("sgd", "sgd-momentum")
 BNB_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
 
@@ -140,16 +141,13 @@ class TrainingSetup:
             if self.dtype != "fp32":
                 raise LorabenchError(f"autocast runs an fp32 model in {self.autocast}; give --dtype fp32 "
                                      f"(got {self.dtype}).")
+            raise LorabenchError("--autocast is not modeled yet.")
         if not isinstance(self.grad_accum, int) or not 1 <= self.grad_accum <= MAX_GRAD_ACCUM:
             raise LorabenchError(f"gradient accumulation must be an integer from 1 to {MAX_GRAD_ACCUM}, "
                                  f"got {self.grad_accum!r}.")
-        if not isinstance(self.loss_chunk, int) or not 1 <= self.loss_chunk <= MAX_LOSS_CHUNK:
-            raise LorabenchError(f"loss chunk must be an integer from 1 to {MAX_LOSS_CHUNK} tokens, "
-                                 f"got {self.loss_chunk!r}.")
+        check_loss_chunk(self.loss_chunk)
         if self.kbit_prepare and self.dtype not in QUANTIZED:
             raise LorabenchError("--kbit-prepare prepares a quantized base; give --dtype nf4 or int8.")
-        if self.autocast is not None:
-            raise LorabenchError("--autocast is not modeled yet.")
         if not 0.0 <= self.dropout < 1.0:  # (NaN fails this too)
             raise LorabenchError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
@@ -179,6 +177,14 @@ class TrainingSetup:
         MatMul8bitFp (bitsandbytes/autograd/_functions.py: dequantize, then F.linear), which keeps its input
         A as ctx.A whenever the graph records it. (On CUDA, MatMul8bitLt keeps no x when W is frozen.)"""
         return self.dtype == "int8" and self.device == "cpu"
+
+
+def check_loss_chunk(chunk: int) -> int:
+    """chunk, or LorabenchError when it is not an integer in [1, MAX_LOSS_CHUNK] (TrainingSetup and
+    lorabench.nn.loss both check it)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_LOSS_CHUNK:
+        raise LorabenchError(f"loss chunk must be an integer from 1 to {MAX_LOSS_CHUNK} tokens, got {chunk!r}.")
+    return chunk
 
 
 def _choice(what: str, value: str, allowed: Tuple[str, ...]) -> None:
@@ -325,10 +331,13 @@ def _norm_saves(spec: ModelSpec, width: int, rows: int, a: int, weight_trainable
     return 4 * width + 4 * rows + weight
 
 
-def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank) -> Tuple[bool, int]:
-    """Whether the tensor fed to the projections `names` is kept, and what their adapters add."""
+def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank,
+                          live: bool = False) -> Tuple[bool, int]:
+    """Whether the tensor fed to the projections `names` is kept, and what their adapters add. live: the
+    input needs a gradient, so a quantized base that keeps its input (setup.base_keeps_input) keeps it."""
     shapes = spec.linear_shapes()
-    keep = method.base_trainable  # a trainable W needs its input for the weight gradient
+    # a trainable W needs its input for the weight gradient
+    keep = method.base_trainable or (setup.base_keeps_input and live)
     extra = 0
     for n in names:
         if n in targets and method.uses_rank and n in shapes:
@@ -409,8 +418,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     # Attention block: (pre-norm), q/k/v, (q/k norms), rotary (cos/sin shared by all layers), attention, o.
     total += norm() if live and pre else 0
     qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
-    keep, extra = _consumers_keep_input(qkv, *args)
-    keep = keep or setup.base_keeps_input and live
+    keep, extra = _consumers_keep_input(qkv, *args, live=live)
     total += (a * d if keep else 0) + extra  # the norm's output (or the residual), shared by q, k and v
     if arch.qk_norm:
         head = arch.qk_norm == "head"
@@ -431,8 +439,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
             total += a * (spec.q_dim + spec.kv_dim)
     elif live:
         total += _eager_attention_saves(spec, a, setup.seq_len)
-    keep, extra = _consumers_keep_input(("o",), *args)
-    keep = keep or setup.base_keeps_input and live
+    keep, extra = _consumers_keep_input(("o",), *args, live=live)
     # o's input: the heads merged. The fused SDPA kernels (CUDA flash/efficient, and the CPU flash kernel
     # for q made as view(B, S, H, hd).transpose(1, 2)) write their output as [B, S, H, hd], so
     # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; eager makes a copy, and so
@@ -456,21 +463,18 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
         return total
     if spec.gated_mlp:
         gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up")
-        keep, extra = _consumers_keep_input(gate_up, *args)
-        keep = keep or setup.base_keeps_input and live
+        keep, extra = _consumers_keep_input(gate_up, *args, live=live)
         total += (a * d if keep else 0) + extra
         # act(g) * u: the activation keeps g, the product keeps act(g) for u's gradient and u for g's.
         g_grad, u_grad = live or trains(("gate", "gate_up")), live or trains(("up", "gate_up"))
         total += a * i * ((2 if g_grad else 0) + (1 if u_grad else 0))
         live = g_grad or u_grad
     else:
-        keep, extra = _consumers_keep_input(("up",), *args)
-        keep = keep or setup.base_keeps_input and live
+        keep, extra = _consumers_keep_input(("up",), *args, live=live)
         total += (a * d if keep else 0) + extra
         live = live or trains(("up",))
         total += a * i if live else 0  # gelu keeps its input
-    keep, extra = _consumers_keep_input(("down",), *args)
-    keep = keep or setup.base_keeps_input and live
+    keep, extra = _consumers_keep_input(("down",), *args, live=live)
     total += (a * i if keep else 0) + extra
     total += norm() if live and post else 0  # post-feedforward norm on down's output
     return total

@@ -16,7 +16,8 @@ import torch
 
 from lorabench.errors import LorabenchError
 
-# The one piece of bitsandbytes' 4-bit QuantState that is not a parameter or buffer of the model.
+# The tensors of bitsandbytes' 4-bit QuantState (and of its nested double-quantization state), which are not
+# parameters or buffers of the model.
 _QUANT_STATE_TENSORS = ("absmax", "code", "offset")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
-from lorabench.memory import (FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes, _trainable_tensors,
+from lorabench.memory import (BNB_OPTIMIZERS, FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes, _trainable_tensors,
                               liger_chunk_tokens)
 from lorabench.methods import Method
 from lorabench.specs import ModelSpec
@@ -442,8 +442,7 @@ def _optimizer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tu
     if master:  # fp32 master weights: the gradient read up, the weights written back down
         per += 2 * p + 4 + p
     # CUDA's foreach kernels take the tensors in lists (chunks of dozens per launch); the CPU loops per tensor
-    bnb = setup.optimizer in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw")  # one kernel per tensor
-    lists = -(-count // 32) if setup.device == "cuda" and not bnb else count
+    lists = -(-count // 32) if setup.device == "cuda" and setup.optimizer not in BNB_OPTIMIZERS else count
     ops.stream("optimizer step", "optimizer", numel * per, launches=launches * lists)
     if method.name == "delta-lora":
         # W += lambda s [B1 B0][A1; -A0] per adapted layer (lorabench.nn.delta): one addmm of inner 2r, in place

@@ -16,12 +16,9 @@ padded on the right with ignore_index and shifted by one, fp32 logits, mean over
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from lorabench.errors import LorabenchError
-from lorabench.memory import MAX_LOSS_CHUNK
-
-IGNORE_INDEX = -100
+from lorabench.memory import check_loss_chunk
+from lorabench.nn.model import IGNORE_INDEX, shift_labels
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -79,13 +76,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return d_hidden, d_weight, None, None
 
 
-def check_chunk(chunk: int) -> int:
-    """chunk, or LorabenchError when it is not an integer in [1, MAX_LOSS_CHUNK]."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_LOSS_CHUNK:
-        raise LorabenchError(f"loss chunk must be an integer from 1 to {MAX_LOSS_CHUNK} tokens, got {chunk!r}.")
-    return chunk
-
-
 def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            chunk: int = 1024) -> torch.Tensor:
     """transformers' causal-LM loss of the logits hidden @ weight.T, chunk tokens at a time.
@@ -99,9 +89,9 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     Raises:
         LorabenchError: a chunk out of bounds.
     """
-    check_chunk(chunk)
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()  # shifted: [B, S]
+    check_loss_chunk(chunk)
+    shifted = shift_labels(labels)  # shifted: [B, S]
     return ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.view(-1), chunk)
 
 
-__all__ = ["ChunkedLinearCrossEntropy", "chunked_causal_lm_loss", "check_chunk", "IGNORE_INDEX"]
+__all__ = ["ChunkedLinearCrossEntropy", "chunked_causal_lm_loss", "IGNORE_INDEX"]

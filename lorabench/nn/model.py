@@ -112,14 +112,21 @@ class CausalLMOutput:
         return tuple(t for t in (self.loss, self.logits) if t is not None)[index]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """HF's ForCausalLMLoss: float32 logits, labels padded on the right by one and shifted.
+IGNORE_INDEX = -100
 
-    Padding the labels rather than slicing logits[:, :-1] avoids a copy of the logits.
-    """
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """labels [B, S] as transformers' ForCausalLMLoss shifts them: padded on the right by one ignore_index and
+    shifted left, so position s is scored against token s + 1. Padding the labels rather than slicing
+    logits[:, :-1] avoids a copy of the logits."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """HF's ForCausalLMLoss: float32 logits, labels shifted (shift_labels)."""
     # logits: [B, S, V]; labels: [B, S]
     logits = logits.float()
-    labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
+    labels = shift_labels(labels, ignore_index)
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=ignore_index)
 
 
