@@ -28,7 +28,7 @@ from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
 from lorabench.hfconfig import hf_config_dict
-from lorabench.loops import TrainerLoop, plain_step
+from lorabench.loops import PlainLoop, TrainerLoop
 from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
 from lorabench.params import parse_targets
@@ -235,9 +235,11 @@ def _stepper(built: Built, setup: TrainingSetup, device: torch.device):
     """(step, close): step(ids, mark) runs one optimizer step of setup.loop over setup.grad_accum
     micro-batches (lorabench.loops); close() releases what the loop holds."""
     if setup.loop == "trainer":
-        loop = TrainerLoop(built, setup.batch_size, setup.grad_accum, device, own_loss=setup.loss != "standard")
-        return loop.step, loop.close
-    return (lambda ids, mark: plain_step(built, ids, setup.grad_accum, mark)), (lambda: None)
+        loop = TrainerLoop(built, setup.batch_size, setup.grad_accum, device, own_loss=setup.loss != "standard",
+                           autocast=setup.autocast)
+    else:
+        loop = PlainLoop(built, setup.grad_accum, device, setup.autocast)
+    return loop.step, loop.close
 
 
 def _timed_step(step: Step, ids: torch.Tensor, timer: PhaseTimer) -> Dict[str, float]:

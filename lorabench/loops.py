@@ -14,6 +14,12 @@ trainer: transformers.Trainer's own `training_step` (transformers/trainer.py), c
 loop calls it: compute_loss keeps only the loss (the outputs are dropped before backward), the loss is
 scaled for accumulation, `accelerator.backward`; then `optimizer.step()` and `model.zero_grad()`.
 
+Autocast (--autocast bf16|fp16 on an fp32 model): the plain loop runs the forward under
+`torch.autocast(device, dtype)` and, for fp16, scales the loss with torch.amp.GradScaler, as torch's AMP recipe
+does. Trainer gets `bf16=True` / `fp16=True` and the model and optimizer go through `accelerator.prepare`
+as Trainer.train sends them: accelerate wraps the forward in autocast and converts the outputs' bf16/fp16
+tensors to fp32 (convert_outputs_to_fp32), and its optimizer steps through the GradScaler under fp16.
+
 `mark(phase)` is called with "start" before the step and with "forward", "backward" after each
 micro-batch's phases and "optimizer" at the end, so a probe can read each phase's peak.
 """
@@ -30,27 +36,51 @@ from lorabench.errors import LorabenchError
 Mark = Callable[[str], None]
 
 
-def _finish(built, mark: Mark) -> None:
-    built.optimizer.step()
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _finish(built, mark: Mark, optimizer=None) -> None:
+    (optimizer or built.optimizer).step()
     for hook in built.hooks:
         hook.step()
     built.optimizer.zero_grad(set_to_none=True)
     mark("optimizer")
 
 
-def plain_step(built, ids: torch.Tensor, grad_accum: int, mark: Mark) -> None:
-    """One optimizer step of the plain loop (module docstring)."""
-    mark("start")
-    out = None
-    for _ in range(grad_accum):
-        out = built.forward(ids)
-        mark("forward")
-        loss = out.loss / grad_accum if grad_accum > 1 else out.loss
-        loss.backward()
-        del loss
-        mark("backward")
-    _finish(built, mark)
-    del out
+class PlainLoop:
+    """The plain loop (module docstring), with autocast and fp16's GradScaler when asked for."""
+
+    def __init__(self, built, grad_accum: int, device: torch.device, autocast: Optional[str] = None):
+        self.built, self.grad_accum, self.device = built, grad_accum, device
+        self.dtype = AUTOCAST_DTYPES[autocast] if autocast else None
+        self.scaler = torch.amp.GradScaler(device.type) if autocast == "fp16" else None
+
+    def step(self, ids: torch.Tensor, mark: Mark) -> None:
+        """One optimizer step of grad_accum micro-batches."""
+        built, k = self.built, self.grad_accum
+        mark("start")
+        out = None
+        for _ in range(k):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                out = built.forward(ids)
+            mark("forward")
+            loss = out.loss / k if k > 1 else out.loss
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            del loss
+            mark("backward")
+        if self.scaler:
+            self.scaler.step(built.optimizer)
+            self.scaler.update()
+            for hook in built.hooks:
+                hook.step()
+            built.optimizer.zero_grad(set_to_none=True)
+            mark("optimizer")
+        else:
+            _finish(built, mark)
+        del out
+
+    def close(self) -> None:
+        pass
 
 
 class _OwnLoss(torch.nn.Module):
@@ -74,7 +104,8 @@ class TrainerLoop:
     writes nothing (no logging, no saving, no reporting) and keeps its output folder in a temporary directory.
     """
 
-    def __init__(self, built, batch_size: int, grad_accum: int, device: torch.device, own_loss: bool = False):
+    def __init__(self, built, batch_size: int, grad_accum: int, device: torch.device, own_loss: bool = False,
+                 autocast: Optional[str] = None):
         try:
             import transformers
         except ImportError:
@@ -85,9 +116,19 @@ class TrainerLoop:
         args = transformers.TrainingArguments(
             output_dir=self._dir.name, per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=grad_accum, report_to="none", save_strategy="no",
-            logging_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu")
+            logging_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu",
+            bf16=autocast == "bf16", fp16=autocast == "fp16")
         self.model = _OwnLoss(built) if own_loss else built.model
         self.trainer = transformers.Trainer(model=self.model, args=args, optimizers=(built.optimizer, None))
+        self.optimizer = built.optimizer
+        if autocast:
+            accelerator = self.trainer.accelerator
+            if not accelerator.native_amp:
+                raise LorabenchError(f"Trainer's {autocast}=True runs no autocast on {device.type} (accelerate "
+                                     "turns native AMP off there); measure it with --loop plain.")
+            # as Trainer.train prepares them: the forward under autocast, the optimizer through the scaler
+            self.model = accelerator.prepare_model(self.model)
+            self.optimizer = accelerator.prepare_optimizer(built.optimizer)
         # set by Trainer's inner loop before it calls training_step
         self.trainer.current_gradient_accumulation_steps = grad_accum
         self._mark: Optional[Mark] = None
@@ -114,10 +155,10 @@ class TrainerLoop:
                 mark("backward")
         finally:
             self._mark = None
-        _finish(self.built, mark)
+        _finish(self.built, mark, self.optimizer)
 
     def close(self) -> None:
         self._dir.cleanup()
 
 
-__all__ = ["plain_step", "TrainerLoop"]
+__all__ = ["AUTOCAST_DTYPES", "PlainLoop", "TrainerLoop"]

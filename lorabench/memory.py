@@ -141,7 +141,6 @@ class TrainingSetup:
             if self.dtype != "fp32":
                 raise LorabenchError(f"autocast runs an fp32 model in {self.autocast}; give --dtype fp32 "
                                      f"(got {self.dtype}).")
-            raise LorabenchError("--autocast is not modeled yet.")
         if not isinstance(self.grad_accum, int) or not 1 <= self.grad_accum <= MAX_GRAD_ACCUM:
             raise LorabenchError(f"gradient accumulation must be an integer from 1 to {MAX_GRAD_ACCUM}, "
                                  f"got {self.grad_accum!r}.")
@@ -165,10 +164,20 @@ class TrainingSetup:
 
     @property
     def act_bytes(self) -> int:
-        """Bytes of one activation element: quantized bases compute in bf16 (bnb's compute dtype), unless
-        peft.prepare_model_for_kbit_training cast the embeddings, norms and head to fp32: then the residual
-        stream, attention and logits are fp32 (4-bit layers cast x to bf16 and their output back)."""
+        """Bytes of one activation element out of a matrix product: quantized bases compute in bf16 (bnb's
+        compute dtype), unless peft.prepare_model_for_kbit_training cast the embeddings, norms and head to
+        fp32: then the residual stream, attention and logits are fp32 (4-bit layers cast x to bf16 and their
+        output back). Under autocast, the autocast dtype."""
+        if self.autocast:
+            return FLOAT_BYTES[self.autocast]
         return 4 if self.kbit_prepare else FLOAT_BYTES.get(self.dtype, 2)
+
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes of one element of the residual stream and the norms. Under autocast it stays in the weights'
+        fp32: the embedding is not autocast, and adding a bf16 product to the fp32 residual promotes to fp32
+        (torch's autocast runs only its listed ops, linear and SDPA among them, in the lower precision)."""
+        return FLOAT_BYTES[self.dtype] if self.autocast else self.act_bytes
 
     @property
     def base_keeps_input(self) -> bool:
@@ -287,7 +296,7 @@ def optimizer_state_bytes(optimizer: str, numel: int, param_bytes: int) -> int:
 
 
 def _adapter_saves(method: Method, setup: TrainingSetup, rank: int, in_f: int, out_f: int,
-                   dropout: float) -> Tuple[bool, int]:
+                   dropout: float, x_bytes: Optional[int] = None, live: bool = True) -> Tuple[bool, int]:
     """(keeps the shared input x, other bytes per token) that one adapter saves for backward.
 
     LoRA: B's input z = A x (r) is kept for B's gradient; A's gradient needs x, unless A is frozen
@@ -295,24 +304,50 @@ def _adapter_saves(method: Method, setup: TrainingSetup, rank: int, in_f: int, o
     dropped copy of x (kept) and dropout keeps its bool mask (autograd: native_dropout saves the mask).
     DoRA: also the combined output W x + s B A x, which the magnitude's gradient needs.
     VeRA: d's gradient needs A x (r), b's needs B(d * A x) (out); A and B are frozen, so x is not kept.
+    Dropout's mask is kept only when x needs a gradient (live): a bool per element on CUDA (native_dropout),
+    and on the CPU, where torch's dropout is x * (bernoulli noise / (1 - p)), the noise in x's dtype.
 
     PEFT (impl="peft") casts x to the adapter dtype in every adapted layer (`_cast_input_dtype`) and
-    computes the adapter there: when that dtype differs from the activations', each layer keeps its own
-    copy of x (ad in) instead of sharing x, and A x, B(...) are ad-wide. PEFT's DoRA
-    (`DoraLinearLayer.forward`) keeps the base output (a out) and the low-rank output (ad out) apart.
+    computes the adapter there: when that dtype differs from x's, each layer keeps its own copy of x (ad
+    in) instead of sharing x, and A x, B(...) are ad-wide. PEFT's DoRA (`DoraLinearLayer.forward`) keeps the
+    base output (a out) and the low-rank output (ad out) apart. Under autocast every product runs in the
+    autocast dtype: autocast casts x (x_bytes wide as it arrives) once more for A, a copy of its own unless
+    x is already in that dtype and PEFT did not cast it to the fp32 adapters' dtype first.
     """
     a = setup.act_bytes
+    xb = a if x_bytes is None else x_bytes
     peft = setup.impl == "peft"
-    ad = FLOAT_BYTES[setup.adapter_dtype] if peft else a  # the dtype the adapter computes in
-    own_copy = peft and ad != a  # x cast per layer: a copy each adapter keeps for itself
-    mask = in_f if dropout > 0 else 0
+    store = FLOAT_BYTES[setup.adapter_dtype]
+    ad = a if setup.autocast or not peft else store  # the dtype the adapter's products run in
+    own_copy = not xb == store == ad if peft else xb != ad  # x as A's product reads it is a copy of its own
+    mask_bytes = 1 if setup.device == "cuda" else store if peft else xb  # (PEFT drops out its cast of x)
+    mask = mask_bytes * in_f if dropout > 0 and live else 0
     if method.adapter == "vera":
         return False, mask + ad * (rank + out_f)
     keeps_own = method.trains_a and (dropout > 0 or own_copy)
     saved = mask + (ad * in_f if keeps_own else 0) + ad * rank
     if method.adapter == "dora":
-        saved += a * out_f + (ad * out_f if peft else 0)
+        # with dropout, PEFT's DoRA recomputes the base output from the dropped x in its own dtype
+        # (F.linear(x, W.to(x.dtype)), dora.py): that product is the one kept, and W's copy with it
+        base = ad if peft and dropout > 0 else a
+        saved += base * out_f + (ad * out_f if peft else 0)
     return method.trains_a and not keeps_own, saved
+
+
+def _autocast_casts(method: Method, setup: TrainingSetup, rank: int, in_f: int, out_f: int, adapted: bool,
+                    live: bool) -> int:
+    """Bytes of one layer's weights cast to the autocast dtype that outlive its forward. A product's
+    backward needs its weight for the input's gradient, so the cast weight is kept whenever the input needs a
+    gradient, frozen or not; autocast also caches every trainable leaf weight's cast until its context
+    exits (torch/csrc/autograd/autocast_mode.cpp, cached_cast), so those last through forward anyway."""
+    if not setup.autocast:
+        return 0
+    a = setup.act_bytes
+    copies = a * in_f * out_f if live or method.base_trainable else 0
+    if adapted and method.uses_rank:
+        copies += a * rank * in_f if live or method.trains_a else 0  # A (VeRA: its slice of the shared A)
+        copies += a * rank * out_f  # B: trainable (cached), or read by the trainable lambda_d's product
+    return copies
 
 
 def _norm_saves(spec: ModelSpec, width: int, rows: int, a: int, weight_trainable: bool) -> int:
@@ -331,21 +366,36 @@ def _norm_saves(spec: ModelSpec, width: int, rows: int, a: int, weight_trainable
     return 4 * width + 4 * rows + weight
 
 
-def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank,
-                          live: bool = False) -> Tuple[bool, int]:
-    """Whether the tensor fed to the projections `names` is kept, and what their adapters add. live: the
-    input needs a gradient, so a quantized base that keeps its input (setup.base_keeps_input) keeps it."""
+def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank, live: bool = False,
+                          x_bytes: Optional[int] = None) -> Tuple[bool, int, int]:
+    """Whether the tensor fed to the projections `names` is kept, what they keep beyond it per token, and the
+    bytes of their weights cast for backward per layer (autocast). live: the input needs a gradient, so a
+    quantized base that keeps its input (setup.base_keeps_input) keeps it. x_bytes: the input's element size
+    (the residual stream's, or a product's: setup.act_bytes)."""
     shapes = spec.linear_shapes()
-    # a trainable W needs its input for the weight gradient
-    keep = method.base_trainable or (setup.base_keeps_input and live)
-    extra = 0
+    a = setup.act_bytes
+    xb = a if x_bytes is None else x_bytes
+    # a trainable W needs its input for the weight gradient: x itself, or where autocast casts x (x is not
+    # in its dtype) each projection's own cast, as autocast caches no activation's cast
+    needs = method.base_trainable or (setup.base_keeps_input and live)
+    keep = needs and xb == a
+    extra = casts = 0
     for n in names:
-        if n in targets and method.uses_rank and n in shapes:
-            i, o, _ = shapes[n]
-            keeps_x, saved = _adapter_saves(method, setup, rank, i, o, dropout)
+        if n not in shapes:
+            continue
+        i, o, _ = shapes[n]
+        adapted = n in targets and method.uses_rank
+        extra += a * i if needs and xb != a else 0
+        casts += _autocast_casts(method, setup, rank, i, o, adapted, live)
+        if adapted:
+            if method.adapter == "dora" and setup.impl == "peft" and dropout > 0 and live:
+                # PEFT's DoRA with dropout: W cast to the adapter's dtype (and by autocast to its own), kept by
+                # the product that recomputes the base output (_adapter_saves)
+                casts += (a if setup.autocast else FLOAT_BYTES[setup.adapter_dtype]) * i * o
+            keeps_x, saved = _adapter_saves(method, setup, rank, i, o, dropout, xb, live)
             keep = keep or keeps_x
             extra += saved
-    return keep, extra
+    return keep, extra, casts
 
 
 def _eager_attention_saves(spec: ModelSpec, a: int, seq_len: int) -> int:
@@ -389,7 +439,14 @@ def _moe_saves(spec: ModelSpec, method: Method, targets: Tuple[str, ...], a: int
 def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
                            targets: Tuple[str, ...], setup: TrainingSetup,
                            input_needs_grad: bool = True) -> int:
-    """Bytes per token one decoder layer saves for backward (no checkpointing).
+    """Bytes per token one decoder layer saves for backward (no checkpointing); see _layer_saves."""
+    return _layer_saves(spec, method, rank, targets, setup, input_needs_grad)[0]
+
+
+def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+                 setup: TrainingSetup, input_needs_grad: bool = True) -> Tuple[int, int]:
+    """(bytes per token, bytes per layer) one decoder layer saves for backward (no checkpointing); the
+    per-layer bytes are weights cast by autocast (_autocast_casts).
 
     input_needs_grad is False for the first layer when the embeddings are frozen. Autograd records an op
     only when something it reads needs a gradient, so until the first trainable weight in that layer
@@ -397,7 +454,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     structure (spec.arch) decides the rest: where the norms sit, q/k norms, fused projections, experts.
     """
     setup = setup.for_spec(spec)
-    a, d, i = setup.act_bytes, spec.hidden_size, spec.intermediate_size
+    a, s, d, i = setup.act_bytes, setup.stream_bytes, spec.hidden_size, spec.intermediate_size
     arch = spec.arch
     dropout = 0.0 if method.name == "delta-lora" else setup.dropout
     args = (spec, method, targets, setup, dropout, rank)
@@ -406,26 +463,43 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     def trains(names) -> bool:  # a weight of these projections gets a gradient
         return full or (method.uses_rank and any(n in targets for n in names))
 
-    def norm(width: int = d, rows: int = 1) -> int:
-        return _norm_saves(spec, width, rows, a, full)
+    def norm(width: int = d, rows: int = 1, x_bytes: int = s) -> int:  # (the residual stream's, by default)
+        return _norm_saves(spec, width, rows, x_bytes, full)
+
+    casts = 0
+
+    def out_bytes(names, x_bytes: int) -> int:
+        """Element size of these projections' output: the product's dtype, except under autocast where an
+        adapter multiplies its output by fp32 parameters cast to x's dtype (lorabench's VeRA lambda_b and
+        DoRA scale) or casts its result to x's dtype (PEFT's VeRA): then x's."""
+        adapted = method.uses_rank and any(n in targets for n in names)
+        if adapted and (method.adapter == "vera" or (method.adapter == "dora" and setup.impl == "lorabench")):
+            return x_bytes
+        return a
+
+    def consumers(names, live=False, x_bytes=None):
+        nonlocal casts
+        keep, extra, c = _consumers_keep_input(names, *args, live=live, x_bytes=x_bytes)
+        casts += c
+        return keep, extra
 
     if spec.single_matrix:
-        keep, extra = _consumers_keep_input(("w",), *args)
-        return (a * d if keep else 0) + extra
+        keep, extra = consumers(("w",), x_bytes=s)
+        return (a * d if keep else 0) + extra, casts
     pre, post = arch.norm_layout in ("pre", "sandwich"), arch.norm_layout in ("post", "sandwich")
     live = input_needs_grad  # the residual stream needs a gradient
     total = 0
     # Attention block: (pre-norm), q/k/v, (q/k norms), rotary (cos/sin shared by all layers), attention, o.
     total += norm() if live and pre else 0
     qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
-    keep, extra = _consumers_keep_input(qkv, *args, live=live)
-    total += (a * d if keep else 0) + extra  # the norm's output (or the residual), shared by q, k and v
+    keep, extra = consumers(qkv, live, s)
+    total += (s * d if keep else 0) + extra  # the norm's output (or the residual), shared by q, k and v
     if arch.qk_norm:
         head = arch.qk_norm == "head"
         if live or trains(("q", "qkv")):
-            total += norm(spec.q_dim, spec.num_heads if head else 1)
+            total += norm(spec.q_dim, spec.num_heads if head else 1, a)
         if live or trains(("k", "qkv")):
-            total += norm(spec.kv_dim, spec.num_kv_heads if head else 1)
+            total += norm(spec.kv_dim, spec.num_kv_heads if head else 1, a)
     live = live or trains(qkv)
     if live and setup.attention == "sdpa":
         # SDPA (flash / efficient kernels) keeps q, k, v, its output and fp32 logsumexp per head
@@ -439,7 +513,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
             total += a * (spec.q_dim + spec.kv_dim)
     elif live:
         total += _eager_attention_saves(spec, a, setup.seq_len)
-    keep, extra = _consumers_keep_input(("o",), *args, live=live)
+    keep, extra = consumers(("o",), live)
     # o's input: the heads merged. The fused SDPA kernels (CUDA flash/efficient, and the CPU flash kernel
     # for q made as view(B, S, H, hd).transpose(1, 2)) write their output as [B, S, H, hd], so
     # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; eager makes a copy, and so
@@ -452,32 +526,35 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     total += norm() if live and pre else 0
     if spec.moe:
         router = ("router", "experts") + (("gate", "up", "shared_gate") if spec.shared_expert_gate else ())
-        keep, extra = _consumers_keep_input(router, *args)
+        keep, extra = consumers(router, live)
         keep = keep or method.uses_rank and "router" in targets  # PEFT's merged router weight needs x
         total += (a * d if keep else 0) + extra + _moe_saves(spec, method, targets, a, live)
         live = live or trains(router)
         if spec.shared_expert_gate:
-            keep, extra = _consumers_keep_input(("down",), *args)
+            keep, extra = consumers(("down",), live)
             total += (a * i if keep else 0) + extra
         total += norm() if live and post else 0
-        return total
+        return total, casts
     if spec.gated_mlp:
         gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up")
-        keep, extra = _consumers_keep_input(gate_up, *args, live=live)
-        total += (a * d if keep else 0) + extra
+        keep, extra = consumers(gate_up, live, s)
+        total += (s * d if keep else 0) + extra
         # act(g) * u: the activation keeps g, the product keeps act(g) for u's gradient and u for g's.
         g_grad, u_grad = live or trains(("gate", "gate_up")), live or trains(("up", "gate_up"))
-        total += a * i * ((2 if g_grad else 0) + (1 if u_grad else 0))
+        gb, ub = out_bytes(("gate", "gate_up"), s), out_bytes(("up", "gate_up"), s)
+        total += i * ((gb + ub if g_grad else 0) + (gb if u_grad else 0))
         live = g_grad or u_grad
+        hb = max(gb, ub)  # the product's (type promotion)
     else:
-        keep, extra = _consumers_keep_input(("up",), *args, live=live)
-        total += (a * d if keep else 0) + extra
+        keep, extra = consumers(("up",), live, s)
+        total += (s * d if keep else 0) + extra
         live = live or trains(("up",))
-        total += a * i if live else 0  # gelu keeps its input
-    keep, extra = _consumers_keep_input(("down",), *args, live=live)
-    total += (a * i if keep else 0) + extra
+        hb = out_bytes(("up",), s)
+        total += hb * i if live else 0  # gelu keeps its input
+    keep, extra = consumers(("down",), live, hb)
+    total += (hb * i if keep else 0) + extra
     total += norm() if live and post else 0  # post-feedforward norm on down's output
-    return total
+    return total, casts
 
 
 def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
@@ -485,7 +562,8 @@ def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], tar
     """Adapter weights cast to the activation dtype, which lorabench.nn's layers keep for backward (F.linear
     saves its weight): per adapted layer, not per token. PEFT casts x instead (see _adapter_saves)."""
     a = setup.act_bytes
-    if setup.impl != "lorabench" or not method.uses_rank or FLOAT_BYTES[setup.adapter_dtype] == a:
+    # (under autocast these casts are autocast's or the same bytes made by .to(x.dtype): _autocast_casts)
+    if setup.impl != "lorabench" or not method.uses_rank or FLOAT_BYTES[setup.adapter_dtype] == a or setup.autocast:
         return 0
     per_layer, shapes = 0, spec.linear_shapes()
     for t in targets:
@@ -504,9 +582,10 @@ def _merges_experts(method: Method, targets: Tuple[str, ...], setup: TrainingSet
 
 
 def _kv_cache_on(setup: TrainingSetup) -> bool:
-    """transformers' decoder returns a DynamicCache of every layer's k and v unless use_cache is off (it is
-    turned off under gradient checkpointing); lorabench's layers keep none."""
-    return setup.impl == "peft" and not setup.grad_checkpointing
+    """transformers' decoder returns a DynamicCache of every layer's k and v unless use_cache is off: it is
+    turned off under gradient checkpointing, and Trainer sets config.use_cache to TrainingArguments.use_cache,
+    False by default (transformers 5 trainer.py, "Finalize"); lorabench's layers keep none."""
+    return setup.impl == "peft" and not setup.grad_checkpointing and setup.loop == "plain"
 
 
 def _merged_expert_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
@@ -552,7 +631,7 @@ def _layer_backward_transient(spec: ModelSpec, method: Method, targets: Tuple[st
         merged = a * spec.num_experts * i * d if _merges_experts(method, targets, setup) else 0
         down = a * k * t * i + merged
         mlp = max(mlp, a * k * t * 4 * i, down)
-    return mlp + 2 * a * d * t
+    return mlp + 2 * setup.stream_bytes * d * t
 
 
 @dataclass(frozen=True)
@@ -565,6 +644,10 @@ class ActivationBreakdown:
     (cast or merged weights), which the stored activations do not hold.
     final_norm_bytes: what the final norm (and the head's weight gradient) keeps, in saved_bytes; freed
     before any layer back-propagates.
+    autocast_cache_bytes: under checkpointing, the casts of trainable weights autocast caches until forward
+    ends (kept for backward, hence in saved_bytes, without checkpointing).
+    cache_extra_bytes: what transformers' KV cache holds beyond the saved k and v (autocast's fp32 keys),
+    from the end of forward until the loop drops the output.
     """
 
     saved_bytes: int
@@ -577,49 +660,69 @@ class ActivationBreakdown:
     cache_bytes: int = 0
     layer_forward_bytes: int = 0
     final_norm_bytes: int = 0
+    autocast_cache_bytes: int = 0
+    cache_extra_bytes: int = 0
 
     @property
     def after_forward_bytes(self) -> int:
-        """What is alive when forward returns: saved activations, logits and the loss's kept tensors."""
-        return self.saved_bytes + self.logits_after_forward_bytes
+        """What is alive when forward returns: saved activations, logits and the loss's kept tensors (and
+        what a kept output's KV cache holds beyond them)."""
+        return self.saved_bytes + self.logits_after_forward_bytes + (self.cache_extra_bytes if self.cache_bytes
+                                                                     else 0)
 
 
 def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
                          targets: Tuple[str, ...], setup: TrainingSetup) -> ActivationBreakdown:
     """Activation and logits memory of one step for the whole model."""
-    a, t, d = setup.act_bytes, setup.tokens, spec.hidden_size
+    a, s, t, d = setup.act_bytes, setup.stream_bytes, setup.tokens, spec.hidden_size
     L = spec.num_layers
-    first = layer_activation_bytes(spec, method, rank, targets, setup, input_needs_grad=method.base_trainable)
+    first, first_casts = _layer_saves(spec, method, rank, targets, setup, input_needs_grad=method.base_trainable)
     # (the first layer's norm keeps nothing when the embeddings are frozen: its input needs no gradient)
-    rest = layer_activation_bytes(spec, method, rank, targets, setup)
+    rest, rest_casts = _layer_saves(spec, method, rank, targets, setup)
     per_token = 16  # input_ids and labels, int64
     if spec.single_matrix:
-        return ActivationBreakdown(t * (per_token + first + (L - 1) * rest), 0, t * 2 * a * d, 0, 0, 0)
+        return ActivationBreakdown(t * (per_token + first + (L - 1) * rest) + first_casts + (L - 1) * rest_casts,
+                                   0, t * 2 * a * d, 0, 0, 0)
+    autocast_cache = 0
     if setup.grad_checkpointing:
         # Checkpointing (Chen et al. 2016) keeps each layer's input; backward recomputes one layer at a time.
-        per_token += L * a * d
-        recompute = t * rest
+        per_token += L * s * d
+        recompute = t * rest + rest_casts
+        # autocast's cache keeps every trainable weight's cast until forward ends, checkpointed or not
+        autocast_cache = L * _trainable_casts(spec, method, rank, targets, setup)
+        layer_casts = 0
     else:
         per_token += first + (L - 1) * rest
         recompute = 0
+        layer_casts = first_casts + (L - 1) * rest_casts
     rope = 0
     if not spec.max_positions:
         # rotary cos and sin [1, S, hd], kept by the q/k multiplications: per position, not per token
-        # (Gemma 3: one pair for its sliding layers, one for its global layers)
-        rope = 2 * a * spec.head_dim * setup.seq_len * spec.arch.rope_tables
-    final = _norm_saves(spec, d, 1, a, method.base_trainable)  # final norm
-    if setup.loss == "chunked" or (method.base_trainable and setup.loss == "standard"):
-        # final norm's output: the output head's weight gradient needs it, the chunked loss recomputes the
-        # logits from it (Liger's fused loss takes its gradients in forward and keeps neither)
+        # (Gemma 3: one pair for its sliding layers, one for its global layers). transformers makes them in
+        # the residual stream's dtype (fp32 under autocast).
+        rope = 2 * s * spec.head_dim * setup.seq_len * spec.arch.rope_tables
+    final = _norm_saves(spec, d, 1, s, method.base_trainable)  # final norm
+    if setup.loss == "chunked":
+        final += s * d  # the final norm's output, from which the chunked loss recomputes the logits
+    elif method.base_trainable and setup.loss == "standard":
+        # the output head's weight gradient needs its input: the final norm's output, or autocast's cast of it
+        # (Liger's fused loss takes its gradients in forward and keeps neither)
         final += a * d
     per_token += final
+    # autocast's cast of the output head's weight, kept for the hidden states' gradient (standard loss)
+    head_cast = a * spec.vocab_size * d if setup.autocast and setup.loss == "standard" else 0
     if setup.attention == "eager":
-        # the materialized causal mask, shared by all layers (and a sliding-window one for sliding layers)
+        # the materialized causal mask, shared by all layers (and a sliding-window one for sliding layers),
+        # in the residual stream's dtype
         masks = 1 + (1 if 0 < spec.sliding_layers() < L else 0)
-        per_token += masks * a * setup.seq_len
+        per_token += masks * s * setup.seq_len
     held, fwd, bwd, after = _loss_bytes(spec, method, setup)
-    # the plain loop's output keeps transformers' KV cache until the step ends (Trainer drops it)
-    cache = L * 2 * t * spec.kv_dim * a if _kv_cache_on(setup) and setup.loop == "plain" else 0
+    # transformers' KV cache holds every layer's rotated k and its v: SDPA's own saved k and v, except under
+    # autocast, where the rotated k is fp32 (q/k times the fp32 cos/sin tables) and SDPA keeps its bf16 cast
+    cache_k_extra = L * t * spec.kv_dim * s if _kv_cache_on(setup) and setup.autocast else 0
+    # the plain loop's output keeps the cache until the step ends (Trainer drops it)
+    cache = L * t * spec.kv_dim * ((s if setup.autocast else a) + a) \
+        if _kv_cache_on(setup) and setup.loop == "plain" else 0
     casts = _weight_cast_bytes(spec, method, rank, targets, setup) + _merged_expert_bytes(spec, method, rank,
                                                                                            targets, setup)
     layer_forward = 0
@@ -628,8 +731,22 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         layer_forward = casts // L
         casts = 0
     transient = _layer_backward_transient(spec, method, targets, setup)
-    return ActivationBreakdown(t * per_token + rope + casts, recompute, transient, held, fwd, bwd, after, cache,
-                               layer_forward, t * final)
+    return ActivationBreakdown(t * per_token + rope + casts + layer_casts + head_cast, recompute, transient, held,
+                               fwd, bwd, after, cache, layer_forward, t * final + head_cast, autocast_cache,
+                               cache_k_extra)
+
+
+def _trainable_casts(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+                     setup: TrainingSetup) -> int:
+    """Bytes of one layer's trainable weights cast by autocast (the casts its cache keeps)."""
+    if not setup.autocast:
+        return 0
+    a, shapes = setup.act_bytes, spec.linear_shapes()
+    if method.base_trainable:
+        return a * sum(i * o for i, o, _ in shapes.values())
+    if not method.uses_rank or method.adapter == "vera":
+        return 0
+    return a * rank * sum((i if method.trains_a else 0) + o for i, o, _ in (shapes[n] for n in targets))
 
 
 def liger_chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
@@ -642,7 +759,7 @@ def _loss_bytes(spec: ModelSpec, method: Method, setup: TrainingSetup) -> Tuple[
     """Bytes of the output head's logits and the loss beyond the saved activations: (held by the model
     output through backward, at the forward peak, at the start of backward, kept when forward returns)."""
     a, t, d, v = setup.act_bytes, setup.tokens, spec.hidden_size, spec.vocab_size
-    up = 4 if a < 4 else 0  # an fp32 copy of logits in a lower precision
+    up = 4 if a < 4 else 0  # bytes per logit of an fp32 copy of logits in a lower precision
     head_grad = v * d * FLOAT_BYTES.get(setup.dtype, 2) if method.base_trainable else 0
     if setup.loss == "chunked":
         # lorabench.nn.loss: per-token log-sum-exp (fp32) kept from forward; one chunk's logits at a time,
@@ -662,14 +779,18 @@ def _loss_bytes(spec: ModelSpec, method: Method, setup: TrainingSetup) -> Tuple[
         return 0, a * t * d + kept + 4 * t + t + a * chunk * v + temp, kept, kept
     # Logits and loss as transformers computes them: logits (a V) are upcast to fp32 (4 V) and
     # cross_entropy = log_softmax (keeps its fp32 output, 4 V) + nll_loss. In backward, nll_loss's
-    # gradient (4 V) and log_softmax's input gradient (4 V) are alive with the kept output.
+    # gradient (4 V) and log_softmax's input gradient (4 V) are alive with the kept output. While the loss
+    # is computed, transformers' causal-LM forward still holds the decoder's output (last_hidden_state,
+    # stream-wide); lorabench.nn's has let go of it.
     held = a * v
+    last_hidden = setup.stream_bytes * d if setup.impl == "peft" else 0
     # Gemma 2 soft-caps the logits, cap * tanh(logits / cap): tanh keeps its output (a V) until backward.
     capped = a * v if spec.final_softcap else 0
     # The plain loop keeps the model's output (its logits) until the step ends; Trainer.training_step keeps
     # only the loss: the output is gone before backward.
     kept = held if setup.loop == "plain" else 0
-    return t * kept, t * (held + up + 4 * v + capped), t * (kept + 12 * v + capped), t * (kept + 4 * v + capped)
+    return (t * kept, t * (held + up * v + 4 * v + capped + last_hidden), t * (kept + 12 * v + capped),
+            t * (kept + 4 * v + capped))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -716,8 +837,13 @@ class StepParts:
         # the next forward, until the new output replaces it.
         accum = grads if self.grad_accum > 1 else 0
         previous_out = act.logits_held_bytes + act.cache_bytes if self.grad_accum > 1 else 0
+        # the output's KV cache beyond the saved k and v, from forward's end; through backward where the loop
+        # keeps the output (cache_bytes is non-zero exactly then)
+        cache_extra = act.cache_extra_bytes
+        kept_extra = cache_extra if act.cache_bytes else 0
         forward = persistent + accum + previous_out + act.saved_bytes + max(
-            act.logits_forward_bytes, self.dequant_bytes, self.norm_temp_bytes, act.layer_forward_bytes)
+            act.logits_forward_bytes + act.autocast_cache_bytes + cache_extra, self.dequant_bytes,
+            self.norm_temp_bytes, act.layer_forward_bytes)
         # while one layer is recomputed (checkpointing) its forward temporaries come back; the MLP's
         # gradient buffers come after, when that layer back-propagates
         layer_temp = max(act.transient_bytes, self.dequant_bytes,
@@ -725,11 +851,11 @@ class StepParts:
         # Backward: at its start the loss gradients are alive with every saved activation; then each
         # layer's activations are freed as its gradients appear, so the peak is at one end (or at the
         # first layer, where recomputation and the largest gradient buffers meet).
-        backward = persistent + max(
+        backward = persistent + kept_extra + max(
             act.saved_bytes + act.logits_backward_bytes + accum,
             act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + max(head, accum)
             + act.recompute_bytes + layer_temp,
-            grads + act.logits_held_bytes + act.cache_bytes + act.transient_bytes,
+            grads + act.logits_held_bytes + act.cache_bytes + act.transient_bytes - kept_extra,
         )
         optimizer = (persistent + grads + act.logits_held_bytes + act.cache_bytes
                      + -(-self.optimizer_temp_bytes // n))
@@ -758,6 +884,13 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     if setup.attention == "eager" and spec.arch.attention == "eager":
         notes.append(f"{spec.arch.label} runs eager attention in transformers, which refuses SDPA for it (SDPA "
                      "cannot soft-cap the scores): every layer keeps its s x s scores.")
+    if method.adapter == "dora" and setup.impl == "peft" and setup.dropout > 0:
+        notes.append("PEFT's DoRA with dropout recomputes each adapted layer's base output from the dropped input, "
+                     "with the weight (dequantized, on a quantized base) cast to the input's dtype: that copy is kept "
+                     "until backward, every adapted weight once more. --dropout 0 avoids it.")
+    if setup.autocast:
+        notes.append(f"autocast {setup.autocast} over fp32 weights: each weight's {setup.autocast} cast is kept for "
+                     "backward (frozen ones too); the residual stream and norms stay fp32.")
     if _merges_experts(method, targets, setup):
         notes.append("PEFT's LoRA on fused experts (transformers 5) merges W + sBA into a full-size weight on "
                      "every forward and keeps it for backward: every expert's weights once more per layer.")
