@@ -10,8 +10,9 @@ from typing import Dict, List, Optional
 from lorabench.errors import LorabenchError
 from lorabench.fit import Case, fixes, overflow, smallest_gpu
 from lorabench.memory import ALLOWANCE_SOURCE
-from lorabench.render import (GIB, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_COLUMNS, _text, fit_width, gib, ms,
-                              render, size, wrap)
+from lorabench.render import (GIB, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_COLUMNS, SHARD_COLUMNS, _text,
+                              fit_width, gib, ms, render, size, wrap)
+from lorabench.sharding import STRATEGIES, Parallel, plan_need_bytes
 
 
 def memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowance, width):
@@ -22,15 +23,20 @@ def memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowanc
     else:
         lines = [wrap(smallest_gpu_sentence(r), width, "  ") for r in rows]
     lines += ["", wrap(setup_sentence(spec, rows, setup, targets), width, "  ")]
+    if rows and _shared(rows[0]):
+        lines += [wrap(comm_sentence(r), width, "  ") for r in rows]
     if chosen is not None:
         lines.append(wrap(f"'fits' leaves {allowance:.1%} of the peak to the allocator (--headroom; "
                           f"{ALLOWANCE_SOURCE}).", width, "  "))
     if columns:
         cols = columns
     elif wide:
-        cols = tuple(MEMORY_COLUMNS) + (tuple(GPU_COLUMNS) if chosen else ())
+        cols = tuple(MEMORY_COLUMNS) + (tuple(SHARD_COLUMNS) if rows and _shared(rows[0]) else ()) + \
+            (tuple(GPU_COLUMNS) if chosen else ())
     else:
         cols = MEMORY_SUMMARY_COLUMNS
+    if rows and _shared(rows[0]):  # 'fits' is each of the GPUs' verdict, not one GPU's
+        cols = tuple(("fits", "fits", c[2]) if c[0] == "fits" else c for c in cols)
     hidden: list = []
     if fmt == "table" and not wide and not columns:
         cols, hidden = fit_width(rows, cols, width, keep=4)
@@ -50,16 +56,51 @@ def memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowanc
 def smallest_gpu_sentence(row) -> str:
     who = _who(row)
     gpu = row.get("smallest_gpu")
-    where = (f"fits one {gpu}, the smallest catalog GPU that holds it" if gpu
-             else "fits no single catalog GPU (--gpu shows what makes it fit)")
+    if _shared(row):
+        who += f", one of {_how(row)}"
+        where = (f"each share fits one {gpu}, the smallest catalog GPU that holds it" if gpu
+                 else "no catalog GPU holds one GPU's share (--gpu shows what makes it fit)")
+    else:
+        where = (f"fits one {gpu}, the smallest catalog GPU that holds it" if gpu
+                 else "fits no single catalog GPU (--gpu shows what makes it fit)")
     return f"{who}: peak {size(row['peak_bytes'])} in {row['peak_phase']}, {size(row['device_bytes'])} with " \
            f"the runtime; {where}."
+
+
+def _shared(row) -> bool:
+    """The step is spread over GPUs (or offloaded): the row's memory is one GPU's share."""
+    return row.get("gpus", 1) > 1 or row.get("sharding", "none") != "none" or bool(row.get("cpu_offload"))
+
+
+def _strategy(row) -> str:
+    """'fsdp' (+ ', CPU offload')."""
+    return row["sharding"] + (", CPU offload" if row.get("cpu_offload") else "")
+
+
+def _how(row) -> str:
+    """'8 GPUs, fsdp' (+ ', CPU offload')."""
+    n = row["gpus"]
+    return f"{n} GPU{'s' if n > 1 else ''}, {_strategy(row)}"
+
+
+def comm_sentence(row) -> str:
+    """What one GPU sends per step and how long it takes on its link, with and without overlap."""
+    parts = [f"{name} {row[key] / 1e9:,.2f} GB" for key, name in (
+        ("comm_all_gather_bytes", "all-gather"), ("comm_reduce_scatter_bytes", "reduce-scatter"),
+        ("comm_all_reduce_bytes", "all-reduce")) if row.get(key)]
+    text = f"{_who(row)}: each GPU sends " + (", ".join(parts) if parts else "nothing") + " per step"
+    if row.get("link"):
+        text += (f" over {row['link']} at {row['link_bytes_s'] / 1e9:,.1f} GB/s each way: {ms(row['comm_ms'])} ms; "
+                 f"step {ms(row['step_ms_overlap'])} ms overlapped, {ms(row['step_ms_no_overlap'])} ms not")
+    elif parts and "gpu" in row:
+        text += f" (no network figure for {row['gpu']} across servers: no time)"
+    return text + "."
 
 
 def pick_columns(text: str):
     """--columns: row keys or column titles, comma-separated, in that order."""
     known = {}
-    for c in (*MEMORY_COLUMNS, *GPU_COLUMNS, *MEMORY_SUMMARY_COLUMNS):
+    for c in (*MEMORY_COLUMNS, *SHARD_COLUMNS, *GPU_COLUMNS, *MEMORY_SUMMARY_COLUMNS):
         known.setdefault(c[0], c)
         known.setdefault(c[1], c)
     out = []
@@ -76,15 +117,17 @@ def fix_dict(fix):
                                      "required_bytes": fix.required_bytes, "spare_bytes": fix.spare_bytes}
 
 
-def add_verdicts(spec, rows, methods, targets, setup, chosen, allowance):
+def add_verdicts(spec, rows, methods, targets, setup, chosen, allowance, parallel: Parallel = Parallel()):
     """The verdict fields of each memory row: on a GPU, the largest component and the cheapest change that
-    fits (fix, fix_args, fix_required_bytes, fix_spare_bytes); without one, the smallest catalog GPU."""
+    fits (fix, fix_args, fix_required_bytes, fix_spare_bytes); without one, the smallest catalog GPU (that
+    holds one GPU's share, on several)."""
 
     by_name = {m.name: m for m in methods}
     for row in rows:
-        case = Case(spec, by_name[row["method"]], row["rank"], targets, setup)
+        case = Case(spec, by_name[row["method"]], row["rank"], targets, setup, parallel)
         if chosen is None:
-            row["smallest_gpu"] = smallest_gpu(case.parts(), allowance)
+            plan = case.plan()
+            row["smallest_gpu"] = smallest_gpu(plan.parts, allowance, plan_need_bytes(plan, parallel, allowance))
             continue
         name, big, _ = overflow(row, chosen.memory_bytes)
         row.update({"largest_component": name, "largest_component_bytes": big})
@@ -101,31 +144,36 @@ def verdict_line(row: Dict, fix: Optional[Dict], alternative: Optional[Dict], wi
     that fits (fix, and an alternative of another kind: fit.Fix as dicts), as the options to add."""
     who = _who(row)
     need = row["device_bytes"] + row["allowance_bytes"]
-    where = f"{who} on one {row['gpu']} ({size(row['gpu_memory_bytes'])})"
+    if _shared(row):
+        where = f"{who} on {row['gpus']} x {row['gpu']} ({size(row['gpu_memory_bytes'])} each; {_strategy(row)})"
+        each = " each"
+    else:
+        where, each = f"{who} on one {row['gpu']} ({size(row['gpu_memory_bytes'])})", ""
+    host = f", {size(row['cpu_offload_bytes'])} each in host memory" if row.get("cpu_offload") else ""
     if row["fits"]:
         tight = ", tight" if row["spare_bytes"] < 0.05 * row["gpu_memory_bytes"] else ""
-        return wrap(f"{where}: fits, {size(row['spare_bytes'])} spare{tight} (needs {size(need)}; peak in "
-                    f"{row['peak_phase']}).", width, "  ")
-    text = f"{where}: does NOT fit, needs {size(need)} (peak in {row['peak_phase']})"
+        return wrap(f"{where}: fits, {size(row['spare_bytes'])} spare{each}{tight} (needs {size(need)}{each}"
+                    f"{host}; peak in {row['peak_phase']}).", width, "  ")
+    text = f"{where}: does NOT fit, needs {size(need)}{each} (peak in {row['peak_phase']})"
     name, big = row.get("largest_component"), row.get("largest_component_bytes")
     if name:
         text += f"; {name} {size(big)}" + (" alone exceed the GPU" if big > row["gpu_memory_bytes"] else "")
     if fix is None:
         text += ". Nothing within reach fits: no saver, batch, sequence or GPU count."
     else:
-        text += f". {_fix_text(fix, 'Fits')}"
+        text += f". {_fix_text(fix, 'Fits', bool(each))}"
         if alternative is not None:
-            text += f"; or {_fix_text(alternative, 'fits')}"
+            text += f"; or {_fix_text(alternative, 'fits', bool(each))}"
         text += "."
     return wrap(text, width, "  ")
 
 
-def _fix_text(fix: Dict, lead: str) -> str:
-    """'Fits with --grad-checkpointing on 2 GPUs (FSDP) (40.1 GiB, 30.2 GiB spare)'."""
-    args = " ".join(fix["args"])
-    gpus = next((k for k in fix["kinds"] if k.endswith("GPUs (FSDP)")), None)
-    how = " ".join(p for p in (f"with {args}" if args else "", f"on {gpus}" if gpus else "") if p)
-    return f"{lead} {how} ({size(fix['required_bytes'])}, {size(fix['spare_bytes'])} spare)"
+def _fix_text(fix: Dict, lead: str, shared: bool = False) -> str:
+    """'Fits with --grad-checkpointing --gpus 2 --sharding fsdp (40.1 GiB each, 30.2 GiB spare)'; shared: the
+    step was already on several GPUs (or offloaded), so the bytes are each GPU's too."""
+    each = " each" if shared or "--gpus" in fix["args"] else ""
+    need, spare = size(fix["required_bytes"]), size(fix["spare_bytes"])
+    return f"{lead} with {' '.join(fix['args'])} ({need}{each}, {spare} spare)"
 
 
 def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
@@ -134,6 +182,8 @@ def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
     setup = setup.for_spec(spec)
     adapted = next((r["targets"] for r in rows if r.get("rank")), None)
     parts = [f"{spec.name}, batch {setup.batch_size} x {setup.seq_len:,} tokens"]
+    if rows and _shared(rows[0]):
+        parts[0] += f" per GPU on {_how(rows[0])} ({STRATEGIES[rows[0]['sharding']].label})"
     if adapted is not None and not spec.single_matrix:
         how = ("PEFT's default for the family" if targets is None
                else targets if isinstance(targets, str) and targets == "all-linear" else "")
@@ -184,8 +234,10 @@ def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str 
         mine = [r for r in limits if r["model"] == model]
         r0 = mine[0]
         shape = f"batch {r0['batch_size']} x {r0['seq_len']:,} tokens"
-        out.append(wrap(f"{model} on one {r0['gpu']} ({gib(r0['gpu_memory_bytes'])} GiB), {shape}; 'fits' leaves "
-                        f"{r0['allowance_fraction']:.1%} of the peak to the allocator:", width, "  "))
+        on = (f"{r0['gpus']} x {r0['gpu']} ({gib(r0['gpu_memory_bytes'])} GiB each; {_strategy(r0)}), {shape} per GPU"
+              if _shared(r0) else f"one {r0['gpu']} ({gib(r0['gpu_memory_bytes'])} GiB), {shape}")
+        out.append(wrap(f"{model} on {on}; 'fits' leaves {r0['allowance_fraction']:.1%} of the peak to the "
+                        "allocator:", width, "  "))
         out.append("")
 
         def limit(v, row):

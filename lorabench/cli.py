@@ -15,7 +15,8 @@ import click
 
 from lorabench import __version__, reportfolder, safeio, signals
 from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, BoundedInt, Text, cost_options,
-                               format_option, method_options, model_options, setup_options, targets_note)
+                               format_option, method_options, model_options, parallel_options, setup_options,
+                               targets_note)
 from lorabench.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
@@ -201,6 +202,7 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
 @model_options
 @method_options
 @setup_options
+@parallel_options
 @click.option("--gpu", type=Text("GPU"), default=None,
               help="A GPU from 'lorabench gpus': whether it fits, the spare memory, what makes a 'no' fit, GPUs "
                    "needed and step time. Without it: the smallest catalog GPU that fits.")
@@ -216,7 +218,8 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
 @click.option("--columns", type=Text("KEYS"), default=None,
               help="The table's columns, comma-separated (row keys or titles: method,rank,peak,fits,...).")
 @format_option
-def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, headroom, cost, wide, columns, fmt):
+def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, mfu, headroom, cost, wide, columns,
+           fmt):
     """GPU memory of one training step per method: does it fit, and what makes it fit.
 
     The first lines answer: per method, fits or not on --gpu, the memory to
@@ -227,6 +230,10 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
     context, cuBLAS workspace) and the allocator allowance (--headroom) come on
     top when deciding 'fits'. The table keeps the columns that fit the terminal;
     --wide shows every component. csv/json carry every field, in bytes.
+    With --gpus N and --sharding ddp/zero2/fsdp every memory field is what one
+    GPU holds (the largest), and each row gives the GPUs each strategy needs,
+    the bytes each GPU sends per step and the step time with and without
+    overlap on the GPU's link.
 
     \b
     Example:
@@ -234,6 +241,8 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
         lorabench memory --model llama-3-70b --method all --dtype nf4 --gpu H100-80GB
         lorabench memory -m llama-3-8b -m mistral-7b --method lora,full --gpu A100-80GB --wide
         lorabench memory --model llama-3-70b --method full --gpu A100-80GB -f json
+        lorabench memory -m llama-3-70b --method full --grad-checkpointing --gpu H100-80GB --gpus 8 --sharding fsdp
+        lorabench memory -m llama-3-70b --method lora --dtype nf4 --gpu RTX-4090 --gpus 2 --sharding fsdp
     """
     from lorabench.answer import add_verdicts, memory_text, pick_columns
     from lorabench.estimate import memory_rows
@@ -246,8 +255,9 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
     methods = quantized_methods(methods, methods_from_all, setup)
     per_model = []
     for spec, used in each_model(specs, methods, methods_from_all, ranks, targets):
-        rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance, cost=cost)
-        add_verdicts(spec, rows, used, targets, setup, chosen, allowance)
+        rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance, cost=cost,
+                           parallel=parallel)
+        add_verdicts(spec, rows, used, targets, setup, chosen, allowance, parallel)
         per_model.append((spec, used, rows))
     note(targets_note(methods, targets))
     if fmt not in ("table", "markdown"):
@@ -261,13 +271,14 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, gpu, mfu, he
 @model_options
 @method_options
 @setup_options
+@parallel_options
 @click.option("--gpu", type=Text("GPU"), default=None, help="A GPU from 'lorabench gpus'.")
 @click.option("--gpu-memory", type=BoundedFloat(0.0, 1e6, lo_open=True), default=None,
               help="Or a GPU memory size in GiB (as nvidia-smi reports it, e.g. 23.99 for an RTX 4090).")
 @click.option("--headroom", type=BoundedFloat(0.0, 90.0), default=round(100 * ALLOCATOR_ALLOWANCE, 1),
               show_default=True, help="Allocator allowance in % of the peak, kept free when deciding 'fits'.")
 @format_option
-def fit(specs, methods, methods_from_all, ranks, targets, setup, gpu, gpu_memory, headroom, fmt):
+def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, gpu_memory, headroom, fmt):
     """What fits a GPU: the largest batch, sequence length and rank per method, and which knobs make a setup fit.
 
     For each method (and rank): whether the setup as given fits, the largest batch
@@ -276,12 +287,14 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, gpu, gpu_memory
     Then a table of the memory savers (gradient checkpointing, 8-bit AdamW, an
     nf4 base) alone and together: which make the given setup fit, and with how
     much to spare. 'Fits' counts the runtime and the allocator allowance
-    (--headroom), as in 'lorabench memory'.
+    (--headroom), as in 'lorabench memory'. With --gpus N --sharding S, on each
+    of N GPUs, each running its own batch.
 
     \b
     Example:
         lorabench fit -m llama-3-8b --gpu RTX-4090 --method lora,dora,full -r 16 -t all-linear -s 4096
         lorabench fit -m qwen3-8b --gpu-memory 48 --method lora --grad-checkpointing -f json
+        lorabench fit -m llama-3-70b --gpu RTX-4090 --gpus 2 --sharding fsdp --method lora --dtype nf4
     """
     import json
 
@@ -299,7 +312,8 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, gpu, gpu_memory
     methods = quantized_methods(methods, methods_from_all, setup)
     limit_rows, knob_rows = [], []
     for spec, used in each_model(specs, methods, methods_from_all, ranks, targets):
-        limits_, knobs = fit_rows(search_cases(spec, used, ranks, targets, setup), label, capacity, allowance)
+        limits_, knobs = fit_rows(search_cases(spec, used, ranks, targets, setup, parallel), label, capacity,
+                                  allowance)
         limit_rows += limits_
         knob_rows += knobs
     note(targets_note(methods, targets))
@@ -337,28 +351,32 @@ def models(fmt):
 @cli.command(context_settings=CONTEXT)
 @format_option
 def gpus(fmt):
-    """The GPU catalog: memory, peak dense bf16 and fp32 FLOP/s, memory bandwidth, interconnect, and a dated
-    on-demand price where one was found, each with its source.
+    """The GPU catalog: memory, peak dense bf16 and fp32 FLOP/s, memory bandwidth, interconnect, the server and
+    network it comes in (for steps over more GPUs than one server holds), and a dated on-demand price where one
+    was found, each with its source.
 
     \b
     Example:
         lorabench gpus
         lorabench gpus -f json
     """
-    from lorabench.gpus import PRICES
+    from lorabench.gpus import PRICES, node_of
 
     rows = []
     for g in GPUS.values():
-        price = PRICES.get(g.name)
+        price, node = PRICES.get(g.name), node_of(g)
         rows.append({"gpu": g.name, "memory_bytes": g.memory_bytes, "bf16_flops": g.bf16_flops,
                      "fp32_flops": g.fp32_flops, "bandwidth_bytes_s": g.bandwidth_bytes_s,
                      "interconnect": g.interconnect, "interconnect_bytes_s": g.interconnect_bytes_s,
+                     "gpus_per_node": node.gpus, "network": node.network or None,
+                     "network_bytes_s": node.network_bytes_s or None, "node_source": node.source,
                      "usd_per_gpu_hour": price.usd_per_gpu_hour if price else None,
                      "price_source": price.source if price else None, "source": g.source})
     tflops = lambda v: "" if v is None else f"{v / 1e12:,.1f}"  # noqa: E731
     cols = [("gpu", "gpu", str), ("memory_bytes", "GiB", gib), ("bf16_flops", "bf16 TFLOP/s", tflops),
             ("fp32_flops", "fp32", tflops), ("bandwidth_bytes_s", "GB/s", lambda v: f"{v / 1e9:,.0f}"),
             ("interconnect", "link", str), ("interconnect_bytes_s", "link GB/s", lambda v: f"{v / 1e9:,.0f}"),
+            ("network_bytes_s", "net GB/s", lambda v: "" if v is None else f"{v / 1e9:,.0f}"),
             ("usd_per_gpu_hour", "$/GPU-h", lambda v: "" if v is None else f"{v:,.2f}")]
     out = render(rows, fmt, cols)
     if fmt in ("table", "markdown"):
@@ -366,6 +384,8 @@ def gpus(fmt):
 
         width = terminal_width()
         out += "\n\nSources:\n" + "\n".join(wrap(f"  {r['gpu']}: {r['source']}", width, "    ") for r in rows)
+        out += "\nServers and networks (link and net GB/s: per GPU, both directions):\n" + "\n".join(
+            wrap(f"  {r['gpu']}: {r['gpus_per_node']} per server; {r['node_source']}", width, "    ") for r in rows)
         out += "\nPrices (on-demand, dated; --price to use yours):\n" + "\n".join(
             wrap(f"  {r['gpu']}: {r['price_source']}", width, "    ") for r in rows if r["price_source"])
     click.echo(out)

@@ -244,6 +244,27 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
     return wrapper
 
 
+def parallel_options(fn):
+    """How many GPUs share the step and how (memory, fit); passes parallel=Parallel(...)."""
+    from lorabench.sharding import MAX_GPUS, STRATEGIES, Parallel
+
+    @click.option("--gpus", "gpus", type=BoundedInt(1, MAX_GPUS), default=1, show_default=True,
+                  help="GPUs sharing the step, each running its own --batch-size; every memory field is then "
+                       "one GPU's (the largest).")
+    @click.option("--sharding", type=click.Choice(tuple(STRATEGIES)), default="none", show_default=True,
+                  help="How: ddp (a replica each, gradients all-reduced), zero2 (gradients and optimizer states "
+                       "sharded), fsdp (parameters too: FSDP2 / ZeRO-3). Needed with --gpus over 1.")
+    @click.option("--cpu-offload", is_flag=True,
+                  help="Optimizer states (and master weights) in host memory; under zero2/fsdp the sharded "
+                       "parameters and gradients too (FSDP2's CPUOffloadPolicy).")
+    @functools.wraps(fn)
+    def wrapper(gpus, sharding, cpu_offload, **kw):
+        parallel = Parallel(gpus, sharding, cpu_offload)
+        parallel.validate()
+        return fn(parallel=parallel, **kw)
+    return wrapper
+
+
 def format_option(fn):
     return click.option("--format", "-f", "fmt", type=click.Choice(FORMATS, case_sensitive=False),
                         default="table", show_default=True,

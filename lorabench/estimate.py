@@ -6,15 +6,17 @@ renderers format them, nothing here turns a number into a string.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from lorabench.compute import (CostSetup, StepTime, device_for_gpu, estimate_flops, estimate_step_time,
                                estimate_training_cost)
 from lorabench.gpus import GPU
-from lorabench.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, estimate_from_parts, fit_on_gpu, step_parts
+from lorabench.comms import comm_volume, parallel_step_time
+from lorabench.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, estimate_from_parts, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_active_params, count_base_params, count_params
+from lorabench.sharding import Parallel, Plan, fit_on_gpu, rank_memory
 from lorabench.specs import ModelSpec
 
 
@@ -81,22 +83,47 @@ def cost_fields(t: StepTime, tokens_per_gpu_step: int, gpus: Optional[int], cost
                            run.price_per_gpu_hour, run.price_source, run.cost_usd)))
 
 
+# The fields a row takes from one GPU's share when the step is spread over several (sharding.RankMemory).
+RANK_FIELDS = ("weights_bytes", "adapter_bytes", "gradients_bytes", "optimizer_bytes", "master_bytes",
+               "method_state_bytes", "forward_peak_bytes", "backward_peak_bytes", "optimizer_peak_bytes",
+               "peak_bytes", "peak_phase", "device_bytes")
+
+
+def parallel_fields(plan: Plan, parallel: Parallel) -> Dict:
+    """The row's multi-GPU fields (see README, "Past one GPU"): how the GPUs share the step, what one GPU (the
+    largest, rank 0) holds beyond the one-GPU components, and the bytes it sends per step."""
+    rm = rank_memory(plan, parallel)
+    volume = comm_volume(plan, parallel)
+    return {"gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload,
+            "bucket_bytes": rm.bucket_bytes, "gather_bytes": rm.gather_bytes,
+            "reduce_scatter_bytes": rm.reduce_scatter_bytes, "cpu_offload_bytes": rm.cpu_offload_bytes,
+            "comm_all_gather_bytes": volume.all_gather_bytes, "comm_reduce_scatter_bytes": volume.reduce_scatter_bytes,
+            "comm_all_reduce_bytes": volume.all_reduce_bytes, "comm_bytes": volume.total_bytes}
+
+
 def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
                 targets: Optional[Iterable[str] | str], setup: TrainingSetup,
                 gpu: Optional[GPU] = None, mfu: Optional[float] = None,
-                allowance: float = ALLOCATOR_ALLOWANCE, cost: Optional[CostSetup] = None) -> List[Dict]:
+                allowance: float = ALLOCATOR_ALLOWANCE, cost: Optional[CostSetup] = None,
+                parallel: Parallel = Parallel()) -> List[Dict]:
     """Memory (and, with a GPU, fit and step time; with cost, training time and dollars) for every (method, rank).
 
     mfu: the achievable fraction of the GPU's dense peak in large matrix products (None: the time model's
     default, compute.MATMUL_EFFICIENCY); the row's "mfu" is the model-FLOPs utilisation the estimate implies.
+    parallel: GPUs sharing the step; every memory field is then one GPU's (the largest, rank 0).
     """
+    parallel.validate()
     rows = []
     for method, rank in _cases(methods, ranks):
         c = count_params(spec, method, rank, targets)
         parts = step_parts(spec, method, rank, targets, setup, counts=c)
+        plan = Plan(spec, method, rank, targets, setup, parts)
         est = estimate_from_parts(parts)
         row = {"model": spec.name}
         row.update(asdict(est))
+        if not parallel.single:
+            one_gpu = asdict(rank_memory(plan, parallel))
+            row.update({k: one_gpu[k] for k in RANK_FIELDS})
         row["targets"] = ",".join(est.targets)
         row["notes"] = list(dict.fromkeys(spec_notes(spec, targets) + list(est.notes)))
         row.update({"batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
@@ -107,15 +134,27 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         flops = estimate_flops(spec, method, rank, c.targets, setup)
         row["step_flops"] = flops.step_flops
         row["flops_per_token"] = flops.flops_per_token
+        row.update(parallel_fields(plan, parallel))
         if gpu is not None:
-            fit = fit_on_gpu(parts, gpu, allowance=allowance)
+            fit = fit_on_gpu(plan, gpu, parallel, allowance=allowance)
             t = estimate_step_time(spec, method, rank, c.targets, setup, device_for_gpu(gpu, mfu), flops)
             row.update({"gpu": gpu.name, "gpu_memory_bytes": fit.gpu_memory_bytes, "fits": fit.fits,
                         "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,
                         "allowance_fraction": allowance, "allowance_bytes": fit.allowance_bytes,
                         "spare_bytes": fit.spare_bytes})
             row.update(step_time_fields(t))
+            pt = parallel_step_time(t, comm_volume(plan, parallel), parallel, gpu)
+            row.update({"gpus_needed_ddp": fit.gpus_needed_ddp, "gpus_needed_zero2": fit.gpus_needed_zero2,
+                        "gpus_needed_fsdp": fit.gpus_needed_fsdp, "link": pt.link, "link_bytes_s": pt.link_bytes_s,
+                        "comm_ms": pt.comm_ms, "step_ms_no_overlap": pt.step_ms_no_overlap,
+                        "step_ms_overlap": pt.step_ms_overlap})
             if cost is not None:
-                row.update(cost_fields(t, setup.tokens * setup.grad_accum, fit.gpus_needed, cost, gpu))
+                if parallel.gpus == 1 and parallel.sharding == "none":  # one GPU, or the fewest fully sharded
+                    row.update(cost_fields(t, setup.tokens * setup.grad_accum, fit.gpus_needed, cost, gpu))
+                else:  # the GPUs asked for, at the overlapped step time, when they hold the step
+                    held = fit.fits and pt.step_ms_overlap is not None
+                    timed = replace(t, step_ms=pt.step_ms_overlap) if held else t
+                    row.update(cost_fields(timed, setup.tokens * setup.grad_accum, parallel.gpus if held else None,
+                                           cost, gpu))
         rows.append(row)
     return rows

@@ -16,42 +16,46 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 from lorabench.errors import LorabenchError
-from lorabench.memory import (ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, fewest_gpus, need_bytes,
-                              step_parts)
+from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, need_bytes, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_params
+from lorabench.sharding import Parallel, Plan, fewest_gpus, plan_need_bytes
 from lorabench.specs import ModelSpec
 
 # The components a row reports, in the order a "why not" names them.
 COMPONENTS = (("weights_bytes", "weights"), ("adapter_bytes", "adapter weights"), ("gradients_bytes", "gradients"),
               ("optimizer_bytes", "optimizer states"), ("master_bytes", "fp32 master weights"),
               ("method_state_bytes", "method state"), ("activations_bytes", "activations"),
-              ("logits_bytes", "logits"))
+              ("logits_bytes", "logits"), ("gather_bytes", "all-gathered parameters"), ("bucket_bytes", "DDP buckets"))
 
 
 @dataclass(frozen=True)
 class Case:
-    """One question: method at rank on spec's targets, run as setup, on `gpus` GPUs (fully sharded)."""
+    """One question: method at rank on spec's targets, run as setup, on parallel.gpus GPUs shared as
+    parallel.sharding says."""
 
     spec: ModelSpec
     method: Method
     rank: Optional[int]
     targets: object
     setup: TrainingSetup
-    gpus: int = 1
+    parallel: Parallel = Parallel()
 
     def parts(self) -> StepParts:
         return step_parts(self.spec, self.method, self.rank, self.targets, self.setup)
 
+    def plan(self) -> Plan:
+        return Plan(self.spec, self.method, self.rank, self.targets, self.setup, self.parts())
 
-def required_bytes(parts: StepParts, shards: int = 1) -> int:
-    """What one GPU must hold: the peak over the phases plus the runtime outside the allocator."""
-    return need_bytes(parts, shards, 0.0)
+
+def required_bytes(case: Case) -> int:
+    """What each GPU must hold: the peak over the phases plus the runtime outside the allocator."""
+    return plan_need_bytes(case.plan(), case.parallel, 0.0)
 
 
 def spare_bytes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> int:
-    """capacity minus what the case needs with its allocator allowance: >= 0 means it fits."""
-    return capacity - need_bytes(case.parts(), case.gpus, fraction)
+    """capacity minus what each GPU of the case needs with its allocator allowance: >= 0 means it fits."""
+    return capacity - plan_need_bytes(case.plan(), case.parallel, fraction)
 
 
 def fits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> bool:
@@ -72,8 +76,8 @@ class Fix:
     Attributes:
         kinds: what was changed, cheapest first ("checkpointing", "batch", "8-bit AdamW", "nf4", "sequence",
             "GPUs").
-        args: the options to add or change, as typed (["--grad-checkpointing", "--batch-size", "2"]); a fix
-            on more GPUs names them in kinds only (sharding options are not in the CLI yet).
+        args: the options to add or change, as typed (["--grad-checkpointing", "--batch-size", "2"]; on more
+            GPUs, "--gpus", "N", "--sharding", "fsdp").
         case: the changed case.
         required_bytes: its peak plus runtime (per GPU).
         spare_bytes: the capacity left after the allowance.
@@ -123,15 +127,13 @@ def savers(case: Case) -> List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingS
 def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_gpus: int = 4096) -> List[Fix]:
     """Every change that makes case fit `capacity` bytes per GPU, cheapest first: the memory savers alone
     and together, then each with the largest batch that fits, then the longest sequence at batch 1, then
-    the fewest fully sharded GPUs. Empty if the case already fits."""
+    (on sharded GPUs) CPU offload, then the fewest fully sharded GPUs. Empty if the case already fits."""
     if fits(case, capacity, fraction):
         return []
     out: List[Fix] = []
 
     def add(kinds, args, changed: Case):
-        parts = changed.parts()
-        out.append(Fix(kinds, args, changed, required_bytes(parts, changed.gpus),
-                       capacity - need_bytes(parts, changed.gpus, fraction)))
+        out.append(Fix(kinds, args, changed, required_bytes(changed), spare_bytes(changed, capacity, fraction)))
 
     combos = savers(case)
     s = case.setup
@@ -155,12 +157,21 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
             batch = ("--batch-size", "1") if s.batch_size > 1 else ()
             add(kinds + ("sequence",), args + batch + ("--seq-len", str(n)),
                 replace(case, setup=replace(one, seq_len=n)))
+    offload = case.parallel.cpu_offload
+    if case.parallel.strategy.offloads_params and not offload:
+        for kinds, args, setup in combos:  # shards and optimizer in host memory, with the fewest savers
+            moved = replace(case, setup=setup, parallel=replace(case.parallel, cpu_offload=True))
+            if fits(moved, capacity, fraction):
+                add(kinds + ("CPU offload",), args + ("--cpu-offload",), moved)
+                break
     for kinds, args, setup in combos:  # more GPUs, fully sharded: the fewest, with the savers that need fewest
         if "nf4 base (QLoRA)" in kinds:
             continue
-        g = fewest_gpus(replace(case, setup=setup).parts(), capacity, fraction, max_gpus)
-        if g is not None and g > 1:  # on one GPU, these savers are a fix of their own, listed above
-            add(kinds + (f"{g} GPUs (FSDP)",), args, replace(case, setup=setup, gpus=g))
+        g = fewest_gpus(replace(case, setup=setup).plan(), "fsdp", capacity, fraction, offload, max_gpus)
+        if g is not None and g > 1 and (g, "fsdp") != (case.parallel.gpus, case.parallel.sharding):
+            # (on one GPU, these savers are a fix of their own, listed above)
+            add(kinds + (f"{g} GPUs (FSDP)",), args + ("--gpus", str(g), "--sharding", "fsdp"),
+                replace(case, setup=setup, parallel=Parallel(g, "fsdp", offload)))
             break
     return out
 
@@ -231,18 +242,20 @@ def max_rank(case: Case) -> int:
     return max(1, min(sides) if sides else case.spec.hidden_size)
 
 
-def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE) -> Optional[str]:
-    """The catalog GPU with the least memory that holds the step alone (ties: the first listed)."""
+def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE, need: Optional[int] = None) -> Optional[str]:
+    """The catalog GPU with the least memory that holds the step alone, or `need` bytes (one GPU's share of a
+    step spread over several) (ties: the first listed)."""
     from lorabench.gpus import GPUS
 
-    need = need_bytes(parts, 1, fraction)
+    need = need_bytes(parts, fraction) if need is None else need
     fitting = [g for g in GPUS.values() if g.memory_bytes >= need]
     return min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
 
 
-def search_cases(spec: ModelSpec, methods, ranks, targets, setup: TrainingSetup) -> List[Case]:
+def search_cases(spec: ModelSpec, methods, ranks, targets, setup: TrainingSetup,
+                 parallel: Parallel = Parallel()) -> List[Case]:
     """One Case per (method, rank); methods without a rank (full) appear once."""
-    return [Case(spec, m, r, targets, setup) for m in methods for r in (ranks if m.uses_rank else (None,))]
+    return [Case(spec, m, r, targets, setup, parallel) for m in methods for r in (ranks if m.uses_rank else (None,))]
 
 
 def fit_rows(cases: List[Case], gpu: str, capacity: int,
@@ -255,15 +268,17 @@ def fit_rows(cases: List[Case], gpu: str, capacity: int,
         lim = limits(case, capacity, fraction)
         spare = spare_bytes(case, capacity, fraction)
         s = case.setup
+        p = case.parallel
         base = {"model": case.spec.name, "method": case.method.name, "rank": case.rank,
                 "targets": ",".join(parts.counts.targets), "gpu": gpu, "gpu_memory_bytes": capacity,
-                "allowance_fraction": fraction, "batch_size": s.batch_size, "seq_len": s.seq_len}
-        limit_rows.append({**base, "fits": spare >= 0, "required_bytes": required_bytes(parts), "spare_bytes": spare,
+                "allowance_fraction": fraction, "batch_size": s.batch_size, "seq_len": s.seq_len,
+                "gpus": p.gpus, "sharding": p.sharding, "cpu_offload": p.cpu_offload}
+        limit_rows.append({**base, "fits": spare >= 0, "required_bytes": required_bytes(case), "spare_bytes": spare,
                            "max_batch_size": lim.max_batch_size, "max_seq_len": lim.max_seq_len,
                            "max_rank": lim.max_rank, "max_positions": case.spec.max_positions or None})
         for kinds, args, changed in savers(case):
             alt = replace(case, setup=changed)
             left = spare_bytes(alt, capacity, fraction)
             knob_rows.append({**base, "change": " + ".join(kinds) or "as given", "args": list(args),
-                              "fits": left >= 0, "required_bytes": required_bytes(alt.parts()), "spare_bytes": left})
+                              "fits": left >= 0, "required_bytes": required_bytes(alt), "spare_bytes": left})
     return limit_rows, knob_rows

@@ -91,6 +91,52 @@ GPUS: Dict[str, GPU] = {g.name: g for g in (
          "NVIDIA Ampere GA102 whitepaper (fp32 accumulate; an NVLink bridge pairs two at 112.5 GB/s)"),
 )}
 
+@dataclass(frozen=True)
+class Node:
+    """The server a GPU comes in, for rings over more GPUs than one holds.
+
+    Attributes:
+        gpus: GPUs one server joins on the interconnect (NVLink / NVSwitch / Infinity Fabric).
+        network: the link between servers, per GPU: one InfiniBand adapter each in these systems (rail-optimised:
+            NCCL runs one ring per adapter, so a ring across servers goes at one adapter's rate per GPU).
+        network_bytes_s: that link's bandwidth per GPU, both directions together (as interconnect_bytes_s).
+        source: where the figures come from.
+    """
+
+    gpus: int
+    network: str
+    network_bytes_s: float
+    source: str
+
+
+# InfiniBand per direction: HDR 200 Gb/s = 25 GB/s, NDR 400 Gb/s = 50 GB/s, EDR 100 Gb/s = 12.5 GB/s.
+_DGX_H100 = ("NVIDIA DGX H100/H200 datasheet: 8 GPUs on NVSwitch; 8 single-port ConnectX-7 VPI, 400 Gb/s "
+             "InfiniBand, one per GPU")
+NODES: Dict[str, Node] = {
+    "A100-40GB": Node(8, "InfiniBand HDR", 50e9, "NVIDIA DGX A100 datasheet: 8 GPUs on NVSwitch; 8 single-port "
+                                                 "ConnectX-6 VPI, 200 Gb/s HDR InfiniBand, one per GPU"),
+    "A100-80GB": Node(8, "InfiniBand HDR", 50e9, "NVIDIA DGX A100 datasheet: 8 GPUs on NVSwitch; 8 single-port "
+                                                 "ConnectX-6 VPI, 200 Gb/s HDR InfiniBand, one per GPU"),
+    "H100-80GB": Node(8, "InfiniBand NDR", 100e9, _DGX_H100),
+    "H200": Node(8, "InfiniBand NDR", 100e9, _DGX_H100),
+    "B200": Node(8, "InfiniBand NDR", 100e9, "NVIDIA DGX B200 datasheet: 8 GPUs on NVLink 5; 8 single-port "
+                                             "ConnectX-7 VPI, up to 400 Gb/s InfiniBand, one per GPU"),
+    "MI300X": Node(8, "InfiniBand NDR", 100e9, "AMD Instinct MI300X platform (8 GPUs on Infinity Fabric); Azure "
+                                               "ND MI300X v5: 400 Gb/s InfiniBand per GPU"),
+    "V100-32GB": Node(8, "InfiniBand EDR", 12.5e9, "NVIDIA DGX-1 (Volta) datasheet: 8 GPUs in an NVLink hybrid "
+                                                   "cube mesh; 4 x 100 Gb/s EDR InfiniBand for 8 GPUs"),
+    "V100-16GB": Node(8, "InfiniBand EDR", 12.5e9, "NVIDIA DGX-1 (Volta) datasheet: 8 GPUs in an NVLink hybrid "
+                                                   "cube mesh; 4 x 100 Gb/s EDR InfiniBand for 8 GPUs"),
+}
+# PCIe cards come in servers of many shapes: up to 8 GPUs on one PCIe fabric is taken, with no network known.
+PCIE_NODE = Node(8, "", 0.0, "assumed: up to 8 PCIe cards in one server; no network between servers known")
+
+
+def node_of(gpu: GPU) -> Node:
+    """The server `gpu` comes in (NODES), or PCIE_NODE."""
+    return NODES.get(gpu.name, PCIE_NODE)
+
+
 # Other names a user may type, lower-case without '-', '_' or spaces.
 ALIASES = {"a6000": "RTX-A6000", "v100": "V100-32GB", "v100sxm232gb": "V100-32GB", "v100sxm216gb": "V100-16GB",
            "h100": "H100-80GB", "h100sxm": "H100-80GB", "a100": "A100-80GB"}

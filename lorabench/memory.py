@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
 from lorabench.errors import LorabenchError
-from lorabench.gpus import GPU, MiB
+from lorabench.gpus import MiB
 from lorabench.methods import Method
 from lorabench.params import ParamCount, adapter_tensors, base_tensors, count_base_params, count_params
 from lorabench.specs import ModelSpec
@@ -798,8 +798,33 @@ def _loss_bytes(spec: ModelSpec, method: Method, setup: TrainingSetup) -> Tuple[
 
 
 @dataclass(frozen=True)
+class Held:
+    """What one GPU holds besides activations in each phase of a step: on one GPU, StepParts.held(); spread over
+    several, lorabench.sharding.rank_memory's share of one of them.
+
+    Attributes:
+        persistent_bytes: alive in every phase (weights, adapters, optimizer and master state, DDP's buckets).
+        gathered_bytes: alive through forward and backward: parameters all-gathered from their shards.
+        grads_bytes: gradients alive after backward, through the optimizer step.
+        accum_bytes: gradients alive through forward and backward (accumulation, from the 2nd micro-batch).
+        backward_grads_bytes: gradients alive while the last layer back-propagates (the head's, on one GPU).
+        end_grads_bytes: gradients alive at the end of backward.
+        optimizer_temp_bytes: the optimizer step's temporaries.
+    """
+
+    persistent_bytes: int
+    gathered_bytes: int
+    grads_bytes: int
+    accum_bytes: int
+    backward_grads_bytes: int
+    end_grads_bytes: int
+    optimizer_temp_bytes: int
+
+
+@dataclass(frozen=True)
 class StepParts:
-    """The pieces of one step's memory, before deciding the peak (for 1 GPU or sharded over N)."""
+    """The pieces of one step's memory on one GPU, before deciding the peak (lorabench.sharding spreads them
+    over several)."""
 
     method: Method
     counts: ParamCount
@@ -812,7 +837,6 @@ class StepParts:
     optimizer_temp_bytes: int
     head_grad_bytes: int
     dequant_bytes: int
-    gather_bytes: int
     act: ActivationBreakdown
     overhead_bytes: int
     notes: Tuple[str, ...]
@@ -825,23 +849,26 @@ class StepParts:
         return (self.weights_bytes + self.adapter_bytes + self.optimizer_bytes + self.master_bytes
                 + self.method_state_bytes)
 
-    def phase_peaks(self, shards: int = 1) -> Dict[str, int]:
-        """Peak bytes per phase on each GPU when weights, adapters, gradients and optimizer state are
-        split over `shards` GPUs (FSDP / ZeRO-3); with shards > 1 each GPU also holds the all-gathered
-        parameters of the layer in flight and of the next (prefetch)."""
-        n, act = shards, self.act
-        persistent = -(-self.persistent_bytes // n) + (self.gather_bytes if n > 1 else 0)
-        grads, head = -(-self.gradients_bytes // n), -(-self.head_grad_bytes // n)
-        # Gradient accumulation: from the second micro-batch on, every gradient is alive through forward and
-        # backward (accumulated in place), and the plain loop's previous output (logits, KV cache) through
-        # the next forward, until the new output replaces it.
-        accum = grads if self.grad_accum > 1 else 0
+    def held(self) -> Held:
+        """What one GPU running the whole step holds besides activations. Gradient accumulation: from the
+        second micro-batch on, every gradient is alive through forward and backward (accumulated in place,
+        the head's too)."""
+        accum = self.gradients_bytes if self.grad_accum > 1 else 0
+        return Held(self.persistent_bytes, 0, self.gradients_bytes, accum, max(self.head_grad_bytes, accum),
+                    self.gradients_bytes, self.optimizer_temp_bytes)
+
+    def phase_peaks(self, held: Optional[Held] = None) -> Dict[str, int]:
+        """Peak bytes per phase on a GPU holding `held` besides activations: by default the whole step on one
+        GPU (held()); lorabench.sharding gives one GPU's share of a step spread over several."""
+        h, act = held or self.held(), self.act
+        # the plain loop's previous output (logits, KV cache) lives through the next forward, until the new
+        # output replaces it
         previous_out = act.logits_held_bytes + act.cache_bytes if self.grad_accum > 1 else 0
         # the output's KV cache beyond the saved k and v, from forward's end; through backward where the loop
         # keeps the output (cache_bytes is non-zero exactly then)
         cache_extra = act.cache_extra_bytes
         kept_extra = cache_extra if act.cache_bytes else 0
-        forward = persistent + accum + previous_out + act.saved_bytes + max(
+        forward = h.persistent_bytes + h.gathered_bytes + h.accum_bytes + previous_out + act.saved_bytes + max(
             act.logits_forward_bytes + act.autocast_cache_bytes + cache_extra, self.dequant_bytes,
             self.norm_temp_bytes, act.layer_forward_bytes)
         # while one layer is recomputed (checkpointing) its forward temporaries come back; the MLP's
@@ -851,14 +878,14 @@ class StepParts:
         # Backward: at its start the loss gradients are alive with every saved activation; then each
         # layer's activations are freed as its gradients appear, so the peak is at one end (or at the
         # first layer, where recomputation and the largest gradient buffers meet).
-        backward = persistent + kept_extra + max(
-            act.saved_bytes + act.logits_backward_bytes + accum,
-            act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + max(head, accum)
+        backward = h.persistent_bytes + h.gathered_bytes + kept_extra + max(
+            act.saved_bytes + act.logits_backward_bytes + h.accum_bytes,
+            act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + h.backward_grads_bytes
             + act.recompute_bytes + layer_temp,
-            grads + act.logits_held_bytes + act.cache_bytes + act.transient_bytes - kept_extra,
+            h.end_grads_bytes + act.logits_held_bytes + act.cache_bytes + act.transient_bytes - kept_extra,
         )
-        optimizer = (persistent + grads + act.logits_held_bytes + act.cache_bytes
-                     + -(-self.optimizer_temp_bytes // n))
+        optimizer = (h.persistent_bytes + h.grads_bytes + act.logits_held_bytes + act.cache_bytes
+                     + h.optimizer_temp_bytes)
         return {"forward": forward, "backward": backward, "optimizer": optimizer}
 
 
@@ -941,17 +968,15 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     head_grads = 0
     if method.base_trainable and not spec.single_matrix and not spec.tie_embeddings:
         head_grads = spec.vocab_size * spec.hidden_size * p_bytes
-    layer_numel = sum(i * o for i, o, _ in shapes.values()) + sum(e * o * i for e, o, i in spec.moe_shapes().values())
-    gather = 2 * layer_numel * FLOAT_BYTES.get(setup.dtype, 2)
     return StepParts(method, counts, w_bytes, adapter, grads, optim, master, method_state, opt_tmp,
-                     head_grads, dequant, gather, estimate_activations(spec, method, rank, targets, setup),
+                     head_grads, dequant, estimate_activations(spec, method, rank, targets, setup),
                      CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
                      tuple(notes), norm_temp, setup.grad_checkpointing, setup.grad_accum)
 
 
 def estimate_from_parts(parts: StepParts) -> MemoryEstimate:
     """The one-GPU estimate: components and the peak over the phases of a step."""
-    phases = parts.phase_peaks(1)
+    phases = parts.phase_peaks()
     phase = max(phases, key=phases.get)
     c = parts.counts
     return MemoryEstimate(
@@ -989,57 +1014,8 @@ ALLOCATOR_ALLOWANCE = 0.076
 ALLOWANCE_SOURCE = "the median of reserved over allocated in 59 H100 steps, reports/gpu-sweep-h100"
 
 
-@dataclass(frozen=True)
-class Fit:
-    """Whether a step fits one GPU, and the fewest GPUs that hold it fully sharded (FSDP / ZeRO-3).
-
-    Attributes:
-        allowance_bytes: the allocator allowance counted on one GPU (fraction x peak).
-        spare_bytes: memory left on one GPU after peak, runtime and allowance (negative: it does not fit).
-        gpus_needed: None when no number of GPUs holds it: what sharding cannot split (activations,
-            logits, the runtime) exceeds one GPU.
-    """
-
-    gpu: str
-    gpu_memory_bytes: int
-    fits: bool
-    gpus_needed: Optional[int]
-    per_gpu_bytes: Optional[int]
-    allowance_bytes: int = 0
-    spare_bytes: int = 0
-
-
-def need_bytes(parts: StepParts, shards: int = 1, allowance: float = ALLOCATOR_ALLOWANCE) -> int:
-    """What one of `shards` GPUs must have: the peak over the phases, the runtime outside the allocator, and
-    `allowance` x the peak kept free for the allocator."""
-    peak = max(parts.phase_peaks(shards).values())
+def need_bytes(parts: StepParts, allowance: float = ALLOCATOR_ALLOWANCE, held: Optional[Held] = None) -> int:
+    """What a GPU must have: the peak over the phases (of the whole step, or of `held`, one GPU's share of it),
+    the runtime outside the allocator, and `allowance` x the peak kept free for the allocator."""
+    peak = max(parts.phase_peaks(held).values())
     return peak + parts.overhead_bytes + int(allowance * peak)
-
-
-def fewest_gpus(parts: StepParts, capacity: int, allowance: float = ALLOCATOR_ALLOWANCE,
-                max_gpus: int = 4096) -> Optional[int]:
-    """The fewest GPUs of `capacity` bytes that hold the step fully sharded; None when even max_gpus do not
-    (what sharding cannot split, activations, logits and the runtime, exceeds one GPU)."""
-    if need_bytes(parts, 1, allowance) <= capacity:
-        return 1
-    if need_bytes(parts, max_gpus, allowance) > capacity:
-        return None
-    lo, hi = 1, max_gpus  # need(lo) > capacity >= need(hi); beyond one GPU need falls as n grows
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if need_bytes(parts, mid, allowance) <= capacity else (mid, hi)
-    return hi
-
-
-def fit_on_gpu(parts: StepParts, gpu: GPU, max_gpus: int = 4096, allowance: float = ALLOCATOR_ALLOWANCE) -> Fit:
-    """Data-parallel replicas need the whole step on each GPU. Full sharding (Rajbhandari et al. 2020,
-    ZeRO stage 3; PyTorch FSDP) splits weights, adapters, gradients, optimizer and master state N ways;
-    activations, logits and the runtime overhead stay whole on every GPU. Each GPU also keeps `allowance`
-    x its peak free for the allocator (ALLOCATOR_ALLOWANCE).
-    """
-    cap = gpu.memory_bytes
-    allow = int(allowance * max(parts.phase_peaks(1).values()))
-    spare = cap - need_bytes(parts, 1, allowance)
-    n = fewest_gpus(parts, cap, allowance, max_gpus)
-    per_gpu = None if n is None else need_bytes(parts, n, 0.0)
-    return Fit(gpu.name, cap, n == 1, n, per_gpu, allow, spare)

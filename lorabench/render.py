@@ -111,6 +111,13 @@ MEMORY_COLUMNS: Sequence[Column] = (
     ("peak_bytes", "peak", gib), ("peak_phase", "at", str), ("overhead_bytes", "+runtime", gib),
 )
 
+# One GPU's share of a step spread over several (--gpus, --sharding): what --wide adds.
+SHARD_COLUMNS: Sequence[Column] = (
+    ("gather_bytes", "gathered", gib), ("reduce_scatter_bytes", "reduce-scatter", gib),
+    ("bucket_bytes", "buckets", gib), ("cpu_offload_bytes", "host", gib),
+)
+
+
 def gpus_text(n) -> str:
     """GPUs needed fully sharded; "none" when no count holds the step (what sharding cannot split, the
     activations and logits, exceeds one GPU)."""

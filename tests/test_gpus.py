@@ -3,7 +3,7 @@
 import pytest
 
 from lorabench.errors import LorabenchError
-from lorabench.gpus import GPUS, PRICES, MiB, get_gpu
+from lorabench.gpus import GPUS, NODES, PRICES, MiB, get_gpu, node_of
 
 # (name, bf16 or fp16 dense TFLOP/s, fp32 TFLOP/s, memory GB/s, interconnect GB/s, MiB the driver reports)
 DATASHEETS = [
@@ -52,3 +52,20 @@ def test_prices_are_dated_and_sourced_for_catalog_cards_only():
     for price in PRICES.values():
         assert 0 < price.usd_per_gpu_hour < 50
         assert "read 2026-" in price.source
+
+
+# (name, GPUs per server, network GB/s per GPU both ways): one InfiniBand adapter per GPU in the DGX systems,
+# 200 Gb/s HDR (A100) or 400 Gb/s NDR (H100, H200, B200) = 25 or 50 GB/s each way; DGX-1: 4 x 100 Gb/s EDR
+# for 8 V100s = 6.25 GB/s each way.
+SERVERS = [("A100-80GB", 8, 50), ("H100-80GB", 8, 100), ("H200", 8, 100), ("B200", 8, 100), ("V100-32GB", 8, 12.5)]
+
+
+@pytest.mark.parametrize("name, per_node, net", SERVERS)
+def test_servers_and_networks(name, per_node, net):
+    node = node_of(GPUS[name])
+    assert node.gpus == per_node and node.network_bytes_s == pytest.approx(net * 1e9) and node.source
+
+
+def test_pcie_cards_have_no_network():
+    assert set(NODES) <= set(GPUS)
+    assert node_of(GPUS["RTX-4090"]).network_bytes_s == 0 and node_of(GPUS["RTX-4090"]).gpus == 8

@@ -1,0 +1,366 @@
+"""Past one GPU: what each GPU holds, component by component, under DDP, ZeRO-2 and FSDP. Pure Python.
+
+STRATEGIES is one table of what each strategy shards. rank_memory gives one GPU's bytes (GPU `gpu_rank` of
+`gpus`) as the engine holds them, from the model's tensors (lorabench.layout) and the one-GPU step
+(lorabench.memory.StepParts): activations, logits and the runtime are each GPU's own, whatever the strategy,
+since each GPU runs its own batch of `batch_size` sequences.
+
+FSDP2 (torch.distributed.fsdp.fully_shard, torch 2.13, _fsdp_param.py / _fsdp_collectives.py /
+_fsdp_param_group.py), the engine of zero2 and fsdp here:
+- each parameter is a DTensor sharded on dim 0 by torch.chunk: every GPU stores ceil(dim0 / N) rows, zero-padded
+  (FSDPParam._init_sharded_param: `padded_sharded_param_size = chunks[0].size()`), and rank r's unpadded
+  share is rows [r ceil(dim0/N), (r+1) ceil(dim0/N)) clipped to dim0: rank 0 holds the most, the last may hold
+  none. Optimizer states are zeros_like of the unpadded shard;
+- a group's parameters are all-gathered into one padded buffer (N ceil(dim0/N) rows each) in their own dtype
+  (no MixedPrecisionPolicy modelled); the next layer's all-gather is issued while the current one computes
+  (implicit forward prefetch), so two layers are gathered at once; layers are resharded after forward
+  (reshard_after_forward=True) and all-gathered again in backward; the root is not (FSDPState._lazy_init sets
+  its reshard_after_forward to False), so it stays gathered from forward to the end of backward;
+- gradients: autograd makes a layer's unsharded gradients, foreach_reduce copies them into a padded
+  reduce-scatter input and frees them; the reduce-scatter output (the padded shards) becomes the sharded
+  .grad. One reduce-scatter input is kept in flight (reduce_scatter_max_input_buffers = 1). Frozen parameters
+  are sharded and gathered like the rest, and never reduce-scattered;
+- CPUOffloadPolicy: sharded parameters and gradients live on the host, the optimizer steps there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Dict, Optional
+
+from lorabench.errors import LorabenchError
+from lorabench.gpus import GPU
+from lorabench.layout import Layout, model_layout
+from lorabench.memory import (ALLOCATOR_ALLOWANCE, Held, StepParts, TrainingSetup, need_bytes, optimizer_state_bytes,
+                              step_parts)
+from lorabench.methods import Method
+from lorabench.specs import ModelSpec
+
+MAX_GPUS = 65536
+# torch.nn.parallel.distributed: _DEFAULT_BUCKET_CAP_MB = 25 (MiB), the first bucket
+# dist._DEFAULT_FIRST_BUCKET_BYTES = 1 MiB. Bucket sizes change when gradients are sent, not how many bytes.
+DDP_BUCKET_BYTES = 25 * 2 ** 20
+DDP_FIRST_BUCKET_BYTES = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What a data-parallel strategy splits over N GPUs (the rest every GPU holds whole).
+
+    Attributes:
+        label: what people call it.
+        shards_params: parameters rest as 1/N shards, all-gathered per layer to compute.
+        shards_grads: gradients are reduce-scattered into 1/N shards.
+        shards_optimizer: optimizer states and master weights are for the GPU's 1/N.
+        keeps_gathered: layers stay gathered from their forward to their backward (ZeRO-2), rather than
+            freed after forward and gathered again (ZeRO-3).
+        buckets: DDP's all-reduce buckets, a flat copy of every trainable gradient.
+        offloads_params: with --cpu-offload, the sharded parameters and gradients go to the host too (FSDP2's
+            CPUOffloadPolicy); the optimizer states and master weights go under every strategy.
+        source: what it is, and where its rules come from.
+    """
+
+    name: str
+    label: str
+    shards_params: bool
+    shards_grads: bool
+    shards_optimizer: bool
+    keeps_gathered: bool
+    buckets: bool
+    offloads_params: bool
+    source: str
+
+
+STRATEGIES: Dict[str, Strategy] = {s.name: s for s in (
+    Strategy("none", "one GPU", False, False, False, False, False, False,
+             "one GPU runs the whole step (lorabench.memory)"),
+    Strategy("ddp", "DDP, a replica each", False, False, False, False, True, False,
+             "torch DistributedDataParallel (torch.nn.parallel.distributed; Li et al. 2020, arXiv:2006.15704): a "
+             "whole replica per GPU; trainable gradients all-reduced in buckets of bucket_cap_mb=25 MiB, the "
+             "first 1 MiB; with gradient_as_bucket_view=False (the default) the Reducer's flat buckets hold a "
+             "second copy of every trainable gradient for the model's life"),
+    Strategy("zero2", "ZeRO-2: FSDP2 without resharding after forward", True, True, True, True, False, True,
+             "ZeRO stage 2, P_os+g (Rajbhandari et al. 2020, arXiv:1910.02054, sec. 5): gradients and optimizer "
+             "states partitioned, parameters whole through forward and backward; as torch runs it, fully_shard "
+             "with reshard_after_forward=False (FSDP1's SHARD_GRAD_OP): parameters rest as 1/N shards, each "
+             "layer is gathered once in forward and kept until its backward"),
+    Strategy("fsdp", "FSDP2, ZeRO-3", True, True, True, False, False, True,
+             "ZeRO stage 3, P_os+g+p (Rajbhandari et al. 2020, sec. 5): parameters partitioned too; torch's "
+             "FSDP2 (fully_shard on each decoder layer and the root; the FSDP2 design notes, "
+             "pytorch/pytorch#114299): a layer is gathered for its forward and again for its backward"),
+)}
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How many GPUs share the step and how (`--gpus`, `--sharding`, `--cpu-offload`)."""
+
+    gpus: int = 1
+    sharding: str = "none"
+    cpu_offload: bool = False
+
+    def validate(self) -> None:
+        """Raises LorabenchError for a bad count or strategy, or several GPUs with no strategy."""
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not 1 <= self.gpus <= MAX_GPUS:
+            raise LorabenchError(f"GPUs must be an integer from 1 to {MAX_GPUS:,}, got {self.gpus!r}.")
+        if self.sharding not in STRATEGIES:
+            raise LorabenchError(f"unknown sharding '{self.sharding}'; choose from {', '.join(STRATEGIES)}.")
+        if self.gpus > 1 and self.sharding == "none":
+            raise LorabenchError(f"--gpus {self.gpus} needs --sharding ddp, zero2 or fsdp: how the GPUs share "
+                                 "the step.")
+
+    @property
+    def strategy(self) -> Strategy:
+        return STRATEGIES[self.sharding]
+
+    @property
+    def single(self) -> bool:
+        """One GPU running the whole step: the one-GPU estimate as it is."""
+        return self.sharding == "none" and not self.cpu_offload
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step and the model's tensors: what rank_memory shares out."""
+
+    spec: ModelSpec
+    method: Method
+    rank: Optional[int]
+    targets: object
+    setup: TrainingSetup
+    parts: StepParts
+
+    @cached_property
+    def layout(self) -> Layout:
+        return model_layout(self.spec, self.method, self.rank, self.targets, self.setup)
+
+
+def plan_step(spec: ModelSpec, method: Method, rank: Optional[int] = None, targets=None,
+              setup: TrainingSetup = TrainingSetup()) -> Plan:
+    """The Plan of one step (see step_parts for what it raises)."""
+    return Plan(spec, method, rank, targets, setup, step_parts(spec, method, rank, targets, setup))
+
+
+def padded_rows(dim0: int, gpus: int) -> int:
+    """Rows of dim 0 every GPU stores: torch.chunk's chunk, ceil(dim0 / N) (FSDP2 pads the others to it)."""
+    return -(-dim0 // gpus)
+
+
+def shard_rows(dim0: int, gpus: int, gpu_rank: int) -> int:
+    """Rows of dim 0 that are rank gpu_rank's own (unpadded): torch.chunk's chunk gpu_rank, or none."""
+    chunk = padded_rows(dim0, gpus)
+    return max(0, min(chunk, dim0 - gpu_rank * chunk))
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """What one GPU of `gpus` holds, component by component (bytes), and its peak per phase.
+
+    Attributes:
+        weights_bytes, adapter_bytes: base and adapter parameters on the GPU: padded shards under zero2/fsdp,
+            plus what no strategy shards (buffers, quantization constants).
+        gradients_bytes: gradients on the GPU after backward (padded shards under zero2/fsdp).
+        optimizer_bytes, master_bytes, method_state_bytes: for the GPU's own (unpadded) elements under
+            zero2/fsdp.
+        bucket_bytes: DDP's all-reduce buckets.
+        gather_bytes: parameters all-gathered for compute, alive through forward and backward: fsdp the root's
+            and two layers' (one computing, one prefetched); zero2 every layer's and the root's.
+        reduce_scatter_bytes: the larger of a layer's and of the root's unsharded gradients with their padded
+            reduce-scatter input (zero2/fsdp).
+        optimizer_temp_bytes: the optimizer step's temporaries on the GPU.
+        cpu_offload_bytes: what this GPU's process keeps in host memory (--cpu-offload).
+        forward_peak_bytes ... peak_bytes, peak_phase: as in MemoryEstimate, for this GPU.
+        device_bytes: peak_bytes + overhead_bytes (the runtime, each GPU's own).
+    """
+
+    gpus: int
+    sharding: str
+    cpu_offload: bool
+    gpu_rank: int
+    weights_bytes: int
+    adapter_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    master_bytes: int
+    method_state_bytes: int
+    bucket_bytes: int
+    gather_bytes: int
+    reduce_scatter_bytes: int
+    optimizer_temp_bytes: int
+    cpu_offload_bytes: int
+    activations_bytes: int
+    logits_bytes: int
+    overhead_bytes: int
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    optimizer_peak_bytes: int
+    peak_bytes: int
+    peak_phase: str
+    device_bytes: int
+    held: Optional[Held] = field(repr=False, compare=False, default=None)  # what phase_peaks was given
+
+
+def _state_bytes(t, setup: TrainingSetup) -> int:
+    """Bytes per element of a trainable tensor's optimizer states: fp32 with master weights (as step_parts)."""
+    return 4 if setup.master_weights and t.elem_bytes < 4 else t.elem_bytes
+
+
+def _sharded_parts(plan: Plan, p: Parallel, gpu_rank: int) -> Dict[str, int]:
+    """One GPU's components under zero2/fsdp, tensor by tensor (see the module docstring)."""
+    n, setup, parts = p.gpus, plan.setup, plan.parts
+    layout = plan.layout
+    c = dict.fromkeys(("weights", "adapter", "weights_replicated", "adapter_replicated", "grads", "optim", "master",
+                       "method_state", "temp", "host_params", "host_grads", "root_grads_shard", "layer_grads"), 0)
+    gathered = {"root": 0, "layer": 0}
+    unsharded_grads = {"root": 0, "layer": 0}
+    largest_local = 0
+    for group, tensors, count in (("root", layout.root, 1), ("layer", layout.layer, layout.num_layers)):
+        for t in tensors:
+            rows = padded_rows(t.dim0, n) if t.sharded else t.dim0
+            kept = count * rows * t.rest * t.elem_bytes
+            c["adapter" if t.adapter else "weights"] += kept
+            if t.sharded:
+                gathered[group] += n * rows * t.rest * t.elem_bytes
+                c["host_params"] += kept
+            else:
+                c["adapter_replicated" if t.adapter else "weights_replicated"] += kept
+            local = shard_rows(t.dim0, n, gpu_rank) * t.rest
+            if t.adapter and parts.method_state_bytes:  # Delta-LoRA's copy of A and B, for the GPU's own
+                c["method_state"] += count * local * t.elem_bytes
+            if not t.trainable:
+                continue
+            c["grads"] += kept
+            c["host_grads"] += count * local * t.elem_bytes
+            if group == "root":
+                c["root_grads_shard"] += kept
+            else:
+                c["layer_grads"] += t.nbytes
+            unsharded_grads[group] += t.nbytes + n * rows * t.rest * t.elem_bytes
+            sb = _state_bytes(t, setup)
+            c["optim"] += count * optimizer_state_bytes(setup.optimizer, local, sb)
+            c["master"] += count * 4 * local if sb == 4 and t.elem_bytes < 4 else 0
+            c["temp"] += count * local * sb
+            largest_local = max(largest_local, local * sb)
+    if setup.optimizer != "adamw":
+        c["temp"] = 0
+    elif setup.device != "cuda":  # torch's per-tensor AdamW: two temporaries of the largest tensor
+        c["temp"] = 2 * largest_local
+    layers = layout.num_layers if p.strategy.keeps_gathered else min(2, layout.num_layers)
+    c["gather"] = gathered["root"] + layers * gathered["layer"]
+    c["rs_layer"], c["rs_root"] = unsharded_grads["layer"], unsharded_grads["root"]
+    return c
+
+
+def rank_memory(plan: Plan, parallel: Parallel = Parallel(), gpu_rank: int = 0) -> RankMemory:
+    """What GPU `gpu_rank` of parallel.gpus holds, per component and at its peak per phase. Rank 0 holds the
+    most (torch.chunk gives it a full chunk of every tensor): it is the GPU the answers are for.
+
+    Raises:
+        LorabenchError: a bad Parallel, or gpu_rank not in [0, gpus).
+    """
+    parallel.validate()
+    n, s, off, parts, setup = parallel.gpus, parallel.strategy, parallel.cpu_offload, plan.parts, plan.setup
+    if not (isinstance(gpu_rank, int) and 0 <= gpu_rank < n):
+        raise LorabenchError(f"gpu rank must be an integer from 0 to {n - 1}, got {gpu_rank!r}.")
+    accumulates = setup.grad_accum > 1
+    if s.shards_params:
+        c = _sharded_parts(plan, parallel, gpu_rank)
+        weights, adapter, grads = c["weights"], c["adapter"], c["grads"]
+        optim, master, method_state, temp = c["optim"], c["master"], c["method_state"], c["temp"]
+        gather, buckets, host, rs = c["gather"], 0, 0, max(c["rs_layer"], c["rs_root"])
+        if off:  # CPUOffloadPolicy: the shards, their gradients and the optimizer step live on the host
+            host = c["host_params"] + c["host_grads"] + optim + master + temp
+            weights, adapter = c["weights_replicated"], c["adapter_replicated"]
+            grads = optim = master = temp = 0
+        accum = grads if accumulates else 0
+        # The last layer back-propagates: the head's unsharded gradient (the root's, reduce-scattered at the end
+        # of backward) and that layer's unsharded gradients as they appear.
+        last_layer = parts.head_grad_bytes + accum + c["layer_grads"]
+        # The end of backward: the layers' shards and the larger of a layer's unsharded gradients with its
+        # reduce-scatter input, or the root's with its own, the last reduce-scatter (the root's shards come
+        # then, unless accumulated ones were there before).
+        end = grads - (0 if accumulates or off else c["root_grads_shard"]) + rs
+        held = Held(weights + adapter + optim + master + method_state, gather, grads, accum, last_layer, end, temp)
+    else:
+        weights, adapter, grads = parts.weights_bytes, parts.adapter_bytes, parts.gradients_bytes
+        optim, master, method_state = parts.optimizer_bytes, parts.master_bytes, parts.method_state_bytes
+        temp, gather, rs = parts.optimizer_temp_bytes, 0, 0
+        buckets = grads if s.buckets else 0
+        host = 0
+        if off:  # the optimizer steps on the host, with a host copy of the gradients (as ZeRO-Offload)
+            host, optim, master, temp = optim + master + temp + grads, 0, 0, 0
+        one = parts.held()
+        held = Held(weights + adapter + optim + master + method_state + buckets, 0, grads, one.accum_bytes,
+                    one.backward_grads_bytes, one.end_grads_bytes, temp)
+    phases = parts.phase_peaks(held)
+    phase = max(phases, key=phases.get)
+    return RankMemory(n, parallel.sharding, off, gpu_rank, weights, adapter, grads, optim, master, method_state,
+                      buckets, gather, rs, temp, host, parts.act.saved_bytes, parts.act.logits_backward_bytes,
+                      parts.overhead_bytes, phases["forward"], phases["backward"], phases["optimizer"],
+                      phases[phase], phase, phases[phase] + parts.overhead_bytes, held)
+
+
+def plan_need_bytes(plan: Plan, parallel: Parallel = Parallel(), allowance: float = ALLOCATOR_ALLOWANCE) -> int:
+    """What each GPU must have (its largest, rank 0): peak, runtime and the allocator allowance."""
+    if parallel.single:
+        return need_bytes(plan.parts, allowance)
+    return need_bytes(plan.parts, allowance, rank_memory(plan, parallel).held)
+
+
+def fewest_gpus(plan: Plan, sharding: str, capacity: int, allowance: float = ALLOCATOR_ALLOWANCE,
+                cpu_offload: bool = False, max_gpus: int = 4096) -> Optional[int]:
+    """The fewest GPUs of `capacity` bytes that hold the step under `sharding`: 1 when one GPU holds it whole
+    (ddp: when one replica, buckets included, fits, since each GPU holds one); None when even max_gpus do not.
+    Counted up from 2: the padding makes the need per GPU wiggle as N grows (by up to N - 1 rows of a tensor)."""
+    if sharding == "ddp":
+        fits = plan_need_bytes(plan, Parallel(1, "ddp", cpu_offload), allowance) <= capacity
+        return 1 if fits else None
+    if plan_need_bytes(plan, Parallel(1, "none", cpu_offload), allowance) <= capacity:
+        return 1
+    if plan_need_bytes(plan, Parallel(max_gpus, sharding, cpu_offload), allowance) > capacity:
+        return None
+    return next(n for n in range(2, max_gpus + 1)
+                if plan_need_bytes(plan, Parallel(n, sharding, cpu_offload), allowance) <= capacity)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether a step fits its GPUs, and the fewest GPUs each strategy needs.
+
+    Attributes:
+        fits: each of parallel.gpus GPUs holds its share (peak, runtime and allowance).
+        allowance_bytes: the allocator allowance counted on one GPU (fraction x its peak).
+        spare_bytes: memory left on one GPU after peak, runtime and allowance (negative: it does not fit).
+        gpus_needed: gpus_needed_fsdp, the public field of old.
+        gpus_needed_ddp: 1 when a replica fits one GPU, else None.
+        gpus_needed_zero2, gpus_needed_fsdp: the fewest GPUs (1: it fits one whole); None when no number does.
+        per_gpu_bytes: what each of gpus_needed GPUs holds under fsdp (peak and runtime).
+    """
+
+    gpu: str
+    gpu_memory_bytes: int
+    fits: bool
+    gpus_needed: Optional[int]
+    per_gpu_bytes: Optional[int]
+    allowance_bytes: int
+    spare_bytes: int
+    gpus_needed_ddp: Optional[int]
+    gpus_needed_zero2: Optional[int]
+    gpus_needed_fsdp: Optional[int]
+
+
+def fit_on_gpu(plan: Plan, gpu: GPU, parallel: Parallel = Parallel(), allowance: float = ALLOCATOR_ALLOWANCE,
+               max_gpus: int = 4096) -> Fit:
+    """Whether parallel.gpus of `gpu` hold the step under parallel.sharding, and how many each strategy needs
+    (with the same --cpu-offload). Activations, logits and the runtime stay whole on every GPU; each GPU also
+    keeps `allowance` x its peak free for the allocator (memory.ALLOCATOR_ALLOWANCE)."""
+    cap = gpu.memory_bytes
+    peak = rank_memory(plan, parallel).peak_bytes if not parallel.single else max(plan.parts.phase_peaks().values())
+    spare = cap - plan_need_bytes(plan, parallel, allowance)
+    off = parallel.cpu_offload
+    needed = {s: fewest_gpus(plan, s, cap, allowance, off, max_gpus) for s in ("ddp", "zero2", "fsdp")}
+    n = needed["fsdp"]
+    per_gpu = None if n is None else plan_need_bytes(plan, Parallel(n, "fsdp" if n > 1 else "none", off), 0.0)
+    return Fit(gpu.name, cap, spare >= 0, n, per_gpu, int(allowance * peak), spare, needed["ddp"], needed["zero2"],
+               needed["fsdp"])
