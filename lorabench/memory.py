@@ -175,7 +175,8 @@ class TrainingSetup:
         """Whether a frozen quantized base layer keeps its input for backward. bitsandbytes' MatMul4Bit
         keeps only the packed weight (its input gradient needs no x); LLM.int8() on the CPU runs
         MatMul8bitFp (bitsandbytes/autograd/_functions.py: dequantize, then F.linear), which keeps its input
-        A as ctx.A whenever the graph records it. (On CUDA, MatMul8bitLt keeps no x when W is frozen.)"""
+        A as ctx.A whenever the graph records it: an attribute, not a saved tensor, so it lives as long as
+        the graph, checkpointing or not (_layer_saves). (On CUDA, MatMul8bitLt keeps no x when W is frozen.)"""
         return self.dtype == "int8" and self.device == "cpu"
 
 
@@ -396,6 +397,21 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     (LoRA on down only: the whole attention block and the MLP up to down) nothing is kept. The family's
     structure (spec.arch) decides the rest: where the norms sit, q/k norms, fused projections, experts.
     """
+    return _layer_saves(spec, method, rank, targets, setup, input_needs_grad)[0]
+
+
+def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+                 setup: TrainingSetup, input_needs_grad: bool = True) -> Tuple[int, int]:
+    """(bytes per token one decoder layer saves for backward, of which the graph holds until it is freed).
+
+    The second are the inputs that int8 bases on the CPU keep (setup.base_keeps_input): bitsandbytes'
+    MatMul8bitFp stores its input as an attribute of its autograd context (`ctx.A = A`), not through
+    save_for_backward, so backward does not release it after use and gradient checkpointing does not drop it
+    (its saved-tensor hooks see only saved tensors): it lives as long as the graph, until the loss that holds
+    the graph dies. q, k and v read one tensor; a gated MLP's gate and up another. Measured on the CPU
+    tracker: a LoRA step on an int8 tiny-llama frees exactly these bytes when the loss is deleted after
+    backward, and none on an nf4 (MatMul4Bit keeps only the packed weight) or a bf16 base.
+    """
     setup = setup.for_spec(spec)
     a, d, i = setup.act_bytes, spec.hidden_size, spec.intermediate_size
     arch = spec.arch
@@ -409,9 +425,12 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     def norm(width: int = d, rows: int = 1) -> int:
         return _norm_saves(spec, width, rows, a, full)
 
+    def held_input(width: int, live_in: bool) -> int:  # an int8 base's input on its autograd ctx
+        return a * width if setup.base_keeps_input and live_in else 0
+
     if spec.single_matrix:
         keep, extra = _consumers_keep_input(("w",), *args)
-        return (a * d if keep else 0) + extra
+        return (a * d if keep else 0) + extra, 0
     pre, post = arch.norm_layout in ("pre", "sandwich"), arch.norm_layout in ("post", "sandwich")
     live = input_needs_grad  # the residual stream needs a gradient
     total = 0
@@ -420,6 +439,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
     keep, extra = _consumers_keep_input(qkv, *args, live=live)
     total += (a * d if keep else 0) + extra  # the norm's output (or the residual), shared by q, k and v
+    held = held_input(d, live)
     if arch.qk_norm:
         head = arch.qk_norm == "head"
         if live or trains(("q", "qkv")):
@@ -440,6 +460,7 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
     elif live:
         total += _eager_attention_saves(spec, a, setup.seq_len)
     keep, extra = _consumers_keep_input(("o",), *args, live=live)
+    held += held_input(spec.q_dim, live)
     # o's input: the heads merged. The fused SDPA kernels (CUDA flash/efficient, and the CPU flash kernel
     # for q made as view(B, S, H, hd).transpose(1, 2)) write their output as [B, S, H, hd], so
     # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; eager makes a copy, and so
@@ -460,10 +481,11 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
             keep, extra = _consumers_keep_input(("down",), *args)
             total += (a * i if keep else 0) + extra
         total += norm() if live and post else 0
-        return total
+        return total, held
     if spec.gated_mlp:
         gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up")
         keep, extra = _consumers_keep_input(gate_up, *args, live=live)
+        held += held_input(d, live)
         total += (a * d if keep else 0) + extra
         # act(g) * u: the activation keeps g, the product keeps act(g) for u's gradient and u for g's.
         g_grad, u_grad = live or trains(("gate", "gate_up")), live or trains(("up", "gate_up"))
@@ -471,13 +493,15 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
         live = g_grad or u_grad
     else:
         keep, extra = _consumers_keep_input(("up",), *args, live=live)
+        held += held_input(d, live)
         total += (a * d if keep else 0) + extra
         live = live or trains(("up",))
         total += a * i if live else 0  # gelu keeps its input
     keep, extra = _consumers_keep_input(("down",), *args, live=live)
+    held += held_input(i, live)
     total += (a * i if keep else 0) + extra
     total += norm() if live and post else 0  # post-feedforward norm on down's output
-    return total
+    return total, held
 
 
 def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
@@ -565,6 +589,10 @@ class ActivationBreakdown:
     (cast or merged weights), which the stored activations do not hold.
     final_norm_bytes: what the final norm (and the head's weight gradient) keeps, in saved_bytes; freed
     before any layer back-propagates.
+    graph_backward_bytes: what the autograd graph holds beyond its saved tensors (int8 bases' inputs on the
+    CPU, see _layer_saves), in saved_bytes but not released as backward goes: alive to backward's end.
+    graph_step_bytes: the same bytes when the graph outlives backward: the plain loop's output holds the loss,
+    and so the graph, through the optimizer step (and, accumulating, through the next forward).
     """
 
     saved_bytes: int
@@ -577,6 +605,8 @@ class ActivationBreakdown:
     cache_bytes: int = 0
     layer_forward_bytes: int = 0
     final_norm_bytes: int = 0
+    graph_backward_bytes: int = 0
+    graph_step_bytes: int = 0
 
     @property
     def after_forward_bytes(self) -> int:
@@ -589,15 +619,19 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     """Activation and logits memory of one step for the whole model."""
     a, t, d = setup.act_bytes, setup.tokens, spec.hidden_size
     L = spec.num_layers
-    first = layer_activation_bytes(spec, method, rank, targets, setup, input_needs_grad=method.base_trainable)
+    first, first_held = _layer_saves(spec, method, rank, targets, setup, input_needs_grad=method.base_trainable)
     # (the first layer's norm keeps nothing when the embeddings are frozen: its input needs no gradient)
-    rest = layer_activation_bytes(spec, method, rank, targets, setup)
+    rest, rest_held = _layer_saves(spec, method, rank, targets, setup)
+    graph_held = t * (first_held + (L - 1) * rest_held)
     per_token = 16  # input_ids and labels, int64
     if spec.single_matrix:
         return ActivationBreakdown(t * (per_token + first + (L - 1) * rest), 0, t * 2 * a * d, 0, 0, 0)
     if setup.grad_checkpointing:
         # Checkpointing (Chen et al. 2016) keeps each layer's input; backward recomputes one layer at a time.
-        per_token += L * a * d
+        # What int8 bases hold on their autograd context stays too (_layer_saves), but for what is the layer's
+        # input itself (post-norm layouts feed q, k and v the residual stream).
+        input_held = a * d if spec.arch.norm_layout == "post" and rest_held else 0
+        per_token += L * a * d + first_held + (L - 1) * (rest_held - input_held)
         recompute = t * rest
     else:
         per_token += first + (L - 1) * rest
@@ -629,7 +663,7 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         casts = 0
     transient = _layer_backward_transient(spec, method, targets, setup)
     return ActivationBreakdown(t * per_token + rope + casts, recompute, transient, held, fwd, bwd, after, cache,
-                               layer_forward, t * final)
+                               layer_forward, t * final, graph_held, graph_held if setup.loop == "plain" else 0)
 
 
 def liger_chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
@@ -715,7 +749,7 @@ class StepParts:
         # backward (accumulated in place), and the plain loop's previous output (logits, KV cache) through
         # the next forward, until the new output replaces it.
         accum = grads if self.grad_accum > 1 else 0
-        previous_out = act.logits_held_bytes + act.cache_bytes if self.grad_accum > 1 else 0
+        previous_out = (act.logits_held_bytes + act.cache_bytes + act.graph_step_bytes) if self.grad_accum > 1 else 0
         forward = persistent + accum + previous_out + act.saved_bytes + max(
             act.logits_forward_bytes, self.dequant_bytes, self.norm_temp_bytes, act.layer_forward_bytes)
         # while one layer is recomputed (checkpointing) its forward temporaries come back; the MLP's
@@ -729,9 +763,9 @@ class StepParts:
             act.saved_bytes + act.logits_backward_bytes + accum,
             act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + max(head, accum)
             + act.recompute_bytes + layer_temp,
-            grads + act.logits_held_bytes + act.cache_bytes + act.transient_bytes,
+            grads + act.logits_held_bytes + act.cache_bytes + act.graph_backward_bytes + act.transient_bytes,
         )
-        optimizer = (persistent + grads + act.logits_held_bytes + act.cache_bytes
+        optimizer = (persistent + grads + act.logits_held_bytes + act.cache_bytes + act.graph_step_bytes
                      + -(-self.optimizer_temp_bytes // n))
         return {"forward": forward, "backward": backward, "optimizer": optimizer}
 
