@@ -29,7 +29,7 @@ from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, devic
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
 from lorabench.hfconfig import hf_config_dict
 from lorabench.loops import PlainLoop, TrainerLoop
-from lorabench.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, step_parts
+from lorabench.memory import QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
 from lorabench.params import parse_targets
 from lorabench.qlora import load_quantized, quant_state_tensors
@@ -64,21 +64,34 @@ def _split_tensors(model: torch.nn.Module, base_ids: set) -> tuple:
 
 def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
                     device: torch.device, seed: int = 0) -> Built:
-    """lorabench.nn's model with method applied, its optimizer and after-step hooks."""
+    """lorabench.nn's model with method applied, its optimizer and after-step hooks. A quantized base
+    (setup.dtype nf4 or int8) is built in bf16, its decoder projections put on bitsandbytes' layers
+    (lorabench.nn.quant), and the adapters wrap those.
+
+    Raises:
+        LorabenchError: --kbit-prepare (PEFT's function, for --impl peft), or what apply_method raises.
+    """
     from lorabench.nn.adapters import apply_method, param_groups, step_hooks
     from lorabench.nn.model import build_model
+    from lorabench.nn.quant import quantize_base
     from lorabench.nn.train import make_optimizer
 
-    model = build_model(spec, device=device, dtype=TORCH_DTYPES[setup.dtype], seed=seed)
+    quantized = setup.dtype in QUANTIZED
+    if setup.kbit_prepare:
+        raise LorabenchError(KBIT_LORABENCH)
+    model = build_model(spec, device=device, dtype=TORCH_DTYPES.get(setup.dtype, torch.bfloat16), seed=seed)
     model.grad_checkpointing = setup.grad_checkpointing
-    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    if quantized:
+        quantize_base(model, setup.dtype)
+    quant_consts = quant_state_tensors(model) if quantized else []
+    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) + quant_consts}
     apply_method(model, method, rank, setup.alpha, targets, dropout=setup.dropout, seed=seed,
-                 adapter_dtype=TORCH_DTYPES[setup.adapter_dtype])
+                 adapter_dtype=TORCH_DTYPES[setup.adapter_dtype], quantization=setup.dtype if quantized else None)
     model.train()
     opt = make_optimizer(setup.optimizer, param_groups(model, method, LR), LR, device=device)
     hooks = step_hooks(model, method)
     base, adapter = _split_tensors(model, base_ids)
-    return Built(model, opt, hooks, lambda ids: model(ids, labels=ids), base, adapter)
+    return Built(model, opt, hooks, lambda ids: model(ids, labels=ids), base + quant_consts, adapter)
 
 
 def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
@@ -165,6 +178,8 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
 
 
 BUILDERS = {"lorabench": build_lorabench, "peft": build_peft}
+KBIT_LORABENCH = ("--kbit-prepare runs PEFT's prepare_model_for_kbit_training on transformers' model; measure it "
+                  "with --impl peft.")
 
 
 @dataclass
@@ -432,7 +447,7 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     return row
 
 
-def _preload(impl: str) -> None:
+def _preload(impl: str, quantized: bool = False) -> None:
     """Import now what the cases import later. A Ctrl-C that lands inside an import (torch's, transformers'
     lazy model modules) can leave a module half-initialised: the next use then fails oddly or aborts the
     process. Run under signals_deferred, the signal takes effect once the imports are whole."""
@@ -442,6 +457,9 @@ def _preload(impl: str) -> None:
     import lorabench.nn.adapters  # noqa: F401
     import lorabench.nn.model  # noqa: F401
     import lorabench.nn.train  # noqa: F401
+    if quantized:
+        with contextlib.suppress(ImportError):  # (the builders say so, per case)
+            import bitsandbytes  # noqa: F401
     if impl == "peft":
         try:
             import peft
@@ -464,7 +482,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
     A case that runs out of memory gives a row with status "oom" and the sweep goes on.
 
     Raises:
-        LorabenchError: bad options (steps, warmup, impl, a quantized base, CUDA asked for and absent).
+        LorabenchError: bad options (steps, warmup, impl, CUDA asked for and absent).
     """
     if impl not in IMPLS:
         raise LorabenchError(f"unknown implementation '{impl}'; choose from {', '.join(IMPLS)}.")
@@ -473,13 +491,12 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
     if warmup < 1:
         raise LorabenchError("--warmup must be at least 1: the first step creates the optimizer states.")
     setup = setup.for_spec(spec)  # "auto" attention: the family's
-    if setup.dtype in QUANTIZED and impl != "peft":
-        raise LorabenchError(f"--impl lorabench builds float bases only ({', '.join(FLOAT_BYTES)}); measure a "
-                             f"{setup.dtype} base with --impl peft (transformers + bitsandbytes + PEFT).")
+    if setup.kbit_prepare and impl == "lorabench":
+        raise LorabenchError(KBIT_LORABENCH)
     if spec.single_matrix:
         raise LorabenchError("bench builds a model; a bare --d matrix has no forward pass to run.")
     with signals.signals_deferred():
-        _preload(impl)
+        _preload(impl, setup.dtype in QUANTIZED)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LorabenchError("--device cuda: no CUDA device is available here; use --device cpu.")

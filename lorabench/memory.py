@@ -184,7 +184,8 @@ class TrainingSetup:
         """Whether a frozen quantized base layer keeps its input for backward. bitsandbytes' MatMul4Bit
         keeps only the packed weight (its input gradient needs no x); LLM.int8() on the CPU runs
         MatMul8bitFp (bitsandbytes/autograd/_functions.py: dequantize, then F.linear), which keeps its input
-        A as ctx.A whenever the graph records it. (On CUDA, MatMul8bitLt keeps no x when W is frozen.)"""
+        A as ctx.A whenever the graph records it: an attribute, not a saved tensor, so it lives as long as
+        the graph, checkpointing or not (_layer_saves). (On CUDA, MatMul8bitLt keeps no x when W is frozen.)"""
         return self.dtype == "int8" and self.device == "cpu"
 
 
@@ -444,9 +445,19 @@ def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
 
 
 def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-                 setup: TrainingSetup, input_needs_grad: bool = True) -> Tuple[int, int]:
-    """(bytes per token, bytes per layer) one decoder layer saves for backward (no checkpointing); the
-    per-layer bytes are weights cast by autocast (_autocast_casts).
+                 setup: TrainingSetup, input_needs_grad: bool = True) -> Tuple[int, int, int]:
+    """(bytes per token, bytes per layer, graph-held bytes per token) one decoder layer saves for backward
+    (no checkpointing). The per-layer bytes are weights cast for backward (_autocast_casts, PEFT's DoRA with
+    dropout).
+
+    The graph-held bytes, part of the first, are the inputs that int8 bases on the CPU keep
+    (setup.base_keeps_input): bitsandbytes' MatMul8bitFp stores its input as an attribute of its autograd
+    context (`ctx.A = A`), not through save_for_backward, so backward does not release it after use and
+    gradient checkpointing does not drop it (its saved-tensor hooks see only saved tensors): it lives as long
+    as the graph, until the loss that holds the graph dies. q, k and v read one tensor; a gated MLP's gate
+    and up another. Measured on the CPU tracker: a LoRA step on an int8 tiny-llama frees exactly these bytes
+    when the loss is deleted after backward, and none on an nf4 (MatMul4Bit keeps only the packed weight) or
+    a bf16 base.
 
     input_needs_grad is False for the first layer when the embeddings are frozen. Autograd records an op
     only when something it reads needs a gradient, so until the first trainable weight in that layer
@@ -468,6 +479,9 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
 
     casts = 0
 
+    def held_input(width: int, live_in: bool) -> int:  # an int8 base's input on its autograd ctx
+        return a * width if setup.base_keeps_input and live_in else 0
+
     def out_bytes(names, x_bytes: int) -> int:
         """Element size of these projections' output: the product's dtype, except under autocast where an
         adapter multiplies its output by fp32 parameters cast to x's dtype (lorabench's VeRA lambda_b and
@@ -485,7 +499,7 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
 
     if spec.single_matrix:
         keep, extra = consumers(("w",), x_bytes=s)
-        return (a * d if keep else 0) + extra, casts
+        return (a * d if keep else 0) + extra, casts, 0
     pre, post = arch.norm_layout in ("pre", "sandwich"), arch.norm_layout in ("post", "sandwich")
     live = input_needs_grad  # the residual stream needs a gradient
     total = 0
@@ -494,6 +508,7 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
     qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
     keep, extra = consumers(qkv, live, s)
     total += (s * d if keep else 0) + extra  # the norm's output (or the residual), shared by q, k and v
+    held = held_input(d, live)
     if arch.qk_norm:
         head = arch.qk_norm == "head"
         if live or trains(("q", "qkv")):
@@ -514,6 +529,7 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
     elif live:
         total += _eager_attention_saves(spec, a, setup.seq_len)
     keep, extra = consumers(("o",), live)
+    held += held_input(spec.q_dim, live)
     # o's input: the heads merged. The fused SDPA kernels (CUDA flash/efficient, and the CPU flash kernel
     # for q made as view(B, S, H, hd).transpose(1, 2)) write their output as [B, S, H, hd], so
     # transpose(1, 2).contiguous() is free and o shares the tensor SDPA keeps; eager makes a copy, and so
@@ -534,10 +550,11 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
             keep, extra = consumers(("down",), live)
             total += (a * i if keep else 0) + extra
         total += norm() if live and post else 0
-        return total, casts
+        return total, casts, held
     if spec.gated_mlp:
         gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up")
         keep, extra = consumers(gate_up, live, s)
+        held += held_input(d, live)
         total += (s * d if keep else 0) + extra
         # act(g) * u: the activation keeps g, the product keeps act(g) for u's gradient and u for g's.
         g_grad, u_grad = live or trains(("gate", "gate_up")), live or trains(("up", "gate_up"))
@@ -547,14 +564,16 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
         hb = max(gb, ub)  # the product's (type promotion)
     else:
         keep, extra = consumers(("up",), live, s)
+        held += held_input(d, live)
         total += (s * d if keep else 0) + extra
         live = live or trains(("up",))
         hb = out_bytes(("up",), s)
         total += hb * i if live else 0  # gelu keeps its input
     keep, extra = consumers(("down",), live, hb)
+    held += held_input(i, live)
     total += (hb * i if keep else 0) + extra
     total += norm() if live and post else 0  # post-feedforward norm on down's output
-    return total, casts
+    return total, casts, held
 
 
 def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
@@ -644,6 +663,10 @@ class ActivationBreakdown:
     (cast or merged weights), which the stored activations do not hold.
     final_norm_bytes: what the final norm (and the head's weight gradient) keeps, in saved_bytes; freed
     before any layer back-propagates.
+    graph_backward_bytes: what the autograd graph holds beyond its saved tensors (int8 bases' inputs on the
+    CPU, see _layer_saves), in saved_bytes but not released as backward goes: alive to backward's end.
+    graph_step_bytes: the same bytes when the graph outlives backward: the plain loop's output holds the loss,
+    and so the graph, through the optimizer step (and, accumulating, through the next forward).
     autocast_cache_bytes: under checkpointing, the casts of trainable weights autocast caches until forward
     ends (kept for backward, hence in saved_bytes, without checkpointing).
     cache_extra_bytes: what transformers' KV cache holds beyond the saved k and v (autocast's fp32 keys),
@@ -662,6 +685,8 @@ class ActivationBreakdown:
     final_norm_bytes: int = 0
     autocast_cache_bytes: int = 0
     cache_extra_bytes: int = 0
+    graph_backward_bytes: int = 0
+    graph_step_bytes: int = 0
 
     @property
     def after_forward_bytes(self) -> int:
@@ -676,9 +701,11 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     """Activation and logits memory of one step for the whole model."""
     a, s, t, d = setup.act_bytes, setup.stream_bytes, setup.tokens, spec.hidden_size
     L = spec.num_layers
-    first, first_casts = _layer_saves(spec, method, rank, targets, setup, input_needs_grad=method.base_trainable)
+    first, first_casts, first_held = _layer_saves(spec, method, rank, targets, setup,
+                                                  input_needs_grad=method.base_trainable)
     # (the first layer's norm keeps nothing when the embeddings are frozen: its input needs no gradient)
-    rest, rest_casts = _layer_saves(spec, method, rank, targets, setup)
+    rest, rest_casts, rest_held = _layer_saves(spec, method, rank, targets, setup)
+    graph_held = t * (first_held + (L - 1) * rest_held)
     per_token = 16  # input_ids and labels, int64
     if spec.single_matrix:
         return ActivationBreakdown(t * (per_token + first + (L - 1) * rest) + first_casts + (L - 1) * rest_casts,
@@ -686,7 +713,10 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     autocast_cache = 0
     if setup.grad_checkpointing:
         # Checkpointing (Chen et al. 2016) keeps each layer's input; backward recomputes one layer at a time.
-        per_token += L * s * d
+        # What int8 bases hold on their autograd context stays too (_layer_saves), but for what is the layer's
+        # input itself (post-norm layouts feed q, k and v the residual stream).
+        input_held = a * d if spec.arch.norm_layout == "post" and rest_held else 0
+        per_token += L * s * d + first_held + (L - 1) * (rest_held - input_held)
         recompute = t * rest + rest_casts
         # autocast's cache keeps every trainable weight's cast until forward ends, checkpointed or not
         autocast_cache = L * _trainable_casts(spec, method, rank, targets, setup)
@@ -733,7 +763,7 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     transient = _layer_backward_transient(spec, method, targets, setup)
     return ActivationBreakdown(t * per_token + rope + casts + layer_casts + head_cast, recompute, transient, held,
                                fwd, bwd, after, cache, layer_forward, t * final + head_cast, autocast_cache,
-                               cache_k_extra)
+                               cache_k_extra, graph_held, graph_held if setup.loop == "plain" else 0)
 
 
 def _trainable_casts(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
@@ -863,7 +893,7 @@ class StepParts:
         h, act = held or self.held(), self.act
         # the plain loop's previous output (logits, KV cache) lives through the next forward, until the new
         # output replaces it
-        previous_out = act.logits_held_bytes + act.cache_bytes if self.grad_accum > 1 else 0
+        previous_out = (act.logits_held_bytes + act.cache_bytes + act.graph_step_bytes) if self.grad_accum > 1 else 0
         # the output's KV cache beyond the saved k and v, from forward's end; through backward where the loop
         # keeps the output (cache_bytes is non-zero exactly then)
         cache_extra = act.cache_extra_bytes
@@ -882,10 +912,11 @@ class StepParts:
             act.saved_bytes + act.logits_backward_bytes + h.accum_bytes,
             act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + h.backward_grads_bytes
             + act.recompute_bytes + layer_temp,
-            h.end_grads_bytes + act.logits_held_bytes + act.cache_bytes + act.transient_bytes - kept_extra,
+            h.end_grads_bytes + act.logits_held_bytes + act.cache_bytes + act.graph_backward_bytes
+            + act.transient_bytes - kept_extra,
         )
         optimizer = (h.persistent_bytes + h.grads_bytes + act.logits_held_bytes + act.cache_bytes
-                     + h.optimizer_temp_bytes)
+                     + act.graph_step_bytes + h.optimizer_temp_bytes)
         return {"forward": forward, "backward": backward, "optimizer": optimizer}
 
 

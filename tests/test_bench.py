@@ -177,7 +177,7 @@ def test_bench_cli_layers_projects_to_full_depth():
     (["-m", "tiny-llama", "--warmup", "0"], "must be from 1 to"),
     (["-m", "tiny-llama", "--steps", "0"], "must be from 1 to"),
     (["--d", "4096"], "bare --d matrix"),
-    (["-m", "tiny-llama", "--dtype", "nf4", "--impl", "lorabench"], "float bases only"),
+    (["-m", "tiny-llama", "--dtype", "nf4", "--impl", "lorabench", "--kbit-prepare"], "measure it with --impl peft"),
     (["-m", "tiny-llama", "--output", "x.txt"], "must end in .json or .csv"),
     (["-m", "tiny-llama", "--impl", "hf"], "Invalid value"),
     (["-m", "tiny-llama", "--gpu", "nope"], "unknown GPU"),

@@ -18,27 +18,27 @@ from lorabench.methods import Method, get_method
 from lorabench.nn.delta import DeltaLoRAUpdate
 from lorabench.nn.lora import DoRALinear, LoRALinear
 from lorabench.nn.model import Transformer, iter_targets
+from lorabench.nn.quant import QUANTIZED_BASES, is_quantized, quantize_base
 from lorabench.nn.vera import VeRALinear, VeRAProjections
 from lorabench.params import check_targets, parse_targets
 from lorabench.specs import MOE_TARGETS
 
 ADAPTER_TYPES = (LoRALinear, DoRALinear, VeRALinear)
-QUANTIZED_BASES = ("nf4", "int8")
 
 
 def _resolve(method: Union[str, Method]) -> Method:
     return method if isinstance(method, Method) else get_method(method)
 
 
-def _check_quantization(method: Method, quantization: Optional[str]) -> None:
+def _check_quantization(method: Method, quantization: Optional[str]) -> Optional[str]:
+    """quantization as a QUANTIZED_BASES name, or None for a float base."""
     if quantization in (None, "none"):
-        return
+        return None
     if quantization not in QUANTIZED_BASES:
         raise LorabenchError(f"unknown base quantization '{quantization}' (choose none, nf4 or int8).")
     if not method.allows_quantized_base:
         raise LorabenchError(f"{method.name} writes the base weights, which a {quantization} base cannot hold.")
-    raise LorabenchError(f"a {quantization} base needs CUDA and bitsandbytes (QLoRA-style 4/8-bit layers); "
-                         "lorabench.nn builds unquantized bases only.")
+    return quantization
 
 
 def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[int] = 8,
@@ -57,20 +57,25 @@ def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[
             low-rank path so that W moves by the change of B A alone.
         seed: draws LoRA's A (one CPU generator for all layers) and is VeRA's projection_prng_key.
         adapter_dtype: dtype of adapter parameters (float32, as PEFT keeps them).
-        quantization: None; "nf4"/"int8" raise (they need CUDA and bitsandbytes).
+        quantization: None, or "nf4"/"int8": every decoder projection still an nn.Linear is first put on
+            bitsandbytes' Linear4bit / Linear8bitLt (lorabench.nn.quant.quantize_base), which the adapters
+            wrap (needs bitsandbytes and real weights, not "meta").
         vera_d_initial: starting value of VeRA's lambda_d.
 
     Returns:
         The adapter modules in layer order (empty for full fine-tuning).
 
     Raises:
-        LorabenchError: unknown method or targets, a bad rank, a quantized base, a mixture of experts'
+        LorabenchError: unknown method or targets, a bad rank, a quantized base under a method that writes
+            W (full, delta-lora) or on "meta", bitsandbytes missing, a mixture of experts'
             router or experts as targets (nn.Linear wrappers only: PEFT's ParamWrapper adapts those), or a
             model that already has adapters.
     """
     method = _resolve(method)
-    _check_quantization(method, quantization)
+    quantization = _check_quantization(method, quantization)
     spec = model.spec
+    if quantization is not None:
+        quantize_base(model, quantization)
     if method.adapter == "none":
         model.requires_grad_(method.base_trainable)
         return []
@@ -83,7 +88,7 @@ def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[
         raise LorabenchError("lorabench's layers do not adapt a mixture of experts' router or experts; "
                              "use --impl peft")
     found = list(iter_targets(model, names))
-    if not all(type(linear) is nn.Linear for _, _, linear in found):
+    if not all(type(linear) is nn.Linear or is_quantized(linear) for _, _, linear in found):
         raise LorabenchError("the model already has adapters; build a fresh one per method.")
     alpha = float(rank if alpha is None else alpha)
     dropout = 0.0 if method.updates_base else dropout

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorabench.nn.quant import dense_weight, is_quantized
+
 
 def _freeze(base: nn.Linear) -> nn.Linear:
     for p in base.parameters():
@@ -95,6 +97,10 @@ class DoRALinear(LoRALinear):
     temporary, no saved tensors). PEFT writes the same output as (g - 1) W x + g s B A x added to the base
     result; this form saves one out-wide tensor (W x + s B A x) for m's gradient instead of two.
 
+    On a bitsandbytes base (QDoRA) W x is the quantized layer's own product (less its bias), and W in the
+    norm is the layer's weight dequantized (lorabench.nn.quant.dense_weight, as PEFT's
+    dequantize_bnb_weight), m starting at the dequantized rows' norms.
+
     Args:
         base: the Linear to adapt; its parameters are frozen.
         rank: r.
@@ -115,22 +121,33 @@ class DoRALinear(LoRALinear):
             norm = torch.empty(self.out_features, device=device, dtype=dtype)
         else:
             with torch.no_grad():
-                norm = torch.linalg.vector_norm(base.weight.to(dtype), dim=1)  # norm: [out]
+                norm = torch.linalg.vector_norm(dense_weight(base, dtype), dim=1)  # norm: [out]
         self.magnitude = nn.Parameter(norm)
 
     def adapter_params(self) -> List[nn.Parameter]:
         return [self.lora_a, self.lora_b, self.magnitude]
 
     def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
-        """||W + s B A|| per output row, detached; one out x in temporary via addmm."""
+        """||W + s B A|| per output row, detached; one out x in temporary via addmm (a dequantized W is a
+        fresh tensor: s B A is added to it in place)."""
         with torch.no_grad():
-            w = torch.addmm(self.base.weight.to(dtype), self.lora_b.to(dtype), self.lora_a.to(dtype),
-                            alpha=self.scale)
+            b, a = self.lora_b.to(dtype), self.lora_a.to(dtype)
+            if is_quantized(self.base):
+                w = dense_weight(self.base, dtype).addmm_(b, a, alpha=self.scale)
+            else:
+                w = torch.addmm(self.base.weight.to(dtype), b, a, alpha=self.scale)
             return torch.linalg.vector_norm(w, dim=1)
+
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """W x without the bias: a bitsandbytes layer computes its own product (it adds its bias)."""
+        if not is_quantized(self.base):
+            return F.linear(x, self.base.weight)
+        wx = self.base(x)
+        return wx if self.base.bias is None else wx - self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, in] -> y: [B, S, out]
-        y = F.linear(x, self.base.weight) + self.delta(x)
+        y = self._base_product(x) + self.delta(x)
         g = self.magnitude.to(x.dtype) / self.weight_norm(x.dtype)  # g: [out]
         y = g * y
         return y if self.base.bias is None else y + self.base.bias
