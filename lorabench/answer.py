@@ -190,14 +190,20 @@ def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
         parts.append(f"targets {adapted}" + (f" ({how})" if how else ""))
     if not spec.single_matrix:
         parts.append("transformers + PEFT layers" if setup.impl == "peft" else "lorabench's own layers")
-        parts.append("plain loop (model output kept through backward)")
+        parts.append("plain loop (model output kept through backward)" if setup.loop == "plain"
+                     else "Trainer's training_step (output dropped before backward)")
+        if setup.grad_accum > 1:
+            parts.append(f"{setup.grad_accum} micro-batches per step")
     precision = f"{setup.dtype} weights"
+    if setup.autocast:
+        precision += f" under {setup.autocast} autocast"
     if adapted is not None:
         precision += f", {setup.adapter_dtype} adapters"
     if setup.master_weights:
         precision += ", fp32 master weights"
     parts.append(precision)
-    parts.append({"adamw": "AdamW", "adamw-8bit": "8-bit AdamW", "sgd": "SGD",
+    parts.append({"adamw": "AdamW", "adamw-8bit": "8-bit AdamW", "paged-adamw-8bit": "paged 8-bit AdamW",
+                  "paged-adamw": "paged AdamW", "sgd": "SGD",
                   "sgd-momentum": "SGD with momentum"}.get(setup.optimizer, setup.optimizer)
                  + (" (foreach)" if setup.optimizer == "adamw" and setup.device == "cuda" else ""))
     parts.append("gradient checkpointing" if setup.grad_checkpointing else "no checkpointing")

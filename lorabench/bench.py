@@ -432,7 +432,7 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         row["achieved_tflops"] = row["step_flops"] / (step_ms / 1e3) / 1e12
         row["matmul_tflops"] = None if matmul_flops is None else matmul_flops / 1e12
         row["fraction_of_matmul"] = None if matmul_flops is None else row["achieved_tflops"] * 1e12 / matmul_flops
-        peak = gpu.bf16_flops if gpu is not None and setup.dtype != "fp32" else None
+        peak = gpu.bf16_flops if gpu is not None and (setup.dtype != "fp32" or setup.autocast) else None
         row["catalog_tflops"] = None if peak is None else peak / 1e12
         row["mfu_measured"] = None if peak is None else row["achieved_tflops"] * 1e12 / peak
     if cut is not full_spec:
@@ -508,7 +508,13 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
     if gpu is None and dev.type == "cuda":
         gpu = catalog_gpu(info["device_name"])
     info["gpu"] = gpu.name if gpu else None
-    matmul = matmul_flops_per_s(dev, TORCH_DTYPES.get(setup.dtype, torch.bfloat16))
+    # the products' dtype: the autocast dtype, bf16 for quantized bases (their compute dtype); on the CPU
+    # always bf16, the ceiling lorabench.compute.cpu_device derives its fp32 rate from
+    compute = setup.autocast or (setup.dtype if setup.dtype in TORCH_DTYPES else "bf16")
+    if dev.type == "cpu":
+        compute = "bf16"
+    info["matmul_dtype"] = compute
+    matmul = matmul_flops_per_s(dev, TORCH_DTYPES[compute])
     warm_cuda_libraries(dev)
     cases = [(m, r) for m in methods for r in (ranks if m.uses_rank else [None])]
     rows = []

@@ -14,6 +14,7 @@ import math
 import re
 
 import click
+from click.core import ParameterSource
 
 from lorabench.hfconfig import MAX_LAYERS, MAX_WIDTH, load_config
 from lorabench.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
@@ -217,7 +218,7 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
                   help="plain: the model's output (logits) lives through backward; trainer: transformers' "
                        "Trainer.training_step, which keeps only the loss.")
     @click.option("--autocast", type=click.Choice(AUTOCAST), default=None,
-                  help="Autocast mixed precision over fp32 weights (Trainer's bf16=True/fp16=True); needs "
+                  help="Autocast mixed precision over fp32 weights (Trainer's bf16=True/fp16=True); implies "
                        "--dtype fp32.")
     @click.option("--grad-accum", type=BoundedInt(1, MAX_GRAD_ACCUM), default=1, show_default=True,
                   help="Micro-batches of --batch-size per optimizer step.")
@@ -233,6 +234,8 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
     def wrapper(alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer, grad_checkpointing, attention,
                 dropout, master_weights, device, impl, loop, autocast, grad_accum, loss, loss_chunk,
                 kbit_prepare, **kw):
+        if autocast and click.get_current_context().get_parameter_source("dtype") == ParameterSource.DEFAULT:
+            dtype = "fp32"  # autocast runs over fp32 weights: --autocast alone means that
         setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
                               adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
                               grad_checkpointing=grad_checkpointing, attention=attention.lower(),

@@ -208,7 +208,7 @@ def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[in
                            width)
     r0 = rows[0]
     if r0.get("matmul_tflops"):
-        out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({setup.dtype})"
+        out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({r0.get('matmul_dtype', setup.dtype)})"
     if r0.get("catalog_tflops"):
         out += f"; catalog peak {r0['gpu']}: {r0['catalog_tflops']:,.0f} TFLOP/s"
     for r in rows:

@@ -90,10 +90,20 @@ def _norm_bytes(spec: ModelSpec, a: int) -> Tuple[int, int, int]:
 
 
 def _linear(ops: _Ops, name: str, t: int, i: int, o: int, setup: TrainingSetup, method: Method,
-            needs_dx: bool) -> None:
+            needs_dx: bool, stream_fed: bool = False) -> None:
     """A frozen or trainable base projection [t, i] -> [t, o]; a quantized one dequantizes its weight for every
-    product (bitsandbytes' Linear4bit/Linear8bitLt in training: forward and input gradient)."""
+    product (bitsandbytes' Linear4bit/Linear8bitLt in training: forward and input gradient). Under autocast
+    the fp32 weight is cast for every forward (and a trainable one's gradient cast back up), and an input
+    from the fp32 residual stream (stream_fed) is cast down, its gradient cast back up."""
     a = setup.act_bytes
+    if setup.autocast:
+        ops.stream(f"{name} weight cast", "forward", (4 + a) * i * o)
+        if method.base_trainable:
+            ops.stream(f"{name} dW cast", "backward", (a + 4) * i * o)
+        if stream_fed:
+            ops.stream(f"{name} x cast", "forward", t * (4 + a) * i)
+            if needs_dx:
+                ops.stream(f"{name} dx cast", "backward", t * (a + 4) * i)
     if setup.dtype in QUANTIZED:
         deq = _quantized_linear_bytes(setup.dtype, i, o) + a * i * o
         ops.stream(f"{name} dequantize", "forward", deq)
@@ -110,12 +120,20 @@ def _linear(ops: _Ops, name: str, t: int, i: int, o: int, setup: TrainingSetup, 
 
 
 def _adapter(ops: _Ops, name: str, t: int, i: int, o: int, rank: int, setup: TrainingSetup, method: Method,
-             needs_dx: bool) -> None:
-    """The adapter on one projection, as PEFT's layer (impl "peft") or lorabench.nn's (impl "lorabench") runs it."""
+             needs_dx: bool, stream_fed: bool = False) -> None:
+    """The adapter on one projection, as PEFT's layer (impl "peft") or lorabench.nn's (impl "lorabench") runs it.
+    Under autocast its products run in the autocast dtype: x is cast for A (from the fp32 stream; PEFT's x
+    from a product goes up to fp32 and back down) and the fp32 factors are cast per forward."""
     a, r = setup.act_bytes, rank
     peft = setup.impl == "peft"
-    ad = FLOAT_BYTES[setup.adapter_dtype] if peft else a  # the dtype the adapter's products run in
+    ad = FLOAT_BYTES[setup.adapter_dtype] if peft and not setup.autocast else a  # the adapter's products' dtype
     cast = ad != a
+    if setup.autocast:
+        store = FLOAT_BYTES[setup.adapter_dtype]
+        casts = (1 if stream_fed else 0) + (2 if peft and not stream_fed and store != a else 0)
+        ops.stream(f"{name} x cast", "forward", casts * t * (store + a) * i, launches=casts)
+        if peft:  # (lorabench.nn's own factor casts are counted below)
+            ops.stream(f"{name} factor casts", "forward", (store + a) * r * (i + o), launches=2)
     if setup.dropout > 0 and method.name != "delta-lora":  # a dropped copy of x and its bool mask
         ops.stream(f"{name} dropout", "forward", t * (2 * ad + 1) * i)
         ops.stream(f"{name} dropout", "backward", t * (2 * ad + 1) * i)
@@ -283,10 +301,10 @@ def _layer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[
     """Forward and backward ops of one decoder layer. In the first layer of a frozen model nothing before the
     first trainable weight needs a gradient (autograd records no op there), as in memory.layer_activation_bytes."""
     ops = _Ops()
-    a, t, d, i = setup.act_bytes, setup.tokens, spec.hidden_size, spec.intermediate_size
+    a, s, t, d, i = setup.act_bytes, setup.stream_bytes, setup.tokens, spec.hidden_size, spec.intermediate_size
     arch, full = spec.arch, method.base_trainable
     shapes = spec.linear_shapes()
-    nf, nb, nl = _norm_bytes(spec, a)
+    nf, nb, nl = _norm_bytes(spec, s)  # (the residual stream's dtype: fp32 under autocast)
     live = full or not first  # the layer's input needs a gradient
 
     def adapted(name: str) -> bool:
@@ -297,22 +315,22 @@ def _layer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[
         if needs:
             ops.stream(name, "backward", t * nb * width, launches=2 * nl)
 
-    def project(names) -> None:
+    def project(names, stream_fed: bool = False) -> None:
         for n in names:
             if n in shapes:
                 ii, oo, _ = shapes[n]
-                _linear(ops, n, t, ii, oo, setup, method, live)
+                _linear(ops, n, t, ii, oo, setup, method, live, stream_fed)
                 if adapted(n):
-                    _adapter(ops, n, t, ii, oo, rank, setup, method, live)
+                    _adapter(ops, n, t, ii, oo, rank, setup, method, live, stream_fed)
 
     def residual() -> None:
-        ops.stream("residual add", "forward", t * 3 * a * d)
+        ops.stream("residual add", "forward", t * (2 * s + a) * d)
 
     pre, post = arch.norm_layout in ("pre", "sandwich"), arch.norm_layout in ("post", "sandwich")
     if pre:
         norm("attention norm", d, live)
     qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
-    project(qkv)
+    project(qkv, stream_fed=True)
     live = live or any(adapted(n) for n in qkv)
     if arch.sliced_qkv and live:  # each slice's gradient is a zeroed full-width tensor, then the three summed
         ops.stream("qkv slices", "backward", t * 10 * a * (spec.q_dim + 2 * spec.kv_dim), launches=8)
@@ -330,12 +348,12 @@ def _layer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[
         _moe(ops, spec, method, rank, targets, t, setup, live)
         live = live or full or any(adapted(n) for n in ("router", "experts"))
         if spec.shared_expert_gate:  # Qwen2-MoE's shared expert and its sigmoid gate
-            project(("gate", "up", "shared_gate"))
+            project(("gate", "up", "shared_gate"), stream_fed=True)
             ops.stream("shared expert", "forward", t * (5 * a * i + 5 * a * d), launches=4)
             project(("down",))
     else:
         gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up") if arch.gated_mlp else ("up",)
-        project(gate_up)
+        project(gate_up, stream_fed=True)
         live = live or any(adapted(n) for n in gate_up)
         act = (2 + 3) * a * i if arch.gated_mlp else 2 * a * i  # act(g) (* u)
         ops.stream("activation", "forward", t * act, launches=2 if arch.gated_mlp else 1)
@@ -355,20 +373,23 @@ def _outside_layers(spec: ModelSpec, method: Method, setup: TrainingSetup) -> Li
     """Embeddings, the final norm, the output head and transformers' causal-LM loss (fp32 logits, log_softmax,
     nll_loss; Gemma 2's logit soft-cap)."""
     ops = _Ops()
-    a, t, d, v = setup.act_bytes, setup.tokens, spec.hidden_size, spec.vocab_size
+    a, s, t, d, v = setup.act_bytes, setup.stream_bytes, setup.tokens, spec.hidden_size, spec.vocab_size
     full = method.base_trainable
     p = FLOAT_BYTES.get(setup.dtype, 2)
-    ops.stream("embedding", "forward", t * 2 * a * d + (t * 3 * a * d if spec.arch.embed_scale else 0))
+    ops.stream("embedding", "forward", t * 2 * s * d + (t * 3 * s * d if spec.arch.embed_scale else 0))
     if spec.max_positions:
-        ops.stream("positions", "forward", t * 3 * a * d)
+        ops.stream("positions", "forward", t * 3 * s * d)
     if full:  # a zeroed V x d gradient and the rows added into it
-        ops.stream("embedding", "backward", p * v * d + t * 3 * a * d)
-    nf, nb, nl = _norm_bytes(spec, a)
+        ops.stream("embedding", "backward", p * v * d + t * 3 * s * d)
+    nf, nb, nl = _norm_bytes(spec, s)
     ops.stream("final norm", "forward", t * nf * d, launches=nl)
     ops.stream("final norm", "backward", t * nb * d, launches=2 * nl)
     if setup.loss != "standard":
         ops.ops.extend(_chunked_head(spec, method, setup))
         return ops.ops
+    if setup.autocast:  # the head's weight and its input cast down (a trainable head's gradient back up)
+        ops.stream("output head casts", "forward", (4 + a) * v * d + t * (s + a) * d, launches=2)
+        ops.stream("output head casts", "backward", t * (a + s) * d + ((a + 4) * v * d if full else 0))
     ops.gemm("output head", "forward", t, d, v, a)
     ops.gemm("output head dx", "backward", t, v, d, a)
     if full:

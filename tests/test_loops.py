@@ -90,3 +90,24 @@ def test_grad_accum_time_is_k_micro_batches_and_one_update():
     f1 = estimate_flops(spec, lora, 16, targets, TrainingSetup())
     f4 = estimate_flops(spec, lora, 16, targets, TrainingSetup(grad_accum=4))
     assert f4.forward_flops == 4 * f1.forward_flops and f4.flops_per_token == pytest.approx(f1.flops_per_token)
+
+
+@pytest.mark.parametrize("impl,methods,dropout", [
+    ("peft", ("lora", "dora", "vera"), 0.1),
+    ("lorabench", ("lora", "dora"), 0.1),
+    ("peft", ("full", "lora"), 0.0),
+])
+def test_every_phase_within_1pct_with_and_without_dropout(impl, methods, dropout):
+    """Each phase's peak, not only the step's: the forward phase holds the fp32 copy of the logits (4 bytes a
+    logit) and transformers' last hidden state while the loss is computed; on the CPU dropout keeps its noise
+    in x's dtype (x * bernoulli / (1 - p)), none where x needs no gradient; PEFT's DoRA with dropout keeps W
+    cast to the adapter dtype for the base output it recomputes."""
+    pytest.importorskip("transformers")
+    setup = TrainingSetup(batch_size=2, seq_len=64, dropout=dropout, device="cpu")
+    rows = run_bench(TINY, [METHODS[m] for m in methods], [8], None, setup, steps=1, warmup=2, impl=impl,
+                     progress=False, device="cpu")
+    for r in rows:
+        assert r["status"] == "ok", (r["method"], r["error"])
+        for phase in ("forward", "backward", "optimizer"):
+            est, got = r[f"{phase}_peak_bytes"], r[f"measured_{phase}_peak_bytes"]
+            assert abs(est - got) / got < 0.01, (r["method"], phase, est, got)
