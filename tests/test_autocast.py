@@ -16,7 +16,8 @@ D, FFN, R, Q, KV, HEADS, V, L = 256, 688, 8, 256, 128, 8, 4096, 4
 
 def _rows(methods, loop="trainer", impl="peft", **setup):
     pytest.importorskip("transformers")
-    s = TrainingSetup(batch_size=2, seq_len=64, dtype="fp32", autocast="bf16", loop=loop, device="cpu",
+    setup = {"autocast": "bf16", **setup}
+    s = TrainingSetup(batch_size=2, seq_len=64, dtype="fp32", loop=loop, device="cpu",
                       **{k: v for k, v in setup.items() if k != "targets"})
     rows = run_bench(TINY, [METHODS[m] for m in methods], [8], setup.get("targets"), s, steps=1, warmup=2,
                      impl=impl, progress=False, device="cpu")
@@ -33,6 +34,7 @@ def _rows(methods, loop="trainer", impl="peft", **setup):
     ("trainer", "peft", ("full", "lora"), {"grad_checkpointing": True}),
     ("trainer", "peft", ("full", "lora"), {"grad_accum": 4}),
     ("plain", "peft", ("lora", "dora"), {"dropout": 0.1}),
+    ("plain", "peft", ("full", "lora"), {"autocast": "fp16"}),  # (with GradScaler)
 ])
 def test_autocast_within_1pct_of_the_cpu_tracker(loop, impl, methods, setup):
     for r in _rows(methods, loop, impl, **setup):
@@ -40,7 +42,7 @@ def test_autocast_within_1pct_of_the_cpu_tracker(loop, impl, methods, setup):
         for phase in ("forward", "backward", "optimizer"):  # every phase, not only the peak's
             est, got = r[f"{phase}_peak_bytes"], r[f"measured_{phase}_peak_bytes"]
             assert abs(est - got) / got < 0.01, (r["method"], phase, est, got)
-        assert r["autocast"] == "bf16" and r["dtype"] == "fp32"
+        assert r["autocast"] == setup.get("autocast", "bf16") and r["dtype"] == "fp32"
 
 
 def test_lora_layer_under_autocast_by_hand():

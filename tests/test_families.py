@@ -257,9 +257,8 @@ def _check_memory(family, dtype, ckpt, targets, methods=None, impl="peft"):
     from lorabench.memory import TrainingSetup
 
     spec = _memory_spec(family)
-    # the plain loop, as these were calibrated (the trainer loop: tests/test_loops.py)
-    setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, grad_checkpointing=ckpt, device="cpu",
-                          loop="plain")
+    # Trainer's loop, the default (the plain loop: tests/test_loops.py)
+    setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, grad_checkpointing=ckpt, device="cpu")
     rows = run_bench(spec, methods or _methods_for(family, targets), [8], targets, setup, steps=1, warmup=1,
                      impl=impl, progress=False, device="cpu")
     for r in rows:
