@@ -701,9 +701,12 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     """Activation and logits memory of one step for the whole model."""
     a, s, t, d = setup.act_bytes, setup.stream_bytes, setup.tokens, spec.hidden_size
     L = spec.num_layers
-    first, first_casts, first_held = _layer_saves(spec, method, rank, targets, setup,
-                                                  input_needs_grad=method.base_trainable)
-    # (the first layer's norm keeps nothing when the embeddings are frozen: its input needs no gradient)
+    # The first layer's input needs a gradient when the embeddings train, or when transformers checkpoints:
+    # its activation_checkpointing_enable calls enable_input_require_grads for models read from input_ids
+    # (transformers 5 modeling_utils.py), so the embeddings' output requires grad. Otherwise the first
+    # layer's norm keeps nothing.
+    first_live = method.base_trainable or (setup.grad_checkpointing and setup.impl == "peft")
+    first, first_casts, first_held = _layer_saves(spec, method, rank, targets, setup, input_needs_grad=first_live)
     rest, rest_casts, rest_held = _layer_saves(spec, method, rank, targets, setup)
     graph_held = t * (first_held + (L - 1) * rest_held)
     per_token = 16  # input_ids and labels, int64

@@ -18,18 +18,23 @@ pytest.importorskip("bitsandbytes")
 
 TINY = from_name("tiny-llama")  # d=256, ffn=688, 4 layers, 8 heads (4 kv) of 32, vocab 4096
 CASES = [
-    # (dtype, kbit_prepare, methods, optimizer)
-    ("nf4", False, ("lora", "lora-fa", "dora"), "adamw"),
-    ("nf4", True, ("lora", "lora-fa", "dora"), "adamw"),
-    ("int8", False, ("lora", "lora-fa"), "adamw"),
-    ("int8", True, ("lora", "lora-fa"), "adamw"),
-    ("nf4", False, ("lora",), "adamw-8bit"),
+    # (dtype, kbit_prepare, gradient checkpointing, methods, optimizer)
+    ("nf4", False, False, ("lora", "lora-fa", "dora"), "adamw"),
+    ("nf4", True, False, ("lora", "lora-fa", "dora"), "adamw"),
+    ("int8", False, False, ("lora", "lora-fa"), "adamw"),
+    ("int8", True, False, ("lora", "lora-fa"), "adamw"),
+    ("nf4", False, False, ("lora",), "adamw-8bit"),
+    # the QLoRA recipe (Dettmers et al. 2023): kbit preparation, checkpointing, paged 8-bit AdamW
+    # (DoRA with checkpointing: PEFT's known miss, tests/test_families.py)
+    ("nf4", True, True, ("lora", "lora-fa"), "paged-adamw-8bit"),
+    ("int8", True, True, ("lora",), "adamw"),
 ]
 
 
-@pytest.mark.parametrize("dtype,prepare,methods,optimizer", CASES)
-def test_qlora_estimate_within_1pct_of_cpu_tracker(dtype, prepare, methods, optimizer):
-    setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, kbit_prepare=prepare, optimizer=optimizer)
+@pytest.mark.parametrize("dtype,prepare,ckpt,methods,optimizer", CASES)
+def test_qlora_estimate_within_1pct_of_cpu_tracker(dtype, prepare, ckpt, methods, optimizer):
+    setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, kbit_prepare=prepare, grad_checkpointing=ckpt,
+                          optimizer=optimizer)
     rows = run_bench(TINY, [METHODS[m] for m in methods], [8], "all-linear", setup, steps=1, warmup=1,
                      impl="peft", progress=False, device="cpu")
     for r in rows:
@@ -42,12 +47,13 @@ def test_qlora_estimate_within_1pct_of_cpu_tracker(dtype, prepare, methods, opti
 
 def test_int8_checkpointed_within_1pct_of_cpu_tracker():
     # bitsandbytes' MatMul8bitFp keeps each input on its autograd context, which checkpointing does not drop
-    # (memory._layer_saves): the estimate was 8.7% under before it counted them
+    # (memory._layer_saves): the estimate was 8.7% under before it counted them, and 0.3% under before it
+    # counted the first layer's (transformers' checkpointing makes the embeddings' output require grad)
     setup = TrainingSetup(batch_size=2, seq_len=64, dtype="int8", grad_checkpointing=True)
     r = run_bench(TINY, [METHODS["lora"]], [8], "all-linear", setup, steps=1, warmup=1, impl="peft",
                   progress=False, device="cpu")[0]
     assert r["status"] == "ok", r["error"]
-    assert abs(r["peak_error_pct"]) < 1.0, r["peak_error_pct"]
+    assert abs(r["peak_error_pct"]) < 0.1, r["peak_error_pct"]
 
 
 def test_int8_dora_on_cpu_is_skipped_with_the_reason():
