@@ -182,11 +182,13 @@ class TrainingSetup:
     @property
     def base_keeps_input(self) -> bool:
         """Whether a frozen quantized base layer keeps its input for backward. bitsandbytes' MatMul4Bit
-        keeps only the packed weight (its input gradient needs no x); LLM.int8() on the CPU runs
-        MatMul8bitFp (bitsandbytes/autograd/_functions.py: dequantize, then F.linear), which keeps its input
-        A as ctx.A whenever the graph records it: an attribute, not a saved tensor, so it lives as long as
-        the graph, checkpointing or not (_layer_saves). (On CUDA, MatMul8bitLt keeps no x when W is frozen.)"""
-        return self.dtype == "int8" and self.device == "cpu"
+        keeps only the packed weight (its input gradient needs no x). LLM.int8() keeps its input A whenever
+        the graph records it, as an attribute of its autograd context, not a saved tensor, so it lives as
+        long as the graph, checkpointing or not (_layer_saves): on the CPU MatMul8bitFp (dequantize, then
+        F.linear) sets ctx.A; on CUDA MatMul8bitLt sets ctx.tensors = (CAt, subA, A) once A needs a gradient
+        (bitsandbytes 0.50 autograd/_functions.py), subA being the fp16 outlier columns (|x| > threshold),
+        which depend on the data and are not counted."""
+        return self.dtype == "int8"
 
 
 def check_loss_chunk(chunk: int) -> int:
@@ -450,9 +452,9 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
     (no checkpointing). The per-layer bytes are weights cast for backward (_autocast_casts, PEFT's DoRA with
     dropout).
 
-    The graph-held bytes, part of the first, are the inputs that int8 bases on the CPU keep
-    (setup.base_keeps_input): bitsandbytes' MatMul8bitFp stores its input as an attribute of its autograd
-    context (`ctx.A = A`), not through save_for_backward, so backward does not release it after use and
+    The graph-held bytes, part of the first, are the inputs that int8 bases keep (setup.base_keeps_input):
+    bitsandbytes' MatMul8bitFp (CPU) and MatMul8bitLt (CUDA) store the input on their autograd context
+    (`ctx.A = A`, `ctx.tensors`), not through save_for_backward, so backward does not release it after use and
     gradient checkpointing does not drop it (its saved-tensor hooks see only saved tensors): it lives as long
     as the graph, until the loss that holds the graph dies. q, k and v read one tensor; a gated MLP's gate
     and up another. Measured on the CPU tracker: a LoRA step on an int8 tiny-llama frees exactly these bytes
@@ -949,6 +951,10 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
         notes.append("PEFT's DoRA with dropout recomputes each adapted layer's base output from the dropped input, "
                      "with the weight (dequantized, on a quantized base) cast to the input's dtype: that copy is kept "
                      "until backward, every adapted weight once more. --dropout 0 avoids it.")
+    if setup.dtype == "int8":
+        notes.append("LLM.int8() (bitsandbytes) keeps each layer's input on its autograd context until the step's "
+                     "graph is freed, checkpointing or not; its fp16 outlier columns (|x| > 6) depend on the data "
+                     "and are not counted.")
     if setup.autocast:
         notes.append(f"autocast {setup.autocast} over fp32 weights: each weight's {setup.autocast} cast is kept for "
                      "backward (frozen ones too); the residual stream and norms stay fp32.")
