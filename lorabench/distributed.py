@@ -127,11 +127,12 @@ class CommCounter(TorchDispatchMode):
 def settle(probe, pause_s: float = 0.005, limit_s: float = 0.5) -> None:
     """Let collectives' threads drop what they finished with before a phase boundary is read.
 
-    gloo's worker thread holds a collective's tensors (the reduce-scatter input, as views) until it has finished
-    with the work, and a thread other than Python's main one frees a tensor only once it holds the GIL: the
-    root's reduce-scatter input, which FSDP2 lets go at the end of backward, could otherwise still count when
-    the optimizer phase's peak is reset (seen: 4 MiB on 2 of 3 ranks, some runs). This sleeps, giving the GIL
-    away, until what is alive stops changing (at most limit_s)."""
+    gloo's worker thread holds a collective's tensors until it has done with the work (a reduce-scatter's copy
+    of its input, which gloo all-reduces: ProcessGroupGloo::reduce_scatter_tensor_coalesced), and a thread other
+    than Python's main one frees a tensor Python has seen only once it holds the GIL: the copy made for the
+    root's reduce-scatter, the last of backward, could otherwise still count when the optimizer phase's peak is
+    reset (seen: 4 MiB on 2 of 3 ranks, some runs). This sleeps, giving the GIL away, until what is alive stops
+    changing (at most limit_s)."""
     last, waited = probe.current(), 0.0
     while waited < limit_s:
         time.sleep(pause_s)

@@ -96,10 +96,10 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
     folder = proc.args[proc.args.index("--out") + 1]
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
+    except (ProcessLookupError, subprocess.TimeoutExpired):  # gone just now, or not gone in time
         pass
     for pid in _workers(folder):
         try:
@@ -107,7 +107,10 @@ def _stop(proc: subprocess.Popen) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
 
 
