@@ -27,159 +27,12 @@ from lorabench.estimate import memory_rows
 from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
-from lorabench.hfconfig import hf_config_dict
+from lorabench.builders import (BUILDERS, IMPLS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
+                                build_lorabench, build_peft)
 from lorabench.loops import PlainLoop, TrainerLoop
 from lorabench.memory import QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
-from lorabench.params import parse_targets
-from lorabench.qlora import load_quantized, quant_state_tensors
-from lorabench.specs import MOE_TARGETS, ModelSpec
-
-IMPLS = ("lorabench", "peft")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LR = 1e-4
-LORAPLUS_RATIO = 16.0
-
-
-@dataclass
-class Built:
-    """A model ready to train and what the measurement needs to tell its tensors apart."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    hooks: list
-    forward: Callable[[torch.Tensor], object]  # ids -> output with .loss
-    base_tensors: List[torch.Tensor]
-    adapter_tensors: List[torch.Tensor]
-
-    def step_state(self) -> List[torch.Tensor]:
-        """Tensors a method keeps between steps besides the optimizer (Delta-LoRA's copy of A and B)."""
-        return [t for h in self.hooks for t in getattr(h, "state_tensors", lambda: [])()]
-
-
-def _split_tensors(model: torch.nn.Module, base_ids: set) -> tuple:
-    tensors = list(model.parameters()) + list(model.buffers())
-    return ([t for t in tensors if id(t) in base_ids], [t for t in tensors if id(t) not in base_ids])
-
-
-def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
-                    device: torch.device, seed: int = 0) -> Built:
-    """lorabench.nn's model with method applied, its optimizer and after-step hooks. A quantized base
-    (setup.dtype nf4 or int8) is built in bf16, its decoder projections put on bitsandbytes' layers
-    (lorabench.nn.quant), and the adapters wrap those.
-
-    Raises:
-        LorabenchError: --kbit-prepare (PEFT's function, for --impl peft), or what apply_method raises.
-    """
-    from lorabench.nn.adapters import apply_method, param_groups, step_hooks
-    from lorabench.nn.model import build_model
-    from lorabench.nn.quant import quantize_base
-    from lorabench.nn.train import make_optimizer
-
-    quantized = setup.dtype in QUANTIZED
-    if setup.kbit_prepare:
-        raise LorabenchError(KBIT_LORABENCH)
-    model = build_model(spec, device=device, dtype=TORCH_DTYPES.get(setup.dtype, torch.bfloat16), seed=seed)
-    model.grad_checkpointing = setup.grad_checkpointing
-    if quantized:
-        quantize_base(model, setup.dtype)
-    quant_consts = quant_state_tensors(model) if quantized else []
-    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) + quant_consts}
-    apply_method(model, method, rank, setup.alpha, targets, dropout=setup.dropout, seed=seed,
-                 adapter_dtype=TORCH_DTYPES[setup.adapter_dtype], quantization=setup.dtype if quantized else None)
-    model.train()
-    opt = make_optimizer(setup.optimizer, param_groups(model, method, LR), LR, device=device)
-    hooks = step_hooks(model, method)
-    base, adapter = _split_tensors(model, base_ids)
-    return Built(model, opt, hooks, lambda ids: model(ids, labels=ids), base + quant_consts, adapter)
-
-
-def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
-               device: torch.device, seed: int = 0) -> Built:
-    """transformers' model for spec's family (AutoModelForCausalLM from the spec's config; dropout off; the
-    attention setup.attention names) wrapped by PEFT as users train it.
-
-    LoRA-FA is PEFT LoRA with lora_A frozen; LoRA+ is PEFT LoRA with peft.optimizers'
-    create_loraplus_optimizer. Delta-LoRA has no PEFT implementation.
-
-    Raises:
-        LorabenchError: transformers/peft missing, a spec transformers cannot express, delta-lora, or an
-            attention transformers refuses for the family.
-    """
-    try:
-        import peft
-        import transformers
-    except ImportError:
-        raise LorabenchError("--impl peft needs transformers and peft: pip install transformers peft.") from None
-    if method.name == "delta-lora":
-        raise LorabenchError("delta-lora has no PEFT implementation; measure it with --impl lorabench.")
-    if setup.dtype == "int8" and method.adapter == "dora" and device.type == "cpu":
-        raise LorabenchError("PEFT's DoRA on a bitsandbytes int8 base fails on the CPU from its second step "
-                             "(bitsandbytes 0.50, PEFT 0.21: the layer's row scales are lost); measure it on CUDA.")
-    if spec.family == "gpt2":
-        raise LorabenchError("--impl peft does not build gpt2 (its Conv1D layers are not wired in); use "
-                             "--impl lorabench.")
-    cfg = dict(hf_config_dict(spec))
-    try:
-        hf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(
-                hf, attn_implementation=setup.attention).to(TORCH_DTYPES.get(setup.dtype, torch.bfloat16))
-        if setup.dtype in QUANTIZED:
-            model = load_quantized(model, setup.dtype, device, setup.attention)
-    except ValueError as exc:  # e.g. Gemma 2 refuses SDPA
-        raise LorabenchError(f"transformers cannot build {spec.name} with {setup.attention} attention: "
-                             f"{str(exc).splitlines()[0][:200]}") from None
-    if setup.kbit_prepare:
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing,
-                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif setup.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    quant_consts = quant_state_tensors(model)
-    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) + quant_consts}
-    if method.name != "full":
-        modules = [spec.peft_name(t) for t in targets]
-        if set(targets) == set(parse_targets(spec, "all-linear", modules_only=method.adapter == "vera")):
-            modules = "all-linear"  # PEFT's own resolution: its conversion for fused experts included
-        elif set(targets) & set(MOE_TARGETS):
-            raise LorabenchError("--impl peft adapts a mixture of experts' router and experts through all-linear "
-                                 "only (PEFT's conversion for transformers 5); use -t all-linear.")
-        if method.adapter == "vera":
-            pcfg = peft.VeraConfig(r=rank, target_modules=modules, vera_dropout=setup.dropout)
-        else:
-            pcfg = peft.LoraConfig(r=rank, lora_alpha=setup.alpha, target_modules=modules,
-                                   lora_dropout=setup.dropout, use_dora=method.adapter == "dora")
-        with warnings.catch_warnings():
-            # PEFT's conversion for fused experts sets gate_up's rank and alpha by pattern, and warns where
-            # the model has no gate_up_proj module (every dense model): nothing for the reader to act on
-            warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
-                                    category=RuntimeWarning)
-            model = peft.get_peft_model(model, pcfg)
-        if not method.trains_a:
-            for name, p in model.named_parameters():
-                if "lora_A" in name:
-                    p.requires_grad_(False)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if method.name == "lora-plus":
-        from peft.optimizers import create_loraplus_optimizer
-
-        opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=LR,
-                                        loraplus_lr_ratio=LORAPLUS_RATIO)
-    elif setup.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    else:
-        from lorabench.nn.train import make_optimizer
-
-        opt = make_optimizer(setup.optimizer, [{"params": params}], LR, device=device)
-    base, adapter = _split_tensors(model, base_ids)
-    return Built(model, opt, [], lambda ids: model(input_ids=ids, labels=ids), base + quant_consts, adapter)
-
-
-BUILDERS = {"lorabench": build_lorabench, "peft": build_peft}
-KBIT_LORABENCH = ("--kbit-prepare runs PEFT's prepare_model_for_kbit_training on transformers' model; measure it "
-                  "with --impl peft.")
+from lorabench.specs import ModelSpec
 
 
 @dataclass
@@ -263,13 +116,16 @@ def _timed_step(step: Step, ids: torch.Tensor, timer: PhaseTimer) -> Dict[str, f
     return timer.finish()
 
 
-def _memory_step(built: Built, step: Step, ids: torch.Tensor, probe: MemoryProbe) -> Dict[str, int]:
+def _memory_step(built: Built, step: Step, ids: torch.Tensor, probe: MemoryProbe,
+                 settle: Optional[Callable[[MemoryProbe], None]] = None) -> Dict[str, int]:
     """One step with the memory read at the phase boundaries: the peak of each phase (the largest over the
     micro-batches), what the first forward left alive, the gradients as the last backward left them and the
-    optimizer states after its step."""
+    optimizer states after its step. settle(probe) runs at each boundary before the reading."""
     read: Dict[str, int] = {}
 
     def mark(phase: str) -> None:
+        if settle is not None:
+            settle(probe)
         if phase == "start":
             if probe.cuda:
                 torch.cuda.synchronize()
@@ -307,10 +163,30 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+@dataclass
+class RankHooks:
+    """What one data-parallel rank adds to measure_case (lorabench.distributed_worker).
+
+    Attributes:
+        wrap: the strategy, applied to the built model before its optimizer is made (lorabench.distributed).
+        around_memory_step: a context manager entered around the step whose memory is read (CommCounter).
+        settle: called with the probe at each phase boundary before it is read (lorabench.distributed.settle).
+        data_seed: the seed of this rank's batch.
+        inspect: called with the Built after the measured step; what it returns joins the measured fields.
+    """
+
+    wrap: Optional[Wrap] = None
+    around_memory_step: object = None
+    settle: Optional[Callable[[MemoryProbe], None]] = None
+    data_seed: Optional[int] = None
+    inspect: Optional[Callable[[Built], Dict]] = None
+
+
 def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
                  device: torch.device, steps: int = 5, warmup: int = 2, impl: str = "lorabench",
-                 seed: int = 0) -> Dict:
+                 seed: int = 0, hooks: RankHooks = RankHooks()) -> Dict:
     """Build, warm up, measure memory per phase, then time `steps` steps. Returns the measured fields.
+    hooks: what a data-parallel rank adds (RankHooks).
 
     Raises:
         LorabenchError: bad arguments, or an implementation that cannot build this case.
@@ -329,16 +205,19 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
             torch.cuda.empty_cache()
         with tracker if tracker is not None else contextlib.nullcontext():
             probe = MemoryProbe(device, tracker)
-            built = BUILDERS[impl](spec, method, rank, targets, setup, device, seed)
+            built = BUILDERS[impl](spec, method, rank, targets, setup, device, seed, hooks.wrap)
             if tracker is not None:  # tensors a checkpoint load made outside torch's dispatcher
                 tracker.track(built.base_tensors + built.adapter_tensors)
             built = _forward_with_loss(built, spec, setup, device, impl)
-            g = torch.Generator().manual_seed(seed)
+            g = torch.Generator().manual_seed(seed if hooks.data_seed is None else hooks.data_seed)
             ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=g).to(device)
             step, close = _stepper(built, setup, device)
             for _ in range(warmup):
                 step(ids, lambda phase: None)
-            rec = _memory_step(built, step, ids, probe)
+            with hooks.around_memory_step or contextlib.nullcontext():
+                rec = _memory_step(built, step, ids, probe, hooks.settle)
+            if hooks.inspect is not None:
+                rec.update(hooks.inspect(built))
         if cuda:
             rec["measured_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
             rec["measured_device_bytes"] = nvml_process_bytes(device)

@@ -15,8 +15,8 @@ import click
 
 from lorabench import __version__, reportfolder, safeio, signals
 from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, BoundedInt, Text, cost_options,
-                               format_option, method_options, model_options, parallel_options, setup_options,
-                               targets_note)
+                               distributed_options, format_option, method_options, model_options, parallel_options,
+                               setup_options, targets_note)
 from lorabench.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
@@ -520,9 +520,10 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
 @click.option("--check", is_flag=True,
               help="Exit 1 when a row is outside the tolerance or fails to run, or when nothing was measured.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@distributed_options
 @format_option
 def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps, warmup, tolerance, gpu, output,
-          force, check, progress, fmt):
+          force, check, progress, distributed, fmt):
     """Run real training steps and compare time and memory with the estimate.
 
     For each model and method it builds the model (--impl peft: transformers + PEFT, the default, as
@@ -531,6 +532,9 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     (CUDA events). --layers N measures the model cut to N layers and projects to the full depth.
     --device defaults to cuda when one is present. Ctrl-C or SIGTERM ends the run with the cases
     that finished (printed, and in -o) and exit code 130 or 143.
+    --nproc N --sharding ddp|zero2|fsdp runs each case on N processes under torchrun, a row per rank
+    with the estimate for that rank; a rank that fails or runs out of memory gives a row saying so,
+    the others are stopped, and --timeout bounds each case.
 
     \b
     Example:
@@ -538,6 +542,7 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
         lorabench bench --model llama-3-8b --layers 4 --method all -r 8 -r 64 -o results.json
         lorabench bench -m llama-3-8b -m qwen3-8b --layers 2 --method lora,dora --targets all-linear
         lorabench bench --model llama-3-8b --layers 2 --impl lorabench --method all
+        lorabench bench -m tiny-llama --device cpu --nproc 2 --sharding fsdp --method full,lora --loop plain
     """
     ctx = click.get_current_context()
     device = None if ctx.get_parameter_source("device") == click.core.ParameterSource.DEFAULT else setup.device
@@ -548,6 +553,16 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     chosen = get_gpu(gpu) if gpu is not None else None
     with signals.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
         from lorabench.bench import run_bench
+    runner, text = run_bench, bench_text
+    if distributed is not None:
+        import functools
+
+        from lorabench.launch import run_distributed_bench
+        from lorabench.render import distributed_bench_text
+
+        nproc, sharding, timeout_s = distributed
+        runner = functools.partial(run_distributed_bench, nproc=nproc, sharding=sharding, timeout_s=timeout_s)
+        text = distributed_bench_text
 
     rows: list = []
     write_error = None
@@ -575,7 +590,7 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
                 mine.append(row)
                 on_row(row)
 
-            run_bench(spec, used, ranks, targets, setup, layers=layers, steps=steps, warmup=warmup,
+            runner(spec, used, ranks, targets, setup, layers=layers, steps=steps, warmup=warmup,
                       impl=setup.impl, tolerance_pct=tolerance, progress=progress, gpu=chosen, device=device,
                       on_row=keep)
     except KeyboardInterrupt:
@@ -586,7 +601,7 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
         if sink is not None:
             sink.close()
     if fmt in ("table", "markdown"):
-        click.echo(_blocks(bench_text(mine, spec.name, setup, fmt, terminal_width()) for spec, mine in done
+        click.echo(_blocks(text(mine, spec.name, setup, fmt, terminal_width()) for spec, mine in done
                            if mine or len(done) == 1))
     else:
         click.echo(render(rows, fmt, BENCH_COLUMNS))

@@ -268,6 +268,36 @@ def parallel_options(fn):
     return wrapper
 
 
+def distributed_options(fn):
+    """bench's --nproc, --sharding and --timeout: passes distributed=(nproc, sharding, timeout_s), or None
+    without --nproc (the case runs in this process, as always)."""
+    from lorabench.sharding import STRATEGIES
+
+    @click.option("--nproc", type=BoundedInt(1, 1024), default=None,
+                  help="Run each case on this many processes through torch.distributed.run (torchrun): one GPU "
+                       "each with NCCL on CUDA, gloo on the CPU; a row per process, beside the estimate for it.")
+    @click.option("--sharding", type=click.Choice(tuple(STRATEGIES)), default=None,
+                  help="With --nproc: ddp (DistributedDataParallel), zero2 (fully_shard without resharding after "
+                       "forward) or fsdp (FSDP2: fully_shard on each decoder layer and the root); none with "
+                       "--nproc 1 only. Default: none.")
+    @click.option("--timeout", "timeout_s", type=BoundedFloat(0.0, 86_400.0, lo_open=True), default=None,
+                  help="With --nproc: seconds a case may run, all its processes together, before they are stopped "
+                       "(its rows say timeout). Default: 600.")
+    @functools.wraps(fn)
+    def wrapper(nproc, sharding, timeout_s, **kw):
+        if nproc is None:
+            given = [f"--{n}" for n, v in (("sharding", sharding), ("timeout", timeout_s)) if v is not None]
+            if given:
+                raise click.UsageError(f"{' and '.join(given)} only apply with --nproc N.")
+            return fn(distributed=None, **kw)
+        sharding = sharding or "none"
+        if nproc > 1 and sharding == "none":
+            raise click.BadParameter(f"--nproc {nproc} needs --sharding ddp, zero2 or fsdp: how the processes share "
+                                     "the step.", param_hint="--sharding")
+        return fn(distributed=(nproc, sharding, 600.0 if timeout_s is None else timeout_s), **kw)
+    return wrapper
+
+
 def format_option(fn):
     return click.option("--format", "-f", "fmt", type=click.Choice(FORMATS, case_sensitive=False),
                         default="table", show_default=True,

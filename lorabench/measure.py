@@ -34,7 +34,11 @@ class LiveTensorTracker(TorchDispatchMode):
     """Bytes of the live tensor storages created while the mode is active, and their peak.
 
     Storages are counted once however many views share them, and leave the count when their last
-    reference dies (a weakref callback on the storage), also after the mode has exited.
+    reference dies (a weakref callback on the storage), also after the mode has exited. A DTensor counts
+    as its local shard (the ops inside DTensor's own dispatch run with the mode set aside, so its shard is
+    taken from the DTensor an op returns). `UntypedStorage.resize_` does not go through the dispatcher, and
+    FSDP2 frees and re-allocates its unsharded parameters with it (_fsdp_param.free_storage /
+    alloc_storage): while the mode is active resize_ is wrapped to count the new size.
 
     Example:
         with LiveTensorTracker() as tracker:
@@ -56,18 +60,40 @@ class LiveTensorTracker(TorchDispatchMode):
                 self._track(t)
         return out
 
+    def __enter__(self):
+        original, tracker = torch.UntypedStorage.resize_, self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            if storage.device.type != "meta" and (not tracker.device_type
+                                                  or storage.device.type == tracker.device_type):
+                tracker._track_storage(storage)
+            return out
+
+        self._original_resize = original
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._original_resize
+        return super().__exit__(*exc)
+
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count tensors made outside the mode (already counted storages are skipped)."""
         for t in tensors:
             self._track(t)
 
     def _track(self, t: torch.Tensor) -> None:
+        t = local_tensor(t)
         if t.device.type == "meta" or (self.device_type and t.device.type != self.device_type):
             return
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested)
             return
+        self._track_storage(st)
+
+    def _track_storage(self, st) -> None:
         key, nbytes = st._cdata, st.nbytes()
         entry = self._live.get(key)
         if entry is not None:
@@ -122,12 +148,20 @@ class MemoryProbe:
         return raw - self.base
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what this process stores: `_local_tensor`, what to_local() returns), or t."""
+    local = getattr(t, "_local_tensor", None)
+    return t if local is None else local
+
+
 def storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
-    """Bytes of the distinct storages behind tensors (views and shared storages counted once)."""
+    """Bytes of the distinct storages behind tensors (views and shared storages counted once; a DTensor's
+    local shard's storage, padding included)."""
     seen: Dict[int, int] = {}
     for t in tensors:
         if t is None or t.device.type == "meta":
             continue
+        t = local_tensor(t)
         st = t.untyped_storage()
         seen[st._cdata] = st.nbytes()
     return sum(seen.values())
@@ -248,5 +282,5 @@ def warm_cuda_libraries(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-__all__ = ["LiveTensorTracker", "MemoryProbe", "PhaseTimer", "storage_bytes", "nvml_process_bytes",
+__all__ = ["LiveTensorTracker", "MemoryProbe", "PhaseTimer", "local_tensor", "storage_bytes", "nvml_process_bytes",
            "device_info", "summarize", "matmul_flops_per_s", "warm_cuda_libraries"]

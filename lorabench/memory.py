@@ -833,27 +833,50 @@ def _loss_bytes(spec: ModelSpec, method: Method, setup: TrainingSetup) -> Tuple[
 
 
 @dataclass(frozen=True)
+class Gathered:
+    """Bytes of parameters all-gathered from their shards and alive at the moments a step's peaks fall on
+    (lorabench.sharding: FSDP2's unsharded parameters and the all-gather buffers it holds); none on one GPU.
+
+    Attributes:
+        forward_end_bytes: at the end of forward, with the logits and the loss.
+        after_forward_bytes: when forward has returned.
+        layer_forward_bytes: while the last decoder layer runs its forward.
+        first_layer_bytes: when the first layer's all-gather lands, before any layer has run.
+        backward_start_bytes: at the start of backward, with the loss's gradients.
+        layer_backward_bytes: while the last layer back-propagates.
+    """
+
+    forward_end_bytes: int = 0
+    after_forward_bytes: int = 0
+    layer_forward_bytes: int = 0
+    first_layer_bytes: int = 0
+    backward_start_bytes: int = 0
+    layer_backward_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class Held:
     """What one GPU holds besides activations in each phase of a step: on one GPU, StepParts.held(); spread over
     several, lorabench.sharding.rank_memory's share of one of them.
 
     Attributes:
         persistent_bytes: alive in every phase (weights, adapters, optimizer and master state, DDP's buckets).
-        gathered_bytes: alive through forward and backward: parameters all-gathered from their shards.
         grads_bytes: gradients alive after backward, through the optimizer step.
         accum_bytes: gradients alive through forward and backward (accumulation, from the 2nd micro-batch).
         backward_grads_bytes: gradients alive while the last layer back-propagates (the head's, on one GPU).
-        end_grads_bytes: gradients alive at the end of backward.
+        end_grads_bytes: alive at the end of backward besides the logits and the graph: gradients, the first
+            layer's backward temporaries, the parameters gathered then.
         optimizer_temp_bytes: the optimizer step's temporaries.
+        gathered: parameters all-gathered from their shards, moment by moment (Gathered).
     """
 
     persistent_bytes: int
-    gathered_bytes: int
     grads_bytes: int
     accum_bytes: int
     backward_grads_bytes: int
     end_grads_bytes: int
     optimizer_temp_bytes: int
+    gathered: Gathered = Gathered()
 
 
 @dataclass(frozen=True)
@@ -884,18 +907,25 @@ class StepParts:
         return (self.weights_bytes + self.adapter_bytes + self.optimizer_bytes + self.master_bytes
                 + self.method_state_bytes)
 
+    @property
+    def layer_temp_bytes(self) -> int:
+        """A layer's temporaries while it back-propagates: while it is recomputed (checkpointing) its forward
+        temporaries come back; the MLP's gradient buffers come after."""
+        return max(self.act.transient_bytes, self.dequant_bytes, self.norm_temp_bytes if self.recomputes else 0)
+
     def held(self) -> Held:
         """What one GPU running the whole step holds besides activations. Gradient accumulation: from the
         second micro-batch on, every gradient is alive through forward and backward (accumulated in place,
         the head's too)."""
         accum = self.gradients_bytes if self.grad_accum > 1 else 0
-        return Held(self.persistent_bytes, 0, self.gradients_bytes, accum, max(self.head_grad_bytes, accum),
-                    self.gradients_bytes, self.optimizer_temp_bytes)
+        return Held(self.persistent_bytes, self.gradients_bytes, accum, max(self.head_grad_bytes, accum),
+                    self.gradients_bytes + self.act.transient_bytes, self.optimizer_temp_bytes)
 
     def phase_peaks(self, held: Optional[Held] = None) -> Dict[str, int]:
         """Peak bytes per phase on a GPU holding `held` besides activations: by default the whole step on one
         GPU (held()); lorabench.sharding gives one GPU's share of a step spread over several."""
         h, act = held or self.held(), self.act
+        g = h.gathered
         # the plain loop's previous output (logits, KV cache) lives through the next forward, until the new
         # output replaces it
         previous_out = (act.logits_held_bytes + act.cache_bytes + act.graph_step_bytes) if self.grad_accum > 1 else 0
@@ -903,22 +933,21 @@ class StepParts:
         # keeps the output (cache_bytes is non-zero exactly then)
         cache_extra = act.cache_extra_bytes
         kept_extra = cache_extra if act.cache_bytes else 0
-        forward = h.persistent_bytes + h.gathered_bytes + h.accum_bytes + previous_out + act.saved_bytes + max(
-            act.logits_forward_bytes + act.autocast_cache_bytes + cache_extra, self.dequant_bytes,
-            self.norm_temp_bytes, act.layer_forward_bytes)
-        # while one layer is recomputed (checkpointing) its forward temporaries come back; the MLP's
-        # gradient buffers come after, when that layer back-propagates
-        layer_temp = max(act.transient_bytes, self.dequant_bytes,
-                         self.norm_temp_bytes if self.recomputes else 0)
+        # Spread over GPUs, the parameters gathered differ between the end of forward and a layer's forward; the
+        # first layer's all-gather lands beside the embedding output alone (which this leaves out).
+        forward = h.persistent_bytes + h.accum_bytes + previous_out + max(act.saved_bytes + max(
+            g.forward_end_bytes + act.logits_forward_bytes + act.autocast_cache_bytes + cache_extra,
+            g.layer_forward_bytes + max(self.dequant_bytes, self.norm_temp_bytes, act.layer_forward_bytes)),
+            g.first_layer_bytes)
+        layer_temp = self.layer_temp_bytes
         # Backward: at its start the loss gradients are alive with every saved activation; then each
         # layer's activations are freed as its gradients appear, so the peak is at one end (or at the
         # first layer, where recomputation and the largest gradient buffers meet).
-        backward = h.persistent_bytes + h.gathered_bytes + kept_extra + max(
-            act.saved_bytes + act.logits_backward_bytes + h.accum_bytes,
-            act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + h.backward_grads_bytes
-            + act.recompute_bytes + layer_temp,
-            h.end_grads_bytes + act.logits_held_bytes + act.cache_bytes + act.graph_backward_bytes
-            + act.transient_bytes - kept_extra,
+        backward = h.persistent_bytes + kept_extra + max(
+            g.backward_start_bytes + act.saved_bytes + act.logits_backward_bytes + h.accum_bytes,
+            g.layer_backward_bytes + act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes
+            + h.backward_grads_bytes + act.recompute_bytes + layer_temp,
+            h.end_grads_bytes + act.logits_held_bytes + act.cache_bytes + act.graph_backward_bytes - kept_extra,
         )
         optimizer = (h.persistent_bytes + h.grads_bytes + act.logits_held_bytes + act.cache_bytes
                      + act.graph_step_bytes + h.optimizer_temp_bytes)

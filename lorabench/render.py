@@ -224,6 +224,57 @@ def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[in
     return out
 
 
+# `bench --nproc N`: a row per rank, its shard and communication beside the estimate.
+DIST_COLUMNS = (
+    ("method", "method", str), ("rank", "rank", lambda v: "" if v is None else str(v)),
+    ("gpu_rank", "proc", str), ("status", "status", str),
+    ("peak_bytes", "est. peak", gib), ("measured_peak_bytes", "measured", gib),
+    ("peak_error_pct", "error %", signed_pct),
+    ("within_tolerance", "ok", lambda v: "" if v is None else ("yes" if v else "NO")),
+    ("weights_bytes", "est. weights", gib), ("measured_weights_bytes", "measured", gib),
+    ("gradients_bytes", "est. grads", gib), ("measured_gradients_bytes", "measured", gib),
+    ("comm_bytes", "est. sent", gib), ("measured_comm_bytes", "measured", gib),
+    ("measured_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.1f}"),
+)
+
+
+def distributed_bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[int] = None) -> str:
+    """`bench --nproc`'s rows as text: the table, then per case the largest rank error (the verdict) and why
+    any rank did not finish."""
+    r0 = rows[0] if rows else {}
+    title = (f"{model} ({r0.get('layers', '')} of {r0.get('full_layers', '')} layers), {setup.impl} layers, "
+             f"{r0.get('nproc', '')} processes, sharding {r0.get('sharding', '')}, on {r0.get('device_name', setup.device)}: "
+             f"batch {setup.batch_size} x {setup.seq_len} per process, {setup.dtype}; GiB, ms")
+    columns = DIST_COLUMNS
+    if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):
+        columns = tuple((k, t, mib) if f is gib else (k, t, f) for k, t, f in columns)
+        title = title.replace("; GiB", "; MiB")
+    hidden: List[str] = []
+    if fmt == "table" and width and rows:
+        columns, hidden = fit_width(rows, columns, width, keep=4)
+    out = render(rows, fmt, columns, title=title)
+    if fmt not in ("table", "markdown") or not rows:
+        return out
+    if hidden:
+        out += "\n" + wrap(f"not shown at {width} columns: {', '.join(hidden)} (-f json or -o carry every field).",
+                           width or 80)
+    cases: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        cases.setdefault((r["method"], r["rank"]), []).append(r)
+    for (method, rank), mine in cases.items():
+        name = method + (f" r={rank}" if rank else "")
+        worst = mine[0].get("largest_rank_error_pct")
+        if worst is not None:
+            at = next(r["gpu_rank"] for r in mine if r["peak_error_pct"] == worst)
+            out += f"\n{name}: largest rank error {worst:+.2f}% (rank {at} of {len(mine)})"
+        for r in mine:
+            if r["status"] != "ok":
+                out += f"\n{name} rank {r['gpu_rank']}: {r['status']}: {r['error']}"
+    out += ("\nsent: bytes each rank sends per step with ring algorithms, from the collectives torch dispatched "
+            "(measured) and lorabench.comms (estimated).")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Answers that fit a terminal: the setup as one sentence, a verdict line per case, tables cut to width.
 

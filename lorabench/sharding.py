@@ -5,22 +5,11 @@ STRATEGIES is one table of what each strategy shards. rank_memory gives one GPU'
 (lorabench.memory.StepParts): activations, logits and the runtime are each GPU's own, whatever the strategy,
 since each GPU runs its own batch of `batch_size` sequences.
 
-FSDP2 (torch.distributed.fsdp.fully_shard, torch 2.13, _fsdp_param.py / _fsdp_collectives.py /
-_fsdp_param_group.py), the engine of zero2 and fsdp here:
-- each parameter is a DTensor sharded on dim 0 by torch.chunk: every GPU stores ceil(dim0 / N) rows, zero-padded
-  (FSDPParam._init_sharded_param: `padded_sharded_param_size = chunks[0].size()`), and rank r's unpadded
-  share is rows [r ceil(dim0/N), (r+1) ceil(dim0/N)) clipped to dim0: rank 0 holds the most, the last may hold
-  none. Optimizer states are zeros_like of the unpadded shard;
-- a group's parameters are all-gathered into one padded buffer (N ceil(dim0/N) rows each) in their own dtype
-  (no MixedPrecisionPolicy modelled); the next layer's all-gather is issued while the current one computes
-  (implicit forward prefetch), so two layers are gathered at once; layers are resharded after forward
-  (reshard_after_forward=True) and all-gathered again in backward; the root is not (FSDPState._lazy_init sets
-  its reshard_after_forward to False), so it stays gathered from forward to the end of backward;
-- gradients: autograd makes a layer's unsharded gradients, foreach_reduce copies them into a padded
-  reduce-scatter input and frees them; the reduce-scatter output (the padded shards) becomes the sharded
-  .grad. One reduce-scatter input is kept in flight (reduce_scatter_max_input_buffers = 1). Frozen parameters
-  are sharded and gathered like the rest, and never reduce-scattered;
-- CPUOffloadPolicy: sharded parameters and gradients live on the host, the optimizer steps there.
+FSDP2 (torch.distributed.fsdp.fully_shard), the engine of zero2 and fsdp here, is lorabench.fsdp_memory: each
+parameter a dim-0 DTensor shard padded to ceil(dim0 / N) rows (padded_rows, shard_rows), and what is gathered
+and reduce-scattered at each moment of the step. DDP keeps a whole replica and a flat copy of the trainable
+gradients in its buckets. Every rule was checked against measured steps on 2 and 3 CPU processes (gloo) with
+`lorabench bench --nproc` (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -32,8 +21,8 @@ from typing import Dict, Optional
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU
 from lorabench.layout import Layout, model_layout
-from lorabench.memory import (ALLOCATOR_ALLOWANCE, Held, StepParts, TrainingSetup, need_bytes, optimizer_state_bytes,
-                              step_parts)
+from lorabench.fsdp_memory import padded_rows, shard_rows, sharded_held  # noqa: F401 (the estimator's API)
+from lorabench.memory import ALLOCATOR_ALLOWANCE, Held, StepParts, TrainingSetup, need_bytes, step_parts
 from lorabench.methods import Method
 from lorabench.specs import ModelSpec
 
@@ -142,17 +131,6 @@ def plan_step(spec: ModelSpec, method: Method, rank: Optional[int] = None, targe
     return Plan(spec, method, rank, targets, setup, step_parts(spec, method, rank, targets, setup))
 
 
-def padded_rows(dim0: int, gpus: int) -> int:
-    """Rows of dim 0 every GPU stores: torch.chunk's chunk, ceil(dim0 / N) (FSDP2 pads the others to it)."""
-    return -(-dim0 // gpus)
-
-
-def shard_rows(dim0: int, gpus: int, gpu_rank: int) -> int:
-    """Rows of dim 0 that are rank gpu_rank's own (unpadded): torch.chunk's chunk gpu_rank, or none."""
-    chunk = padded_rows(dim0, gpus)
-    return max(0, min(chunk, dim0 - gpu_rank * chunk))
-
-
 @dataclass(frozen=True)
 class RankMemory:
     """What one GPU of `gpus` holds, component by component (bytes), and its peak per phase.
@@ -201,57 +179,6 @@ class RankMemory:
     held: Optional[Held] = field(repr=False, compare=False, default=None)  # what phase_peaks was given
 
 
-def _state_bytes(t, setup: TrainingSetup) -> int:
-    """Bytes per element of a trainable tensor's optimizer states: fp32 with master weights (as step_parts)."""
-    return 4 if setup.master_weights and t.elem_bytes < 4 else t.elem_bytes
-
-
-def _sharded_parts(plan: Plan, p: Parallel, gpu_rank: int) -> Dict[str, int]:
-    """One GPU's components under zero2/fsdp, tensor by tensor (see the module docstring)."""
-    n, setup, parts = p.gpus, plan.setup, plan.parts
-    layout = plan.layout
-    c = dict.fromkeys(("weights", "adapter", "weights_replicated", "adapter_replicated", "grads", "optim", "master",
-                       "method_state", "temp", "host_params", "host_grads", "root_grads_shard", "layer_grads"), 0)
-    gathered = {"root": 0, "layer": 0}
-    unsharded_grads = {"root": 0, "layer": 0}
-    largest_local = 0
-    for group, tensors, count in (("root", layout.root, 1), ("layer", layout.layer, layout.num_layers)):
-        for t in tensors:
-            rows = padded_rows(t.dim0, n) if t.sharded else t.dim0
-            kept = count * rows * t.rest * t.elem_bytes
-            c["adapter" if t.adapter else "weights"] += kept
-            if t.sharded:
-                gathered[group] += n * rows * t.rest * t.elem_bytes
-                c["host_params"] += kept
-            else:
-                c["adapter_replicated" if t.adapter else "weights_replicated"] += kept
-            local = shard_rows(t.dim0, n, gpu_rank) * t.rest
-            if t.adapter and parts.method_state_bytes:  # Delta-LoRA's copy of A and B, for the GPU's own
-                c["method_state"] += count * local * t.elem_bytes
-            if not t.trainable:
-                continue
-            c["grads"] += kept
-            c["host_grads"] += count * local * t.elem_bytes
-            if group == "root":
-                c["root_grads_shard"] += kept
-            else:
-                c["layer_grads"] += t.nbytes
-            unsharded_grads[group] += t.nbytes + n * rows * t.rest * t.elem_bytes
-            sb = _state_bytes(t, setup)
-            c["optim"] += count * optimizer_state_bytes(setup.optimizer, local, sb)
-            c["master"] += count * 4 * local if sb == 4 and t.elem_bytes < 4 else 0
-            c["temp"] += count * local * sb
-            largest_local = max(largest_local, local * sb)
-    if setup.optimizer != "adamw":
-        c["temp"] = 0
-    elif setup.device != "cuda":  # torch's per-tensor AdamW: two temporaries of the largest tensor
-        c["temp"] = 2 * largest_local
-    layers = layout.num_layers if p.strategy.keeps_gathered else min(2, layout.num_layers)
-    c["gather"] = gathered["root"] + layers * gathered["layer"]
-    c["rs_layer"], c["rs_root"] = unsharded_grads["layer"], unsharded_grads["root"]
-    return c
-
-
 def rank_memory(plan: Plan, parallel: Parallel = Parallel(), gpu_rank: int = 0) -> RankMemory:
     """What GPU `gpu_rank` of parallel.gpus holds, per component and at its peak per phase. Rank 0 holds the
     most (torch.chunk gives it a full chunk of every tensor): it is the GPU the answers are for.
@@ -260,28 +187,16 @@ def rank_memory(plan: Plan, parallel: Parallel = Parallel(), gpu_rank: int = 0) 
         LorabenchError: a bad Parallel, or gpu_rank not in [0, gpus).
     """
     parallel.validate()
-    n, s, off, parts, setup = parallel.gpus, parallel.strategy, parallel.cpu_offload, plan.parts, plan.setup
+    n, s, off, parts = parallel.gpus, parallel.strategy, parallel.cpu_offload, plan.parts
     if not (isinstance(gpu_rank, int) and 0 <= gpu_rank < n):
         raise LorabenchError(f"gpu rank must be an integer from 0 to {n - 1}, got {gpu_rank!r}.")
-    accumulates = setup.grad_accum > 1
     if s.shards_params:
-        c = _sharded_parts(plan, parallel, gpu_rank)
-        weights, adapter, grads = c["weights"], c["adapter"], c["grads"]
-        optim, master, method_state, temp = c["optim"], c["master"], c["method_state"], c["temp"]
-        gather, buckets, host, rs = c["gather"], 0, 0, max(c["rs_layer"], c["rs_root"])
-        if off:  # CPUOffloadPolicy: the shards, their gradients and the optimizer step live on the host
-            host = c["host_params"] + c["host_grads"] + optim + master + temp
-            weights, adapter = c["weights_replicated"], c["adapter_replicated"]
-            grads = optim = master = temp = 0
-        accum = grads if accumulates else 0
-        # The last layer back-propagates: the head's unsharded gradient (the root's, reduce-scattered at the end
-        # of backward) and that layer's unsharded gradients as they appear.
-        last_layer = parts.head_grad_bytes + accum + c["layer_grads"]
-        # The end of backward: the layers' shards and the larger of a layer's unsharded gradients with its
-        # reduce-scatter input, or the root's with its own, the last reduce-scatter (the root's shards come
-        # then, unless accumulated ones were there before).
-        end = grads - (0 if accumulates or off else c["root_grads_shard"]) + rs
-        held = Held(weights + adapter + optim + master + method_state, gather, grads, accum, last_layer, end, temp)
+        c, held = sharded_held(plan, parallel, gpu_rank)
+        weights, adapter, grads, buckets = c["weights"], c["adapter"], held.grads_bytes, 0
+        optim, master, method_state, temp = c["optim"], c["master"], c["method_state"], held.optimizer_temp_bytes
+        gather, rs, host = c["gather"], c["reduce_scatter"], c["host"]
+        if off:
+            weights, adapter, optim, master = c["weights_replicated"], c["adapter_replicated"], 0, 0
     else:
         weights, adapter, grads = parts.weights_bytes, parts.adapter_bytes, parts.gradients_bytes
         optim, master, method_state = parts.optimizer_bytes, parts.master_bytes, parts.method_state_bytes
@@ -291,7 +206,7 @@ def rank_memory(plan: Plan, parallel: Parallel = Parallel(), gpu_rank: int = 0) 
         if off:  # the optimizer steps on the host, with a host copy of the gradients (as ZeRO-Offload)
             host, optim, master, temp = optim + master + temp + grads, 0, 0, 0
         one = parts.held()
-        held = Held(weights + adapter + optim + master + method_state + buckets, 0, grads, one.accum_bytes,
+        held = Held(weights + adapter + optim + master + method_state + buckets, grads, one.accum_bytes,
                     one.backward_grads_bytes, one.end_grads_bytes, temp)
     phases = parts.phase_peaks(held)
     phase = max(phases, key=phases.get)

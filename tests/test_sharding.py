@@ -67,8 +67,13 @@ def test_full_fine_tuning_over_3_gpus_by_hand():
     assert rm.weights_bytes == rm.gradients_bytes == 2 * chunk == 3_344_140
     assert rm.optimizer_bytes == 2 * 2 * chunk  # exp_avg and exp_avg_sq, bf16, of rank 0's own elements
     assert rm.optimizer_temp_bytes == 2 * chunk  # foreach AdamW's sqrt of exp_avg_sq
-    # the root (not resharded after forward) and two layers (computing, prefetched), gathered and padded
-    assert rm.gather_bytes == 2 * 3 * ROOT_3 + 2 * (2 * 3 * LAYER_3) == 7_114_644
+    # gathered, padded: the root (R) and a layer (Y); at most when the first layer's all-gather lands, beside the
+    # root's parameters and the root's all-gather output, which FSDP2 frees only after the next copy-out
+    root, layer = 2 * 3 * ROOT_3, 2 * 3 * LAYER_3
+    assert rm.gather_bytes == 2 * root + layer == 9_852_624
+    g = rm.held.gathered
+    assert (g.forward_end_bytes, g.after_forward_bytes, g.layer_forward_bytes) == (root + layer, root, root + 2 * layer)
+    assert (g.backward_start_bytes, g.layer_backward_bytes) == (root + layer, root + 2 * layer)
     # the root's gradients at its post-backward, unsharded (autograd's) and padded (the reduce-scatter input)
     assert rm.reduce_scatter_bytes == 2 * (ROOT + 3 * ROOT_3) == 8_391_684
     last = rank_memory(plan, Parallel(3, "fsdp"), gpu_rank=2)
@@ -76,21 +81,60 @@ def test_full_fine_tuning_over_3_gpus_by_hand():
     assert last.optimizer_bytes == 2 * 2 * (4 * LAYER_3_LAST + ROOT_3_LAST) == 6_621_136 < rm.optimizer_bytes
     # the phases, as memory.StepParts.phase_peaks writes them, with rank 0's share
     act, head, persistent = plan.parts.act, plan.parts.head_grad_bytes, 2 * chunk + 4 * chunk
-    layer_grads = 2 * LAYER
-    assert rm.forward_peak_bytes == persistent + rm.gather_bytes + act.saved_bytes + max(
-        act.logits_forward_bytes, act.layer_forward_bytes)
-    assert rm.backward_peak_bytes == persistent + rm.gather_bytes + max(
-        act.saved_bytes + act.logits_backward_bytes,
-        act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + head + layer_grads + act.transient_bytes,
-        2 * 4 * LAYER_3 + rm.reduce_scatter_bytes + act.logits_held_bytes + act.transient_bytes)
+    layer_grads, shard, rs_in = 2 * LAYER, 2 * LAYER_3, 2 * 3 * LAYER_3
+    assert rm.forward_peak_bytes == persistent + max(act.saved_bytes + max(
+        root + layer + act.logits_forward_bytes, root + 2 * layer + act.layer_forward_bytes), 2 * root + layer)
+    # The end of backward. The first layers back-propagating: the root's parameters and early gradients (head,
+    # final norm), the layer's parameters and gradients, the next layer's reduce-scatter input still kept, the
+    # later layers' shards; the second layer also the first's prefetched all-gather and saved activations.
+    early = head + 2 * 256
+    computing = layer + max(act.recompute_bytes + act.transient_bytes, layer_grads + act.transient_bytes)
+    first = computing + rs_in + 3 * shard
+    second = computing + layer + rs_in + 2 * shard + (act.saved_bytes - act.final_norm_bytes) // 4
+    # The first layer's reduce-scatter: its input, then its output beside its last gradient (a norm's)
+    reduce = 3 * shard + rs_in + max(layer_grads, 2 * 256 + shard)
+    # The root's post-backward: its parameters freed, the layers' shards, its input, then its output beside
+    # its last gradient, the head's
+    root_end = 4 * shard + 2 * 3 * ROOT_3 + max(2 * ROOT, head + 2 * ROOT_3)
+    end = max(root + early + max(first, second, reduce), root_end)
+    assert rm.backward_peak_bytes == persistent + max(
+        root + layer + act.saved_bytes + act.logits_backward_bytes,
+        root + 2 * layer + act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes + head + layer_grads
+        + act.transient_bytes,
+        end + act.logits_held_bytes)
     assert rm.optimizer_peak_bytes == persistent + 2 * chunk + act.logits_held_bytes + 2 * chunk
+
+
+def test_gloo_copies_its_reduce_scatter_input_and_one_gpu_gathers_no_buffer():
+    """On the CPU, gloo runs a reduce-scatter as an all-reduce of a copy of its input (ProcessGroupGloo::
+    reduce_scatter_tensor_coalesced): the root's reduce-scatter, the end of a checkpointed backward, holds its
+    input twice. On one GPU FSDP2 all-gathers nothing: each group's unsharded parameters are copies of its
+    shards, no flat output beside."""
+    ckpt = dict(batch_size=2, seq_len=64, grad_checkpointing=True)
+    cpu = rank_memory(plan_step(TINY, FULL, setup=TrainingSetup(**ckpt, device="cpu")), Parallel(2, "fsdp"))
+    gpu = rank_memory(plan_step(TINY, FULL, setup=TrainingSetup(**ckpt)), Parallel(2, "fsdp"))
+    # the layers' shards (bf16 halves), the root's input (2 x its bf16 shard), then its output, its last gradient
+    # (the head's) and, on the CPU, the copy
+    root_end_cpu = 4 * LAYER + 2 * ROOT + max(2 * ROOT, 2 * 4096 * 256 + ROOT + 2 * ROOT)
+    root_end_gpu = 4 * LAYER + 2 * ROOT + max(2 * ROOT, 2 * 4096 * 256 + ROOT)
+    assert cpu.held.end_grads_bytes == root_end_cpu == 15_486_208  # measured so: tests/test_distributed.py
+    assert root_end_gpu < gpu.held.end_grads_bytes < root_end_cpu  # on a GPU the first layers' end is the larger
+    one = rank_memory(plan_step(TINY, FULL, setup=SETUP), Parallel(1, "fsdp")).held.gathered
+    root, layer = 2 * ROOT, 2 * LAYER
+    assert (one.forward_end_bytes, one.layer_forward_bytes, one.first_layer_bytes) == (root, root + layer, root + layer)
+    assert (one.backward_start_bytes, one.layer_backward_bytes) == (root, root + layer)
 
 
 def test_zero2_and_ddp_over_3_gpus_by_hand():
     plan = plan_step(TINY, FULL, setup=SETUP)
     z2 = rank_memory(plan, Parallel(3, "zero2"))
     assert z2.weights_bytes == 2 * (4 * LAYER_3 + ROOT_3)
-    assert z2.gather_bytes == 2 * 3 * (4 * LAYER_3 + ROOT_3)  # every layer kept from forward to backward
+    # every layer kept from its forward to its backward, and at the end of forward the last one's all-gather
+    # output besides
+    every = 2 * 3 * (4 * LAYER_3 + ROOT_3)
+    g = z2.held.gathered
+    assert z2.gather_bytes == g.layer_forward_bytes == g.forward_end_bytes == every + 2 * 3 * LAYER_3
+    assert g.backward_start_bytes == g.layer_backward_bytes == every
     ddp = rank_memory(plan, Parallel(3, "ddp"))
     whole = estimate_from_parts(plan.parts)
     assert ddp.weights_bytes == 2 * 4_999_424 and ddp.bucket_bytes == 2 * 4_999_424  # a second gradient copy
@@ -221,7 +265,7 @@ def test_cli_gpus_1_is_the_default_and_fields_are_one_gpus():
     full = rows[0]
     assert (full["gpus"], full["sharding"], full["cpu_offload"]) == (3, "fsdp", False)
     assert full["peak_bytes"] == rm.peak_bytes and full["weights_bytes"] == 3_344_140
-    assert full["gather_bytes"] == 7_114_644 and full["comm_all_gather_bytes"] == 10_578_648
+    assert full["gather_bytes"] == 9_852_624 and full["comm_all_gather_bytes"] == 10_578_648
     for key in ("gpus_needed_ddp", "gpus_needed_zero2", "gpus_needed_fsdp", "comm_ms", "step_ms_overlap",
                 "step_ms_no_overlap", "link", "cpu_offload_bytes", "bucket_bytes", "reduce_scatter_bytes"):
         assert key in full
