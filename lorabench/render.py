@@ -186,14 +186,9 @@ FULL_DEPTH_COLUMNS = (
 )
 
 
-def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[int] = None) -> str:
-    """The bench's rows as text: the table with its title and notes, or every field in csv/json. With a
-    width, the table keeps the columns that fit it and names the others."""
-    cut = f"{rows[0]['layers']} of {rows[0]['full_layers']} layers" if rows else ""
-    title = (f"{model} ({cut}), {setup.impl} layers on {rows[0]['device_name'] if rows else setup.device}: "
-             f"batch {setup.batch_size} x {setup.seq_len}, {setup.dtype}; GiB, ms")
-    projected = any(r.get("full_projected_peak_bytes") is not None for r in rows)
-    columns = BENCH_COLUMNS + (FULL_DEPTH_COLUMNS if projected else ())
+def _bench_table(rows: List[Dict], fmt: str, columns, title: str, width: Optional[int]) -> str:
+    """A bench table in MiB when every peak is under 1 GiB, cut to the columns that fit `width` (the others
+    named below it), or every field in csv/json."""
     if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):  # small models read better in MiB
         columns = tuple((k, t, mib) if f is gib else (k, t, f) for k, t, f in columns)
         title = title.replace("; GiB", "; MiB")
@@ -201,11 +196,22 @@ def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[in
     if fmt == "table" and width and rows:
         columns, hidden = fit_width(rows, columns, width, keep=4)
     out = render(rows, fmt, columns, title=title)
-    if fmt not in ("table", "markdown") or not rows:
-        return out
-    if hidden:
+    if hidden and fmt == "table":
         out += "\n" + wrap(f"not shown at {width} columns: {', '.join(hidden)} (-f json or -o carry every field).",
                            width)
+    return out
+
+
+def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[int] = None) -> str:
+    """The bench's rows as text: the table with its title and notes, or every field in csv/json. With a
+    width, the table keeps the columns that fit it and names the others."""
+    cut = f"{rows[0]['layers']} of {rows[0]['full_layers']} layers" if rows else ""
+    title = (f"{model} ({cut}), {setup.impl} layers on {rows[0]['device_name'] if rows else setup.device}: "
+             f"batch {setup.batch_size} x {setup.seq_len}, {setup.dtype}; GiB, ms")
+    projected = any(r.get("full_projected_peak_bytes") is not None for r in rows)
+    out = _bench_table(rows, fmt, BENCH_COLUMNS + (FULL_DEPTH_COLUMNS if projected else ()), title, width)
+    if fmt not in ("table", "markdown") or not rows:
+        return out
     r0 = rows[0]
     if r0.get("matmul_tflops"):
         out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({r0.get('matmul_dtype', setup.dtype)})"
@@ -245,19 +251,9 @@ def distributed_bench_text(rows: List[Dict], model: str, setup, fmt: str, width:
     title = (f"{model} ({r0.get('layers', '')} of {r0.get('full_layers', '')} layers), {setup.impl} layers, "
              f"{r0.get('nproc', '')} processes, sharding {r0.get('sharding', '')}, on {r0.get('device_name', setup.device)}: "
              f"batch {setup.batch_size} x {setup.seq_len} per process, {setup.dtype}; GiB, ms")
-    columns = DIST_COLUMNS
-    if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):
-        columns = tuple((k, t, mib) if f is gib else (k, t, f) for k, t, f in columns)
-        title = title.replace("; GiB", "; MiB")
-    hidden: List[str] = []
-    if fmt == "table" and width and rows:
-        columns, hidden = fit_width(rows, columns, width, keep=4)
-    out = render(rows, fmt, columns, title=title)
+    out = _bench_table(rows, fmt, DIST_COLUMNS, title, width)
     if fmt not in ("table", "markdown") or not rows:
         return out
-    if hidden:
-        out += "\n" + wrap(f"not shown at {width} columns: {', '.join(hidden)} (-f json or -o carry every field).",
-                           width or 80)
     cases: Dict[tuple, List[Dict]] = {}
     for r in rows:
         cases.setdefault((r["method"], r["rank"]), []).append(r)
