@@ -39,8 +39,9 @@ Mark = Callable[[str], None]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _finish(built, mark: Mark, optimizer=None) -> None:
-    (optimizer or built.optimizer).step()
+def _finish(built, mark: Mark, step: Optional[Callable[[], None]] = None) -> None:
+    """The optimizer step (`step`, else the built optimizer's), the method's after-step hooks, zero_grad."""
+    (step or built.optimizer.step)()
     for hook in built.hooks:
         hook.step()
     built.optimizer.zero_grad(set_to_none=True)
@@ -68,16 +69,12 @@ class PlainLoop:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             del loss
             mark("backward")
-        if self.scaler:
-            self.scaler.step(built.optimizer)
-            self.scaler.update()
-            for hook in built.hooks:
-                hook.step()
-            built.optimizer.zero_grad(set_to_none=True)
-            mark("optimizer")
-        else:
-            _finish(built, mark)
+        _finish(built, mark, self._scaled_step if self.scaler else None)
         del out
+
+    def _scaled_step(self) -> None:
+        self.scaler.step(self.built.optimizer)
+        self.scaler.update()
 
     def close(self) -> None:
         pass
@@ -155,7 +152,7 @@ class TrainerLoop:
                 mark("backward")
         finally:
             self._mark = None
-        _finish(self.built, mark, self.optimizer)
+        _finish(self.built, mark, self.optimizer.step)
 
     def close(self) -> None:
         self._dir.cleanup()

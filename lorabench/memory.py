@@ -756,8 +756,7 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     # autocast, where the rotated k is fp32 (q/k times the fp32 cos/sin tables) and SDPA keeps its bf16 cast
     cache_k_extra = L * t * spec.kv_dim * s if _kv_cache_on(setup) and setup.autocast else 0
     # the plain loop's output keeps the cache until the step ends (Trainer drops it)
-    cache = L * t * spec.kv_dim * ((s if setup.autocast else a) + a) \
-        if _kv_cache_on(setup) and setup.loop == "plain" else 0
+    cache = L * t * spec.kv_dim * (s + a) if _kv_cache_on(setup) else 0
     casts = _weight_cast_bytes(spec, method, rank, targets, setup) + _merged_expert_bytes(spec, method, rank,
                                                                                            targets, setup)
     layer_forward = 0

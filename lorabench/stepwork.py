@@ -132,8 +132,6 @@ def _adapter(ops: _Ops, name: str, t: int, i: int, o: int, rank: int, setup: Tra
         store = FLOAT_BYTES[setup.adapter_dtype]
         casts = (1 if stream_fed else 0) + (2 if peft and not stream_fed and store != a else 0)
         ops.stream(f"{name} x cast", "forward", casts * t * (store + a) * i, launches=casts)
-        if peft:  # (lorabench.nn's own factor casts are counted below)
-            ops.stream(f"{name} factor casts", "forward", (store + a) * r * (i + o), launches=2)
     if setup.dropout > 0 and method.name != "delta-lora":  # a dropped copy of x and its bool mask
         ops.stream(f"{name} dropout", "forward", t * (2 * ad + 1) * i)
         ops.stream(f"{name} dropout", "backward", t * (2 * ad + 1) * i)
@@ -144,7 +142,7 @@ def _adapter(ops: _Ops, name: str, t: int, i: int, o: int, rank: int, setup: Tra
         ops.stream(f"{name} out cast", "backward", t * 2 * (a + ad) * o, launches=2)
         if needs_dx:
             ops.stream(f"{name} x cast", "backward", t * (ad + a) * i)
-    if not peft:  # lorabench.nn casts the fp32 factors to x's dtype: per layer, not per token
+    if not peft or setup.autocast:  # the fp32 factors cast to x's dtype (by lorabench.nn, or autocast)
         ops.stream(f"{name} factor casts", "forward", (FLOAT_BYTES[setup.adapter_dtype] + a) * r * (i + o),
                    launches=2)
     if needs_dx:  # the adapter's input gradient joins the base layer's
