@@ -23,7 +23,7 @@ import torch
 from lorabench import __version__, signals
 from lorabench.compute import cpu_device, device_for_gpu, estimate_step_time
 from lorabench.errors import LorabenchError
-from lorabench.estimate import memory_rows
+from lorabench.estimate import error_pct, memory_rows
 from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
@@ -259,12 +259,6 @@ def _estimate_fields(spec: ModelSpec, method: Method, rank, targets, setup: Trai
     return row
 
 
-def _error_pct(estimate: Optional[int], measured: Optional[int]) -> Optional[float]:
-    if estimate is None or not measured:
-        return None
-    return 100.0 * (estimate - measured) / measured
-
-
 def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup, *,
                device: torch.device, layers: Optional[int] = None, steps: int = 5, warmup: int = 2,
                impl: str = "lorabench", tolerance_pct: float = 5.0, gpu: Optional[GPU] = None,
@@ -290,12 +284,12 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     cap = row.get("device_memory_bytes")
     row["estimated_fits"] = None if cap is None else row["device_bytes"] <= cap
     measured = row.get("measured_peak_bytes")
-    row["peak_error_pct"] = _error_pct(row["peak_bytes"], measured)
-    row["activations_error_pct"] = _error_pct(row["estimated_after_forward_bytes"],
+    row["peak_error_pct"] = error_pct(row["peak_bytes"], measured)
+    row["activations_error_pct"] = error_pct(row["estimated_after_forward_bytes"],
                                               row.get("measured_activations_bytes"))
     # NVML sees the whole process: the estimate's peak + CUDA context, against allocated + the allocator's
     # cached blocks + context (so fragmentation shows here, not in peak_error_pct)
-    row["device_error_pct"] = _error_pct(row["device_bytes"], row.get("measured_device_bytes"))
+    row["device_error_pct"] = error_pct(row["device_bytes"], row.get("measured_device_bytes"))
     row["within_tolerance"] = (None if row["peak_error_pct"] is None
                                else abs(row["peak_error_pct"]) <= tolerance_pct)
     step_ms = row.get("measured_step_ms")

@@ -71,6 +71,14 @@ def step_time_fields(t: StepTime) -> Dict:
             "step_ms_overhead": t.overhead_ms}
 
 
+
+def error_pct(estimate: Optional[int], measured: Optional[int]) -> Optional[float]:
+    """How far an estimate is from what was measured, in % of the measurement (None without both)."""
+    if estimate is None or not measured:
+        return None
+    return 100.0 * (estimate - measured) / measured
+
+
 def cost_fields(t: StepTime, tokens_per_gpu_step: int, gpus: Optional[int], cost: CostSetup,
                 gpu: Optional[GPU]) -> Dict:
     """A training run's JSON fields: None throughout when no number of GPUs holds the step, or no tokens."""

@@ -27,6 +27,7 @@ from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 from lorabench.errors import LorabenchError
+from lorabench.estimate import error_pct
 from lorabench.memory import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.specs import ModelSpec
@@ -200,12 +201,6 @@ def _rank_estimate(spec: ModelSpec, method: Method, rank, targets, setup: Traini
     return row
 
 
-def _error_pct(estimate: Optional[int], measured: Optional[int]) -> Optional[float]:
-    if estimate is None or not measured:
-        return None
-    return 100.0 * (estimate - measured) / measured
-
-
 def distributed_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup, *,
                      nproc: int, sharding: str, device: str, timeout_s: float = DEFAULT_TIMEOUT_S,
                      layers: Optional[int] = None, steps: int = 5, warmup: int = 2, impl: str = "peft",
@@ -227,8 +222,8 @@ def distributed_case(spec: ModelSpec, method: Method, rank: Optional[int], targe
                     "tolerance_pct": tolerance_pct, "steps": steps, "warmup": warmup, "nproc": nproc})
         row.update(info or {})
         row.update(got)
-        row["peak_error_pct"] = _error_pct(row["peak_bytes"], row.get("measured_peak_bytes"))
-        row["activations_error_pct"] = _error_pct(row["estimated_after_forward_bytes"],
+        row["peak_error_pct"] = error_pct(row["peak_bytes"], row.get("measured_peak_bytes"))
+        row["activations_error_pct"] = error_pct(row["estimated_after_forward_bytes"],
                                                   row.get("measured_activations_bytes"))
         row["comm_error_bytes"] = (None if row.get("measured_comm_bytes") is None
                                    else row["comm_bytes"] - row["measured_comm_bytes"])
