@@ -127,7 +127,8 @@ def add_verdicts(spec, rows, methods, targets, setup, chosen, allowance, paralle
         case = Case(spec, by_name[row["method"]], row["rank"], targets, setup, parallel)
         if chosen is None:
             plan = case.plan()
-            row["smallest_gpu"] = smallest_gpu(plan.parts, allowance, plan_need_bytes(plan, parallel, allowance))
+            row["smallest_gpu"] = smallest_gpu(plan.parts, allowance, plan_need_bytes(plan, parallel, allowance),
+                                               bf16=setup.uses_bf16)
             continue
         name, big, _ = overflow(row, chosen.memory_bytes)
         row.update({"largest_component": name, "largest_component_bytes": big})
@@ -224,9 +225,13 @@ def _who(row: Dict) -> str:
     return row["method"] + (f" r={row['rank']}" if row.get("rank") else "")
 
 
-# `lorabench fit`'s column titles for the savers (fit.savers' kinds), short enough for 80 columns.
-SHORT_CHANGES = {"as given": "given", "checkpointing": "ckpt", "8-bit AdamW": "8bit", "nf4 base (QLoRA)": "nf4",
-                 "checkpointing + 8-bit AdamW": "ckpt+8bit", "checkpointing + nf4 base (QLoRA)": "ckpt+nf4"}
+# `lorabench fit`'s column titles for the savers (fit.SAVERS' kinds, joined by "+"), short for 80 columns.
+SHORT_CHANGES = {"as given": "given", "checkpointing": "ckpt", "fused loss": "fused", "chunked loss": "chunked",
+                 "8-bit AdamW": "8bit", "nf4 base (QLoRA)": "nf4"}
+
+
+def _short_change(change: str) -> str:
+    return "+".join(SHORT_CHANGES.get(kind, kind) for kind in change.split(" + "))
 
 
 def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str = "table") -> str:
@@ -263,8 +268,10 @@ def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str 
         if any(limit(r["max_seq_len"], r).endswith("*") for r in mine):
             out.append(f"* longer than the model's {r0['max_positions']:,} positions.")
         mine_knobs = [k for k in knobs if k["model"] == model]
-        changes = list(dict.fromkeys(k["change"] for k in mine_knobs))
-        short = {c: SHORT_CHANGES.get(c, c) for c in changes}
+        every = list(dict.fromkeys(k["change"] for k in mine_knobs))
+        # the table: as given, each saver alone, all together (json has every combination)
+        changes = [c for c in every if " + " not in c] + [c for c in every[-1:] if " + " in c]
+        short = {c: _short_change(c) for c in changes}
         cell = {(_who(k), k["change"]): k for k in mine_knobs}
         out.append("")
         out.append(wrap(f"Which savers make {shape} fit: GiB to spare (fits), or missing (-):", width))

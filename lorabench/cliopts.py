@@ -8,6 +8,7 @@ absurd numbers: the longest context trained today is ~10**6 tokens, the widest m
 
 from __future__ import annotations
 
+import decimal
 import functools
 import inspect
 import math
@@ -323,7 +324,11 @@ class TokenCount(BoundedInt):
     def convert(self, value, param, ctx):
         match = _SUFFIXED_RE.fullmatch(str(value).strip())
         if match:
-            value = str(round(float(match.group(1)) * self._SCALE[match.group(3).lower()]))
+            # exact decimal arithmetic: a float of 1 and 400 zeros is inf, and round(inf) raises
+            number = decimal.Decimal(match.group(1)) * self._SCALE[match.group(3).lower()]
+            if number > self.hi:
+                self.fail(f"must be from {self.lo:,} to {self.hi:,}, got {shown(str(value).strip())}.", param, ctx)
+            value = str(int(number.to_integral_value(decimal.ROUND_HALF_EVEN)))
         return super().convert(value, param, ctx)
 
 

@@ -46,9 +46,12 @@ class StepFlops:
 
 
 def _attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
-    """QK^T and AV for one token of one layer, causal: 2 products of 2 s q_dim, half of them masked out
-    (FlashAttention-2, Dao 2023, counts causal attention at half the dense FLOPs; so do we)."""
-    return 2 * seq_len * spec.q_dim  # = 2 * (2 * s * q_dim) / 2
+    """QK^T and AV for one token, summed over the layers, causal: 2 products of 2 q_dim FLOPs per key the query
+    attends to (ModelSpec.attended_keys: half the sequence, or about the window on a sliding-window layer).
+    FlashAttention-2 (Dao 2023) counts causal attention at half the dense FLOPs; so do we."""
+    sliding = spec.sliding_layers()
+    keys = sliding * spec.attended_keys(seq_len, True) + (spec.num_layers - sliding) * spec.attended_keys(seq_len, False)
+    return round(4 * spec.q_dim * keys)
 
 
 def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
@@ -78,14 +81,12 @@ def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
             update += spec.num_layers * 2 * rank * i * o  # B A for ||W + s B A|| each step
         if method.name == "delta-lora":
             update += spec.num_layers * 2 * (2 * rank) * i * o  # W += [B' B][A'; -A] in one product
-    attn = 0 if spec.single_matrix else _attention_flops_per_token(spec, setup.seq_len)
-    layer_fwd += attn
-    layer_bwd += 2 * attn  # dQ, dK, dV, and dP: twice the forward products
+    attn = 0 if spec.single_matrix else _attention_flops_per_token(spec, setup.seq_len)  # every layer's
     head = 0 if spec.single_matrix else 2 * spec.hidden_size * spec.vocab_size
     head_bwd = head * (2 if method.base_trainable else 1)
-    fwd = t * (spec.num_layers * layer_fwd + head)
-    bwd = t * (spec.num_layers * layer_bwd + head_bwd)
-    recompute = t * spec.num_layers * layer_fwd if setup.grad_checkpointing else 0
+    fwd = t * (spec.num_layers * layer_fwd + attn + head)
+    bwd = t * (spec.num_layers * layer_bwd + 2 * attn + head_bwd)  # dQ, dK, dV, dP: twice the forward products
+    recompute = t * (spec.num_layers * layer_fwd + attn) if setup.grad_checkpointing else 0
     k = setup.grad_accum  # micro-batches per optimizer step: forward and backward run k times, the update once
     fwd, bwd, recompute = k * fwd, k * bwd, k * recompute
     total = fwd + bwd + recompute + update

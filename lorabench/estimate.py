@@ -16,7 +16,7 @@ from lorabench.comms import comm_volume, parallel_step_time
 from lorabench.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, estimate_from_parts, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_active_params, count_base_params, count_params
-from lorabench.sharding import Parallel, Plan, fit_on_gpu, rank_memory
+from lorabench.sharding import Parallel, Plan, fit_on_gpu, padding_note, rank_memory
 from lorabench.specs import ModelSpec
 
 
@@ -133,7 +133,12 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
             one_gpu = asdict(rank_memory(plan, parallel))
             row.update({k: one_gpu[k] for k in RANK_FIELDS})
         row["targets"] = ",".join(est.targets)
-        row["notes"] = list(dict.fromkeys(spec_notes(spec, targets) + list(est.notes)))
+        extra = [padding_note(plan, parallel)]
+        if gpu is not None and setup.uses_bf16 and not gpu.has_bf16:
+            extra.append(f"the {gpu.name} has no bf16 arithmetic (NVIDIA's comes with Ampere): torch refuses or "
+                         "emulates a bf16 step there; --dtype fp16 or fp32 (with --adapter-dtype fp32) is what it "
+                         "runs.")
+        row["notes"] = list(dict.fromkeys(spec_notes(spec, targets) + list(est.notes) + [n for n in extra if n]))
         row.update({"batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
                     "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing,
                     "loop": setup.loop, "autocast": setup.autocast, "grad_accum": setup.grad_accum,

@@ -1,8 +1,8 @@
 """Does a step fit a GPU, and what makes it fit. Pure Python: every answer is a search over the estimator.
 
 - `overflow`: the component that overflows; `cheapest_fix`: the cheapest change that makes a "no" fit.
-- `fixes`: every change (checkpointing, a smaller batch, 8-bit AdamW, an nf4 base, a shorter sequence, more
-  GPUs) that makes a setup fit, cheapest first.
+- `fixes`: every change (checkpointing, a fused loss, 8-bit AdamW, an nf4 base, smaller micro-batches, more
+  GPUs, CPU offload, a shorter sequence) that makes a setup fit, the ones that keep the data first.
 - `limits`: the largest batch size, sequence length and rank that fit.
 
 "Fits" counts the allocator's headroom: the caching allocator reserves more than it hands out (rounding to
@@ -12,6 +12,7 @@ fails to reserve its next block. See memory.ALLOCATOR_ALLOWANCE.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
@@ -19,7 +20,7 @@ from lorabench.errors import LorabenchError
 from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, need_bytes, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_params
-from lorabench.sharding import Parallel, Plan, fewest_gpus, plan_need_bytes
+from lorabench.sharding import MAX_GPUS, Parallel, Plan, fewest_gpus, plan_need_bytes
 from lorabench.specs import ModelSpec
 
 # The components a row reports, in the order a "why not" names them.
@@ -106,28 +107,51 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> Optional[int]:
     return lo
 
 
+# The on/off memory savers, cheapest first: (kind, the options that turn it on, the setup change, whether it
+# applies to a case). None of them changes the data (batch, sequence) or the GPUs.
+SAVERS = (
+    # recomputes each layer in backward: the same result, about a third more compute
+    ("checkpointing", ("--grad-checkpointing",), {"grad_checkpointing": True},
+     lambda case: not case.setup.grad_checkpointing),
+    # Liger's fused linear cross-entropy (transformers' use_liger_kernel): the same loss, no full logits
+    ("fused loss", ("--loss", "fused-linear"), {"loss": "fused-linear"},
+     lambda case: case.setup.loss == "standard" and case.setup.device == "cuda"),
+    # without Triton (on a CPU) lorabench's chunked loss does the same; it cannot soft-cap (Gemma 2)
+    ("chunked loss", ("--loss", "chunked"), {"loss": "chunked"},
+     lambda case: case.setup.loss == "standard" and case.setup.device != "cuda" and not case.spec.final_softcap),
+    # Dettmers et al. 2021: 8-bit optimizer states, the same accuracy (paged ones count the same on the GPU)
+    ("8-bit AdamW", ("--optimizer", "adamw-8bit"), {"optimizer": "adamw-8bit"},
+     lambda case: case.setup.optimizer == "adamw"),
+    # QLoRA (Dettmers et al. 2023): adapter methods only; autocast needs fp32 weights, so not under it
+    ("nf4 base (QLoRA)", ("--dtype", "nf4"), {"dtype": "nf4"},
+     lambda case: (case.method.allows_quantized_base and case.setup.dtype not in QUANTIZED
+                   and not case.setup.autocast)),
+)
+
+
 def savers(case: Case) -> List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]]:
-    """The on/off memory savers not yet on, alone and together, cheapest first: checkpointing (same result,
-    about a third more compute), 8-bit AdamW (Dettmers et al. 2021: same accuracy, states in 8 bits), an nf4
-    base (QLoRA, Dettmers et al. 2023: adapter methods only)."""
-    s = case.setup
-    options = []
-    if not s.grad_checkpointing:
-        options.append(("checkpointing", ("--grad-checkpointing",), {"grad_checkpointing": True}))
-    if s.optimizer == "adamw" and case.method.base_trainable:  # adapters' states are small: no help there
-        options.append(("8-bit AdamW", ("--optimizer", "adamw-8bit"), {"optimizer": "adamw-8bit"}))
-    if case.method.allows_quantized_base and s.dtype not in QUANTIZED:
-        options.append(("nf4 base (QLoRA)", ("--dtype", "nf4"), {"dtype": "nf4"}))
-    combos: List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]] = [((), (), s)]
-    for kind, args, change in options:  # each saver extends every combination before it: cheapest first
-        combos += [(kinds + (kind,), a + args, replace(setup, **change)) for kinds, a, setup in combos]
+    """The savers not yet on (SAVERS), alone and together, cheapest first; the first is the setup as given."""
+    combos: List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]] = [((), (), case.setup)]
+    for kind, args, change, applies in SAVERS:  # each saver extends every combination before it
+        if applies(case):
+            combos += [(kinds + (kind,), a + args, replace(setup, **change)) for kinds, a, setup in combos]
     return combos
 
 
-def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_gpus: int = 4096) -> List[Fix]:
-    """Every change that makes case fit `capacity` bytes per GPU, cheapest first: the memory savers alone
-    and together, then each with the largest batch that fits, then the longest sequence at batch 1, then
-    (on sharded GPUs) CPU offload, then the fewest fully sharded GPUs. Empty if the case already fits."""
+def _divisors_below(n: int, below: int) -> List[int]:
+    """The divisors of n smaller than `below`, largest first."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({x for d in small for x in (d, n // d) if x < below}, reverse=True)
+
+
+def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_gpus: int = MAX_GPUS) -> List[Fix]:
+    """Every change that makes case fit `capacity` bytes per GPU, cheapest first; empty if it already fits.
+
+    The changes that keep the user's data come first: the savers alone and together (SAVERS); then with a
+    smaller micro-batch and gradient accumulation that keep the tokens of an optimizer step; then the fewest
+    fully sharded GPUs; then CPU offload (on sharded GPUs). Cutting the data comes last: a shorter sequence at
+    batch 1, offered only where it keeps at least half the sequence, or where nothing else fits (a suggestion
+    of 66 tokens for a 4,096-token run is not one anybody takes)."""
     if fits(case, capacity, fraction):
         return []
     out: List[Fix] = []
@@ -140,31 +164,17 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
     for kinds, args, setup in combos[1:]:  # the savers alone and together
         if fits(replace(case, setup=setup), capacity, fraction):
             add(kinds, args, replace(case, setup=setup))
-    for kinds, args, setup in combos:  # where a whole batch is too much: a smaller one
+    sequences = s.batch_size * s.grad_accum  # sequences per optimizer step, kept
+    for kinds, args, setup in combos:  # where a whole batch is too much: smaller micro-batches, accumulated
         if s.batch_size == 1 or fits(replace(case, setup=setup), capacity, fraction):
             continue
-        b = _largest(1, s.batch_size - 1,
-                     lambda n: fits(replace(case, setup=replace(setup, batch_size=n)), capacity, fraction))
-        if b is not None:
-            add(kinds + ("batch",), args + ("--batch-size", str(b)), replace(case, setup=replace(setup, batch_size=b)))
-    for kinds, args, setup in combos:  # where even one sequence is too long: a shorter one
-        one = replace(setup, batch_size=1)
-        if fits(replace(case, setup=one), capacity, fraction):
-            continue
-        n = _largest(1, s.seq_len - 1, lambda n: fits(replace(case, setup=replace(one, seq_len=n)), capacity, fraction))
-        if n is not None:
-            n = round_down(n)
-            batch = ("--batch-size", "1") if s.batch_size > 1 else ()
-            add(kinds + ("sequence",), args + batch + ("--seq-len", str(n)),
-                replace(case, setup=replace(one, seq_len=n)))
-    offload = case.parallel.cpu_offload
-    if case.parallel.strategy.offloads_params and not offload:
-        for kinds, args, setup in combos:  # shards and optimizer in host memory, with the fewest savers
-            moved = replace(case, setup=setup, parallel=replace(case.parallel, cpu_offload=True))
-            if fits(moved, capacity, fraction):
-                add(kinds + ("CPU offload",), args + ("--cpu-offload",), moved)
+        for b in _divisors_below(sequences, s.batch_size):
+            smaller = replace(case, setup=replace(setup, batch_size=b, grad_accum=sequences // b))
+            if fits(smaller, capacity, fraction):
+                add(kinds + ("batch",), args + ("--batch-size", str(b), "--grad-accum", str(sequences // b)), smaller)
                 break
-    for kinds, args, setup in combos:  # more GPUs, fully sharded: the fewest, with the savers that need fewest
+    offload = case.parallel.cpu_offload
+    for kinds, args, setup in combos:  # more GPUs, fully sharded: the fewest, with the fewest savers
         if "nf4 base (QLoRA)" in kinds:
             continue
         g = fewest_gpus(replace(case, setup=setup).plan(), "fsdp", capacity, fraction, offload, max_gpus)
@@ -173,6 +183,23 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
             add(kinds + (f"{g} GPUs (FSDP)",), args + ("--gpus", str(g), "--sharding", "fsdp"),
                 replace(case, setup=setup, parallel=Parallel(g, "fsdp", offload)))
             break
+    if case.parallel.strategy.offloads_params and not offload:
+        for kinds, args, setup in combos:  # shards and optimizer in host memory, with the fewest savers
+            moved = replace(case, setup=setup, parallel=replace(case.parallel, cpu_offload=True))
+            if fits(moved, capacity, fraction):
+                add(kinds + ("CPU offload",), args + ("--cpu-offload",), moved)
+                break
+    kept = len(out)
+    for kinds, args, setup in combos:  # where even one sequence is too long: a shorter one
+        one = replace(setup, batch_size=1)
+        if fits(replace(case, setup=one), capacity, fraction):
+            continue
+        n = _largest(1, s.seq_len - 1, lambda n: fits(replace(case, setup=replace(one, seq_len=n)), capacity, fraction))
+        if n is not None and (2 * round_down(n) >= s.seq_len or not kept):
+            n = round_down(n)
+            batch = ("--batch-size", "1") if s.batch_size > 1 else ()
+            add(kinds + ("sequence",), args + batch + ("--seq-len", str(n)),
+                replace(case, setup=replace(one, seq_len=n)))
     return out
 
 
@@ -242,13 +269,15 @@ def max_rank(case: Case) -> int:
     return max(1, min(sides) if sides else case.spec.hidden_size)
 
 
-def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE, need: Optional[int] = None) -> Optional[str]:
+def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE, need: Optional[int] = None,
+                 bf16: bool = False) -> Optional[str]:
     """The catalog GPU with the least memory that holds the step alone, or `need` bytes (one GPU's share of a
-    step spread over several) (ties: the first listed)."""
+    step spread over several) (ties: the first listed); bf16: only GPUs that compute in bf16 (a V100 or T4
+    does not run a bf16 step, whatever its memory)."""
     from lorabench.gpus import GPUS
 
     need = need_bytes(parts, fraction) if need is None else need
-    fitting = [g for g in GPUS.values() if g.memory_bytes >= need]
+    fitting = [g for g in GPUS.values() if g.memory_bytes >= need and (g.has_bf16 or not bf16)]
     return min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
 
 

@@ -195,4 +195,22 @@ def sharded_held(plan: "Plan", parallel: "Parallel", gpu_rank: int) -> Tuple[Dic
     return c, Held(persistent, grads, accum, last_layer, end, temp, gathered)
 
 
-__all__ = ["padded_rows", "shard_rows", "gathered_params", "sharded_held"]
+def floor_held(plan: "Plan", parallel: "Parallel") -> Held:
+    """A Held that no count of GPUs (2 or more) under parallel's strategy goes under, field by field: nothing
+    sharded kept, only what is replicated (quantization constants, VeRA's buffers); the parameters gathered
+    without padding (N ceil(dim0 / N) >= dim0 rows); the last layer's unsharded gradients and the head's; the
+    root's parameters, its early gradients and one layer back-propagating at the end of backward (as
+    _early_layers). memory.StepParts.phase_peaks only adds what it is given, so the need it gives is a floor
+    for lorabench.sharding.fewest_gpus."""
+    from lorabench.sharding import Parallel
+
+    one = Parallel(1, parallel.sharding, parallel.cpu_offload)
+    c, parts = _sharded_parts(plan, one, 0), plan.parts  # on one GPU every tensor is whole, unpadded
+    gathered = gathered_params(c["root"], c["layer"], plan.layout.num_layers, parallel.strategy.keeps_gathered, 2)
+    computing = c["layer"] + max(parts.act.recompute_bytes + parts.layer_temp_bytes,
+                                 c["layer_ugrads"] + parts.act.transient_bytes)
+    return Held(c["weights_replicated"] + c["adapter_replicated"], 0, 0, parts.head_grad_bytes + c["layer_ugrads"],
+                c["root"] + c["root_early_grads"] + computing, 0, gathered)
+
+
+__all__ = ["padded_rows", "shard_rows", "gathered_params", "sharded_held", "floor_held"]

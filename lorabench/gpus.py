@@ -32,6 +32,8 @@ class GPU:
         fp32_flops: datasheet peak fp32 FLOP/s of the non-tensor cores.
         interconnect: the GPU-to-GPU link, e.g. "NVLink 4", "PCIe Gen4 x16".
         interconnect_bytes_s: that link's bandwidth per GPU, both directions.
+        has_bf16: the card computes in bf16 (NVIDIA from Ampere, compute capability 8.0, on; AMD CDNA 3). Volta
+            and Turing have none: torch refuses or emulates bf16 there, so a bf16 step is not run on them.
     """
 
     name: str
@@ -42,11 +44,13 @@ class GPU:
     fp32_flops: float
     interconnect: str
     interconnect_bytes_s: float
+    has_bf16: bool = True
 
 
 def _gpu(name: str, mib: int, bf16_tflops: float, fp32_tflops: float, gb_s: float, link: str, link_gb_s: float,
-         source: str) -> GPU:
-    return GPU(name, mib * MiB, bf16_tflops * 1e12, gb_s * 1e9, source, fp32_tflops * 1e12, link, link_gb_s * 1e9)
+         source: str, has_bf16: bool = True) -> GPU:
+    return GPU(name, mib * MiB, bf16_tflops * 1e12, gb_s * 1e9, source, fp32_tflops * 1e12, link, link_gb_s * 1e9,
+               has_bf16)
 
 
 # PCIe x16, both directions: Gen3 32 GB/s, Gen4 64 GB/s, Gen5 128 GB/s (PCI-SIG).
@@ -67,9 +71,9 @@ GPUS: Dict[str, GPU] = {g.name: g for g in (
          "AMD Instinct MI300X datasheet (7 Infinity Fabric links x 128 GB/s); 205,822,885,888 bytes read by "
          "rocm-smi"),
     _gpu("V100-32GB", 32768, 125, 15.7, 900, "NVLink 2", 300,
-         "NVIDIA V100 datasheet (SXM2 32GB); no bf16: the fp16 tensor peak; 32768 MiB read by nvidia-smi"),
+         "NVIDIA V100 datasheet (SXM2 32GB); no bf16: the fp16 tensor peak; 32768 MiB read by nvidia-smi", False),
     _gpu("V100-16GB", 16384, 125, 15.7, 900, "NVLink 2", 300,
-         "NVIDIA V100 datasheet (SXM2 16GB); no bf16: the fp16 tensor peak; 16384 MiB read by nvidia-smi"),
+         "NVIDIA V100 datasheet (SXM2 16GB); no bf16: the fp16 tensor peak; 16384 MiB read by nvidia-smi", False),
     _gpu("L4", 23034, 121, 30.3, 300, "PCIe Gen4 x16", 64,
          "NVIDIA L4 datasheet; 23034 MiB read by nvidia-smi"),
     _gpu("L40", 48 * 1024, 181.05, 90.5, 864, "PCIe Gen4 x16", 64,
@@ -81,7 +85,7 @@ GPUS: Dict[str, GPU] = {g.name: g for g in (
          "AWS g5's A10G, for which NVIDIA publishes no datasheet: the A10 datasheet's rates (same GA102, "
          "24 GB, 600 GB/s), an upper bound on tensor throughput; 23028 MiB read by nvidia-smi"),
     _gpu("T4", 15360, 65, 8.1, 320, "PCIe Gen3 x16", 32,
-         "NVIDIA T4 datasheet; no bf16: the fp16 tensor peak; 15360 MiB read by nvidia-smi"),
+         "NVIDIA T4 datasheet; no bf16: the fp16 tensor peak; 15360 MiB read by nvidia-smi", False),
     _gpu("RTX-A6000", 49140, 154.8, 38.7, 768, "PCIe Gen4 x16", 64,
          "NVIDIA RTX A6000 datasheet and Ampere GA102 whitepaper (an NVLink bridge pairs two at 112.5 GB/s); "
          "49140 MiB read by nvidia-smi"),

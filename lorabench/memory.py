@@ -17,7 +17,7 @@ from lorabench.errors import LorabenchError
 from lorabench.gpus import MiB
 from lorabench.methods import Method
 from lorabench.params import ParamCount, adapter_tensors, base_tensors, count_base_params, count_params
-from lorabench.specs import ModelSpec
+from lorabench.specs import MOE_TARGETS, ModelSpec
 
 # Bytes per element of the dtypes a base, an adapter or an activation can have.
 FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -161,6 +161,12 @@ class TrainingSetup:
         if self.attention != "auto":
             return self
         return replace(self, attention="sdpa" if spec.single_matrix else spec.arch.attention)
+
+    @property
+    def uses_bf16(self) -> bool:
+        """The step computes in bf16 somewhere: bf16 weights or adapters, bf16 autocast, or a quantized base
+        (bitsandbytes computes in bf16 here), so it needs a GPU with bf16 (gpus.GPU.has_bf16)."""
+        return "bf16" in (self.dtype, self.adapter_dtype, self.autocast) or self.dtype in QUANTIZED
 
     @property
     def act_bytes(self) -> int:
@@ -971,6 +977,14 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
                              f"hold; use an adapter method (lora, lora-fa, vera, lora-plus, dora).")
     counts = counts or count_params(spec, method, rank, targets)
     targets = counts.targets
+    moe_targets = [t for t in targets if t in MOE_TARGETS] if method.uses_rank else []
+    if moe_targets and setup.impl == "lorabench":
+        raise LorabenchError(f"lorabench's layers do not adapt the {' or '.join(moe_targets)} of {spec.name}'s "
+                             "mixture of experts; use --impl peft, or target the attention (-t q,k,v,o).")
+    if moe_targets and setup.autocast:
+        raise LorabenchError(f"--autocast with the {' and '.join(moe_targets)} adapted (PEFT's lora.ParamWrapper, "
+                             "which merges W + sBA on every forward) is not modeled yet; drop --autocast (bf16 "
+                             "weights), or target the attention (-t q,k,v,o).")
     notes = list(spec.notes)
     if setup.attention == "eager" and spec.arch.attention == "eager":
         notes.append(f"{spec.arch.label} runs eager attention in transformers, which refuses SDPA for it (SDPA "

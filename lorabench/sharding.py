@@ -14,19 +14,21 @@ gradients in its buckets. Every rule was checked against measured steps on 2 and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Dict, Optional
 
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU
 from lorabench.layout import Layout, model_layout
-from lorabench.fsdp_memory import padded_rows, shard_rows, sharded_held  # noqa: F401 (the estimator's API)
+from lorabench.fsdp_memory import floor_held, padded_rows, shard_rows, sharded_held  # noqa: F401 (the estimator's API)
 from lorabench.memory import ALLOCATOR_ALLOWANCE, Held, StepParts, TrainingSetup, need_bytes, step_parts
 from lorabench.methods import Method
 from lorabench.specs import ModelSpec
 
-MAX_GPUS = 65536
+# --gpus and the fewest-GPUs search stop here: data parallelism alone (DDP, ZeRO, FSDP) over more GPUs than
+# this is not how anyone fine-tunes, and FSDP2's padding only grows with N past a tensor's dim 0.
+MAX_GPUS = 4096
 # torch.nn.parallel.distributed: _DEFAULT_BUCKET_CAP_MB = 25 (MiB), the first bucket
 # dist._DEFAULT_FIRST_BUCKET_BYTES = 1 MiB. Bucket sizes change when gradients are sent, not how many bytes.
 DDP_BUCKET_BYTES = 25 * 2 ** 20
@@ -224,19 +226,51 @@ def plan_need_bytes(plan: Plan, parallel: Parallel = Parallel(), allowance: floa
 
 
 def fewest_gpus(plan: Plan, sharding: str, capacity: int, allowance: float = ALLOCATOR_ALLOWANCE,
-                cpu_offload: bool = False, max_gpus: int = 4096) -> Optional[int]:
+                cpu_offload: bool = False, max_gpus: int = MAX_GPUS) -> Optional[int]:
     """The fewest GPUs of `capacity` bytes that hold the step under `sharding`: 1 when one GPU holds it whole
-    (ddp: when one replica, buckets included, fits, since each GPU holds one); None when even max_gpus do not.
-    Counted up from 2: the padding makes the need per GPU wiggle as N grows (by up to N - 1 rows of a tensor)."""
+    (ddp: when one replica, buckets included, fits, since each GPU holds one); None when no count up to
+    max_gpus does.
+
+    Counted up from 2, every count tried: the need per GPU is not monotone in N. FSDP2 pads each tensor's dim 0
+    to a multiple of N and all-gathers the padding, so past a tensor's dim 0 (a mixture's fused experts have
+    E rows) each GPU holds more as N grows, and a count that fits can lie below one that does not. The only
+    shortcut is a floor that no count goes under (fsdp_memory.floor_held): the activations, logits and
+    temporaries, which each GPU holds whole whatever the strategy, and what is gathered or replicated."""
     if sharding == "ddp":
         fits = plan_need_bytes(plan, Parallel(1, "ddp", cpu_offload), allowance) <= capacity
         return 1 if fits else None
     if plan_need_bytes(plan, Parallel(1, "none", cpu_offload), allowance) <= capacity:
         return 1
-    if plan_need_bytes(plan, Parallel(max_gpus, sharding, cpu_offload), allowance) > capacity:
+    if need_bytes(plan.parts, allowance, floor_held(plan, Parallel(2, sharding, cpu_offload))) > capacity:
         return None
-    return next(n for n in range(2, max_gpus + 1)
-                if plan_need_bytes(plan, Parallel(n, sharding, cpu_offload), allowance) <= capacity)
+    return next((n for n in range(2, max_gpus + 1)
+                 if plan_need_bytes(plan, Parallel(n, sharding, cpu_offload), allowance) <= capacity), None)
+
+
+def padding_note(plan: Plan, parallel: Parallel) -> Optional[str]:
+    """A note when FSDP2's padding makes each of parallel.gpus GPUs hold more than each of fewer GPUs would
+    (checked at N/2, N/4, ..., 2): torch.chunk pads every tensor's dim 0 to N ceil(dim0 / N) rows and the
+    all-gathers carry the padding, so past a tensor's dim 0 more GPUs only add bytes. Names the tensor that
+    wastes the most."""
+    n = parallel.gpus
+    if not parallel.strategy.shards_params or n <= 2:
+        return None
+    here = rank_memory(plan, parallel).peak_bytes
+    peaks, m = {}, n // 2
+    while m >= 2:
+        peaks[m] = rank_memory(plan, replace(parallel, gpus=m)).peak_bytes
+        m //= 2
+    best = min(peaks, key=peaks.get)
+    there = peaks[best]
+    if here <= there:
+        return None
+    waste = {t.name: (n * padded_rows(t.dim0, n) - t.dim0) * t.rest * t.elem_bytes * count
+             for t, count in plan.layout.tensors() if t.sharded}
+    name = max(waste, key=waste.get)
+    dim0 = next(t.dim0 for t, _ in plan.layout.tensors() if t.name == name)
+    return (f"each GPU holds {here / 2 ** 30:,.2f} GiB at {n:,} GPUs under {parallel.sharding}, more than the "
+            f"{there / 2 ** 30:,.2f} GiB at {best:,}: FSDP2 pads each tensor's dim 0 to a multiple of the GPU count "
+            f"and all-gathers the padding; {plan.spec.name}'s {name} has {dim0:,} rows. Past that, more GPUs add bytes.")
 
 
 @dataclass(frozen=True)
@@ -266,7 +300,7 @@ class Fit:
 
 
 def fit_on_gpu(plan: Plan, gpu: GPU, parallel: Parallel = Parallel(), allowance: float = ALLOCATOR_ALLOWANCE,
-               max_gpus: int = 4096) -> Fit:
+               max_gpus: int = MAX_GPUS) -> Fit:
     """Whether parallel.gpus of `gpu` hold the step under parallel.sharding, and how many each strategy needs
     (with the same --cpu-offload). Activations, logits and the runtime stay whole on every GPU; each GPU also
     keeps `allowance` x its peak free for the allocator (memory.ALLOCATOR_ALLOWANCE)."""

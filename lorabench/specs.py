@@ -281,6 +281,13 @@ class ModelSpec:
         p = self.sliding_pattern
         return self.num_layers if p == 1 else sum(1 for i in range(self.num_layers) if (i + 1) % p)
 
+    def attended_keys(self, seq_len: int, sliding: bool) -> float:
+        """Keys a causal query attends to on average in a sequence of seq_len: (s + 1) / 2 taken as s / 2, and
+        within a sliding window of w, w (1 - w / 2s) (the first w queries see fewer). FlashAttention skips the
+        blocks outside the window, so this is the work too."""
+        w = self.sliding_window if sliding else 0
+        return seq_len / 2 if not w or w >= seq_len else w * (1 - w / (2 * seq_len))
+
     def with_layers(self, num_layers: int) -> "ModelSpec":
         """The same model cut (or grown) to num_layers decoder blocks."""
         return replace(self, num_layers=num_layers)

@@ -208,8 +208,7 @@ def _attention(ops: _Ops, spec: ModelSpec, t: int, setup: TrainingSetup, sliding
         ops.stream("rotary", "forward", t * rope * qk, launches=7)
         if live:
             ops.stream("rotary", "backward", t * rope * qk, launches=7)
-    w = spec.sliding_window if sliding else 0
-    keys = s / 2 if not w or w >= s else w * (1 - w / (2 * s))  # keys a causal query sees, on average
+    keys = spec.attended_keys(s, sliding)
     if setup.attention == "sdpa":
         flops = 4.0 * t * keys * spec.q_dim  # QK^T and AV
         io = t * a * 2 * (spec.q_dim + spec.kv_dim)
