@@ -5,6 +5,8 @@ here); only the functions below turn them into text.
 
 from __future__ import annotations
 
+import difflib
+
 from typing import Dict, List, Optional
 
 from lorabench.errors import LorabenchError
@@ -105,9 +107,11 @@ def pick_columns(text: str):
         known.setdefault(c[1], c)
     out = []
     for name in (n.strip() for n in text.split(",") if n.strip()):
-        if name not in known:
-            raise LorabenchError(f"--columns: unknown column {name!r}; choose from "
-                                 f"{', '.join(dict.fromkeys(c[0] for c in known.values()))}.")
+        if name not in known:  # one short line: the near names, not all 60
+            near = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            raise LorabenchError(f"--columns: unknown column {name!r}; {hint}the names are the row keys of -f json "
+                                 "or the table's titles (method,rank,peak,fits,spare,...).")
         out.append(known[name])
     return tuple(dict.fromkeys(out))
 
@@ -267,6 +271,7 @@ def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str 
                         "both; 'none': not even 1 fits.", width))
         if any(limit(r["max_seq_len"], r).endswith("*") for r in mine):
             out.append(f"* longer than the model's {r0['max_positions']:,} positions.")
+        out += [wrap(f"note: {n}", width, "  ") for n in dict.fromkeys(n for r in mine for n in r.get("notes", ()))]
         mine_knobs = [k for k in knobs if k["model"] == model]
         every = list(dict.fromkeys(k["change"] for k in mine_knobs))
         # the table: as given, each saver alone, all together (json has every combination)

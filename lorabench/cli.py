@@ -20,8 +20,8 @@ from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, 
 from lorabench.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu
-from lorabench.hfconfig import MAX_WIDTH, config_json_path, load_config, printable_path
-from lorabench.hub import is_local_model, resolve_model
+from lorabench.hfconfig import MAX_WIDTH
+from lorabench.hub import resolve_specs
 from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED
 from lorabench.render import BENCH_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, fit_width, gib, render
 from lorabench.specs import PRESETS, from_dimension, from_name
@@ -392,19 +392,11 @@ def gpus(fmt):
 
 
 def _report_specs(models, configs, dims):
-    """The report's models: presets, configs and --d matrices, each once and each under its own name."""
-    from lorabench.report import distinct_specs
-
-    local = [m for m in models if is_local_model(m)]  # `-m ./my-model` is a config folder
-    entries = [(("model", spec.name), spec.name, spec)
-               for spec in map(resolve_model, (m for m in models if m not in local))]
-    for path in [*configs, *local]:
-        spec = load_config(path)
-        file = os.path.realpath(config_json_path(path))
-        shown = os.path.relpath(os.path.dirname(file) if file.endswith(os.sep + "config.json") else file)
-        entries.append((("config", file), f"{spec.name} (config {printable_path(shown)})", spec))
-    entries += [(("d", d), spec.name, spec) for d, spec in ((d, from_dimension(d)) for d in dims)]
-    return distinct_specs(entries or [(("model", DEFAULT_MODEL), DEFAULT_MODEL, from_name(DEFAULT_MODEL))])
+    """The report's models: configs, presets and --d matrices, each once and each under its own name."""
+    specs = resolve_specs(models, configs)
+    seen = {s.name for s in specs}
+    specs += [s for s in map(from_dimension, dict.fromkeys(dims)) if s.name not in seen]
+    return specs or [from_name(DEFAULT_MODEL)]
 
 
 @cli.command(context_settings=CONTEXT)

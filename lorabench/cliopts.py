@@ -17,12 +17,12 @@ import re
 import click
 from click.core import ParameterSource
 
-from lorabench.hfconfig import MAX_LAYERS, MAX_WIDTH, load_config
+from lorabench.hfconfig import MAX_LAYERS, MAX_WIDTH
 from lorabench.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
                               MAX_LOSS_CHUNK, OPTIMIZERS, TrainingSetup)
 from lorabench.methods import resolve_methods
 from lorabench.render import FORMATS
-from lorabench.hub import resolve_model
+from lorabench.hub import resolve_model, resolve_specs
 from lorabench.specs import from_dimension
 
 MAX_RANK = 1 << 16
@@ -150,8 +150,7 @@ def model_options(fn):
         if dim is not None:
             specs = (from_dimension(dim, layers or 1),)
             return fn(specs=specs, layers=None, **kw) if keep_depth else fn(specs=specs, **kw)
-        specs = tuple(load_config(p) for p in config_paths) + tuple(resolve_model(m) for m in models)
-        specs = specs or (resolve_model(DEFAULT_MODEL),)
+        specs = tuple(resolve_specs(models, config_paths)) or (resolve_model(DEFAULT_MODEL),)
         if layers is not None:
             shallow = [s for s in specs if layers > s.num_layers]
             if shallow:
@@ -235,8 +234,11 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
     def wrapper(alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer, grad_checkpointing, attention,
                 dropout, master_weights, device, impl, loop, autocast, grad_accum, loss, loss_chunk,
                 kbit_prepare, **kw):
-        if autocast and click.get_current_context().get_parameter_source("dtype") == ParameterSource.DEFAULT:
+        ctx = click.get_current_context()
+        if autocast and ctx.get_parameter_source("dtype") == ParameterSource.DEFAULT:
             dtype = "fp32"  # autocast runs over fp32 weights: --autocast alone means that
+        if loss != "chunked" and ctx.get_parameter_source("loss_chunk") != ParameterSource.DEFAULT:
+            raise click.UsageError(f"--loss-chunk applies to --loss chunked only (got --loss {loss}).")
         setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
                               adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
                               grad_checkpointing=grad_checkpointing, attention=attention.lower(),

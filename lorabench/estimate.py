@@ -44,6 +44,15 @@ def spec_notes(spec: ModelSpec, targets: Optional[Iterable[str] | str]) -> List[
     return notes
 
 
+def positions_note(spec: ModelSpec, seq_len: int) -> Optional[str]:
+    """A note when the sequence is longer than a model's learned positions (GPT-2's 1,024): the model cannot
+    run it, so the estimate is for one that could (what `bench` skips)."""
+    if spec.max_positions and seq_len > spec.max_positions:
+        return (f"{seq_len:,} tokens exceed {spec.name}'s {spec.max_positions:,} learned positions: the model cannot "
+                f"run them (bench skips them); the figures are for a model with positions enough.")
+    return None
+
+
 def param_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
                targets: Optional[Iterable[str] | str] = None) -> List[Dict]:
     """Parameter counts for every (method, rank)."""
@@ -133,7 +142,7 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
             one_gpu = asdict(rank_memory(plan, parallel))
             row.update({k: one_gpu[k] for k in RANK_FIELDS})
         row["targets"] = ",".join(est.targets)
-        extra = [padding_note(plan, parallel)]
+        extra = [positions_note(spec, setup.seq_len), padding_note(plan, parallel)]
         if gpu is not None and setup.uses_bf16 and not gpu.has_bf16:
             extra.append(f"the {gpu.name} has no bf16 arithmetic (NVIDIA's comes with Ampere): torch refuses or "
                          "emulates a bf16 step there; --dtype fp16 or fp32 (with --adapter-dtype fp32) is what it "
@@ -143,7 +152,7 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
                     "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing,
                     "loop": setup.loop, "autocast": setup.autocast, "grad_accum": setup.grad_accum,
                     "tokens_per_step": setup.tokens * setup.grad_accum, "loss": setup.loss,
-                    "kbit_prepare": setup.kbit_prepare})
+                    "kbit_prepare": setup.kbit_prepare, "max_positions": spec.max_positions or None})
         flops = estimate_flops(spec, method, rank, c.targets, setup)
         row["step_flops"] = flops.step_flops
         row["flops_per_token"] = flops.flops_per_token

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.estimate import positions_note
 from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, need_bytes, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_params
@@ -304,7 +305,8 @@ def fit_rows(cases: List[Case], gpu: str, capacity: int,
                 "gpus": p.gpus, "sharding": p.sharding, "cpu_offload": p.cpu_offload}
         limit_rows.append({**base, "fits": spare >= 0, "required_bytes": required_bytes(case), "spare_bytes": spare,
                            "max_batch_size": lim.max_batch_size, "max_seq_len": lim.max_seq_len,
-                           "max_rank": lim.max_rank, "max_positions": case.spec.max_positions or None})
+                           "max_rank": lim.max_rank, "max_positions": case.spec.max_positions or None,
+                           "notes": [n for n in (positions_note(case.spec, s.seq_len),) if n]})
         for kinds, args, changed in savers(case):
             alt = replace(case, setup=changed)
             left = spare_bytes(alt, capacity, fraction)

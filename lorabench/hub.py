@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
+from typing import Dict, List, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
-from lorabench.hfconfig import load_config
+from lorabench.hfconfig import config_json_path, load_config, printable_path
 from lorabench.specs import PRESETS, ModelSpec, from_name
 
 # huggingface_hub's rule for a repository id: ORG/NAME, letters, digits, '-', '_', '.', no '--' or '..'.
@@ -41,6 +42,40 @@ def resolve_model(name: str) -> ModelSpec:
     if is_hub_id(key):
         return load_hub_config(key)
     return from_name(key)
+
+
+def distinct_specs(entries: Sequence[Tuple[object, str, ModelSpec]]) -> List[ModelSpec]:
+    """The models of a report, each once and each under its own name.
+
+    entries are (key, label, spec): entries with the same key (a preset named twice, one config file
+    reached by two paths) are one model. Specs that share a name but not a key (two config folders
+    called my-model, or a config folder called llama-3-8b beside the preset) take their label as name,
+    so that rows, bench results and the folder name never mix them.
+    """
+    seen: Dict[object, Tuple[str, ModelSpec]] = {}
+    for key, label, spec in entries:
+        seen.setdefault(key, (label, spec))
+    names = [spec.name for _, spec in seen.values()]
+    return [replace(spec, name=label) if names.count(spec.name) > 1 and label != spec.name else spec
+            for label, spec in seen.values()]
+
+
+def resolve_specs(models: Sequence[str], configs: Sequence[str] = ()) -> List[ModelSpec]:
+    """The models named by --config paths and --model names, in that order, each once and each under its own
+    name: a config folder named like a preset (./tiny-llama beside tiny-llama), or two folders called
+    my-model, are shown as 'tiny-llama (config tiny-llama)' (distinct_specs)."""
+    def from_file(path: str):
+        spec = load_config(path)
+        file = os.path.realpath(config_json_path(path))
+        shown = os.path.relpath(os.path.dirname(file) if file.endswith(os.sep + "config.json") else file)
+        return ("config", file), f"{spec.name} (config {printable_path(shown)})", spec
+
+    def named(name: str):
+        spec = resolve_model(name)
+        return ("model", spec.name), spec.name, spec
+
+    entries = [from_file(p) for p in configs] + [from_file(m) if is_local_model(m) else named(m) for m in models]
+    return distinct_specs(entries)
 
 
 def is_local_model(name: str) -> bool:

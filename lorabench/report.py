@@ -104,22 +104,6 @@ def sweep_rows(plan: Sequence[Tuple[ModelSpec, Sequence[Method]]], ranks: Sequen
     return rows
 
 
-def distinct_specs(entries: Sequence[Tuple[object, str, ModelSpec]]) -> List[ModelSpec]:
-    """The models of a report, each once and each under its own name.
-
-    entries are (key, label, spec): entries with the same key (a preset named twice, one config file
-    reached by two paths) are one model. Specs that share a name but not a key (two config folders
-    called my-model, or a config folder called llama-3-8b beside the preset) take their label as name,
-    so that rows, bench results and the folder name never mix them.
-    """
-    seen: Dict[object, Tuple[str, ModelSpec]] = {}
-    for key, label, spec in entries:
-        seen.setdefault(key, (label, spec))
-    names = [spec.name for _, spec in seen.values()]
-    return [replace(spec, name=label) if names.count(spec.name) > 1 and label != spec.name else spec
-            for label, spec in seen.values()]
-
-
 def bench_fields(bench_row: Dict, estimate_keys) -> Dict:
     """The fields a bench row adds to a report row (see lorabench.bench.run_bench).
 
