@@ -37,8 +37,11 @@ def memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowanc
             (tuple(GPU_COLUMNS) if chosen else ())
     else:
         cols = MEMORY_SUMMARY_COLUMNS
-    if rows and _shared(rows[0]):  # 'fits' is each of the GPUs' verdict, not one GPU's
-        cols = tuple(("fits", "fits", c[2]) if c[0] == "fits" else c for c in cols)
+    if rows and _shared(rows[0]):  # 'fits' is each of the GPUs' verdict, not one GPU's; the step is theirs,
+        # communication overlapped, as the training time takes it (comm_sentence gives both)
+        shared = {"fits": ("fits", "fits", next((c[2] for c in cols if c[0] == "fits"), _text)),
+                  "step_ms": ("step_ms_overlap", "step ms", lambda v: "" if v is None else f"{v:,.0f}")}
+        cols = tuple(shared.get(c[0], c) for c in cols)
     hidden: list = []
     if fmt == "table" and not wide and not columns:
         cols, hidden = fit_width(rows, cols, width, keep=4)
@@ -309,7 +312,7 @@ def cost_text(rows: List[Dict], fmt: str = "table") -> str:
     price = next((r for r in priced if r.get("price_per_gpu_hour") is not None), None)
     head += (f" at ${price['price_per_gpu_hour']:,.2f} per GPU-hour ({price['price_source']}):" if price
              else " (no price: --price USD per GPU-hour):")
-    body = [[_who(r), _text(r.get("train_gpus")) or "none", ms(r.get("step_ms")),
+    body = [[_who(r), _text(r.get("train_gpus")) or "none", ms(r.get("train_step_ms")),
              f"{r['train_steps']:,}" if r.get("train_steps") is not None else "",
              f"{r['train_hours']:,.1f}" if r.get("train_hours") is not None else "",
              f"{r['gpu_hours']:,.1f}" if r.get("gpu_hours") is not None else "",
@@ -317,4 +320,6 @@ def cost_text(rows: List[Dict], fmt: str = "table") -> str:
     table = tabulate(body, headers=["method", "GPUs", "step ms", "steps", "hours", "GPU-hours", "USD"],
                      tablefmt="github" if fmt == "markdown" else "simple", disable_numparse=True,
                      colalign=["left"] + ["right"] * 6)
+    if any(r.get("train_gpus") and r.get("train_sharding") != "none" for r in priced):
+        table += "\nstep ms: one GPU's step with its communication overlapped, which the hours are made of."
     return f"{head}\n\n{table}"

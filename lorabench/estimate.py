@@ -7,7 +7,7 @@ renderers format them, nothing here turns a number into a string.
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from lorabench.compute import (CostSetup, StepTime, device_for_gpu, estimate_flops, estimate_step_time,
                                estimate_training_cost)
@@ -16,7 +16,7 @@ from lorabench.comms import comm_volume, parallel_step_time
 from lorabench.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, estimate_from_parts, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_active_params, count_base_params, count_params
-from lorabench.sharding import Parallel, Plan, fit_on_gpu, padding_note, rank_memory
+from lorabench.sharding import MAX_GPUS, Parallel, Plan, fit_on_gpu, padding_note, rank_memory
 from lorabench.specs import ModelSpec
 
 
@@ -90,14 +90,29 @@ def error_pct(estimate: Optional[int], measured: Optional[int]) -> Optional[floa
 
 def cost_fields(t: StepTime, tokens_per_gpu_step: int, gpus: Optional[int], cost: CostSetup,
                 gpu: Optional[GPU]) -> Dict:
-    """A training run's JSON fields: None throughout when no number of GPUs holds the step, or no tokens."""
+    """A training run's JSON fields, t.step_ms driving them all (train_step_ms): None throughout when no
+    number of GPUs holds the step, or no tokens."""
     run = None if gpus is None else estimate_training_cost(t, tokens_per_gpu_step, gpus, cost, gpu)
-    keys = ("train_tokens", "train_gpus", "train_steps", "train_hours", "gpu_hours", "price_per_gpu_hour",
-            "price_source", "cost_usd")
+    keys = ("train_tokens", "train_gpus", "train_sharding", "train_step_ms", "train_steps", "train_hours",
+            "gpu_hours", "price_per_gpu_hour", "price_source", "cost_usd")
     if run is None:
         return dict.fromkeys(keys)
-    return dict(zip(keys, (run.train_tokens, run.gpus, run.train_steps, run.train_hours, run.gpu_hours,
-                           run.price_per_gpu_hour, run.price_source, run.cost_usd)))
+    return dict(zip(keys, (run.train_tokens, run.gpus, None, t.step_ms, run.train_steps, run.train_hours,
+                           run.gpu_hours, run.price_per_gpu_hour, run.price_source, run.cost_usd)))
+
+
+def training_run(plan: Plan, parallel: Parallel, fit, t: StepTime, gpu: GPU) -> Tuple[Optional[Parallel], Optional[str]]:
+    """The GPUs a training run takes: the ones asked for when they hold the step; else the fewest that do under
+    the same sharding (fully sharded from one GPU or DDP, which cannot spread a replica). Returns (the
+    Parallel, None), or (None, why no run is priced)."""
+    if fit.fits:
+        return parallel, None
+    sharding = parallel.sharding if parallel.strategy.shards_params else "fsdp"
+    n = fit.gpus_needed_zero2 if sharding == "zero2" else fit.gpus_needed_fsdp
+    if n is None:
+        return None, (f"no training time or cost: no count of {gpu.name} GPUs up to {MAX_GPUS:,} holds the step "
+                      f"under {sharding}.")
+    return (Parallel() if n == 1 else Parallel(n, sharding, parallel.cpu_offload)), None
 
 
 # The fields a row takes from one GPU's share when the step is spread over several (sharding.RankMemory).
@@ -170,13 +185,25 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
                         "gpus_needed_fsdp": fit.gpus_needed_fsdp, "link": pt.link, "link_bytes_s": pt.link_bytes_s,
                         "comm_ms": pt.comm_ms, "step_ms_no_overlap": pt.step_ms_no_overlap,
                         "step_ms_overlap": pt.step_ms_overlap})
-            if cost is not None:
-                if parallel.gpus == 1 and parallel.sharding == "none":  # one GPU, or the fewest fully sharded
-                    row.update(cost_fields(t, setup.tokens * setup.grad_accum, fit.gpus_needed, cost, gpu))
-                else:  # the GPUs asked for, at the overlapped step time, when they hold the step
-                    held = fit.fits and pt.step_ms_overlap is not None
-                    timed = replace(t, step_ms=pt.step_ms_overlap) if held else t
-                    row.update(cost_fields(timed, setup.tokens * setup.grad_accum, parallel.gpus if held else None,
-                                           cost, gpu))
+            if cost is not None:  # one step time drives the run: on several GPUs, with communication overlapped
+                run, why = training_run(plan, parallel, fit, t, gpu)
+                timed = t
+                if run is not None and not run.single:
+                    step = parallel_step_time(t, comm_volume(plan, run), run, gpu).step_ms_overlap
+                    if step is None:
+                        run, why = None, (f"no training time or cost: no network between {gpu.name} servers is "
+                                          f"known for {run.gpus:,} GPUs.")
+                    else:
+                        timed = replace(t, step_ms=step)
+                row.update(cost_fields(timed, setup.tokens * setup.grad_accum, run and run.gpus, cost, gpu))
+                if run is not None:
+                    row["train_sharding"] = run.sharding
+                    if run != parallel:
+                        extra = (f"the training time is for {run.gpus:,} x {gpu.name}"
+                                 + (f" under {run.sharding}" if not run.single else "")
+                                 + ", the fewest that hold the step as given.")
+                        row["notes"].append(extra)
+                else:
+                    row["notes"].append(why)
         rows.append(row)
     return rows
