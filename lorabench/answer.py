@@ -141,8 +141,10 @@ def add_verdicts(spec, rows, methods, targets, setup, chosen, allowance, paralle
         row.update({"largest_component": name, "largest_component_bytes": big})
         found = [] if row["fits"] else fixes(case, chosen.memory_bytes, allowance)
         first = found[0] if found else None
-        # another way, of another kind: the first that changes none of what the cheapest changes
-        other = next((f for f in found[1:] if not set(f.kinds) & set(first.kinds)), None)
+        # another way, of another kind: the first that changes none of what the cheapest changes, else the first
+        # that does not merely add to it
+        other = next((f for f in found[1:] if not set(f.kinds) & set(first.kinds)), None) or next(
+            (f for f in found[1:] if not set(first.kinds) <= set(f.kinds)), None)
         row["fix"], row["fix_alternative"] = fix_dict(first), fix_dict(other)
 
 
@@ -276,23 +278,28 @@ def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str 
             out.append(f"* longer than the model's {r0['max_positions']:,} positions.")
         out += [wrap(f"note: {n}", width, "  ") for n in dict.fromkeys(n for r in mine for n in r.get("notes", ()))]
         mine_knobs = [k for k in knobs if k["model"] == model]
-        every = list(dict.fromkeys(k["change"] for k in mine_knobs))
-        # the table: as given, each saver alone, all together (json has every combination)
-        changes = [c for c in every if " + " not in c] + [c for c in every[-1:] if " + " in c]
-        short = {c: _short_change(c) for c in changes}
+        # the table: as given, each saver alone, and every saver that applies to the case together ("all"); the
+        # json has every combination
+        changes = [c for c in dict.fromkeys(k["change"] for k in mine_knobs) if " + " not in c]
         cell = {(_who(k), k["change"]): k for k in mine_knobs}
+        for k in mine_knobs:  # a case's knobs end with all its savers together
+            cell[(_who(k), "all")] = k if " + " in k["change"] else None
+        together = any(cell[(w, c)] for w, c in cell if c == "all")
         out.append("")
         out.append(wrap(f"Which savers make {shape} fit: GiB to spare (fits), or missing (-):", width))
 
         def show(k):
             return "" if k is None else f"{k['spare_bytes'] / GIB:,.1f}"
 
+        columns = changes + (["all"] if together else [])
         cases = list(dict.fromkeys(_who(k) for k in mine_knobs))
-        body = [[w] + [show(cell.get((w, c))) for c in changes] for w in cases]
-        out.append(tabulate(body, headers=["method"] + [short[c] for c in changes], tablefmt=tablefmt,
-                            disable_numparse=True, colalign=["left"] + ["right"] * len(changes)))
+        body = [[w] + [show(cell.get((w, c))) for c in columns] for w in cases]
+        out.append(tabulate(body, headers=["method"] + [_short_change(c) for c in columns], tablefmt=tablefmt,
+                            disable_numparse=True, colalign=["left"] + ["right"] * len(columns)))
         first = {k["change"]: k for k in reversed(mine_knobs)}
-        legend = [f"{short[c]}: {' '.join(first[c]['args'])}" for c in changes if first[c]["args"] and " + " not in c]
+        legend = [f"{_short_change(c)}: {' '.join(first[c]['args'])}" for c in changes if first[c]["args"]]
+        if together:
+            legend.append("all: every saver that applies to the method")
         if legend:
             out.append(wrap("; ".join(legend) + ".", width, "  "))
         out.append("")

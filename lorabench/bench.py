@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -28,7 +27,7 @@ from lorabench.gpus import GPU, GPUS
 from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
                                nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
 from lorabench.builders import (BUILDERS, IMPLS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
-                                build_lorabench, build_peft)
+                                build_lorabench, build_peft, expected_library_warnings)
 from lorabench.loops import PlainLoop, TrainerLoop
 from lorabench.memory import QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
@@ -397,12 +396,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
                disable=None if progress else True)  # None: only on a terminal
     for method, rank in bar:
         bar.set_postfix_str(f"{method.name}" + (f" r={rank}" if rank else ""))
-        with warnings.catch_warnings():
-            # transformers' deprecation notices about its own API (gradient checkpointing's names) are
-            # for people changing transformers, not for someone reading a benchmark
-            warnings.simplefilter("ignore", FutureWarning)
-            # bitsandbytes' paged optimizers run unpaged on the CPU (the README says so once)
-            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        with expected_library_warnings():
             row = bench_case(spec, method, rank, targets, setup, device=dev, layers=layers, steps=steps,
                              warmup=warmup, impl=impl, tolerance_pct=tolerance_pct, gpu=gpu,
                              matmul_flops=matmul, info=info)

@@ -5,6 +5,7 @@ strategy (lorabench.distributed) can be applied to the built model before its op
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -23,6 +24,25 @@ IMPLS = ("lorabench", "peft")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR = 1e-4
 LORAPLUS_RATIO = 16.0
+
+
+@contextlib.contextmanager
+def expected_library_warnings():
+    """Silences the warnings transformers, PEFT and bitsandbytes raise on every model of ours, none of which the
+    reader can act on; every other warning stays visible."""
+    with warnings.catch_warnings():
+        # PEFT 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, renamed in transformers 5
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # PEFT's conversion for fused experts sets gate_up's rank and alpha by pattern, and warns where the model
+        # has no gate_up_proj module (every dense model)
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
+                                category=RuntimeWarning)
+        # GPT-2's Conv1D stores its weight [in, out]: PEFT sets fan_in_fan_out itself, and says so
+        warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`",
+                                category=UserWarning)
+        # bitsandbytes' paged optimizers run unpaged on the CPU (the README says so once)
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+        yield
 
 
 @dataclass
@@ -157,11 +177,7 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         else:
             pcfg = peft.LoraConfig(r=rank, lora_alpha=setup.alpha, target_modules=modules,
                                    lora_dropout=setup.dropout, use_dora=method.adapter == "dora")
-        with warnings.catch_warnings():
-            # PEFT's conversion for fused experts sets gate_up's rank and alpha by pattern, and warns where
-            # the model has no gate_up_proj module (every dense model): nothing for the reader to act on
-            warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
-                                    category=RuntimeWarning)
+        with expected_library_warnings():
             model = peft.get_peft_model(model, pcfg)
         if not method.trains_a:
             for name, p in model.named_parameters():

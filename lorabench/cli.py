@@ -19,7 +19,7 @@ from lorabench.cliopts import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, 
                                setup_options, targets_note)
 from lorabench.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
-from lorabench.gpus import GPUS, get_gpu
+from lorabench.gpus import GPUS, get_gpu, gpu_note
 from lorabench.hfconfig import MAX_WIDTH
 from lorabench.hub import resolve_specs
 from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED
@@ -114,6 +114,14 @@ def cli():
     """
 
 
+def pick_gpu(name):
+    """The catalog GPU a --gpu names (None for none), with a note when the name was one that several share."""
+    if name is None:
+        return None
+    note(gpu_note(name))
+    return get_gpu(name)
+
+
 def quantized_methods(methods, methods_from_all, setup):
     """'all' on a quantized base means every method that can run on one; a note names the ones left out."""
     if setup.dtype not in QUANTIZED or not methods_from_all:
@@ -156,6 +164,21 @@ def each_model(specs, methods, methods_from_all, ranks, targets):
 def terminal_width() -> int:
     """The terminal's width ($COLUMNS first); 100 when the output is not a terminal."""
     return shutil.get_terminal_size((100, 24)).columns
+
+
+def _cut_to_width(rows, fmt, cols, keep: int) -> str:
+    """A table of rows cut to the terminal's width ($COLUMNS), naming the columns left out; other formats
+    whole."""
+    if fmt != "table":
+        return render(rows, fmt, cols)
+    width = terminal_width()
+    shown, hidden = fit_width(rows, cols, width, keep=keep)
+    out = render(rows, fmt, shown)
+    if hidden:
+        from lorabench.render import wrap
+
+        out += "\n" + wrap(f"not shown at {width} columns: {', '.join(hidden)} (-f json carries every field).", width)
+    return out
 
 
 def _blocks(texts) -> str:
@@ -217,9 +240,12 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
 @click.option("--wide", is_flag=True, help="Every memory component in the table (wider than a terminal).")
 @click.option("--columns", type=Text("KEYS"), default=None,
               help="The table's columns, comma-separated (row keys or titles: method,rank,peak,fits,...).")
+@click.option("--check", is_flag=True,
+              help="With --gpu: exit 1 when a case does NOT fit (the answer is printed all the same), so a script "
+                   "or CI step can stop before renting the GPUs.")
 @format_option
 def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, mfu, headroom, cost, wide, columns,
-           fmt):
+           check, fmt):
     """GPU memory of one training step per method: does it fit, and what makes it fit.
 
     The first lines answer: per method, fits or not on --gpu, the memory to
@@ -243,14 +269,17 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
         lorabench memory --model llama-3-70b --method full --gpu A100-80GB -f json
         lorabench memory -m llama-3-70b --method full --grad-checkpointing --gpu H100-80GB --gpus 8 --sharding fsdp
         lorabench memory -m llama-3-70b --method lora --dtype nf4 --gpu RTX-4090 --gpus 2 --sharding fsdp
+        lorabench memory -m llama-3-8b --method lora --gpu A100-40GB --check -f json > plan.json
     """
     from lorabench.answer import add_verdicts, memory_text, pick_columns
     from lorabench.estimate import memory_rows
 
     picked = pick_columns(columns) if columns else None  # a bad name is an error before any work
-    chosen = get_gpu(gpu) if gpu is not None else None
+    chosen = pick_gpu(gpu)
     if cost is not None and chosen is None:
         raise click.UsageError("--tokens/--dataset-tokens need --gpu: time and cost are for a GPU.")
+    if check and chosen is None:
+        raise click.UsageError("--check needs --gpu: whether each case fits that GPU.")
     allowance = headroom / 100
     methods = quantized_methods(methods, methods_from_all, setup)
     per_model = []
@@ -262,9 +291,13 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
     note(targets_note(methods, targets))
     if fmt not in ("table", "markdown"):
         click.echo(render([r for _, _, rows in per_model for r in rows], fmt, MEMORY_COLUMNS))
-        return
-    click.echo(_blocks(memory_text(spec, rows, setup, chosen, targets, fmt, wide, picked, allowance,
-                                   terminal_width()) for spec, used, rows in per_model))
+    else:
+        click.echo(_blocks(memory_text(spec, rows, setup, chosen, targets, fmt, wide, picked, allowance,
+                                       terminal_width()) for spec, used, rows in per_model))
+    misses = [r for _, _, rows in per_model for r in rows if not r["fits"]] if check else []
+    if misses:
+        click.echo(f"lorabench: --check: {len(misses)} case(s) do not fit the {chosen.name}.", err=True)
+        click.get_current_context().exit(1)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -304,7 +337,7 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
     if (gpu is None) == (gpu_memory is None):
         raise click.UsageError("give --gpu NAME or --gpu-memory GIB (one of them).")
     if gpu is not None:
-        chosen = get_gpu(gpu)
+        chosen = pick_gpu(gpu)
         label, capacity = chosen.name, chosen.memory_bytes
     else:
         label, capacity = f"{gpu_memory:g} GiB GPU", int(gpu_memory * 2 ** 30)
@@ -339,13 +372,19 @@ def models(fmt):
 
     rows = [{"model": s.name, "params": count_base_params(s), "hidden_size": s.hidden_size,
              "intermediate_size": s.intermediate_size, "layers": s.num_layers, "heads": s.num_heads,
-             "kv_heads": s.num_kv_heads, "vocab_size": s.vocab_size, "tied_embeddings": s.tie_embeddings}
+             "kv_heads": s.num_kv_heads, "vocab_size": s.vocab_size, "tied_embeddings": s.tie_embeddings,
+             "num_experts": s.num_experts or None, "experts_per_token": s.experts_per_token or None,
+             "expert_intermediate_size": s.expert_intermediate_size or None}
             for s in PRESETS.values()]
+    if fmt in ("table", "markdown"):  # a mixture of experts: how many, each one's width, how many a token takes
+        rows = [{**r, "experts": f"{r['num_experts']}x{r['expert_intermediate_size']} top-{r['experts_per_token']}"
+                 if r["num_experts"] else ""} for r in rows]
     cols = [("model", "model", str), ("params", "parameters", lambda v: f"{v:,}"),
-            ("hidden_size", "d", str), ("intermediate_size", "ffn", str), ("layers", "layers", str),
-            ("heads", "heads", str), ("kv_heads", "kv heads", str), ("vocab_size", "vocab", str),
-            ("tied_embeddings", "tied", lambda v: "yes" if v else "no")]
-    click.echo(render(rows, fmt, cols))
+            ("hidden_size", "d", str), ("intermediate_size", "ffn", lambda v: str(v) if v else "-"),
+            ("experts", "experts", str),
+            ("layers", "layers", str), ("heads", "heads", str), ("kv_heads", "kv", str),
+            ("vocab_size", "vocab", str), ("tied_embeddings", "tied", lambda v: "yes" if v else "no")]
+    click.echo(_cut_to_width(rows, fmt, cols, keep=2))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -378,7 +417,7 @@ def gpus(fmt):
             ("interconnect", "link", str), ("interconnect_bytes_s", "link GB/s", lambda v: f"{v / 1e9:,.0f}"),
             ("network_bytes_s", "net GB/s", lambda v: "" if v is None else f"{v / 1e9:,.0f}"),
             ("usd_per_gpu_hour", "$/GPU-h", lambda v: "" if v is None else f"{v:,.2f}")]
-    out = render(rows, fmt, cols)
+    out = _cut_to_width(rows, fmt, cols, keep=2)
     if fmt in ("table", "markdown"):
         from lorabench.render import wrap
 
@@ -456,7 +495,7 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
     specs = _report_specs(models, configs, dims)
     shallow = [s.name for s in specs if layers and not s.single_matrix and s.num_layers <= layers]
     name = check_name(name) if name is not None else default_name(specs)
-    chosen = get_gpu(gpu)
+    chosen = pick_gpu(gpu)
     if setup.dtype in QUANTIZED and methods_from_all:
         methods = tuple(m for m in methods if m.allows_quantized_base)
     # before any work: refuse now, not after an hour of benchmarks
@@ -542,7 +581,7 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     if output is not None:  # checked before torch is even imported
         target = safeio.check_output_file(output, force=force)
         sink = safeio.RowFile(target, lambda rows, f: render(rows, f, BENCH_COLUMNS))
-    chosen = get_gpu(gpu) if gpu is not None else None
+    chosen = pick_gpu(gpu)
     with signals.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
         from lorabench.bench import run_bench
     runner, text = run_bench, bench_text

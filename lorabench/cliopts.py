@@ -171,15 +171,20 @@ def method_options(fn):
                   help=f"Repeatable or comma-separated: {', '.join(METHODS)}, all.")
     @click.option("--rank", "-r", "ranks", type=RANK, multiple=True, default=(8,), show_default=True,
                   help="LoRA rank; repeat for a sweep (--rank 8 --rank 64).")
-    @click.option("--targets", "-t", type=Text("NAMES"), default=None,
-                  help="Projections to adapt: q,k,v,o,gate,up,down (or PEFT's names, q_proj...); fused "
-                       "ones where the family has them (qkv, gate_up: Phi-3, gpt2); router, experts and "
-                       "shared_gate on a mixture of experts; or all-linear (what PEFT's all-linear "
-                       "adapts). Default: PEFT's for the family (q,v; Phi-3, gpt2: qkv).")
+    @click.option("--targets", "-t", type=Text("NAMES"), multiple=True,
+                  help="Projections to adapt, comma-separated: q,k,v,o,gate,up,down (or PEFT's names, "
+                       "q_proj...); fused ones where the family has them (qkv, gate_up: Phi-3, gpt2); router, "
+                       "experts and shared_gate on a mixture of experts; or all-linear (what PEFT's all-linear "
+                       "adapts). One set per run. Default: PEFT's for the family (q,v; Phi-3, gpt2: qkv).")
     @functools.wraps(fn)
-    def wrapper(methods, **kw):
+    def wrapper(methods, targets, **kw):
         from_all = any(part.strip().lower() == "all" for m in methods for part in m.split(","))
         kw["ranks"] = tuple(dict.fromkeys(kw["ranks"]))  # -r 8 -r 8 is one sweep point, not two rows
+        if len(set(targets)) > 1:  # not last-wins, silently; a sweep of target sets is a run each
+            raise click.BadParameter(f"given {len(targets)} times ({' and '.join(map(repr, targets))}); give one "
+                                     "set, comma-separated (-t q,k,v,o), and run again for another.",
+                                     param_hint="'--targets' / '-t'")
+        kw["targets"] = targets[0] if targets else None
         return fn(methods=resolve_methods(methods), methods_from_all=from_all, **kw)
     return wrapper
 

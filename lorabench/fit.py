@@ -149,10 +149,10 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
     """Every change that makes case fit `capacity` bytes per GPU, cheapest first; empty if it already fits.
 
     The changes that keep the user's data come first: the savers alone and together (SAVERS); then with a
-    smaller micro-batch and gradient accumulation that keep the tokens of an optimizer step; then the fewest
-    fully sharded GPUs; then CPU offload (on sharded GPUs). Cutting the data comes last: a shorter sequence at
-    batch 1, offered only where it keeps at least half the sequence, or where nothing else fits (a suggestion
-    of 66 tokens for a 4,096-token run is not one anybody takes)."""
+    smaller micro-batch and gradient accumulation that keep the sequences of an optimizer step; then CPU
+    offload (on sharded GPUs: the same GPUs, slower); then the fewest fully sharded GPUs. Cutting the data comes
+    last: a shorter sequence at batch 1, offered only where it keeps at least half the sequence, or where
+    nothing else fits (a suggestion of 66 tokens for a 4,096-token run is not one anybody takes)."""
     if fits(case, capacity, fraction):
         return []
     out: List[Fix] = []
@@ -175,6 +175,12 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
                 add(kinds + ("batch",), args + ("--batch-size", str(b), "--grad-accum", str(sequences // b)), smaller)
                 break
     offload = case.parallel.cpu_offload
+    if case.parallel.strategy.offloads_params and not offload:
+        for kinds, args, setup in combos:  # shards and optimizer in host memory, with the fewest savers
+            moved = replace(case, setup=setup, parallel=replace(case.parallel, cpu_offload=True))
+            if fits(moved, capacity, fraction):
+                add(kinds + ("CPU offload",), args + ("--cpu-offload",), moved)
+                break
     for kinds, args, setup in combos:  # more GPUs, fully sharded: the fewest, with the fewest savers
         if "nf4 base (QLoRA)" in kinds:
             continue
@@ -184,12 +190,6 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
             add(kinds + (f"{g} GPUs (FSDP)",), args + ("--gpus", str(g), "--sharding", "fsdp"),
                 replace(case, setup=setup, parallel=Parallel(g, "fsdp", offload)))
             break
-    if case.parallel.strategy.offloads_params and not offload:
-        for kinds, args, setup in combos:  # shards and optimizer in host memory, with the fewest savers
-            moved = replace(case, setup=setup, parallel=replace(case.parallel, cpu_offload=True))
-            if fits(moved, capacity, fraction):
-                add(kinds + ("CPU offload",), args + ("--cpu-offload",), moved)
-                break
     kept = len(out)
     for kinds, args, setup in combos:  # where even one sequence is too long: a shorter one
         one = replace(setup, batch_size=1)

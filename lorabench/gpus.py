@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 from lorabench.errors import LorabenchError
 
@@ -173,19 +173,43 @@ PRICES: Dict[str, Price] = {
 }
 
 
+def _norm(s: str) -> str:
+    """A GPU name as typed, compared: lower case without '-', '_', spaces and the vendors' words (NVIDIA GeForce
+    RTX 4090 -> rtx4090)."""
+    s = s.lower().replace("-", "").replace("_", "").replace(" ", "")
+    for word in ("nvidia", "geforce", "tesla", "amd", "instinct"):
+        s = s.replace(word, "")
+    return s
+
+
+def _by_norm() -> Dict[str, GPU]:
+    """Every name a GPU answers to: its catalog name, that without the RTX of a card's name (4090, a6000), and
+    ALIASES."""
+    names = {_norm(k): v for k, v in GPUS.items()}
+    names.update({n[3:]: v for n, v in list(names.items()) if n.startswith("rtx")})
+    names.update({alias: GPUS[target] for alias, target in ALIASES.items()})
+    return names
+
+
 def get_gpu(name: str) -> GPU:
-    """The catalog GPU called name (case-insensitive; '-' and '_' optional; ALIASES such as A6000).
+    """The catalog GPU called name (case-insensitive; '-', '_', spaces, NVIDIA/GeForce/Tesla optional; a card
+    without its RTX: 4090; ALIASES such as A6000, and A100 for the A100-80GB: gpu_note says which was taken).
 
     Raises:
         LorabenchError: no such GPU; the message suggests near names.
     """
-    def norm(s: str) -> str:
-        return s.lower().replace("-", "").replace("_", "").replace(" ", "")
-
-    by_norm = {norm(k): v for k, v in GPUS.items()}
-    by_norm.update({alias: GPUS[target] for alias, target in ALIASES.items()})
-    if norm(name) in by_norm:
-        return by_norm[norm(name)]
+    found = _by_norm().get(_norm(name))
+    if found is not None:
+        return found
     near = difflib.get_close_matches(name.upper(), GPUS, n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
     raise LorabenchError(f"unknown GPU '{name}'.{hint} Run 'lorabench gpus' for the list.")
+
+
+def gpu_note(name: str) -> Optional[str]:
+    """A note when a name that several catalog GPUs share (a100, h100, v100) was taken as one of them."""
+    key, gpu = _norm(name), get_gpu(name)
+    others = [g for g in GPUS if g != gpu.name and _norm(g).startswith(key)]
+    if key not in ALIASES or not others:
+        return None
+    return f"'{name}' taken as the {gpu.name}; the catalog also has the {', '.join(others)} (name it to choose)."

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.hfconfig import config_json_path, load_config, printable_path
@@ -124,6 +124,11 @@ def config_file(repo_id: str) -> str:
     if _offline():
         raise LorabenchError(f"{repo_id}: config.json is not in the Hugging Face cache and HF_HUB_OFFLINE is "
                              f"set; {get}.")
+    # huggingface_hub retries a failed request five times over 23 s, a DNS failure included: with no network
+    # the answer is one look-up away
+    unresolved = _unresolved(huggingface_hub.constants.ENDPOINT)
+    if unresolved:
+        raise LorabenchError(f"cannot reach the Hugging Face Hub for {repo_id} ({unresolved}); {get}.")
     quiet = huggingface_hub.utils.logging.get_logger("huggingface_hub")
     level = quiet.level
     quiet.setLevel("ERROR")  # its retry warnings would make the one-line answer six
@@ -144,6 +149,33 @@ def config_file(repo_id: str) -> str:
                              f"({_root_cause(exc)}); {get}.") from None
     finally:
         quiet.setLevel(level)
+
+
+def _unresolved(endpoint: str, timeout_s: float = 5.0) -> Optional[str]:
+    """Why endpoint's host has no address (no network, no DNS), found in at most timeout_s; None when it has
+    one. The look-up runs in a thread: getaddrinfo has no timeout of its own."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    host = urlsplit(endpoint).hostname
+    if not host:
+        return None
+    outcome: List[str] = []
+
+    def look_up():
+        try:
+            socket.getaddrinfo(host, 443)
+            outcome.append("")
+        except OSError as exc:
+            outcome.append(f"cannot resolve {host}: {exc.strerror or exc}")
+
+    worker = threading.Thread(target=look_up, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        return f"no DNS answer for {host} in {timeout_s:g} s"
+    return outcome[0] or None
 
 
 def _root_cause(exc: BaseException) -> str:

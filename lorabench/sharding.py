@@ -260,10 +260,10 @@ def padding_note(plan: Plan, parallel: Parallel) -> Optional[str]:
     while m >= 2:
         peaks[m] = rank_memory(plan, replace(parallel, gpus=m)).peak_bytes
         m //= 2
-    best = min(peaks, key=peaks.get)
-    there = peaks[best]
-    if here <= there:
+    best = min(peaks, key=peaks.get) if peaks else None
+    if best is None or here <= peaks[best]:
         return None
+    there = peaks[best]
     waste = {t.name: (n * padded_rows(t.dim0, n) - t.dim0) * t.rest * t.elem_bytes * count
              for t, count in plan.layout.tensors() if t.sharded}
     name = max(waste, key=waste.get)

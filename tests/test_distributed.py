@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from lorabench.bench import run_bench
+from lorabench.builders import expected_library_warnings
 from lorabench.cli import cli
 from lorabench.comms import comm_volume
 from lorabench.distributed import decoder_layers
@@ -184,7 +185,8 @@ def test_decoder_layers_of_either_implementation():
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    vocab_size=128)
     hf = transformers.LlamaForCausalLM(cfg)
-    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with expected_library_warnings():
+        wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"]))
     assert decoder_layers(wrapped) == list(hf.model.layers)
 
 

@@ -113,19 +113,64 @@ def test_fixes_are_cheapest_first_and_all_fit():
 
 
 def test_savers_apply_where_they_help():
+    # LoRA on a bf16 base with AdamW on a GPU: checkpointing, Liger's fused loss, 8-bit AdamW and an nf4 base,
+    # each extending every combination before it (2^4 = 16, the first as given)
     case = Case(LLAMA, METHODS["lora"], 8, None, TrainingSetup())
-    assert [k for k, _, _ in savers(case)] == [(), ("checkpointing",), ("nf4 base (QLoRA)",),
-                                              ("checkpointing", "nf4 base (QLoRA)")]
+    combos = [k for k, _, _ in savers(case)]
+    singles = ["checkpointing", "fused loss", "8-bit AdamW", "nf4 base (QLoRA)"]
+    assert len(combos) == 16 and combos[:5] == [(), ("checkpointing",), ("fused loss",),
+                                                ("checkpointing", "fused loss"), ("8-bit AdamW",)]
+    assert combos[-1] == tuple(singles)
+    # full fine-tuning with checkpointing on: no nf4 (it writes W), checkpointing already on
     full = Case(LLAMA, METHODS["full"], None, None, TrainingSetup(grad_checkpointing=True))
-    assert [k for k, _, _ in savers(full)] == [(), ("8-bit AdamW",)]
+    assert [k for k, _, _ in savers(full)] == [(), ("fused loss",), ("8-bit AdamW",), ("fused loss", "8-bit AdamW")]
+    # autocast runs over fp32 weights: an nf4 base is no saver there (the setup would be refused)
+    auto = Case(LLAMA, METHODS["lora"], 8, None, TrainingSetup(dtype="fp32", autocast="bf16",
+                                                                 grad_checkpointing=True, optimizer="adamw-8bit"))
+    assert [k for k, _, _ in savers(auto)] == [(), ("fused loss",)]
+    # on a CPU, lorabench's chunked loss stands in for Liger's (Triton); Gemma 2's soft-capped logits take neither
+    cpu = Case(LLAMA, METHODS["lora"], 8, None, TrainingSetup(device="cpu", grad_checkpointing=True, dtype="nf4",
+                                                                optimizer="sgd"))
+    assert [k for k, _, _ in savers(cpu)] == [(), ("chunked loss",)]
+    gemma = Case(PRESETS["gemma-2-2b"], METHODS["lora"], 8, None, TrainingSetup(
+        device="cpu", grad_checkpointing=True, dtype="nf4", optimizer="sgd"))
+    assert [k for k, _, _ in savers(gemma)] == [()]
+
+
+def test_fit_autocast_is_answered_for_adapters():
+    # the nf4 saver used to be checked as if asked for under autocast: every adapter method exited 2
+    res = run("fit", "--gpu", "H100-80GB", "-m", "llama-3-8b", "--method", "lora", "--autocast", "bf16", "-f", "json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["limits"][0]["fits"] and not any("nf4" in k["change"] for k in data["knobs"])
+
+
+def test_fixes_keep_the_data_before_cutting_it():
+    # Qwen2.5-72B, LoRA r=16 on all linear layers, nf4 base, 4,096 tokens, an RTX 4090: a sequence cut to a
+    # useless length is no longer the answer; the verdict keeps the 4,096 tokens
+    cap = get_gpu("RTX-4090").memory_bytes
+    case = Case(PRESETS["qwen2.5-72b"], METHODS["lora"], 16, "all-linear", TrainingSetup(seq_len=4096, dtype="nf4"))
+    found = fixes(case, cap)
+    assert found and all(f.case.setup.seq_len == 4096 or 2 * f.case.setup.seq_len >= 4096 for f in found)
+    assert all(fits(f.case, cap) for f in found)
+    # a batch too big for the GPU becomes smaller micro-batches with accumulation: the same sequences a step
+    big = Case(LLAMA, METHODS["lora"], 16, "all-linear", TrainingSetup(batch_size=8, seq_len=4096,
+                                                                        grad_checkpointing=True))
+    batch = next(f for f in fixes(big, cap) if f.kinds[-1] == "batch")
+    s = batch.case.setup
+    assert s.batch_size < 8 and s.batch_size * s.grad_accum == 8
+    assert batch.args[-4:] == ("--batch-size", str(s.batch_size), "--grad-accum", str(s.grad_accum))
 
 
 def test_without_a_gpu_the_smallest_catalog_gpu_that_fits():
     parts = step_parts(LLAMA, METHODS["lora"], 8, None, TrainingSetup())
     need = max(parts.phase_peaks().values())
     need = need + parts.overhead_bytes + int(ALLOCATOR_ALLOWANCE * need)
-    by_size = sorted((g.memory_bytes, g.name) for g in GPUS.values() if g.memory_bytes >= need)
-    assert smallest_gpu(parts) == by_size[0][1]
+    # a bf16 step: only GPUs with bf16 arithmetic (not the V100s or the T4)
+    by_size = sorted((g.memory_bytes, g.name) for g in GPUS.values()
+                     if g.memory_bytes >= need and g.name not in ("V100-32GB", "V100-16GB", "T4"))
+    assert smallest_gpu(parts, bf16=True) == by_size[0][1] == "A100-40GB"
+    assert smallest_gpu(parts) == "V100-32GB"  # fp16 and fp32 run on a V100
     res = run("memory", "--method", "lora")
     peak = max(parts.phase_peaks().values())
     assert res.stdout.splitlines()[0].startswith(f"lora r=8: peak {peak / 2**30:.2f} GiB in backward")
@@ -169,7 +214,7 @@ def test_fit_command_json_and_table():
     assert knob["fits"] and again["spare_bytes"] == knob["spare_bytes"]
     text = run("fit", "-m", "llama-3-8b", "--gpu", "RTX-4090", "--method", "all", "-r", "16", "-s", "4096").stdout
     assert all(len(line) <= 80 for line in text.splitlines()), max(text.splitlines(), key=len)
-    assert "max batch" in text and "ckpt+nf4" in text and "8bit" in text
+    assert "max batch" in text and "nf4" in text and "8bit" in text and "fused" in text and "all" in text
 
 
 def test_fit_needs_one_gpu_and_a_gpu_memory_size_works():

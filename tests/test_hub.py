@@ -105,8 +105,28 @@ def test_online_failures_are_one_line(tmp_path, monkeypatch, error, message):
         raise error()
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    monkeypatch.setattr(hub, "_unresolved", lambda endpoint: None)  # as if the Hub's name resolved
     res = run("params", "-m", "Org/Tiny")
     assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1 and message in res.stderr, res.stderr
+
+
+def test_no_network_fails_in_one_look_up_not_23_s_of_retries(tmp_path, monkeypatch):
+    # huggingface_hub 1.x retries a DNS failure 5 times (1 + 2 + 4 + 8 + 8 s); '.invalid' never resolves
+    # (RFC 6761), so the answer must come from the one look-up, before any download is tried.
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example.invalid")
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("tried to download"))
+    start = time.monotonic()
+    res = run("params", "-m", "Org/Tiny")
+    assert time.monotonic() - start < 6.0  # the look-up's own bound is 5 s
+    assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1
+    assert "cannot reach the Hugging Face Hub for Org/Tiny" in res.stderr and "hub.example.invalid" in res.stderr
 
 
 def test_online_downloads_into_the_cache(tmp_path, monkeypatch):
@@ -120,6 +140,7 @@ def test_online_downloads_into_the_cache(tmp_path, monkeypatch):
         return str(cache_with(tmp_path, repo_id, TINY))
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    monkeypatch.setattr(hub, "_unresolved", lambda endpoint: None)
     assert hub.resolve_model("Org/Tiny").name == "Org/Tiny"
     assert calls == [("Org/Tiny", "config.json", str(tmp_path))]
     assert hub.resolve_model("Org/Tiny").name == "Org/Tiny" and len(calls) == 1  # cached now
