@@ -99,7 +99,8 @@ def _sharded_parts(plan: "Plan", p: "Parallel", gpu_rank: int) -> Dict[str, int]
     return c
 
 
-def gathered_params(root: int, layer: int, layers: int, keeps_gathered: bool, gpus: int) -> Gathered:
+def gathered_params(root: int, layer: int, layers: int, keeps_gathered: bool, gpus: int,
+                    gloo: bool = False) -> Gathered:
     """Bytes of parameters gathered at each moment of a step under FSDP2 (torch 2.13, _fsdp_param_group.py,
     _fsdp_state.py), from `root` and `layer`, one group's all-gathered bytes (padded).
 
@@ -116,15 +117,21 @@ def gathered_params(root: int, layer: int, layers: int, keeps_gathered: bool, gp
     - zero2 (reshard_after_forward=False): every layer stays gathered from its forward to its backward, where
       nothing is gathered again, and each is resharded after its backward.
     On one GPU there is no all-gather (FSDPParamGroup.wait_for_unshard copies each shard into its unsharded
-    parameter): only the unsharded parameters.
+    parameter): only the unsharded parameters. gloo (the CPU's process group) receives an all-gather into a
+    flat tensor of its own and copies it into the output (ProcessGroupGloo's AsyncAllgatherWork: newLikeFlat):
+    while a layer's all-gather lands, a second copy of it is alive, beside the previous layer's output that
+    forward keeps until this copy-out (wait_for_unshard frees it then).
     """
     flat = layer if gpus > 1 else 0  # the last all-gather output (forward) or the prefetched one (backward)
-    first = root + (root if gpus > 1 else 0) + layer  # the root's parameters, its output, the first layer's
+    landing = flat if gloo else 0  # gloo's own flat copy of the all-gather arriving
+    first = root + (root if gpus > 1 else 0) + layer + landing  # the root's parameters, its output, the first layer's
     if keeps_gathered:
         every = root + layers * layer
-        return Gathered(every + flat, every, every + flat, first, every, every)
+        return Gathered(every + flat, every, every + flat, first, every, every,
+                        root + (layers - 1) * layer + 2 * flat + landing)
     prefetched = flat if layers > 1 else 0
-    return Gathered(root + flat, root, root + layer + flat, first, root + flat, root + layer + prefetched)
+    return Gathered(root + flat, root, root + layer + flat, first, root + flat, root + layer + prefetched,
+                    root + 2 * flat + landing if layers > 1 else 0)
 
 
 def _reduce(c: Dict[str, int], group: str, device: str) -> int:
@@ -185,7 +192,8 @@ def sharded_held(plan: "Plan", parallel: "Parallel", gpu_rank: int) -> Tuple[Dic
     persistent = (c["weights_replicated"] + c["adapter_replicated"] if off
                   else c["weights"] + c["adapter"] + c["optim"] + c["master"]) + c["method_state"]
     accum = grads if setup.grad_accum > 1 else 0
-    gathered = gathered_params(c["root"], c["layer"], layers, parallel.strategy.keeps_gathered, parallel.gpus)
+    gathered = gathered_params(c["root"], c["layer"], layers, parallel.strategy.keeps_gathered, parallel.gpus,
+                               gloo=setup.device == "cpu")
     c["gather"] = max(gathered.layer_forward_bytes, gathered.first_layer_bytes)
     c["reduce_scatter"] = max(c["layer_ugrads"] + c["layer_rs_in"], c["root_ugrads"] + c["root_rs_in"])
     # The last layer back-propagates: the head's unsharded gradient (the root's, reduce-scattered at the end

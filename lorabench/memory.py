@@ -849,6 +849,8 @@ class Gathered:
         first_layer_bytes: when the first layer's all-gather lands, before any layer has run.
         backward_start_bytes: at the start of backward, with the loss's gradients.
         layer_backward_bytes: while the last layer back-propagates.
+        all_gather_bytes: while the last layer's all-gather lands in forward, the earlier layers' activations
+            saved (on gloo, which receives into a flat copy of its own, more than while the layer runs).
     """
 
     forward_end_bytes: int = 0
@@ -857,6 +859,7 @@ class Gathered:
     first_layer_bytes: int = 0
     backward_start_bytes: int = 0
     layer_backward_bytes: int = 0
+    all_gather_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -942,8 +945,8 @@ class StepParts:
         # first layer's all-gather lands beside the embedding output alone (which this leaves out).
         forward = h.persistent_bytes + h.accum_bytes + previous_out + max(act.saved_bytes + max(
             g.forward_end_bytes + act.logits_forward_bytes + act.autocast_cache_bytes + cache_extra,
-            g.layer_forward_bytes + max(self.dequant_bytes, self.norm_temp_bytes, act.layer_forward_bytes)),
-            g.first_layer_bytes)
+            g.layer_forward_bytes + max(self.dequant_bytes, self.norm_temp_bytes, act.layer_forward_bytes),
+            g.all_gather_bytes), g.first_layer_bytes)
         layer_temp = self.layer_temp_bytes
         # Backward: at its start the loss gradients are alive with every saved activation; then each
         # layer's activations are freed as its gradients appear, so the peak is at one end (or at the
