@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import sys
+import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,8 +26,9 @@ from lorabench.compute import cpu_device, device_for_gpu, estimate_step_time
 from lorabench.errors import LorabenchError
 from lorabench.estimate import error_pct, memory_rows
 from lorabench.gpus import GPU, GPUS
-from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, device_info, matmul_flops_per_s,
-                               nvml_process_bytes, storage_bytes, summarize, warm_cuda_libraries)
+from lorabench.measure import (LiveTensorTracker, MemoryProbe, PhaseTimer, cpu_matmul_rates, device_info,
+                               matmul_flops_per_s, nvml_process_bytes, storage_bytes, summarize,
+                               warm_cuda_libraries)
 from lorabench.builders import (BUILDERS, IMPLS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
                                 build_lorabench, build_peft, expected_library_warnings)
 from lorabench.loops import PlainLoop, TrainerLoop
@@ -294,7 +297,8 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     step_ms = row.get("measured_step_ms")
     # The time model for the device measured: the catalog GPU found, or the CPU at its measured matmul ceiling.
     model = (device_for_gpu(gpu) if device.type == "cuda" and gpu is not None
-             else cpu_device(matmul_flops) if device.type == "cpu" and matmul_flops else None)
+             else cpu_device(row["matmul_bf16_tflops"] * 1e12, row["matmul_fp32_tflops"] * 1e12)
+             if device.type == "cpu" and row.get("matmul_bf16_tflops") else None)
     if model is not None and row["status"] == "ok":
         est = estimate_step_time(cut, method, rank, targets or None, setup, model)
         row["estimated_step_ms"] = est.step_ms
@@ -326,6 +330,10 @@ def _preload(impl: str, quantized: bool = False) -> None:
     import torch.utils.benchmark  # noqa: F401  (the matmul ceiling)
     import tqdm.auto  # noqa: F401
 
+    # bitsandbytes (imported by transformers and PEFT where installed) fetches a CPU 4-bit kernel from the Hub
+    # at import and, offline, logs its fallback to its own kernel: nothing a reader of a benchmark acts on
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
     import lorabench.nn.adapters  # noqa: F401
     import lorabench.nn.model  # noqa: F401
     import lorabench.nn.train  # noqa: F401
@@ -342,6 +350,26 @@ def _preload(impl: str, quantized: bool = False) -> None:
         for name in ("LlamaConfig", "LlamaForCausalLM", "Qwen2Config", "Qwen2ForCausalLM"):
             getattr(transformers, name)  # transformers imports a model's module on first access
         peft.get_peft_model, peft.LoraConfig, peft.VeraConfig  # noqa: B018
+
+
+def _rate(flops: float) -> str:
+    return f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.2f} GFLOP/s"
+
+
+def cpu_dtype(setup: TrainingSetup, dtype_given: bool) -> Tuple[TrainingSetup, Optional[str]]:
+    """The setup bench runs on this CPU, and a note. Where the CPU multiplies bf16 slower than fp32 (no AVX-512
+    BF16, no AMX: torch falls back to a scalar loop, seen at 0.29 GFLOP/s against 17.5 for fp32), a bf16 weight
+    dtype that was not asked for becomes fp32; one that was asked for stays, with a note on why it is slow."""
+    if not setup.uses_bf16:
+        return setup, None
+    rates = cpu_matmul_rates()
+    bf16, fp32 = rates["bf16"], rates["fp32"]
+    if bf16 >= fp32:
+        return setup, None
+    why = f"this CPU multiplies bf16 at {_rate(bf16)} against {_rate(fp32)} for fp32 (it has no AVX-512 BF16 or AMX)"
+    if dtype_given or setup.dtype != "bf16" or setup.adapter_dtype == "bf16":
+        return setup, f"{why}: expect bf16 steps about {fp32 / bf16:,.0f}x slower than fp32 ones."
+    return replace(setup, dtype="fp32"), f"{why}: measuring with --dtype fp32 (give --dtype bf16 to insist)."
 
 
 def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], targets,
@@ -380,13 +408,17 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
     if gpu is None and dev.type == "cuda":
         gpu = catalog_gpu(info["device_name"])
     info["gpu"] = gpu.name if gpu else None
-    # the products' dtype: the autocast dtype, bf16 for quantized bases (their compute dtype); on the CPU
-    # always bf16, the ceiling lorabench.compute.cpu_device derives its fp32 rate from
+    # the products' dtype: the autocast dtype, bf16 for quantized bases (their compute dtype); its ceiling is
+    # what the step's FLOP/s are compared with. On the CPU both bf16's and fp32's are measured: the time model
+    # takes each product at its own dtype's (compute.cpu_device).
     compute = setup.autocast or (setup.dtype if setup.dtype in TORCH_DTYPES else "bf16")
-    if dev.type == "cpu":
-        compute = "bf16"
     info["matmul_dtype"] = compute
-    matmul = matmul_flops_per_s(dev, TORCH_DTYPES[compute])
+    if dev.type == "cpu":
+        rates = cpu_matmul_rates()
+        info["matmul_bf16_tflops"], info["matmul_fp32_tflops"] = rates["bf16"] / 1e12, rates["fp32"] / 1e12
+        matmul = rates.get(compute) or matmul_flops_per_s(dev, TORCH_DTYPES[compute])
+    else:
+        matmul = matmul_flops_per_s(dev, TORCH_DTYPES[compute])
     warm_cuda_libraries(dev)
     cases = [(m, r) for m in methods for r in (ranks if m.uses_rank else [None])]
     rows = []
@@ -394,12 +426,24 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
 
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr, leave=False,
                disable=None if progress else True)  # None: only on a terminal
-    for method, rank in bar:
-        bar.set_postfix_str(f"{method.name}" + (f" r={rank}" if rank else ""))
+    # where stderr is a file (a log, CI), a line per case instead of the bar: a long run shows it is alive
+    lines = progress and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    started = time.monotonic()
+    for i, (method, rank) in enumerate(bar, 1):
+        name = f"{method.name}" + (f" r={rank}" if rank else "")
+        bar.set_postfix_str(name)
+        if lines:
+            print(f"lorabench: bench: {spec.name} {name} ({i} of {len(cases)}) ...", file=sys.stderr, flush=True)
+        took = time.monotonic()
         with expected_library_warnings():
             row = bench_case(spec, method, rank, targets, setup, device=dev, layers=layers, steps=steps,
                              warmup=warmup, impl=impl, tolerance_pct=tolerance_pct, gpu=gpu,
                              matmul_flops=matmul, info=info)
+        if lines:
+            now = time.monotonic()
+            left = (now - started) / i * (len(cases) - i)
+            print(f"lorabench: bench: {spec.name} {name}: {row['status']} in {now - took:,.1f} s"
+                  + (f"; about {left:,.0f} s left" if i < len(cases) else ""), file=sys.stderr, flush=True)
         rows.append(row)
         if on_row:
             on_row(row)

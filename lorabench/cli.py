@@ -583,7 +583,12 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
         sink = safeio.RowFile(target, lambda rows, f: render(rows, f, BENCH_COLUMNS))
     chosen = pick_gpu(gpu)
     with signals.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
-        from lorabench.bench import run_bench
+        import torch
+
+        from lorabench.bench import cpu_dtype, run_bench
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":  # a dtype this CPU runs fast
+        setup, why = cpu_dtype(setup, ctx.get_parameter_source("dtype") != click.core.ParameterSource.DEFAULT)
+        note(why)
     runner, text = run_bench, bench_text
     if distributed is not None:
         import functools

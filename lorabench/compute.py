@@ -196,10 +196,13 @@ CPU_OP_OVERHEAD_S = 10e-6
 CPU_GEMM_TAIL_S = 20e-6
 
 
-def cpu_device(matmul_flops: float) -> Device:
-    """The CPU as `lorabench bench` sees it: its measured bf16 matmul ceiling, and the CPU_* figures above."""
-    return measured_device("cpu", matmul_flops, CPU_BANDWIDTH_BYTES_S, CPU_FP32_RATIO * matmul_flops,
-                           CPU_OP_OVERHEAD_S, gemm_tail_s=CPU_GEMM_TAIL_S)
+def cpu_device(matmul_flops: float, fp32_flops: Optional[float] = None) -> Device:
+    """The CPU as `lorabench bench` sees it: its measured bf16 matmul ceiling, its fp32 one where measured
+    (measure.cpu_matmul_rates; else CPU_FP32_RATIO of bf16's, as on the CPU the committed reports ran on), and
+    the CPU_* figures above."""
+    fp32 = CPU_FP32_RATIO * matmul_flops if fp32_flops is None else fp32_flops
+    return measured_device("cpu", matmul_flops, CPU_BANDWIDTH_BYTES_S, fp32, CPU_OP_OVERHEAD_S,
+                           gemm_tail_s=CPU_GEMM_TAIL_S)
 
 
 @dataclass(frozen=True)

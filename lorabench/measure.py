@@ -254,12 +254,32 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: Optional[int
     from torch.utils.benchmark import Timer
 
     device = torch.device(device)
-    n = n or (8192 if device.type == "cuda" else 1024)
+    if n is None and device.type == "cpu":
+        # a CPU without bf16 units (no AVX-512 BF16, no AMX) multiplies bf16 at well under 1 GFLOP/s, where one
+        # 1024^3 product would take seconds: a 256^3 one first says which size to time
+        a = torch.randn(256, 256, dtype=dtype)
+        start = time.perf_counter()
+        torch.mm(a, a)
+        n = 1024 if time.perf_counter() - start < 2e-3 else 256
+    n = n or 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     timer = Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b})
     seconds = timer.blocked_autorange(min_run_time=min_run_time).median
     return 2 * n ** 3 / seconds
+
+
+_CPU_RATES: Dict[str, float] = {}
+
+
+def cpu_matmul_rates() -> Dict[str, float]:
+    """This CPU's matmul ceilings, FLOP/s: {"bf16": ..., "fp32": ...}, measured once per process. CPUs differ
+    by a thousandfold in bf16 (AMX or AVX-512 BF16 run it faster than fp32; without them torch falls back to
+    a scalar loop) while fp32 stays within a few times, so neither is derived from the other."""
+    if not _CPU_RATES:
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            _CPU_RATES[name] = matmul_flops_per_s(torch.device("cpu"), dtype, min_run_time=0.1)
+    return dict(_CPU_RATES)
 
 
 def warm_cuda_libraries(device: torch.device) -> None:
@@ -283,4 +303,4 @@ def warm_cuda_libraries(device: torch.device) -> None:
 
 
 __all__ = ["LiveTensorTracker", "MemoryProbe", "PhaseTimer", "local_tensor", "storage_bytes", "nvml_process_bytes",
-           "device_info", "summarize", "matmul_flops_per_s", "warm_cuda_libraries"]
+           "device_info", "summarize", "matmul_flops_per_s", "cpu_matmul_rates", "warm_cuda_libraries"]

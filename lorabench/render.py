@@ -165,13 +165,15 @@ def render(rows: List[Dict], fmt: str, columns: Sequence[Column], title: str = "
 # `lorabench bench`'s rows: (key, title, formatter) as above; the full-depth columns when projected.
 BENCH_COLUMNS = (
     ("method", "method", str), ("rank", "rank", lambda v: "" if v is None else str(v)),
-    ("layers", "layers", str), ("status", "status", str),
+    ("status", "status", str),
     ("peak_bytes", "est. peak", gib), ("measured_peak_bytes", "measured", gib),
     ("peak_error_pct", "error %", lambda v: "" if v is None else f"{v:+.2f}"),
     ("within_tolerance", "ok", lambda v: "" if v is None else ("yes" if v else "NO")),
-    ("estimated_after_forward_bytes", "est. activ.", gib), ("measured_activations_bytes", "measured", gib),
-    ("estimated_step_ms", "est. ms", lambda v: "" if v is None else f"{v:,.1f}"),
     ("measured_step_ms", "step ms", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("estimated_step_ms", "est. ms", lambda v: "" if v is None else f"{v:,.1f}"),
+    ("step_error_pct", "err %", lambda v: "" if v is None else f"{v:+.0f}"),
+    ("layers", "layers", str),
+    ("estimated_after_forward_bytes", "est. activ.", gib), ("measured_activations_bytes", "measured", gib),
     ("measured_step_ms_iqr", "iqr", lambda v: "" if v is None else f"{v:,.1f}"),
     ("measured_forward_ms", "fwd", lambda v: "" if v is None else f"{v:,.1f}"),
     ("measured_backward_ms", "bwd", lambda v: "" if v is None else f"{v:,.1f}"),
@@ -202,6 +204,11 @@ def _bench_table(rows: List[Dict], fmt: str, columns, title: str, width: Optiona
     return out
 
 
+def flops_text(flops: float) -> str:
+    """A rate in the unit that shows it: TFLOP/s, or GFLOP/s under 1 TFLOP/s (a CPU's)."""
+    return f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.1f} GFLOP/s"
+
+
 def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[int] = None) -> str:
     """The bench's rows as text: the table with its title and notes, or every field in csv/json. With a
     width, the table keeps the columns that fit it and names the others."""
@@ -214,7 +221,10 @@ def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[in
         return out
     r0 = rows[0]
     if r0.get("matmul_tflops"):
-        out += f"\nmatmul ceiling measured here: {r0['matmul_tflops']:,.1f} TFLOP/s ({r0.get('matmul_dtype', setup.dtype)})"
+        out += f"\nmatmul ceiling measured here: {flops_text(r0['matmul_tflops'] * 1e12)} ({r0.get('matmul_dtype', setup.dtype)})"
+        if r0.get("matmul_bf16_tflops") and r0.get("matmul_fp32_tflops"):
+            out += (f"; bf16 {flops_text(r0['matmul_bf16_tflops'] * 1e12)}, "
+                    f"fp32 {flops_text(r0['matmul_fp32_tflops'] * 1e12)}")
     if r0.get("catalog_tflops"):
         out += f"; catalog peak {r0['gpu']}: {r0['catalog_tflops']:,.0f} TFLOP/s"
     for r in rows:

@@ -266,3 +266,55 @@ def test_check_fails_outside_tolerance():
     assert error != 0.0
     strict = _run(args + ["--tolerance", "0"])
     assert strict.exit_code == 1 and json.loads(strict.output)[0]["within_tolerance"] is False
+
+
+# --------------------------------------------------------------------------------------------------
+# A CPU without bf16 units (issue 21): the dtype bench runs, the ceilings it measures, what a log shows.
+
+# What the issue's machine measured: bf16 products at 0.29 GFLOP/s (no AVX-512 BF16 or AMX: a scalar loop),
+# fp32 at 17.5 GFLOP/s.
+SLOW_BF16 = {"bf16": 0.29e9, "fp32": 17.5e9}
+
+
+def test_a_cpu_slow_at_bf16_measures_in_fp32_unless_bf16_is_asked_for(monkeypatch):
+    monkeypatch.setattr(bench_mod, "cpu_matmul_rates", lambda: dict(SLOW_BF16))
+    setup, why = bench_mod.cpu_dtype(TrainingSetup(), dtype_given=False)
+    assert setup.dtype == "fp32" and "0.29 GFLOP/s against 17.50 GFLOP/s for fp32" in why
+    setup, why = bench_mod.cpu_dtype(TrainingSetup(), dtype_given=True)
+    assert setup.dtype == "bf16" and "about 60x slower" in why  # 17.5 / 0.29 = 60.3
+    # where bf16 is the faster (AMX, as on this CI machine's kind), nothing changes
+    monkeypatch.setattr(bench_mod, "cpu_matmul_rates", lambda: {"bf16": 960e9, "fp32": 137e9})
+    assert bench_mod.cpu_dtype(TrainingSetup(), dtype_given=False) == (TrainingSetup(), None)
+
+
+def test_bench_on_such_a_cpu_runs_fp32_says_why_and_logs_each_case(monkeypatch):
+    monkeypatch.setattr(bench_mod, "cpu_matmul_rates", lambda: dict(SLOW_BF16))
+    res = CliRunner().invoke(cli, ["bench", "-m", "tiny-llama", "--device", "cpu", "--method", "lora,full",
+                                   "--layers", "1", "-s", "16", "--steps", "1", "--warmup", "1", "-f", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["dtype"] for r in rows] == ["fp32", "fp32"]
+    assert rows[0]["matmul_fp32_tflops"] == pytest.approx(0.0175) and rows[0]["matmul_dtype"] == "fp32"
+    err = res.stderr
+    assert "measuring with --dtype fp32" in err
+    # stderr is no terminal here: a line as each case starts and ends, as a log file shows them
+    assert "lorabench: bench: tiny-llama lora r=8 (1 of 2) ..." in err
+    assert "lorabench: bench: tiny-llama full: ok in" in err and "s left" in err
+
+
+def test_the_cpu_time_model_takes_fp32_products_at_the_measured_fp32_rate():
+    from lorabench.compute import CPU_FP32_RATIO, cpu_device, estimate_step_time
+
+    lora, setup = METHODS["lora"], TrainingSetup(dtype="fp32", seq_len=256, device="cpu")
+    measured = estimate_step_time(TINY, lora, 8, ("q", "v"), setup, cpu_device(0.29e9, 17.5e9))
+    derived = estimate_step_time(TINY, lora, 8, ("q", "v"), setup, cpu_device(0.29e9))
+    # the old derivation took fp32 at 0.23 of bf16's 0.29 GFLOP/s: 17.5 / (0.23 x 0.29) = 262x slower products
+    assert cpu_device(0.29e9).fp32_flops == pytest.approx(CPU_FP32_RATIO * 0.29e9)
+    assert derived.matmul_ms / measured.matmul_ms == pytest.approx(17.5 / (CPU_FP32_RATIO * 0.29), rel=0.05)
+
+
+def test_the_ceiling_line_reads_in_gflops_below_a_teraflop():
+    from lorabench.render import flops_text
+
+    assert flops_text(0.29e9) == "0.3 GFLOP/s" and flops_text(17.5e9) == "17.5 GFLOP/s"
+    assert flops_text(989.4e12) == "989.4 TFLOP/s"
