@@ -3,8 +3,10 @@
 Everything a config.json can get wrong is refused here, in one line that names the file and the key:
 a file that is not a regular file or is larger than a config ever is, nesting deeper than a config
 ever has, JSON's non-standard NaN/Infinity, duplicate keys, wrong types (a boolean must be a JSON
-boolean, a size an integer, never 4096.5 or "4096"), and sizes outside a sane range. A family is one
-row of FAMILIES: its keys, and how the spec is built from them. Pure Python: no torch import.
+boolean, a size an integer, never 4096.5 or "4096"), sizes outside a sane range, and two spellings of one
+key that disagree. Otherwise a config.json reads as transformers reads it: every spelling its config class
+accepts, and its defaults for absent keys. A family is one row of FAMILIES: its keys, and how the spec is
+built from them. Pure Python: no torch import.
 """
 
 from __future__ import annotations
@@ -40,84 +42,98 @@ class Key:
     """One config.json key a family reads.
 
     Attributes:
-        name: the key.
+        name: the key, as the builder reads it.
         kind: "int" (an integer in [1, hi]), "bool" (a JSON boolean), "float" (a positive finite number),
             "ints" (a list of integers in [0, hi]) or "strs" (a list of strings).
-        required: absent is an error (otherwise `default` applies).
+        default: the value when the key is absent: transformers' config class default for the family (None:
+            the builder derives it, as transformers does: head_dim = hidden_size / heads).
         hi: largest accepted integer.
         nullable: null is accepted (transformers' configs write `"head_dim": null`, "no soft-capping").
-        default: the value when the key is absent: transformers' config class default for the family
-            (None: the builder derives it, as head_dim = hidden_size / heads).
+        aliases: other spellings transformers reads as the same setting (its config class's attribute_map:
+            gpt2's hidden_size is n_embd; Qwen3-MoE saves num_experts as num_local_experts).
     """
 
     name: str
     kind: str = "int"
-    required: bool = True
+    default: object = None
     hi: int = MAX_WIDTH
     nullable: bool = False
-    default: object = None
+    aliases: Tuple[str, ...] = ()
 
 
-def _int(name, hi=MAX_WIDTH, required=True, nullable=False, default=None) -> Key:
-    return Key(name, "int", required and default is None, hi, nullable, default)
+def _int(name, default=None, hi=MAX_WIDTH, nullable=False, aliases=()) -> Key:
+    return Key(name, "int", default, hi, nullable, aliases)
 
 
 def _bool(name, default=None) -> Key:
-    return Key(name, "bool", required=False, default=default)
+    return Key(name, "bool", default)
 
 
 def _float(name, default=None) -> Key:
-    return Key(name, "float", required=False, nullable=True, default=default)
+    return Key(name, "float", default, nullable=True)
 
 
 def _list(name, kind, hi=MAX_LAYERS) -> Key:
-    return Key(name, kind, required=False, hi=hi, nullable=True)
+    return Key(name, kind, hi=hi, nullable=True)
 
 
-LLAMA_KEYS = (
-    _int("hidden_size"), _int("intermediate_size", MAX_MLP), _int("num_hidden_layers", MAX_LAYERS),
-    _int("num_attention_heads", MAX_HEADS), _int("num_key_value_heads", MAX_HEADS, False, True),
-    _int("head_dim", required=False, nullable=True), _int("vocab_size", MAX_VOCAB),
-    _bool("tie_word_embeddings"),
-)
-GPT2_KEYS = (
-    _int("n_embd"), _int("n_head", MAX_HEADS), _int("n_layer", MAX_LAYERS), _int("n_positions", MAX_POSITIONS),
-    _int("vocab_size", MAX_VOCAB), _int("n_inner", MAX_MLP, False, True), _bool("tie_word_embeddings"),
-)
+def _decoder(vocab, d, mlp, layers, heads, kv, head_dim=None, tied=False) -> Tuple[Key, ...]:
+    """The keys every llama-style family reads, with its config class's defaults (None: derived)."""
+    return (_int("hidden_size", d), _int("intermediate_size", mlp, MAX_MLP),
+            _int("num_hidden_layers", layers, MAX_LAYERS), _int("num_attention_heads", heads, MAX_HEADS),
+            _int("num_key_value_heads", kv, MAX_HEADS, nullable=True), _int("head_dim", head_dim, nullable=True),
+            _int("vocab_size", vocab, MAX_VOCAB), _bool("tie_word_embeddings", tied))
 
 
-def _attention(v: Dict, where: str) -> Tuple[int, int, int]:
+class _Values(dict):
+    """A config's values by the table's key names, and the spelling the file used for each (None: absent, so
+    transformers' default), for messages that name what the file says."""
+
+    def __init__(self):
+        super().__init__()
+        self.written: Dict[str, Optional[str]] = {}
+
+    def said(self, name: str, value) -> str:
+        written = self.written.get(name, name)
+        return f"'{written}' {value}" if written else f"'{name}' {value} (absent: transformers' default)"
+
+
+def _attention(v: _Values, where: str) -> Tuple[int, int, int]:
     """(heads, kv_heads, head_dim) of a llama-style config, checked for consistency."""
     d, heads = v["hidden_size"], v["num_attention_heads"]
     kv = v.get("num_key_value_heads") or heads
     if kv > heads or heads % kv:
-        raise LorabenchError(f"{where}: 'num_attention_heads' {heads} is not a multiple of "
-                             f"'num_key_value_heads' {kv}.")
+        raise LorabenchError(f"{where}: {v.said('num_attention_heads', heads)} is not a multiple of "
+                             f"{v.said('num_key_value_heads', kv)}.")
     head_dim = v.get("head_dim")
     if head_dim is None:
         if d % heads:
-            raise LorabenchError(f"{where}: 'hidden_size' {d} is not divisible by 'num_attention_heads' {heads} "
-                                 f"(and no 'head_dim' is given).")
+            raise LorabenchError(f"{where}: {v.said('hidden_size', d)} is not divisible by "
+                                 f"{v.said('num_attention_heads', heads)} (and no 'head_dim' is given).")
         head_dim = d // heads
     return heads, kv, head_dim
 
 
-def _build_llama(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
+def _build_llama(v: _Values, name: str, where: str, model_type: str) -> ModelSpec:
     heads, kv, head_dim = _attention(v, where)
     # transformers: Qwen2 always has q/k/v biases and no o bias; llama's attention_bias puts one on all four
     # (so do Qwen3's and OLMo 2's); Phi-3 has none.
     attention_bias = v.get("attention_bias", False)
     return ModelSpec(name=name, hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
                      num_layers=v["num_hidden_layers"], num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-                     vocab_size=v["vocab_size"], tie_embeddings=v.get("tie_word_embeddings", False),
+                     vocab_size=v["vocab_size"], tie_embeddings=v["tie_word_embeddings"],
                      qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
                      mlp_bias=v.get("mlp_bias", False), family=model_type)
 
 
-def _sliding_pattern(v: Dict, where: str, model_type: str) -> int:
+# transformers 5 reads a legacy layer type under its new name (configuration_utils._LEGACY_LAYER_TYPE_REMAP).
+LEGACY_LAYER_TYPES = {"attention": "full_attention"}
+
+
+def _sliding_pattern(v: _Values, where: str, model_type: str) -> int:
     """Gemma's sliding-window layout as "every Nth layer is global": from layer_types (transformers 5) or
     sliding_window_pattern (older Gemma 3 configs); Gemma 2 alternates (N = 2)."""
-    types = v.get("layer_types")
+    types = [LEGACY_LAYER_TYPES.get(t, t) for t in v.get("layer_types") or ()]
     if types:
         sliding = [t == "sliding_attention" for t in types]
         if not all(t in ("sliding_attention", "full_attention") for t in types):
@@ -134,13 +150,13 @@ def _sliding_pattern(v: Dict, where: str, model_type: str) -> int:
 
 
 # transformers' default layer_types: Gemma 2 alternates sliding and global layers, Gemma 3 has five sliding
-# layers to one global.
+# layers to one global (Gemma3TextConfig reads the older sliding_window_pattern, default 6, to make them).
 GEMMA_GLOBAL_EVERY = {"gemma2": 2, "gemma3_text": 6}
 
 
-def _build_gemma(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
+def _build_gemma(v: _Values, name: str, where: str, model_type: str) -> ModelSpec:
     heads, kv, head_dim = _attention(v, where)
-    bias = v.get("attention_bias", False)
+    bias = v["attention_bias"]
     return ModelSpec(name=name, hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
                      num_layers=v["num_hidden_layers"], num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
                      vocab_size=v["vocab_size"], tie_embeddings=v["tie_word_embeddings"], qkv_bias=bias,
@@ -151,38 +167,39 @@ def _build_gemma(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
                      query_pre_attn_scalar=v["query_pre_attn_scalar"])
 
 
-def _moe_layers(v: Dict, where: str) -> None:
+def _moe_layers(v: _Values, where: str) -> None:
     """Refuses layouts with dense layers among the sparse ones (no published Qwen MoE has them)."""
     if v.get("decoder_sparse_step", 1) != 1 or v.get("mlp_only_layers"):
         raise LorabenchError(f"{where}: dense layers among the experts ('decoder_sparse_step' other than 1 or "
                              "a non-empty 'mlp_only_layers') are not modelled.")
 
 
-def _build_moe(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
+def _build_moe(v: _Values, name: str, where: str, model_type: str) -> ModelSpec:
     heads, kv, head_dim = _attention(v, where)
     _moe_layers(v, where)
-    experts = v.get("num_local_experts") or v["num_experts"]
-    top_k = v["num_experts_per_tok"]
+    experts, top_k = v["num_experts"], v["num_experts_per_tok"]
     if top_k > experts:
-        raise LorabenchError(f"{where}: 'num_experts_per_tok' {top_k} is more than the {experts} experts.")
+        raise LorabenchError(f"{where}: {v.said('num_experts_per_tok', top_k)} is more than "
+                             f"{v.said('num_experts', experts)} (the experts per layer).")
     shared = v.get("shared_expert_intermediate_size", 0)  # Qwen2-MoE's always-on expert
     bias = v.get("attention_bias", False)
     return ModelSpec(name=name, hidden_size=v["hidden_size"], intermediate_size=shared,
                      num_layers=v["num_hidden_layers"], num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-                     vocab_size=v["vocab_size"], tie_embeddings=v.get("tie_word_embeddings", False),
+                     vocab_size=v["vocab_size"], tie_embeddings=v["tie_word_embeddings"],
                      qkv_bias=v.get("qkv_bias", bias), o_bias=bias, family=model_type, num_experts=experts,
                      experts_per_token=top_k,
+                     # Mixtral's experts are intermediate_size wide; the Qwen MoEs' moe_intermediate_size
                      expert_intermediate_size=v.get("moe_intermediate_size") or v["intermediate_size"],
                      shared_expert_gate=bool(shared))
 
 
-def _build_gpt2(v: Dict, name: str, where: str, model_type: str) -> ModelSpec:
+def _build_gpt2(v: _Values, name: str, where: str, model_type: str) -> ModelSpec:
     d, heads = v["n_embd"], v["n_head"]
     if d % heads:
-        raise LorabenchError(f"{where}: 'n_embd' {d} is not divisible by 'n_head' {heads}.")
-    return ModelSpec(name=name, hidden_size=d, intermediate_size=v.get("n_inner") or 4 * d,
+        raise LorabenchError(f"{where}: {v.said('n_embd', d)} is not divisible by {v.said('n_head', heads)}.")
+    return ModelSpec(name=name, hidden_size=d, intermediate_size=v["n_inner"] or 4 * d,
                      num_layers=v["n_layer"], num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
-                     vocab_size=v["vocab_size"], tie_embeddings=v.get("tie_word_embeddings", True),
+                     vocab_size=v["vocab_size"], tie_embeddings=v["tie_word_embeddings"],
                      qkv_bias=True, o_bias=True, mlp_bias=True, max_positions=v["n_positions"], family="gpt2")
 
 
@@ -191,61 +208,77 @@ class Family:
     """How one model_type's config.json becomes a spec: the keys it reads and the builder."""
 
     keys: Tuple[Key, ...]
-    build: Callable[[Dict, str, str, str], ModelSpec]
+    build: Callable[[_Values, str, str, str], ModelSpec]
 
 
-ATTENTION_BIAS = (_bool("attention_bias"),)
-# Gemma's configs leave many keys to the config class: these defaults are transformers' Gemma2Config and
-# Gemma3TextConfig (checked against them in tests/test_families.py).
-GEMMA_SHARED = (
-    _int("num_attention_heads", MAX_HEADS, default=8), _int("num_key_value_heads", MAX_HEADS, False, True, 4),
-    _int("head_dim", nullable=True, default=256), _int("query_pre_attn_scalar", default=256),
-    _bool("tie_word_embeddings", True), _bool("attention_bias"), _list("layer_types", "strs"),
-)
-GEMMA2_KEYS = GEMMA_SHARED + (
-    _int("hidden_size", default=2304), _int("intermediate_size", MAX_MLP, default=9216),
-    _int("num_hidden_layers", MAX_LAYERS, default=26), _int("vocab_size", MAX_VOCAB, default=256000),
-    _float("attn_logit_softcapping", 50.0), _float("final_logit_softcapping", 30.0),
-    _int("sliding_window", MAX_POSITIONS, nullable=True, default=4096),
-)
-GEMMA3_KEYS = GEMMA_SHARED + (
-    _int("hidden_size", default=2304), _int("intermediate_size", MAX_MLP, default=9216),
-    _int("num_hidden_layers", MAX_LAYERS, default=26), _int("vocab_size", MAX_VOCAB, default=262208),
-    _float("attn_logit_softcapping"), _float("final_logit_softcapping"),
-    _int("sliding_window", MAX_POSITIONS, nullable=True, default=4096),
-    _int("sliding_window_pattern", MAX_LAYERS, required=False),
-)
-MOE_KEYS = (
-    _int("hidden_size"), _int("num_hidden_layers", MAX_LAYERS), _int("num_attention_heads", MAX_HEADS),
-    _int("num_key_value_heads", MAX_HEADS, False, True), _int("head_dim", required=False, nullable=True),
-    _int("vocab_size", MAX_VOCAB), _bool("tie_word_embeddings"), _int("num_experts_per_tok", MAX_HEADS),
-)
-QWEN_MOE_KEYS = MOE_KEYS + (
-    _int("num_experts", MAX_HEADS), _int("moe_intermediate_size", MAX_MLP),
-    _int("intermediate_size", MAX_MLP, required=False), _int("decoder_sparse_step", MAX_LAYERS, required=False),
-    _list("mlp_only_layers", "ints"),
-)
+# The keys each family reads, every one with the default of transformers 5.25's config class for the family
+# (configuration_<family>.py) and every spelling its attribute_map gives it: a config.json is read as
+# transformers reads it, and save_pretrained's output (which writes attribute_map's spelling, and may leave a
+# key out) reads back. tests/test_hfconfig_roundtrip.py holds this table to transformers' classes.
+ATTENTION_BIAS = (_bool("attention_bias", False),)
+GEMMA = (_int("query_pre_attn_scalar", 256), _bool("attention_bias", False), _list("layer_types", "strs"),
+         _int("sliding_window", 4096, MAX_POSITIONS, nullable=True))
 
-# model_type -> family. Defaults for absent keys follow transformers' config classes.
+
+def _experts(number, top_k, aliases=()) -> Tuple[Key, ...]:
+    """Experts per layer and per token, with the class's defaults. Mixtral's class keeps the count as
+    num_local_experts and Qwen3-MoE's as num_experts, and each maps the other spelling onto its own;
+    Qwen2-MoE's reads only num_experts."""
+    return (_int("num_experts", number, MAX_HEADS, aliases=aliases), _int("num_experts_per_tok", top_k, MAX_HEADS))
+
+
+def _qwen_moe(number, top_k, width, aliases=()) -> Tuple[Key, ...]:
+    return _experts(number, top_k, aliases) + (_int("moe_intermediate_size", width, MAX_MLP),
+                                                _int("decoder_sparse_step", 1, MAX_LAYERS),
+                                                _list("mlp_only_layers", "ints"))
+
+
+# model_type -> family.
 FAMILIES: Dict[str, Family] = {
-    "llama": Family(LLAMA_KEYS + ATTENTION_BIAS + (_bool("mlp_bias"),), _build_llama),
-    "mistral": Family(LLAMA_KEYS, _build_llama),
-    "qwen2": Family(LLAMA_KEYS, _build_llama),
-    "qwen3": Family(LLAMA_KEYS + ATTENTION_BIAS, _build_llama),
-    "gemma2": Family(GEMMA2_KEYS, _build_gemma),
-    "gemma3_text": Family(GEMMA3_KEYS, _build_gemma),
-    "phi3": Family(LLAMA_KEYS, _build_llama),
-    "olmo2": Family(LLAMA_KEYS + ATTENTION_BIAS, _build_llama),
-    "mixtral": Family(MOE_KEYS + (_int("num_local_experts", MAX_HEADS), _int("intermediate_size", MAX_MLP)),
+    "llama": Family(_decoder(32000, 4096, 11008, 32, 32, None) + ATTENTION_BIAS + (_bool("mlp_bias", False),),
+                    _build_llama),
+    "mistral": Family(_decoder(32000, 4096, 14336, 32, 32, 8), _build_llama),
+    "qwen2": Family(_decoder(151936, 4096, 22016, 32, 32, 32), _build_llama),
+    "qwen3": Family(_decoder(151936, 4096, 22016, 32, 32, 32, head_dim=128) + ATTENTION_BIAS, _build_llama),
+    "gemma2": Family(_decoder(256000, 2304, 9216, 26, 8, 4, 256, tied=True) + GEMMA + (
+        _float("attn_logit_softcapping", 50.0), _float("final_logit_softcapping", 30.0)), _build_gemma),
+    "gemma3_text": Family(_decoder(262208, 2304, 9216, 26, 8, 4, 256, tied=True) + GEMMA + (
+        _float("attn_logit_softcapping"), _float("final_logit_softcapping"),
+        _int("sliding_window_pattern", hi=MAX_LAYERS)), _build_gemma),
+    "phi3": Family(_decoder(32064, 3072, 8192, 32, 32, None), _build_llama),
+    "olmo2": Family(_decoder(50304, 4096, 11008, 32, 32, None) + ATTENTION_BIAS, _build_llama),
+    "mixtral": Family(_decoder(32000, 4096, 14336, 32, 32, 8) + _experts(8, 2, ("num_local_experts",)),
                       _build_moe),
-    "qwen2_moe": Family(QWEN_MOE_KEYS + (_int("shared_expert_intermediate_size", MAX_MLP),
-                                         _bool("qkv_bias", True)), _build_moe),
-    "qwen3_moe": Family(QWEN_MOE_KEYS + ATTENTION_BIAS, _build_moe),
-    "gpt2": Family(GPT2_KEYS, _build_gpt2),
+    "qwen2_moe": Family(_decoder(151936, 2048, 5632, 24, 16, 16) + _qwen_moe(60, 4, 1408) + (
+        _int("shared_expert_intermediate_size", 5632, MAX_MLP), _bool("qkv_bias", True)), _build_moe),
+    "qwen3_moe": Family(_decoder(151936, 2048, 6144, 24, 32, 4) + ATTENTION_BIAS + _qwen_moe(
+        128, 8, 768, ("num_local_experts",)), _build_moe),
+    "gpt2": Family((_int("n_embd", 768, aliases=("hidden_size",)),
+                    _int("n_head", 12, MAX_HEADS, aliases=("num_attention_heads",)),
+                    _int("n_layer", 12, MAX_LAYERS, aliases=("num_hidden_layers",)),
+                    _int("n_positions", 1024, MAX_POSITIONS, aliases=("max_position_embeddings",)),
+                    _int("vocab_size", 50257, MAX_VOCAB), _int("n_inner", None, MAX_MLP, nullable=True),
+                    _bool("tie_word_embeddings", True)), _build_gpt2),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
-# Vision-language checkpoints whose language model lorabench reads from text_config.
-MULTIMODAL = {"gemma3": "gemma3_text"}
+
+
+@dataclass(frozen=True)
+class Multimodal:
+    """A vision-language model_type whose language model lorabench reads from text_config.
+
+    Attributes:
+        text: the text_config's family.
+        top: keys transformers reads at the top level for the language model, overriding text_config's.
+    """
+
+    text: str
+    top: Tuple[Key, ...] = ()
+
+
+# Gemma3ForConditionalGeneration ties its output head by Gemma3Config's tie_word_embeddings (default true),
+# not text_config's.
+MULTIMODAL = {"gemma3": Multimodal("gemma3_text", (_bool("tie_word_embeddings", True),))}
 
 
 def _shown(value) -> str:
@@ -253,8 +286,10 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check(key: Key, value, where: str):
-    """value if it is what key allows; raises LorabenchError naming the file and the key."""
+def _check(key: Key, value, where: str, name: Optional[str] = None):
+    """value if it is what key allows; raises LorabenchError naming the file and the key (name: the spelling
+    the file used, default key.name)."""
+    key = replace(key, name=name) if name and name != key.name else key
     if value is None and key.nullable:
         return None
     if key.kind == "float":
@@ -291,8 +326,8 @@ def from_hf_config(cfg, name: str = "config.json", where: Optional[str] = None) 
         where: how errors name the file (default: name).
 
     Raises:
-        LorabenchError: not an object, an unsupported model_type, or a missing, mistyped or
-            out-of-range key.
+        LorabenchError: not an object, an unsupported model_type, a mistyped or out-of-range key, or two
+            spellings of one key that disagree. An absent key takes transformers' default for the family.
     """
     where = where or name
     if not isinstance(cfg, dict):
@@ -300,30 +335,36 @@ def from_hf_config(cfg, name: str = "config.json", where: Optional[str] = None) 
     model_type = cfg.get("model_type")
     notes: Tuple[str, ...] = ()
     if isinstance(model_type, str) and model_type in MULTIMODAL:
-        # A vision-language checkpoint (Gemma 3 4B and up): its language model is text_config.
+        # A vision-language checkpoint (Gemma 3 4B and up): its language model is text_config, which
+        # transformers builds from its class's defaults when absent or null.
+        multimodal = MULTIMODAL[model_type]
         text = cfg.get("text_config")
-        if not isinstance(text, dict):
-            raise LorabenchError(f"{where}: a {model_type} config.json needs a 'text_config' object (the "
-                                 "language model).")
-        cfg = {"model_type": MULTIMODAL[model_type], **text}
+        if text is not None and not isinstance(text, dict):
+            raise LorabenchError(f"{where}: 'text_config' must be an object (the language model's config) or "
+                                 f"null, got {_shown(text)}.")
+        cfg = {**(text or {}), **{k.name: cfg.get(k.name, k.default) for k in multimodal.top},
+               "model_type": multimodal.text}
         notes = (f"{model_type} is a vision-language model: the language model (text_config) is counted; the "
                  "vision tower and its projector are not, and training them is not modelled.",)
-        model_type = cfg["model_type"]
+        model_type = multimodal.text
     if model_type is None:
         raise LorabenchError(f"{where}: 'model_type' is missing (supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise LorabenchError(f"{where}: model_type {_shown(model_type)} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
     family = FAMILIES[model_type]
-    values: Dict = {}
+    values = _Values()
     for key in family.keys:
-        if key.name not in cfg:
-            if key.required:
-                raise LorabenchError(f"{where}: '{key.name}' is missing; a {model_type} config.json has it.")
-            if key.default is not None:
-                values[key.name] = key.default
+        written = [n for n in (key.name,) + key.aliases if n in cfg]
+        if not written:
+            values[key.name], values.written[key.name] = key.default, None
             continue
-        values[key.name] = _check(key, cfg[key.name], where)
+        first, value = written[0], _check(key, cfg[written[0]], where, written[0])
+        for other in written[1:]:
+            if _check(key, cfg[other], where, other) != value:
+                raise LorabenchError(f"{where}: '{first}' {_shown(value)} and '{other}' {_shown(cfg[other])} "
+                                     "disagree; transformers reads both as one setting.")
+        values[key.name], values.written[key.name] = value, first
     spec = family.build(values, name, where, model_type)
     return replace(spec, notes=spec.notes + notes) if notes else spec
 

@@ -106,24 +106,6 @@ def test_active_parameters_match_the_model_cards(name):
     assert abs(count_active_params(PRESETS[name]) / 1e9 - PUBLISHED_ACTIVE_BILLIONS[name]) < 0.06
 
 
-def test_gemma_defaults_are_transformers_config_defaults():
-    """Gemma's config.json files leave keys to the config class: ours must be transformers' defaults."""
-    transformers = pytest.importorskip("transformers")
-    for model_type, cls in (("gemma2", transformers.Gemma2Config), ("gemma3_text", transformers.Gemma3TextConfig)):
-        ours = from_hf_config({"model_type": model_type})
-        theirs = cls()
-        assert (ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads, ours.num_kv_heads,
-                ours.head_dim, ours.vocab_size, ours.tie_embeddings, ours.query_pre_attn_scalar,
-                ours.sliding_window) == (
-            theirs.hidden_size, theirs.intermediate_size, theirs.num_hidden_layers, theirs.num_attention_heads,
-            theirs.num_key_value_heads, theirs.head_dim, theirs.vocab_size, theirs.tie_word_embeddings,
-            theirs.query_pre_attn_scalar, theirs.sliding_window)
-        assert ours.attn_softcap == (theirs.attn_logit_softcapping or 0.0)
-        assert ours.final_softcap == (theirs.final_logit_softcapping or 0.0)
-        sliding = [t == "sliding_attention" for t in theirs.layer_types]
-        assert ours.sliding_layers() == sum(sliding)
-
-
 # --------------------------------------------------------------------------------------------------
 # PEFT's trainable counts.
 
@@ -214,8 +196,9 @@ def test_fused_projections_name_their_targets():
     ({**SMALL["qwen2_moe"], "decoder_sparse_step": 2}, "dense layers among the experts"),
     ({**SMALL["qwen3_moe"], "mlp_only_layers": [0]}, "dense layers among the experts"),
     ({**SMALL["qwen3_moe"], "mlp_only_layers": "0"}, "'mlp_only_layers' must be a list of integers"),
-    ({**SMALL["mixtral"], "num_experts_per_tok": 5}, "'num_experts_per_tok' 5 is more than the 4 experts"),
-    ({"model_type": "gemma3"}, "needs a 'text_config' object"),
+    ({**SMALL["mixtral"], "num_experts_per_tok": 5}, "'num_experts_per_tok' 5 is more than 'num_local_experts' 4 "
+     "(the experts per layer)"),
+    ({"model_type": "gemma3", "text_config": "gemma3_text"}, "'text_config' must be an object"),
     ({**SMALL["gemma2"], "attn_logit_softcapping": -1}, "'attn_logit_softcapping' must be a positive number"),
     ({**SMALL["gemma2"], "layer_types": ["sliding_attention", "full_attention", "full_attention"]},
      "not a repeating pattern"),

@@ -64,9 +64,11 @@ def test_bad_gpt2_values_name_file_and_key(tmp_path, key, value, message):
     assert message in refusal(tmp_path, json.dumps({**GPT2, key: value}))
 
 
-def test_missing_keys(tmp_path):
-    cfg = {k: v for k, v in LLAMA.items() if k != "intermediate_size"}
-    assert "'intermediate_size' is missing; a llama config.json has it" in refusal(tmp_path, json.dumps(cfg))
+def test_absent_keys_take_transformers_defaults(tmp_path):
+    """As transformers reads it: LlamaConfig's intermediate_size is 11008 (every family's defaults:
+    tests/test_hfconfig_roundtrip.py). Only model_type is needed."""
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in LLAMA.items() if k != "intermediate_size"}))
+    assert load_config(str(tmp_path)).intermediate_size == 11008
     assert "'model_type' is missing" in refusal(tmp_path, json.dumps({"hidden_size": 4096}))
 
 

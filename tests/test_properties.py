@@ -221,6 +221,8 @@ GPT2_KEYS = ("n_embd", "n_head", "n_layer", "n_positions", "n_inner", "vocab_siz
 FAMILY_KEYS = {"llama": LLAMA_KEYS, "mistral": LLAMA_KEYS, "qwen2": LLAMA_KEYS, "qwen3": LLAMA_KEYS,
                "phi3": LLAMA_KEYS, "olmo2": LLAMA_KEYS, "gpt2": GPT2_KEYS}
 KNOWN_KEYS = sorted(set(LLAMA_KEYS + GPT2_KEYS + ("model_type",)))
+# transformers' num_key_value_heads where the key is absent (the others: the attention heads)
+KV_DEFAULTS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
 
 HEADS = (1, 2, 4, 8, 32, 128)
 LAYER_COUNTS = st.one_of(st.integers(1, 128), st.just(MAX_LAYERS))
@@ -264,7 +266,8 @@ def valid_configs(draw):
         cfg = {"model_type": model_type, "hidden_size": heads * head_dim,
                "intermediate_size": draw(st.one_of(st.integers(1, 1 << 16), st.just(MAX_MLP))),
                "num_hidden_layers": draw(LAYER_COUNTS), "num_attention_heads": heads, "vocab_size": draw(VOCABS)}
-        if draw(st.booleans()):
+        kv_default = KV_DEFAULTS.get(model_type, heads)
+        if draw(st.booleans()) or kv_default > heads or heads % kv_default:
             kv_heads = st.sampled_from([k for k in HEADS if heads % k == 0])
             cfg["num_key_value_heads"] = draw(st.one_of(st.none(), kv_heads))
         if draw(st.booleans()):  # an explicit head_dim frees hidden_size from heads x head_dim

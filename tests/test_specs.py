@@ -80,7 +80,7 @@ def test_single_matrix():
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ('{"model_type": "bert", "hidden_size": 768}', "not supported"),
-    ('{"model_type": "llama", "hidden_size": 4096}', "'intermediate_size' is missing"),
+    ('{"model_type": "gpt2", "n_embd": 768, "hidden_size": 1024}', "'n_embd' 768 and 'hidden_size' 1024 disagree"),
     ('{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 1, "num_hidden_layers": 2, '
      '"num_attention_heads": 32, "num_key_value_heads": 5, "vocab_size": 10}', "multiple"),
     ('[1, 2]', "JSON object"),
