@@ -31,10 +31,18 @@ def mib(n) -> str:
 
 
 def bytes_unit(values) -> Tuple[object, str]:
-    """(formatter, unit) for byte counts shown together: GiB, or MiB when all are under 1 GiB or some are
-    under 0.1 GiB (a 1.6 MiB adapter would read 0.00 GiB; 15 GiB reads 15,360.00 MiB beside it)."""
+    """(formatter, unit) for byte counts shown together, one unit for all: GiB, or MiB when all are under
+    1 GiB. Two decimals, and three significant digits under a tenth of the unit, so that a 13 MiB adapter beside
+    15 GiB of weights reads 0.0127 GiB, not 0.01, nor 13.00 MiB in a column of its own."""
     sizes = [abs(v) for v in values if v]
-    return (gib, "GiB") if sizes and max(sizes) >= GIB and min(sizes) >= GIB / 10 else (mib, "MiB")
+    unit, name = (GIB, "GiB") if sizes and max(sizes) >= GIB else (2 ** 20, "MiB")
+
+    def fmt(n) -> str:
+        if n is None:
+            return ""
+        x = n / unit
+        return f"{x:,.2f}" if x == 0 or abs(x) >= 0.1 else f"{x:.3g}"
+    return fmt, name
 
 
 def ms(v) -> str:

@@ -1,8 +1,8 @@
 """A report's text: its sections as format-neutral data, then report.md and a self-contained report.html.
 
 Every number is formatted by lorabench.render (the layer the CLI uses); this module only chooses the
-columns, the unit of each (render.bytes_unit: GiB, or MiB where GiB would read 0.00), one set of tables
-per model, and says what each figure shows.
+columns, one unit for every byte column of a model's tables (render.bytes_unit: GiB, or MiB for a model under
+1 GiB), one set of tables per model, and says what each figure shows.
 The report's data is results.json's object (see lorabench.report); nothing here imports torch.
 """
 
@@ -90,21 +90,26 @@ def per_model(rows: Sequence[Dict], tables: Callable[[Sequence[Dict]], List[Tabl
             for model, group in groups.items() for t in tables(group)]
 
 
-def _unit(rows: Sequence[Dict], keys: Sequence[str]):
-    return bytes_unit(r.get(k) for r in rows for k in keys)
+# The byte counts that set a report's unit: every table of one model's rows reads in the unit of its peaks.
+PEAK_KEYS = ("peak_bytes", "measured_peak_bytes", "bench_estimated_peak_bytes")
+
+
+def _unit(rows: Sequence[Dict]):
+    """One unit for every byte column of these rows' tables (render.bytes_unit of their peaks): GiB, or MiB
+    for models under 1 GiB; small values keep three significant digits."""
+    return bytes_unit(r.get(k) for r in rows for k in PEAK_KEYS)
 
 
 def _bytes(rows: Sequence[Dict], key: str, title: str):
-    """A column of byte counts in its own unit (render.bytes_unit), named in its title: a 1.6 MiB adapter
-    reads 1.62 MiB, not 0.00 GiB."""
-    fmt, unit = _unit(rows, (key,))
+    """A column of byte counts in the rows' unit, named in its title."""
+    fmt, unit = _unit(rows)
     return key, f"{title} {unit}", fmt
 
 
 def _pair(rows: Sequence[Dict], est_key: str, meas_key: str, title: str):
-    """A column of estimate / measured in one cell and one unit; empty without an estimate (older reports
+    """A column of estimate / measured in one cell and the rows' unit; empty without an estimate (older reports
     lack some)."""
-    fmt, unit = _unit(rows, (est_key, meas_key))
+    fmt, unit = _unit(rows)
 
     def cell(r: Dict) -> str:
         est = r.get(est_key)
@@ -147,7 +152,7 @@ def bench_tables(benched: Sequence[Dict]) -> List[Table]:
     def pair(what, title):
         return _pair(benched, f"bench_estimated_{what}", f"measured_{what}", title)
 
-    fmt, unit = _unit(benched, ("measured_peak_bytes", "bench_estimated_peak_bytes"))
+    fmt, unit = _unit(benched)
     main = (
         ("method", "method", str), ("rank", "rank", _text), ("bench_layers", "layers", _text),
         ("bench_status", "status", _text), ("bench_estimated_peak_bytes", f"est. peak {unit}", fmt),

@@ -116,13 +116,18 @@ def test_cuda_bench_settings_name_the_gpu():
     assert "measured nowhere" not in md
 
 
-def test_columns_without_values_are_left_out_and_units_follow_the_column():
+def test_columns_without_values_are_left_out_and_one_unit_serves_every_column():
     # a CPU bench has no NVML reading, allocator reserve or step-time estimate: no empty columns for them
     main = reporttext._visible(reporttext.bench_tables([_bench_row("cpu")])[0])
     titles = [c[1] for c in main.columns]
     assert not any(t.startswith(("NVML", "allocator", "est. step")) for t in titles)
-    comp = reporttext.memory_tables([_estimate_row(weights_bytes=15 * GIB, adapter_bytes=13 * MIB)], None)[0]
-    assert _cells(comp, "weights GiB") == ["15.00"] and _cells(comp, "adapter MiB") == ["13.00"]
+    # one unit for a model's tables (issue 21: grads "15,316.51 MiB" read beside weights "14.96 GiB"): its
+    # peak's, small values in three significant digits (13 MiB = 13 / 1024 GiB = 0.0127 GiB)
+    comp, fit = reporttext.memory_tables([_estimate_row(weights_bytes=15 * GIB, adapter_bytes=13 * MIB,
+                                                        peak_bytes=30 * GIB, overhead_bytes=708 * MIB)], None)
+    assert _cells(comp, "weights GiB") == ["15.00"] and _cells(comp, "adapter GiB") == ["0.0127"]
+    assert _cells(fit, "+runtime GiB") == ["0.69"]  # 708 / 1024
+    assert not any(c[1].endswith("MiB") for t in (comp, fit) for c in reporttext._visible(t).columns)
     # an older report without phase-peak estimates has no phase table at all
     assert reporttext._visible(reporttext.bench_tables([_bench_row()])[2]) is None
 
