@@ -31,8 +31,10 @@ def expected_library_warnings():
     """Silences the warnings transformers, PEFT and bitsandbytes raise on every model of ours, none of which the
     reader can act on; every other warning stays visible."""
     with warnings.catch_warnings():
-        # PEFT 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, renamed in transformers 5
-        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # PEFT 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, and prepare_model_for_kbit_training
+        # calls gradient_checkpointing_enable: both renamed (activation_...) in transformers 5.2x
+        warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                                category=FutureWarning)
         # PEFT's conversion for fused experts sets gate_up's rank and alpha by pattern, and warns where the model
         # has no gate_up_proj module (every dense model)
         warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
@@ -159,10 +161,14 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         raise LorabenchError(f"transformers cannot build {spec.name} with {setup.attention} attention: "
                              f"{str(exc).splitlines()[0][:200]}") from None
     if setup.kbit_prepare:
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing,
-                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+        with expected_library_warnings():
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing,
+                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
     elif setup.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     quant_consts = quant_state_tensors(model)
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) + quant_consts}
     if method.name != "full":
