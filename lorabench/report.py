@@ -277,17 +277,20 @@ def write_report(report: Dict, out_dir: os.PathLike | str, name: str,
     The files are built in a hidden temporary folder beside the target (same filesystem), marked as
     lorabench's, then swapped with the old report in one atomic exchange (lorabench.reportfolder). Any
     failure, KeyboardInterrupt and SIGTERM included, leaves the old report (or none) and no temporary
-    folder; a SIGKILL's leftovers are cleaned by the next run.
+    folder; one that arrives during the swap itself takes effect once it is done (the new report is then
+    in place); a SIGKILL's leftovers are cleaned by the next run.
 
     Raises:
-        LorabenchError: a bad name, a target that is not lorabench's (without force), or an unwritable place.
+        LorabenchError: a bad name, a target that is not lorabench's (or, with force, one that force may not
+            touch), or an unwritable place.
     """
     measured = has_measurements(report)
     target = reportfolder.check_report_target(str(out_dir), check_name(name), FILES, force, measured)
     made = reportfolder.missing_folders(target.parent)
     tmp = None
     try:
-        tmp = reportfolder.new_report_folder(target.parent, name)
+        with signals.signals_deferred():  # tmp is named here before a signal can end the run
+            tmp = reportfolder.new_report_folder(target.parent, name)
         write_files(report, tmp)
         reportfolder.write_marker(tmp, FILES, measured)
         moved = reportfolder.publish_report(tmp, target, force, measured)
