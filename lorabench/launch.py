@@ -141,8 +141,10 @@ def _run_case(case: Dict, nproc: int, timeout_s: float, folder: str) -> List[Dic
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # --log-dir inside the case's folder: torchrun's own (a torchelastic_* folder in $TMPDIR) outlived every run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--max-restarts=0", "-m", "lorabench.distributed_worker", "--case", path, "--out", folder]
+           "--max-restarts=0", f"--log-dir={os.path.join(folder, 'torchelastic')}", "-m",
+           "lorabench.distributed_worker", "--case", path, "--out", folder]
     log_path = os.path.join(folder, "torchrun.log")
     started = time.monotonic()
     timed_out = False

@@ -17,6 +17,7 @@ The estimate path never imports torch; the bench (lorabench.bench) is imported o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -211,9 +212,21 @@ def build_report(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: S
         except signals.Terminated:
             interrupted = "SIGTERM"
         rows = merge_bench(rows, benched)
+    try:  # with --bench, a signal now would throw away what was measured: it ends the report instead
+        with signals.signals_deferred() if bench is not None else contextlib.nullcontext():
+            # Captured after the bench, so that torch's own answers are in it when the bench loaded torch.
+            environment = capture_environment(date=started)
+            seeds = seed_rows()
+    except KeyboardInterrupt:
+        if bench is None:
+            raise
+        interrupted = interrupted or "SIGINT"
+    except signals.Terminated:
+        if bench is None:
+            raise
+        interrupted = interrupted or "SIGTERM"
     return {
-        # Captured after the bench, so that torch's own answers are in it when the bench loaded torch.
-        "environment": capture_environment(date=started),
+        "environment": environment,
         "command": command,
         "settings": {
             "models": [s.name for s in specs], "methods": [m.name for m in methods], "ranks": list(ranks),
@@ -225,7 +238,7 @@ def build_report(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: S
             "left_out": left_out,
         },
         "rows": rows,
-        "seed_comparison": seed_rows(),
+        "seed_comparison": seeds,
     }
 
 
