@@ -222,8 +222,8 @@ def one_run(i: int, kind: str, sig_name: str, at_s: float, prior: bool, fmt: str
     if not problems:
         shutil.rmtree(work, ignore_errors=True)
     return {"i": i, "kind": kind, "signal": sig_name, "at_s": at_s, "sent": sent, "prior": prior, "fmt": fmt,
-            "code": proc.returncode, "took_s": took, "held_s": held, "outcome": outcome, "said": said, "problems": problems,
-            "work": str(work), "stdout_bytes": len(stdout)}
+            "code": proc.returncode, "took_s": took, "held_s": held, "outcome": outcome, "said": said,
+            "problems": problems, "work": str(work), "stdout_bytes": len(stdout)}
 
 
 def make_old_report(folder: Path, python: str = sys.executable) -> Path:
