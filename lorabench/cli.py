@@ -631,7 +631,8 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     note(targets_note(methods, targets))
     if stopped:
         saved = f"; those are in {output}" if sink is not None and sink.rows and write_error is None else ""
-        click.echo(f"lorabench: interrupted ({stopped[0]}) after {len(rows)} case(s){saved}.", err=True)
+        finished = len(rows) if distributed is None else len(rows) // distributed[0]  # a row per rank
+        click.echo(f"lorabench: interrupted ({stopped[0]}) after {finished} case(s){saved}.", err=True)
         ctx.exit(stopped[1])
     failed = [r for r in rows if r["status"] in FAILED]
     if failed:  # the run itself went wrong (a rank died, a timeout): not a measurement, whatever --check says
