@@ -5,6 +5,7 @@ The estimation commands (params, memory, models, gpus) never import torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -25,12 +26,17 @@ from lorabench.hub import resolve_specs
 from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED
 from lorabench.render import BENCH_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, fit_width, gib, render
 from lorabench.specs import PRESETS, from_dimension, from_name
+from lorabench.stdout import STDOUT, whole_stdout
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-# Exit codes: 0 done; 1 a --check failed, nothing was measured, or an output could not be written
-# mid-run; 2 bad input (one line on stderr); 130 SIGINT; 143 SIGTERM; 70 a bug in lorabench (please report).
+# Exit codes: 0 done; 1 a --check failed, nothing was measured, a bench case failed to run (FAILED: a rank
+# died, a timeout), or an output (a file, or stdout: a full disk, `ulimit -f`) could not be written whole;
+# 2 bad input (one line on stderr); 130 SIGINT; 143 SIGTERM; 70 a bug in lorabench (please report).
 EXIT_INTERNAL = 70
+# Bench row statuses of a run that went wrong. "oom" and "skipped" are answers about the setup (it does not
+# fit, it cannot run here): exit 0, unless --check.
+FAILED = ("failed", "timeout")
 
 
 _LONG_WORD = re.compile(r"\S{121,}")
@@ -48,7 +54,7 @@ def one_line(text: str) -> str:
 
 class Cli(click.Group):
     """A group whose user errors are one line on stderr and exit code 2, never a traceback; SIGINT and
-    SIGTERM end any command with 130 and 143."""
+    SIGTERM end any command with 130 and 143; an answer that stdout cannot take whole is an error, exit 1."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if sys.stdout is None:  # `lorabench ... >&-`: Python sets it to None and click would print nothing
@@ -58,8 +64,11 @@ class Cli(click.Group):
                 sys.exit(1)
             return 1
         try:
-            with signals.sigterm_raises():
-                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with signals.sigterm_raises(), whole_stdout():
+                try:
+                    rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                finally:  # what is still buffered fails here, not silently at exit
+                    sys.stdout.flush()
             # without standalone mode click returns ctx.exit()'s code instead of raising it
             code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
         except click.exceptions.Exit as exc:
@@ -82,8 +91,13 @@ class Cli(click.Group):
         except BrokenPipeError:
             code = 0
         except OSError as exc:  # stdout on a full disk and the like: not a bug, not bad input
-            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-            click.echo(one_line(f"lorabench: error: {exc.strerror or exc}{where}."), err=True)
+            where = getattr(exc, "filename", None)
+            if where == STDOUT:
+                click.echo(one_line(f"lorabench: error: cannot write the whole output to {STDOUT}: "
+                                    f"{exc.strerror or exc}; what it got is cut short."), err=True)
+            else:
+                click.echo(one_line(f"lorabench: error: {exc.strerror or exc}{f': {where}' if where else ''}."),
+                           err=True)
             code = 1
         except Exception as exc:  # a bug: one line, the traceback on request
             if os.environ.get("LORABENCH_DEBUG"):
@@ -463,8 +477,9 @@ def _report_specs(models, configs, dims):
 @click.option("--out-dir", type=Text("DIR"), default="reports", show_default=True,
               help="Where the report folder goes (made if missing).")
 @click.option("--force", is_flag=True,
-              help="If OUT_DIR/NAME exists and is not a report lorabench wrote, move it aside "
-                   "(NAME.replaced-DATE) instead of refusing. Nothing is ever deleted.")
+              help="If OUT_DIR/NAME is a report lorabench wrote that would be kept (files of yours in it, or "
+                   "measurements this run lacks), move it aside (NAME.replaced-DATE); if it is an empty folder, "
+                   "replace it. Any other folder is refused all the same. Nothing is ever deleted.")
 def report(models, configs, dims, methods, methods_from_all, ranks, targets, setup, gpu, mfu, bench, steps,
            warmup, layers, name, out_dir, force):
     """A sweep of models x methods x ranks as a report folder: md, html, csv, json.
@@ -473,9 +488,10 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
     rows), results.csv, report.md (tables) and report.html (tables and figures,
     self-contained). The folder appears whole or not at all, and replaces only a
     report lorabench wrote (marked by a hidden .lorabench-report.json); any other
-    folder of that name is refused before anything runs, unless --force.
-    --bench adds measurements on this machine's device; interrupted (Ctrl-C,
-    SIGTERM), the report keeps the cases measured so far and exits 130/143.
+    folder of that name is refused before anything runs (--force: see below).
+    Interrupted, an estimate-only report leaves the old folder as it was;
+    --bench adds measurements on this machine's device, and interrupted (Ctrl-C,
+    SIGTERM) the report keeps the cases measured so far; both exit 130/143.
 
     \b
     Example:
@@ -502,7 +518,10 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
     reportfolder.check_report_target(out_dir, name, FILES, force, measured=bench)
     data = build_report(specs, methods, ranks, targets, setup, chosen, mfu, command=command_line(),
                         bench={"layers": layers, "steps": steps, "warmup": warmup} if bench else None)
-    with signals.signals_deferred():  # a Ctrl-C now would throw away what the bench measured
+    # With --bench a Ctrl-C now would throw away what was measured: it waits for the report. Estimates
+    # are seconds to redo: it stops the run, and the old report stays (write_report holds it only
+    # through the swap itself).
+    with signals.signals_deferred() if bench else contextlib.nullcontext():
         try:
             path, moved = write_report(data, out_dir, name, force)
         except (OSError, LorabenchError) as exc:  # a full disk, or the folder changed: print, don't lose
@@ -546,8 +565,8 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
               help="Also write every field to this .json or .csv file, rewritten (atomically) as each case "
                    "finishes. Checked before the run; a file lorabench did not write is refused.")
 @click.option("--force", is_flag=True,
-              help="With -o: move a file there that lorabench did not write aside (NAME.replaced-DATE.ext) "
-                   "instead of refusing.")
+              help="With -o: move a regular file of yours there that lorabench did not write aside "
+                   "(NAME.replaced-DATE.ext) instead of refusing; never a folder, a device or another user's file.")
 @click.option("--check", is_flag=True,
               help="Exit 1 when a row is outside the tolerance or fails to run, or when nothing was measured.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
@@ -564,8 +583,9 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     --device defaults to cuda when one is present. Ctrl-C or SIGTERM ends the run with the cases
     that finished (printed, and in -o) and exit code 130 or 143.
     --nproc N --sharding ddp|zero2|fsdp runs each case on N processes under torchrun, a row per rank
-    with the estimate for that rank; a rank that fails or runs out of memory gives a row saying so,
-    the others are stopped, and --timeout bounds each case.
+    with the estimate for that rank; a rank that fails, dies or runs out of memory gives a row saying so,
+    the others are stopped, and --timeout bounds each case. A case that fails to run (a rank failed or
+    was killed, a timeout) makes the exit code 1, with or without --check.
 
     \b
     Example:
@@ -577,31 +597,12 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     """
     ctx = click.get_current_context()
     device = None if ctx.get_parameter_source("device") == click.core.ParameterSource.DEFAULT else setup.device
-    sink = None
-    if output is not None:  # checked before torch is even imported
-        target = safeio.check_output_file(output, force=force)
-        sink = safeio.RowFile(target, lambda rows, f: render(rows, f, BENCH_COLUMNS))
-    chosen = pick_gpu(gpu)
-    with signals.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
-        import torch
-
-        from lorabench.bench import cpu_dtype, run_bench
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":  # a dtype this CPU runs fast
-        setup, why = cpu_dtype(setup, ctx.get_parameter_source("dtype") != click.core.ParameterSource.DEFAULT)
-        note(why)
-    runner, text = run_bench, bench_text
-    if distributed is not None:
-        import functools
-
-        from lorabench.launch import run_distributed_bench
-        from lorabench.render import distributed_bench_text
-
-        nproc, sharding, timeout_s = distributed
-        runner = functools.partial(run_distributed_bench, nproc=nproc, sharding=sharding, timeout_s=timeout_s)
-        text = distributed_bench_text
+    chosen = pick_gpu(gpu)  # bad input is refused before the output is claimed
+    target = safeio.check_output_file(output, force=force) if output is not None else None  # before torch
 
     rows: list = []
     write_error = None
+    sink = None
 
     def on_row(row):
         nonlocal write_error
@@ -609,8 +610,9 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
         if sink is not None and write_error is None:
             try:
                 sink.add(row)
-            except OSError as exc:  # a full disk mid-run: say so now, keep measuring, print the table
-                write_error = f"cannot write {output}: {exc.strerror or exc}"
+            except (OSError, LorabenchError) as exc:  # a full disk mid-run: say so now, keep measuring
+                why = exc.strerror or exc if isinstance(exc, OSError) else exc
+                write_error = f"cannot write {output}: {why}"
                 click.echo(one_line(f"lorabench: error: {write_error}; the run goes on, results on stdout only."),
                            err=True)
             if sink.moved is not None and len(sink.rows) == 1:
@@ -618,7 +620,27 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
 
     stopped = None
     done = []  # (spec, its rows): one table per model
-    try:
+    try:  # from the claim of the output on, whatever ends the run (bad input too) gives the lock back
+        if target is not None:
+            with signals.signals_deferred():  # sink is set before a signal can end the run
+                sink = safeio.RowFile(target, lambda rows, f: render(rows, f, BENCH_COLUMNS), force=force)
+        with signals.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
+            import torch
+
+            from lorabench.bench import cpu_dtype, run_bench
+        if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":  # a dtype this CPU runs fast
+            setup, why = cpu_dtype(setup, ctx.get_parameter_source("dtype") != click.core.ParameterSource.DEFAULT)
+            note(why)
+        runner, text = run_bench, bench_text
+        if distributed is not None:
+            import functools
+
+            from lorabench.launch import run_distributed_bench
+            from lorabench.render import distributed_bench_text
+
+            nproc, sharding, timeout_s = distributed
+            runner = functools.partial(run_distributed_bench, nproc=nproc, sharding=sharding, timeout_s=timeout_s)
+            text = distributed_bench_text
         for spec, used in each_model(specs, methods, methods_from_all, ranks, targets):
             done.append((spec, []))
 
@@ -627,8 +649,8 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
                 on_row(row)
 
             runner(spec, used, ranks, targets, setup, layers=layers, steps=steps, warmup=warmup,
-                      impl=setup.impl, tolerance_pct=tolerance, progress=progress, gpu=chosen, device=device,
-                      on_row=keep)
+                   impl=setup.impl, tolerance_pct=tolerance, progress=progress, gpu=chosen, device=device,
+                   on_row=keep)
     except KeyboardInterrupt:
         stopped = ("SIGINT", 130)
     except signals.Terminated as exc:
@@ -637,16 +659,23 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
         if sink is not None:
             sink.close()
     if fmt in ("table", "markdown"):
-        click.echo(_blocks(text(mine, spec.name, setup, fmt, terminal_width()) for spec, mine in done
-                           if mine or len(done) == 1))
+        if done:
+            click.echo(_blocks(text(mine, spec.name, setup, fmt, terminal_width()) for spec, mine in done
+                               if mine or len(done) == 1))
     else:
         click.echo(render(rows, fmt, BENCH_COLUMNS))
     note(targets_note(methods, targets))
     if stopped:
         saved = f"; those are in {output}" if sink is not None and sink.rows and write_error is None else ""
-        click.echo(f"lorabench: interrupted ({stopped[0]}) after {len(rows)} case(s){saved}.", err=True)
+        finished = len(rows) if distributed is None else len(rows) // distributed[0]  # a row per rank
+        click.echo(f"lorabench: interrupted ({stopped[0]}) after {finished} case(s){saved}.", err=True)
         ctx.exit(stopped[1])
-    if write_error:
+    failed = [r for r in rows if r["status"] in FAILED]
+    if failed:  # the run itself went wrong (a rank died, a timeout): not a measurement, whatever --check says
+        first = failed[0]
+        click.echo(one_line(f"lorabench: {len(failed)} of {len(rows)} row(s) failed ({first['method']}: "
+                            f"{first.get('error') or first['status']})."), err=True)
+    if write_error or failed:
         ctx.exit(1)
     if check:
         measured = [r for r in rows if r["status"] != "skipped"]
@@ -655,4 +684,3 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
             ctx.exit(1)
         if any(r["status"] != "ok" or not r["within_tolerance"] for r in measured):
             ctx.exit(1)
-

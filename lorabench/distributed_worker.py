@@ -12,8 +12,8 @@ then the timed steps; each rank draws its own batch. It writes its row to DIR/ra
 renamed into place: the parent never reads half a row) and exits 0, or, when it fails or runs out of memory,
 writes a row saying so and exits 1, so that torchrun stops the other ranks.
 
-LORABENCH_FAULT=R:raise (or R:hang) makes rank R fail (or sleep) before it builds: the test hook for what
-happens to the others (tests/test_distributed.py).
+LORABENCH_FAULT=R:raise (R:hang, R:kill) makes rank R fail (sleep, SIGKILL itself) before it builds: the test hook
+for what happens to the others (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import pickle
+import signal
 import sys
 import time
 import traceback
@@ -50,6 +51,8 @@ def _fault(rank: int) -> None:
     if kind == "hang":
         while True:
             time.sleep(3600)
+    if kind == "kill":  # dies as the kernel's OOM killer or a scheduler would end it: no row, no traceback
+        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"{FAULT_ENV}={spec}: rank {rank} fails on purpose")
 
 

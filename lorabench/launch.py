@@ -8,9 +8,11 @@ reads back each rank's row (lorabench.distributed_worker). Each row gets the est
 (lorabench.comms.comm_volume); with --nproc 1 --sharding none the estimate is bench's own, field for field.
 
 A rank that fails or runs out of memory writes a row saying so and exits 1; torchrun then stops the other
-ranks (SIGTERM to each), whose rows say they were stopped. A case that runs past `timeout_s` is stopped: torchrun
-gets SIGTERM (it passes it on), then every process of the case gets SIGKILL; its rows say "timeout". The
-temporary folder goes in every case.
+ranks (SIGTERM to each), whose rows say they were stopped. A rank that dies without a row (SIGKILL, the kernel's
+OOM killer, a crash in C) is named with how it died, read from torchrun's failure summary (rank_exits). A case
+that runs past `timeout_s` is stopped: torchrun gets SIGTERM (it passes it on), then every process of the case
+gets SIGKILL; its rows say "timeout". The temporary folder goes in every case, and no process of the case
+outlives it: SIGINT and SIGTERM to bench are held while torchrun is started and while the case is stopped.
 """
 
 from __future__ import annotations
@@ -18,18 +20,21 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.estimate import error_pct
 from lorabench.memory import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
+from lorabench.signals import signals_deferred
 from lorabench.specs import ModelSpec
 
 DEFAULT_TIMEOUT_S = 600
@@ -117,50 +122,118 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def launch_case(case: Dict, nproc: int, timeout_s: float) -> List[Dict]:
     """Run one case on nproc processes under torchrun; one measured row per rank, in rank order. Ranks that
-    wrote no row get one saying why (stopped after another rank failed, or the timeout)."""
-    with tempfile.TemporaryDirectory(prefix="lorabench-dist-") as folder:
-        path = os.path.join(folder, "case.pickle")
-        with open(path, "wb") as f:
-            pickle.dump(case, f)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "--max-restarts=0", "-m", "lorabench.distributed_worker", "--case", path, "--out", folder]
-        log_path = os.path.join(folder, "torchrun.log")
-        started = time.monotonic()
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            timed_out = False
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:  # also on Ctrl-C or SIGTERM here: nothing of the case outlives it
-                _stop(proc)
-        wall_s = time.monotonic() - started
-        rows = []
-        for r in range(nproc):
-            try:
-                with open(os.path.join(folder, f"rank-{r}.json")) as f:
-                    rows.append(json.load(f))
-            except (OSError, ValueError):
-                rows.append({"gpu_rank": r, "nproc": nproc, "status": None, "error": None})
-        failed = [row["gpu_rank"] for row in rows if row["status"] in ("failed", "oom")]
-        for row in rows:
-            if row["status"] is not None:
-                continue
-            if timed_out:
-                row.update({"status": "timeout", "error": f"the case ran past --timeout {timeout_s:g} s and was "
-                                                          "stopped"})
-            elif failed:
-                row.update({"status": "stopped", "error": f"stopped by torchrun when rank {failed[0]} failed"})
-            else:
-                row.update({"status": "failed", "error": _log_tail(log_path) or
-                            f"torchrun exited with {proc.returncode} and this rank wrote no row"})
-        for row in rows:
-            row["case_wall_s"] = wall_s
-        return rows
+    wrote no row get one saying why (killed, stopped after another rank failed, or the timeout)."""
+    folder = None
+    try:
+        with signals_deferred():  # folder is set before a signal can end the run
+            folder = tempfile.mkdtemp(prefix="lorabench-dist-")
+        return _run_case(case, nproc, timeout_s, folder)
+    finally:
+        if folder is not None:
+            with signals_deferred():
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_case(case: Dict, nproc: int, timeout_s: float, folder: str) -> List[Dict]:
+    path = os.path.join(folder, "case.pickle")
+    with open(path, "wb") as f:
+        pickle.dump(case, f)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # --log-dir inside the case's folder: torchrun's own (a torchelastic_* folder in $TMPDIR) outlived every run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--max-restarts=0", f"--log-dir={os.path.join(folder, 'torchelastic')}", "-m",
+           "lorabench.distributed_worker", "--case", path, "--out", folder]
+    log_path = os.path.join(folder, "torchrun.log")
+    started = time.monotonic()
+    timed_out = False
+    with open(log_path, "w") as log:
+        proc = None
+        try:
+            with signals_deferred():  # a signal inside Popen could leave torchrun running, unknown to us
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:  # also on Ctrl-C or SIGTERM here: nothing of the case outlives it
+            if proc is not None:
+                with signals_deferred():  # a second Ctrl-C must not cut the stop short (at most STOP_GRACE_S)
+                    _stop(proc)
+    wall_s = time.monotonic() - started
+    rows = []
+    for r in range(nproc):
+        try:
+            with open(os.path.join(folder, f"rank-{r}.json")) as f:
+                rows.append(json.load(f))
+        except (OSError, ValueError):
+            rows.append({"gpu_rank": r, "nproc": nproc, "status": None, "error": None})
+    exits, first = rank_exits(log_path)
+    failed = [row["gpu_rank"] for row in rows if row["status"] in ("failed", "oom")]
+    cause = failed[0] if failed else first
+    for row in rows:
+        r = row["gpu_rank"]
+        if row["status"] is not None:
+            continue
+        if timed_out:
+            row.update({"status": "timeout", "error": f"the case ran past --timeout {timeout_s:g} s and was "
+                                                      "stopped"})
+        elif r in exits and (r == cause or exits[r] != -signal.SIGTERM):  # torchrun's own stop is SIGTERM
+            row.update({"status": "failed", "error": f"rank {r} {describe_exit(exits[r])} before it wrote its row"})
+        elif cause is not None:
+            how = "" if cause in failed or cause not in exits else f": it {describe_exit(exits[cause])}"
+            row.update({"status": "stopped", "error": f"stopped by torchrun when rank {cause} failed{how}"})
+        else:
+            row.update({"status": "failed", "error": _log_tail(log_path) or
+                        f"torchrun exited with {proc.returncode} and this rank wrote no row"})
+    for row in rows:
+        row["case_wall_s"] = wall_s
+    return rows
+
+
+_FAILURE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\b")
+_FAILURE_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)\b")
+
+
+def rank_exits(log_path: str) -> Tuple[Dict[int, int], Optional[int]]:
+    """({rank: exit code}, the rank torchrun names as the root cause) from torchrun's failure summary, the
+    ChildFailedError it prints when a worker fails (torch.distributed.elastic.multiprocessing.errors):
+
+        Root Cause (first observed failure):
+        [0]:
+          ...
+          rank      : 1 (local_rank: 1)
+          exitcode  : -9 (pid: 5007)  (SIGKILL)
+
+    A negative exit code is the signal that ended the rank. ({}, None) when there is no summary."""
+    exits: Dict[int, int] = {}
+    first, rank, root = None, None, False
+    try:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                if "Root Cause" in line:
+                    root = True
+                elif (m := _FAILURE_RANK.match(line)):
+                    rank = int(m[1])
+                elif rank is not None and (m := _FAILURE_EXIT.match(line)):
+                    exits[rank] = int(m[1])
+                    if root and first is None:
+                        first = rank
+                    rank = None
+    except OSError:
+        pass
+    return exits, first
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, from torchrun's exit code: 'was killed by SIGKILL (exit code -9)'."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited with code {code}"
 
 
 def _log_tail(path: str) -> str:

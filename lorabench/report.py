@@ -17,6 +17,7 @@ The estimate path never imports torch; the bench (lorabench.bench) is imported o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -195,9 +196,21 @@ def build_report(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: S
         except signals.Terminated:
             interrupted = "SIGTERM"
         rows = merge_bench(rows, benched)
+    try:  # with --bench, a signal now would throw away what was measured: it ends the report instead
+        with signals.signals_deferred() if bench is not None else contextlib.nullcontext():
+            # Captured after the bench, so that torch's own answers are in it when the bench loaded torch.
+            environment = capture_environment(date=started)
+            seeds = seed_rows()
+    except KeyboardInterrupt:
+        if bench is None:
+            raise
+        interrupted = interrupted or "SIGINT"
+    except signals.Terminated:
+        if bench is None:
+            raise
+        interrupted = interrupted or "SIGTERM"
     return {
-        # Captured after the bench, so that torch's own answers are in it when the bench loaded torch.
-        "environment": capture_environment(date=started),
+        "environment": environment,
         "command": command,
         "settings": {
             "models": [s.name for s in specs], "methods": [m.name for m in methods], "ranks": list(ranks),
@@ -209,7 +222,7 @@ def build_report(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: S
             "left_out": left_out,
         },
         "rows": rows,
-        "seed_comparison": seed_rows(),
+        "seed_comparison": seeds,
     }
 
 
@@ -261,17 +274,20 @@ def write_report(report: Dict, out_dir: os.PathLike | str, name: str,
     The files are built in a hidden temporary folder beside the target (same filesystem), marked as
     lorabench's, then swapped with the old report in one atomic exchange (lorabench.reportfolder). Any
     failure, KeyboardInterrupt and SIGTERM included, leaves the old report (or none) and no temporary
-    folder; a SIGKILL's leftovers are cleaned by the next run.
+    folder; one that arrives during the swap itself takes effect once it is done (the new report is then
+    in place); a SIGKILL's leftovers are cleaned by the next run.
 
     Raises:
-        LorabenchError: a bad name, a target that is not lorabench's (without force), or an unwritable place.
+        LorabenchError: a bad name, a target that is not lorabench's (or, with force, one that force may not
+            touch), or an unwritable place.
     """
     measured = has_measurements(report)
     target = reportfolder.check_report_target(str(out_dir), check_name(name), FILES, force, measured)
     made = reportfolder.missing_folders(target.parent)
     tmp = None
     try:
-        tmp = reportfolder.new_report_folder(target.parent, name)
+        with signals.signals_deferred():  # tmp is named here before a signal can end the run
+            tmp = reportfolder.new_report_folder(target.parent, name)
         write_files(report, tmp)
         reportfolder.write_marker(tmp, FILES, measured)
         moved = reportfolder.publish_report(tmp, target, force, measured)

@@ -2,7 +2,9 @@
 
 A report folder carries MARKER, listing the files lorabench wrote in it; a folder is replaced only while
 it holds that marker and nothing but those files, and a measured report only by another measured one
-(keep_reason). Everything else is refused before the run unless --force, which moves it aside.
+(keep_reason). --force goes no further than lorabench's own folders and empty ones (force_action): it
+moves aside a report lorabench made (one with more files in it, or measurements), and replaces an empty
+folder; any other folder (a model's, src/, a system folder such as /tmp) is refused, --force or not.
 The new folder is built hidden beside the target and swapped with the old one in one rename
 (renameat2 RENAME_EXCHANGE on Linux, renamex_np RENAME_SWAP on macOS), so a crash at any moment leaves
 one complete report under its name; elsewhere clean_stale repairs a kill between the two renames, and
@@ -21,7 +23,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from lorabench import __version__
 from lorabench.errors import LorabenchError
-from lorabench.safeio import TMP_RE, move_aside, name_max, pid_alive, probe_writable, tmp_name
+from lorabench.safeio import TMP_RE, aside_path, name_max, pid_alive, probe_writable, tmp_name
+from lorabench.signals import signals_deferred
 
 MARKER = ".lorabench-report.json"
 
@@ -84,6 +87,8 @@ def keep_reason(target: Path, measured: bool) -> Optional[str]:
         return None
     marker = read_marker(target) if target.is_dir() and not target.is_symlink() else None
     if marker is None:
+        if force_action(target) == "replace":
+            return "is an empty folder that lorabench did not make"
         return "was not written by 'lorabench report'"
     if not _only_files(target, [*marker["files"], MARKER]):
         return "holds files lorabench did not write"
@@ -92,11 +97,26 @@ def keep_reason(target: Path, measured: bool) -> Optional[str]:
     return None
 
 
+def force_action(target: Path) -> Optional[str]:
+    """What --force may do with the folder at target: "move" aside a folder lorabench made (its marker is
+    there), "replace" an empty folder (nothing in it to lose), or None: never touch it. A mount point, a
+    symlink or anything else is None: a folder lorabench did not make is never moved (`--out-dir / --name
+    tmp --force` must not move the machine's /tmp)."""
+    if target.is_symlink() or not target.is_dir() or os.path.ismount(target):
+        return None
+    if read_marker(target) is not None:
+        return "move"
+    try:
+        return None if any(target.iterdir()) else "replace"
+    except OSError:
+        return None
+
+
 def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bool = False,
                         measured: bool = False) -> Path:
     """out_dir/name, checked before the run: out_dir is (or can be made in) a writable folder, and
     out_dir/name is absent or a report lorabench wrote that this one may replace (see keep_reason),
-    or force is set (it will be moved aside). Stale temporary folders of killed runs are cleaned first.
+    or force is set and force_action allows it. Stale temporary folders of killed runs are cleaned first.
 
     Raises:
         LorabenchError: in one line.
@@ -126,9 +146,15 @@ def check_report_target(out_dir: str, name: str, files: Sequence[str], force: bo
         what = "a symlink" if target.is_symlink() else "not a folder"
         raise LorabenchError(f"{target} exists and is {what}; choose another --name.")
     why = keep_reason(target, measured)
-    if why and not force:
-        raise LorabenchError(f"{target} exists and {why}; choose another --name or --out-dir, or add --force "
-                             f"to move it aside (to {name}.replaced-DATE) and write the report there.")
+    if why:
+        action = force_action(target)
+        if action is None:
+            raise LorabenchError(f"{target} exists and {why}; choose another --out-dir or --name (--force replaces "
+                                 "only lorabench's own reports and empty folders).")
+        if not force:
+            what = f"move it aside (to {name}.replaced-DATE)" if action == "move" else "replace it"
+            raise LorabenchError(f"{target} exists and {why}; choose another --name or --out-dir, or add --force "
+                                 f"to {what} and write the report there.")
     return target
 
 
@@ -211,21 +237,46 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _clear_for_force(target: Path, why: str) -> Optional[Path]:
+    """Make room at target as --force allows (force_action, checked again now): move a folder lorabench made
+    aside (returns where), or remove an empty folder (rmdir: it fails rather than delete anything)."""
+    action = force_action(target)
+    if action == "move":
+        aside = aside_path(target, target.name, "")
+        os.rename(target, aside)
+        return aside
+    if action == "replace":
+        try:
+            os.rmdir(target)
+        except OSError as exc:
+            raise LorabenchError(f"{target} could not be replaced: {exc.strerror or exc}; the report is not "
+                                 "written there.") from None
+        return None
+    raise LorabenchError(f"{target} {why}; the report is not written there (--force replaces only lorabench's own "
+                         "reports and empty folders).")
+
+
 def publish_report(tmp: Path, target: Path, force: bool = False, measured: bool = False) -> Optional[Path]:
     """Put the complete folder tmp under target. Returns where a folder that had to be kept was moved
     (with force), else None.
 
     A report lorabench wrote is swapped with the new one in one atomic exchange, then deleted (its own
     files only). Without an exchange in the OS it is renamed aside first, and clean_stale repairs a kill
-    between the two renames.
+    between the two renames. SIGINT and SIGTERM are held until it is done (a few renames): cut in the
+    middle, it would leave the old report in a hidden folder.
     """
+    with signals_deferred():
+        return _publish(tmp, target, force, measured)
+
+
+def _publish(tmp: Path, target: Path, force: bool, measured: bool) -> Optional[Path]:
     moved = None
     why = keep_reason(target, measured)
     if why:
         if not force:  # it changed since check_report_target
-            raise LorabenchError(f"{target} {why}; the report is not written there (add --force to move the "
-                                 "folder aside).")
-        moved = move_aside(target)
+            raise LorabenchError(f"{target} {why} (it changed since the run started); the report is not written "
+                                 "there.")
+        moved = _clear_for_force(target, why)
     if not target.exists():
         try:
             os.rename(tmp, target)

@@ -4,8 +4,9 @@ not write. (Report folders: lorabench.reportfolder, built on the helpers here.)
 - An output path is checked before any work starts (check_output_file): the folder exists and is
   writable, the path is not a folder, a device or a symlink to nothing, the extension is known, and an
   existing file is lorabench's own (bench rows, which name the lorabench version that wrote them).
-  Anything else is refused in one line unless the user says --force, and even then it is moved aside
-  (move_aside), never deleted.
+  A regular file of the user's that is not is refused in one line unless the user says --force, and even
+  then it is moved aside (move_aside), never deleted; a folder, a device or another user's file is refused
+  with --force too (move_aside moves nothing but a regular file).
 - Files are written to a temporary file beside the target, fsynced, and renamed over it (atomic_write),
   keeping the permissions of the file they replace; rows are rewritten that way as each one finishes
   (RowFile), so a kill at any moment leaves the rows that finished.
@@ -62,12 +63,13 @@ def name_max(folder: Path) -> int:
 def probe_writable(folder: Path, what: str) -> None:
     """Create and remove a file in folder: os.access cannot tell a read-only filesystem, and root passes it."""
     probe = folder / tmp_name("lorabench-probe", "tmp")
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except OSError as exc:
-        raise LorabenchError(f"{what}: cannot write in '{folder}': {exc.strerror or exc}.") from None
-    os.close(fd)
-    os.unlink(probe)
+    with signals_deferred():  # a Ctrl-C between the two would leave the probe behind
+        try:
+            fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            raise LorabenchError(f"{what}: cannot write in '{folder}': {exc.strerror or exc}.") from None
+        os.close(fd)
+        os.unlink(probe)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,7 +79,8 @@ def probe_writable(folder: Path, what: str) -> None:
 def check_output_file(path: str, *, option: str = "--output", extensions: Sequence[str] = ROW_EXTENSIONS,
                       force: bool = False) -> Path:
     """The path to write, checked before the run: known extension, an existing writable folder, not a
-    folder or a device, and not someone else's file (unless force). Symlinks are followed.
+    folder or a device, and not a file lorabench did not write (unless force, and then only a regular
+    file of this user's: see movable_file). Symlinks are followed.
 
     Raises:
         LorabenchError: in one line, naming the option.
@@ -97,16 +100,35 @@ def check_output_file(path: str, *, option: str = "--output", extensions: Sequen
         raise LorabenchError(f"{option}: the file name is longer than a file name can be here "
                              f"({longest} bytes, with room for a temporary name).")
     if target.is_dir():
-        raise LorabenchError(f"{option} '{path}' is a folder.")
+        raise LorabenchError(f"{option} '{path}' is a folder; choose another name.")
     if target.exists():
         if not stat.S_ISREG(target.stat().st_mode):
-            raise LorabenchError(f"{option} '{path}' exists and is not a regular file.")
-        if not force and not is_rows_file(target):
-            raise LorabenchError(f"{option} '{path}' exists and was not written by lorabench bench; "
-                                 "choose another name, or add --force to move it aside and write there.")
+            raise LorabenchError(f"{option} '{path}' exists and is not a regular file; choose another name.")
+        if not is_rows_file(target):
+            why = movable_file(target)
+            if why:
+                raise LorabenchError(f"{option} '{path}' exists, was not written by lorabench bench and {why}; "
+                                     "choose another name (--force moves aside only your own regular files).")
+            if not force:
+                raise LorabenchError(f"{option} '{path}' exists and was not written by lorabench bench; "
+                                     "choose another name, or add --force to move it aside and write there.")
     probe_writable(folder, option)
     clean_stale_files(folder, target.name)
     return target
+
+
+def movable_file(path: Path) -> Optional[str]:
+    """Why --force may not move path aside (None: it may). Only a regular file of this user's: never a
+    folder, a device or a socket, nor, for root, a file that another user owns."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    return None
 
 
 def is_rows_file(path: Path) -> bool:
@@ -190,37 +212,55 @@ class RowFile:
     The file is claimed for the run (a lock beside it): a second run writing the same file is refused
     before it starts, instead of the two overwriting each other's rows. A file there that lorabench did
     not write (accepted by check_output_file with force) is moved aside before the first row is
-    written, never overwritten; `moved` says where.
+    written, never overwritten; `moved` says where. What appeared there since the check (a folder, a
+    file without force) is left alone: add() refuses. The lock file goes with close(), which callers
+    put in a `finally` (a signal is held while the lock is made and removed, so none lands between).
 
     Raises:
         LorabenchError: another run holds the file.
     """
 
-    def __init__(self, path: Path, render: Callable[[List[Dict], str], str]):
+    def __init__(self, path: Path, render: Callable[[List[Dict], str], str], force: bool = False):
         self.path = Path(path)
         self.fmt = "csv" if self.path.suffix.lower() == ".csv" else "json"
         self.render = render
+        self.force = force
         self.rows: List[Dict] = []
         self.moved: Optional[Path] = None
         self._lock = _claim(self.path.parent / f".{self.path.name}.lock", str(self.path))
 
     def add(self, row: Dict) -> None:
-        if not self.rows and self.path.exists() and not is_rows_file(self.path):
-            self.moved = move_aside(self.path)
-        self.rows.append(row)
+        """Rewrite the file with row added.
+
+        Raises:
+            LorabenchError: before the first row, the path now holds something that may not be replaced.
+            OSError: the file cannot be written (a full disk).
+        """
         with signals_deferred():  # a Ctrl-C now would cost this row its place in the file
+            if not self.rows and os.path.lexists(self.path):
+                why = None
+                if not stat.S_ISREG(os.lstat(self.path).st_mode):  # (a FIFO is not even opened)
+                    why = "is not a regular file"
+                elif not is_rows_file(self.path):
+                    why = movable_file(self.path) or (None if self.force else "was not written by lorabench bench")
+                    if why is None:
+                        self.moved = move_aside(self.path)
+                if why:
+                    raise LorabenchError(f"{self.path} changed since the run started: it {why}; it is left as it is.")
+            self.rows.append(row)
             atomic_write(self.path, self.render(self.rows, self.fmt) + "\n")
 
     def close(self) -> None:
         """Give the file back (the lock goes; the rows stay)."""
-        if self._lock is not None:
-            lock_path, fd = self._lock
-            self._lock = None
-            try:
-                os.unlink(lock_path)
-            except OSError:
-                pass
-            os.close(fd)
+        with signals_deferred():  # a signal between unlink and close, or before unlink, would leave the lock
+            if self._lock is not None:
+                lock_path, fd = self._lock
+                self._lock = None
+                try:
+                    os.unlink(lock_path)
+                except OSError:
+                    pass
+                os.close(fd)
 
 
 def _claim(lock_path: Path, what: str):
@@ -240,14 +280,27 @@ def _claim(lock_path: Path, what: str):
     return lock_path, fd
 
 
-def move_aside(path: Path) -> Path:
-    """Rename path to NAME.replaced-DATE[.ext] beside it (never over anything); returns the new path."""
+def aside_path(path: Path, stem: str, ext: str) -> Path:
+    """A free name beside path: STEM.replaced-DATE[-N]EXT."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem, ext = (path.stem, path.suffix) if path.is_file() else (path.name, "")
     n, aside = 1, path.with_name(f"{stem}.replaced-{stamp}{ext}")
-    while aside.exists() or aside.is_symlink():
+    while os.path.lexists(aside):
         n += 1
         aside = path.with_name(f"{stem}.replaced-{stamp}-{n}{ext}")
+    return aside
+
+
+def move_aside(path: Path) -> Path:
+    """Rename the regular file path to NAME.replaced-DATE.ext beside it (never over anything); returns the
+    new path. Folders are not moved here (lorabench.reportfolder moves only its own reports).
+
+    Raises:
+        LorabenchError: path is not a regular file of this user's (movable_file).
+    """
+    why = movable_file(path)
+    if why:
+        raise LorabenchError(f"{path} {why}; it is not moved.")
+    aside = aside_path(path, path.stem, path.suffix)
     os.rename(path, aside)
     return aside
 

@@ -46,6 +46,17 @@ def sigterm_raises():
     return _handling({signal.SIGTERM: _raise_terminated})
 
 
+def ignore_signals() -> None:
+    """SIGINT and SIGTERM are ignored from now on (main thread only): for the last moments of a process whose
+    work is done, its files closed and its children stopped, where a signal could only turn its exit code
+    into a death by the signal (-15) or a traceback from the interpreter's shutdown."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 @contextmanager
 def signals_deferred():
     """SIGINT and SIGTERM that arrive within the block take effect when it ends.

@@ -6,6 +6,7 @@ tiny-llama (d=256, ffn=688, 4 layers, vocab 4096, untied head), batch 2 x 64 per
 loop; steady state (a step after two warm-up steps). Each case is one torchrun launch of a few seconds.
 """
 
+import json
 import re
 import time
 from dataclasses import replace
@@ -158,6 +159,20 @@ def test_a_failing_rank_gives_a_row_and_the_others_are_stopped(monkeypatch):
     assert [r["status"] for r in rows] == ["stopped", "failed"]
     assert "fails on purpose" in rows[1]["error"] and "rank 1 failed" in rows[0]["error"]
     assert rows[0]["peak_error_pct"] is None and rows[0]["peak_bytes"] > 0  # the estimate is still there
+
+
+def test_a_killed_rank_is_named_and_bench_exits_1(monkeypatch):
+    """Issue 21, finding 10b: SIGKILL to rank 1 gave both rows `failed: "error_file: <N/A>"` and exit code 0."""
+    monkeypatch.setenv("LORABENCH_FAULT", "1:kill")
+    res = CliRunner().invoke(cli, ["bench", "-m", "tiny-llama", "--device", "cpu", "--impl", "lorabench", "--method",
+                                   "lora", "--layers", "1", "-b", "1", "-s", "32", "--steps", "1", "--warmup", "1",
+                                   "--nproc", "2", "--sharding", "fsdp", "--no-progress", "-f", "json"])
+    assert res.exit_code == 1, res.output
+    rows = json.loads(res.stdout)
+    assert [r["status"] for r in rows] == ["stopped", "failed"]
+    assert rows[1]["error"] == "rank 1 was killed by SIGKILL (exit code -9) before it wrote its row"
+    assert rows[0]["error"] == "stopped by torchrun when rank 1 failed: it was killed by SIGKILL (exit code -9)"
+    assert res.stderr.startswith("lorabench: 1 of 2 row(s) failed (lora: rank 1 was killed by SIGKILL")
 
 
 def test_a_hung_rank_is_stopped_at_the_timeout(monkeypatch):

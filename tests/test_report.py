@@ -416,3 +416,24 @@ def test_seed_table_keeps_the_seeds_claims_and_explains():
     assert "8 + 4096 = 4,104" in rows["vera"]["why"]
     assert "LoRA's 65,536" in rows["delta-lora"]["why"]
     assert all(r["why"] for r in rows.values())
+
+
+def test_a_signal_just_after_the_bench_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A Ctrl-C that lands after the last case (the environment being read) ends the run with the report of
+    what was measured, as one during the bench does; it used to throw the measurements away."""
+    import os
+    import signal
+
+    monkeypatch.setitem(sys.modules, "lorabench.bench", types.SimpleNamespace(run_bench=fake_run_bench([])))
+    real = report.capture_environment
+
+    def interrupted(**kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(**kw)
+
+    monkeypatch.setattr(report, "capture_environment", interrupted)
+    res = run("report", "-m", "llama-3-8b", "--method", "lora", "--bench", "--out-dir", str(tmp_path), "--name", "b")
+    assert res.exit_code == 130, res.output
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert data["settings"]["interrupted"] == "SIGINT" and data["rows"][0]["bench_status"] == "ok"
+    assert data["environment"]["lorabench_version"]

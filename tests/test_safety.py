@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from lorabench import reportfolder, safeio, signals
 from lorabench.cli import cli
+from lorabench.errors import LorabenchError
 from lorabench.report import FILES
 from lorabench.reportfolder import MARKER
 
@@ -62,7 +63,7 @@ def test_report_named_after_a_model_folder_does_not_delete_it(tmp_path, monkeypa
     before = snapshot(folder)
     monkeypatch.chdir(tmp_path)
     line = one_error_line(run("report", "--config", "my-model", "--method", "lora", "--out-dir", "."))
-    assert "was not written by 'lorabench report'" in line and "--force" in line
+    assert "was not written by 'lorabench report'" in line and "choose another --out-dir or --name" in line
     assert snapshot(folder) == before
 
 
@@ -82,15 +83,63 @@ def test_refusal_comes_before_the_bench_runs(tmp_path, monkeypatch):
     one_error_line(run("report", "--method", "lora", "--bench", "--out-dir", tmp_path, "--name", "r"))
 
 
-def test_force_moves_the_folder_aside_and_deletes_nothing(tmp_path):
-    folder = model_folder(tmp_path, "r")
-    before = snapshot(folder)
+def test_force_never_moves_a_folder_lorabench_did_not_make(tmp_path):
+    """Issue 21, finding 9: `report --out-dir / --name tmp --force` as root moved the machine's /tmp aside.
+    Here a stand-in (a busy folder of someone else's, in tmp_path): refused in one line naming it, --force
+    or not, and left exactly as it was."""
+    root = tmp_path / "root"
+    busy = root / "tmp"
+    busy.mkdir(parents=True)
+    (busy / "socket-of-another-program").write_text("in use")
+    (busy / "sub").mkdir()
+    (busy / "sub" / "x").write_text("x")
+    before = snapshot(busy)
+    line = one_error_line(run("report", "--method", "lora", "--out-dir", root, "--name", "tmp", "--force"))
+    assert line == (f"lorabench: error: {busy} exists and was not written by 'lorabench report'; choose another "
+                    "--out-dir or --name (--force replaces only lorabench's own reports and empty folders).")
+    assert snapshot(busy) == before and sorted(p.name for p in root.iterdir()) == ["tmp"]
+
+
+def test_force_replaces_an_empty_folder_and_moves_a_report_of_lorabenchs_aside(tmp_path):
+    empty = tmp_path / "r"
+    empty.mkdir()
+    assert "add --force to replace it" in one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path,
+                                                             "--name", "r"))
     res = run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r", "--force")
     assert res.exit_code == 0, res.output
+    assert reportfolder.is_report_folder(empty) and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    (empty / "notes.txt").write_text("mine")  # lorabench's folder, with a file of the user's: moved whole
+    res = run("report", "--method", "vera", "--out-dir", tmp_path, "--name", "r", "--force")
+    assert res.exit_code == 0, res.output
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
-    assert len(aside) == 1 and snapshot(aside[0]) == before
-    assert f"now {aside[0]}" in res.stderr
-    assert {p.name for p in folder.iterdir()} == set(FILES) | {MARKER}
+    assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine" and f"now {aside[0]}" in res.stderr
+
+
+@pytest.mark.parametrize("make", ["symlink", "mount point"])
+def test_force_refuses_a_symlink_or_a_mount_point(tmp_path, monkeypatch, make):
+    target = tmp_path / "r"
+    if make == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        target.symlink_to(tmp_path / "elsewhere")
+    else:  # an empty mount point (/mnt/usb) is no empty folder to replace
+        target.mkdir()
+        real = os.path.ismount
+        monkeypatch.setattr(reportfolder.os.path, "ismount", lambda p: Path(p) == target or real(p))
+    one_error_line(run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r", "--force"))
+    assert reportfolder.force_action(target) is None and os.path.lexists(target)
+    assert not any(p.name.startswith("r.replaced-") for p in tmp_path.iterdir())
+
+
+def test_publish_rechecks_what_force_may_do(tmp_path):
+    """A folder that became someone else's between the check and the swap is not moved."""
+    tmp = tmp_path / ".r.tmp-1-00000000"
+    tmp.mkdir()
+    target = tmp_path / "r"
+    target.mkdir()
+    (target / "data").write_text("arrived during the run")
+    with pytest.raises(LorabenchError, match="not written there"):
+        reportfolder.publish_report(tmp, target, force=True)
+    assert (target / "data").read_text() == "arrived during the run"
 
 
 def test_report_replaces_its_own_report(tmp_path):
@@ -326,10 +375,10 @@ def test_ctrl_c_during_start_up_is_one_line():
     assert res.returncode == 130 and res.stderr == "lorabench: interrupted.\n" and res.stdout == ""
 
 
-@pytest.mark.parametrize("where, written", [("estimate_flops", False), ("render_plots", True)])
-def test_sigterm_in_any_command_is_143_without_traceback(tmp_path, where, written):
-    """SIGTERM raises Terminated inside every command: while estimating, nothing is written; while the
-    report is being written, it is finished first (what a --bench measured is not thrown away)."""
+@pytest.mark.parametrize("where", ["estimate_flops", "render_plots"])
+def test_sigterm_in_any_command_is_143_without_traceback(tmp_path, where):
+    """SIGTERM raises Terminated inside every command: while estimating or writing an estimate-only report,
+    nothing is written (a report with measurements is finished first: test_report.py)."""
     module = "estimate" if where == "estimate_flops" else "plots"
     code = ("import os, signal\n"
             f"from lorabench import {module} as m\n"
@@ -342,10 +391,46 @@ def test_sigterm_in_any_command_is_143_without_traceback(tmp_path, where, writte
             f"cli(['report', '--method', 'lora', '--out-dir', {str(tmp_path)!r}], prog_name='lorabench')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 143 and res.stderr.endswith("lorabench: terminated (SIGTERM).\n"), res.stderr
-    if written:
-        assert res.stdout.startswith("wrote ") and reportfolder.is_report_folder(tmp_path / "llama-3-8b")
-    else:
-        assert res.stdout == "" and list(tmp_path.iterdir()) == []
+    assert res.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def _signal_report(tmp_path, module, where, sig):
+    """`report --method vera` over an existing report in tmp_path/r, with `sig` sent to itself when
+    lorabench.<module>.<where> is called."""
+    code = ("import os, signal\n"
+            f"from lorabench import {module} as m\n"
+            "from lorabench.cli import cli\n"
+            f"real = m.{where}\n"
+            "def fake(*args):\n"
+            f"    os.kill(os.getpid(), {int(sig)})\n"
+            "    return real(*args)\n"
+            f"m.{where} = fake\n"
+            f"cli(['report', '--method', 'vera', '--out-dir', {str(tmp_path)!r}, '--name', 'r'],\n"
+            "    prog_name='lorabench')\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_before_the_swap_keeps_the_old_report(tmp_path, sig, code):
+    """Issue 21, finding 8: a Ctrl-C during an estimate-only report was held until the report was written,
+    then the old folder was replaced and the exit code was 130. Before the swap it stops the run and the
+    old report stays, byte for byte."""
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+    before = snapshot(tmp_path / "r")
+    res = _signal_report(tmp_path, "plots", "render_plots", sig)
+    assert res.returncode == code and "Traceback" not in res.stderr, res.stderr
+    assert res.stdout == "" and snapshot(tmp_path / "r") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_an_interrupt_during_the_swap_waits_for_it(tmp_path):
+    """The swap (a few renames) is not cut: the new report is whole under the name, nothing hidden is
+    left, and the signal then ends the run."""
+    assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
+    res = _signal_report(tmp_path, "reportfolder", "_exchange", signal.SIGINT)
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr
+    assert reportfolder.is_report_folder(tmp_path / "r") and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["rows"][0]["method"] == "vera"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,3 +742,201 @@ def test_two_first_reports_into_one_name_both_land(tmp_path, monkeypatch):
     assert res.exit_code == 0 and raced, res.output
     assert json.loads((tmp_path / "r" / "results.json").read_text())["rows"][0]["method"] == "vera"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 21: stray lock files, --force on -o, failed cases, short writes to stdout.
+
+
+def test_bad_input_after_the_output_check_leaves_no_lock(tmp_path, fake_bench):
+    """Finding 7: `bench -o out.json --gpu bogus` exited 2 and left .out.json.lock."""
+    line = one_error_line(run("bench", "-m", "tiny-llama", "--method", "lora", "-o", tmp_path / "out.json",
+                              "--gpu", "bogus"))
+    assert "unknown GPU 'bogus'" in line and list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_found_by_the_run_leaves_no_lock(tmp_path, monkeypatch):
+    def run_bench(*args, **kw):
+        raise LorabenchError("--steps and --warmup must be at least 1.")
+
+    module = types.ModuleType("lorabench.bench")
+    module.run_bench = run_bench
+    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    one_error_line(run("bench", "-m", "tiny-llama", "--method", "lora", "-o", tmp_path / "out.json"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# lorabench.bench imported with a signal sent to the process as its import starts: the stand-in for a
+# SIGTERM or Ctrl-C that lands while torch imports (a fake module, so that the test needs no torch).
+_SIGNAL_IN_IMPORT = """
+import importlib.abc, importlib.util, os, sys, types
+class Loader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        os.kill(os.getpid(), {sig})
+        module.run_bench = lambda *a, **k: print('the run started')
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name == 'lorabench.bench':
+            return importlib.util.spec_from_loader(name, Loader())
+sys.meta_path.insert(0, Finder())
+sys.argv = ['lorabench', 'bench', '-m', 'tiny-llama', '--device', 'cpu', '-o', {out!r}]
+from lorabench.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_while_torch_imports_gives_the_count_and_no_lock(tmp_path, sig, code, name):
+    """Finding 7: a signal 0.8 to 4 s into `bench -o` (torch importing) left .out.json.lock and said
+    "terminated (SIGTERM)" instead of how many cases finished."""
+    out = tmp_path / "out.json"
+    res = subprocess.run([sys.executable, "-c", _SIGNAL_IN_IMPORT.format(sig=int(sig), out=str(out))],
+                         capture_output=True, text=True)
+    assert res.returncode == code, res.stderr
+    assert res.stderr.endswith(f"lorabench: interrupted ({name}) after 0 case(s).\n"), res.stderr
+    assert "the run started" not in res.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_a_sigterm_while_the_cli_imports_is_143_and_one_line():
+    code = ("import os, signal, sys\n"
+            "class Terminate:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'lorabench.cli':\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "sys.meta_path.insert(0, Terminate())\n"
+            "sys.argv = ['lorabench', 'params']\n"
+            "from lorabench.__main__ import main\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 143 and res.stderr == "lorabench: terminated (SIGTERM).\n" and res.stdout == ""
+
+
+@pytest.mark.parametrize("make", ["folder", "fifo", "another user's file"])
+def test_force_on_an_output_moves_only_a_regular_file_of_the_users(tmp_path, fake_bench, make):
+    """Finding 9, for bench -o: --force moves aside a regular file of the user's, nothing else."""
+    out = tmp_path / "out.json"
+    if make == "folder":
+        out.mkdir()
+        (out / "keep").write_text("mine")
+    elif make == "fifo":
+        os.mkfifo(out)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a file to another user")
+        out.write_text("someone else's notes")
+        os.chown(out, 54321, -1)
+    line = one_error_line(run("bench", "-m", "tiny-llama", "--method", "lora", "-o", out, "--force"))
+    assert str(out) in line and "choose another name" in line and fake_bench == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_what_appears_at_the_output_during_the_run_is_left_alone(tmp_path):
+    """check_output_file ran before the run; a folder made at the path since (or, without --force, a file)
+    is not moved aside when the first row is written: the row is refused instead."""
+    out = tmp_path / "rows.json"
+    for force in (True, False):
+        sink = safeio.RowFile(out, lambda rows, fmt: json.dumps(rows), force=force)
+        try:
+            out.mkdir() if force else out.write_text("notes written during the run")
+            with pytest.raises(LorabenchError, match="changed since the run started"):
+                sink.add({"method": "lora"})
+        finally:
+            sink.close()
+        assert (out.is_dir() if force else out.read_text() == "notes written during the run")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+        out.rmdir() if force else out.unlink()
+    with pytest.raises(LorabenchError, match="not a regular file"):
+        (tmp_path / "d").mkdir()
+        safeio.move_aside(tmp_path / "d")
+
+
+def test_a_failed_case_makes_bench_exit_1(tmp_path, monkeypatch):
+    """Finding 10b: rows that say a case failed (a rank killed, a timeout) ended bench with exit code 0."""
+    def run_bench(spec, methods, ranks, targets, setup, *, on_row=None, **kw):
+        for rank, status, error in ((0, "stopped", "stopped by torchrun when rank 1 failed"),
+                                    (1, "failed", "rank 1 was killed by SIGKILL (exit code -9) before it wrote "
+                                                  "its row")):
+            on_row({"lorabench_version": "test", "model": spec.name, "method": "lora", "rank": 8, "status": status,
+                    "impl": "peft", "gpu_rank": rank, "error": error, "layers": 4, "full_layers": 4})
+
+    module = types.ModuleType("lorabench.bench")
+    module.run_bench = run_bench
+    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    res = run("bench", "-m", "tiny-llama", "--method", "lora", "-f", "json", "-o", tmp_path / "rows.json")
+    assert one_error_line(res, code=1) == ("lorabench: 1 of 2 row(s) failed (lora: rank 1 was killed by SIGKILL "
+                                           "(exit code -9) before it wrote its row).")
+    assert len(json.loads((tmp_path / "rows.json").read_text())) == 2
+
+
+TORCHRUN_LOG = """\
+W1207 02:26:24.984000 5002 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 5006 closing signal SIGTERM
+E1207 02:26:24.997000 5002 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 5007) of binary: python
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+======================================================
+lorabench.distributed_worker FAILED
+------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-07_02:26:24
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 5006)  (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 5006
+------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-07_02:26:24
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 5007)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 5007
+======================================================
+"""
+
+
+def test_torchruns_failure_summary_names_the_rank_and_the_signal(tmp_path):
+    """What torch 2.13's torchrun printed when rank 1 of 2 got SIGKILL (the rows said "error_file: <N/A>")."""
+    from lorabench.launch import describe_exit, rank_exits
+
+    log = tmp_path / "torchrun.log"
+    log.write_text(TORCHRUN_LOG)
+    assert rank_exits(str(log)) == ({0: -15, 1: -9}, 1)
+    assert describe_exit(-9) == "was killed by SIGKILL (exit code -9)" and describe_exit(3) == "exited with code 3"
+    assert rank_exits(str(tmp_path / "missing.log")) == ({}, None)
+
+
+def _limited_output(args, env_extra, limit=8192):
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(env_extra)
+    return lambda out: subprocess.run([sys.executable, "-m", "lorabench", *args], stdout=out, stderr=subprocess.PIPE,
+                                      text=True, env=env, preexec_fn=limit_file_size)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE is POSIX")
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_stdout_that_cannot_take_the_whole_answer_is_exit_1(tmp_path, unbuffered):
+    """Finding 10c: `ulimit -f 8; lorabench memory ... -f json > big.json` exited 0 with the JSON cut at
+    8,192 bytes (Python ignores SIGXFSZ; unbuffered, it drops a short write's count), or, buffered, said
+    "Exception ignored" and exited 120."""
+    args = ("memory", "-m", "llama-3-8b", "--method", "all", "-f", "json")
+    whole = subprocess.run([sys.executable, "-m", "lorabench", *args], capture_output=True, text=True).stdout
+    assert len(whole) > 8192
+    runner = _limited_output(args, {"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+    with open(tmp_path / "big.json", "w") as out:
+        res = runner(out)
+    assert res.returncode == 1 and res.stderr == (
+        "lorabench: error: cannot write the whole output to standard output: File too large; what it got is "
+        "cut short.\n"), res.stderr
+    with open(tmp_path / "small.json", "w") as out:  # an answer under the limit is unaffected
+        res = _limited_output(("params", "--method", "lora", "-f", "json"), {})(out)
+    assert res.returncode == 0 and res.stderr == ""
+    assert json.loads((tmp_path / "small.json").read_text())[0]["method"] == "lora"
