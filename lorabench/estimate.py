@@ -88,31 +88,41 @@ def error_pct(estimate: Optional[int], measured: Optional[int]) -> Optional[floa
     return 100.0 * (estimate - measured) / measured
 
 
-def cost_fields(t: StepTime, tokens_per_gpu_step: int, gpus: Optional[int], cost: CostSetup,
+def cost_fields(t: StepTime, tokens_per_gpu_step: int, run: Optional[Parallel], cost: CostSetup,
                 gpu: Optional[GPU]) -> Dict:
-    """A training run's JSON fields, t.step_ms driving them all (train_step_ms): None throughout when no
-    number of GPUs holds the step, or no tokens."""
-    run = None if gpus is None else estimate_training_cost(t, tokens_per_gpu_step, gpus, cost, gpu)
+    """A training run's JSON fields on run's GPUs, t.step_ms driving them all (train_step_ms): None throughout
+    when no number of GPUs holds the step (run None), or no tokens."""
+    train = None if run is None else estimate_training_cost(t, tokens_per_gpu_step, run.gpus, cost, gpu)
     keys = ("train_tokens", "train_gpus", "train_sharding", "train_step_ms", "train_steps", "train_hours",
             "gpu_hours", "price_per_gpu_hour", "price_source", "cost_usd")
-    if run is None:
+    if train is None:
         return dict.fromkeys(keys)
-    return dict(zip(keys, (run.train_tokens, run.gpus, None, t.step_ms, run.train_steps, run.train_hours,
-                           run.gpu_hours, run.price_per_gpu_hour, run.price_source, run.cost_usd)))
+    return dict(zip(keys, (train.train_tokens, train.gpus, run.sharding, t.step_ms, train.train_steps,
+                           train.train_hours, train.gpu_hours, train.price_per_gpu_hour, train.price_source,
+                           train.cost_usd)))
 
 
-def training_run(plan: Plan, parallel: Parallel, fit, t: StepTime, gpu: GPU) -> Tuple[Optional[Parallel], Optional[str]]:
-    """The GPUs a training run takes: the ones asked for when they hold the step; else the fewest that do under
-    the same sharding (fully sharded from one GPU or DDP, which cannot spread a replica). Returns (the
-    Parallel, None), or (None, why no run is priced)."""
-    if fit.fits:
-        return parallel, None
-    sharding = parallel.sharding if parallel.strategy.shards_params else "fsdp"
-    n = fit.gpus_needed_zero2 if sharding == "zero2" else fit.gpus_needed_fsdp
-    if n is None:
-        return None, (f"no training time or cost: no count of {gpu.name} GPUs up to {MAX_GPUS:,} holds the step "
-                      f"under {sharding}.")
-    return (Parallel() if n == 1 else Parallel(n, sharding, parallel.cpu_offload)), None
+def training_run(plan: Plan, parallel: Parallel, fit, t: StepTime, gpu: GPU) -> Tuple[Optional[Parallel], StepTime,
+                                                                                    Optional[str]]:
+    """The GPUs a training run takes and the step time that drives it: the GPUs asked for when they hold the
+    step; else the fewest that do under the same sharding (fully sharded from one GPU or from DDP, which
+    cannot spread a replica). On several GPUs the step is t with its communication overlapped. Returns (the
+    Parallel, the step, None), or (None, t, why no run is priced)."""
+    run = parallel
+    if not fit.fits:
+        sharding = parallel.sharding if parallel.strategy.shards_params else "fsdp"
+        n = fit.gpus_needed_zero2 if sharding == "zero2" else fit.gpus_needed_fsdp
+        if n is None:
+            return None, t, (f"no training time or cost: no count of {gpu.name} GPUs up to {MAX_GPUS:,} holds "
+                             f"the step under {sharding}.")
+        run = Parallel() if n == 1 else Parallel(n, sharding, parallel.cpu_offload)
+    if run.single:
+        return run, t, None
+    step = parallel_step_time(t, comm_volume(plan, run), run, gpu).step_ms_overlap
+    if step is None:
+        return None, t, (f"no training time or cost: no network between {gpu.name} servers is known for "
+                         f"{run.gpus:,} GPUs.")
+    return run, replace(t, step_ms=step), None
 
 
 # The fields a row takes from one GPU's share when the step is spread over several (sharding.RankMemory).
@@ -186,24 +196,13 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
                         "comm_ms": pt.comm_ms, "step_ms_no_overlap": pt.step_ms_no_overlap,
                         "step_ms_overlap": pt.step_ms_overlap})
             if cost is not None:  # one step time drives the run: on several GPUs, with communication overlapped
-                run, why = training_run(plan, parallel, fit, t, gpu)
-                timed = t
-                if run is not None and not run.single:
-                    step = parallel_step_time(t, comm_volume(plan, run), run, gpu).step_ms_overlap
-                    if step is None:
-                        run, why = None, (f"no training time or cost: no network between {gpu.name} servers is "
-                                          f"known for {run.gpus:,} GPUs.")
-                    else:
-                        timed = replace(t, step_ms=step)
-                row.update(cost_fields(timed, setup.tokens * setup.grad_accum, run and run.gpus, cost, gpu))
-                if run is not None:
-                    row["train_sharding"] = run.sharding
-                    if run != parallel:
-                        extra = (f"the training time is for {run.gpus:,} x {gpu.name}"
-                                 + (f" under {run.sharding}" if not run.single else "")
-                                 + ", the fewest that hold the step as given.")
-                        row["notes"].append(extra)
-                else:
+                run, timed, why = training_run(plan, parallel, fit, t, gpu)
+                row.update(cost_fields(timed, setup.tokens * setup.grad_accum, run, cost, gpu))
+                if run is not None and run != parallel:
+                    why = (f"the training time is for {run.gpus:,} x {gpu.name}"
+                           + (f" under {run.sharding}" if not run.single else "")
+                           + ", the fewest that hold the step as given.")
+                if why:
                     row["notes"].append(why)
         rows.append(row)
     return rows
