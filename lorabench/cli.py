@@ -22,7 +22,7 @@ from lorabench.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu, gpu_note
 from lorabench.hfconfig import MAX_WIDTH
-from lorabench.hub import resolve_specs
+from lorabench.hub import is_local_model, resolve_specs
 from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED
 from lorabench.render import BENCH_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, fit_width, gib, render
 from lorabench.specs import PRESETS, from_dimension, from_name
@@ -446,7 +446,9 @@ def gpus(fmt):
 
 def _report_specs(models, configs, dims):
     """The report's models: configs, presets and --d matrices, each once and each under its own name."""
-    specs = resolve_specs(models, configs)
+    # the report's order: presets and Hub ids, then config files and model folders
+    local = [m for m in models if is_local_model(m)]
+    specs = resolve_specs([m for m in models if m not in local], [*configs, *local], configs_first=False)
     seen = {s.name for s in specs}
     specs += [s for s in map(from_dimension, dict.fromkeys(dims)) if s.name not in seen]
     return specs or [from_name(DEFAULT_MODEL)]

@@ -60,9 +60,9 @@ def distinct_specs(entries: Sequence[Tuple[object, str, ModelSpec]]) -> List[Mod
             for label, spec in seen.values()]
 
 
-def resolve_specs(models: Sequence[str], configs: Sequence[str] = ()) -> List[ModelSpec]:
-    """The models named by --config paths and --model names, in that order, each once and each under its own
-    name: a config folder named like a preset (./tiny-llama beside tiny-llama), or two folders called
+def resolve_specs(models: Sequence[str], configs: Sequence[str] = (), configs_first: bool = True) -> List[ModelSpec]:
+    """The models named by --config paths and --model names (configs first, or last), each once and each under
+    its own name: a config folder named like a preset (./tiny-llama beside tiny-llama), or two folders called
     my-model, are shown as 'tiny-llama (config tiny-llama)' (distinct_specs)."""
     def from_file(path: str):
         spec = load_config(path)
@@ -74,8 +74,9 @@ def resolve_specs(models: Sequence[str], configs: Sequence[str] = ()) -> List[Mo
         spec = resolve_model(name)
         return ("model", spec.name), spec.name, spec
 
-    entries = [from_file(p) for p in configs] + [from_file(m) if is_local_model(m) else named(m) for m in models]
-    return distinct_specs(entries)
+    files = [from_file(p) for p in configs]
+    given = [from_file(m) if is_local_model(m) else named(m) for m in models]
+    return distinct_specs(files + given if configs_first else given + files)
 
 
 def is_local_model(name: str) -> bool:
