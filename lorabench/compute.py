@@ -54,6 +54,50 @@ def _attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
     return round(4 * spec.q_dim * keys)
 
 
+def _first_layer_skipped_flops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
+                               seq_len: int) -> int:
+    """Per token: the backward products of the first layer (the first matrix of --d matrices) that autograd does
+    not run, as lorabench.stepwork._layer times them: on a frozen base nothing before the first adapted
+    projection needs a gradient, so neither do the input gradients of the projections (and adapters) up to it,
+    nor the attention's backward before it, nor the routed experts' (unless PEFT merges them)."""
+    if method.base_trainable:
+        return 0
+    shapes = spec.linear_shapes()
+    rank = rank or 0
+
+    def adapted(name: str) -> bool:
+        return method.uses_rank and name in targets
+
+    def dx(names) -> int:  # the base's input gradient, and the adapter's through A
+        return sum(2 * i * o + (2 * rank * i if adapted(n) else 0)
+                   for n, (i, o, _) in shapes.items() if n in names)
+
+    if spec.single_matrix:
+        return dx(("w",))
+    arch, skipped = spec.arch, 0
+    qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
+    skipped += dx(qkv)
+    live = any(adapted(n) for n in qkv)
+    if not live:
+        keys = spec.attended_keys(seq_len, spec.sliding_layers() > 0)
+        skipped += 2 * round(4 * spec.q_dim * keys)  # the attention's backward: twice its forward
+        skipped += dx(("o",))
+    live = live or adapted("o")
+    if spec.moe:
+        merged = method.uses_rank and "experts" in targets  # (PEFT's merged experts compute their input grad)
+        if not live and not merged:
+            skipped += 2 * spec.experts_per_token * spec.expert_params
+        live = live or any(adapted(n) for n in ("router", "experts"))
+        if not live and spec.shared_expert_gate:
+            skipped += dx(("gate", "up", "shared_gate", "down"))
+        return skipped
+    gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up") if arch.gated_mlp else ("up",)
+    if not live:
+        skipped += dx(gate_up)
+    live = live or any(adapted(n) for n in gate_up)
+    return skipped + (0 if live else dx(("down",)))
+
+
 def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
                    targets: Tuple[str, ...], setup: TrainingSetup) -> StepFlops:
     """FLOPs of one optimizer step of method on spec at setup's batch and sequence length, over its
@@ -85,7 +129,8 @@ def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
     head = 0 if spec.single_matrix else 2 * spec.hidden_size * spec.vocab_size
     head_bwd = head * (2 if method.base_trainable else 1)
     fwd = t * (spec.num_layers * layer_fwd + attn + head)
-    bwd = t * (spec.num_layers * layer_bwd + 2 * attn + head_bwd)  # dQ, dK, dV, dP: twice the forward products
+    bwd = t * (spec.num_layers * layer_bwd + 2 * attn + head_bwd  # dQ, dK, dV, dP: twice the forward products
+               - _first_layer_skipped_flops(spec, method, rank, targets if method.uses_rank else (), setup.seq_len))
     recompute = t * (spec.num_layers * layer_fwd + attn) if setup.grad_checkpointing else 0
     k = setup.grad_accum  # micro-batches per optimizer step: forward and backward run k times, the update once
     fwd, bwd, recompute = k * fwd, k * bwd, k * recompute

@@ -16,7 +16,8 @@ from lorabench.comms import comm_volume, parallel_step_time
 from lorabench.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, estimate_from_parts, step_parts
 from lorabench.methods import Method
 from lorabench.params import count_active_params, count_base_params, count_params
-from lorabench.sharding import MAX_GPUS, Parallel, Plan, fit_on_gpu, padding_note, rank_memory
+from lorabench.sharding import (MAX_GPUS, Parallel, Plan, fit_on_gpu, gpus_needed_note, padding_note,
+                                rank_memory)
 from lorabench.specs import ModelSpec
 
 
@@ -184,6 +185,7 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         row.update(parallel_fields(plan, parallel))
         if gpu is not None:
             fit = fit_on_gpu(plan, gpu, parallel, allowance=allowance)
+            row["notes"] += [n for n in (gpus_needed_note(plan, fit, parallel.cpu_offload, allowance),) if n]
             t = estimate_step_time(spec, method, rank, c.targets, setup, device_for_gpu(gpu, mfu), flops)
             row.update({"gpu": gpu.name, "gpu_memory_bytes": fit.gpu_memory_bytes, "fits": fit.fits,
                         "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,

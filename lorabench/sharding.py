@@ -225,6 +225,16 @@ def plan_need_bytes(plan: Plan, parallel: Parallel = Parallel(), allowance: floa
     return need_bytes(plan.parts, allowance, rank_memory(plan, parallel).held)
 
 
+def one_gpu_need(plan: Plan, sharding: str, allowance: float = ALLOCATOR_ALLOWANCE, cpu_offload: bool = False) -> int:
+    """What one GPU needs to hold the step under `sharding` at its best: the whole step; with --cpu-offload
+    also fully sharded on the one GPU, which sends its parameters and gradients to the host (FSDP2's
+    CPUOffloadPolicy) where the whole step keeps them."""
+    need = plan_need_bytes(plan, Parallel(1, "none", cpu_offload), allowance)
+    if cpu_offload and STRATEGIES[sharding].offloads_params:
+        need = min(need, plan_need_bytes(plan, Parallel(1, sharding, True), allowance))
+    return need
+
+
 def fewest_gpus(plan: Plan, sharding: str, capacity: int, allowance: float = ALLOCATOR_ALLOWANCE,
                 cpu_offload: bool = False, max_gpus: int = MAX_GPUS) -> Optional[int]:
     """The fewest GPUs of `capacity` bytes that hold the step under `sharding`: 1 when one GPU holds it whole
@@ -239,7 +249,7 @@ def fewest_gpus(plan: Plan, sharding: str, capacity: int, allowance: float = ALL
     if sharding == "ddp":
         fits = plan_need_bytes(plan, Parallel(1, "ddp", cpu_offload), allowance) <= capacity
         return 1 if fits else None
-    if plan_need_bytes(plan, Parallel(1, "none", cpu_offload), allowance) <= capacity:
+    if one_gpu_need(plan, sharding, allowance, cpu_offload) <= capacity:
         return 1
     if need_bytes(plan.parts, allowance, floor_held(plan, Parallel(2, sharding, cpu_offload))) > capacity:
         return None
@@ -271,6 +281,29 @@ def padding_note(plan: Plan, parallel: Parallel) -> Optional[str]:
     return (f"each GPU holds {here / 2 ** 30:,.2f} GiB at {n:,} GPUs under {parallel.sharding}, more than the "
             f"{there / 2 ** 30:,.2f} GiB at {best:,}: FSDP2 pads each tensor's dim 0 to a multiple of the GPU count "
             f"and all-gathers the padding; {plan.spec.name}'s {name} has {dim0:,} rows. Past that, more GPUs add bytes.")
+
+
+def gpus_needed_note(plan: Plan, fit: "Fit", cpu_offload: bool = False,
+                     allowance: float = ALLOCATOR_ALLOWANCE) -> Optional[str]:
+    """Why a strategy's gpus_needed is null, for each that is: DDP's replica (its buckets a second copy of the
+    trainable gradients) exceeds one GPU, or what each GPU of zero2/fsdp holds whatever their count (the
+    activations, logits and temporaries, a gathered layer) does."""
+    why = []
+    if fit.gpus_needed_ddp is None:
+        need = plan_need_bytes(plan, Parallel(1, "ddp", cpu_offload), allowance)
+        why.append(f"ddp: a replica with its buckets needs {need / 2 ** 30:,.2f} GiB on each GPU")
+    floors = {s: need_bytes(plan.parts, allowance, floor_held(plan, Parallel(2, s, cpu_offload)))
+              for s in ("zero2", "fsdp") if getattr(fit, f"gpus_needed_{s}") is None}
+    for s, need in floors.items():
+        if need > fit.gpu_memory_bytes:
+            why.append(f"{s}: what each GPU holds whatever their count (activations, logits, a gathered layer) "
+                       f"needs {need / 2 ** 30:,.2f} GiB")
+        else:
+            why.append(f"{s}: no count up to {MAX_GPUS:,} leaves each GPU under its {fit.gpu_memory_bytes / 2 ** 30:,.2f} "
+                       "GiB (FSDP2 pads each tensor to the count)")
+    if not why:
+        return None
+    return f"no number of {fit.gpu} GPUs holds the step under " + "; ".join(why) + "."
 
 
 @dataclass(frozen=True)
@@ -310,6 +343,7 @@ def fit_on_gpu(plan: Plan, gpu: GPU, parallel: Parallel = Parallel(), allowance:
     off = parallel.cpu_offload
     needed = {s: fewest_gpus(plan, s, cap, allowance, off, max_gpus) for s in ("ddp", "zero2", "fsdp")}
     n = needed["fsdp"]
-    per_gpu = None if n is None else plan_need_bytes(plan, Parallel(n, "fsdp" if n > 1 else "none", off), 0.0)
+    per_gpu = (None if n is None else one_gpu_need(plan, "fsdp", 0.0, off) if n == 1
+               else plan_need_bytes(plan, Parallel(n, "fsdp", off), 0.0))
     return Fit(gpu.name, cap, spare >= 0, n, per_gpu, int(allowance * peak), spare, needed["ddp"], needed["zero2"],
                needed["fsdp"])

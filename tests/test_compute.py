@@ -25,8 +25,12 @@ def test_single_matrix_full_is_6_t_d2_and_lora_adds_adapter_products():
     assert full.step_flops == 6 * t * 4096 * 4096  # forward 2, input grad 2, weight grad 2
     lora = estimate_flops(spec, METHODS["lora"], 8, ("w",), setup)
     adapter = 2 * 8 * (4096 + 4096)  # A then B, per token
-    # forward: W and adapter; backward: input grad of W, input and weight grads of A and B
-    assert lora.step_flops == t * (2 * 4096 * 4096 + adapter + 2 * 4096 * 4096 + 2 * adapter)
+    # forward: W and adapter. Backward: the lone matrix's input needs no gradient (nothing before it trains), so
+    # autograd runs neither W's input gradient nor A's: B's input gradient (2 r out), dB (2 r out), dA (2 r in)
+    assert lora.step_flops == t * (2 * 4096 * 4096 + adapter + 3 * 2 * 8 * 4096)
+    two = estimate_flops(from_dimension(4096, 2), METHODS["lora"], 8, ("w",), setup)
+    # a second matrix's input does need one: its W and A input gradients run (2 d^2 + 2 r d)
+    assert two.step_flops - 2 * lora.step_flops == t * (2 * 4096 * 4096 + 2 * 8 * 4096)
 
 
 def test_llama3_8b_full_is_about_6n_per_token():

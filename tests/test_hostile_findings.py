@@ -222,3 +222,16 @@ def test_expected_library_warnings_are_silenced_and_others_are_not():
             warnings.warn("Paged optimizers are not supported on CPU. Falling back.", UserWarning)
             warnings.warn("something new", FutureWarning)
     assert [str(w.message) for w in seen] == ["something new"]
+
+
+def test_flops_leave_out_the_input_gradients_autograd_does_not_run():
+    # found by the property tests: on a frozen base the first layer's input needs no gradient, so the input
+    # gradients up to its first adapter are not computed (nor timed): counted, they made mfu 0.78 > 0.68
+    from lorabench.compute import _first_layer_skipped_flops
+
+    spec = PRESETS["llama-3-8b"]  # q 4096 -> 4096, k and v 4096 -> 1024
+    qv = _first_layer_skipped_flops(spec, METHODS["lora"], 8, ("q", "v"), 2048)
+    assert qv == 2 * 4096 * (4096 + 1024 + 1024) + 2 * 8 * 4096 * 2  # W's dx of q, k, v; A's dx of q and v
+    assert _first_layer_skipped_flops(spec, METHODS["full"], None, (), 2048) == 0
+    row = rows("memory", "--d", "16384", "--method", "lora", "--gpu", "H100-80GB")[0]
+    assert row["mfu"] <= row["matmul_efficiency"]

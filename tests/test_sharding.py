@@ -239,7 +239,11 @@ def test_gpus_needed_per_strategy():
     # QLoRA of a 70B model on 2 RTX 4090s: the shards do not fit beside the gathered layers; offloaded, they do
     qlora = plan_step(big, LORA, 8, setup=TrainingSetup(dtype="nf4", grad_checkpointing=True))
     rtx = get_gpu("RTX-4090").memory_bytes
-    assert fewest_gpus(qlora, "fsdp", rtx) > 2 and fewest_gpus(qlora, "fsdp", rtx, cpu_offload=True) == 2
+    assert fewest_gpus(qlora, "fsdp", rtx) > 2
+    # offloaded, one GPU is enough: fully sharded on itself, FSDP2's CPUOffloadPolicy keeps the nf4 shards on
+    # the host and brings each layer over as it computes (a whole step on one GPU keeps them all there)
+    assert plan_need_bytes(qlora, Parallel(1, "fsdp", True)) <= rtx < plan_need_bytes(qlora, Parallel(1, "none", True))
+    assert fewest_gpus(qlora, "fsdp", rtx, cpu_offload=True) == 1
     assert fewest_gpus(plan_step(TINY, LORA, 8, setup=SETUP), "ddp", rtx) == 1
 
 
