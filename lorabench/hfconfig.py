@@ -15,6 +15,7 @@ import json
 import math
 import os
 import stat
+import sys
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Tuple
 
@@ -449,6 +450,10 @@ def read_config_text(path: str) -> Tuple[str, str]:
     """
     if not path or not path.strip():
         raise LorabenchError("--config is empty; give a config.json or a folder holding one.")
+    try:
+        path.encode(sys.getfilesystemencoding(), "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file name decodes to: os.stat raises ValueError on it
+        raise LorabenchError(f"no config.json at '{printable_path(path)}' (no file can have that name).") from None
     file = config_json_path(path)
     try:
         st = os.stat(file)
