@@ -444,9 +444,25 @@ def shown(args, result) -> str:
             f"stderr: {result.stderr[-2000:]}")
 
 
+# A lone surrogate that surrogateescape does not make (it makes \udc80-\udcff, from non-UTF-8 bytes): no real
+# argv holds one, a Python caller's list can.
+FOREIGN_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+KNOWN_SURROGATE_BUG = "known bug: --config with a lone surrogate is an internal error"
+
+
+def known_surrogate_bug(args, result) -> bool:
+    """test_a_config_path_that_cannot_be_encoded_is_a_user_error: os.stat raises UnicodeEncodeError (a
+    ValueError, not an OSError) for such a --config, and lorabench calls it a bug (exit 70)."""
+    return (result.exit_code == 70 and "UnicodeEncodeError" in result.stderr and "--config" in args
+            and any(FOREIGN_SURROGATE.search(a) for a in args))
+
+
 def assert_ended_cleanly(args, result):
     """Exit 0, 1, 2 or 130, no traceback; exit 2 says why in one short line."""
     why = shown(args, result)
+    if known_surrogate_bug(args, result):
+        event(KNOWN_SURROGATE_BUG)
+        return
     assert result.exit_code in EXIT_CODES, why
     assert result.exception is None or isinstance(result.exception, SystemExit), why
     assert "Traceback (most recent call last)" not in result.stdout + result.stderr, why
@@ -563,6 +579,7 @@ def check_gpu_counts(row):
 # (strict): then drop the exemption and the test.
 KNOWN_OFFLOAD_BUG = "known bug: --gpus 1 --sharding zero2/fsdp --cpu-offload fits, gpus_needed_* says more"
 KNOWN_DDP_BUG = "known bug: gpus_needed_ddp null on a row that fits one GPU, and nothing says why"
+KNOWN_MFU_BUG = "known bug: mfu above matmul_efficiency on a frozen base (input gradients counted, not run)"
 
 
 def known_offload_bug(row) -> bool:
@@ -576,6 +593,13 @@ def known_ddp_bug(row) -> bool:
     gradients) can push a replica that fits one GPU over it; gpus_needed_ddp is then null, and neither the
     row's notes nor its verdict says why."""
     return not any("DDP" in note for note in row["notes"])
+
+
+def known_mfu_bug(row) -> bool:
+    """test_mfu_stays_under_the_matmul_efficiency_of_a_lone_frozen_matrix: step_flops counts the input gradient
+    of every frozen matrix, which the step time rightly leaves out where nothing before it needs one (a --d
+    matrix; a model's first q, k, v). At most the backward of a frozen base: mfu under twice the efficiency."""
+    return row["method"] != "full" and row["mfu"] <= 2 * row["matmul_efficiency"]
 
 
 def check_memory_row(row):
@@ -598,7 +622,10 @@ def check_memory_row(row):
     assert is_number(row["step_ms"]) and row["step_ms"] > 0, row
     assert is_number(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
     # the whole step never runs faster than its matrix products at the efficiency assumed (--mfu)
-    assert is_number(row["mfu"]) and 0 < row["mfu"] <= row["matmul_efficiency"] + 1e-9, row
+    assert is_number(row["mfu"]) and row["mfu"] > 0, row
+    if row["mfu"] > row["matmul_efficiency"] + 1e-9:
+        assert known_mfu_bug(row), row
+        event(KNOWN_MFU_BUG)
     assert 0.01 <= row["matmul_efficiency"] <= 1, row
     if "train_gpus" in row:  # --tokens or --dataset-tokens
         check_training_run(row)
@@ -1129,3 +1156,24 @@ def test_a_ddp_null_on_a_row_that_fits_one_gpu_says_why():
     if not (row["fits"] and row["gpus_needed_ddp"] is None):
         pytest.fail("the case no longer shows it: find another")
     assert not known_ddp_bug(row), row["notes"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="compute.estimate_flops counts the input gradient of every frozen matrix; autograd skips "
+                          "it where nothing before the matrix needs a gradient (a --d matrix, a model's first q, k, "
+                          "v) and so does the step time (stepwork.step_ops): mfu, step_flops over that time, comes "
+                          "out above the efficiency the products were timed at (0.78 > 0.68 here)")
+def test_mfu_stays_under_the_matmul_efficiency_of_a_lone_frozen_matrix():
+    row = _one_row("memory", "--d", "16384", "--method", "lora", "--gpu", "H100-80GB")
+    assert row["mfu"] <= row["matmul_efficiency"] + 1e-9, (row["mfu"], row["matmul_efficiency"])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="hfconfig's os.stat raises UnicodeEncodeError (a ValueError, not an OSError) for a path "
+                          "with a lone surrogate that surrogateescape does not make; read_config_text catches OSError "
+                          "only, so the user's bad path ends as an internal error (exit 70). A real argv cannot "
+                          "hold one; a Python caller of cli() can")
+def test_a_config_path_that_cannot_be_encoded_is_a_user_error():
+    args = ["memory", "--config", "\ud800"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, shown(args, result)
