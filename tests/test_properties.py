@@ -1,10 +1,11 @@
 """Property tests (hypothesis): random command lines and random config.json files never end badly.
 
 What is fuzzed:
-- command lines of `params`, `memory`, `report` (estimates only, into a fresh --out-dir) and `bench` (on the
-  CPU, tiny sizes): each option gets valid values mixed with hostile ones (empty, whitespace, NaN, inf, 1e400,
+- command lines of `params`, `memory`, `fit`, `report` (estimates only, into a fresh --out-dir) and `bench` (on
+  the CPU, tiny sizes): each option gets valid values mixed with hostile ones (empty, whitespace, NaN, inf, 1e400,
   4096.5, hundreds of digits, 5,000 characters, unknown and near-miss names, unicode), options repeat, and a
-  junk token is sometimes inserted or a token dropped;
+  junk token is sometimes inserted or a token dropped; an option that needs another (--loss-chunk, --kbit-prepare,
+  --gpus N, --epochs) sometimes comes with it;
 - config.json files: each family's real keys with wrong types, out-of-range sizes, missing and unknown keys,
   unknown model_type, and text that is not strict JSON (NaN, duplicate keys, truncation, deep nesting,
   non-UTF-8, empty, oversized).
@@ -12,7 +13,15 @@ What is fuzzed:
 What must hold on every run: exit code 0, 1, 2 or 130 (70 is lorabench's "internal error": a bug), no
 traceback, exit 2 says why in one short `lorabench: error:` line, json and csv output parse (strict JSON:
 no NaN or Infinity), and the numbers keep their invariants: counts and bytes are integers >= 0, trainable <=
-total, peak = the largest phase >= weights, `fits` agrees with the bytes.
+total, peak = the largest phase >= weights, `fits` agrees with the bytes, every GPU count is an int or null
+(a null with its reason), fitting on N GPUs means needing at most N, mfu <= the matmul efficiency assumed, a
+training run's steps, hours and dollars agree; memory exits 1 only for --check, exactly when a case does not fit.
+
+Between commands, on valid setups (a preset, method, rank, precision, optimizer, loop, loss, GPUs and sharding
+drawn together): memory on gpus_needed_* GPUs fits and on fewer does not; a null's one-GPU answer says why; the
+verdict line, the fix offered and smallest_gpu hold when run; fit's limits fit in memory and one more does not;
+fit's knobs are memory with their args; fit --gpu-memory of a GPU's size answers as --gpu. Bugs they found are
+tests at the end (xfail, strict), their cases exempted above as KNOWN_*_BUG events.
 
 Profiles (root conftest.py): `ci`, the default, runs a few hundred examples per fast property; `thorough` a
 few thousand (report and bench, which write files and train, run a fraction of that):
@@ -38,16 +47,21 @@ import pytest
 from click.testing import CliRunner
 
 from lorabench.cli import cli
+from lorabench.cliopts import MAX_BATCH, MAX_SEQ_LEN, MAX_TOKENS
+from lorabench.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
+from lorabench.fit import Case, max_rank
 from lorabench.gpus import GPUS
 from lorabench.hfconfig import (MAX_CONFIG_BYTES, MAX_DEPTH, MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
                                 load_config)
-from lorabench.memory import ATTENTION, DTYPES, FLOAT_BYTES, IMPLS, OPTIMIZERS
+from lorabench.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
+                              MAX_LOSS_CHUNK, OPTIMIZERS, QUANTIZED, TrainingSetup)
 from lorabench.methods import METHODS
-from lorabench.render import FORMATS
+from lorabench.render import FORMATS, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_COLUMNS, SHARD_COLUMNS
 from lorabench.report import FILES
 from lorabench.reportfolder import MARKER
-from lorabench.specs import PRESETS, ModelSpec
+from lorabench.sharding import MAX_GPUS, STRATEGIES
+from lorabench.specs import PRESETS, ModelSpec, from_name
 
 pytest.importorskip("hypothesis")  # a test extra (setup.cfg)
 from hypothesis import event, given, note, settings  # noqa: E402
@@ -121,9 +135,10 @@ SETUP_OPTIONS = {
     ("--alpha",): mostly(decimals(1e-3, 1e6)),
     ("--batch-size", "-b"): mostly(st.one_of(numbers(1, 64), numbers(1, 1 << 20))),
     ("--seq-len", "-s"): mostly(st.one_of(numbers(1, 8192), numbers(1, 1 << 24))),
-    ("--dtype",): mostly(names(DTYPES)),
+    # a quantized base sometimes with --kbit-prepare, which needs one
+    ("--dtype",): mostly(st.one_of(names(DTYPES), st.sampled_from(QUANTIZED).map(lambda d: [d, "--kbit-prepare"]))),
     ("--adapter-dtype",): mostly(names(FLOAT_BYTES)),
-    ("--optimizer",): mostly(names(OPTIMIZERS)),
+    ("--optimizer",): mostly(names(OPTIMIZERS)),  # the 8-bit and paged ones among them
     ("--grad-checkpointing",): FLAG,
     ("--no-grad-checkpointing",): FLAG,
     ("--attention",): mostly(names(ATTENTION)),
@@ -131,10 +146,51 @@ SETUP_OPTIONS = {
     ("--master-weights",): FLAG,
     ("--device",): mostly(st.sampled_from(["cuda", "cpu"])),
     ("--impl",): mostly(st.sampled_from(IMPLS)),
+    # case-sensitive choices from here on: an upper-cased name is an error
+    ("--loop",): mostly(st.sampled_from(LOOPS)),
+    ("--autocast",): mostly(st.one_of(st.sampled_from(AUTOCAST), st.sampled_from(AUTOCAST).map(lambda a: [a, "--dtype",
+                                                                                                        "fp32"]))),
+    ("--grad-accum",): mostly(st.one_of(numbers(1, 8), numbers(1, MAX_GRAD_ACCUM))),
+    # --loss-chunk alone is an error unless --loss chunked comes too: sometimes it does
+    ("--loss",): mostly(st.one_of(st.sampled_from(LOSSES),
+                                  numbers(1, MAX_LOSS_CHUNK).map(lambda n: ["chunked", "--loss-chunk", n]))),
+    ("--loss-chunk",): mostly(st.one_of(numbers(1, 4096), numbers(1, MAX_LOSS_CHUNK))),
+    ("--kbit-prepare",): FLAG,
+}
+# --gpus over 1 needs --sharding: sometimes it comes with it.
+PARALLEL_OPTIONS = {
+    ("--gpus",): mostly(st.one_of(numbers(1, 8), numbers(1, MAX_GPUS),
+                                  st.tuples(numbers(1, 64), st.sampled_from(sorted(STRATEGIES))).map(
+                                      lambda t: [t[0], "--sharding", t[1]])),
+                        st.one_of(HOSTILE, st.just(str(MAX_GPUS + 1)))),
+    ("--sharding",): mostly(st.sampled_from(sorted(STRATEGIES))),
+    ("--cpu-offload",): FLAG,
 }
 GPU_OPTIONS = {
     ("--gpu",): mostly(GPU_NAMES),
     ("--mfu",): mostly(decimals(0.01, 1.0)),
+}
+# Token counts as digits or with a K/M/B/T suffix; some just past MAX_TOKENS, or rounding to 0.
+TOKEN_COUNTS = st.one_of(numbers(1, MAX_TOKENS), numbers(1, 10 ** 10),
+                         st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,3})?[kKmMbBtT]", fullmatch=True),
+                         st.sampled_from(["500M", "2B", "1.5T", "1000T", "1001T", "0.0001k", "1e9", "2 B", "1.5.T",
+                                          "9" * 30 + "T", str(MAX_TOKENS + 1)]))
+# --tokens and --dataset-tokens need --gpu; --epochs needs --dataset-tokens and --price one of them.
+COST_OPTIONS = {
+    ("--tokens",): mostly(TOKEN_COUNTS),
+    ("--dataset-tokens",): mostly(st.one_of(TOKEN_COUNTS, st.tuples(TOKEN_COUNTS, decimals(1e-3, 1e4)).map(
+        lambda t: [t[0], "--epochs", t[1]]))),
+    ("--epochs",): mostly(decimals(1e-3, 1e4)),
+    ("--price",): mostly(decimals(0.0, 1000.0)),
+}
+COLUMN_NAMES = sorted({c[i] for c in (*MEMORY_COLUMNS, *SHARD_COLUMNS, *GPU_COLUMNS, *MEMORY_SUMMARY_COLUMNS)
+                       for i in (0, 1)})
+HEADROOM = {("--headroom",): mostly(decimals(0.0, 90.0))}
+MEMORY_ONLY_OPTIONS = {
+    ("--columns",): mostly(st.lists(st.sampled_from(COLUMN_NAMES), min_size=1, max_size=5).map(",".join),
+                           st.one_of(HOSTILE, st.sampled_from(["peek", "fit", "rank,", ",,", "rank, peak"]))),
+    ("--wide",): FLAG,
+    ("--check",): FLAG,
 }
 FORMAT_OPTION = {("--format", "-f"): mostly(names(FORMATS))}
 
@@ -148,7 +204,17 @@ TINY_CONFIGS = {
 TINY_CONFIG_PATHS = st.sampled_from(["tiny", "tiny/", "./tiny", "tiny/config.json", "tiny-gpt2"])
 
 PARAMS_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **FORMAT_OPTION}
-MEMORY_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **SETUP_OPTIONS, **GPU_OPTIONS, **FORMAT_OPTION}
+MEMORY_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **SETUP_OPTIONS, **PARALLEL_OPTIONS, **GPU_OPTIONS,
+                  **COST_OPTIONS, **HEADROOM, **MEMORY_ONLY_OPTIONS, **FORMAT_OPTION}
+# fit: --gpu NAME or --gpu-memory GIB, one of them (drawn first, fit_gpus; the table may add another).
+FIT_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **SETUP_OPTIONS, **PARALLEL_OPTIONS, **HEADROOM,
+               ("--gpu",): mostly(GPU_NAMES),
+               ("--gpu-memory",): mostly(st.one_of(decimals(0.5, 200.0), decimals(1e-3, 1e6))),
+               **FORMAT_OPTION}
+# What memory and fit are given first: usually a GPU, so that the options that need one (--check, --tokens) apply.
+MEMORY_GPUS = st.one_of(st.just([]), GPU_NAMES.map(lambda g: ["--gpu", g]))
+FIT_GPUS = st.one_of(GPU_NAMES.map(lambda g: ["--gpu", g]), decimals(0.5, 200.0).map(lambda x: ["--gpu-memory", x]),
+                     st.just([]))
 # report: estimates only (no --bench); --steps, --warmup and --layers without it are an error.
 REPORT_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **SETUP_OPTIONS, **GPU_OPTIONS,
                   ("--config",): mostly(TINY_CONFIG_PATHS, MODEL_OPTIONS[("--config",)]),
@@ -180,6 +246,17 @@ BENCH_OPTIONS = {
     ("--dropout",): mostly(decimals(0.0, 0.99)),
     ("--master-weights",): FLAG,
     ("--impl",): mostly(st.sampled_from(IMPLS)),
+    ("--loop",): mostly(st.sampled_from(LOOPS), BAD_NUMBERS),
+    ("--autocast",): mostly(st.sampled_from(AUTOCAST), BAD_NUMBERS),
+    ("--grad-accum",): mostly(numbers(1, 2), BAD_NUMBERS),
+    ("--loss",): mostly(st.one_of(st.sampled_from(LOSSES),
+                                  numbers(1, 16).map(lambda n: ["chunked", "--loss-chunk", n])), BAD_NUMBERS),
+    ("--loss-chunk",): mostly(numbers(1, 16), BAD_NUMBERS),
+    ("--kbit-prepare",): FLAG,
+    # never a valid --nproc (no run starts processes): --sharding and --timeout are then errors
+    ("--nproc",): BAD_NUMBERS,
+    ("--sharding",): mostly(st.sampled_from(sorted(STRATEGIES))),
+    ("--timeout",): mostly(decimals(1.0, 600.0)),
     ("--tolerance",): mostly(decimals(0.0, 100.0)),
     ("--check",): FLAG,
     ("--gpu",): mostly(GPU_NAMES),
@@ -193,14 +270,17 @@ BENCH_OPTIONS = {
 @st.composite
 def command_lines(draw, options, formats=True, max_options=8):
     """Options drawn from the table (repeats allowed), usually after a `-f` that later ones override, then
-    now and then a junk token inserted or a token dropped."""
+    now and then a junk token inserted or a token dropped. A value may be a list: the value and the options
+    that make it valid (`--loss chunked --loss-chunk 64`)."""
     args = []
     if formats and draw(st.integers(0, 9)):
         args += ["-f", draw(st.sampled_from(["json", "json", "json", "csv", "table", "markdown"]))]
     for option in draw(st.lists(st.sampled_from(sorted(options)), max_size=max_options)):
         args.append(draw(st.sampled_from(option)))
         value = draw(options[option])
-        if value is not None:
+        if isinstance(value, list):
+            args += value
+        elif value is not None:
             args.append(value)
     mangle = draw(st.sampled_from(["none"] * 8 + ["junk", "drop"]))
     if mangle == "junk":
@@ -364,9 +444,25 @@ def shown(args, result) -> str:
             f"stderr: {result.stderr[-2000:]}")
 
 
+# A lone surrogate that surrogateescape does not make (it makes \udc80-\udcff, from non-UTF-8 bytes): no real
+# argv holds one, a Python caller's list can.
+FOREIGN_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+KNOWN_SURROGATE_BUG = "known bug: --config with a lone surrogate is an internal error"
+
+
+def known_surrogate_bug(args, result) -> bool:
+    """test_a_config_path_that_cannot_be_encoded_is_a_user_error: os.stat raises UnicodeEncodeError (a
+    ValueError, not an OSError) for such a --config, and lorabench calls it a bug (exit 70)."""
+    return (result.exit_code == 70 and "UnicodeEncodeError" in result.stderr and "--config" in args
+            and any(FOREIGN_SURROGATE.search(a) for a in args))
+
+
 def assert_ended_cleanly(args, result):
     """Exit 0, 1, 2 or 130, no traceback; exit 2 says why in one short line."""
     why = shown(args, result)
+    if known_surrogate_bug(args, result):
+        event(KNOWN_SURROGATE_BUG)
+        return
     assert result.exit_code in EXIT_CODES, why
     assert result.exception is None or isinstance(result.exception, SystemExit), why
     assert "Traceback (most recent call last)" not in result.stdout + result.stderr, why
@@ -405,18 +501,32 @@ def output_format(args) -> str:
     return fmt
 
 
-def checked_output(args, result):
-    """The rows on stdout of a run that exited 0 with -f json (None for other formats), csv parsed."""
+def checked_output(args, result, codes=(0,)):
+    """What stdout holds after a run that exited with one of `codes` with -f json (None for other formats;
+    a list of rows, or fit's object), csv parsed."""
     fmt = output_format(args)
-    if result.exit_code != 0 or "-h" in args or "--version" in args:
+    if result.exit_code not in codes or "-h" in args or "--version" in args:
         return None
     if fmt == "csv":
         csv_rows(result.stdout)
     if fmt != "json":
         return None
     rows = strict_json(result.stdout)
+    if args[0] == "fit":
+        assert isinstance(rows, dict) and set(rows) == {"limits", "knobs"}, result.stdout[:500]
+        return rows
     assert isinstance(rows, list) and rows, result.stdout[:500]
     return rows
+
+
+def checked_exit_1(args, result):
+    """memory exits 1 only for --check, when a case does not fit, and says so; fit never does (no --check, no
+    file to write)."""
+    if result.exit_code != 1:
+        return
+    why = shown(args, result)
+    assert args[0] == "memory" and "--check" in args, why
+    assert re.search(r"^lorabench: --check: [1-9][0-9]* case\(s\) do not fit the ", result.stderr, re.M), why
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,10 +553,60 @@ def check_param_row(row):
     assert math.isclose(row["pct_of_full"], 100 * row["trainable_params"] / row["base_params"]), row
 
 
+# Every field whose name says it counts GPUs (memory's and fit's rows): an int or null, never a bool or float.
+GPU_COUNT_KEYS = ("gpus", "gpus_needed", "gpus_needed_ddp", "gpus_needed_zero2", "gpus_needed_fsdp", "train_gpus")
+NEEDED_KEYS = ("gpus_needed_ddp", "gpus_needed_zero2", "gpus_needed_fsdp")
+NO_RUN_NOTE = "no training time or cost"
+
+
+def is_gpu_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_GPUS
+
+
+def check_gpu_counts(row):
+    """gpus is a count, the other GPU counts a count or null (check_gpus_needed, check_training_run and
+    test_gpu_counts_agree_with_memory_on_that_many_gpus check each null's reason)."""
+    assert is_gpu_count(row["gpus"]), ("gpus", row["gpus"])
+    for key in GPU_COUNT_KEYS:
+        if key in row:
+            assert row[key] is None or is_gpu_count(row[key]), (key, row[key])
+    assert row["sharding"] in STRATEGIES and isinstance(row["cpu_offload"], bool), row
+    assert row["gpus"] == 1 or row["sharding"] != "none", row
+
+
+# Bugs the properties found, each shown by a test at the end of the file (xfail, strict): where the check below
+# would fail on one, it counts an event instead. When the bug is fixed its test passes, which fails the run
+# (strict): then drop the exemption and the test.
+KNOWN_OFFLOAD_BUG = "known bug: --gpus 1 --sharding zero2/fsdp --cpu-offload fits, gpus_needed_* says more"
+KNOWN_DDP_BUG = "known bug: gpus_needed_ddp null on a row that fits one GPU, and nothing says why"
+KNOWN_MFU_BUG = "known bug: mfu above matmul_efficiency on a frozen base (input gradients counted, not run)"
+
+
+def known_offload_bug(row) -> bool:
+    """test_one_gpu_sharded_with_cpu_offload_counts_as_one_gpu: the fewest GPUs are counted from one GPU
+    without sharding, so one GPU sharded with its parameters offloaded can fit where gpus_needed_* says 2."""
+    return row["gpus"] == 1 and row["sharding"] in ("zero2", "fsdp") and row["cpu_offload"]
+
+
+def known_ddp_bug(row) -> bool:
+    """test_a_ddp_null_on_a_row_that_fits_one_gpu_says_why: DDP's buckets (a second copy of the trainable
+    gradients) can push a replica that fits one GPU over it; gpus_needed_ddp is then null, and neither the
+    row's notes nor its verdict says why."""
+    return not any("DDP" in note for note in row["notes"])
+
+
+def known_mfu_bug(row) -> bool:
+    """test_mfu_stays_under_the_matmul_efficiency_of_a_lone_frozen_matrix: step_flops counts the input gradient
+    of every frozen matrix, which the step time rightly leaves out where nothing before it needs one (a --d
+    matrix; a model's first q, k, v). At most the backward of a frozen base: mfu under twice the efficiency."""
+    return row["method"] != "full" and row["mfu"] <= 2 * row["matmul_efficiency"]
+
+
 def check_memory_row(row):
     for key, value in row.items():
         if key.endswith("_bytes") and key != "spare_bytes":  # spare is negative when it does not fit
             assert value is None or is_count(value), (key, value)
+    check_gpu_counts(row)
     assert row["trainable_params"] <= row["total_params"], row
     peaks = {phase: row[f"{phase}_peak_bytes"] for phase in PHASES}
     assert row["peak_bytes"] == max(peaks.values()) == peaks[row["peak_phase"]], row
@@ -458,15 +618,110 @@ def check_memory_row(row):
     assert row["allowance_bytes"] == int(row["allowance_fraction"] * row["peak_bytes"]), row
     assert row["spare_bytes"] == row["gpu_memory_bytes"] - row["device_bytes"] - row["allowance_bytes"], row
     assert row["fits"] is (row["spare_bytes"] >= 0), row
-    if row["fits"]:
-        assert row["gpus_needed"] == 1 and row["per_gpu_bytes"] == row["device_bytes"], row
-    elif row["gpus_needed"] is None:
-        assert row["per_gpu_bytes"] is None, row
-    else:
-        assert is_count(row["gpus_needed"]) and row["gpus_needed"] >= 2, row
-        assert row["per_gpu_bytes"] <= row["gpu_memory_bytes"], row
+    check_gpus_needed(row)
     assert is_number(row["step_ms"]) and row["step_ms"] > 0, row
     assert is_number(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
+    # the whole step never runs faster than its matrix products at the efficiency assumed (--mfu)
+    assert is_number(row["mfu"]) and row["mfu"] > 0, row
+    if row["mfu"] > row["matmul_efficiency"] + 1e-9:
+        assert known_mfu_bug(row), row
+        event(KNOWN_MFU_BUG)
+    assert 0.01 <= row["matmul_efficiency"] <= 1, row
+    if "train_gpus" in row:  # --tokens or --dataset-tokens
+        check_training_run(row)
+
+
+def check_gpus_needed(row):
+    """What fits on the row's GPUs agrees with the fewest GPUs each strategy needs (with the row's --cpu-offload):
+    fitting on --gpus N under zero2/fsdp means at most N; under ddp (a whole replica each) 1; one GPU, and DDP's
+    replica (one GPU and its buckets), mean 1 for all."""
+    assert row["gpus_needed"] == row["gpus_needed_fsdp"], row
+    if row["gpus_needed"] is None:
+        assert row["per_gpu_bytes"] is None, row
+    else:
+        assert is_count(row["per_gpu_bytes"]) and row["per_gpu_bytes"] <= row["gpu_memory_bytes"], row
+    assert row["gpus_needed_ddp"] in (1, None), row
+    sharding, n = row["sharding"], row["gpus"]
+    if sharding == "none":  # one GPU (offloading or not): the count starts from it
+        assert (row["gpus_needed_zero2"] == 1) is row["fits"] and (row["gpus_needed_fsdp"] == 1) is row["fits"], row
+        if row["fits"]:
+            assert row["per_gpu_bytes"] == row["device_bytes"], row
+            # a null on a row that fits one GPU must say why in the row (the known bug: it does not)
+            if row["gpus_needed_ddp"] is None and known_ddp_bug(row):
+                event(KNOWN_DDP_BUG)
+    elif row["fits"] and sharding == "ddp":  # a replica and its buckets fit: one GPU holds the step whole
+        assert all(row[key] == 1 for key in NEEDED_KEYS), row
+    elif row["fits"]:
+        needed = row[f"gpus_needed_{sharding}"]
+        if needed is None or needed > n:
+            assert known_offload_bug(row), row
+            event(KNOWN_OFFLOAD_BUG)
+    if row["gpus_needed_ddp"] == 1:  # a replica that fits whole is a step that fits one GPU
+        assert row["gpus_needed_zero2"] == row["gpus_needed_fsdp"] == 1, row
+
+
+def check_training_run(row):
+    """--tokens: the run takes the row's GPUs where they hold the step, else the fewest under its sharding (fsdp
+    from none or ddp); none at all only with a note that says why."""
+    run = ("train_tokens", "train_steps", "train_hours", "gpu_hours", "train_step_ms")
+    if row["train_gpus"] is None:
+        assert all(row[key] is None for key in run + ("cost_usd",)), row
+        assert any(note.startswith(NO_RUN_NOTE) for note in row["notes"]), row
+        assert not row["fits"] or row["step_ms_overlap"] is None, row  # (no network for that many GPUs)
+        return
+    assert all(row[key] is not None for key in run), row
+    assert is_count(row["train_tokens"]) and row["train_tokens"] > 0 and is_count(row["train_steps"]), row
+    sharding = row["sharding"] if row["sharding"] in ("zero2", "fsdp") else "fsdp"
+    assert row["train_gpus"] == (row["gpus"] if row["fits"] else row[f"gpus_needed_{sharding}"]), row
+    # every GPU takes tokens_per_step a step; the last step, partial, counts whole
+    assert row["train_steps"] == -(-row["train_tokens"] // (row["tokens_per_step"] * row["train_gpus"])), row
+    assert math.isclose(row["gpu_hours"], row["train_hours"] * row["train_gpus"]), row
+    assert (row["cost_usd"] is None) is (row["price_per_gpu_hour"] is None), row
+    if row["fits"]:  # on the row's own GPUs: the row's step, its communication overlapped
+        assert math.isclose(row["train_step_ms"], row["step_ms_overlap"]), row
+    if row["cost_usd"] is not None:
+        assert math.isclose(row["cost_usd"], row["gpu_hours"] * row["price_per_gpu_hour"]), row
+
+
+def check_fit_output(out):
+    """fit's JSON: a limits row per case, a knob row per (case, savers): every limit fits where the case does,
+    and the knob 'as given' is the case."""
+    assert out["limits"], out
+    cases = {}
+    for row in out["limits"]:
+        check_fit_row(row)
+        cases.setdefault((row["model"], row["method"], row["rank"]), row)
+    for knob in out["knobs"]:
+        check_gpu_counts(knob)
+        assert knob["fits"] is (knob["spare_bytes"] >= 0), knob
+        assert is_count(knob["required_bytes"]), knob
+        assert knob["spare_bytes"] <= knob["gpu_memory_bytes"] - knob["required_bytes"], knob
+        assert isinstance(knob["args"], list) and all(isinstance(a, str) for a in knob["args"]), knob
+        assert (knob["change"] == "as given") is (not knob["args"]), knob
+        if knob["change"] == "as given":
+            case = cases[(knob["model"], knob["method"], knob["rank"])]
+            assert {k: knob[k] for k in ("fits", "required_bytes", "spare_bytes")} == \
+                {k: case[k] for k in ("fits", "required_bytes", "spare_bytes")}, (knob, case)
+
+
+def check_fit_row(row):
+    check_gpu_counts(row)
+    assert is_count(row["gpu_memory_bytes"]) and row["gpu_memory_bytes"] > 0, row
+    assert row["fits"] is (row["spare_bytes"] >= 0), row
+    assert is_count(row["required_bytes"]), row
+    # spare = capacity - required - the allowance (>= 0)
+    assert row["spare_bytes"] <= row["gpu_memory_bytes"] - row["required_bytes"], row
+    limits = (("max_batch_size", "batch_size", MAX_BATCH), ("max_seq_len", "seq_len", MAX_SEQ_LEN),
+              ("max_rank", "rank", None))
+    for key, given, cap in limits:
+        value = row[key]
+        if given == "rank" and row["rank"] is None:  # full fine-tuning has no rank
+            assert value is None, row
+            continue
+        assert value is None or is_count(value) and value >= 1 and (cap is None or value <= cap), (key, row)
+        # memory grows with each: the given value fits exactly when it is within the limit
+        assert row["fits"] is (value is not None and value >= row[given]), (key, row)
+    assert row["max_positions"] is None or is_count(row["max_positions"]), row
 
 
 # Sizes that are 0 when a model lacks the feature (learned positions, sliding windows, experts).
@@ -489,6 +744,132 @@ def check_spec(spec: ModelSpec):
 
 
 # --------------------------------------------------------------------------------------------------
+# Valid setups, for the invariants between commands: every option valid, so that each run answers.
+
+# Fast presets: dense ones of several families, GPT-2's learned positions, Gemma's sliding windows (and Gemma 2's
+# soft-capping), and two mixtures of experts, whose fused experts' few rows make FSDP2's padding wiggle the need
+# per GPU with the GPU count.
+CROSS_MODELS = ("qwen2.5-0.5b", "llama-3.2-1b", "llama-3-8b", "phi-3-mini", "gpt2", "gemma-2-2b", "gemma-3-4b",
+                "mixtral-8x7b", "qwen3-30b-a3b")
+# up to the longest contexts trained today (gemma-3-4b's sliding windows at 1M tokens)
+SEQ_LENS = st.one_of(st.integers(1, 4096), st.integers(1, 16384), st.integers(1, 16384),
+                     st.sampled_from([1, 4096, 32768, 131072, 1 << 20]))
+# memory's own options: the efficiency assumed, a training run to time and price
+MEMORY_EXTRAS = st.fixed_dictionaries({}, optional={"--mfu": decimals(0.01, 1.0)}).flatmap(lambda extra: st.one_of(
+    st.just(extra),
+    st.one_of(numbers(1, MAX_TOKENS), st.sampled_from(["500M", "2B", "1.5T", "1000T"])).map(
+        lambda t: {**extra, "--tokens": t}),
+    st.tuples(st.sampled_from(["500M", "2B", "1.5T"]), decimals(0.1, 10.0), st.sampled_from([False, "0", "2.5"])).map(
+        lambda t: {**extra, "--dataset-tokens": t[0], "--epochs": t[1], "--price": t[2]})))
+
+
+def rank_cap(opts) -> int:
+    """The largest rank fit searches (the narrowest adapted side), which memory also takes."""
+    return max_rank(Case(from_name(opts["--model"]), METHODS[opts["--method"]], 1, opts.get("--targets"),
+                         TrainingSetup()))
+
+
+@st.composite
+def valid_setups(draw):
+    """{option: value} (None for a flag) of one model, method and rank, on one catalog GPU, that memory and fit
+    both take: each option valid and the options valid together."""
+    model = draw(st.sampled_from(CROSS_MODELS))
+    spec = from_name(model)
+    method = METHODS[draw(st.sampled_from(sorted(METHODS)))]
+    opts = {"--model": model, "--method": method.name, "--gpu": draw(st.sampled_from(sorted(GPUS)))}
+    experts = False  # the router and experts adapted: PEFT's layers only, and no autocast yet
+    if method.uses_rank:
+        if draw(st.booleans()) and not (spec.moe and method.name == "dora"):  # PEFT's DoRA: no fused experts
+            opts["--targets"] = "all-linear"
+            experts = spec.moe and method.name != "vera"  # (VeRA's all-linear leaves them out)
+        cap = rank_cap(opts)
+        opts["--rank"] = str(draw(st.one_of(st.integers(1, min(cap, 64)), st.integers(1, cap))))
+    precisions = ["default", "bf16", "fp16", "fp32"] + ["autocast"] * (not experts) + \
+        list(QUANTIZED) * method.allows_quantized_base
+    precision = draw(st.sampled_from(precisions))
+    if precision == "autocast":  # over fp32 weights, implied or given
+        opts["--autocast"] = draw(st.sampled_from(AUTOCAST))
+        if draw(st.booleans()):
+            opts["--dtype"] = "fp32"
+    elif precision != "default":
+        opts["--dtype"] = precision
+        if precision in QUANTIZED and draw(st.booleans()):
+            opts["--kbit-prepare"] = None
+    opts["--optimizer"] = draw(st.sampled_from(OPTIMIZERS))
+    if not draw(st.integers(0, 3)):
+        opts["--master-weights"] = None
+    if draw(st.booleans()):
+        opts["--grad-checkpointing"] = None
+    opts["--loop"] = draw(st.sampled_from(LOOPS))
+    opts["--grad-accum"] = str(draw(st.one_of(st.just(1), st.integers(1, 8))))
+    opts["--loss"] = draw(st.sampled_from([x for x in LOSSES if x != "chunked" or not spec.final_softcap]))
+    if opts["--loss"] == "chunked" and draw(st.booleans()):
+        opts["--loss-chunk"] = str(draw(st.integers(1, 8192)))
+    opts["--attention"] = draw(st.sampled_from(["auto", "auto", "sdpa", "eager"]))
+    opts["--impl"] = "peft" if experts else draw(st.sampled_from(IMPLS))
+    if not draw(st.integers(0, 7)):
+        opts["--device"] = "cpu"
+    opts["--batch-size"] = str(draw(st.one_of(st.integers(1, 4), st.integers(1, 8), st.integers(1, 512))))
+    opts["--seq-len"] = str(draw(SEQ_LENS))
+    how = draw(st.sampled_from(["one", "one", "ddp", "zero2", "fsdp"]))
+    if how != "one":
+        opts["--gpus"] = str(draw(st.one_of(st.integers(1, 8), st.integers(1, 512))))
+        opts["--sharding"] = how
+    if not draw(st.integers(0, 3)):
+        opts["--cpu-offload"] = None
+    if not draw(st.integers(0, 3)):
+        opts["--headroom"] = draw(decimals(0.0, 90.0))
+    return opts
+
+
+def argv(opts, changes=None):
+    """The command line of opts with changes ({option: value}; False drops an option)."""
+    args = []
+    for option, value in {**opts, **(changes or {})}.items():
+        if value is not False:
+            args += [option] if value is None else [option, value]
+    return args
+
+
+def answer(command, opts, changes=None, tail=(), fmt="json", code=0):
+    """What `command` answers for the valid setup opts (with changes, then the options in tail), exiting with
+    `code`: memory's rows, checked, or fit's object, checked, or the text (fmt table, one line per verdict)."""
+    args = [command, *argv(opts, changes), *tail, "-f", fmt]
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "100000"})
+    note(shlex.join(args))
+    assert_ended_cleanly(args, result)
+    assert result.exit_code == code, shown(args, result)
+    if fmt != "json":
+        return result.stdout
+    out = strict_json(result.stdout)
+    if command == "fit":
+        check_fit_output(out)
+    else:
+        for row in out:
+            check_memory_row(row)
+    return out
+
+
+def memory_row(opts, changes=None, tail=()):
+    (row,) = answer("memory", opts, changes, tail)  # one method, one rank: one row
+    return row
+
+
+def check_verdict(row, text):
+    """The first line of memory's text answer says what the row says: fits or not, and the change that fits
+    (fix) or that nothing within reach does."""
+    line = text.splitlines()[0]
+    if row["fits"]:
+        assert ": fits, " in line, (line, row)
+        return
+    assert ": does NOT fit, " in line, (line, row)
+    if row["fix"] is None:
+        assert "Nothing within reach fits" in line, (line, row["fix"])
+    else:
+        assert f"Fits with {' '.join(row['fix']['args'])} (" in line, (line, row["fix"])
+
+
+# --------------------------------------------------------------------------------------------------
 # The properties.
 
 
@@ -501,13 +882,126 @@ def test_params_command_lines_end_cleanly_and_counts_hold(args):
         check_param_row(row)
 
 
-@given(args=command_lines(MEMORY_OPTIONS))
-def test_memory_command_lines_end_cleanly_and_bytes_hold(args):
-    args = ["memory"] + args
+@given(gpu=MEMORY_GPUS, args=command_lines(MEMORY_OPTIONS))
+def test_memory_command_lines_end_cleanly_and_bytes_hold(gpu, args):
+    args = ["memory"] + gpu + args
     result = invoke(args)
     assert_ended_cleanly(args, result)
-    for row in checked_output(args, result) or ():
+    checked_exit_1(args, result)
+    rows = checked_output(args, result, codes=(0, 1))
+    for row in rows or ():
         check_memory_row(row)
+    if rows and "--check" in args:  # exit 1 exactly when a case does not fit
+        assert (result.exit_code == 1) is not all(row["fits"] for row in rows), shown(args, result)
+
+
+@scaled(1 / 2)
+@given(gpu=FIT_GPUS, args=command_lines(FIT_OPTIONS))
+def test_fit_command_lines_end_cleanly_and_limits_hold(gpu, args):
+    args = ["fit"] + gpu + args
+    result = invoke(args)
+    assert_ended_cleanly(args, result)
+    checked_exit_1(args, result)
+    out = checked_output(args, result)
+    if out is not None:
+        check_fit_output(out)
+
+
+@scaled(1 / 10)
+@given(opts=valid_setups(), extra=MEMORY_EXTRAS, data=st.data())
+def test_gpu_counts_agree_with_memory_on_that_many_gpus(opts, extra, data):
+    """memory's gpus_needed_* against memory on that many GPUs: the fewest fit and no fewer do; a null says why;
+    the verdict line and the cheapest fix agree with the row; mfu stays under the efficiency assumed."""
+    opts = {**opts, **extra}
+    row = memory_row(opts)  # check_memory_row: fits on N GPUs means gpus_needed_* <= N, and the GPU counts' types
+    # (peak x efficiency / peak: the float may differ in its last bit)
+    assert math.isclose(row["matmul_efficiency"], float(opts.get("--mfu", MATMUL_EFFICIENCY)), rel_tol=1e-12), row
+    event(f"fits: {row['fits']}, sharding {row['sharding']}")
+    same = {"--cpu-offload": None if row["cpu_offload"] else False}
+    # each count is its own question (FSDP2's padding: the need per GPU is not monotone in the count)
+    for sharding in ("zero2", "fsdp"):
+        k = row[f"gpus_needed_{sharding}"]
+        if k is None or k == 1:
+            continue
+        event(f"gpus_needed_{sharding} > 1")
+        assert memory_row(opts, {"--gpus": str(k), "--sharding": sharding, **same})["fits"], row
+        for fewer in sorted({k - 1, data.draw(st.integers(2, k - 1))}) if k > 2 else ():
+            assert not memory_row(opts, {"--gpus": str(fewer), "--sharding": sharding, **same})["fits"], (fewer, row)
+    if row["gpus_needed_ddp"] == 1:
+        n = data.draw(st.integers(1, 64))
+        assert memory_row(opts, {"--gpus": str(n), "--sharding": "ddp", **same})["fits"], (n, row)
+    # a null has its reason: one GPU (under ddp, one replica and its buckets) does not hold the step, and that
+    # answer's first line says what would, or that nothing within reach does
+    for key in NEEDED_KEYS:
+        if row[key] is None:
+            event(f"{key} null")
+            one = {"--gpus": "1", "--sharding": "ddp" if key == "gpus_needed_ddp" else "none", **same}
+            alone = memory_row(opts, one)
+            assert not alone["fits"], (key, row, alone)
+            check_verdict(alone, answer("memory", opts, one, fmt="table"))
+            if key == "gpus_needed_fsdp":  # no count of GPUs alone would do
+                assert alone["fix"] is None or not alone["fix"]["kinds"][0].endswith("GPUs (FSDP)"), alone["fix"]
+    # the text's first line agrees, and --check exits 1 exactly when it does not fit
+    check_verdict(row, answer("memory", opts, tail=["--check"], fmt="table", code=0 if row["fits"] else 1))
+    for fix in (row["fix"], row["fix_alternative"]):  # each change offered, run as the next command, fits
+        if fix is not None:
+            fixed = memory_row(opts, tail=fix["args"])
+            assert fixed["fits"] and fixed["spare_bytes"] == fix["spare_bytes"], (fix, fixed)
+    # without --gpu: the smallest catalog GPU that holds the step (and computes in bf16 where it uses bf16)
+    # does, and the next smaller one does not; none: not even the largest
+    bare = memory_row(opts, dict.fromkeys(("--gpu", "--tokens", "--dataset-tokens", "--epochs", "--price"), False))
+    bf16 = "bf16" in (bare["dtype"], bare["autocast"]) or bare["dtype"] in QUANTIZED
+    usable = sorted((g for g in GPUS.values() if g.has_bf16 or not bf16), key=lambda g: g.memory_bytes)
+    smallest = bare["smallest_gpu"]
+    if smallest is None:
+        assert not memory_row(opts, {"--gpu": usable[-1].name})["fits"], (usable[-1].name, bare)
+    else:
+        assert memory_row(opts, {"--gpu": smallest})["fits"], bare
+        smaller = [g for g in usable if g.memory_bytes < GPUS[smallest].memory_bytes]
+        if smaller:
+            assert not memory_row(opts, {"--gpu": smaller[-1].name})["fits"], (smaller[-1].name, bare)
+
+
+@scaled(1 / 10)
+@given(opts=valid_setups(), data=st.data())
+def test_fit_limits_and_knobs_agree_with_memory(opts, data):
+    """fit's answer against memory's: the case's bytes are memory's; the largest batch, sequence and rank fit
+    and one more does not (short of the search's cap); a knob's args given to memory fit as the knob says; and
+    --gpu-memory of the GPU's size answers as --gpu."""
+    out = answer("fit", opts)
+    size = {"--gpu": False, "--gpu-memory": repr(GPUS[opts["--gpu"]].memory_bytes / 2 ** 30)}  # (exact: / 2**30)
+    by_size = answer("fit", opts, size)
+    for key in ("limits", "knobs"):
+        assert [{**r, "gpu": None} for r in by_size[key]] == [{**r, "gpu": None} for r in out[key]], key
+    (limit,) = out["limits"]
+    row = memory_row(opts)
+    assert (limit["fits"], limit["required_bytes"], limit["spare_bytes"]) == \
+        (row["fits"], row["device_bytes"], row["spare_bytes"]), (limit, row)
+    event(f"fits: {row['fits']}")
+    searched = [("max_batch_size", "--batch-size", MAX_BATCH), ("max_seq_len", "--seq-len", MAX_SEQ_LEN)]
+    if limit["rank"] is not None:
+        searched.append(("max_rank", "--rank", rank_cap(opts)))
+    for key, option, cap in searched:
+        # the search takes memory to grow with each value: probe one more, and one a little further
+        most = limit[key]
+        if most is None:
+            assert not memory_row(opts, {option: "1"})["fits"], (key, limit)
+            beyond = [data.draw(st.integers(2, min(cap, 64)))] if cap > 1 else []
+        elif most < cap:
+            assert memory_row(opts, {option: str(most)})["fits"], (key, limit)
+            beyond = [most + 1]
+            if most + 2 <= cap:
+                beyond.append(data.draw(st.integers(most + 2, min(cap, 2 * most + 2))))
+        else:
+            assert memory_row(opts, {option: str(most)})["fits"], (key, limit)
+            event(f"{key} at the search's cap")
+            beyond = []
+        for value in beyond:
+            assert not memory_row(opts, {option: str(value)})["fits"], (key, value, limit)
+    knob = data.draw(st.sampled_from(out["knobs"]))
+    mem = memory_row(opts, tail=knob["args"])
+    assert (mem["fits"], mem["device_bytes"], mem["spare_bytes"]) == \
+        (knob["fits"], knob["required_bytes"], knob["spare_bytes"]), (knob, mem)
 
 
 @scaled(1 / 20)
@@ -626,3 +1120,60 @@ def _strict_parse(data: bytes):
         return value if _depth(value) <= MAX_DEPTH else None
     except (ValueError, RecursionError):
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Bugs the properties found (KNOWN_*_BUG above), each as the command that shows it. Strict: the fix makes the test
+# pass, which fails the run, so that its exemption goes with it. A changed estimate that no longer shows the case
+# fails too (pytest.fail, not an assertion).
+
+
+def _one_row(*args):
+    result = CliRunner().invoke(cli, [*args, "-f", "json"])
+    assert_ended_cleanly(args, result)
+    (row,) = strict_json(result.stdout)
+    return row
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="sharding.fewest_gpus counts 1 GPU as Parallel(1, 'none'): one GPU under fsdp with "
+                          "--cpu-offload (FSDP2's CPUOffloadPolicy moves the parameters and gradients to the host) "
+                          "fits, but gpus_needed_fsdp says 2 and the fix offered is a second GPU")
+def test_one_gpu_sharded_with_cpu_offload_counts_as_one_gpu():
+    row = _one_row("memory", "-m", "llama-3-8b", "--method", "full", "--gpu", "RTX-4090", "--gpus", "1",
+                   "--sharding", "fsdp", "--cpu-offload")
+    if not row["fits"]:
+        pytest.fail("the case no longer fits: find another")
+    assert row["gpus_needed_fsdp"] == 1, row["gpus_needed_fsdp"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="DDP's buckets (a second copy of the gradients) push the replica over one RTX-4090 that "
+                          "holds the step without them: gpus_needed_ddp is null on a row that fits, and neither "
+                          "its notes nor its verdict line says why")
+def test_a_ddp_null_on_a_row_that_fits_one_gpu_says_why():
+    row = _one_row("memory", "-m", "llama-3.2-1b", "--method", "full", "--gpu", "RTX-4090", "-b", "2")
+    if not (row["fits"] and row["gpus_needed_ddp"] is None):
+        pytest.fail("the case no longer shows it: find another")
+    assert not known_ddp_bug(row), row["notes"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="compute.estimate_flops counts the input gradient of every frozen matrix; autograd skips "
+                          "it where nothing before the matrix needs a gradient (a --d matrix, a model's first q, k, "
+                          "v) and so does the step time (stepwork.step_ops): mfu, step_flops over that time, comes "
+                          "out above the efficiency the products were timed at (0.78 > 0.68 here)")
+def test_mfu_stays_under_the_matmul_efficiency_of_a_lone_frozen_matrix():
+    row = _one_row("memory", "--d", "16384", "--method", "lora", "--gpu", "H100-80GB")
+    assert row["mfu"] <= row["matmul_efficiency"] + 1e-9, (row["mfu"], row["matmul_efficiency"])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="hfconfig's os.stat raises UnicodeEncodeError (a ValueError, not an OSError) for a path "
+                          "with a lone surrogate that surrogateescape does not make; read_config_text catches OSError "
+                          "only, so the user's bad path ends as an internal error (exit 70). A real argv cannot "
+                          "hold one; a Python caller of cli() can")
+def test_a_config_path_that_cannot_be_encoded_is_a_user_error():
+    args = ["memory", "--config", "\ud800"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, shown(args, result)
