@@ -181,9 +181,13 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
             if fits(moved, capacity, fraction):
                 add(kinds + ("CPU offload",), args + ("--cpu-offload",), moved)
                 break
-    for kinds, args, setup in combos:  # more GPUs, fully sharded: the fewest, with the fewest savers
-        if "nf4 base (QLoRA)" in kinds:
-            continue
+    sharded = [c for c in combos if "nf4 base (QLoRA)" not in c[0]]
+    # more GPUs, fully sharded: the fewest, with the fewest savers. Savers only take bytes away: where all of
+    # them together leave no count that fits, none does, and the counts need not be searched once per saver
+    everything = replace(case, setup=sharded[-1][2]).plan()
+    if fewest_gpus(everything, "fsdp", capacity, fraction, offload, max_gpus) is None:
+        sharded = []
+    for kinds, args, setup in sharded:
         g = fewest_gpus(replace(case, setup=setup).plan(), "fsdp", capacity, fraction, offload, max_gpus)
         if g is not None and g > 1 and (g, "fsdp") != (case.parallel.gpus, case.parallel.sharding):
             # (on one GPU, these savers are a fix of their own, listed above)

@@ -21,7 +21,7 @@ Between commands, on valid setups (a preset, method, rank, precision, optimizer,
 drawn together): memory on gpus_needed_* GPUs fits and on fewer does not; a null's one-GPU answer says why; the
 verdict line, the fix offered and smallest_gpu hold when run; fit's limits fit in memory and one more does not;
 fit's knobs are memory with their args; fit --gpu-memory of a GPU's size answers as --gpu. Bugs they found are
-tests at the end (xfail, strict), their cases exempted above as KNOWN_*_BUG events.
+tests at the end (fixed since, so the invariants above hold for them too).
 
 Profiles (root conftest.py): `ci`, the default, runs a few hundred examples per fast property; `thorough` a
 few thousand (report and bench, which write files and train, run a fraction of that):
@@ -444,25 +444,9 @@ def shown(args, result) -> str:
             f"stderr: {result.stderr[-2000:]}")
 
 
-# A lone surrogate that surrogateescape does not make (it makes \udc80-\udcff, from non-UTF-8 bytes): no real
-# argv holds one, a Python caller's list can.
-FOREIGN_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
-KNOWN_SURROGATE_BUG = "known bug: --config with a lone surrogate is an internal error"
-
-
-def known_surrogate_bug(args, result) -> bool:
-    """test_a_config_path_that_cannot_be_encoded_is_a_user_error: os.stat raises UnicodeEncodeError (a
-    ValueError, not an OSError) for such a --config, and lorabench calls it a bug (exit 70)."""
-    return (result.exit_code == 70 and "UnicodeEncodeError" in result.stderr and "--config" in args
-            and any(FOREIGN_SURROGATE.search(a) for a in args))
-
-
 def assert_ended_cleanly(args, result):
     """Exit 0, 1, 2 or 130, no traceback; exit 2 says why in one short line."""
     why = shown(args, result)
-    if known_surrogate_bug(args, result):
-        event(KNOWN_SURROGATE_BUG)
-        return
     assert result.exit_code in EXIT_CODES, why
     assert result.exception is None or isinstance(result.exception, SystemExit), why
     assert "Traceback (most recent call last)" not in result.stdout + result.stderr, why
@@ -574,32 +558,10 @@ def check_gpu_counts(row):
     assert row["gpus"] == 1 or row["sharding"] != "none", row
 
 
-# Bugs the properties found, each shown by a test at the end of the file (xfail, strict): where the check below
-# would fail on one, it counts an event instead. When the bug is fixed its test passes, which fails the run
-# (strict): then drop the exemption and the test.
-KNOWN_OFFLOAD_BUG = "known bug: --gpus 1 --sharding zero2/fsdp --cpu-offload fits, gpus_needed_* says more"
-KNOWN_DDP_BUG = "known bug: gpus_needed_ddp null on a row that fits one GPU, and nothing says why"
-KNOWN_MFU_BUG = "known bug: mfu above matmul_efficiency on a frozen base (input gradients counted, not run)"
-
-
-def known_offload_bug(row) -> bool:
-    """test_one_gpu_sharded_with_cpu_offload_counts_as_one_gpu: the fewest GPUs are counted from one GPU
-    without sharding, so one GPU sharded with its parameters offloaded can fit where gpus_needed_* says 2."""
-    return row["gpus"] == 1 and row["sharding"] in ("zero2", "fsdp") and row["cpu_offload"]
-
-
-def known_ddp_bug(row) -> bool:
-    """test_a_ddp_null_on_a_row_that_fits_one_gpu_says_why: DDP's buckets (a second copy of the trainable
-    gradients) can push a replica that fits one GPU over it; gpus_needed_ddp is then null, and neither the
-    row's notes nor its verdict says why."""
-    return not any("DDP" in note for note in row["notes"])
-
-
-def known_mfu_bug(row) -> bool:
-    """test_mfu_stays_under_the_matmul_efficiency_of_a_lone_frozen_matrix: step_flops counts the input gradient
-    of every frozen matrix, which the step time rightly leaves out where nothing before it needs one (a --d
-    matrix; a model's first q, k, v). At most the backward of a frozen base: mfu under twice the efficiency."""
-    return row["method"] != "full" and row["mfu"] <= 2 * row["matmul_efficiency"]
+def says_why_ddp_needs_none(row) -> bool:
+    """A null gpus_needed_ddp comes with a note saying why (sharding.gpus_needed_note): DDP's buckets, a second
+    copy of the trainable gradients, can push a replica that fits one GPU over it."""
+    return any("under ddp: a replica with its buckets needs" in note for note in row["notes"])
 
 
 def check_memory_row(row):
@@ -623,9 +585,7 @@ def check_memory_row(row):
     assert is_number(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
     # the whole step never runs faster than its matrix products at the efficiency assumed (--mfu)
     assert is_number(row["mfu"]) and row["mfu"] > 0, row
-    if row["mfu"] > row["matmul_efficiency"] + 1e-9:
-        assert known_mfu_bug(row), row
-        event(KNOWN_MFU_BUG)
+    assert row["mfu"] <= row["matmul_efficiency"] + 1e-9, row
     assert 0.01 <= row["matmul_efficiency"] <= 1, row
     if "train_gpus" in row:  # --tokens or --dataset-tokens
         check_training_run(row)
@@ -646,16 +606,13 @@ def check_gpus_needed(row):
         assert (row["gpus_needed_zero2"] == 1) is row["fits"] and (row["gpus_needed_fsdp"] == 1) is row["fits"], row
         if row["fits"]:
             assert row["per_gpu_bytes"] == row["device_bytes"], row
-            # a null on a row that fits one GPU must say why in the row (the known bug: it does not)
-            if row["gpus_needed_ddp"] is None and known_ddp_bug(row):
-                event(KNOWN_DDP_BUG)
+            # a null on a row that fits one GPU says why in the row
+            assert row["gpus_needed_ddp"] == 1 or says_why_ddp_needs_none(row), row
     elif row["fits"] and sharding == "ddp":  # a replica and its buckets fit: one GPU holds the step whole
         assert all(row[key] == 1 for key in NEEDED_KEYS), row
     elif row["fits"]:
         needed = row[f"gpus_needed_{sharding}"]
-        if needed is None or needed > n:
-            assert known_offload_bug(row), row
-            event(KNOWN_OFFLOAD_BUG)
+        assert needed is not None and needed <= n, row
     if row["gpus_needed_ddp"] == 1:  # a replica that fits whole is a step that fits one GPU
         assert row["gpus_needed_zero2"] == row["gpus_needed_fsdp"] == 1, row
 
@@ -1123,9 +1080,8 @@ def _strict_parse(data: bytes):
 
 
 # --------------------------------------------------------------------------------------------------
-# Bugs the properties found (KNOWN_*_BUG above), each as the command that shows it. Strict: the fix makes the test
-# pass, which fails the run, so that its exemption goes with it. A changed estimate that no longer shows the case
-# fails too (pytest.fail, not an assertion).
+# Bugs the properties found, each as the command that showed it (fixed since; the properties above check them
+# everywhere). A changed estimate that no longer shows the case fails too.
 
 
 def _one_row(*args):
@@ -1135,10 +1091,6 @@ def _one_row(*args):
     return row
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="sharding.fewest_gpus counts 1 GPU as Parallel(1, 'none'): one GPU under fsdp with "
-                          "--cpu-offload (FSDP2's CPUOffloadPolicy moves the parameters and gradients to the host) "
-                          "fits, but gpus_needed_fsdp says 2 and the fix offered is a second GPU")
 def test_one_gpu_sharded_with_cpu_offload_counts_as_one_gpu():
     row = _one_row("memory", "-m", "llama-3-8b", "--method", "full", "--gpu", "RTX-4090", "--gpus", "1",
                    "--sharding", "fsdp", "--cpu-offload")
@@ -1147,32 +1099,18 @@ def test_one_gpu_sharded_with_cpu_offload_counts_as_one_gpu():
     assert row["gpus_needed_fsdp"] == 1, row["gpus_needed_fsdp"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="DDP's buckets (a second copy of the gradients) push the replica over one RTX-4090 that "
-                          "holds the step without them: gpus_needed_ddp is null on a row that fits, and neither "
-                          "its notes nor its verdict line says why")
 def test_a_ddp_null_on_a_row_that_fits_one_gpu_says_why():
     row = _one_row("memory", "-m", "llama-3.2-1b", "--method", "full", "--gpu", "RTX-4090", "-b", "2")
     if not (row["fits"] and row["gpus_needed_ddp"] is None):
         pytest.fail("the case no longer shows it: find another")
-    assert not known_ddp_bug(row), row["notes"]
+    assert says_why_ddp_needs_none(row), row["notes"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="compute.estimate_flops counts the input gradient of every frozen matrix; autograd skips "
-                          "it where nothing before the matrix needs a gradient (a --d matrix, a model's first q, k, "
-                          "v) and so does the step time (stepwork.step_ops): mfu, step_flops over that time, comes "
-                          "out above the efficiency the products were timed at (0.78 > 0.68 here)")
 def test_mfu_stays_under_the_matmul_efficiency_of_a_lone_frozen_matrix():
     row = _one_row("memory", "--d", "16384", "--method", "lora", "--gpu", "H100-80GB")
     assert row["mfu"] <= row["matmul_efficiency"] + 1e-9, (row["mfu"], row["matmul_efficiency"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="hfconfig's os.stat raises UnicodeEncodeError (a ValueError, not an OSError) for a path "
-                          "with a lone surrogate that surrogateescape does not make; read_config_text catches OSError "
-                          "only, so the user's bad path ends as an internal error (exit 70). A real argv cannot "
-                          "hold one; a Python caller of cli() can")
 def test_a_config_path_that_cannot_be_encoded_is_a_user_error():
     args = ["memory", "--config", "\ud800"]
     result = CliRunner().invoke(cli, args)
