@@ -603,9 +603,16 @@ def check_gpus_needed(row):
     assert row["gpus_needed_ddp"] in (1, None), row
     sharding, n = row["sharding"], row["gpus"]
     if sharding == "none":  # one GPU (offloading or not): the count starts from it
-        assert (row["gpus_needed_zero2"] == 1) is row["fits"] and (row["gpus_needed_fsdp"] == 1) is row["fits"], row
         if row["fits"]:
-            assert row["per_gpu_bytes"] == row["device_bytes"], row
+            assert row["gpus_needed_zero2"] == row["gpus_needed_fsdp"] == 1, row
+        elif not row["cpu_offload"]:
+            assert row["gpus_needed_zero2"] != 1 and row["gpus_needed_fsdp"] != 1, row
+        # with --cpu-offload one GPU may also hold it fully sharded on itself (FSDP2's CPUOffloadPolicy sends
+        # the parameters to the host too), where the whole step does not: 1 then, and the smaller need
+        if row["gpus_needed_fsdp"] == 1:
+            assert row["per_gpu_bytes"] <= row["device_bytes"], row
+            assert row["per_gpu_bytes"] == row["device_bytes"] or row["cpu_offload"], row
+        if row["fits"]:
             # a null on a row that fits one GPU says why in the row
             assert row["gpus_needed_ddp"] == 1 or says_why_ddp_needs_none(row), row
     elif row["fits"] and sharding == "ddp":  # a replica and its buckets fit: one GPU holds the step whole
@@ -878,6 +885,10 @@ def test_gpu_counts_agree_with_memory_on_that_many_gpus(opts, extra, data):
     # each count is its own question (FSDP2's padding: the need per GPU is not monotone in the count)
     for sharding in ("zero2", "fsdp"):
         k = row[f"gpus_needed_{sharding}"]
+        if k == 1 and not row["fits"]:  # one GPU, fully sharded on itself with its parameters on the host
+            event(f"gpus_needed_{sharding} 1 by offload")
+            assert row["cpu_offload"], row
+            assert memory_row(opts, {"--gpus": "1", "--sharding": sharding, **same})["fits"], row
         if k is None or k == 1:
             continue
         event(f"gpus_needed_{sharding} > 1")
