@@ -582,7 +582,9 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
     everywhere; --impl lorabench: lorabench's own layers), runs --warmup steps, reads memory per phase (CUDA: the
     allocator's peak counters and NVML; CPU: a live-tensor tracker), then times --steps steps
     (CUDA events). --layers N measures the model cut to N layers and projects to the full depth.
-    --device defaults to cuda when one is present. Ctrl-C or SIGTERM ends the run with the cases
+    --device defaults to cuda when one is present. On a CPU that multiplies bf16 slower than fp32 (no
+    AVX-512 BF16 or AMX), a --dtype left at bf16 becomes fp32, and a note says why. With stderr not a
+    terminal, a line per case replaces the progress bar. Ctrl-C or SIGTERM ends the run with the cases
     that finished (printed, and in -o) and exit code 130 or 143.
     --nproc N --sharding ddp|zero2|fsdp runs each case on N processes under torchrun, a row per rank
     with the estimate for that rank; a rank that fails, dies or runs out of memory gives a row saying so,
