@@ -34,6 +34,7 @@ from lorabench.builders import (BUILDERS, IMPLS, KBIT_LORABENCH, TORCH_DTYPES, B
 from lorabench.loops import PlainLoop, TrainerLoop
 from lorabench.memory import QUANTIZED, TrainingSetup, step_parts
 from lorabench.methods import Method
+from lorabench.render import flops_text
 from lorabench.specs import ModelSpec
 
 
@@ -352,21 +353,25 @@ def _preload(impl: str, quantized: bool = False) -> None:
         peft.get_peft_model, peft.LoraConfig, peft.VeraConfig  # noqa: B018
 
 
-def _rate(flops: float) -> str:
-    return f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.2f} GFLOP/s"
+def bench_device(device: Optional[str] = None) -> torch.device:
+    """The device bench runs on: the one asked for, else CUDA where there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def cpu_dtype(setup: TrainingSetup, dtype_given: bool) -> Tuple[TrainingSetup, Optional[str]]:
-    """The setup bench runs on this CPU, and a note. Where the CPU multiplies bf16 slower than fp32 (no AVX-512
-    BF16, no AMX: torch falls back to a scalar loop, seen at 0.29 GFLOP/s against 17.5 for fp32), a bf16 weight
-    dtype that was not asked for becomes fp32; one that was asked for stays, with a note on why it is slow."""
-    if not setup.uses_bf16:
+def cpu_dtype(setup: TrainingSetup, dtype_given: bool, device: Optional[str] = None
+              ) -> Tuple[TrainingSetup, Optional[str]]:
+    """The setup bench runs on `device` (bench_device), and a note. Where it is a CPU that multiplies bf16
+    slower than fp32 (no AVX-512 BF16, no AMX: torch falls back to a scalar loop, seen at 0.29 GFLOP/s against
+    17.5 for fp32), a bf16 weight dtype that was not asked for becomes fp32; one that was asked for stays, with
+    a note on why it is slow."""
+    if bench_device(device).type != "cpu" or not setup.uses_bf16:
         return setup, None
     rates = cpu_matmul_rates()
     bf16, fp32 = rates["bf16"], rates["fp32"]
     if bf16 >= fp32:
         return setup, None
-    why = f"this CPU multiplies bf16 at {_rate(bf16)} against {_rate(fp32)} for fp32 (it has no AVX-512 BF16 or AMX)"
+    why = (f"this CPU multiplies bf16 at {flops_text(bf16, 2)} against {flops_text(fp32, 2)} for fp32 (it has no "
+           "AVX-512 BF16 or AMX)")
     if dtype_given or setup.dtype != "bf16" or setup.adapter_dtype == "bf16":
         return setup, f"{why}: expect bf16 steps about {fp32 / bf16:,.0f}x slower than fp32 ones."
     return replace(setup, dtype="fp32"), f"{why}: measuring with --dtype fp32 (give --dtype bf16 to insist)."
@@ -397,7 +402,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
         raise LorabenchError("bench builds a model; a bare --d matrix has no forward pass to run.")
     with signals.signals_deferred():
         _preload(impl, setup.dtype in QUANTIZED)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = bench_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LorabenchError("--device cuda: no CUDA device is available here; use --device cpu.")
     if dev.type not in ("cuda", "cpu"):

@@ -24,7 +24,8 @@ from lorabench.gpus import GPUS, get_gpu, gpu_note
 from lorabench.hfconfig import MAX_WIDTH
 from lorabench.hub import is_local_model, resolve_specs
 from lorabench.memory import ALLOCATOR_ALLOWANCE, QUANTIZED
-from lorabench.render import BENCH_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, fit_width, gib, render
+from lorabench.render import (BENCH_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, fit_width, fitted_table,
+                              gib, render)
 from lorabench.specs import PRESETS, from_dimension, from_name
 from lorabench.stdout import STDOUT, whole_stdout
 
@@ -178,21 +179,6 @@ def each_model(specs, methods, methods_from_all, ranks, targets):
 def terminal_width() -> int:
     """The terminal's width ($COLUMNS first); 100 when the output is not a terminal."""
     return shutil.get_terminal_size((100, 24)).columns
-
-
-def _cut_to_width(rows, fmt, cols, keep: int) -> str:
-    """A table of rows cut to the terminal's width ($COLUMNS), naming the columns left out; other formats
-    whole."""
-    if fmt != "table":
-        return render(rows, fmt, cols)
-    width = terminal_width()
-    shown, hidden = fit_width(rows, cols, width, keep=keep)
-    out = render(rows, fmt, shown)
-    if hidden:
-        from lorabench.render import wrap
-
-        out += "\n" + wrap(f"not shown at {width} columns: {', '.join(hidden)} (-f json carries every field).", width)
-    return out
 
 
 def _blocks(texts) -> str:
@@ -398,7 +384,7 @@ def models(fmt):
             ("experts", "experts", str),
             ("layers", "layers", str), ("heads", "heads", str), ("kv_heads", "kv", str),
             ("vocab_size", "vocab", str), ("tied_embeddings", "tied", lambda v: "yes" if v else "no")]
-    click.echo(_cut_to_width(rows, fmt, cols, keep=2))
+    click.echo(fitted_table(rows, fmt, cols, terminal_width(), keep=2))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -431,7 +417,7 @@ def gpus(fmt):
             ("interconnect", "link", str), ("interconnect_bytes_s", "link GB/s", lambda v: f"{v / 1e9:,.0f}"),
             ("network_bytes_s", "net GB/s", lambda v: "" if v is None else f"{v / 1e9:,.0f}"),
             ("usd_per_gpu_hour", "$/GPU-h", lambda v: "" if v is None else f"{v:,.2f}")]
-    out = _cut_to_width(rows, fmt, cols, keep=2)
+    out = fitted_table(rows, fmt, cols, terminal_width(), keep=2)
     if fmt in ("table", "markdown"):
         from lorabench.render import wrap
 
@@ -629,12 +615,10 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
             with signals.signals_deferred():  # sink is set before a signal can end the run
                 sink = safeio.RowFile(target, lambda rows, f: render(rows, f, BENCH_COLUMNS), force=force)
         with signals.signals_deferred():  # a Ctrl-C inside torch's import can abort the process or be lost
-            import torch
-
             from lorabench.bench import cpu_dtype, run_bench
-        if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":  # a dtype this CPU runs fast
-            setup, why = cpu_dtype(setup, ctx.get_parameter_source("dtype") != click.core.ParameterSource.DEFAULT)
-            note(why)
+        # on a CPU, a dtype it runs fast
+        setup, why = cpu_dtype(setup, ctx.get_parameter_source("dtype") != click.core.ParameterSource.DEFAULT, device)
+        note(why)
         runner, text = run_bench, bench_text
         if distributed is not None:
             import functools

@@ -50,7 +50,8 @@ def _attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
     attends to (ModelSpec.attended_keys: half the sequence, or about the window on a sliding-window layer).
     FlashAttention-2 (Dao 2023) counts causal attention at half the dense FLOPs; so do we."""
     sliding = spec.sliding_layers()
-    keys = sliding * spec.attended_keys(seq_len, True) + (spec.num_layers - sliding) * spec.attended_keys(seq_len, False)
+    keys = (sliding * spec.attended_keys(seq_len, True)
+            + (spec.num_layers - sliding) * spec.attended_keys(seq_len, False))
     return round(4 * spec.q_dim * keys)
 
 

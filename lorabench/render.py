@@ -202,19 +202,26 @@ def _bench_table(rows: List[Dict], fmt: str, columns, title: str, width: Optiona
     if all((r.get("peak_bytes") or 0) < 2 ** 30 for r in rows):  # small models read better in MiB
         columns = tuple((k, t, mib) if f is gib else (k, t, f) for k, t, f in columns)
         title = title.replace("; GiB", "; MiB")
+    return fitted_table(rows, fmt, columns, width, keep=4, title=title, carried="-f json or -o carry every field")
+
+
+def fitted_table(rows: List[Dict], fmt: str, columns, width: Optional[int], keep: int, title: str = "",
+                 carried: str = "-f json carries every field") -> str:
+    """rows as a table of the columns that fit `width` (the first `keep` always), the others named below it
+    with where they are carried; other formats (or no width) with every column."""
     hidden: List[str] = []
     if fmt == "table" and width and rows:
-        columns, hidden = fit_width(rows, columns, width, keep=4)
+        columns, hidden = fit_width(rows, columns, width, keep=keep)
     out = render(rows, fmt, columns, title=title)
     if hidden and fmt == "table":
-        out += "\n" + wrap(f"not shown at {width} columns: {', '.join(hidden)} (-f json or -o carry every field).",
-                           width)
+        out += "\n" + wrap(f"not shown at {width} columns: {', '.join(hidden)} ({carried}).", width)
     return out
 
 
-def flops_text(flops: float) -> str:
-    """A rate in the unit that shows it: TFLOP/s, or GFLOP/s under 1 TFLOP/s (a CPU's)."""
-    return f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.1f} GFLOP/s"
+def flops_text(flops: float, gflops_decimals: int = 1) -> str:
+    """A rate in the unit that shows it: TFLOP/s, or GFLOP/s under 1 TFLOP/s (a CPU's), with gflops_decimals
+    (0.29 GFLOP/s needs two)."""
+    return f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.{gflops_decimals}f} GFLOP/s"
 
 
 def bench_text(rows: List[Dict], model: str, setup, fmt: str, width: Optional[int] = None) -> str:

@@ -280,7 +280,8 @@ def padding_note(plan: Plan, parallel: Parallel) -> Optional[str]:
     dim0 = next(t.dim0 for t, _ in plan.layout.tensors() if t.name == name)
     return (f"each GPU holds {here / 2 ** 30:,.2f} GiB at {n:,} GPUs under {parallel.sharding}, more than the "
             f"{there / 2 ** 30:,.2f} GiB at {best:,}: FSDP2 pads each tensor's dim 0 to a multiple of the GPU count "
-            f"and all-gathers the padding; {plan.spec.name}'s {name} has {dim0:,} rows. Past that, more GPUs add bytes.")
+            f"and all-gathers the padding; {plan.spec.name}'s {name} has {dim0:,} rows. Past that, more GPUs add "
+            "bytes.")
 
 
 def gpus_needed_note(plan: Plan, fit: "Fit", cpu_offload: bool = False,
@@ -299,8 +300,8 @@ def gpus_needed_note(plan: Plan, fit: "Fit", cpu_offload: bool = False,
             why.append(f"{s}: what each GPU holds whatever their count (activations, logits, a gathered layer) "
                        f"needs {need / 2 ** 30:,.2f} GiB")
         else:
-            why.append(f"{s}: no count up to {MAX_GPUS:,} leaves each GPU under its {fit.gpu_memory_bytes / 2 ** 30:,.2f} "
-                       "GiB (FSDP2 pads each tensor to the count)")
+            why.append(f"{s}: no count up to {MAX_GPUS:,} leaves each GPU under its "
+                       f"{fit.gpu_memory_bytes / 2 ** 30:,.2f} GiB (FSDP2 pads each tensor to the count)")
     if not why:
         return None
     return f"no number of {fit.gpu} GPUs holds the step under " + "; ".join(why) + "."

@@ -278,13 +278,13 @@ SLOW_BF16 = {"bf16": 0.29e9, "fp32": 17.5e9}
 
 def test_a_cpu_slow_at_bf16_measures_in_fp32_unless_bf16_is_asked_for(monkeypatch):
     monkeypatch.setattr(bench_mod, "cpu_matmul_rates", lambda: dict(SLOW_BF16))
-    setup, why = bench_mod.cpu_dtype(TrainingSetup(), dtype_given=False)
+    setup, why = bench_mod.cpu_dtype(TrainingSetup(), dtype_given=False, device="cpu")
     assert setup.dtype == "fp32" and "0.29 GFLOP/s against 17.50 GFLOP/s for fp32" in why
-    setup, why = bench_mod.cpu_dtype(TrainingSetup(), dtype_given=True)
+    setup, why = bench_mod.cpu_dtype(TrainingSetup(), dtype_given=True, device="cpu")
     assert setup.dtype == "bf16" and "about 60x slower" in why  # 17.5 / 0.29 = 60.3
     # where bf16 is the faster (AMX, as on this CI machine's kind), nothing changes
     monkeypatch.setattr(bench_mod, "cpu_matmul_rates", lambda: {"bf16": 960e9, "fp32": 137e9})
-    assert bench_mod.cpu_dtype(TrainingSetup(), dtype_given=False) == (TrainingSetup(), None)
+    assert bench_mod.cpu_dtype(TrainingSetup(), dtype_given=False, device="cpu") == (TrainingSetup(), None)
 
 
 def test_bench_on_such_a_cpu_runs_fp32_says_why_and_logs_each_case(monkeypatch):

@@ -79,7 +79,7 @@ def test_refusal_comes_before_the_bench_runs(tmp_path, monkeypatch):
     model_folder(tmp_path, "r")
     module = types.ModuleType("lorabench.bench")
     module.run_bench = lambda *a, **k: pytest.fail("the bench ran although the report could not be written")
-    module.cpu_dtype = lambda setup, dtype_given: (setup, None)  # the real one times products on this CPU
+    module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
     monkeypatch.setitem(sys.modules, "lorabench.bench", module)
     one_error_line(run("report", "--method", "lora", "--bench", "--out-dir", tmp_path, "--name", "r"))
 
@@ -260,7 +260,7 @@ def fake_bench(monkeypatch):
 
     module = types.ModuleType("lorabench.bench")
     module.run_bench = run_bench
-    module.cpu_dtype = lambda setup, dtype_given: (setup, None)  # the real one times products on this CPU
+    module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
     monkeypatch.setitem(sys.modules, "lorabench.bench", module)
     return calls
 
@@ -332,7 +332,7 @@ def test_check_with_nothing_measured_exits_1(tmp_path, monkeypatch):
 
     module = types.ModuleType("lorabench.bench")
     module.run_bench = run_bench
-    module.cpu_dtype = lambda setup, dtype_given: (setup, None)  # the real one times products on this CPU
+    module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
     monkeypatch.setitem(sys.modules, "lorabench.bench", module)
     res = run("bench", "-m", "tiny-llama", "--method", "delta-lora", "--impl", "peft", "--check")
     assert "nothing was measured" in one_error_line(res, code=1)
@@ -764,7 +764,7 @@ def test_bad_input_found_by_the_run_leaves_no_lock(tmp_path, monkeypatch):
 
     module = types.ModuleType("lorabench.bench")
     module.run_bench = run_bench
-    module.cpu_dtype = lambda setup, dtype_given: (setup, None)  # the real one times products on this CPU
+    module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
     monkeypatch.setitem(sys.modules, "lorabench.bench", module)
     one_error_line(run("bench", "-m", "tiny-llama", "--method", "lora", "-o", tmp_path / "out.json"))
     assert list(tmp_path.iterdir()) == []
@@ -780,7 +780,7 @@ class Loader(importlib.abc.Loader):
     def exec_module(self, module):
         os.kill(os.getpid(), {sig})
         module.run_bench = lambda *a, **k: print('the run started')
-        module.cpu_dtype = lambda setup, dtype_given: (setup, None)
+        module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)
 class Finder:
     def find_spec(self, name, path=None, target=None):
         if name == 'lorabench.bench':
@@ -868,7 +868,7 @@ def test_a_failed_case_makes_bench_exit_1(tmp_path, monkeypatch):
 
     module = types.ModuleType("lorabench.bench")
     module.run_bench = run_bench
-    module.cpu_dtype = lambda setup, dtype_given: (setup, None)  # the real one times products on this CPU
+    module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
     monkeypatch.setitem(sys.modules, "lorabench.bench", module)
     res = run("bench", "-m", "tiny-llama", "--method", "lora", "-f", "json", "-o", tmp_path / "rows.json")
     assert one_error_line(res, code=1) == ("lorabench: 1 of 2 row(s) failed (lora: rank 1 was killed by SIGKILL "
