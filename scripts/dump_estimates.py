@@ -37,6 +37,57 @@ def commands():
         yield ["fit", "-m", model, "--method", "lora,full,dora", "--gpu", "RTX-4090", *targets.split(), "-f", "json"]
         yield ["fit", "-m", model, "--method", "lora", "--gpu", "A100-40GB", "-s", "4096",
                *targets.split()]
+    yield from wide_grid()
+
+
+# Every preset once per option value that the grid above leaves out (dtypes, loops, losses, optimizers, attention,
+# device, raw dimensions, cost, --check, fit under sharding), plus models/gpus and every command's --help.
+EXTRA_SETUPS = ("--dtype fp16", "--dtype fp32", "--autocast fp16", "--device cpu", "--master-weights",
+                "--attention eager", "--dropout 0.1", "--loss fused-linear", "--optimizer sgd",
+                "--optimizer sgd-momentum", "--optimizer adamw-8bit", "--optimizer paged-adamw",
+                "--adapter-dtype bf16", "--cpu-offload", "--loop plain -b 8 --grad-accum 2",
+                "--layers 2", "--loss chunked --loss-chunk 256 --loop plain", "--dtype nf4 --gpus 4 --sharding fsdp")
+PRESETS = ("llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "llama-3.1-8b", "llama-3.1-70b",
+           "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b", "qwen2.5-0.5b", "qwen2.5-7b",
+           "qwen2.5-72b", "gpt2", "mistral-nemo-12b", "qwen3-8b", "gemma-2-2b", "gemma-2-9b", "gemma-3-1b",
+           "gemma-3-4b", "gemma-3-27b", "phi-3-mini", "phi-4", "olmo-2-7b", "mixtral-8x7b", "qwen1.5-moe-a2.7b",
+           "qwen3-30b-a3b", "tiny-llama")
+
+
+def wide_grid():
+    for model in PRESETS:
+        yield ["memory", "-m", model, "--method", "all", "-r", "8", "-r", "128", "--gpu", "A100-80GB", "-f", "json"]
+        yield ["memory", "-m", model, "--method", "all", "-t", "all-linear", "--gpu", "L4", "--wide"]
+        yield ["params", "-m", model, "--method", "all", "-r", "4", "-t", "all-linear"]
+        yield ["fit", "-m", model, "--method", "all", "--gpu", "H100-80GB", "-f", "json"]
+        yield ["fit", "-m", model, "--method", "lora,full", "--gpu", "RTX-4090", "--gpus", "4", "--sharding",
+               "zero2"]
+        for setup in EXTRA_SETUPS:
+            yield ["memory", "-m", model, "--method", "all", "--gpu", "A100-40GB", *setup.split(), "-f", "json"]
+    for setup in EXTRA_SETUPS[:8]:
+        yield ["memory", "-m", "llama-3-8b", "--method", "all", "--gpu", "A100-40GB", *setup.split()]
+    for d in ("--d 4096", "--d 4096 --layers 32", "--d 8192 --layers 80"):
+        yield ["params", *d.split(), "--method", "all", "-r", "8", "-r", "16"]
+        yield ["memory", *d.split(), "--method", "all", "--gpu", "H100-80GB", "-f", "json"]
+        yield ["memory", *d.split(), "--method", "all"]
+    for cost in ("--tokens 2B --price 2.5", "--dataset-tokens 100M --epochs 3 --mfu 0.4", "--check"):
+        yield ["memory", "-m", "llama-3-8b", "--method", "lora,full", "--gpu", "H100-80GB", *cost.split(), "-f",
+               "json"]
+        yield ["memory", "-m", "llama-3-8b", "--method", "lora,full", "--gpu", "H100-80GB", *cost.split()]
+    yield ["fit", "-m", "llama-3-70b", "--method", "lora,full", "--gpu", "H100-80GB", "--gpus", "8", "--sharding",
+           "fsdp", "-f", "json"]
+    yield ["fit", "-m", "llama-3-8b", "--method", "all", "--gpu-memory", "23.99", "--autocast", "bf16"]
+    for fmt in ("table", "markdown", "csv", "json"):
+        yield ["models", "-f", fmt]
+        yield ["gpus", "-f", fmt]
+        yield ["memory", "-m", "llama-3-8b", "-m", "mistral-7b", "--method", "all", "--gpu", "RTX-4090", "-f", fmt]
+        yield ["params", "-m", "llama-3-8b", "--method", "all", "-f", fmt]
+        yield ["fit", "-m", "llama-3-8b", "--method", "lora,full", "--gpu", "RTX-4090", "-f", fmt]
+    for command in ("", "params", "memory", "fit", "models", "gpus", "report", "bench"):
+        yield [*command.split(), "--help"]
+    for bad in ("memory -m nope", "memory --method bogus", "fit -m llama-3-8b", "memory --tokens 1x",
+                "memory --gpus 2", "params -r 0", "memory --dtype nf4 --method full --gpu H100-80GB"):
+        yield bad.split()
 
 
 def dump(path: str) -> None:
