@@ -7,7 +7,7 @@ and checkpointing, and prints estimated against measured milliseconds.
 
 H100 rows are estimated for the catalog's H100-80GB at the default efficiencies (what `--gpu H100-80GB`
 answers). CPU rows run on no catalog device: they are estimated for a device made of the matmul ceiling the
-bench measured in the same run (matmul_tflops) and lorabench.compute.CPU_*.
+bench measured in the same run (matmul_tflops) and lorabench.estimator.compute.CPU_*.
 
     python benchmarks/check_steptime.py [--tolerance-pct 25] [--all]
 
@@ -24,14 +24,14 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from lorabench.compute import Device, StepTime, device_for_gpu, estimate_step_time
-from lorabench.compute import cpu_device as compute_cpu_device
+from lorabench.estimator.compute import Device, StepTime, device_for_gpu, estimate_step_time
+from lorabench.estimator.compute import cpu_device as compute_cpu_device
 from lorabench.gpus import get_gpu
-from lorabench.hfconfig import from_hf_config
-from lorabench.memory import TrainingSetup
+from lorabench.models.hfconfig import from_hf_config
+from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.params import count_params
-from lorabench.specs import from_name
+from lorabench.estimator.params import count_params
+from lorabench.models.spec import from_name
 
 REPORTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reports")
 
@@ -205,7 +205,7 @@ def _family_cases() -> Iterator[Case]:
 
 
 def measure_cpu() -> Dict[str, float]:
-    """What lorabench.compute.CPU_* hold, measured on this machine (torch needed)."""
+    """What lorabench.estimator.compute.CPU_* hold, measured on this machine (torch needed)."""
     import torch
     from torch.utils.benchmark import Timer
 
@@ -229,7 +229,7 @@ def measure_cpu() -> Dict[str, float]:
 
 
 def fit_moe() -> Dict[str, float]:
-    """The MoE routing stalls (lorabench.stepwork.MOE_STALL_S) recomputed from the H100 probes: per family, the
+    """The MoE routing stalls (lorabench.estimator.stepwork.MOE_STALL_S) recomputed from the H100 probes: per family, the
     median per-layer excess of measured over estimated (without the stalls) time, per layer from the 4- and
     2-layer twins; forward from every case whose experts are not merged (full and q,v targets; the forward is
     the same with checkpointing), fitted as a + b * experts over the two families; backward from the cases
@@ -237,7 +237,7 @@ def fit_moe() -> Dict[str, float]:
     import statistics
     from unittest import mock
 
-    from lorabench import stepwork
+    from lorabench.estimator import stepwork
 
     twins: Dict[Tuple, Dict[int, Tuple[Case, StepTime]]] = {}
     with mock.patch.dict(stepwork.MOE_STALL_S, {k: 0.0 for k in stepwork.MOE_STALL_S}):
@@ -272,7 +272,7 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help="print every row, not only those off tolerance")
     parser.add_argument("--measure-cpu", action="store_true", help="measure this CPU's CPU_* figures and exit")
     parser.add_argument("--fit-moe", action="store_true",
-                        help="recompute lorabench.stepwork.MOE_STALL_S from the H100 probes and exit")
+                        help="recompute lorabench.estimator.stepwork.MOE_STALL_S from the H100 probes and exit")
     args = parser.parse_args()
     if args.fit_moe:
         for key, value in fit_moe().items():

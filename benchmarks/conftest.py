@@ -6,7 +6,7 @@ torch/CUDA versions, so a saved run says where it was taken and `--benchmark-com
 differ. Baselines must still be stored per GPU kind (docs/benchmarks.md).
 """
 
-from lorabench.envinfo import nvml_info
+from lorabench.measure.envinfo import nvml_info
 
 
 def gpu_machine_info() -> dict:

@@ -7,7 +7,7 @@ linear layer over a bf16 base, and QLoRA (the same over an nf4 base), per GPU un
 an A100-80GB and an H100-80GB, with the GPUs each strategy needs; then QLoRA of the 70B model on 2 RTX 4090s
 under fsdp, with and without CPU offload: does it fit, and at what batch and sequence length.
 
-Every figure is the estimator's (lorabench.sharding, lorabench.comms), with the allocator allowance of
+Every figure is the estimator's (lorabench.estimator.sharding, lorabench.estimator.comms), with the allocator allowance of
 `lorabench memory` (7.6% of the peak) counted in "fits" and "GPUs needed".
 
     python benchmarks/multi_gpu_revisit.py           # print the tables
@@ -22,14 +22,14 @@ import os
 from dataclasses import replace
 from typing import Dict, List
 
-from lorabench.comms import comm_volume, parallel_step_time
-from lorabench.compute import device_for_gpu, estimate_step_time
-from lorabench.fit import Case, limits
+from lorabench.estimator.comms import comm_volume, parallel_step_time
+from lorabench.estimator.compute import device_for_gpu, estimate_step_time
+from lorabench.estimator.fit import Case, limits
 from lorabench.gpus import get_gpu
-from lorabench.memory import ALLOCATOR_ALLOWANCE, TrainingSetup
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.sharding import Parallel, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
-from lorabench.specs import from_name
+from lorabench.estimator.sharding import Parallel, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
+from lorabench.models.spec import from_name
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reports", "multi-gpu")
 MODEL = "llama-3-70b"

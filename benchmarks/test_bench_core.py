@@ -2,11 +2,11 @@
 
 import pytest
 
-from lorabench.estimate import memory_rows, param_rows
+from lorabench.estimator.rows import memory_rows, param_rows
 from lorabench.gpus import get_gpu
-from lorabench.memory import TrainingSetup
+from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.specs import from_name
+from lorabench.models.spec import from_name
 
 
 @pytest.mark.benchmark(group="estimate")

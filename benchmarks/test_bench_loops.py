@@ -2,7 +2,7 @@
 
 Each case is one `lorabench bench` setup: the plain loop, transformers' Trainer.training_step, gradient
 accumulation, bf16 autocast over fp32 weights, the chunked loss, QLoRA (nf4 through bitsandbytes) and 8-bit
-AdamW. The step is the loop bench runs (lorabench.loops), built by bench's own builders. extra_info holds the
+AdamW. The step is the loop bench runs (lorabench.measure.loops), built by bench's own builders. extra_info holds the
 estimate for the same step (step_ms on the device's time model, peak bytes) and, on CUDA, the caching
 allocator's peak over the timed steps, so a saved run can be compared for time (--benchmark-compare) and for
 memory (benchmarks/check_memory.py).
@@ -17,12 +17,12 @@ import traceback
 import pytest
 import torch
 
-from lorabench.bench import BUILDERS, _forward_with_loss, _stepper
-from lorabench.compute import cpu_device, device_for_gpu, estimate_step_time
-from lorabench.memory import TrainingSetup, estimate_memory
+from lorabench.measure.bench import BUILDERS, _forward_with_loss, _stepper
+from lorabench.estimator.compute import cpu_device, device_for_gpu, estimate_step_time
+from lorabench.estimator.memory import TrainingSetup, estimate_memory
 from lorabench.methods import METHODS
-from lorabench.params import count_params
-from lorabench.specs import from_name
+from lorabench.estimator.params import count_params
+from lorabench.models.spec import from_name
 
 SEED = 0
 RANK = 16
@@ -50,7 +50,7 @@ def _needs(fields):
 @pytest.fixture(scope="module")
 def cpu_model_device():
     """The CPU's time model at its measured bf16 matmul ceiling, as bench builds it."""
-    from lorabench.measure import matmul_flops_per_s
+    from lorabench.measure.probes import matmul_flops_per_s
 
     return cpu_device(matmul_flops_per_s(torch.device("cpu"), torch.bfloat16))
 
@@ -118,7 +118,7 @@ def test_loop_step_cuda(benchmark, name, fields):
     _needs(fields)
     if fields.get("loss") == "fused-linear":
         pytest.importorskip("liger_kernel")
-    from lorabench.bench import catalog_gpu
+    from lorabench.measure.bench import catalog_gpu
 
     benchmark.group = "loops-cuda"
     spec = from_name(CUDA_MODEL).with_layers(CUDA_LAYERS)

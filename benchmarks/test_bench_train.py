@@ -15,10 +15,10 @@ import traceback
 import pytest
 import torch
 
-from lorabench.memory import TrainingSetup, estimate_memory
+from lorabench.estimator.memory import TrainingSetup, estimate_memory
 from lorabench.methods import METHODS
 from lorabench.nn.train import build_training
-from lorabench.specs import from_name
+from lorabench.models.spec import from_name
 
 SEED = 0
 ALPHA = 16.0  # TrainingSetup's default; it changes no memory

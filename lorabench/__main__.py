@@ -9,7 +9,7 @@ by the signal.
 
 import sys
 
-from lorabench import signals
+from lorabench.safety import signals
 
 
 def main() -> None:

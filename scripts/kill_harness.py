@@ -45,9 +45,9 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorabench.report import read_results  # noqa: E402
-from lorabench.reportfolder import MARKER, is_report_folder  # noqa: E402
-from lorabench.safeio import ROW_KEYS  # noqa: E402
+from lorabench.report.build import read_results  # noqa: E402
+from lorabench.report.folder import MARKER, is_report_folder  # noqa: E402
+from lorabench.safety.files import ROW_KEYS  # noqa: E402
 
 TINY = ["-m", "tiny-llama", "--device", "cpu", "--layers", "1", "-s", "32", "-b", "1", "--steps", "1", "--warmup",
         "1", "--no-progress"]

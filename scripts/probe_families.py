@@ -23,9 +23,9 @@ import peft
 import torch
 import transformers
 
-from lorabench.bench import PHASES, Built, _memory_step
-from lorabench.loops import plain_step
-from lorabench.measure import MemoryProbe, PhaseTimer, summarize, warm_cuda_libraries
+from lorabench.measure.bench import PHASES, Built, _memory_step
+from lorabench.measure.loops import plain_step
+from lorabench.measure.probes import MemoryProbe, PhaseTimer, summarize, warm_cuda_libraries
 
 # Published config.json values of each model (the fields that shape it), cut to --layers when built.
 FAMILIES = {

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from lorabench.errors import LorabenchError
-from lorabench.report import read_results, render_folder
-from lorabench.seed import seed_rows
+from lorabench.report.build import read_results, render_folder
+from lorabench.report.deepdive import seed_rows
 
 WORDS = {"seed_trained", "seed_w_updated", "why"}  # prose; every other field is a number or a name
 

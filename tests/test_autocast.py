@@ -4,11 +4,11 @@ bytes written out by hand from what autograd keeps under torch.autocast."""
 
 import pytest
 
-from lorabench.bench import run_bench
+from lorabench.measure.bench import run_bench
 from lorabench.errors import LorabenchError
-from lorabench.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts
+from lorabench.estimator.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts
 from lorabench.methods import METHODS
-from lorabench.specs import from_name
+from lorabench.models.spec import from_name
 
 TINY = from_name("tiny-llama")  # d=256, ffn=688, 4 layers, 8 heads (4 kv) of 32, vocab 4096
 D, FFN, R, Q, KV, HEADS, V, L = 256, 688, 8, 256, 128, 8, 4096, 4
@@ -106,8 +106,8 @@ def test_trainer_runs_the_forward_under_autocast():
     from fp32 weights."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from lorabench.bench import build_peft
-    from lorabench.loops import TrainerLoop
+    from lorabench.measure.bench import build_peft
+    from lorabench.measure.loops import TrainerLoop
 
     setup = TrainingSetup(batch_size=2, seq_len=16, dtype="fp32", autocast="bf16", device="cpu").for_spec(TINY)
     built = build_peft(TINY, METHODS["lora"], 8, ("q", "v"), setup, torch.device("cpu"))

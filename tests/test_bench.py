@@ -7,13 +7,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lorabench import bench as bench_mod
-from lorabench.bench import run_bench
+from lorabench.measure import bench as bench_mod
+from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
-from lorabench.measure import LiveTensorTracker, PhaseTimer, storage_bytes, summarize
-from lorabench.memory import TrainingSetup, estimate_memory
+from lorabench.measure.probes import LiveTensorTracker, PhaseTimer, storage_bytes, summarize
+from lorabench.estimator.memory import TrainingSetup, estimate_memory
 from lorabench.methods import METHODS
-from lorabench.specs import from_name
+from lorabench.models.spec import from_name
 
 TINY = from_name("tiny-llama")  # d=256, ffn=688, 4 layers, 8 heads (4 kv) of 32, vocab 4096
 ALL = tuple(METHODS.values())
@@ -151,7 +151,7 @@ def test_bench_cli_every_method_on_cpu_within_tolerance(tmp_path):
         # tokens/s is tokens over the median step
         assert r["measured_tokens_per_s"] == pytest.approx(64 / (r["measured_step_ms"] / 1e3))
         # the time model for this CPU, at the matmul ceiling measured in the same run
-        from lorabench.compute import cpu_device, estimate_step_time
+        from lorabench.estimator.compute import cpu_device, estimate_step_time
         targets = tuple(r["targets"].split(",")) if r["targets"] else None
         setup = TrainingSetup(seq_len=64, device="cpu", impl="lorabench")
         est = estimate_step_time(TINY, METHODS[r["method"]], r["rank"], targets, setup,
@@ -303,7 +303,7 @@ def test_bench_on_such_a_cpu_runs_fp32_says_why_and_logs_each_case(monkeypatch):
 
 
 def test_the_cpu_time_model_takes_fp32_products_at_the_measured_fp32_rate():
-    from lorabench.compute import CPU_FP32_RATIO, cpu_device, estimate_step_time
+    from lorabench.estimator.compute import CPU_FP32_RATIO, cpu_device, estimate_step_time
 
     lora, setup = METHODS["lora"], TrainingSetup(dtype="fp32", seq_len=256, device="cpu")
     measured = estimate_step_time(TINY, lora, 8, ("q", "v"), setup, cpu_device(0.29e9, 17.5e9))
@@ -314,7 +314,7 @@ def test_the_cpu_time_model_takes_fp32_products_at_the_measured_fp32_rate():
 
 
 def test_the_ceiling_line_reads_in_gflops_below_a_teraflop():
-    from lorabench.render import flops_text
+    from lorabench.render.formats import flops_text
 
     assert flops_text(0.29e9) == "0.3 GFLOP/s" and flops_text(17.5e9) == "17.5 GFLOP/s"
     assert flops_text(989.4e12) == "989.4 TFLOP/s"

@@ -4,15 +4,15 @@ import math
 
 import pytest
 
-from lorabench.compute import (MATMUL_EFFICIENCY, CostSetup, Device, device_for_gpu, estimate_flops,
+from lorabench.estimator.compute import (MATMUL_EFFICIENCY, CostSetup, Device, device_for_gpu, estimate_flops,
                                estimate_step_time, estimate_training_cost, op_seconds)
 from lorabench.errors import LorabenchError
 from lorabench.gpus import PRICES, get_gpu
-from lorabench.memory import TrainingSetup
+from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.params import count_params
-from lorabench.specs import PRESETS, from_dimension
-from lorabench.stepwork import Op
+from lorabench.estimator.params import count_params
+from lorabench.models.spec import PRESETS, from_dimension
+from lorabench.estimator.stepwork import Op
 
 # A device with round numbers and nothing but the roofline: 100 TFLOP/s bf16, 10 fp32, 1 TB/s.
 PLAIN = Device("plain", 100e12, 10e12, 1e12, 200e12)

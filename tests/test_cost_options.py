@@ -4,8 +4,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from lorabench.cliopts import cost_options
-from lorabench.compute import CostSetup
+from lorabench.cli.options import cost_options
+from lorabench.estimator.compute import CostSetup
 
 
 @click.command()

@@ -1,6 +1,6 @@
 """`lorabench bench --nproc N --sharding ddp|fsdp`: real steps on 2 CPU processes under torchrun (gloo), each
 rank's live-tensor tracker against the estimate for that rank, its DTensor shards against the estimator's
-padded shards, and the collectives torch dispatched against lorabench.comms.
+padded shards, and the collectives torch dispatched against lorabench.estimator.comms.
 
 tiny-llama (d=256, ffn=688, 4 layers, vocab 4096, untied head), batch 2 x 64 per process, bf16 base, the plain
 loop; steady state (a step after two warm-up steps). Each case is one torchrun launch of a few seconds.
@@ -15,18 +15,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lorabench.bench import run_bench
-from lorabench.builders import expected_library_warnings
+from lorabench.measure.bench import run_bench
+from lorabench.measure.builders import expected_library_warnings
 from lorabench.cli import cli
-from lorabench.comms import comm_volume
-from lorabench.distributed import decoder_layers
+from lorabench.estimator.comms import comm_volume
+from lorabench.measure.distributed import decoder_layers
 from lorabench.errors import LorabenchError
-from lorabench.launch import run_distributed_bench
-from lorabench.measure import LiveTensorTracker
-from lorabench.memory import TrainingSetup
+from lorabench.measure.launch import run_distributed_bench
+from lorabench.measure.probes import LiveTensorTracker
+from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.sharding import Parallel, plan_step, rank_memory
-from lorabench.specs import from_name
+from lorabench.estimator.sharding import Parallel, plan_step, rank_memory
+from lorabench.models.spec import from_name
 
 pytest.importorskip("torch.distributed.fsdp")
 if not torch.distributed.is_available():
@@ -70,7 +70,7 @@ def test_every_rank_within_2pct_of_its_estimate(which, request):
 @pytest.mark.parametrize("which", ["fsdp_rows", "ddp_rows"])
 def test_collectives_torch_dispatched_are_what_comms_estimates(which, request):
     """Bytes each rank sends per step, from the c10d ops torch dispatched (all-gather outputs, reduce-scatter
-    inputs, all-reduced tensors, with ring algorithms), equal lorabench.comms.comm_volume."""
+    inputs, all-reduced tensors, with ring algorithms), equal lorabench.estimator.comms.comm_volume."""
     for r in request.getfixturevalue(which):
         for kind in ("all_gather", "reduce_scatter", "all_reduce"):
             assert r[f"measured_comm_{kind}_bytes"] == r[f"comm_{kind}_bytes"], (r["method"], kind)

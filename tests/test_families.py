@@ -13,10 +13,10 @@ import pytest
 
 from hf_configs import GEMMA3_VISION_CONFIG, HF_CONFIGS, PUBLISHED_ACTIVE_BILLIONS, PUBLISHED_MULTIMODAL_TOTALS
 from lorabench.errors import LorabenchError
-from lorabench.hfconfig import from_hf_config, load_config
+from lorabench.models.hfconfig import from_hf_config, load_config
 from lorabench.methods import METHODS
-from lorabench.params import count_active_params, count_base_params, count_params, parse_targets
-from lorabench.specs import ARCHS, PRESETS
+from lorabench.estimator.params import count_active_params, count_base_params, count_params, parse_targets
+from lorabench.models.spec import ARCHS, PRESETS
 
 # Small configs with every feature of their family; GQA and an explicit head_dim where the family has one.
 SMALL = {
@@ -112,7 +112,7 @@ def test_active_parameters_match_the_model_cards(name):
 
 def _peft_counts(family, method, rank, targets):
     peft = pytest.importorskip("peft")
-    from lorabench.builders import expected_library_warnings
+    from lorabench.measure.builders import expected_library_warnings
 
     model = _hf_model(SMALL[family], device="cpu")
     spec = from_hf_config(SMALL[family])
@@ -151,7 +151,7 @@ def test_trainable_counts_equal_peft(family, method, rank, targets):
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_dora_on_fused_experts_is_refused_like_peft(family):
     peft = pytest.importorskip("peft")
-    from lorabench.builders import expected_library_warnings
+    from lorabench.measure.builders import expected_library_warnings
 
     with pytest.raises(ValueError, match="ParamWrapper does not work with use_dora=True"), expected_library_warnings():
         peft.get_peft_model(_hf_model(SMALL[family], device="cpu"),
@@ -241,8 +241,8 @@ def _methods_for(family, targets):
 def _check_memory(family, dtype, ckpt, targets, methods=None, impl="peft"):
     if impl == "peft":
         pytest.importorskip("peft")
-    from lorabench.bench import run_bench
-    from lorabench.memory import TrainingSetup
+    from lorabench.measure.bench import run_bench
+    from lorabench.estimator.memory import TrainingSetup
 
     spec = _memory_spec(family)
     # Trainer's loop, the default (the plain loop: tests/test_loops.py)

@@ -1,4 +1,4 @@
-"""Verdicts, fixes and limits (lorabench.fit), and the answers `memory` and `fit` print first."""
+"""Verdicts, fixes and limits (lorabench.estimator.fit), and the answers `memory` and `fit` print first."""
 
 import json
 import statistics
@@ -8,11 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from lorabench.cli import cli
-from lorabench.fit import Case, fits, fixes, limits, savers, smallest_gpu, spare_bytes
+from lorabench.estimator.fit import Case, fits, fixes, limits, savers, smallest_gpu, spare_bytes
 from lorabench.gpus import GPUS, get_gpu
-from lorabench.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, step_parts
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, step_parts
 from lorabench.methods import METHODS
-from lorabench.specs import PRESETS
+from lorabench.models.spec import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = PRESETS["llama-3-8b"]

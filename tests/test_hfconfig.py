@@ -1,4 +1,4 @@
-"""config.json validation (lorabench.hfconfig): every refusal is one line naming the file and the key, and
+"""config.json validation (lorabench.models.hfconfig): every refusal is one line naming the file and the key, and
 what real configs carry (nulls, BOMs, extra keys, pipes) is accepted."""
 
 import json
@@ -9,8 +9,8 @@ import pytest
 
 from hf_configs import HF_CONFIGS, PUBLISHED_TOTALS
 from lorabench.errors import LorabenchError
-from lorabench.hfconfig import MAX_CONFIG_BYTES, MAX_DEPTH, load_config
-from lorabench.params import count_base_params
+from lorabench.models.hfconfig import MAX_CONFIG_BYTES, MAX_DEPTH, load_config
+from lorabench.estimator.params import count_base_params
 
 LLAMA = HF_CONFIGS["llama-3-8b"]
 GPT2 = HF_CONFIGS["gpt2"]

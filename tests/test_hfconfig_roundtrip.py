@@ -1,4 +1,4 @@
-"""config.json as transformers writes and reads it (issue 21, finding 11): lorabench.hfconfig's table of keys,
+"""config.json as transformers writes and reads it (issue 21, finding 11): lorabench.models.hfconfig's table of keys,
 spellings and defaults held to transformers' config classes, and every family round-tripped through
 save_pretrained, with the parameter count of the transformers model built on the meta device from the saved
 file as the independent check."""
@@ -9,9 +9,9 @@ import json
 import pytest
 
 from lorabench.errors import LorabenchError
-from lorabench.hfconfig import FAMILIES, MULTIMODAL, from_hf_config, hf_config_dict, load_config
-from lorabench.params import count_base_params
-from lorabench.specs import PRESETS
+from lorabench.models.hfconfig import FAMILIES, MULTIMODAL, from_hf_config, hf_config_dict, load_config
+from lorabench.estimator.params import count_base_params
+from lorabench.models.spec import PRESETS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""Models by Hub id (lorabench.hub): a cache laid out as huggingface_hub lays it out, in a temporary
+"""Models by Hub id (lorabench.models.hub): a cache laid out as huggingface_hub lays it out, in a temporary
 folder; the network is never touched (offline runs set HF_HUB_OFFLINE, online ones replace the download)."""
 
 import json
@@ -8,10 +8,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from lorabench import hub
+from lorabench.models import hub
 from lorabench.cli import cli
-from lorabench.hfconfig import load_config
-from lorabench.params import count_base_params
+from lorabench.models.hfconfig import load_config
+from lorabench.estimator.params import count_base_params
 
 errors = pytest.importorskip("huggingface_hub.errors")
 

@@ -1,16 +1,16 @@
-"""The training loops (lorabench.loops) measured on the CPU live-tensor tracker against the estimate: the plain
+"""The training loops (lorabench.measure.loops) measured on the CPU live-tensor tracker against the estimate: the plain
 loop, transformers' Trainer.training_step, and gradient accumulation, steady state (a step after the warm-up
 that created the optimizer states)."""
 
 import pytest
 
-from lorabench.bench import run_bench
-from lorabench.compute import device_for_gpu, estimate_flops, estimate_step_time
+from lorabench.measure.bench import run_bench
+from lorabench.estimator.compute import device_for_gpu, estimate_flops, estimate_step_time
 from lorabench.gpus import get_gpu
-from lorabench.memory import TrainingSetup, estimate_memory
+from lorabench.estimator.memory import TrainingSetup, estimate_memory
 from lorabench.methods import METHODS
-from lorabench.params import count_params
-from lorabench.specs import from_name
+from lorabench.estimator.params import count_params
+from lorabench.models.spec import from_name
 
 TINY = from_name("tiny-llama")  # d=256, ffn=688, 4 layers, 8 heads (4 kv) of 32, vocab 4096
 

@@ -6,14 +6,14 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from lorabench.bench import run_bench
+from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
-from lorabench.compute import cpu_device, estimate_step_time
+from lorabench.estimator.compute import cpu_device, estimate_step_time
 from lorabench.errors import LorabenchError
-from lorabench.memory import MAX_LOSS_CHUNK, TrainingSetup, estimate_memory, liger_chunk_tokens
+from lorabench.estimator.memory import MAX_LOSS_CHUNK, TrainingSetup, estimate_memory, liger_chunk_tokens
 from lorabench.methods import METHODS
-from lorabench.specs import from_name
-from lorabench.stepwork import step_ops
+from lorabench.models.spec import from_name
+from lorabench.estimator.stepwork import step_ops
 
 TINY = from_name("tiny-llama")  # d=256, 4 layers, vocab 4096
 

@@ -7,10 +7,10 @@ import pytest
 
 from lorabench.errors import LorabenchError
 from lorabench.gpus import get_gpu
-from lorabench.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts, weights_bytes
+from lorabench.estimator.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts, weights_bytes
 from lorabench.methods import METHODS
-from lorabench.sharding import Parallel, fit_on_gpu, plan_step, rank_memory
-from lorabench.specs import PRESETS, from_dimension
+from lorabench.estimator.sharding import Parallel, fit_on_gpu, plan_step, rank_memory
+from lorabench.models.spec import PRESETS, from_dimension
 
 LLAMA3_8B, LLAMA3_70B = PRESETS["llama-3-8b"], PRESETS["llama-3-70b"]
 GB = 1e9
@@ -23,7 +23,7 @@ def test_seed_llama_3_70b_full_bf16_adamw():
     assert est.gradients_bytes == 2 * n                                          # "another 140GB"
     assert est.optimizer_bytes == 2 * est.weights_bytes                           # "optimiser states (x2)"
     assert est.peak_bytes > 564 * GB                                              # "~600GB" and more
-    # The seed's "8 of them": fully sharded (FSDP2, lorabench.sharding) with checkpointing, each of 8 GPUs
+    # The seed's "8 of them": fully sharded (FSDP2, lorabench.estimator.sharding) with checkpointing, each of 8 GPUs
     # holds 1/8 of the weights, gradients, states and foreach AdamW's temporary in the optimizer step, 10 bytes
     # a weight (every dim 0 of Llama-3-70B divides by 8: no padding), 82.1 GiB: 9 A100-80GB are needed.
     plan = plan_step(LLAMA3_70B, METHODS["full"], setup=TrainingSetup(grad_checkpointing=True))

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lorabench.hfconfig import hf_config_dict
+from lorabench.models.hfconfig import hf_config_dict
 from lorabench.nn.model import build_model, count_module_params
 from lorabench.nn.norms import RMSNorm
-from lorabench.specs import PRESETS
+from lorabench.models.spec import PRESETS
 
 transformers = pytest.importorskip("transformers")
 

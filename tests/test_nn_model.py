@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lorabench.errors import LorabenchError
-from lorabench.params import count_base_params
-from lorabench.specs import PRESETS, from_dimension
+from lorabench.estimator.params import count_base_params
+from lorabench.models.spec import PRESETS, from_dimension
 from lorabench.nn.model import RMSNorm, attention, build_model, count_module_params
 
 SEED = 1234

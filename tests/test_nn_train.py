@@ -8,7 +8,7 @@ import torch
 
 from lorabench.errors import LorabenchError
 from lorabench.methods import METHODS
-from lorabench.specs import PRESETS
+from lorabench.models.spec import PRESETS
 from lorabench.nn.delta import DeltaLoRAUpdate
 from lorabench.nn.train import build_training
 
@@ -160,7 +160,7 @@ def test_optimizers_hold_the_states_the_estimator_counts(optimizer, state_keys):
 @pytest.mark.parametrize("optimizer", ["adamw-8bit", "paged-adamw-8bit", "paged-adamw"])
 def test_bitsandbytes_optimizers_run_on_cpu(optimizer):
     pytest.importorskip("bitsandbytes")
-    from lorabench.builders import expected_library_warnings
+    from lorabench.measure.builders import expected_library_warnings
 
     trainer = build_training(TINY, "lora", rank=8, optimizer=optimizer, seed=SEED)
     with expected_library_warnings():  # paged ones say, on a CPU, that they run unpaged

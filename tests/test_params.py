@@ -5,8 +5,8 @@ import pytest
 from hf_configs import HF_CONFIGS
 from lorabench.errors import LorabenchError
 from lorabench.methods import METHODS, resolve_methods
-from lorabench.params import count_params, parse_targets
-from lorabench.specs import PRESETS, from_dimension
+from lorabench.estimator.params import count_params, parse_targets
+from lorabench.models.spec import PRESETS, from_dimension
 
 LLAMA3_8B = PRESETS["llama-3-8b"]
 
@@ -95,7 +95,7 @@ def _peft_counts(model_name, method, rank, targets):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lorabench.builders import expected_library_warnings
+    from lorabench.measure.builders import expected_library_warnings
 
     cfg = transformers.AutoConfig.for_model(**HF_CONFIGS[model_name])
     with torch.device("meta"):

@@ -47,21 +47,21 @@ import pytest
 from click.testing import CliRunner
 
 from lorabench.cli import cli
-from lorabench.cliopts import MAX_BATCH, MAX_SEQ_LEN, MAX_TOKENS
-from lorabench.compute import MATMUL_EFFICIENCY
+from lorabench.cli.options import MAX_BATCH, MAX_SEQ_LEN, MAX_TOKENS
+from lorabench.estimator.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
-from lorabench.fit import Case, max_rank
+from lorabench.estimator.fit import Case, max_rank
 from lorabench.gpus import GPUS
-from lorabench.hfconfig import (MAX_CONFIG_BYTES, MAX_DEPTH, MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
+from lorabench.models.hfconfig import (MAX_CONFIG_BYTES, MAX_DEPTH, MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
                                 load_config)
-from lorabench.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
+from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
                               MAX_LOSS_CHUNK, OPTIMIZERS, QUANTIZED, TrainingSetup)
 from lorabench.methods import METHODS
-from lorabench.render import FORMATS, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_COLUMNS, SHARD_COLUMNS
-from lorabench.report import FILES
-from lorabench.reportfolder import MARKER
-from lorabench.sharding import MAX_GPUS, STRATEGIES
-from lorabench.specs import PRESETS, ModelSpec, from_name
+from lorabench.render.formats import FORMATS, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_COLUMNS, SHARD_COLUMNS
+from lorabench.report.build import FILES
+from lorabench.report.folder import MARKER
+from lorabench.estimator.sharding import MAX_GPUS, STRATEGIES
+from lorabench.models.spec import PRESETS, ModelSpec, from_name
 
 pytest.importorskip("hypothesis")  # a test extra (setup.cfg)
 from hypothesis import event, given, note, settings  # noqa: E402

@@ -7,11 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from lorabench.bench import run_bench
+from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
-from lorabench.memory import TrainingSetup
+from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.specs import from_name
+from lorabench.models.spec import from_name
 
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")

@@ -12,15 +12,17 @@ import pytest
 from click.testing import CliRunner
 
 import lorabench
-from lorabench import envinfo, plots, report, signals
-from lorabench.reportfolder import MARKER
+from lorabench.measure import envinfo
+from lorabench.report import build as report, plots
+from lorabench.safety import signals
+from lorabench.report.folder import MARKER
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
-from lorabench.estimate import memory_rows
-from lorabench.memory import TrainingSetup
+from lorabench.estimator.rows import memory_rows
+from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.seed import seed_rows
-from lorabench.specs import from_name
+from lorabench.report.deepdive import seed_rows
+from lorabench.models.spec import from_name
 
 FILES = set(report.FILES)
 MARKED = FILES | {MARKER}  # the files and the marker that says lorabench wrote the folder
@@ -186,7 +188,7 @@ def test_interrupt_during_library_write_cleans_up(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Bench rendering, with a fake lorabench.bench (the real one needs torch and a device).
+# Bench rendering, with a fake lorabench.measure.bench (the real one needs torch and a device).
 
 
 def fake_run_bench(calls):
@@ -225,9 +227,9 @@ def fake_run_bench(calls):
 @pytest.fixture
 def fake_bench(monkeypatch):
     calls = []
-    module = types.ModuleType("lorabench.bench")
+    module = types.ModuleType("lorabench.measure.bench")
     module.run_bench = fake_run_bench(calls)
-    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", module)
     return calls
 
 
@@ -270,9 +272,9 @@ def test_interrupted_bench_writes_the_report_with_what_finished(tmp_path, monkey
         measure_first(spec, methods[:1], ranks, targets, setup, **kw)
         raise signal_exc
 
-    module = types.ModuleType("lorabench.bench")
+    module = types.ModuleType("lorabench.measure.bench")
     module.run_bench = run_bench
-    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", module)
     res = run("report", "-m", "llama-3-8b", "--method", "lora,vera", "--bench", "--out-dir", str(tmp_path),
               "--name", "cut")
     assert res.exit_code == code, res.output
@@ -286,7 +288,7 @@ def test_interrupted_bench_writes_the_report_with_what_finished(tmp_path, monkey
 
 
 def test_bench_unavailable_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lorabench.bench", None)  # import fails as without torch
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", None)  # import fails as without torch
     res = run("report", "--method", "lora", "--bench", "--out-dir", str(tmp_path))
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     assert "--bench cannot run" in res.output and list(tmp_path.iterdir()) == []
@@ -424,7 +426,7 @@ def test_a_signal_just_after_the_bench_keeps_what_it_measured(tmp_path, monkeypa
     import os
     import signal
 
-    monkeypatch.setitem(sys.modules, "lorabench.bench", types.SimpleNamespace(run_bench=fake_run_bench([])))
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", types.SimpleNamespace(run_bench=fake_run_bench([])))
     real = report.capture_environment
 
     def interrupted(**kw):

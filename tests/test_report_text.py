@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lorabench import plots, report, reporttext
+from lorabench.report import build as report, plots, text as reporttext
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
-from lorabench.estimate import memory_rows
-from lorabench.memory import TrainingSetup
+from lorabench.estimator.rows import memory_rows
+from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.render import gpus_needed_text
-from lorabench.specs import from_dimension, from_name
+from lorabench.render.formats import gpus_needed_text
+from lorabench.models.spec import from_dimension, from_name
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2 ** 20
@@ -190,9 +190,9 @@ def test_the_bench_skips_what_the_estimate_left_out(monkeypatch):
     def run_bench(spec, methods, ranks, targets, setup, on_row=None, **kw):
         calls.append((spec.name, [m.name for m in methods]))
 
-    module = types.ModuleType("lorabench.bench")
+    module = types.ModuleType("lorabench.measure.bench")
     module.run_bench = run_bench
-    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", module)
     report.build_report([from_name("tiny-llama"), from_name("mixtral-8x7b")], (METHODS["lora"], METHODS["dora"]),
                         (8,), "all-linear", TrainingSetup(), None, 0.4, command="x",
                         bench={"layers": 1, "steps": 1, "warmup": 1}, note=lambda text: None)

@@ -1,4 +1,4 @@
-"""Output safety (lorabench.safeio) and the hostile-user findings of issue 9, one plain test each: no run
+"""Output safety (lorabench.safety.files) and the hostile-user findings of issue 9, one plain test each: no run
 deletes a file it did not create, no result is lost, every bad value is one line and exit code 2."""
 
 import json
@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lorabench import reportfolder, safeio, signals
+from lorabench.report import folder as reportfolder
+from lorabench.safety import files as safeio, signals
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
-from lorabench.report import FILES
-from lorabench.reportfolder import MARKER
+from lorabench.report.build import FILES
+from lorabench.report.folder import MARKER
 
 LLAMA_TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "vocab_size": 100}
@@ -77,10 +78,10 @@ def test_report_name_of_a_source_folder_does_not_delete_it(tmp_path):
 
 def test_refusal_comes_before_the_bench_runs(tmp_path, monkeypatch):
     model_folder(tmp_path, "r")
-    module = types.ModuleType("lorabench.bench")
+    module = types.ModuleType("lorabench.measure.bench")
     module.run_bench = lambda *a, **k: pytest.fail("the bench ran although the report could not be written")
     module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
-    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", module)
     one_error_line(run("report", "--method", "lora", "--bench", "--out-dir", tmp_path, "--name", "r"))
 
 
@@ -241,7 +242,7 @@ def test_files_and_folders_get_the_users_umask(tmp_path, fake_bench):
 
 @pytest.fixture
 def fake_bench(monkeypatch):
-    """lorabench.bench with a run_bench that makes one row per method at once (the real one needs torch)."""
+    """lorabench.measure.bench with a run_bench that makes one row per method at once (the real one needs torch)."""
     calls = []
 
     def run_bench(spec, methods, ranks, targets, setup, *, on_row=None, **kw):
@@ -258,10 +259,10 @@ def fake_bench(monkeypatch):
                 on_row(row)
         return rows
 
-    module = types.ModuleType("lorabench.bench")
+    module = types.ModuleType("lorabench.measure.bench")
     module.run_bench = run_bench
     module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
-    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", module)
     return calls
 
 
@@ -330,10 +331,10 @@ def test_check_with_nothing_measured_exits_1(tmp_path, monkeypatch):
         on_row(row)
         return [row]
 
-    module = types.ModuleType("lorabench.bench")
+    module = types.ModuleType("lorabench.measure.bench")
     module.run_bench = run_bench
     module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
-    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", module)
     res = run("bench", "-m", "tiny-llama", "--method", "delta-lora", "--impl", "peft", "--check")
     assert "nothing was measured" in one_error_line(res, code=1)
     assert run("bench", "-m", "tiny-llama", "--method", "delta-lora", "--impl", "peft").exit_code == 0
@@ -382,9 +383,9 @@ def test_ctrl_c_during_start_up_is_one_line():
 def test_sigterm_in_any_command_is_143_without_traceback(tmp_path, where):
     """SIGTERM raises Terminated inside every command: while estimating or writing an estimate-only report,
     nothing is written (a report with measurements is finished first: test_report.py)."""
-    module = "estimate" if where == "estimate_flops" else "plots"
+    module = "estimator.rows" if where == "estimate_flops" else "report.plots"
     code = ("import os, signal\n"
-            f"from lorabench import {module} as m\n"
+            f"import lorabench.{module} as m\n"
             "from lorabench.cli import cli\n"
             f"real = m.{where}\n"
             "def fake(*args):\n"
@@ -401,7 +402,7 @@ def _signal_report(tmp_path, module, where, sig):
     """`report --method vera` over an existing report in tmp_path/r, with `sig` sent to itself when
     lorabench.<module>.<where> is called."""
     code = ("import os, signal\n"
-            f"from lorabench import {module} as m\n"
+            f"import lorabench.{module} as m\n"
             "from lorabench.cli import cli\n"
             f"real = m.{where}\n"
             "def fake(*args):\n"
@@ -420,7 +421,7 @@ def test_an_interrupt_before_the_swap_keeps_the_old_report(tmp_path, sig, code):
     old report stays, byte for byte."""
     assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
     before = snapshot(tmp_path / "r")
-    res = _signal_report(tmp_path, "plots", "render_plots", sig)
+    res = _signal_report(tmp_path, "report.plots", "render_plots", sig)
     assert res.returncode == code and "Traceback" not in res.stderr, res.stderr
     assert res.stdout == "" and snapshot(tmp_path / "r") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
@@ -430,7 +431,7 @@ def test_an_interrupt_during_the_swap_waits_for_it(tmp_path):
     """The swap (a few renames) is not cut: the new report is whole under the name, nothing hidden is
     left, and the signal then ends the run."""
     assert run("report", "--method", "lora", "--out-dir", tmp_path, "--name", "r").exit_code == 0
-    res = _signal_report(tmp_path, "reportfolder", "_exchange", signal.SIGINT)
+    res = _signal_report(tmp_path, "report.folder", "_exchange", signal.SIGINT)
     assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr
     assert reportfolder.is_report_folder(tmp_path / "r") and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
     assert json.loads((tmp_path / "r" / "results.json").read_text())["rows"][0]["method"] == "vera"
@@ -486,7 +487,7 @@ def test_targets_that_apply_to_nothing_get_a_note():
 
 def test_json_never_holds_nan():
     """Every float on stdout is finite JSON (json.dumps would otherwise write NaN for inf/NaN)."""
-    from lorabench.render import render
+    from lorabench.render.formats import render
 
     text = render([{"a": float("nan"), "b": [float("inf")], "c": 1.5}], "json", ())
     assert json.loads(text, parse_constant=lambda t: pytest.fail(t)) == [{"a": None, "b": [None], "c": 1.5}]
@@ -572,7 +573,7 @@ def test_a_name_too_long_for_the_filesystem_is_refused_and_nothing_is_made(tmp_p
 
 
 def test_a_full_disk_keeps_the_results_on_stdout_and_removes_what_it_made(tmp_path, monkeypatch):
-    from lorabench import plots
+    from lorabench.report import plots
 
     def full_disk(rows):
         raise OSError(28, "No space left on device")
@@ -712,7 +713,7 @@ def test_ctrl_c_during_the_benchs_imports_ends_cleanly(tmp_path):
     exit 130 and one line, not a half-imported module's odd error or an abort."""
     pytest.importorskip("torch")
     code = ("import os, signal\n"
-            "import lorabench.bench as b\n"
+            "import lorabench.measure.bench as b\n"
             "from lorabench.cli import cli\n"
             "real = b._preload\n"
             "def preload(*args):\n"
@@ -762,15 +763,15 @@ def test_bad_input_found_by_the_run_leaves_no_lock(tmp_path, monkeypatch):
     def run_bench(*args, **kw):
         raise LorabenchError("--steps and --warmup must be at least 1.")
 
-    module = types.ModuleType("lorabench.bench")
+    module = types.ModuleType("lorabench.measure.bench")
     module.run_bench = run_bench
     module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
-    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", module)
     one_error_line(run("bench", "-m", "tiny-llama", "--method", "lora", "-o", tmp_path / "out.json"))
     assert list(tmp_path.iterdir()) == []
 
 
-# lorabench.bench imported with a signal sent to the process as its import starts: the stand-in for a
+# lorabench.measure.bench imported with a signal sent to the process as its import starts: the stand-in for a
 # SIGTERM or Ctrl-C that lands while torch imports (a fake module, so that the test needs no torch).
 _SIGNAL_IN_IMPORT = """
 import importlib.abc, importlib.util, os, sys, types
@@ -783,7 +784,7 @@ class Loader(importlib.abc.Loader):
         module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)
 class Finder:
     def find_spec(self, name, path=None, target=None):
-        if name == 'lorabench.bench':
+        if name == 'lorabench.measure.bench':
             return importlib.util.spec_from_loader(name, Loader())
 sys.meta_path.insert(0, Finder())
 sys.argv = ['lorabench', 'bench', '-m', 'tiny-llama', '--device', 'cpu', '-o', {out!r}]
@@ -866,10 +867,10 @@ def test_a_failed_case_makes_bench_exit_1(tmp_path, monkeypatch):
             on_row({"lorabench_version": "test", "model": spec.name, "method": "lora", "rank": 8, "status": status,
                     "impl": "peft", "gpu_rank": rank, "error": error, "layers": 4, "full_layers": 4})
 
-    module = types.ModuleType("lorabench.bench")
+    module = types.ModuleType("lorabench.measure.bench")
     module.run_bench = run_bench
     module.cpu_dtype = lambda setup, dtype_given, device: (setup, None)  # the real one times products on this CPU
-    monkeypatch.setitem(sys.modules, "lorabench.bench", module)
+    monkeypatch.setitem(sys.modules, "lorabench.measure.bench", module)
     res = run("bench", "-m", "tiny-llama", "--method", "lora", "-f", "json", "-o", tmp_path / "rows.json")
     assert one_error_line(res, code=1) == ("lorabench: 1 of 2 row(s) failed (lora: rank 1 was killed by SIGKILL "
                                            "(exit code -9) before it wrote its row).")
@@ -881,7 +882,7 @@ W1207 02:26:24.984000 5002 torch/distributed/elastic/multiprocessing/api.py:1028
 E1207 02:26:24.997000 5002 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 5007) of binary: python
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ======================================================
-lorabench.distributed_worker FAILED
+lorabench.measure.distributed_worker FAILED
 ------------------------------------------------------
 Failures:
 [1]:
@@ -906,7 +907,7 @@ Root Cause (first observed failure):
 
 def test_torchruns_failure_summary_names_the_rank_and_the_signal(tmp_path):
     """What torch 2.13's torchrun printed when rank 1 of 2 got SIGKILL (the rows said "error_file: <N/A>")."""
-    from lorabench.launch import describe_exit, rank_exits
+    from lorabench.measure.launch import describe_exit, rank_exits
 
     log = tmp_path / "torchrun.log"
     log.write_text(TORCHRUN_LOG)

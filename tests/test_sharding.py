@@ -16,15 +16,15 @@ import pytest
 from click.testing import CliRunner
 
 from lorabench.cli import cli
-from lorabench.comms import comm_volume, parallel_step_time, ring_link
-from lorabench.compute import device_for_gpu, estimate_step_time
+from lorabench.estimator.comms import comm_volume, parallel_step_time, ring_link
+from lorabench.estimator.compute import device_for_gpu, estimate_step_time
 from lorabench.errors import LorabenchError
 from lorabench.gpus import get_gpu
-from lorabench.layout import model_layout
-from lorabench.memory import TrainingSetup, estimate_from_parts
+from lorabench.estimator.layout import model_layout
+from lorabench.estimator.memory import TrainingSetup, estimate_from_parts
 from lorabench.methods import METHODS
-from lorabench.sharding import Parallel, fewest_gpus, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
-from lorabench.specs import PRESETS, from_name
+from lorabench.estimator.sharding import Parallel, fewest_gpus, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
+from lorabench.models.spec import PRESETS, from_name
 
 TINY = from_name("tiny-llama")
 FULL, LORA = METHODS["full"], METHODS["lora"]

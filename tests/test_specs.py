@@ -7,9 +7,9 @@ import pytest
 
 from hf_configs import HF_CONFIGS, PUBLISHED_TOTALS
 from lorabench.errors import LorabenchError
-from lorabench.params import count_base_params
-from lorabench.hfconfig import from_hf_config, load_config
-from lorabench.specs import PRESETS, from_dimension, from_name
+from lorabench.estimator.params import count_base_params
+from lorabench.models.hfconfig import from_hf_config, load_config
+from lorabench.models.spec import PRESETS, from_dimension, from_name
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_TOTALS))

@@ -48,8 +48,8 @@ def test_mixtures_of_experts_are_checked():
 
 
 def test_moe_stalls_are_what_the_probes_give():
-    """lorabench.stepwork.MOE_STALL_S is the fit benchmarks/check_steptime.py --fit-moe recomputes, to 10 us."""
-    from lorabench.stepwork import MOE_STALL_S
+    """lorabench.estimator.stepwork.MOE_STALL_S is the fit benchmarks/check_steptime.py --fit-moe recomputes, to 10 us."""
+    from lorabench.estimator.stepwork import MOE_STALL_S
 
     fitted = check_steptime.fit_moe()
     assert fitted.keys() == MOE_STALL_S.keys()
@@ -60,12 +60,12 @@ def test_moe_stalls_are_what_the_probes_give():
 def test_moe_stalls_are_a_gpu_cost_only():
     """A CPU pays each op's host time already: the same Mixtral step on the CPU device has no stall in it,
     and on the H100 the stalls are the forward and backward constants per layer."""
-    from lorabench.compute import estimate_step_time
-    from lorabench.memory import TrainingSetup
+    from lorabench.estimator.compute import estimate_step_time
+    from lorabench.estimator.memory import TrainingSetup
     from lorabench.methods import METHODS
-    from lorabench.params import count_params
-    from lorabench.specs import from_name
-    from lorabench.stepwork import MOE_STALL_S, step_ops
+    from lorabench.estimator.params import count_params
+    from lorabench.models.spec import from_name
+    from lorabench.estimator.stepwork import MOE_STALL_S, step_ops
 
     spec = from_name("mixtral-8x7b").with_layers(2)
     lora = METHODS["lora"]
@@ -78,7 +78,7 @@ def test_moe_stalls_are_a_gpu_cost_only():
     cpu = estimate_step_time(spec, lora, 8, targets, setup, check_steptime.cpu_device(0.5))
     assert gpu.overhead_ms >= 1e3 * 2 * per_layer
     no_stall = [op for op in step_ops(spec, lora, 8, targets, setup) if op.kind != "stall"]
-    from lorabench.compute import op_seconds
+    from lorabench.estimator.compute import op_seconds
     assert cpu.step_ms == pytest.approx(1e3 * sum(sum(op_seconds(op, check_steptime.cpu_device(0.5)))
                                                   for op in no_stall))
 

@@ -3,7 +3,7 @@
 Three independent axes, as in PEFT's tuners: the adapter's structure (LoRALinear, DoRALinear, VeRALinear),
 what is trainable (LoRA-FA freezes A; full trains everything), and the optimizer/step (LoRA+ param
 groups, Delta-LoRA's W update after the step). Counts read off the resulting modules equal
-lorabench.params.count_params (tested for every preset and method).
+lorabench.estimator.params.count_params (tested for every preset and method).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from lorabench.nn.lora import DoRALinear, LoRALinear
 from lorabench.nn.model import Transformer, iter_targets
 from lorabench.nn.quant import QUANTIZED_BASES, is_quantized, quantize_base
 from lorabench.nn.vera import VeRALinear, VeRAProjections
-from lorabench.params import check_targets, parse_targets
-from lorabench.specs import MOE_TARGETS
+from lorabench.estimator.params import check_targets, parse_targets
+from lorabench.models.spec import MOE_TARGETS
 
 ADAPTER_TYPES = (LoRALinear, DoRALinear, VeRALinear)
 

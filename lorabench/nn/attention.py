@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.nn.norms import RMSNorm
-from lorabench.specs import ModelSpec
+from lorabench.models.spec import ModelSpec
 
 Rope = Optional[Tuple[torch.Tensor, torch.Tensor]]
 # Gemma 3's rope_local_base_freq: its sliding layers rotate with this base, its global layers with rope_theta.

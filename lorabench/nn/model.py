@@ -23,7 +23,7 @@ from lorabench.nn.attention import (LOCAL_ROPE_THETA, Attention, Rope, apply_rop
                                     causal_masks, rope_cos_sin, rotate_half, runs_eager)
 from lorabench.nn.moe import Experts, Router, SparseMoE
 from lorabench.nn.norms import RMSNorm, make_norm
-from lorabench.specs import ModelSpec
+from lorabench.models.spec import ModelSpec
 
 # Which block attribute holds each target projection (a mixture of experts keeps its shared expert's
 # gate, up, down and shared_gate on the MoE module, `mlp`).

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorabench.specs import ModelSpec
+from lorabench.models.spec import ModelSpec
 
 _TORCH = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__).groups())
 

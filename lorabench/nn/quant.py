@@ -1,6 +1,6 @@
 """Frozen base projections on bitsandbytes' quantized layers: what `--dtype nf4|int8` means for lorabench.nn.
 
-The settings are transformers' BitsAndBytesConfig as lorabench.qlora loads a model for --impl peft, so both
+The settings are transformers' BitsAndBytesConfig as lorabench.measure.qlora loads a model for --impl peft, so both
 implementations quantize the same way: NF4 with double quantization, blocks of 64 and a bf16 compute dtype
 (Dettmers et al. 2023, QLoRA sec. 3; transformers/integrations/bitsandbytes.py builds `Linear4bit(in, out,
 bias, compute_dtype, compress_statistics=use_double_quant, quant_type, quant_storage=uint8)`), or

@@ -16,7 +16,7 @@ from lorabench.errors import LorabenchError
 from lorabench.methods import Method, get_method
 from lorabench.nn.adapters import apply_method, param_groups, step_hooks
 from lorabench.nn.model import Transformer, build_model
-from lorabench.specs import ModelSpec
+from lorabench.models.spec import ModelSpec
 
 # bitsandbytes' optimizers by lorabench's names. They run on CPU tensors too (bitsandbytes >= 0.48 has CPU
 # kernels for the 8-bit blockwise update); a paged one falls back to ordinary memory there.

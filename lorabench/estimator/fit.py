@@ -1,0 +1,319 @@
+"""Does a step fit a GPU, and what makes it fit. Pure Python: every answer is a search over the estimator.
+
+- `overflow`: the component that overflows; `cheapest_fix`: the cheapest change that makes a "no" fit.
+- `fixes`: every change (checkpointing, a fused loss, 8-bit AdamW, an nf4 base, smaller micro-batches, more
+  GPUs, CPU offload, a shorter sequence) that makes a setup fit, the ones that keep the data first.
+- `limits`: the largest batch size, sequence length and rank that fit.
+
+"Fits" counts the allocator's headroom: the caching allocator reserves more than it hands out (rounding to
+its block sizes, fragmentation), and a step whose allocated peak is a few MiB under the card's memory still
+fails to reserve its next block. See memory.ALLOCATOR_ALLOWANCE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Tuple
+
+from lorabench.errors import LorabenchError
+from lorabench.estimator.rows import positions_note
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, need_bytes, step_parts
+from lorabench.methods import Method
+from lorabench.estimator.params import count_params
+from lorabench.estimator.sharding import MAX_GPUS, Parallel, Plan, fewest_gpus, plan_need_bytes
+from lorabench.models.spec import ModelSpec
+
+# The components a row reports, in the order a "why not" names them.
+COMPONENTS = (("weights_bytes", "weights"), ("adapter_bytes", "adapter weights"), ("gradients_bytes", "gradients"),
+              ("optimizer_bytes", "optimizer states"), ("master_bytes", "fp32 master weights"),
+              ("method_state_bytes", "method state"), ("activations_bytes", "activations"),
+              ("logits_bytes", "logits"), ("gather_bytes", "all-gathered parameters"), ("bucket_bytes", "DDP buckets"))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One question: method at rank on spec's targets, run as setup, on parallel.gpus GPUs shared as
+    parallel.sharding says."""
+
+    spec: ModelSpec
+    method: Method
+    rank: Optional[int]
+    targets: object
+    setup: TrainingSetup
+    parallel: Parallel = Parallel()
+
+    def parts(self) -> StepParts:
+        return step_parts(self.spec, self.method, self.rank, self.targets, self.setup)
+
+    def plan(self) -> Plan:
+        return Plan(self.spec, self.method, self.rank, self.targets, self.setup, self.parts())
+
+
+def required_bytes(case: Case) -> int:
+    """What each GPU must hold: the peak over the phases plus the runtime outside the allocator."""
+    return plan_need_bytes(case.plan(), case.parallel, 0.0)
+
+
+def spare_bytes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> int:
+    """capacity minus what each GPU of the case needs with its allocator allowance: >= 0 means it fits."""
+    return capacity - plan_need_bytes(case.plan(), case.parallel, fraction)
+
+
+def fits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> bool:
+    try:
+        return spare_bytes(case, capacity, fraction) >= 0
+    except LorabenchError:  # not a valid setup (a rank no layer can take, full on nf4): never "fits"
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Changes that make a case fit.
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A change to the command line, and what the case then needs.
+
+    Attributes:
+        kinds: what was changed, cheapest first ("checkpointing", "batch", "8-bit AdamW", "nf4", "sequence",
+            "GPUs").
+        args: the options to add or change, as typed (["--grad-checkpointing", "--batch-size", "2"]; on more
+            GPUs, "--gpus", "N", "--sharding", "fsdp").
+        case: the changed case.
+        required_bytes: its peak plus runtime (per GPU).
+        spare_bytes: the capacity left after the allowance.
+    """
+
+    kinds: Tuple[str, ...]
+    args: Tuple[str, ...]
+    case: Case
+    required_bytes: int
+    spare_bytes: int
+
+    @property
+    def label(self) -> str:
+        return " + ".join(self.kinds)
+
+
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> Optional[int]:
+    """The largest n in [lo, hi] with ok(n), for ok true up to some n and false after; None if ok(lo) fails."""
+    if not ok(lo):
+        return None
+    if ok(hi):
+        return hi
+    while hi - lo > 1:  # ok(lo), not ok(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+# The on/off memory savers, cheapest first: (kind, the options that turn it on, the setup change, whether it
+# applies to a case). None of them changes the data (batch, sequence) or the GPUs.
+SAVERS = (
+    # recomputes each layer in backward: the same result, about a third more compute
+    ("checkpointing", ("--grad-checkpointing",), {"grad_checkpointing": True},
+     lambda case: not case.setup.grad_checkpointing),
+    # Liger's fused linear cross-entropy (transformers' use_liger_kernel): the same loss, no full logits
+    ("fused loss", ("--loss", "fused-linear"), {"loss": "fused-linear"},
+     lambda case: case.setup.loss == "standard" and case.setup.device == "cuda"),
+    # without Triton (on a CPU) lorabench's chunked loss does the same; it cannot soft-cap (Gemma 2)
+    ("chunked loss", ("--loss", "chunked"), {"loss": "chunked"},
+     lambda case: case.setup.loss == "standard" and case.setup.device != "cuda" and not case.spec.final_softcap),
+    # Dettmers et al. 2021: 8-bit optimizer states, the same accuracy (paged ones count the same on the GPU)
+    ("8-bit AdamW", ("--optimizer", "adamw-8bit"), {"optimizer": "adamw-8bit"},
+     lambda case: case.setup.optimizer == "adamw"),
+    # QLoRA (Dettmers et al. 2023): adapter methods only; autocast needs fp32 weights, so not under it
+    ("nf4 base (QLoRA)", ("--dtype", "nf4"), {"dtype": "nf4"},
+     lambda case: (case.method.allows_quantized_base and case.setup.dtype not in QUANTIZED
+                   and not case.setup.autocast)),
+)
+
+
+def savers(case: Case) -> List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]]:
+    """The savers not yet on (SAVERS), alone and together, cheapest first; the first is the setup as given."""
+    combos: List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]] = [((), (), case.setup)]
+    for kind, args, change, applies in SAVERS:  # each saver extends every combination before it
+        if applies(case):
+            combos += [(kinds + (kind,), a + args, replace(setup, **change)) for kinds, a, setup in combos]
+    return combos
+
+
+def _divisors_below(n: int, below: int) -> List[int]:
+    """The divisors of n smaller than `below`, largest first."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({x for d in small for x in (d, n // d) if x < below}, reverse=True)
+
+
+def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_gpus: int = MAX_GPUS) -> List[Fix]:
+    """Every change that makes case fit `capacity` bytes per GPU, cheapest first; empty if it already fits.
+
+    The changes that keep the user's data come first: the savers alone and together (SAVERS); then with a
+    smaller micro-batch and gradient accumulation that keep the sequences of an optimizer step; then CPU
+    offload (on sharded GPUs: the same GPUs, slower); then the fewest fully sharded GPUs. Cutting the data comes
+    last: a shorter sequence at batch 1, offered only where it keeps at least half the sequence, or where
+    nothing else fits (a suggestion of 66 tokens for a 4,096-token run is not one anybody takes)."""
+    if fits(case, capacity, fraction):
+        return []
+    out: List[Fix] = []
+
+    def add(kinds, args, changed: Case):
+        out.append(Fix(kinds, args, changed, required_bytes(changed), spare_bytes(changed, capacity, fraction)))
+
+    combos = savers(case)
+    s = case.setup
+    for kinds, args, setup in combos[1:]:  # the savers alone and together
+        if fits(replace(case, setup=setup), capacity, fraction):
+            add(kinds, args, replace(case, setup=setup))
+    sequences = s.batch_size * s.grad_accum  # sequences per optimizer step, kept
+    for kinds, args, setup in combos:  # where a whole batch is too much: smaller micro-batches, accumulated
+        if s.batch_size == 1 or fits(replace(case, setup=setup), capacity, fraction):
+            continue
+        for b in _divisors_below(sequences, s.batch_size):
+            smaller = replace(case, setup=replace(setup, batch_size=b, grad_accum=sequences // b))
+            if fits(smaller, capacity, fraction):
+                add(kinds + ("batch",), args + ("--batch-size", str(b), "--grad-accum", str(sequences // b)), smaller)
+                break
+    offload = case.parallel.cpu_offload
+    if case.parallel.strategy.offloads_params and not offload:
+        for kinds, args, setup in combos:  # shards and optimizer in host memory, with the fewest savers
+            moved = replace(case, setup=setup, parallel=replace(case.parallel, cpu_offload=True))
+            if fits(moved, capacity, fraction):
+                add(kinds + ("CPU offload",), args + ("--cpu-offload",), moved)
+                break
+    sharded = [c for c in combos if "nf4 base (QLoRA)" not in c[0]]
+    # more GPUs, fully sharded: the fewest, with the fewest savers. Savers only take bytes away: where all of
+    # them together leave no count that fits, none does, and the counts need not be searched once per saver
+    everything = replace(case, setup=sharded[-1][2]).plan()
+    if fewest_gpus(everything, "fsdp", capacity, fraction, offload, max_gpus) is None:
+        sharded = []
+    for kinds, args, setup in sharded:
+        g = fewest_gpus(replace(case, setup=setup).plan(), "fsdp", capacity, fraction, offload, max_gpus)
+        if g is not None and g > 1 and (g, "fsdp") != (case.parallel.gpus, case.parallel.sharding):
+            # (on one GPU, these savers are a fix of their own, listed above)
+            add(kinds + (f"{g} GPUs (FSDP)",), args + ("--gpus", str(g), "--sharding", "fsdp"),
+                replace(case, setup=setup, parallel=Parallel(g, "fsdp", offload)))
+            break
+    kept = len(out)
+    for kinds, args, setup in combos:  # where even one sequence is too long: a shorter one
+        one = replace(setup, batch_size=1)
+        if fits(replace(case, setup=one), capacity, fraction):
+            continue
+        n = _largest(1, s.seq_len - 1, lambda n: fits(replace(case, setup=replace(one, seq_len=n)), capacity, fraction))
+        if n is not None and (2 * round_down(n) >= s.seq_len or not kept):
+            n = round_down(n)
+            batch = ("--batch-size", "1") if s.batch_size > 1 else ()
+            add(kinds + ("sequence",), args + batch + ("--seq-len", str(n)),
+                replace(case, setup=replace(one, seq_len=n)))
+    return out
+
+
+def round_down(seq_len: int) -> int:
+    """A suggested sequence length: down to a multiple of 64 from 128 tokens up (what data pipelines pack
+    to), so the suggestion still fits."""
+    return seq_len - seq_len % 64 if seq_len >= 128 else seq_len
+
+
+def cheapest_fix(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> Optional[Fix]:
+    """The first of `fixes`: what changes least and fits."""
+    found = fixes(case, capacity, fraction)
+    return found[0] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The verdict for one row.
+
+
+def overflow(row: dict, capacity: int) -> Tuple[str, int, bool]:
+    """The largest component of an estimate row: (name, bytes, whether it alone exceeds capacity)."""
+    key, name = max(COMPONENTS, key=lambda kv: row.get(kv[0]) or 0)
+    size = row.get(key) or 0
+    return name, size, size > capacity
+
+
+# --------------------------------------------------------------------------------------------------
+# Limits: the largest batch, sequence and rank that fit.
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest values that fit, each with the other settings as given (None: not even the smallest).
+
+    Attributes:
+        max_batch_size: at the given sequence length (searched up to max_batch).
+        max_seq_len: at the given batch size.
+        max_rank: at the given batch and sequence length, up to the model's width (None for full).
+    """
+
+    max_batch_size: Optional[int]
+    max_seq_len: Optional[int]
+    max_rank: Optional[int]
+
+
+def limits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_batch: int = 1 << 20,
+           max_seq: int = 1 << 24) -> Limits:
+    s = case.setup
+
+    def varying(key: str) -> Callable[[int], bool]:
+        return lambda n: fits(replace(case, setup=replace(s, **{key: n})), capacity, fraction)
+
+    batch = _largest(1, max_batch, varying("batch_size"))
+    seq = _largest(1, max_seq, varying("seq_len"))
+    rank = None
+    if case.method.uses_rank:
+        rank = _largest(1, max_rank(case), lambda r: fits(replace(case, rank=r), capacity, fraction))
+    return Limits(batch, seq, rank)
+
+
+def max_rank(case: Case) -> int:
+    """The largest rank worth searching: the narrowest side of the adapted projections (a wider rank adds
+    parameters and no expressiveness)."""
+    counts = count_params(case.spec, case.method, 1, case.targets)
+    shapes = case.spec.linear_shapes()
+    sides = [min(shapes[t][0], shapes[t][1]) for t in counts.targets if t in shapes]
+    return max(1, min(sides) if sides else case.spec.hidden_size)
+
+
+def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE, need: Optional[int] = None,
+                 bf16: bool = False) -> Optional[str]:
+    """The catalog GPU with the least memory that holds the step alone, or `need` bytes (one GPU's share of a
+    step spread over several) (ties: the first listed); bf16: only GPUs that compute in bf16 (a V100 or T4
+    does not run a bf16 step, whatever its memory)."""
+    from lorabench.gpus import GPUS
+
+    need = need_bytes(parts, fraction) if need is None else need
+    fitting = [g for g in GPUS.values() if g.memory_bytes >= need and (g.has_bf16 or not bf16)]
+    return min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
+
+
+def search_cases(spec: ModelSpec, methods, ranks, targets, setup: TrainingSetup,
+                 parallel: Parallel = Parallel()) -> List[Case]:
+    """One Case per (method, rank); methods without a rank (full) appear once."""
+    return [Case(spec, m, r, targets, setup, parallel) for m in methods for r in (ranks if m.uses_rank else (None,))]
+
+
+def fit_rows(cases: List[Case], gpu: str, capacity: int,
+             fraction: float = ALLOCATOR_ALLOWANCE) -> Tuple[List[dict], List[dict]]:
+    """`lorabench fit`'s JSON rows (see README): per case its limits, and per (case, saver combination)
+    whether the setup then fits."""
+    limit_rows, knob_rows = [], []
+    for case in cases:
+        parts = case.parts()
+        lim = limits(case, capacity, fraction)
+        spare = spare_bytes(case, capacity, fraction)
+        s = case.setup
+        p = case.parallel
+        base = {"model": case.spec.name, "method": case.method.name, "rank": case.rank,
+                "targets": ",".join(parts.counts.targets), "gpu": gpu, "gpu_memory_bytes": capacity,
+                "allowance_fraction": fraction, "batch_size": s.batch_size, "seq_len": s.seq_len,
+                "gpus": p.gpus, "sharding": p.sharding, "cpu_offload": p.cpu_offload}
+        limit_rows.append({**base, "fits": spare >= 0, "required_bytes": required_bytes(case), "spare_bytes": spare,
+                           "max_batch_size": lim.max_batch_size, "max_seq_len": lim.max_seq_len,
+                           "max_rank": lim.max_rank, "max_positions": case.spec.max_positions or None,
+                           "notes": [n for n in (positions_note(case.spec, s.seq_len),) if n]})
+        for kinds, args, changed in savers(case):
+            alt = replace(case, setup=changed)
+            left = spare_bytes(alt, capacity, fraction)
+            knob_rows.append({**base, "change": " + ".join(kinds) or "as given", "args": list(args),
+                              "fits": left >= 0, "required_bytes": required_bytes(alt), "spare_bytes": left})
+    return limit_rows, knob_rows

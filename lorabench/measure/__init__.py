@@ -1,0 +1,1 @@
+"""Measurement on a real device (torch): model builders, training loops, probes, bench, torchrun."""

@@ -1,0 +1,1 @@
+"""One formatting layer for the CLI, the API and the reports: numbers and verdicts as text, csv, json."""

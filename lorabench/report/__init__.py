@@ -1,0 +1,1 @@
+"""Report folders: results.json/csv, report.md and report.html with figures."""
