@@ -274,8 +274,10 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
         lorabench memory -m llama-3-70b --method lora --dtype nf4 --gpu RTX-4090 --gpus 2 --sharding fsdp
         lorabench memory -m llama-3-8b --method lora --gpu A100-40GB --check -f json > plan.json
     """
-    from lorabench.render.answer import add_verdicts, memory_text, pick_columns
     from lorabench.estimator.rows import memory_rows
+    from lorabench.estimator.verdict import add_verdicts
+    from lorabench.render.answer import memory_text, pick_columns
+    from lorabench.render.flags import spelled
 
     picked = pick_columns(columns) if columns else None  # a bad name is an error before any work
     chosen = pick_gpu(gpu)
@@ -290,6 +292,7 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
         rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance, cost=cost,
                            parallel=parallel)
         add_verdicts(spec, rows, used, targets, setup, chosen, allowance, parallel)
+        spelled(rows)
         per_model.append((spec, used, rows))
     note(targets_note(methods, targets))
     if fmt not in ("table", "markdown"):
@@ -334,8 +337,9 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
     """
     import json
 
-    from lorabench.render.answer import fit_text
     from lorabench.estimator.fit import fit_rows, search_cases
+    from lorabench.render.answer import fit_text
+    from lorabench.render.flags import with_args
 
     if (gpu is None) == (gpu_memory is None):
         raise click.UsageError("give --gpu NAME or --gpu-memory GIB (one of them).")
@@ -351,7 +355,7 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
         limits_, knobs = fit_rows(search_cases(spec, used, ranks, targets, setup, parallel), label, capacity,
                                   allowance)
         limit_rows += limits_
-        knob_rows += knobs
+        knob_rows += [with_args(k) for k in knobs]
     note(targets_note(methods, targets))
     if fmt == "json":
         click.echo(json.dumps({"limits": limit_rows, "knobs": knob_rows}, indent=2))

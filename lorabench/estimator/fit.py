@@ -71,25 +71,34 @@ def fits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> bo
 # Changes that make a case fit.
 
 
+# A change is data: the fields it sets, in order, each a TrainingSetup or Parallel field and its value
+# ((("grad_checkpointing", True),), or (("batch_size", 2), ("grad_accum", 4))). Only the CLI's layer spells
+# them as options (render.flags.args).
+Change = Tuple[Tuple[str, object], ...]
+
+
 @dataclass(frozen=True)
 class Fix:
-    """A change to the command line, and what the case then needs.
+    """A change to the setup, and what the case then needs.
 
     Attributes:
         kinds: what was changed, cheapest first ("checkpointing", "batch", "8-bit AdamW", "nf4", "sequence",
-            "GPUs").
-        args: the options to add or change, as typed (["--grad-checkpointing", "--batch-size", "2"]; on more
-            GPUs, "--gpus", "N", "--sharding", "fsdp").
+            "GPUs"): labels to show, never compared.
+        steps: the same as keys ("checkpointing", "batch", "adamw-8bit", "nf4", "sequence", "gpus"): what
+            answers compare (an alternative fix is one of other steps).
+        changes: the fields set, in order (Change): (("grad_checkpointing", True), ("batch_size", 2),
+            ("grad_accum", 2)); on more GPUs ("gpus", N), ("sharding", "fsdp").
         case: the changed case.
         required_bytes: its peak plus runtime (per GPU).
         spare_bytes: the capacity left after the allowance.
     """
 
     kinds: Tuple[str, ...]
-    args: Tuple[str, ...]
+    changes: Change
     case: Case
     required_bytes: int
     spare_bytes: int
+    steps: Tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -108,34 +117,66 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> Optional[int]:
     return lo
 
 
-# The on/off memory savers, cheapest first: (kind, the options that turn it on, the setup change, whether it
-# applies to a case). None of them changes the data (batch, sequence) or the GPUs.
+@dataclass(frozen=True)
+class Saver:
+    """An on/off memory saver: it changes neither the data (batch, sequence) nor the GPUs.
+
+    Attributes:
+        key: its name, compared where answers tell fixes apart.
+        kind: its label in answers.
+        change: the setup fields it sets.
+        applies: whether it applies to a case (not on already, and possible there).
+        with_more_gpus: whether the "more GPUs" fix may add it. Quantizing the base changes the weights that
+            are trained on; a fix that already adds GPUs keeps them as given.
+    """
+
+    key: str
+    kind: str
+    change: Change
+    applies: Callable[["Case"], bool]
+    with_more_gpus: bool = True
+
+
+# The savers, cheapest first.
 SAVERS = (
     # recomputes each layer in backward: the same result, about a third more compute
-    ("checkpointing", ("--grad-checkpointing",), {"grad_checkpointing": True},
-     lambda case: not case.setup.grad_checkpointing),
+    Saver("checkpointing", "checkpointing", (("grad_checkpointing", True),), lambda case: not case.setup.grad_checkpointing),
     # Liger's fused linear cross-entropy (transformers' use_liger_kernel): the same loss, no full logits
-    ("fused loss", ("--loss", "fused-linear"), {"loss": "fused-linear"},
-     lambda case: case.setup.loss == "standard" and case.setup.device == "cuda"),
+    Saver("fused-loss", "fused loss", (("loss", "fused-linear"),),
+          lambda case: case.setup.loss == "standard" and case.setup.device == "cuda"),
     # without Triton (on a CPU) lorabench's chunked loss does the same; it cannot soft-cap (Gemma 2)
-    ("chunked loss", ("--loss", "chunked"), {"loss": "chunked"},
-     lambda case: case.setup.loss == "standard" and case.setup.device != "cuda" and not case.spec.final_softcap),
+    Saver("chunked-loss", "chunked loss", (("loss", "chunked"),),
+          lambda case: case.setup.loss == "standard" and case.setup.device != "cuda" and not case.spec.final_softcap),
     # Dettmers et al. 2021: 8-bit optimizer states, the same accuracy (paged ones count the same on the GPU)
-    ("8-bit AdamW", ("--optimizer", "adamw-8bit"), {"optimizer": "adamw-8bit"},
-     lambda case: case.setup.optimizer == "adamw"),
+    Saver("adamw-8bit", "8-bit AdamW", (("optimizer", "adamw-8bit"),), lambda case: case.setup.optimizer == "adamw"),
     # QLoRA (Dettmers et al. 2023): adapter methods only; autocast needs fp32 weights, so not under it
-    ("nf4 base (QLoRA)", ("--dtype", "nf4"), {"dtype": "nf4"},
-     lambda case: (case.method.allows_quantized_base and case.setup.dtype not in QUANTIZED
-                   and not case.setup.autocast)),
+    Saver("nf4", "nf4 base (QLoRA)", (("dtype", "nf4"),),
+          lambda case: (case.method.allows_quantized_base and case.setup.dtype not in QUANTIZED
+                        and not case.setup.autocast), with_more_gpus=False),
 )
 
 
-def savers(case: Case) -> List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]]:
+@dataclass(frozen=True)
+class Combo:
+    """Savers turned on together: their labels (kinds) and keys (steps), their changes, the setup they give,
+    and whether the "more GPUs" fix may use them."""
+
+    kinds: Tuple[str, ...]
+    changes: Change
+    setup: TrainingSetup
+    with_more_gpus: bool = True
+    steps: Tuple[str, ...] = ()
+
+
+def savers(case: Case) -> List[Combo]:
     """The savers not yet on (SAVERS), alone and together, cheapest first; the first is the setup as given."""
-    combos: List[Tuple[Tuple[str, ...], Tuple[str, ...], TrainingSetup]] = [((), (), case.setup)]
-    for kind, args, change, applies in SAVERS:  # each saver extends every combination before it
-        if applies(case):
-            combos += [(kinds + (kind,), a + args, replace(setup, **change)) for kinds, a, setup in combos]
+    combos: List[Combo] = [Combo((), (), case.setup)]
+    for saver in SAVERS:  # each saver extends every combination before it
+        if saver.applies(case):
+            combos += [Combo(c.kinds + (saver.kind,), c.changes + saver.change,
+                             replace(c.setup, **dict(saver.change)), c.with_more_gpus and saver.with_more_gpus,
+                             c.steps + (saver.key,))
+                       for c in combos]
     return combos
 
 
@@ -157,53 +198,55 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
         return []
     out: List[Fix] = []
 
-    def add(kinds, args, changed: Case):
-        out.append(Fix(kinds, args, changed, required_bytes(changed), spare_bytes(changed, capacity, fraction)))
+    def add(c: Combo, step: Optional[str], label: Optional[str], changes: Change, changed: Case):
+        kinds, steps = (c.kinds, c.steps) if step is None else (c.kinds + (label,), c.steps + (step,))
+        out.append(Fix(kinds, c.changes + changes, changed, required_bytes(changed),
+                       spare_bytes(changed, capacity, fraction), steps))
 
     combos = savers(case)
     s = case.setup
-    for kinds, args, setup in combos[1:]:  # the savers alone and together
-        if fits(replace(case, setup=setup), capacity, fraction):
-            add(kinds, args, replace(case, setup=setup))
+    for c in combos[1:]:  # the savers alone and together
+        if fits(replace(case, setup=c.setup), capacity, fraction):
+            add(c, None, None, (), replace(case, setup=c.setup))
     sequences = s.batch_size * s.grad_accum  # sequences per optimizer step, kept
-    for kinds, args, setup in combos:  # where a whole batch is too much: smaller micro-batches, accumulated
-        if s.batch_size == 1 or fits(replace(case, setup=setup), capacity, fraction):
+    for c in combos:  # where a whole batch is too much: smaller micro-batches, accumulated
+        if s.batch_size == 1 or fits(replace(case, setup=c.setup), capacity, fraction):
             continue
         for b in _divisors_below(sequences, s.batch_size):
-            smaller = replace(case, setup=replace(setup, batch_size=b, grad_accum=sequences // b))
+            smaller = replace(case, setup=replace(c.setup, batch_size=b, grad_accum=sequences // b))
             if fits(smaller, capacity, fraction):
-                add(kinds + ("batch",), args + ("--batch-size", str(b), "--grad-accum", str(sequences // b)), smaller)
+                add(c, "batch", "batch", (("batch_size", b), ("grad_accum", sequences // b)), smaller)
                 break
     offload = case.parallel.cpu_offload
     if case.parallel.strategy.offloads_params and not offload:
-        for kinds, args, setup in combos:  # shards and optimizer in host memory, with the fewest savers
-            moved = replace(case, setup=setup, parallel=replace(case.parallel, cpu_offload=True))
+        for c in combos:  # shards and optimizer in host memory, with the fewest savers
+            moved = replace(case, setup=c.setup, parallel=replace(case.parallel, cpu_offload=True))
             if fits(moved, capacity, fraction):
-                add(kinds + ("CPU offload",), args + ("--cpu-offload",), moved)
+                add(c, "cpu-offload", "CPU offload", (("cpu_offload", True),), moved)
                 break
-    sharded = [c for c in combos if "nf4 base (QLoRA)" not in c[0]]
+    sharded = [c for c in combos if c.with_more_gpus]
     # more GPUs, fully sharded: the fewest, with the fewest savers. Savers only take bytes away: where all of
     # them together leave no count that fits, none does, and the counts need not be searched once per saver
-    everything = replace(case, setup=sharded[-1][2]).plan()
+    everything = replace(case, setup=sharded[-1].setup).plan()
     if fewest_gpus(everything, "fsdp", capacity, fraction, offload, max_gpus) is None:
         sharded = []
-    for kinds, args, setup in sharded:
-        g = fewest_gpus(replace(case, setup=setup).plan(), "fsdp", capacity, fraction, offload, max_gpus)
+    for c in sharded:
+        g = fewest_gpus(replace(case, setup=c.setup).plan(), "fsdp", capacity, fraction, offload, max_gpus)
         if g is not None and g > 1 and (g, "fsdp") != (case.parallel.gpus, case.parallel.sharding):
             # (on one GPU, these savers are a fix of their own, listed above)
-            add(kinds + (f"{g} GPUs (FSDP)",), args + ("--gpus", str(g), "--sharding", "fsdp"),
-                replace(case, setup=setup, parallel=Parallel(g, "fsdp", offload)))
+            add(c, "gpus", f"{g} GPUs (FSDP)", (("gpus", g), ("sharding", "fsdp")),
+                replace(case, setup=c.setup, parallel=Parallel(g, "fsdp", offload)))
             break
     kept = len(out)
-    for kinds, args, setup in combos:  # where even one sequence is too long: a shorter one
-        one = replace(setup, batch_size=1)
+    for c in combos:  # where even one sequence is too long: a shorter one
+        one = replace(c.setup, batch_size=1)
         if fits(replace(case, setup=one), capacity, fraction):
             continue
         n = _largest(1, s.seq_len - 1, lambda n: fits(replace(case, setup=replace(one, seq_len=n)), capacity, fraction))
         if n is not None and (2 * round_down(n) >= s.seq_len or not kept):
             n = round_down(n)
-            batch = ("--batch-size", "1") if s.batch_size > 1 else ()
-            add(kinds + ("sequence",), args + batch + ("--seq-len", str(n)),
+            batch = (("batch_size", 1),) if s.batch_size > 1 else ()
+            add(c, "sequence", "sequence", batch + (("seq_len", n),),
                 replace(case, setup=replace(one, seq_len=n)))
     return out
 
@@ -311,9 +354,9 @@ def fit_rows(cases: List[Case], gpu: str, capacity: int,
                            "max_batch_size": lim.max_batch_size, "max_seq_len": lim.max_seq_len,
                            "max_rank": lim.max_rank, "max_positions": case.spec.max_positions or None,
                            "notes": [n for n in (positions_note(case.spec, s.seq_len),) if n]})
-        for kinds, args, changed in savers(case):
-            alt = replace(case, setup=changed)
+        for c in savers(case):
+            alt = replace(case, setup=c.setup)
             left = spare_bytes(alt, capacity, fraction)
-            knob_rows.append({**base, "change": " + ".join(kinds) or "as given", "args": list(args),
+            knob_rows.append({**base, "change": " + ".join(c.kinds) or "as given", "changes": c.changes,
                               "fits": left >= 0, "required_bytes": required_bytes(alt), "spare_bytes": left})
     return limit_rows, knob_rows

@@ -29,10 +29,6 @@ from lorabench.models.spec import ModelSpec
 # --gpus and the fewest-GPUs search stop here: data parallelism alone (DDP, ZeRO, FSDP) over more GPUs than
 # this is not how anyone fine-tunes, and FSDP2's padding only grows with N past a tensor's dim 0.
 MAX_GPUS = 4096
-# torch.nn.parallel.distributed: _DEFAULT_BUCKET_CAP_MB = 25 (MiB), the first bucket
-# dist._DEFAULT_FIRST_BUCKET_BYTES = 1 MiB. Bucket sizes change when gradients are sent, not how many bytes.
-DDP_BUCKET_BYTES = 25 * 2 ** 20
-DDP_FIRST_BUCKET_BYTES = 2 ** 20
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,10 @@ import difflib
 from typing import Dict, List, Optional
 
 from lorabench.errors import LorabenchError
-from lorabench.estimator.fit import Case, fixes, overflow, smallest_gpu
 from lorabench.estimator.memory import ALLOWANCE_SOURCE
 from lorabench.render.formats import (GIB, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_COLUMNS, SHARD_COLUMNS, _text,
                               fit_width, gib, ms, render, size, wrap)
-from lorabench.estimator.sharding import STRATEGIES, Parallel, plan_need_bytes
+from lorabench.estimator.sharding import STRATEGIES
 
 
 def memory_text(spec, rows, setup, chosen, targets, fmt, wide, columns, allowance, width):
@@ -117,35 +116,6 @@ def pick_columns(text: str):
                                  "or the table's titles (method,rank,peak,fits,spare,...).")
         out.append(known[name])
     return tuple(dict.fromkeys(out))
-
-
-def fix_dict(fix):
-    return None if fix is None else {"kinds": list(fix.kinds), "args": list(fix.args),
-                                     "required_bytes": fix.required_bytes, "spare_bytes": fix.spare_bytes}
-
-
-def add_verdicts(spec, rows, methods, targets, setup, chosen, allowance, parallel: Parallel = Parallel()):
-    """The verdict fields of each memory row: on a GPU, the largest component and the cheapest change that
-    fits (fix, fix_args, fix_required_bytes, fix_spare_bytes); without one, the smallest catalog GPU (that
-    holds one GPU's share, on several)."""
-
-    by_name = {m.name: m for m in methods}
-    for row in rows:
-        case = Case(spec, by_name[row["method"]], row["rank"], targets, setup, parallel)
-        if chosen is None:
-            plan = case.plan()
-            row["smallest_gpu"] = smallest_gpu(plan.parts, allowance, plan_need_bytes(plan, parallel, allowance),
-                                               bf16=setup.uses_bf16)
-            continue
-        name, big, _ = overflow(row, chosen.memory_bytes)
-        row.update({"largest_component": name, "largest_component_bytes": big})
-        found = [] if row["fits"] else fixes(case, chosen.memory_bytes, allowance)
-        first = found[0] if found else None
-        # another way, of another kind: the first that changes none of what the cheapest changes, else the first
-        # that does not merely add to it
-        other = next((f for f in found[1:] if not set(f.kinds) & set(first.kinds)), None) or next(
-            (f for f in found[1:] if not set(first.kinds) <= set(f.kinds)), None)
-        row["fix"], row["fix_alternative"] = fix_dict(first), fix_dict(other)
 
 
 def verdict_line(row: Dict, fix: Optional[Dict], alternative: Optional[Dict], width: int) -> str:

@@ -1,0 +1,39 @@
+"""The one place where a change to a setup (a field and a value, as the estimator gives it) is spelled as the
+options a user types: ("grad_checkpointing", True) is --grad-checkpointing, ("batch_size", 2) is
+--batch-size 2. The estimator names no option; answers (CLI, API, reports) carry both the change and these
+options."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+# TrainingSetup and Parallel fields, and the option that sets each.
+FLAGS: Dict[str, str] = {
+    "grad_checkpointing": "--grad-checkpointing", "loss": "--loss", "optimizer": "--optimizer", "dtype": "--dtype",
+    "batch_size": "--batch-size", "grad_accum": "--grad-accum", "seq_len": "--seq-len",
+    "cpu_offload": "--cpu-offload", "gpus": "--gpus", "sharding": "--sharding",
+}
+
+
+def args(changes: Iterable[Tuple[str, object]]) -> List[str]:
+    """The options that make `changes`, in their order: a flag alone for True, else the flag and its value."""
+    out: List[str] = []
+    for field, value in changes:
+        out += [FLAGS[field]] if value is True else [FLAGS[field], str(value)]
+    return out
+
+
+def with_args(row: Optional[Dict]) -> Optional[Dict]:
+    """The row with its "changes" spelled as "args" (options), in the same place among its keys."""
+    if row is None or "changes" not in row:
+        return row
+    return {("args" if k == "changes" else k): (args(v) if k == "changes" else v) for k, v in row.items()}
+
+
+def spelled(rows: List[Dict]) -> List[Dict]:
+    """Memory rows with their verdict's changes (fix, fix_alternative) spelled as options; in place."""
+    for row in rows:
+        for key in ("fix", "fix_alternative"):
+            if row.get(key) is not None:
+                row[key] = with_args(row[key])
+    return rows
