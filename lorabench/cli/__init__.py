@@ -20,7 +20,7 @@ from lorabench.safety import files as safeio
 from lorabench.safety import signals
 from lorabench.cli.options import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFloat, BoundedInt, Text, cost_options,
                                distributed_options, format_option, method_options, model_options, parallel_options,
-                               setup_options, targets_note)
+                               setup_options)
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu, gpu_note
@@ -140,43 +140,11 @@ def pick_gpu(name):
     return get_gpu(name)
 
 
-def quantized_methods(methods, methods_from_all, setup):
-    """'all' on a quantized base means every method that can run on one; a note names the ones left out."""
-    if setup.dtype not in QUANTIZED or not methods_from_all:
-        return methods
-    dropped = [m.name for m in methods if not m.allows_quantized_base]
-    if dropped:
-        note(f"{', '.join(dropped)} left out: they write the base weights, which a {setup.dtype} base cannot hold.")
-    return tuple(m for m in methods if m.allows_quantized_base)
-
-
-def usable_methods(spec, methods, methods_from_all, ranks, targets):
-    """--method all, or several models, keeps the methods that can adapt these targets of this model (PEFT's
-    DoRA cannot adapt fused experts) and says which it left out; a method asked for by name for one model is
-    refused in one line instead."""
-    if not methods_from_all:
-        return methods
-    from lorabench.estimator.params import count_params
-
-    kept, refused = [], []
-    for m in methods:
-        try:
-            count_params(spec, m, ranks[0] if m.uses_rank else None, targets)
-            kept.append(m)
-        except LorabenchError as exc:
-            refused.append((m, exc))
-    if not any(m.uses_rank for m in kept) and refused:
-        raise refused[0][1]  # bad input for every adapter method: the error, not a note
-    for m, exc in refused:
-        note(f"{spec.name}: {m.name} left out: {exc}")
-    return tuple(kept)
-
-
 def each_model(specs, methods, methods_from_all, ranks, targets):
-    """(spec, the methods it can take) for each model, in order: with several models, a method one of them
-    cannot take is left out for that model with a note (usable_methods)."""
-    for spec in specs:
-        yield spec, usable_methods(spec, methods, methods_from_all or len(specs) > 1, ranks, targets)
+    """(spec, the methods it can take) per model, notes on stderr (api.each_model)."""
+    from lorabench import api
+
+    return api.each_model(specs, methods, methods_from_all, ranks, targets, note)
 
 
 def terminal_width() -> int:
@@ -205,11 +173,9 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
         lorabench params --d 4096 --method lora --rank 8
         lorabench params --config ./my-model/config.json --targets all-linear -f json
     """
-    from lorabench.estimator.rows import param_rows
+    from lorabench import api
 
-    per_model = [(spec, param_rows(spec, used, ranks, targets))
-                 for spec, used in each_model(specs, methods, methods_from_all, ranks, targets)]
-    note(targets_note(methods, targets))  # after the rows: an error above it stays the only line
+    per_model = api.param_answer(specs, methods, methods_from_all, ranks, targets, note)
     if fmt not in ("table", "markdown"):
         click.echo(render([r for _, rows in per_model for r in rows], fmt, PARAM_COLUMNS))
         return
@@ -274,10 +240,9 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
         lorabench memory -m llama-3-70b --method lora --dtype nf4 --gpu RTX-4090 --gpus 2 --sharding fsdp
         lorabench memory -m llama-3-8b --method lora --gpu A100-40GB --check -f json > plan.json
     """
-    from lorabench.estimator.rows import memory_rows
-    from lorabench.estimator.verdict import add_verdicts
+    from lorabench import api
+
     from lorabench.render.answer import memory_text, pick_columns
-    from lorabench.render.flags import spelled
 
     picked = pick_columns(columns) if columns else None  # a bad name is an error before any work
     chosen = pick_gpu(gpu)
@@ -286,21 +251,14 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
     if check and chosen is None:
         raise click.UsageError("--check needs --gpu: whether each case fits that GPU.")
     allowance = headroom / 100
-    methods = quantized_methods(methods, methods_from_all, setup)
-    per_model = []
-    for spec, used in each_model(specs, methods, methods_from_all, ranks, targets):
-        rows = memory_rows(spec, used, ranks, targets, setup, chosen, mfu, allowance=allowance, cost=cost,
-                           parallel=parallel)
-        add_verdicts(spec, rows, used, targets, setup, chosen, allowance, parallel)
-        spelled(rows)
-        per_model.append((spec, used, rows))
-    note(targets_note(methods, targets))
+    per_model = api.memory_answer(specs, methods, methods_from_all, ranks, targets, setup, parallel, chosen, mfu,
+                                  allowance, cost, note)
     if fmt not in ("table", "markdown"):
-        click.echo(render([r for _, _, rows in per_model for r in rows], fmt, MEMORY_COLUMNS))
+        click.echo(render([r for _, rows in per_model for r in rows], fmt, MEMORY_COLUMNS))
     else:
         click.echo(_blocks(memory_text(spec, rows, setup, chosen, targets, fmt, wide, picked, allowance,
-                                       terminal_width()) for spec, used, rows in per_model))
-    misses = [r for _, _, rows in per_model for r in rows if not r["fits"]] if check else []
+                                       terminal_width()) for spec, rows in per_model))
+    misses = [r for _, rows in per_model for r in rows if not r["fits"]] if check else []
     if misses:
         click.echo(f"lorabench: --check: {len(misses)} case(s) do not fit the {chosen.name}.", err=True)
         click.get_current_context().exit(1)
@@ -335,11 +293,11 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
         lorabench fit -m qwen3-8b --gpu-memory 48 --method lora --grad-checkpointing -f json
         lorabench fit -m llama-3-70b --gpu RTX-4090 --gpus 2 --sharding fsdp --method lora --dtype nf4
     """
+    from lorabench import api
+
     import json
 
-    from lorabench.estimator.fit import fit_rows, search_cases
     from lorabench.render.answer import fit_text
-    from lorabench.render.flags import with_args
 
     if (gpu is None) == (gpu_memory is None):
         raise click.UsageError("give --gpu NAME or --gpu-memory GIB (one of them).")
@@ -348,15 +306,8 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
         label, capacity = chosen.name, chosen.memory_bytes
     else:
         label, capacity = f"{gpu_memory:g} GiB GPU", int(gpu_memory * 2 ** 30)
-    allowance = headroom / 100
-    methods = quantized_methods(methods, methods_from_all, setup)
-    limit_rows, knob_rows = [], []
-    for spec, used in each_model(specs, methods, methods_from_all, ranks, targets):
-        limits_, knobs = fit_rows(search_cases(spec, used, ranks, targets, setup, parallel), label, capacity,
-                                  allowance)
-        limit_rows += limits_
-        knob_rows += [with_args(k) for k in knobs]
-    note(targets_note(methods, targets))
+    limit_rows, knob_rows = api.fit_answer(specs, methods, methods_from_all, ranks, targets, setup, parallel, label,
+                                           capacity, headroom / 100, note)
     if fmt == "json":
         click.echo(json.dumps({"limits": limit_rows, "knobs": knob_rows}, indent=2))
     elif fmt == "csv":
@@ -494,6 +445,7 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
         lorabench report -m llama-3-8b -m mistral-7b --method lora,vera,full --gpu A100-80GB
         lorabench report -m tiny-llama --bench --steps 3 --name tiny-bench
     """
+    from lorabench import api, extras
     from lorabench.measure.envinfo import command_line
     from lorabench.report.build import FILES, build_report, check_name, default_name, report_markdown, write_report
 
@@ -503,6 +455,9 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
                  if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply with --bench.")
+    extras.require("report", "lorabench report")
+    if bench:
+        extras.require("bench", "lorabench report --bench")
     specs = _report_specs(models, configs, dims)
     shallow = [s.name for s in specs if layers and not s.single_matrix and s.num_layers <= layers]
     name = check_name(name) if name is not None else default_name(specs)
@@ -532,7 +487,7 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
             click.echo(f"wrote {path}{os.sep} ({', '.join(sorted(FILES))})")
     if path is None:
         ctx.exit(1)
-    note(targets_note(methods, targets))
+    note(api.targets_note(methods, targets))
     if shallow:
         note(f"--layers {layers} is not fewer than the layers of {', '.join(shallow)}: measured whole.")
     if targets is not None and any(s.single_matrix for s in specs):
@@ -592,9 +547,12 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
         lorabench bench --model llama-3-8b --layers 2 --impl lorabench --method all
         lorabench bench -m tiny-llama --device cpu --nproc 2 --sharding fsdp --method full,lora --loop plain
     """
+    from lorabench import api, extras
+
     ctx = click.get_current_context()
     device = None if ctx.get_parameter_source("device") == click.core.ParameterSource.DEFAULT else setup.device
     chosen = pick_gpu(gpu)  # bad input is refused before the output is claimed
+    extras.require("bench", "lorabench bench")
     target = safeio.check_output_file(output, force=force) if output is not None else None  # before torch
 
     rows: list = []
@@ -659,7 +617,7 @@ def bench(specs, layers, methods, methods_from_all, ranks, targets, setup, steps
                                if mine or len(done) == 1))
     else:
         click.echo(render(rows, fmt, BENCH_COLUMNS))
-    note(targets_note(methods, targets))
+    note(api.targets_note(methods, targets))
     if stopped:
         saved = f"; those are in {output}" if sink is not None and sink.rows and write_error is None else ""
         finished = len(rows) if distributed is None else len(rows) // distributed[0]  # a row per rank

@@ -17,6 +17,7 @@ import re
 import click
 from click.core import ParameterSource
 
+from lorabench.bounds import DEFAULT_MODEL, MAX_ALPHA, MAX_BATCH, MAX_RANK, MAX_SEQ_LEN, MAX_STEPS, MAX_TOKENS
 from lorabench.models.hfconfig import MAX_LAYERS, MAX_WIDTH
 from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
                               MAX_LOSS_CHUNK, OPTIMIZERS, TrainingSetup)
@@ -25,12 +26,6 @@ from lorabench.render.formats import FORMATS
 from lorabench.models.hub import resolve_model, resolve_specs
 from lorabench.models.spec import from_dimension
 
-MAX_RANK = 1 << 16
-MAX_BATCH = 1 << 20
-MAX_SEQ_LEN = 1 << 24
-MAX_STEPS = 100_000
-MAX_ALPHA = 1e6
-DEFAULT_MODEL = "llama-3-8b"
 
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 # decimal notation, and the words float() knows for the non-finite values (refused below, by name)
@@ -312,14 +307,6 @@ def format_option(fn):
                         help="table and markdown for people; csv and json carry every field.")(fn)
 
 
-def targets_note(methods, targets) -> str:
-    """A note when --targets was given but no chosen method has targets (full fine-tuning only)."""
-    if targets is not None and not any(m.uses_rank for m in methods):
-        return "--targets does not apply to full fine-tuning, which trains every weight; it is ignored."
-    return ""
-
-
-MAX_TOKENS = 10 ** 15  # a thousand times the largest pre-training runs published (~10^13 tokens)
 _SUFFIXED_RE = re.compile(r"([0-9]+(\.[0-9]+)?)([kKmMbBtT])")
 
 

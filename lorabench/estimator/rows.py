@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from lorabench.errors import LorabenchError
 from lorabench.estimator.compute import (CostSetup, StepTime, device_for_gpu, estimate_flops, estimate_step_time,
                                estimate_training_cost)
 from lorabench.gpus import GPU
@@ -29,6 +30,29 @@ def _cases(methods: Sequence[Method], ranks: Sequence[int]):
                 yield method, rank
         else:
             yield method, None
+
+
+def usable_methods(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
+                   targets) -> Tuple[List[Method], List[Tuple[Method, LorabenchError]]]:
+    """The methods that can adapt spec's targets at every rank, and (method, why) for each one left out.
+
+    A method only this model refuses (PEFT's DoRA cannot adapt a mixture of experts' fused experts) is left
+    out with its reason; targets or ranks that no adapter method takes for this model are an error.
+
+    Raises:
+        LorabenchError: every adapter method asked for refuses spec's targets or ranks.
+    """
+    kept, refused = [], []
+    for method in methods:
+        try:
+            for rank in ranks if method.uses_rank else [None]:
+                count_params(spec, method, rank, targets)
+            kept.append(method)
+        except LorabenchError as exc:
+            refused.append((method, exc))
+    if refused and not any(m.uses_rank for m in kept):
+        raise refused[0][1]  # bad input for this model, not one method's limit: the error
+    return kept, refused
 
 
 def spec_notes(spec: ModelSpec, targets: Optional[Iterable[str] | str]) -> List[str]:

@@ -31,11 +31,10 @@ from lorabench.report import folder as reportfolder, plots
 from lorabench.safety import signals
 from lorabench.measure.envinfo import capture_environment, utc_now
 from lorabench.errors import LorabenchError
-from lorabench.estimator.rows import memory_rows, param_rows
+from lorabench.estimator.rows import memory_rows, param_rows, usable_methods
 from lorabench.gpus import GPU
 from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import Method
-from lorabench.estimator.params import count_params
 from lorabench.render.formats import finite, render
 from lorabench.report.text import report_html, report_markdown
 from lorabench.report.deepdive import seed_rows
@@ -66,29 +65,6 @@ def _key(row: Dict):
 
 def _own_targets(spec: ModelSpec, targets):
     return None if spec.single_matrix else targets  # a --d matrix is its own one target
-
-
-def usable_methods(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int],
-                   targets) -> Tuple[List[Method], List[Dict]]:
-    """The methods that can adapt spec's targets, and {"model", "method", "why"} for each one left out.
-
-    A method only this model refuses (PEFT's DoRA cannot adapt a mixture of experts' fused experts) is left
-    out with its reason; targets or ranks that no adapter method takes for this model are an error.
-
-    Raises:
-        LorabenchError: every adapter method asked for refuses spec's targets or ranks.
-    """
-    kept, refused = [], []
-    for method in methods:
-        try:
-            for rank in ranks if method.uses_rank else [None]:
-                count_params(spec, method, rank, _own_targets(spec, targets))
-            kept.append(method)
-        except LorabenchError as exc:
-            refused.append((method, exc))
-    if refused and not any(m.uses_rank for m in kept):
-        raise refused[0][1]  # bad input for this model, not one method's limit: the error
-    return kept, [{"model": spec.name, "method": m.name, "why": str(exc)} for m, exc in refused]
 
 
 def sweep_rows(plan: Sequence[Tuple[ModelSpec, Sequence[Method]]], ranks: Sequence[int], targets,
@@ -181,9 +157,9 @@ def build_report(specs: Sequence[ModelSpec], methods: Sequence[Method], ranks: S
     started = utc_now()
     plan, left_out = [], []
     for spec in specs:
-        kept, refused = usable_methods(spec, methods, ranks, targets)
+        kept, refused = usable_methods(spec, methods, ranks, _own_targets(spec, targets))
         plan.append((spec, kept))
-        left_out += refused
+        left_out += [{"model": spec.name, "method": m.name, "why": str(exc)} for m, exc in refused]
     for x in left_out:
         note(f"{x['model']}: {x['method']} left out: {x['why']}")
     rows = sweep_rows(plan, ranks, targets, setup, gpu, mfu)

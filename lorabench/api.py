@@ -1,0 +1,276 @@
+"""lorabench's Python API: the answers of `lorabench params`, `memory` and `fit` as the rows their `-f json`
+prints, for a notebook or a script. It imports no torch.
+
+    import lorabench
+
+    rows = lorabench.estimate(model="llama-3-8b", method="lora", rank=16, gpu="RTX-4090")
+    rows[0]["fits"], rows[0]["peak_bytes"], rows[0]["fix"]       # the CLI's JSON fields, in bytes
+    lorabench.fit(model="llama-3-8b", method="lora", gpu="RTX-4090")["limits"][0]["max_seq_len"]
+    lorabench.count_params(model="llama-3-8b", method="lora", rank=8)[0]["trainable_params"]
+
+Every keyword is the CLI's option with '_' for '-' (batch_size for --batch-size); a list or a comma-separated
+string where the CLI repeats an option (method="lora,full", rank=[8, 64], model=[...]). What the CLI prints as
+a note on stderr comes as a LorabenchNote warning. Bad input raises LorabenchError with the CLI's message.
+
+The CLI's commands call the same functions (param_answer, memory_answer, fit_answer), so both give the same
+numbers by construction.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from lorabench.bounds import DEFAULT_MODEL, check_int
+from lorabench.errors import LorabenchError
+from lorabench.estimator.compute import CostSetup
+from lorabench.estimator.fit import fit_rows, search_cases
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, TrainingSetup
+from lorabench.estimator.rows import memory_rows, param_rows, usable_methods
+from lorabench.estimator.sharding import Parallel
+from lorabench.estimator.verdict import add_verdicts
+from lorabench.gpus import GPU, get_gpu, gpu_note
+from lorabench.methods import Method, resolve_methods
+from lorabench.models.hub import resolve_model, resolve_specs
+from lorabench.models.spec import ModelSpec, from_dimension
+from lorabench.render.flags import spelled, with_args
+from lorabench.render.formats import finite
+
+Note = Callable[[str], None]
+Names = Union[str, Iterable[str], None]
+
+
+class LorabenchNote(UserWarning):
+    """A note that comes with an answer (the CLI prints it on stderr): a method left out, a GPU name taken as
+    one of several, targets that do not apply."""
+
+
+def warn(text: str) -> None:
+    if text:
+        warnings.warn(text, LorabenchNote, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The answers, shared with the CLI: specs, methods and setup already resolved; notes told to `note`.
+
+
+def methods_from_all(names: Iterable[str]) -> bool:
+    """Whether the methods were asked for as 'all' (then a method a model cannot take is left out, noted)."""
+    return any(part.strip().lower() == "all" for n in names for part in n.split(","))
+
+
+def quantized_methods(methods: Sequence[Method], from_all: bool, setup: TrainingSetup, note: Note):
+    """'all' on a quantized base means every method that can run on one; a note names the ones left out."""
+    if setup.dtype not in QUANTIZED or not from_all:
+        return tuple(methods)
+    dropped = [m.name for m in methods if not m.allows_quantized_base]
+    if dropped:
+        note(f"{', '.join(dropped)} left out: they write the base weights, which a {setup.dtype} base cannot hold.")
+    return tuple(m for m in methods if m.allows_quantized_base)
+
+
+def each_model(specs: Sequence[ModelSpec], methods: Sequence[Method], from_all: bool, ranks: Sequence[int],
+               targets, note: Note):
+    """(spec, the methods it can take) for each model, in order. With 'all' or several models, a method a
+    model cannot take is left out for it with a note (estimator.rows.usable_methods); a method asked for by
+    name for one model is refused in one line instead."""
+    for spec in specs:
+        if not (from_all or len(specs) > 1):
+            yield spec, tuple(methods)
+            continue
+        kept, refused = usable_methods(spec, methods, ranks, targets)
+        for m, exc in refused:
+            note(f"{spec.name}: {m.name} left out: {exc}")
+        yield spec, tuple(kept)
+
+
+def targets_note(methods: Sequence[Method], targets) -> str:
+    """A note when targets were given but no chosen method has targets (full fine-tuning only)."""
+    if targets is not None and not any(m.uses_rank for m in methods):
+        return "--targets does not apply to full fine-tuning, which trains every weight; it is ignored."
+    return ""
+
+
+def param_answer(specs, methods, from_all, ranks, targets, note: Note) -> List[Tuple[ModelSpec, List[Dict]]]:
+    """`params`: per model, its rows (estimator.rows.param_rows)."""
+    out = [(spec, param_rows(spec, used, ranks, targets))
+           for spec, used in each_model(specs, methods, from_all, ranks, targets, note)]
+    note(targets_note(methods, targets))  # after the rows: an error above it stays the only line
+    return out
+
+
+def memory_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup, parallel: Parallel,
+                  gpu: Optional[GPU], mfu: Optional[float], allowance: float, cost: Optional[CostSetup],
+                  note: Note) -> List[Tuple[ModelSpec, List[Dict]]]:
+    """`memory`: per model, its rows with their verdicts (fits, the cheapest fix as options, ...)."""
+    methods = quantized_methods(methods, from_all, setup, note)
+    out = []
+    for spec, used in each_model(specs, methods, from_all, ranks, targets, note):
+        rows = memory_rows(spec, used, ranks, targets, setup, gpu, mfu, allowance=allowance, cost=cost,
+                           parallel=parallel)
+        add_verdicts(spec, rows, used, targets, setup, gpu, allowance, parallel)
+        out.append((spec, spelled(rows)))
+    note(targets_note(methods, targets))
+    return out
+
+
+def fit_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup, parallel: Parallel, label: str,
+               capacity: int, allowance: float, note: Note) -> Tuple[List[Dict], List[Dict]]:
+    """`fit`: the limit rows and the saver ("knob") rows of every model."""
+    methods = quantized_methods(methods, from_all, setup, note)
+    limit_rows: List[Dict] = []
+    knob_rows: List[Dict] = []
+    for spec, used in each_model(specs, methods, from_all, ranks, targets, note):
+        limits_, knobs = fit_rows(search_cases(spec, used, ranks, targets, setup, parallel), label, capacity,
+                                  allowance)
+        limit_rows += limits_
+        knob_rows += [with_args(k) for k in knobs]
+    note(targets_note(methods, targets))
+    return limit_rows, knob_rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The public keyword API.
+
+
+def _names(value: Names) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def _models(model: Names, config: Names, d: Optional[int], layers: Optional[int]) -> Tuple[ModelSpec, ...]:
+    """The models as the CLI's --model/--config/--d/--layers name them."""
+    models, configs = _names(model), _names(config)
+    if d is not None:
+        if models or configs:
+            raise LorabenchError("give d or model/config, not both.")
+        return (from_dimension(check_int("d", d, 1), check_int("layers", layers or 1, 1)),)
+    specs = tuple(resolve_specs(models, configs)) or (resolve_model(DEFAULT_MODEL),)
+    if layers is not None:
+        check_int("layers", layers, 1)
+        shallow = [s for s in specs if layers > s.num_layers]
+        if shallow:
+            raise LorabenchError(f"{shallow[0].name} has {shallow[0].num_layers} layers; layers cuts a model to "
+                                 f"fewer, got {layers}.")
+        specs = tuple(s.with_layers(layers) for s in specs)
+    return specs
+
+
+def _methods(method: Names, rank) -> Tuple[Tuple[Method, ...], bool, Tuple[int, ...]]:
+    names = _names(method) or ("all",)
+    ranks = (rank,) if isinstance(rank, int) else tuple(rank)
+    if not ranks:
+        raise LorabenchError("no rank given.")
+    ranks = tuple(dict.fromkeys(check_int("rank", r, 1) for r in ranks))
+    return resolve_methods(names), methods_from_all(names), ranks
+
+
+def _setup(fields: Dict) -> TrainingSetup:
+    """A TrainingSetup from the CLI's setup options as keywords; autocast alone implies fp32 weights."""
+    known = set(TrainingSetup.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise LorabenchError(f"unknown keyword(s) {', '.join(unknown)}; the setup's are {', '.join(sorted(known))}.")
+    if fields.get("autocast") and "dtype" not in fields:
+        fields = {**fields, "dtype": "fp32"}
+    if "loss_chunk" in fields and fields.get("loss", "standard") != "chunked":
+        raise LorabenchError(f"loss_chunk applies to loss='chunked' only (got loss={fields.get('loss', 'standard')!r}).")
+    setup = TrainingSetup(**{k: (v.lower() if isinstance(v, str) and k != "autocast" else v)
+                             for k, v in fields.items()})
+    setup.validate()
+    return setup
+
+
+def _parallel(gpus: int, sharding: str, cpu_offload: bool) -> Parallel:
+    parallel = Parallel(gpus, sharding, cpu_offload)
+    parallel.validate()
+    return parallel
+
+
+def _gpu(name: Optional[str]) -> Optional[GPU]:
+    if name is None:
+        return None
+    warn(gpu_note(name))
+    return get_gpu(name)
+
+
+def count_params(model: Names = None, *, method: Names = "all", rank=8, targets: Optional[str] = None,
+                 config: Names = None, d: Optional[int] = None, layers: Optional[int] = None) -> List[Dict]:
+    """Exact trainable and total parameter counts: the rows of `lorabench params -f json`.
+
+    Example:
+        >>> row = count_params(model="llama-3-8b", method="lora", rank=8)[0]
+        >>> row["trainable_params"], row["total_params"]
+        (3407872, 8033669120)
+    """
+    methods, from_all, ranks = _methods(method, rank)
+    answer = param_answer(_models(model, config, d, layers), methods, from_all, ranks, targets, warn)
+    return finite([r for _, rows in answer for r in rows])
+
+
+def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Optional[str] = None,
+             gpu: Optional[str] = None, gpus: int = 1, sharding: str = "none", cpu_offload: bool = False,
+             headroom: float = round(100 * ALLOCATOR_ALLOWANCE, 1), mfu: Optional[float] = None,
+             tokens: Optional[int] = None, dataset_tokens: Optional[int] = None, epochs: Optional[float] = None,
+             price: Optional[float] = None, config: Names = None, d: Optional[int] = None,
+             layers: Optional[int] = None, **setup) -> List[Dict]:
+    """GPU memory, step time and (with tokens) cost of one training step: the rows of `lorabench memory -f json`,
+    verdict included (fits, spare_bytes, largest_component, fix and fix_alternative as the options to add).
+
+    setup: the CLI's setup options as keywords (batch_size, seq_len, dtype, optimizer, grad_checkpointing,
+    loop, loss, autocast, impl, ...).
+
+    Example:
+        >>> row = estimate(model="llama-3-8b", method="lora", rank=16, gpu="RTX-4090", seq_len=4096)[0]
+        >>> row["fits"], row["fix"]["args"]
+        (False, ['--grad-checkpointing', '--loss', 'fused-linear'])
+    """
+    methods, from_all, ranks = _methods(method, rank)
+    chosen = _gpu(gpu)
+    cost = None
+    if tokens is not None or dataset_tokens is not None:
+        if chosen is None:
+            raise LorabenchError("tokens/dataset_tokens need a gpu: time and cost are for a GPU.")
+        if tokens is not None and dataset_tokens is not None:
+            raise LorabenchError("give tokens (all tokens trained) or dataset_tokens with epochs, not both.")
+        cost = CostSetup(tokens=tokens, dataset_tokens=dataset_tokens, epochs=1.0 if epochs is None else epochs,
+                         price_per_gpu_hour=price)
+    elif epochs is not None or price is not None:
+        raise LorabenchError("epochs and price need tokens or dataset_tokens.")
+    answer = memory_answer(_models(model, config, d, layers), methods, from_all, ranks, targets, _setup(setup),
+                           _parallel(gpus, sharding, cpu_offload), chosen, mfu, _headroom(headroom), cost, warn)
+    return finite([r for _, rows in answer for r in rows])
+
+
+def fit(model: Names = None, *, gpu: Optional[str] = None, gpu_memory: Optional[float] = None,
+        method: Names = "all", rank=8, targets: Optional[str] = None, gpus: int = 1, sharding: str = "none",
+        cpu_offload: bool = False, headroom: float = round(100 * ALLOCATOR_ALLOWANCE, 1), config: Names = None,
+        d: Optional[int] = None, layers: Optional[int] = None, **setup) -> Dict[str, List[Dict]]:
+    """What fits a GPU: {"limits": [...], "knobs": [...]}, as `lorabench fit -f json` prints it (the largest
+    batch, sequence and rank per case; each saver combination and whether the setup then fits).
+
+    Example:
+        >>> limits = fit(model="llama-3-8b", method="lora", gpu="RTX-4090")["limits"][0]
+        >>> limits["fits"], limits["max_seq_len"]
+        (False, 1013)
+    """
+    if (gpu is None) == (gpu_memory is None):
+        raise LorabenchError("give gpu=NAME or gpu_memory=GIB (one of them).")
+    if gpu is not None:
+        chosen = _gpu(gpu)
+        label, capacity = chosen.name, chosen.memory_bytes
+    else:
+        if not (isinstance(gpu_memory, (int, float)) and 0 < gpu_memory <= 1e6):
+            raise LorabenchError(f"gpu_memory must be a size in GiB in (0, 1e6], got {gpu_memory!r}.")
+        label, capacity = f"{gpu_memory:g} GiB GPU", int(gpu_memory * 2 ** 30)
+    methods, from_all, ranks = _methods(method, rank)
+    limits, knobs = fit_answer(_models(model, config, d, layers), methods, from_all, ranks, targets, _setup(setup),
+                               _parallel(gpus, sharding, cpu_offload), label, capacity, _headroom(headroom), warn)
+    return finite({"limits": limits, "knobs": knobs})
+
+
+def _headroom(percent: float) -> float:
+    if not (isinstance(percent, (int, float)) and 0 <= percent <= 90):
+        raise LorabenchError(f"headroom must be a percentage in [0, 90], got {percent!r}.")
+    return percent / 100
