@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from lorabench.bounds import DEFAULT_MODEL, check_int
+from lorabench.bounds import DEFAULT_MODEL, MAX_RANK, check_int
 from lorabench.errors import LorabenchError
 from lorabench.estimator.compute import CostSetup
 from lorabench.estimator.fit import fit_rows, search_cases
@@ -159,10 +159,10 @@ def _models(model: Names, config: Names, d: Optional[int], layers: Optional[int]
 
 def _methods(method: Names, rank) -> Tuple[Tuple[Method, ...], bool, Tuple[int, ...]]:
     names = _names(method) or ("all",)
-    ranks = (rank,) if isinstance(rank, int) else tuple(rank)
+    ranks = tuple(rank) if isinstance(rank, (list, tuple)) else (rank,)
     if not ranks:
         raise LorabenchError("no rank given.")
-    ranks = tuple(dict.fromkeys(check_int("rank", r, 1) for r in ranks))
+    ranks = tuple(dict.fromkeys(check_int("rank", r, 1, MAX_RANK) for r in ranks))
     return resolve_methods(names), methods_from_all(names), ranks
 
 
