@@ -274,3 +274,34 @@ def _headroom(percent: float) -> float:
     if not (isinstance(percent, (int, float)) and 0 <= percent <= 90):
         raise LorabenchError(f"headroom must be a percentage in [0, 90], got {percent!r}.")
     return percent / 100
+
+
+def model_rows() -> List[Dict]:
+    """The presets with their exact parameter counts and shapes: `lorabench models -f json`."""
+    from lorabench.estimator.params import count_base_params
+    from lorabench.models.spec import PRESETS
+
+    return [{"model": s.name, "params": count_base_params(s), "hidden_size": s.hidden_size,
+             "intermediate_size": s.intermediate_size, "layers": s.num_layers, "heads": s.num_heads,
+             "kv_heads": s.num_kv_heads, "vocab_size": s.vocab_size, "tied_embeddings": s.tie_embeddings,
+             "num_experts": s.num_experts or None, "experts_per_token": s.experts_per_token or None,
+             "expert_intermediate_size": s.expert_intermediate_size or None}
+            for s in PRESETS.values()]
+
+
+def gpu_rows() -> List[Dict]:
+    """The GPU catalog with its servers, networks and dated prices, each with its source: `lorabench gpus
+    -f json`."""
+    from lorabench.gpus import GPUS, PRICES, node_of
+
+    rows = []
+    for g in GPUS.values():
+        price, node = PRICES.get(g.name), node_of(g)
+        rows.append({"gpu": g.name, "memory_bytes": g.memory_bytes, "bf16_flops": g.bf16_flops,
+                     "fp32_flops": g.fp32_flops, "bandwidth_bytes_s": g.bandwidth_bytes_s,
+                     "interconnect": g.interconnect, "interconnect_bytes_s": g.interconnect_bytes_s,
+                     "gpus_per_node": node.gpus, "network": node.network or None,
+                     "network_bytes_s": node.network_bytes_s or None, "node_source": node.source,
+                     "usd_per_gpu_hour": price.usd_per_gpu_hour if price else None,
+                     "price_source": price.source if price else None, "source": g.source})
+    return rows

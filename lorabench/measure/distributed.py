@@ -24,8 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lorabench.errors import LorabenchError
+from lorabench.estimator.sharding import STRATEGIES
 
-SHARDINGS = ("none", "ddp", "zero2", "fsdp")
+SHARDINGS = tuple(STRATEGIES)  # the estimator's table of what each shards, in its order
 
 
 def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:

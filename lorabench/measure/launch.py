@@ -49,9 +49,9 @@ def check_distributed(nproc: int, sharding: str, setup: TrainingSetup, device: s
         LorabenchError: a bad count or strategy, several processes without a strategy, a loss computed outside
             the model's forward, a quantized base, or more processes than CUDA devices.
     """
-    from lorabench.measure.distributed import SHARDINGS
-    from lorabench.estimator.sharding import Parallel
+    from lorabench.estimator.sharding import STRATEGIES, Parallel
 
+    SHARDINGS = tuple(STRATEGIES)  # the estimator's table: no torch import to check a name
     if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= MAX_NPROC:
         raise LorabenchError(f"--nproc must be an integer from 1 to {MAX_NPROC}, got {nproc!r}.")
     if sharding not in SHARDINGS:
