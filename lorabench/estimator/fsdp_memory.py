@@ -22,12 +22,10 @@ against an estimate that had two layers gathered throughout, and read back in to
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import Dict, Tuple
 
 from lorabench.estimator.memory import Gathered, Held, StepParts, TrainingSetup, optimizer_state_bytes
-
-if TYPE_CHECKING:
-    from lorabench.estimator.sharding import Parallel, Plan
+from lorabench.estimator.parallel import Parallel, Plan
 
 
 def padded_rows(dim0: int, gpus: int) -> int:
@@ -210,8 +208,6 @@ def floor_held(plan: "Plan", parallel: "Parallel") -> Held:
     root's parameters, its early gradients and one layer back-propagating at the end of backward (as
     _early_layers). memory.StepParts.phase_peaks only adds what it is given, so the need it gives is a floor
     for lorabench.estimator.sharding.fewest_gpus."""
-    from lorabench.estimator.sharding import Parallel
-
     one = Parallel(1, parallel.sharding, parallel.cpu_offload)
     c, parts = _sharded_parts(plan, one, 0), plan.parts  # on one GPU every tensor is whole, unpadded
     gathered = gathered_params(c["root"], c["layer"], plan.layout.num_layers, parallel.strategy.keeps_gathered, 2)
