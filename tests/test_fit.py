@@ -12,7 +12,7 @@ from lorabench.estimator.fit import Case, fits, fixes, limits, savers, smallest_
 from lorabench.gpus import GPUS, get_gpu
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, step_parts
 from lorabench.methods import METHODS
-from lorabench.models.spec import PRESETS
+from lorabench.models.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = PRESETS["llama-3-8b"]

@@ -9,9 +9,11 @@ import json
 import pytest
 
 from lorabench.errors import LorabenchError
-from lorabench.models.hfconfig import FAMILIES, MULTIMODAL, from_hf_config, hf_config_dict, load_config
+from lorabench.models.families import FAMILIES, MULTIMODAL
+from lorabench.models.hfconfig import from_hf_config, load_config
+from lorabench.models.hfwrite import hf_config_dict
 from lorabench.estimator.params import count_base_params
-from lorabench.models.spec import PRESETS
+from lorabench.models.presets import PRESETS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -24,12 +24,13 @@ from lorabench.cli.options import (DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedFlo
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu, gpu_note
-from lorabench.models.hfconfig import MAX_WIDTH
+from lorabench.models.keys import MAX_WIDTH
 from lorabench.models.hub import is_local_model, resolve_specs
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, QUANTIZED
 from lorabench.render.formats import (BENCH_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, fit_width, fitted_table,
                               gib, render)
-from lorabench.models.spec import PRESETS, from_dimension, from_name
+from lorabench.models.presets import PRESETS, from_name
+from lorabench.models.spec import from_dimension
 from lorabench.cli.stdout import STDOUT, whole_stdout
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

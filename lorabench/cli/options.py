@@ -17,7 +17,7 @@ import re
 import click
 from click.core import ParameterSource
 
-from lorabench.models.hfconfig import MAX_LAYERS, MAX_WIDTH
+from lorabench.models.keys import MAX_LAYERS, MAX_WIDTH
 from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
                               MAX_LOSS_CHUNK, OPTIMIZERS, TrainingSetup)
 from lorabench.methods import resolve_methods
