@@ -163,7 +163,8 @@ def test_every_spelling_reads_as_transformers_reads_it(model_type, tmp_path):
 def _distinct(family):
     """A small model of family whose every size differs from the class's defaults, so a key read under a
     wrong spelling (and so defaulted) shows."""
-    spec = next(s for s in PRESETS.values() if s.family == family)
+    spec = next((s for s in PRESETS.values() if s.family == family), None) or from_hf_config(
+        {"model_type": family}, name=family)  # a family with no preset: its class's defaults
     extra = dict(num_experts=6, experts_per_token=3, expert_intermediate_size=96) if spec.moe else {}
     if spec.sliding_window:
         extra.update(sliding_window=128, query_pre_attn_scalar=48)
