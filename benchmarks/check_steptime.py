@@ -31,7 +31,7 @@ from lorabench.models.hfconfig import from_hf_config
 from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 REPORTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reports")
 

@@ -29,7 +29,7 @@ from lorabench.gpus import get_gpu
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reports", "multi-gpu")
 MODEL = "llama-3-70b"

@@ -6,7 +6,7 @@ from lorabench.estimator.rows import memory_rows, param_rows
 from lorabench.gpus import get_gpu
 from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 
 @pytest.mark.benchmark(group="estimate")

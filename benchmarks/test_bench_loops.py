@@ -22,7 +22,7 @@ from lorabench.estimator.compute import cpu_device, device_for_gpu, estimate_ste
 from lorabench.estimator.memory import TrainingSetup, estimate_memory
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 SEED = 0
 RANK = 16

@@ -18,7 +18,7 @@ import torch
 from lorabench.estimator.memory import TrainingSetup, estimate_memory
 from lorabench.methods import METHODS
 from lorabench.nn.train import build_training
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 SEED = 0
 ALPHA = 16.0  # TrainingSetup's default; it changes no memory

@@ -279,7 +279,7 @@ def _headroom(percent: float) -> float:
 def model_rows() -> List[Dict]:
     """The presets with their exact parameter counts and shapes: `lorabench models -f json`."""
     from lorabench.estimator.params import count_base_params
-    from lorabench.models.spec import PRESETS
+    from lorabench.models.presets import PRESETS
 
     return [{"model": s.name, "params": count_base_params(s), "hidden_size": s.hidden_size,
              "intermediate_size": s.intermediate_size, "layers": s.num_layers, "heads": s.num_heads,

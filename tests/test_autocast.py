@@ -8,7 +8,7 @@ from lorabench.measure.bench import run_bench
 from lorabench.errors import LorabenchError
 from lorabench.estimator.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts
 from lorabench.methods import METHODS
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 TINY = from_name("tiny-llama")  # d=256, ffn=688, 4 layers, 8 heads (4 kv) of 32, vocab 4096
 D, FFN, R, Q, KV, HEADS, V, L = 256, 688, 8, 256, 128, 8, 4096, 4

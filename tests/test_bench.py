@@ -13,7 +13,7 @@ from lorabench.cli import cli
 from lorabench.measure.probes import LiveTensorTracker, PhaseTimer, storage_bytes, summarize
 from lorabench.estimator.memory import TrainingSetup, estimate_memory
 from lorabench.methods import METHODS
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 TINY = from_name("tiny-llama")  # d=256, ffn=688, 4 layers, 8 heads (4 kv) of 32, vocab 4096
 ALL = tuple(METHODS.values())

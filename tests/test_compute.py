@@ -11,7 +11,8 @@ from lorabench.gpus import PRICES, get_gpu
 from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
-from lorabench.models.spec import PRESETS, from_dimension
+from lorabench.models.presets import PRESETS
+from lorabench.models.spec import from_dimension
 from lorabench.estimator.stepwork import Op
 
 # A device with round numbers and nothing but the roofline: 100 TFLOP/s bf16, 10 fp32, 1 TB/s.

@@ -26,7 +26,7 @@ from lorabench.measure.probes import LiveTensorTracker
 from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, plan_step, rank_memory
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 pytest.importorskip("torch.distributed.fsdp")
 if not torch.distributed.is_available():

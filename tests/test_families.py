@@ -16,7 +16,8 @@ from lorabench.errors import LorabenchError
 from lorabench.models.hfconfig import from_hf_config, load_config
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_active_params, count_base_params, count_params, parse_targets
-from lorabench.models.spec import ARCHS, PRESETS
+from lorabench.models.families import FAMILIES
+from lorabench.models.presets import PRESETS
 
 # Small configs with every feature of their family; GQA and an explicit head_dim where the family has one.
 SMALL = {
@@ -136,7 +137,7 @@ PEFT_CASES = [(family, method, rank, targets)
                                             ("dora", 8, "default"), ("dora", 4, "all-linear"),
                                             ("vera", 16, "default"), ("vera", 8, "all-linear"),
                                             ("lora-fa", 8, "all-linear")]
-              if not (method == "dora" and targets == "all-linear" and ARCHS[family].moe_targets)]
+              if not (method == "dora" and targets == "all-linear" and FAMILIES[family].arch.moe_targets)]
 
 
 @pytest.mark.parametrize("family, method, rank, targets", PEFT_CASES)
@@ -233,7 +234,7 @@ def _memory_spec(family):
 def _methods_for(family, targets):
     """Every method PEFT runs on these targets (DoRA cannot adapt fused experts; VeRA never adapts them)."""
     names = ["full", "lora", "lora-fa", "lora-plus", "vera", "dora"]
-    if targets == "all-linear" and ARCHS[family].moe_targets:
+    if targets == "all-linear" and FAMILIES[family].arch.moe_targets:
         names.remove("dora")
     return [METHODS[m] for m in names]
 
@@ -264,7 +265,7 @@ def _check_memory(family, dtype, ckpt, targets, methods=None, impl="peft"):
 @pytest.mark.parametrize("family", sorted(SMALL))
 def test_memory_within_1pct_of_transformers_peft_all_linear_bf16(family):
     # (the CI subset: every method in every case is test_memory_within_1pct_of_transformers_peft_every_case)
-    last = "lora-fa" if ARCHS[family].moe_targets else "dora"
+    last = "lora-fa" if FAMILIES[family].arch.moe_targets else "dora"
     _check_memory(family, "bf16", False, "all-linear", [METHODS["full"], METHODS["lora"], METHODS[last]])
 
 

@@ -12,7 +12,7 @@ from lorabench.estimator.fit import Case, fits, fixes, limits, required_bytes, s
 from lorabench.gpus import GPUS, get_gpu
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, step_parts
 from lorabench.methods import METHODS
-from lorabench.models.spec import PRESETS
+from lorabench.models.presets import PRESETS
 from lorabench.render import flags
 
 REPO = Path(__file__).resolve().parents[1]

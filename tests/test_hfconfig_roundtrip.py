@@ -9,9 +9,11 @@ import json
 import pytest
 
 from lorabench.errors import LorabenchError
-from lorabench.models.hfconfig import FAMILIES, MULTIMODAL, from_hf_config, hf_config_dict, load_config
+from lorabench.models.families import FAMILIES, MULTIMODAL
+from lorabench.models.hfconfig import from_hf_config, load_config
+from lorabench.models.hfwrite import hf_config_dict
 from lorabench.estimator.params import count_base_params
-from lorabench.models.spec import PRESETS
+from lorabench.models.presets import PRESETS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -161,7 +163,8 @@ def test_every_spelling_reads_as_transformers_reads_it(model_type, tmp_path):
 def _distinct(family):
     """A small model of family whose every size differs from the class's defaults, so a key read under a
     wrong spelling (and so defaulted) shows."""
-    spec = next(s for s in PRESETS.values() if s.family == family)
+    spec = next((s for s in PRESETS.values() if s.family == family), None) or from_hf_config(
+        {"model_type": family}, name=family)  # a family with no preset: its class's defaults
     extra = dict(num_experts=6, experts_per_token=3, expert_intermediate_size=96) if spec.moe else {}
     if spec.sliding_window:
         extra.update(sliding_window=128, query_pre_attn_scalar=48)

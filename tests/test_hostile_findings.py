@@ -12,7 +12,7 @@ from lorabench.gpus import get_gpu
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import MAX_GPUS, Parallel, fewest_gpus, plan_need_bytes, plan_step
-from lorabench.models.spec import PRESETS
+from lorabench.models.presets import PRESETS
 
 GIB = 2 ** 30
 

@@ -10,7 +10,7 @@ from lorabench.gpus import get_gpu
 from lorabench.estimator.memory import TrainingSetup, estimate_memory
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 TINY = from_name("tiny-llama")  # d=256, ffn=688, 4 layers, 8 heads (4 kv) of 32, vocab 4096
 

@@ -12,7 +12,7 @@ from lorabench.estimator.compute import cpu_device, estimate_step_time
 from lorabench.errors import LorabenchError
 from lorabench.estimator.memory import MAX_LOSS_CHUNK, TrainingSetup, estimate_memory, liger_chunk_tokens
 from lorabench.methods import METHODS
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 from lorabench.estimator.stepwork import step_ops
 
 TINY = from_name("tiny-llama")  # d=256, 4 layers, vocab 4096

@@ -10,7 +10,8 @@ from lorabench.gpus import get_gpu
 from lorabench.estimator.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts, weights_bytes
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, fit_on_gpu, plan_step, rank_memory
-from lorabench.models.spec import PRESETS, from_dimension
+from lorabench.models.presets import PRESETS
+from lorabench.models.spec import from_dimension
 
 LLAMA3_8B, LLAMA3_70B = PRESETS["llama-3-8b"], PRESETS["llama-3-70b"]
 GB = 1e9

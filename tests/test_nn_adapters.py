@@ -10,7 +10,7 @@ from torch.func import functional_call
 from lorabench.errors import LorabenchError
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
-from lorabench.models.spec import PRESETS
+from lorabench.models.presets import PRESETS
 from lorabench.nn.adapters import adapter_layers, apply_method
 from lorabench.nn.lora import DoRALinear, LoRALinear
 from lorabench.nn.model import build_model, count_module_params

@@ -1,4 +1,4 @@
-"""lorabench.nn builds every family in specs.ARCHS as transformers does: the same parameter total, logits,
+"""lorabench.nn builds every family in lorabench.models.families.FAMILIES as transformers does: the same parameter total, logits,
 loss and gradients as the transformers model of the same config with the same weights, and in bfloat16 the
 same bits and the same tensors kept for backward."""
 
@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lorabench.models.hfconfig import hf_config_dict
+from lorabench.models.hfwrite import hf_config_dict
 from lorabench.nn.model import build_model, count_module_params
 from lorabench.nn.norms import RMSNorm
-from lorabench.models.spec import PRESETS
+from lorabench.models.presets import PRESETS
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.params import count_base_params
-from lorabench.models.spec import PRESETS, from_dimension
+from lorabench.models.presets import PRESETS
+from lorabench.models.spec import from_dimension
 from lorabench.nn.model import RMSNorm, attention, build_model, count_module_params
 
 SEED = 1234

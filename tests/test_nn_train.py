@@ -8,7 +8,7 @@ import torch
 
 from lorabench.errors import LorabenchError
 from lorabench.methods import METHODS
-from lorabench.models.spec import PRESETS
+from lorabench.models.presets import PRESETS
 from lorabench.nn.delta import DeltaLoRAUpdate
 from lorabench.nn.train import build_training
 

@@ -6,7 +6,8 @@ from hf_configs import HF_CONFIGS
 from lorabench.errors import LorabenchError
 from lorabench.methods import METHODS, resolve_methods
 from lorabench.estimator.params import count_params, parse_targets
-from lorabench.models.spec import PRESETS, from_dimension
+from lorabench.models.presets import PRESETS
+from lorabench.models.spec import from_dimension
 
 LLAMA3_8B = PRESETS["llama-3-8b"]
 

@@ -52,8 +52,8 @@ from lorabench.estimator.compute import MATMUL_EFFICIENCY
 from lorabench.errors import LorabenchError
 from lorabench.estimator.fit import Case, max_rank
 from lorabench.gpus import GPUS
-from lorabench.models.hfconfig import (MAX_CONFIG_BYTES, MAX_DEPTH, MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
-                                load_config)
+from lorabench.models.hfconfig import MAX_CONFIG_BYTES, MAX_DEPTH, load_config
+from lorabench.models.keys import MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
 from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
                               MAX_LOSS_CHUNK, OPTIMIZERS, QUANTIZED, TrainingSetup)
 from lorabench.methods import METHODS
@@ -61,7 +61,8 @@ from lorabench.render.formats import FORMATS, GPU_COLUMNS, MEMORY_COLUMNS, MEMOR
 from lorabench.report.build import FILES
 from lorabench.report.folder import MARKER
 from lorabench.estimator.sharding import MAX_GPUS, STRATEGIES
-from lorabench.models.spec import PRESETS, ModelSpec, from_name
+from lorabench.models.presets import PRESETS, from_name
+from lorabench.models.spec import ModelSpec
 
 pytest.importorskip("hypothesis")  # a test extra (setup.cfg)
 from hypothesis import event, given, note, settings  # noqa: E402

@@ -11,7 +11,7 @@ from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
 from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")

@@ -21,7 +21,7 @@ from lorabench.methods import METHODS
 from lorabench.nn.adapters import apply_method
 from lorabench.nn.model import build_model, iter_targets
 from lorabench.nn.quant import dense_weight
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -165,7 +165,7 @@ def test_quantized_base_refusals():
 
 
 def test_float_bases_never_import_bitsandbytes():
-    code = ("import sys; from lorabench.nn import build_model, apply_method; from lorabench.models.spec import from_name;"
+    code = ("import sys; from lorabench.nn import build_model, apply_method; from lorabench.models.presets import from_name;"
             "m = build_model(from_name('tiny-llama')); apply_method(m, 'dora', 8, quantization=None);"
             "print('bitsandbytes' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

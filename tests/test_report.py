@@ -22,7 +22,7 @@ from lorabench.estimator.rows import memory_rows
 from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.report.deepdive import seed_rows
-from lorabench.models.spec import from_name
+from lorabench.models.presets import from_name
 
 FILES = set(report.FILES)
 MARKED = FILES | {MARKER}  # the files and the marker that says lorabench wrote the folder

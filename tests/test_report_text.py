@@ -20,7 +20,8 @@ from lorabench.estimator.rows import memory_rows
 from lorabench.estimator.memory import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.render.formats import gpus_needed_text
-from lorabench.models.spec import from_dimension, from_name
+from lorabench.models.presets import from_name
+from lorabench.models.spec import from_dimension
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2 ** 20

@@ -26,7 +26,7 @@ from lorabench.estimator.params import count_base_params
 from lorabench.estimator.memory import TrainingSetup, estimate_from_parts
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, fewest_gpus, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
-from lorabench.models.spec import PRESETS, from_name
+from lorabench.models.presets import PRESETS, from_name
 
 TINY = from_name("tiny-llama")
 FULL, LORA = METHODS["full"], METHODS["lora"]

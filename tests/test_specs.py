@@ -9,7 +9,8 @@ from hf_configs import HF_CONFIGS, PUBLISHED_TOTALS
 from lorabench.errors import LorabenchError
 from lorabench.estimator.params import count_base_params
 from lorabench.models.hfconfig import from_hf_config, load_config
-from lorabench.models.spec import PRESETS, from_dimension, from_name
+from lorabench.models.presets import PRESETS, from_name
+from lorabench.models.spec import from_dimension
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_TOTALS))

@@ -64,7 +64,7 @@ def test_moe_stalls_are_a_gpu_cost_only():
     from lorabench.estimator.memory import TrainingSetup
     from lorabench.methods import METHODS
     from lorabench.estimator.params import count_params
-    from lorabench.models.spec import from_name
+    from lorabench.models.presets import from_name
     from lorabench.estimator.stepwork import MOE_STALL_S, step_ops
 
     spec = from_name("mixtral-8x7b").with_layers(2)

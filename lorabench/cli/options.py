@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from lorabench.bounds import DEFAULT_MODEL, MAX_ALPHA, MAX_BATCH, MAX_RANK, MAX_SEQ_LEN, MAX_STEPS, MAX_TOKENS
-from lorabench.models.hfconfig import MAX_LAYERS, MAX_WIDTH
+from lorabench.models.keys import MAX_LAYERS, MAX_WIDTH
 from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
                               MAX_LOSS_CHUNK, OPTIMIZERS, TrainingSetup)
 from lorabench.methods import resolve_methods

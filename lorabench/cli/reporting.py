@@ -12,9 +12,10 @@ from lorabench.cli.options import DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedInt,
 from lorabench.errors import LorabenchError
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
 from lorabench.estimator.memory import QUANTIZED
-from lorabench.models.hfconfig import MAX_WIDTH
+from lorabench.models.keys import MAX_WIDTH
 from lorabench.models.hub import is_local_model, resolve_specs
-from lorabench.models.spec import from_dimension, from_name
+from lorabench.models.presets import from_name
+from lorabench.models.spec import from_dimension
 from lorabench.report import folder as reportfolder
 from lorabench.safety import signals
 

@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 from lorabench.estimator.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes
 from lorabench.methods import Method
 from lorabench.estimator.params import count_params
-from lorabench.models.spec import MOE_TARGETS, ModelSpec
+from lorabench.models.families import MOE_TARGETS
+from lorabench.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from lorabench.errors import LorabenchError
 from lorabench.gpus import MiB
 from lorabench.methods import Method
 from lorabench.estimator.params import ParamCount, adapter_tensors, base_tensors, count_base_params, count_params
-from lorabench.models.spec import MOE_TARGETS, ModelSpec
+from lorabench.models.families import MOE_TARGETS
+from lorabench.models.spec import ModelSpec
 
 # Bytes per element of the dtypes a base, an adapter or an activation can have.
 FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

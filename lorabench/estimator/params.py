@@ -12,7 +12,8 @@ from typing import Dict, Iterable, Optional, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.methods import Method
-from lorabench.models.spec import MOE_TARGETS, ModelSpec
+from lorabench.models.families import MOE_TARGETS
+from lorabench.models.spec import ModelSpec
 
 
 def _target_aliases(spec: ModelSpec) -> Dict[str, str]:

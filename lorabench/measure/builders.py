@@ -13,12 +13,13 @@ from typing import Callable, List, Optional
 import torch
 
 from lorabench.errors import LorabenchError
-from lorabench.models.hfconfig import hf_config_dict
+from lorabench.models.hfwrite import hf_config_dict
 from lorabench.estimator.memory import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.estimator.params import parse_targets
 from lorabench.measure.qlora import load_quantized, quant_state_tensors
-from lorabench.models.spec import MOE_TARGETS, ModelSpec
+from lorabench.models.families import MOE_TARGETS
+from lorabench.models.spec import ModelSpec
 
 IMPLS = ("lorabench", "peft")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,8 +146,8 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     if setup.dtype == "int8" and method.adapter == "dora" and device.type == "cpu":
         raise LorabenchError("PEFT's DoRA on a bitsandbytes int8 base fails on the CPU from its second step "
                              "(bitsandbytes 0.50, PEFT 0.21: the layer's row scales are lost); measure it on CUDA.")
-    if spec.family == "gpt2":
-        raise LorabenchError("--impl peft does not build gpt2 (its Conv1D layers are not wired in); use "
+    if spec.family_row.peft_refusal:
+        raise LorabenchError(f"--impl peft does not build {spec.family} ({spec.family_row.peft_refusal}); use "
                              "--impl lorabench.")
     cfg = dict(hf_config_dict(spec))
     try:

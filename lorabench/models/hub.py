@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.models.hfconfig import config_json_path, load_config, printable_path
-from lorabench.models.spec import PRESETS, ModelSpec, from_name
+from lorabench.models.presets import PRESETS, from_name
+from lorabench.models.spec import ModelSpec
 
 # huggingface_hub's rule for a repository id: ORG/NAME, letters, digits, '-', '_', '.', no '--' or '..'.
 HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

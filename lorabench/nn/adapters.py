@@ -21,7 +21,7 @@ from lorabench.nn.model import Transformer, iter_targets
 from lorabench.nn.quant import QUANTIZED_BASES, is_quantized, quantize_base
 from lorabench.nn.vera import VeRALinear, VeRAProjections
 from lorabench.estimator.params import check_targets, parse_targets
-from lorabench.models.spec import MOE_TARGETS
+from lorabench.models.families import MOE_TARGETS
 
 ADAPTER_TYPES = (LoRALinear, DoRALinear, VeRALinear)
 

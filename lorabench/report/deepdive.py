@@ -15,7 +15,8 @@ from typing import Dict, List, Optional
 
 from lorabench.estimator.rows import param_rows
 from lorabench.methods import METHODS, get_method
-from lorabench.models.spec import from_dimension, from_name
+from lorabench.models.presets import from_name
+from lorabench.models.spec import from_dimension
 
 
 @dataclass(frozen=True)
