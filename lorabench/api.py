@@ -18,11 +18,14 @@ numbers by construction.
 
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from lorabench.bounds import DEFAULT_MODEL, MAX_RANK, check_int
 from lorabench.errors import LorabenchError
+from lorabench.spelling import api_spelling, option
 from lorabench.estimator.compute import CostSetup
 from lorabench.estimator.fit import fit_rows, search_cases
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, TrainingSetup
@@ -46,8 +49,12 @@ class LorabenchNote(UserWarning):
 
 
 def warn(text: str) -> None:
+    """text as a LorabenchNote, attributed to the first caller outside lorabench."""
     if text:
-        warnings.warn(text, LorabenchNote, stacklevel=3)
+        level, frame = 2, sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith("lorabench"):
+            level, frame = level + 1, frame.f_back
+        warnings.warn(text, LorabenchNote, stacklevel=level)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,7 +94,7 @@ def each_model(specs: Sequence[ModelSpec], methods: Sequence[Method], from_all: 
 def targets_note(methods: Sequence[Method], targets) -> str:
     """A note when targets were given but no chosen method has targets (full fine-tuning only)."""
     if targets is not None and not any(m.uses_rank for m in methods):
-        return "--targets does not apply to full fine-tuning, which trains every weight; it is ignored."
+        return f"{option('targets')} does not apply to full fine-tuning, which trains every weight; it is ignored."
     return ""
 
 
@@ -195,6 +202,17 @@ def _gpu(name: Optional[str]) -> Optional[GPU]:
     return get_gpu(name)
 
 
+
+def _keywords(fn):
+    """The public functions: their messages and notes name settings as keywords (spelling.api_spelling)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        with api_spelling():
+            return fn(*args, **kw)
+    return wrapper
+
+
+@_keywords
 def count_params(model: Names = None, *, method: Names = "all", rank=8, targets: Optional[str] = None,
                  config: Names = None, d: Optional[int] = None, layers: Optional[int] = None) -> List[Dict]:
     """Exact trainable and total parameter counts: the rows of `lorabench params -f json`.
@@ -209,6 +227,7 @@ def count_params(model: Names = None, *, method: Names = "all", rank=8, targets:
     return finite([r for _, rows in answer for r in rows])
 
 
+@_keywords
 def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Optional[str] = None,
              gpu: Optional[str] = None, gpus: int = 1, sharding: str = "none", cpu_offload: bool = False,
              headroom: float = round(100 * ALLOCATOR_ALLOWANCE, 1), mfu: Optional[float] = None,
@@ -243,6 +262,7 @@ def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Opt
     return finite([r for _, rows in answer for r in rows])
 
 
+@_keywords
 def fit(model: Names = None, *, gpu: Optional[str] = None, gpu_memory: Optional[float] = None,
         method: Names = "all", rank=8, targets: Optional[str] = None, gpus: int = 1, sharding: str = "none",
         cpu_offload: bool = False, headroom: float = round(100 * ALLOCATOR_ALLOWANCE, 1), config: Names = None,

@@ -97,7 +97,7 @@ def test_notes_come_as_warnings():
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(method="bogus"), "unknown method"), (dict(rank=0), "rank must be"), (dict(rank=2.5), "rank must be"),
-    (dict(batch_size=0), "batch size"), (dict(dtype="fp8"), "dtype"), (dict(gpus=2), "needs --sharding"),
+    (dict(batch_size=0), "batch size"), (dict(dtype="fp8"), "dtype"), (dict(gpus=2), "gpus=2 needs sharding"),
     (dict(bogus=1), "unknown keyword"), (dict(model="no-such-model"), "no-such-model"),
     (dict(tokens=10 ** 9), "need a gpu"), (dict(loss_chunk=64), "loss_chunk applies"),
     (dict(headroom=200), "headroom"),
@@ -107,6 +107,20 @@ def test_bad_input_raises_the_clis_error(kw, msg):
         lorabench.estimate(**kw)
     with pytest.raises(LorabenchError, match="one of them"):
         lorabench.fit(model="llama-3-8b")
+
+
+def test_settings_are_named_as_keywords_in_the_api_and_as_options_in_the_cli():
+    with pytest.raises(LorabenchError, match=r"^gpus=2 needs sharding ddp, zero2 or fsdp"):
+        lorabench.estimate(gpus=2)
+    res = CliRunner().invoke(cli, ["memory", "--gpus", "2"])
+    assert res.exit_code == 2 and "error: --gpus 2 needs --sharding ddp, zero2 or fsdp" in res.stderr
+    _, told = api_call(lorabench.estimate, method="full", targets="q,v")
+    assert told == ["targets does not apply to full fine-tuning, which trains every weight; it is ignored."]
+    _, notes = cli_json("memory", "--method", "full", "-t", "q,v")
+    assert notes == ["--targets does not apply to full fine-tuning, which trains every weight; it is ignored."]
+    # a fix's args are options in both: they are what to type
+    row = lorabench.estimate(method="lora", gpu="RTX-4090", seq_len=8192)[0]
+    assert row["fix"]["args"][0].startswith("--")
 
 
 def test_the_docstrings_examples_run():

@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Dict, Optional
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.estimator.layout import Layout, model_layout
 from lorabench.estimator.memory import StepParts, TrainingSetup, step_parts
 from lorabench.methods import Method
@@ -82,8 +83,8 @@ class Parallel:
         if self.sharding not in STRATEGIES:
             raise LorabenchError(f"unknown sharding '{self.sharding}'; choose from {', '.join(STRATEGIES)}.")
         if self.gpus > 1 and self.sharding == "none":
-            raise LorabenchError(f"--gpus {self.gpus} needs --sharding ddp, zero2 or fsdp: how the GPUs share "
-                                 "the step.")
+            raise LorabenchError(f"{option('gpus', self.gpus)} needs {option('sharding')} ddp, zero2 or fsdp: how "
+                                 "the GPUs share the step.")
 
     @property
     def strategy(self) -> Strategy:

@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.estimator.compute import (CostSetup, StepTime, device_for_gpu, estimate_flops, estimate_step_time,
                                estimate_training_cost)
 from lorabench.gpus import GPU
@@ -195,8 +196,8 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         extra = [positions_note(spec, setup.seq_len), padding_note(plan, parallel)]
         if gpu is not None and setup.uses_bf16 and not gpu.has_bf16:
             extra.append(f"the {gpu.name} has no bf16 arithmetic (NVIDIA's comes with Ampere): torch refuses or "
-                         "emulates a bf16 step there; --dtype fp16 or fp32 (with --adapter-dtype fp32) is what it "
-                         "runs.")
+                         f"emulates a bf16 step there; {option('dtype')} fp16 or fp32 (with "
+                         f"{option('adapter_dtype', 'fp32')}) is what it runs.")
         row["notes"] = list(dict.fromkeys(spec_notes(spec, targets) + list(est.notes) + [n for n in extra if n]))
         row.update({"batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
                     "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing,

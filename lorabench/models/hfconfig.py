@@ -19,6 +19,7 @@ import sys
 from typing import Dict, Optional, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.models.families import FAMILIES, MULTIMODAL, Family
 from lorabench.models.keys import check_value, shown
 from lorabench.models.spec import ModelSpec
@@ -263,7 +264,7 @@ def read_config_text(path: str) -> Tuple[str, str]:
         LorabenchError: empty path, missing, not a regular file, unreadable, too large or not UTF-8.
     """
     if not path or not path.strip():
-        raise LorabenchError("--config is empty; give a config.json or a folder holding one.")
+        raise LorabenchError(f"{option('config')} is empty; give a config.json or a folder holding one.")
     try:
         path.encode(sys.getfilesystemencoding(), "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate no file name decodes to: os.stat raises ValueError on it

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.models.hfconfig import config_json_path, load_config, printable_path
 from lorabench.models.presets import PRESETS, from_name
 from lorabench.models.spec import ModelSpec
@@ -107,13 +108,15 @@ def config_file(repo_id: str) -> str:
         LorabenchError: in one line: no huggingface_hub, not cached while offline, no such (or a gated)
             repository, no config.json in it, or the Hub unreachable.
     """
-    get = f"download it where you are online (hf download {repo_id} config.json) or pass --config with the file"
+    get = (f"download it where you are online (hf download {repo_id} config.json) or pass {option('config')} "
+           "with the file")
     try:
         import huggingface_hub
         from huggingface_hub import errors
     except ImportError:
         raise LorabenchError(f"{repo_id} is a Hugging Face Hub id; reading it needs huggingface_hub "
-                             "(pip install huggingface_hub), or pass --config with its config.json.") from None
+                             f"(pip install huggingface_hub), or pass {option('config')} with its "
+                             "config.json.") from None
     cache = _cache_dir()
     try:
         cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)
@@ -122,7 +125,7 @@ def config_file(repo_id: str) -> str:
     if isinstance(cached, str):
         return cached
     if cached is not None:  # the cache remembers the Hub saying there is none
-        raise LorabenchError(f"{repo_id} has no config.json on the Hub (as cached); pass --config.")
+        raise LorabenchError(f"{repo_id} has no config.json on the Hub (as cached); pass {option('config')}.")
     if _offline():
         raise LorabenchError(f"{repo_id}: config.json is not in the Hugging Face cache and HF_HUB_OFFLINE is "
                              f"set; {get}.")
@@ -140,12 +143,12 @@ def config_file(repo_id: str) -> str:
         raise LorabenchError(f"cannot reach the Hugging Face Hub for {repo_id} ({_root_cause(exc)}); {get}.") from None
     except errors.GatedRepoError:
         raise LorabenchError(f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login), "
-                             "or pass --config with its config.json.") from None
+                             f"or pass {option('config')} with its config.json.") from None
     except errors.RepositoryNotFoundError:
         raise LorabenchError(f"no model {repo_id} on the Hugging Face Hub (or it is private: log in with "
                              "hf auth login).") from None
     except (errors.EntryNotFoundError, getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)):
-        raise LorabenchError(f"{repo_id} has no config.json on the Hub; pass --config.") from None
+        raise LorabenchError(f"{repo_id} has no config.json on the Hub; pass {option('config')}.") from None
     except (errors.HfHubHTTPError, OSError) as exc:
         raise LorabenchError(f"cannot fetch {repo_id}'s config.json from the Hugging Face Hub "
                              f"({_root_cause(exc)}); {get}.") from None

@@ -10,6 +10,7 @@ import difflib
 from typing import Dict
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.models.families import FAMILIES
 from lorabench.models.spec import ModelSpec
 
@@ -96,4 +97,4 @@ def from_name(name: str) -> ModelSpec:
     near = difflib.get_close_matches(key, PRESETS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
     raise LorabenchError(f"unknown model '{name}'.{hint} Run 'lorabench models' for the presets, or give a "
-                         "Hugging Face Hub id (ORG/NAME) or --config.")
+                         f"Hugging Face Hub id (ORG/NAME) or {option('config')}.")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.models.families import FAMILIES, MOE_TARGETS, Arch, Family
 
 
@@ -190,7 +191,7 @@ class ModelSpec:
 def from_dimension(d: int, layers: int = 1) -> ModelSpec:
     """One d x d weight matrix per layer: the worked example of the "Neurons, Weights & Fine-Tuning" deep dive (d=4096, r=8)."""
     if d <= 0 or layers <= 0:
-        raise LorabenchError("--d and --layers must be positive integers.")
+        raise LorabenchError(f"{option('d')} and {option('layers')} must be positive integers.")
     return ModelSpec(name=f"d={d}" + (f" x{layers}" if layers > 1 else ""), hidden_size=d,
                      intermediate_size=d, num_layers=layers, num_heads=1, num_kv_heads=1,
                      head_dim=d, vocab_size=0, single_matrix=True)

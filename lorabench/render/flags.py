@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Tuple
 
-# TrainingSetup and Parallel fields, and the option that sets each.
-FLAGS: Dict[str, str] = {
-    "grad_checkpointing": "--grad-checkpointing", "loss": "--loss", "optimizer": "--optimizer", "dtype": "--dtype",
-    "batch_size": "--batch-size", "grad_accum": "--grad-accum", "seq_len": "--seq-len",
-    "cpu_offload": "--cpu-offload", "gpus": "--gpus", "sharding": "--sharding",
-}
+from lorabench.spelling import OPTIONS
+
+# TrainingSetup and Parallel fields, and the option that sets each (one table: lorabench.spelling).
+FLAGS: Dict[str, str] = OPTIONS
 
 
 def args(changes: Iterable[Tuple[str, object]]) -> List[str]:
