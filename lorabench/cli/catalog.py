@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lorabench.cli import CONTEXT, cli, terminal_width
+from lorabench.cli.main import CONTEXT, cli, terminal_width
 from lorabench.cli.options import format_option
 from lorabench.render.formats import fitted_table, gib
 

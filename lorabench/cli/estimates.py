@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lorabench.cli import CONTEXT, _blocks, cli, note, pick_gpu, terminal_width
+from lorabench.cli.main import CONTEXT, _blocks, cli, note, pick_gpu, terminal_width
 from lorabench.cli.options import (MFU, BoundedFloat, Text, cost_options, format_option, method_options, model_options,
                                    parallel_options, setup_options)
 from lorabench.estimator.compute import MATMUL_EFFICIENCY

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from lorabench.cli import CONTEXT, FAILED, _blocks, cli, each_model, note, one_line, pick_gpu, terminal_width
+from lorabench.cli.main import CONTEXT, FAILED, _blocks, cli, each_model, note, one_line, pick_gpu, terminal_width
 from lorabench.cli.options import (STEPS, BoundedFloat, Text, distributed_options, format_option, method_options,
                                    model_options, setup_options)
 from lorabench.errors import LorabenchError

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from lorabench.cli import CONTEXT, cli, note, one_line, pick_gpu
+from lorabench.cli.main import CONTEXT, cli, note, one_line, pick_gpu
 from lorabench.cli.options import DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedInt, Text, method_options, setup_options
 from lorabench.errors import LorabenchError
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
