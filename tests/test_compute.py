@@ -153,7 +153,7 @@ def test_every_preset_method_and_target_set_has_a_step_time(preset):
     gpu = device_for_gpu(get_gpu("H100-80GB"))
     for method in METHODS.values():
         for targets in (None, "all-linear"):
-            if method.adapter == "dora" and targets and spec.moe:
+            if method.adapter.moe_refusal and not method.adapter.linear_modules_only and targets and spec.moe:
                 continue  # PEFT refuses DoRA on fused experts
             counts = count_params(spec, method, 8, targets)
             for ckpt in (False, True):

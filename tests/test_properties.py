@@ -743,9 +743,9 @@ def valid_setups(draw):
     opts = {"--model": model, "--method": method.name, "--gpu": draw(st.sampled_from(sorted(GPUS)))}
     experts = False  # the router and experts adapted: PEFT's layers only, and no autocast yet
     if method.uses_rank:
-        if draw(st.booleans()) and not (spec.moe and method.name == "dora"):  # PEFT's DoRA: no fused experts
+        if draw(st.booleans()) and not (spec.moe and method.adapter.magnitude):  # PEFT's DoRA: no fused experts
             opts["--targets"] = "all-linear"
-            experts = spec.moe and method.name != "vera"  # (VeRA's all-linear leaves them out)
+            experts = spec.moe and not method.adapter.linear_modules_only  # (VeRA's all-linear leaves them out)
         cap = rank_cap(opts)
         opts["--rank"] = str(draw(st.one_of(st.integers(1, min(cap, 64)), st.integers(1, cap))))
     precisions = ["default", "bf16", "fp16", "fp32"] + ["autocast"] * (not experts) + \

@@ -118,13 +118,12 @@ def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
         # Adapter products: A (r x in) then B (out x r). VeRA runs the same two shapes (shared A, B).
         adapter = 2 * rank * (i + o)
         layer_fwd += adapter
-        weight_grads = (2 * rank * i if method.trains_a else 0) + 2 * rank * o
-        if method.adapter == "vera":
-            weight_grads = 0  # only the scaling vectors learn: elementwise work
+        # (a shared pair's vectors learn by elementwise work)
+        weight_grads = (2 * rank * i if method.trains_a else 0) + (2 * rank * o if method.trains_b else 0)
         layer_bwd += adapter + weight_grads
-        if method.adapter == "dora":
+        if method.adapter.magnitude:
             update += spec.num_layers * 2 * rank * i * o  # B A for ||W + s B A|| each step
-        if method.name == "delta-lora":
+        if method.delta_update:
             update += spec.num_layers * 2 * (2 * rank) * i * o  # W += [B' B][A'; -A] in one product
     attn = 0 if spec.single_matrix else _attention_flops_per_token(spec, setup.seq_len)  # every layer's
     head = 0 if spec.single_matrix else 2 * spec.hidden_size * spec.vocab_size

@@ -116,14 +116,10 @@ def _adapters(spec: ModelSpec, method: Method, rank: int, targets: Tuple[str, ..
                         ParamTensor(f"{name}.lora_B", o, r * e, ad, True, True)]
             continue
         i, o, _ = spec.linear_shapes()[t]
-        if method.adapter == "vera":
-            out += [ParamTensor(f"{t}.lambda_d", rank, 1, ad, True, True),
-                    ParamTensor(f"{t}.lambda_b", o, 1, ad, True, True)]
-            continue
-        out += [ParamTensor(f"{t}.lora_A", rank, i, ad, method.trains_a, True),
-                ParamTensor(f"{t}.lora_B", o, rank, ad, True, True)]
-        if method.adapter == "dora":
-            out.append(ParamTensor(f"{t}.magnitude", o, 1, ad, True, True))
+        if not method.adapter.shared_pair:  # (a shared pair is the root's: model_layout)
+            out += [ParamTensor(f"{t}.lora_A", rank, i, ad, method.trains_a, True),
+                    ParamTensor(f"{t}.lora_B", o, rank, ad, True, True)]
+        out += [ParamTensor(f"{t}.{name}", n, 1, ad, True, True) for name, n in method.adapter.vectors(rank, o)]
     return out
 
 
@@ -141,8 +137,8 @@ def model_layout(spec: ModelSpec, method: Method, rank: Optional[int] = None, ta
     root = []
     if method.uses_rank:
         layer += _adapters(spec, method, rank, counts.targets, setup)
-        if method.adapter == "vera":  # its shared A and B: buffers, on every GPU whole
-            root.append(ParamTensor("vera_shared", counts.shared_buffer_numel, 1, FLOAT_BYTES[setup.adapter_dtype],
+        if method.adapter.shared_pair:  # its shared A and B: buffers, on every GPU whole
+            root.append(ParamTensor(f"{method.adapter.name}_shared", counts.shared_buffer_numel, 1, FLOAT_BYTES[setup.adapter_dtype],
                                     False, True, sharded=False))
     if not spec.single_matrix:
         other = (4 if setup.kbit_prepare else 2) if setup.dtype in QUANTIZED else FLOAT_BYTES[setup.dtype]

@@ -331,11 +331,11 @@ def _adapter_saves(method: Method, setup: TrainingSetup, rank: int, in_f: int, o
     own_copy = not xb == store == ad if peft else xb != ad  # x as A's product reads it is a copy of its own
     mask_bytes = 1 if setup.device == "cuda" else store if peft else xb  # (PEFT drops out its cast of x)
     mask = mask_bytes * in_f if dropout > 0 and live else 0
-    if method.adapter == "vera":
-        return False, mask + ad * (rank + out_f)
     keeps_own = method.trains_a and (dropout > 0 or own_copy)
     saved = mask + (ad * in_f if keeps_own else 0) + ad * rank
-    if method.adapter == "dora":
+    if method.adapter.shared_pair:  # lambda_b's gradient needs its input B(lambda_d * A x)
+        saved += ad * out_f
+    if method.adapter.magnitude:
         # with dropout, PEFT's DoRA recomputes the base output from the dropped x in its own dtype
         # (F.linear(x, W.to(x.dtype)), dora.py): that product is the one kept, and W's copy with it
         base = ad if peft and dropout > 0 else a
@@ -397,7 +397,7 @@ def _consumers_keep_input(names, spec, method, targets, setup, dropout, rank, li
         extra += a * i if needs and xb != a else 0
         casts += _autocast_casts(method, setup, rank, i, o, adapted, live)
         if adapted:
-            if method.adapter == "dora" and setup.impl == "peft" and dropout > 0 and live:
+            if method.adapter.magnitude and setup.impl == "peft" and dropout > 0 and live:
                 # PEFT's DoRA with dropout: W cast to the adapter's dtype (and by autocast to its own), kept by
                 # the product that recomputes the base output (_adapter_saves)
                 casts += (a if setup.autocast else FLOAT_BYTES[setup.adapter_dtype]) * i * o
@@ -475,7 +475,7 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
     setup = setup.for_spec(spec)
     a, s, d, i = setup.act_bytes, setup.stream_bytes, spec.hidden_size, spec.intermediate_size
     arch = spec.arch
-    dropout = 0.0 if method.name == "delta-lora" else setup.dropout
+    dropout = setup.dropout if method.applies_dropout else 0.0
     args = (spec, method, targets, setup, dropout, rank)
     full = method.base_trainable
 
@@ -495,7 +495,7 @@ def _layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: 
         adapter multiplies its output by fp32 parameters cast to x's dtype (lorabench's VeRA lambda_b and
         DoRA scale) or casts its result to x's dtype (PEFT's VeRA): then x's."""
         adapted = method.uses_rank and any(n in targets for n in names)
-        if adapted and (method.adapter == "vera" or (method.adapter == "dora" and setup.impl == "lorabench")):
+        if adapted and (method.adapter.shared_pair or (method.adapter.magnitude and setup.impl == "lorabench")):
             return x_bytes
         return a
 
@@ -596,10 +596,7 @@ def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], tar
     for t in targets:
         in_f, out_f, _ = shapes[t]
         per_layer += a * rank * (in_f + out_f)
-        if method.adapter == "vera":
-            per_layer += a * (rank + out_f)  # lambda_d and lambda_b
-        elif method.adapter == "dora":
-            per_layer += a * out_f  # the magnitude
+        per_layer += a * sum(n for _, n in method.adapter.vectors(rank, out_f))  # VeRA's lambdas, DoRA's m
     return spec.num_layers * per_layer
 
 
@@ -784,9 +781,10 @@ def _trainable_casts(spec: ModelSpec, method: Method, rank: Optional[int], targe
     a, shapes = setup.act_bytes, spec.linear_shapes()
     if method.base_trainable:
         return a * sum(i * o for i, o, _ in shapes.values())
-    if not method.uses_rank or method.adapter == "vera":
+    if not method.uses_rank:
         return 0
-    return a * rank * sum((i if method.trains_a else 0) + o for i, o, _ in (shapes[n] for n in targets))
+    return a * rank * sum((i if method.trains_a else 0) + (o if method.trains_b else 0)
+                          for i, o, _ in (shapes[n] for n in targets))
 
 
 def liger_chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
@@ -992,7 +990,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     if setup.attention == "eager" and spec.arch.attention == "eager":
         notes.append(f"{spec.arch.label} runs eager attention in transformers, which refuses SDPA for it (SDPA "
                      "cannot soft-cap the scores): every layer keeps its s x s scores.")
-    if method.adapter == "dora" and setup.impl == "peft" and setup.dropout > 0:
+    if method.adapter.magnitude and setup.impl == "peft" and setup.dropout > 0:
         notes.append("PEFT's DoRA with dropout recomputes each adapted layer's base output from the dropped input, "
                      "with the weight (dequantized, on a quantized base) cast to the input's dtype: that copy is kept "
                      "until backward, every adapted weight once more. --dropout 0 avoids it.")
@@ -1009,7 +1007,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     w_bytes = weights_bytes(spec, setup.dtype, setup.kbit_prepare)
     ad = FLOAT_BYTES[setup.adapter_dtype]
     adapter = counts.adapter_params * ad
-    if method.adapter == "vera":
+    if method.adapter.shared_pair:
         adapter += counts.shared_buffer_numel * ad
         notes.append("VeRA's shared A and B are buffers: in adapter_bytes, not in the parameter counts.")
     # Trainable tensors live in the base dtype (full) or the adapter dtype.
@@ -1020,12 +1018,12 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     state_bytes = 4 if master else p_bytes
     optim = sum(n * optimizer_state_bytes(setup.optimizer, numel, state_bytes) for numel, n in tensors)
     method_state = 0
-    if method.name == "delta-lora":
+    if method.delta_update:
         # Delta-LoRA (Zi et al. 2023, eq. 4) needs A_t B_t after the step: a copy of A and B.
         method_state = counts.adapter_params * ad
-        notes.append("delta-lora writes W after each step (no gradient or optimizer state for W); "
+        notes.append(f"{method.name} writes W after each step (no gradient or optimizer state for W); "
                      "it keeps a copy of A and B; no dropout on its low-rank path.")
-    if method.name == "full" and not setup.master_weights and p_bytes < 4:
+    if method.base_trainable and not setup.master_weights and p_bytes < 4:
         notes.append("pure low-precision training: gradients and AdamW states in the weights' dtype; "
                      "--master-weights adds fp32 copies and fp32 states.")
     shapes = spec.linear_shapes()
@@ -1034,14 +1032,14 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     dequant = norm_temp = 0
     if setup.dtype in QUANTIZED:
         dequant = max(i * o for i, o, _ in shapes.values()) * (2 if setup.dtype == "nf4" else setup.act_bytes)
-    if method.adapter == "dora" and setup.impl == "peft":
+    if method.adapter.magnitude and setup.impl == "peft":
         # PEFT's DoraLinearLayer.forward, per adapted layer: lora_weight = B(A(eye(in))).T keeps eye(in) and
         # A(eye) for its graph; the norm of W + s * lora_weight builds W cast to x's dtype (when it differs),
         # s * lora_weight and the sum: out x in each, all in the adapter dtype x was cast to.
         ad, a = FLOAT_BYTES[setup.adapter_dtype], setup.act_bytes
         norm_temp = max(ad * (i * i + i * rank + i * o * (3 + (1 if ad != a else 0)))
                         for i, o, _ in (shapes[t] for t in targets))
-    elif method.adapter == "dora":
+    elif method.adapter.magnitude:
         # lorabench's DoRALinear: ||W + s B A|| from one out x in addmm under no_grad.
         norm_temp = max(shapes[t][0] * shapes[t][1] for t in targets) * setup.act_bytes
     # Optimizer step transients: torch's foreach AdamW (the CUDA default) makes one temporary list the size

@@ -132,7 +132,7 @@ def _adapter(ops: _Ops, name: str, t: int, i: int, o: int, rank: int, setup: Tra
         store = FLOAT_BYTES[setup.adapter_dtype]
         casts = (1 if stream_fed else 0) + (2 if peft and not stream_fed and store != a else 0)
         ops.stream(f"{name} x cast", "forward", casts * t * (store + a) * i, launches=casts)
-    if setup.dropout > 0 and method.name != "delta-lora":  # a dropped copy of x and its bool mask
+    if setup.dropout > 0 and method.applies_dropout:  # a dropped copy of x and its bool mask
         ops.stream(f"{name} dropout", "forward", t * (2 * ad + 1) * i)
         ops.stream(f"{name} dropout", "backward", t * (2 * ad + 1) * i)
     if peft and cast:  # _cast_input_dtype: each adapted layer its own copy of x, and the result cast back
@@ -153,27 +153,28 @@ def _adapter(ops: _Ops, name: str, t: int, i: int, o: int, rank: int, setup: Tra
     ops.gemm(f"{name} B dx", "backward", t, o, r, ad)
     if needs_dx:
         ops.gemm(f"{name} A dx", "backward", t, r, i, ad)
-    if method.adapter == "vera":
+    if method.adapter.shared_pair:
         # lambda_d * (A x) (r wide), lambda_b * (B ...) (out wide), added to the result; backward: the
         # vectors' gradients reduce over tokens
         ops.stream(f"{name} vectors", "forward", t * (3 * ad * r + 2 * ad * o + (a + 2 * ad) * o), launches=3)
         ops.stream(f"{name} vectors", "backward", t * (6 * ad * r + 5 * ad * o), launches=5)
         return
-    ops.gemm(f"{name} dB", "backward", o, t, r, ad)
+    if method.trains_b:
+        ops.gemm(f"{name} dB", "backward", o, t, r, ad)
     if method.trains_a:
         ops.gemm(f"{name} dA", "backward", r, t, i, ad)
     if not peft:
         # scale on the r-wide projection, then base + delta (out wide); DoRA: g * y and m's gradient
         ops.stream(f"{name} scale, add", "forward", t * (2 * a * r + 3 * a * o), launches=2)
         ops.stream(f"{name} scale", "backward", t * 2 * a * r)
-        if method.adapter == "dora":
+        if method.adapter.magnitude:
             ops.stream(f"{name} magnitude", "forward", t * 2 * a * o, launches=3)
             ops.stream(f"{name} magnitude", "backward", t * 4 * a * o, launches=3)
             # ||W + s B A|| per row under no_grad: one addmm (out x in, inner r) and the norm's read
             ops.gemm(f"{name} W + sBA", "forward", o, r, i, a)
             ops.stream(f"{name} weight norm", "forward", a * i * o, launches=2)
         return
-    if method.adapter != "dora":
+    if not method.adapter.magnitude:
         # lora_B(lora_A(x)) * scaling, then result + that (in ad)
         ops.stream(f"{name} scale, add", "forward", t * (2 * ad + a + 2 * ad) * o, launches=2)
         ops.stream(f"{name} scale, add", "backward", t * 2 * ad * o)
@@ -462,7 +463,7 @@ def _optimizer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tu
     # CUDA's foreach kernels take the tensors in lists (chunks of dozens per launch); the CPU loops per tensor
     lists = -(-count // 32) if setup.device == "cuda" and setup.optimizer not in BNB_OPTIMIZERS else count
     ops.stream("optimizer step", "optimizer", numel * per, launches=launches * lists)
-    if method.name == "delta-lora":
+    if method.delta_update:
         # W += lambda s [B1 B0][A1; -A0] per adapted layer (lorabench.nn.delta): one addmm of inner 2r, in place
         a, shapes, moe = setup.act_bytes, spec.linear_shapes(), spec.moe_shapes()
         weights = [(n, 1, shapes[n][1], shapes[n][0], rank) for n in targets if n in shapes]

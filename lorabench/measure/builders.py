@@ -23,7 +23,6 @@ from lorabench.models.spec import MOE_TARGETS, ModelSpec
 IMPLS = ("lorabench", "peft")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR = 1e-4
-LORAPLUS_RATIO = 16.0
 
 
 @contextlib.contextmanager
@@ -140,9 +139,9 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         import transformers
     except ImportError:
         raise LorabenchError("--impl peft needs transformers and peft: pip install transformers peft.") from None
-    if method.name == "delta-lora":
-        raise LorabenchError("delta-lora has no PEFT implementation; measure it with --impl lorabench.")
-    if setup.dtype == "int8" and method.adapter == "dora" and device.type == "cpu":
+    if method.delta_update:
+        raise LorabenchError(f"{method.name} has no PEFT implementation; measure it with --impl lorabench.")
+    if setup.dtype == "int8" and method.adapter.magnitude and device.type == "cpu":
         raise LorabenchError("PEFT's DoRA on a bitsandbytes int8 base fails on the CPU from its second step "
                              "(bitsandbytes 0.50, PEFT 0.21: the layer's row scales are lost); measure it on CUDA.")
     if spec.family == "gpt2":
@@ -171,18 +170,18 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     quant_consts = quant_state_tensors(model)
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) + quant_consts}
-    if method.name != "full":
+    if method.uses_rank:
         modules = [spec.peft_name(t) for t in targets]
-        if set(targets) == set(parse_targets(spec, "all-linear", modules_only=method.adapter == "vera")):
+        if set(targets) == set(parse_targets(spec, "all-linear", modules_only=method.adapter.linear_modules_only)):
             modules = "all-linear"  # PEFT's own resolution: its conversion for fused experts included
         elif set(targets) & set(MOE_TARGETS):
             raise LorabenchError("--impl peft adapts a mixture of experts' router and experts through all-linear "
                                  "only (PEFT's conversion for transformers 5); use -t all-linear.")
-        if method.adapter == "vera":
+        if method.adapter.shared_pair:
             pcfg = peft.VeraConfig(r=rank, target_modules=modules, vera_dropout=setup.dropout)
         else:
             pcfg = peft.LoraConfig(r=rank, lora_alpha=setup.alpha, target_modules=modules,
-                                   lora_dropout=setup.dropout, use_dora=method.adapter == "dora")
+                                   lora_dropout=setup.dropout, use_dora=method.adapter.magnitude)
         with expected_library_warnings():
             model = peft.get_peft_model(model, pcfg)
         if not method.trains_a:
@@ -192,11 +191,11 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     model.train()
     runner, base, adapter = _wrapped(model, base_ids, wrap)
     params = [p for p in model.parameters() if p.requires_grad]
-    if method.name == "lora-plus":
+    if method.b_lr_ratio != 1.0:
         from peft.optimizers import create_loraplus_optimizer
 
         opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=LR,
-                                        loraplus_lr_ratio=LORAPLUS_RATIO)
+                                        loraplus_lr_ratio=method.b_lr_ratio)
     elif setup.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     else:
