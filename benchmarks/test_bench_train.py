@@ -15,7 +15,8 @@ import traceback
 import pytest
 import torch
 
-from lorabench.estimator.memory import TrainingSetup, estimate_memory
+from lorabench.estimator.memory import estimate_memory
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.nn.train import build_training
 from lorabench.models.spec import from_name

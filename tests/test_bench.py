@@ -11,7 +11,8 @@ from lorabench.measure import bench as bench_mod
 from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
 from lorabench.measure.probes import LiveTensorTracker, PhaseTimer, storage_bytes, summarize
-from lorabench.estimator.memory import TrainingSetup, estimate_memory
+from lorabench.estimator.memory import estimate_memory
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.models.spec import from_name
 

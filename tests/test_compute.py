@@ -8,7 +8,7 @@ from lorabench.estimator.compute import (MATMUL_EFFICIENCY, CostSetup, Device, d
                                estimate_step_time, estimate_training_cost, op_seconds)
 from lorabench.errors import LorabenchError
 from lorabench.gpus import PRICES, get_gpu
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
 from lorabench.models.spec import PRESETS, from_dimension

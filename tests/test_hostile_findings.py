@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from lorabench.cli import cli
 from lorabench.gpus import get_gpu
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import MAX_GPUS, Parallel, fewest_gpus, plan_need_bytes, plan_step
 from lorabench.models.spec import PRESETS

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from lorabench.estimator.compute import device_for_gpu, estimate_flops, estimate_step_time
-from lorabench.estimator.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts
+from lorabench.estimator.layer_saves import layer_activation_bytes
+from lorabench.estimator.memory import estimate_memory, step_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.params import count_params
 from lorabench.gpus import get_gpu
 from lorabench.methods import ADAPTERS, METHODS, Method, get_method, resolve_methods

@@ -54,8 +54,9 @@ from lorabench.estimator.fit import Case, max_rank
 from lorabench.gpus import GPUS
 from lorabench.models.hfconfig import (MAX_CONFIG_BYTES, MAX_DEPTH, MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
                                 load_config)
-from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
-                              MAX_LOSS_CHUNK, OPTIMIZERS, QUANTIZED, TrainingSetup)
+from lorabench.estimator.optimizer import OPTIMIZERS
+from lorabench.estimator.setup import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
+                                       MAX_LOSS_CHUNK, QUANTIZED, TrainingSetup)
 from lorabench.methods import METHODS
 from lorabench.render.formats import FORMATS, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_COLUMNS, SHARD_COLUMNS
 from lorabench.report.build import FILES

@@ -21,7 +21,8 @@ from lorabench.estimator.compute import device_for_gpu, estimate_step_time
 from lorabench.errors import LorabenchError
 from lorabench.gpus import get_gpu
 from lorabench.estimator.layout import model_layout
-from lorabench.estimator.memory import TrainingSetup, estimate_from_parts
+from lorabench.estimator.memory import estimate_from_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, fewest_gpus, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
 from lorabench.models.spec import PRESETS, from_name

@@ -26,7 +26,8 @@ from lorabench.errors import LorabenchError
 from lorabench.gpus import GPUS, get_gpu, gpu_note
 from lorabench.models.hfconfig import MAX_WIDTH
 from lorabench.models.hub import is_local_model, resolve_specs
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, QUANTIZED
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
+from lorabench.estimator.setup import QUANTIZED
 from lorabench.render.formats import (BENCH_COLUMNS, MEMORY_COLUMNS, PARAM_COLUMNS, bench_text, fit_width, fitted_table,
                               gib, render)
 from lorabench.models.spec import PRESETS, from_dimension, from_name

@@ -18,8 +18,9 @@ import click
 from click.core import ParameterSource
 
 from lorabench.models.hfconfig import MAX_LAYERS, MAX_WIDTH
-from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
-                              MAX_LOSS_CHUNK, OPTIMIZERS, TrainingSetup)
+from lorabench.estimator.optimizer import OPTIMIZERS
+from lorabench.estimator.setup import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
+                                       MAX_LOSS_CHUNK, TrainingSetup)
 from lorabench.methods import resolve_methods
 from lorabench.render.formats import FORMATS
 from lorabench.models.hub import resolve_model, resolve_specs

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU, PRICES
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import Method
 from lorabench.models.spec import ModelSpec
 from lorabench.estimator.stepwork import PHASES, Op, step_ops

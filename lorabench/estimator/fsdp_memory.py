@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, Tuple
 
-from lorabench.estimator.memory import Gathered, Held, StepParts, TrainingSetup, optimizer_state_bytes
+from lorabench.estimator.memory import Gathered, Held, StepParts
+from lorabench.estimator.optimizer import optimizer_state_bytes
+from lorabench.estimator.setup import TrainingSetup
 
 if TYPE_CHECKING:
     from lorabench.estimator.sharding import Parallel, Plan

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from lorabench.estimator.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes
+from lorabench.estimator.setup import FLOAT_BYTES, QUANTIZED, TrainingSetup
+from lorabench.estimator.weights import quantized_linear_bytes
 from lorabench.methods import Method
 from lorabench.estimator.params import count_params
 from lorabench.models.spec import MOE_TARGETS, ModelSpec
@@ -77,7 +78,7 @@ def _base_layer(spec: ModelSpec, method: Method, setup: TrainingSetup):
             # bitsandbytes' Params4bit: two 4-bit codes per byte, stored [ceil(numel / 2), 1] (quantize_4bit)
             packed = math.ceil(i * o / 2)
             out.append(ParamTensor(f"{name}.weight", packed, 1, 1, False))
-            out.append(ParamTensor(f"{name}.quant_state", 1, _quantized_linear_bytes("nf4", i, o) - packed, 1, False,
+            out.append(ParamTensor(f"{name}.quant_state", 1, quantized_linear_bytes("nf4", i, o) - packed, 1, False,
                                    sharded=False))
         elif setup.dtype == "int8":
             # Int8Params [out, in]; its fp32 row scales (SCB) are an attribute of the weight, not a parameter

@@ -13,7 +13,8 @@ from lorabench.estimator.compute import (CostSetup, StepTime, device_for_gpu, es
                                estimate_training_cost)
 from lorabench.gpus import GPU
 from lorabench.estimator.comms import comm_volume, parallel_step_time
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, estimate_from_parts, step_parts
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, estimate_from_parts, step_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import Method
 from lorabench.estimator.params import count_active_params, count_base_params, count_params
 from lorabench.estimator.sharding import (MAX_GPUS, Parallel, Plan, fit_on_gpu, gpus_needed_note, padding_note,

@@ -22,7 +22,8 @@ from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU
 from lorabench.estimator.layout import Layout, model_layout
 from lorabench.estimator.fsdp_memory import floor_held, padded_rows, shard_rows, sharded_held  # noqa: F401 (the estimator's API)
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, Held, StepParts, TrainingSetup, need_bytes, step_parts
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, Held, StepParts, need_bytes, step_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import Method
 from lorabench.models.spec import ModelSpec
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
-from lorabench.estimator.memory import (BNB_OPTIMIZERS, FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes, _trainable_tensors,
-                              liger_chunk_tokens)
+from lorabench.estimator.loss import liger_chunk_tokens
+from lorabench.estimator.optimizer import BNB_OPTIMIZERS, trainable_tensors
+from lorabench.estimator.setup import FLOAT_BYTES, QUANTIZED, TrainingSetup
+from lorabench.estimator.weights import quantized_linear_bytes
 from lorabench.methods import Method
 from lorabench.models.spec import ModelSpec
 
@@ -105,7 +107,7 @@ def _linear(ops: _Ops, name: str, t: int, i: int, o: int, setup: TrainingSetup, 
             if needs_dx:
                 ops.stream(f"{name} dx cast", "backward", t * (a + 4) * i)
     if setup.dtype in QUANTIZED:
-        deq = _quantized_linear_bytes(setup.dtype, i, o) + a * i * o
+        deq = quantized_linear_bytes(setup.dtype, i, o) + a * i * o
         ops.stream(f"{name} dequantize", "forward", deq)
         if needs_dx:
             ops.stream(f"{name} dequantize", "backward", deq)
@@ -191,7 +193,7 @@ def _adapter(ops: _Ops, name: str, t: int, i: int, o: int, rank: int, setup: Tra
     ops.gemm(f"{name} A(eye)", "forward", i, i, r, ad)
     ops.gemm(f"{name} B(A(eye))", "forward", i, r, o, ad)
     if setup.dtype in QUANTIZED:
-        ops.stream(f"{name} dequantize for the norm", "forward", _quantized_linear_bytes(setup.dtype, i, o) + a * i * o)
+        ops.stream(f"{name} dequantize for the norm", "forward", quantized_linear_bytes(setup.dtype, i, o) + a * i * o)
     if w != ad or setup.dtype in QUANTIZED:
         ops.stream(f"{name} W cast", "forward", (w + ad) * i * o)
     ops.stream(f"{name} W + s lora_weight", "forward", 5 * ad * i * o, launches=2, strided=True)
@@ -297,7 +299,7 @@ def _moe(ops: _Ops, spec: ModelSpec, method: Method, rank: Optional[int], target
 def _layer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...], setup: TrainingSetup,
            first: bool, sliding: bool) -> List[Op]:
     """Forward and backward ops of one decoder layer. In the first layer of a frozen model nothing before the
-    first trainable weight needs a gradient (autograd records no op there), as in memory.layer_activation_bytes."""
+    first trainable weight needs a gradient (autograd records no op there), as in layer_saves.layer_activation_bytes."""
     ops = _Ops()
     a, s, t, d, i = setup.act_bytes, setup.stream_bytes, setup.tokens, spec.hidden_size, spec.intermediate_size
     arch, full = spec.arch, method.base_trainable
@@ -449,7 +451,7 @@ def _optimizer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tu
     read or written per parameter. SGD: add_; with momentum mul_, add_ and add_. bitsandbytes' 8-bit AdamW:
     one fused kernel reading and writing p and both 1-byte states, reading g."""
     ops = _Ops()
-    tensors = _trainable_tensors(spec, method, rank, targets)
+    tensors = trainable_tensors(spec, method, rank, targets)
     numel = sum(n * c for n, c in tensors)
     count = sum(c for _, c in tensors)
     p = FLOAT_BYTES.get(setup.dtype, 2) if method.base_trainable else FLOAT_BYTES[setup.adapter_dtype]

@@ -34,7 +34,8 @@ from lorabench.measure.probes import (LiveTensorTracker, MemoryProbe, PhaseTimer
 from lorabench.measure.builders import (BUILDERS, IMPLS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
                                 build_lorabench, build_peft, expected_library_warnings)
 from lorabench.measure.loops import PlainLoop, TrainerLoop
-from lorabench.estimator.memory import QUANTIZED, TrainingSetup, step_parts
+from lorabench.estimator.memory import step_parts
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.render.formats import flops_text
 from lorabench.models.spec import ModelSpec

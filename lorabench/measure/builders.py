@@ -14,7 +14,7 @@ import torch
 
 from lorabench.errors import LorabenchError
 from lorabench.models.hfconfig import hf_config_dict
-from lorabench.estimator.memory import QUANTIZED, TrainingSetup
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.estimator.params import parse_targets
 from lorabench.measure.qlora import load_quantized, quant_state_tensors
