@@ -23,7 +23,8 @@ import peft
 import torch
 import transformers
 
-from lorabench.measure.bench import PHASES, Built, _memory_step
+from lorabench.estimator.setup import PHASES
+from lorabench.measure.bench import Built, _memory_step
 from lorabench.measure.loops import plain_step
 from lorabench.measure.probes import MemoryProbe, PhaseTimer, summarize, warm_cuda_libraries
 

@@ -4,15 +4,16 @@ import math
 
 import pytest
 
-from lorabench.estimator.compute import (MATMUL_EFFICIENCY, CostSetup, Device, device_for_gpu, estimate_flops,
-                               estimate_step_time, estimate_training_cost, op_seconds)
+from lorabench.estimator.compute import Device, MATMUL_EFFICIENCY, device_for_gpu, estimate_step_time, op_seconds
+from lorabench.estimator.cost import CostSetup, estimate_training_cost
+from lorabench.estimator.flops import estimate_flops
 from lorabench.errors import LorabenchError
 from lorabench.gpus import PRICES, get_gpu
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
 from lorabench.models.spec import PRESETS, from_dimension
-from lorabench.estimator.stepwork import Op
+from lorabench.estimator.ops import Op
 
 # A device with round numbers and nothing but the roofline: 100 TFLOP/s bf16, 10 fp32, 1 TB/s.
 PLAIN = Device("plain", 100e12, 10e12, 1e12, 200e12)

@@ -5,7 +5,8 @@ that created the optimizer states)."""
 import pytest
 
 from lorabench.measure.bench import run_bench
-from lorabench.estimator.compute import device_for_gpu, estimate_flops, estimate_step_time
+from lorabench.estimator.compute import device_for_gpu, estimate_step_time
+from lorabench.estimator.flops import estimate_flops
 from lorabench.gpus import get_gpu
 from lorabench.estimator.memory import estimate_memory
 from lorabench.estimator.setup import TrainingSetup

@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lorabench.estimator.compute import device_for_gpu, estimate_flops, estimate_step_time
+from lorabench.estimator.compute import device_for_gpu, estimate_step_time
+from lorabench.estimator.flops import estimate_flops
 from lorabench.estimator.layer_saves import layer_activation_bytes
 from lorabench.estimator.memory import estimate_memory, step_parts
 from lorabench.estimator.setup import TrainingSetup

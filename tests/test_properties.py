@@ -54,7 +54,7 @@ from lorabench.estimator.fit import Case, max_rank
 from lorabench.gpus import GPUS
 from lorabench.models.hfconfig import (MAX_CONFIG_BYTES, MAX_DEPTH, MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
                                 load_config)
-from lorabench.estimator.optimizer import OPTIMIZERS
+from lorabench.estimator.optimizer import OPTIMIZER_NAMES as OPTIMIZERS
 from lorabench.estimator.setup import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
                                        MAX_LOSS_CHUNK, QUANTIZED, TrainingSetup)
 from lorabench.methods import METHODS

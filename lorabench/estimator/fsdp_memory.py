@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, Tuple
 
 from lorabench.estimator.memory import Gathered, Held, StepParts
-from lorabench.estimator.optimizer import optimizer_state_bytes
+from lorabench.estimator.optimizer import OPTIMIZERS, optimizer_state_bytes
 from lorabench.estimator.setup import TrainingSetup
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def _sharded_parts(plan: "Plan", p: "Parallel", gpu_rank: int) -> Dict[str, int]
             c["master"] += count * 4 * local if sb == 4 and t.elem_bytes < 4 else 0
             c["temp"] += count * local * sb
             largest_local = max(largest_local, local * sb)
-    if setup.optimizer != "adamw":
+    if not OPTIMIZERS[setup.optimizer].step_temporaries:
         c["temp"] = 0
     elif setup.device != "cuda":  # torch's per-tensor AdamW: two temporaries of the largest tensor
         c["temp"] = 2 * largest_local

@@ -15,7 +15,7 @@ from lorabench.gpus import MiB
 from lorabench.methods import Method
 from lorabench.estimator.activations import ActivationBreakdown, estimate_activations
 from lorabench.estimator.layer_saves import merges_experts
-from lorabench.estimator.optimizer import optimizer_state_bytes, trainable_tensors
+from lorabench.estimator.optimizer import OPTIMIZERS, optimizer_state_bytes, trainable_tensors
 from lorabench.estimator.params import ParamCount, count_params
 from lorabench.estimator.setup import FLOAT_BYTES, QUANTIZED, TrainingSetup
 from lorabench.estimator.weights import weights_bytes
@@ -279,7 +279,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     # of all exp_avg_sq (sqrt); the per-tensor loop (CPU default) two temporaries of the largest tensor.
     largest = max((numel for numel, _ in tensors), default=0)
     opt_tmp = 0
-    if setup.optimizer == "adamw":
+    if OPTIMIZERS[setup.optimizer].step_temporaries:
         opt_tmp = (counts.trainable_params if setup.device == "cuda" else 2 * largest) * state_bytes
     head_grads = 0
     if method.base_trainable and not spec.single_matrix and not spec.tie_embeddings:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from lorabench.estimator.compute import (CostSetup, StepTime, device_for_gpu, estimate_flops, estimate_step_time,
-                               estimate_training_cost)
+from lorabench.estimator.compute import StepTime, device_for_gpu, estimate_step_time
+from lorabench.estimator.cost import CostSetup, estimate_training_cost
+from lorabench.estimator.flops import estimate_flops
 from lorabench.gpus import GPU
 from lorabench.estimator.comms import comm_volume, parallel_step_time
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, estimate_from_parts, step_parts

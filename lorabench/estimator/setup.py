@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from lorabench.errors import LorabenchError
-from lorabench.estimator.optimizer import OPTIMIZERS
+from lorabench.estimator.optimizer import OPTIMIZER_NAMES
 from lorabench.models.spec import ModelSpec
 
 # Bytes per element of the dtypes a base, an adapter or an activation can have.
@@ -23,6 +23,10 @@ DEVICES = ("cuda", "cpu")
 # Whose layers run the step: "peft" (Hugging Face transformers + PEFT, what users run) or "lorabench"
 # (lorabench.nn's own modules). They differ in what autograd keeps; see lorabench.estimator.layer_saves.
 IMPLS = ("peft", "lorabench")
+# What estimates and bench measure unless told otherwise: what users run.
+DEFAULT_IMPL = "peft"
+# The phases of one step, which memory peaks and step time are split by.
+PHASES = ("forward", "backward", "optimizer")
 # The training loop: "plain" keeps the model's output (its logits) alive through backward and the optimizer
 # step; "trainer" is transformers.Trainer.training_step: only the loss is kept, the outputs are freed before
 # backward.
@@ -81,7 +85,7 @@ class TrainingSetup:
     master_weights: bool = False
     device: str = "cuda"
     alpha: float = 16.0
-    impl: str = "peft"
+    impl: str = DEFAULT_IMPL
     loop: str = "trainer"
     autocast: Optional[str] = None
     grad_accum: int = 1
@@ -97,7 +101,7 @@ class TrainingSetup:
             raise LorabenchError(f"sequence length must be a positive integer, got {self.seq_len!r}.")
         _choice("dtype", self.dtype, DTYPES)
         _choice("adapter dtype", self.adapter_dtype, tuple(FLOAT_BYTES))
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("optimizer", self.optimizer, OPTIMIZER_NAMES)
         _choice("attention", self.attention, ATTENTION)
         _choice("device", self.device, DEVICES)
         _choice("implementation", self.impl, IMPLS)

@@ -20,7 +20,6 @@ from lorabench.estimator.params import parse_targets
 from lorabench.measure.qlora import load_quantized, quant_state_tensors
 from lorabench.models.spec import MOE_TARGETS, ModelSpec
 
-IMPLS = ("lorabench", "peft")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR = 1e-4
 
@@ -101,7 +100,7 @@ def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], target
     from lorabench.nn.adapters import apply_method, param_groups, step_hooks
     from lorabench.nn.model import build_model
     from lorabench.nn.quant import quantize_base
-    from lorabench.nn.train import make_optimizer
+    from lorabench.nn.optim import make_optimizer
 
     quantized = setup.dtype in QUANTIZED
     if setup.kbit_prepare:
@@ -196,10 +195,8 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
 
         opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=LR,
                                         loraplus_lr_ratio=method.b_lr_ratio)
-    elif setup.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     else:
-        from lorabench.nn.train import make_optimizer
+        from lorabench.nn.optim import make_optimizer
 
         opt = make_optimizer(setup.optimizer, [{"params": params}], LR, device=device)
     return Built(runner, opt, [], lambda ids: runner(input_ids=ids, labels=ids), base + quant_consts, adapter)
@@ -210,4 +207,4 @@ KBIT_LORABENCH = ("--kbit-prepare runs PEFT's prepare_model_for_kbit_training on
                   "with --impl peft.")
 
 
-__all__ = ["IMPLS", "TORCH_DTYPES", "Built", "Wrap", "build_lorabench", "build_peft", "BUILDERS", "KBIT_LORABENCH"]
+__all__ = ["TORCH_DTYPES", "Built", "Wrap", "build_lorabench", "build_peft", "BUILDERS", "KBIT_LORABENCH"]

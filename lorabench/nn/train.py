@@ -12,42 +12,12 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
-from lorabench.errors import LorabenchError
 from lorabench.methods import Method, get_method
 from lorabench.nn.adapters import apply_method, param_groups, step_hooks
 from lorabench.nn.model import Transformer, build_model
+from lorabench.nn.optim import make_optimizer
 from lorabench.models.spec import ModelSpec
 
-# bitsandbytes' optimizers by lorabench's names. They run on CPU tensors too (bitsandbytes >= 0.48 has CPU
-# kernels for the 8-bit blockwise update); a paged one falls back to ordinary memory there.
-BNB_OPTIMIZERS = {"adamw-8bit": "AdamW8bit", "paged-adamw-8bit": "PagedAdamW8bit", "paged-adamw": "PagedAdamW"}
-OPTIMIZERS = ("adamw", "sgd", "sgd-momentum") + tuple(BNB_OPTIMIZERS)
-
-
-def make_optimizer(name: str, groups: List[dict], lr: float, weight_decay: float = 0.0,
-                   device: Union[str, torch.device] = "cpu") -> torch.optim.Optimizer:
-    """The optimizer the estimator models under name.
-
-    adamw: torch AdamW (two states per trainable parameter); sgd: no state; sgd-momentum: momentum 0.9
-    (one state); adamw-8bit, paged-adamw-8bit, paged-adamw: bitsandbytes' AdamW8bit, PagedAdamW8bit,
-    PagedAdamW (Dettmers et al. 2021, arXiv:2110.02861; paged: states in CUDA unified memory).
-
-    Raises:
-        LorabenchError: unknown name, or a bitsandbytes optimizer without bitsandbytes.
-    """
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd-momentum":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if name in BNB_OPTIMIZERS:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise LorabenchError(f"{name} needs bitsandbytes: pip install 'lorabench[qlora]'.") from None
-        return getattr(bnb.optim, BNB_OPTIMIZERS[name])(groups, lr=lr, weight_decay=weight_decay)
-    raise LorabenchError(f"unknown optimizer '{name}'; choose from {', '.join(OPTIMIZERS)}.")
 
 
 class Trainer:
@@ -98,7 +68,7 @@ def build_training(spec: ModelSpec, method: Union[str, Method], rank: Optional[i
         spec: model shape.
         method: a METHODS name or Method.
         rank, alpha, targets, dropout, adapter_dtype, quantization: see apply_method.
-        optimizer: one of OPTIMIZERS.
+        optimizer: a name in lorabench.estimator.optimizer.OPTIMIZERS.
         lr: learning rate (of A under LoRA+; B gets lr x b_lr_ratio).
         dtype: base model dtype.
         layers: cut the model to this many blocks (None: spec.num_layers).
@@ -119,4 +89,4 @@ def build_training(spec: ModelSpec, method: Union[str, Method], rank: Optional[i
     return Trainer(model, opt, method, hooks, adapters)
 
 
-__all__ = ["Trainer", "build_training", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["Trainer", "build_training"]
