@@ -134,8 +134,10 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     graph_held = t * (first_held + (L - 1) * rest_held)
     per_token = 16  # input_ids and labels, int64
     if spec.single_matrix:
-        return ActivationBreakdown(t * (per_token + first + (L - 1) * rest) + first_casts + (L - 1) * rest_casts,
-                                   0, t * 2 * a * d, 0, 0, 0)
+        return ActivationBreakdown(
+            saved_bytes=t * (per_token + first + (L - 1) * rest) + first_casts + (L - 1) * rest_casts,
+            recompute_bytes=0, transient_bytes=t * 2 * a * d, logits_held_bytes=0, logits_forward_bytes=0,
+            logits_backward_bytes=0)
     autocast_cache = 0
     if setup.grad_checkpointing:
         # Checkpointing (Chen et al. 2016) keeps each layer's input; backward recomputes one layer at a time.
@@ -186,9 +188,12 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         layer_forward = casts // L
         casts = 0
     transient = _layer_backward_transient(spec, method, targets, setup)
-    return ActivationBreakdown(t * per_token + rope + casts + layer_casts + head_cast, recompute, transient, held,
-                               fwd, bwd, after, cache, layer_forward, t * final + head_cast, autocast_cache,
-                               cache_k_extra, graph_held, graph_held if setup.loop == "plain" else 0)
+    return ActivationBreakdown(
+        saved_bytes=t * per_token + rope + casts + layer_casts + head_cast, recompute_bytes=recompute,
+        transient_bytes=transient, logits_held_bytes=held, logits_forward_bytes=fwd, logits_backward_bytes=bwd,
+        logits_after_forward_bytes=after, cache_bytes=cache, layer_forward_bytes=layer_forward,
+        final_norm_bytes=t * final + head_cast, autocast_cache_bytes=autocast_cache, cache_extra_bytes=cache_k_extra,
+        graph_backward_bytes=graph_held, graph_step_bytes=graph_held if setup.loop == "plain" else 0)
 
 
 def _trainable_casts(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],

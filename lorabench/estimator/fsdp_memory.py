@@ -202,7 +202,8 @@ def sharded_held(plan: "Plan", parallel: "Parallel", gpu_rank: int) -> Tuple[Dic
     # of backward) and that layer's unsharded gradients as they appear.
     last_layer = parts.head_grad_bytes + accum + c["layer_ugrads"]
     end = max(_early_layers(c, layers, accum, off, setup.device, parts), _root_end(c, grads, accum, off, setup.device))
-    return c, Held(persistent, grads, accum, last_layer, end, temp, gathered)
+    return c, Held(persistent_bytes=persistent, grads_bytes=grads, accum_bytes=accum, backward_grads_bytes=last_layer,
+                   end_grads_bytes=end, optimizer_temp_bytes=temp, gathered=gathered)
 
 
 def floor_held(plan: "Plan", parallel: "Parallel") -> Held:
@@ -219,8 +220,10 @@ def floor_held(plan: "Plan", parallel: "Parallel") -> Held:
     gathered = gathered_params(c["root"], c["layer"], plan.layout.num_layers, parallel.strategy.keeps_gathered, 2)
     computing = c["layer"] + max(parts.act.recompute_bytes + parts.layer_temp_bytes,
                                  c["layer_ugrads"] + parts.act.transient_bytes)
-    return Held(c["weights_replicated"] + c["adapter_replicated"], 0, 0, parts.head_grad_bytes + c["layer_ugrads"],
-                c["root"] + c["root_early_grads"] + computing, 0, gathered)
+    return Held(persistent_bytes=c["weights_replicated"] + c["adapter_replicated"], grads_bytes=0, accum_bytes=0,
+                backward_grads_bytes=parts.head_grad_bytes + c["layer_ugrads"],
+                end_grads_bytes=c["root"] + c["root_early_grads"] + computing, optimizer_temp_bytes=0,
+                gathered=gathered)
 
 
 __all__ = ["padded_rows", "shard_rows", "gathered_params", "sharded_held", "floor_held"]

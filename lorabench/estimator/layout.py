@@ -139,8 +139,8 @@ def model_layout(spec: ModelSpec, method: Method, rank: Optional[int] = None, ta
     if method.uses_rank:
         layer += _adapters(spec, method, rank, counts.targets, setup)
         if method.adapter.shared_pair:  # its shared A and B: buffers, on every GPU whole
-            root.append(ParamTensor(f"{method.adapter.name}_shared", counts.shared_buffer_numel, 1, FLOAT_BYTES[setup.adapter_dtype],
-                                    False, True, sharded=False))
+            root.append(ParamTensor(f"{method.adapter.name}_shared", counts.shared_buffer_numel, 1,
+                                    FLOAT_BYTES[setup.adapter_dtype], False, True, sharded=False))
     if not spec.single_matrix:
         other = (4 if setup.kbit_prepare else 2) if setup.dtype in QUANTIZED else FLOAT_BYTES[setup.dtype]
         full, d = method.base_trainable, spec.hidden_size

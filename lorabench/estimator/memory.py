@@ -157,8 +157,10 @@ class StepParts:
         second micro-batch on, every gradient is alive through forward and backward (accumulated in place,
         the head's too)."""
         accum = self.gradients_bytes if self.grad_accum > 1 else 0
-        return Held(self.persistent_bytes, self.gradients_bytes, accum, max(self.head_grad_bytes, accum),
-                    self.gradients_bytes + self.act.transient_bytes, self.optimizer_temp_bytes)
+        return Held(persistent_bytes=self.persistent_bytes, grads_bytes=self.gradients_bytes, accum_bytes=accum,
+                    backward_grads_bytes=max(self.head_grad_bytes, accum),
+                    end_grads_bytes=self.gradients_bytes + self.act.transient_bytes,
+                    optimizer_temp_bytes=self.optimizer_temp_bytes)
 
     def phase_peaks(self, held: Optional[Held] = None) -> Dict[str, int]:
         """Peak bytes per phase on a GPU holding `held` besides activations: by default the whole step on one
@@ -284,10 +286,14 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     head_grads = 0
     if method.base_trainable and not spec.single_matrix and not spec.tie_embeddings:
         head_grads = spec.vocab_size * spec.hidden_size * p_bytes
-    return StepParts(method, counts, w_bytes, adapter, grads, optim, master, method_state, opt_tmp,
-                     head_grads, dequant, estimate_activations(spec, method, rank, targets, setup),
-                     CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
-                     tuple(notes), norm_temp, setup.grad_checkpointing, setup.grad_accum)
+    return StepParts(
+        method=method, counts=counts, weights_bytes=w_bytes, adapter_bytes=adapter, gradients_bytes=grads,
+        optimizer_bytes=optim, master_bytes=master, method_state_bytes=method_state, optimizer_temp_bytes=opt_tmp,
+        head_grad_bytes=head_grads, dequant_bytes=dequant,
+        act=estimate_activations(spec, method, rank, targets, setup),
+        overhead_bytes=CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
+        notes=tuple(notes), norm_temp_bytes=norm_temp, recomputes=setup.grad_checkpointing,
+        grad_accum=setup.grad_accum)
 
 
 def estimate_from_parts(parts: StepParts) -> MemoryEstimate:

@@ -1,9 +1,10 @@
 """`lorabench bench`: real training steps, timed and measured, next to the estimate for the same setup.
 
 For each (method, rank) it builds the model (Hugging Face transformers + PEFT with impl="peft", the default
-everywhere (lorabench.estimator.setup.DEFAULT_IMPL), or lorabench's own modules with impl="lorabench"), runs warm-up steps (first calls, allocator growth and optimizer-state creation stay
-out of the numbers), one step whose memory is read phase by phase, and timed steps. Memory comes from
-the CUDA caching allocator on a GPU and from a live-tensor tracker elsewhere (lorabench.measure.probes).
+everywhere (lorabench.estimator.setup.DEFAULT_IMPL), or lorabench's own modules with impl="lorabench"), runs
+warm-up steps (first calls, allocator growth and optimizer-state creation stay out of the numbers), one step
+whose memory is read phase by phase, and timed steps. Memory comes from the CUDA caching allocator on a GPU
+and from a live-tensor tracker elsewhere (lorabench.measure.probes).
 
 A model cut to N layers (layers=N) is measured as built; the full-depth figures beside it add the
 estimator's per-layer terms for the layers not built (memory) and scale time by the FLOPs.
