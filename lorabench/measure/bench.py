@@ -101,7 +101,7 @@ def _forward_with_loss(built: Built, spec: ModelSpec, setup: TrainingSetup, devi
 
 
 
-Step = Callable[[torch.Tensor, Callable[[str], None]], None]
+Step = Callable[[torch.Tensor, Callable[[str], None]], torch.Tensor]
 
 
 def _stepper(built: Built, setup: TrainingSetup, device: torch.device):
@@ -339,7 +339,7 @@ def _preload(impl: str, quantized: bool = False) -> None:
 
     import lorabench.nn.adapters  # noqa: F401
     import lorabench.nn.model  # noqa: F401
-    import lorabench.nn.train  # noqa: F401
+    import lorabench.nn.optim  # noqa: F401
     if quantized:
         with contextlib.suppress(ImportError):  # (the builders say so, per case)
             import bitsandbytes  # noqa: F401

@@ -88,8 +88,10 @@ def _named_tensors(model: torch.nn.Module) -> list:
 
 
 def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
-                    device: torch.device, seed: int = 0, wrap: Optional[Wrap] = None) -> Built:
-    """lorabench.nn's model with method applied, its optimizer and after-step hooks. A quantized base
+                    device: torch.device, seed: int = 0, wrap: Optional[Wrap] = None, lr: float = LR,
+                    delta_lambda: float = 0.5, delta_start_step: int = 0) -> Built:
+    """lorabench.nn's model with method applied, its optimizer (setup.optimizer at lr, in the method's param
+    groups) and after-step hooks (Delta-LoRA's update with delta_lambda from delta_start_step). A quantized base
     (setup.dtype nf4 or int8) is built in bf16, its decoder projections put on bitsandbytes' layers
     (lorabench.nn.quant), and the adapters wrap those. wrap (a data-parallel strategy) is applied before the
     optimizer is made.
@@ -115,8 +117,8 @@ def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], target
                  adapter_dtype=TORCH_DTYPES[setup.adapter_dtype], quantization=setup.dtype if quantized else None)
     model.train()
     runner, base, adapter = _wrapped(model, base_ids, wrap)
-    opt = make_optimizer(setup.optimizer, param_groups(model, method, LR), LR, device=device)
-    hooks = step_hooks(model, method)
+    opt = make_optimizer(setup.optimizer, param_groups(model, method, lr), lr, device=device)
+    hooks = step_hooks(model, method, delta_lambda, delta_start_step)
     return Built(runner, opt, hooks, lambda ids: runner(input_ids=ids, labels=ids), base + quant_consts, adapter)
 
 
