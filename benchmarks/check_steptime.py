@@ -28,7 +28,7 @@ from lorabench.estimator.compute import Device, StepTime, device_for_gpu, estima
 from lorabench.estimator.compute import cpu_device as compute_cpu_device
 from lorabench.gpus import get_gpu
 from lorabench.models.hfconfig import from_hf_config
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
 from lorabench.models.presets import from_name

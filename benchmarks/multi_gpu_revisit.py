@@ -26,7 +26,8 @@ from lorabench.estimator.comms import comm_volume, parallel_step_time
 from lorabench.estimator.compute import device_for_gpu, estimate_step_time
 from lorabench.estimator.fit import Case, limits
 from lorabench.gpus import get_gpu
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
 from lorabench.models.presets import from_name

@@ -4,7 +4,7 @@ import pytest
 
 from lorabench.estimator.rows import memory_rows, param_rows
 from lorabench.gpus import get_gpu
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.models.presets import from_name
 

@@ -19,7 +19,8 @@ import torch
 
 from lorabench.measure.bench import BUILDERS, _forward_with_loss, _stepper
 from lorabench.estimator.compute import cpu_device, device_for_gpu, estimate_step_time
-from lorabench.estimator.memory import TrainingSetup, estimate_memory
+from lorabench.estimator.memory import estimate_memory
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
 from lorabench.models.presets import from_name

@@ -15,9 +15,11 @@ import traceback
 import pytest
 import torch
 
-from lorabench.estimator.memory import TrainingSetup, estimate_memory
+from lorabench.estimator.memory import estimate_memory
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
-from lorabench.nn.train import build_training
+from lorabench.measure.builders import build_lorabench
+from lorabench.measure.loops import PlainLoop
 from lorabench.models.presets import from_name
 
 SEED = 0
@@ -52,6 +54,15 @@ def _token_ids(vocab_size: int, batch: int, seq: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(SEED))
 
 
+def _trainer(spec, method, rank, dtype, device):
+    """lorabench.nn's model with method applied, its AdamW and hooks (measure.builders.build_lorabench), stepped by
+    the plain loop (measure.loops.PlainLoop): .model, .step(ids) -> the loss."""
+    device = torch.device(device)
+    setup = TrainingSetup(dtype=dtype, alpha=ALPHA, device=device.type, impl="lorabench", loop="plain")
+    built = build_lorabench(spec, METHODS[method], rank, None, setup, device, SEED)
+    return PlainLoop(built, 1, device)
+
+
 def _free_cuda() -> None:
     gc.collect()
     torch.cuda.empty_cache()
@@ -61,8 +72,9 @@ def _free_cuda() -> None:
 def cuda_warm():
     """One tiny bf16 LoRA step (bf16 and fp32 matmuls, SDPA, AdamW) before any baseline is read: cuBLAS
     workspaces go through the caching allocator and stay for the process, so they belong to no step."""
-    trainer = build_training(from_name(CPU_MODEL), "lora", CPU_RANK, dtype=torch.bfloat16, device="cuda")
-    trainer.step(_token_ids(trainer.model.spec.vocab_size, CPU_BATCH, CPU_SEQ).cuda())
+    spec = from_name(CPU_MODEL)
+    trainer = _trainer(spec, "lora", CPU_RANK, "bf16", "cuda")
+    trainer.step(_token_ids(spec.vocab_size, CPU_BATCH, CPU_SEQ).cuda())
     torch.cuda.synchronize()
     del trainer
     _free_cuda()
@@ -86,8 +98,7 @@ def _measure_cuda_step(benchmark, spec, method, rank):
         return loss
 
     try:
-        state["trainer"] = build_training(spec, method, rank, ALPHA, dtype=torch.bfloat16, device="cuda",
-                                          seed=SEED)
+        state["trainer"] = _trainer(spec, method, rank, "bf16", "cuda")
         state["ids"] = _token_ids(spec.vocab_size, CUDA_BATCH, CUDA_SEQ).cuda()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -129,10 +140,10 @@ def test_train_step_cuda(benchmark, cuda_warm, method, rank):
 def test_train_step_cpu(benchmark, method):
     spec = from_name(CPU_MODEL)
     rank = CPU_RANK if METHODS[method].uses_rank else None
-    trainer = build_training(spec, method, rank, ALPHA, seed=SEED)
+    trainer = _trainer(spec, method, rank, "fp32", "cpu")
     ids = _token_ids(spec.vocab_size, CPU_BATCH, CPU_SEQ)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    buffers = {n: b.clone() for n, b in trainer.model.named_buffers()}
+    before = {n: p.detach().clone() for n, p in trainer.built.model.named_parameters()}
+    buffers = {n: b.clone() for n, b in trainer.built.model.named_buffers()}
 
     losses = []
 
@@ -145,9 +156,9 @@ def test_train_step_cpu(benchmark, method):
     # on its own batch (by 5e-5 for VeRA, whose b starts at zero, to 0.3 for full fine-tuning).
     assert abs(losses[0].item() - math.log(spec.vocab_size)) < 0.1
     with torch.no_grad():
-        after = trainer.model(ids, labels=ids).loss.item()
+        after = trainer.built.model(ids, labels=ids).loss.item()
     assert math.isfinite(after) and after < losses[-1].item()
-    params = dict(trainer.model.named_parameters())
+    params = dict(trainer.built.model.named_parameters())
     moved = {n for n, p in params.items() if not torch.equal(p, before[n])}
     trainable = {n for n, p in params.items() if p.requires_grad}
     # Delta-LoRA writes the adapted layers' W after the step, without a gradient (Zi et al. 2023, eq. 8).
@@ -155,4 +166,4 @@ def test_train_step_cpu(benchmark, method):
     assert moved & trainable
     assert moved <= trainable | written
     assert written <= moved
-    assert all(torch.equal(b, dict(trainer.model.named_buffers())[n]) for n, b in buffers.items())
+    assert all(torch.equal(b, dict(trainer.built.model.named_buffers())[n]) for n, b in buffers.items())

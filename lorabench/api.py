@@ -26,9 +26,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 from lorabench.bounds import DEFAULT_MODEL, MAX_RANK, check_int
 from lorabench.errors import LorabenchError
 from lorabench.spelling import api_spelling, option
-from lorabench.estimator.compute import CostSetup
+from lorabench.estimator.cost import CostSetup
 from lorabench.estimator.fit import fit_rows, search_cases
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, TrainingSetup
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.estimator.rows import memory_rows, param_rows, usable_methods
 from lorabench.estimator.sharding import Parallel
 from lorabench.estimator.verdict import add_verdicts

@@ -1,16 +1,60 @@
-"""The one registry of fine-tuning methods. Adding a variant means adding one entry here.
+"""The one registry of fine-tuning methods. Adding a variant means adding one entry here (and, for an adapter
+structure not yet in ADAPTERS, its row there and its module in lorabench.nn.adapters).
 
-Each method is described along independent axes (as in PEFT's tuners): the adapter's structure,
-what is trainable, and what the optimizer step does. Pure Python: no torch import.
+Each method is described along independent axes (as in PEFT's tuners): the adapter's structure (ADAPTERS),
+what is trainable, what happens after the optimizer step, and the optimizer's parameter groups. The estimator,
+the nn modules and the measured builders read these axes, never a method's name. Pure Python: no torch import.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from lorabench.errors import LorabenchError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The structure an adapter adds to each target layer.
+
+    Attributes:
+        name: "none", "lora", "vera" or "dora" (the key of ADAPTERS and of lorabench.nn.adapters' modules).
+        low_rank: adds a rank-r path B A (takes a rank); False: no adapter (full fine-tuning).
+        shared_pair: A and B are one frozen random pair shared by every adapted layer (buffers [r, max in] and
+            [max out, r], sliced per layer); each layer trains the vectors lambda_d [r] and lambda_b [out] that
+            scale A x and B(...) instead (VeRA, Kopiczko et al. 2023).
+        magnitude: a trained magnitude vector m [out] rescales W + s B A normalised per output row (DoRA,
+            Liu et al. 2024).
+        linear_modules_only: "all-linear" means the nn.Linear modules only, not a mixture of experts' router
+            and fused experts (PEFT's VeRA has no conversion for them).
+        moe_refusal: why it cannot adapt a mixture of experts' router and experts, or None where PEFT can
+            (lora.ParamWrapper).
+    """
+
+    name: str
+    low_rank: bool
+    shared_pair: bool = False
+    magnitude: bool = False
+    linear_modules_only: bool = False
+    moe_refusal: Optional[str] = None
+
+    def vectors(self, rank: int, out_features: int) -> Tuple[Tuple[str, int], ...]:
+        """(name, numel) of the trained vectors one adapted layer of out_features outputs holds."""
+        return ((("lambda_d", rank), ("lambda_b", out_features)) if self.shared_pair else ()) + \
+            ((("magnitude", out_features),) if self.magnitude else ())
+
+
+ADAPTERS: Dict[str, Adapter] = {a.name: a for a in (
+    Adapter("none", low_rank=False),
+    Adapter("lora", low_rank=True),
+    Adapter("vera", low_rank=True, shared_pair=True, linear_modules_only=True,
+            moe_refusal="PEFT's VeRA adapts nn.Linear modules only (its all-linear leaves them out)."),
+    Adapter("dora", low_rank=True, magnitude=True,
+            moe_refusal="PEFT wraps them in lora.ParamWrapper, which does not work with use_dora=True; target the "
+                        "attention (-t q,k,v,o) or use lora."),
+)}
 
 
 @dataclass(frozen=True)
@@ -18,28 +62,55 @@ class Method:
     """One fine-tuning method.
 
     Attributes:
-        name: the CLI name.
-        adapter: structure added to each target layer: "none", "lora", "vera" or "dora".
-        trains_a: the down-projection A is trained (False for LoRA-FA, whose A is frozen random).
-        updates_base: W changes during training (full fine-tuning, Delta-LoRA).
-        base_trainable: W gets gradients and optimizer state (full fine-tuning only).
-        b_lr_ratio: learning rate of B over that of A (LoRA+), 1 otherwise.
+        name: the CLI name (for display, row keys and messages only: nothing branches on it).
+        adapter: the structure added to each target layer (ADAPTERS).
         summary: one line for tables and --help.
         paper: where the method comes from.
+        trains_a: the down-projection A is trained (False for LoRA-FA, whose A is frozen random, and for a
+            shared pair).
+        base_trainable: W gets gradients and optimizer state (full fine-tuning only).
+        delta_update: after each optimizer step W moves by lambda times the change of s B A (Delta-LoRA, Zi et
+            al. 2023, eq. 7-8): W is written though it gets no gradient, a copy of A and B is kept for the
+            change, and the low-rank path has no dropout, so that the change is the parameters' product alone.
+        b_lr_ratio: learning rate of B over that of A in the optimizer's parameter groups (LoRA+), 1 otherwise.
     """
 
     name: str
-    adapter: str
-    trains_a: bool
-    updates_base: bool
-    base_trainable: bool
+    adapter: Adapter
     summary: str
     paper: str
+    trains_a: bool = False
+    base_trainable: bool = False
+    delta_update: bool = False
     b_lr_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        a = self.adapter
+        if a.low_rank == self.base_trainable:
+            raise ValueError(f"{self.name}: a method trains either W (no adapter) or an adapter.")
+        if self.trains_a and a.shared_pair:
+            raise ValueError(f"{self.name}: a shared pair's A is a frozen buffer.")
+        if (self.delta_update or self.b_lr_ratio != 1.0) and (not a.low_rank or a.shared_pair):
+            raise ValueError(f"{self.name}: Delta-LoRA's update and LoRA+'s ratio need per-layer A and B.")
 
     @property
     def uses_rank(self) -> bool:
-        return self.adapter != "none"
+        return self.adapter.low_rank
+
+    @property
+    def trains_b(self) -> bool:
+        """B is a trained parameter (every low-rank structure but a shared pair)."""
+        return self.adapter.low_rank and not self.adapter.shared_pair
+
+    @property
+    def updates_base(self) -> bool:
+        """W changes during training (full fine-tuning, Delta-LoRA)."""
+        return self.base_trainable or self.delta_update
+
+    @property
+    def applies_dropout(self) -> bool:
+        """Adapter dropout is applied to the low-rank path's input (not under Delta-LoRA's update)."""
+        return not self.delta_update
 
     @property
     def allows_quantized_base(self) -> bool:
@@ -47,26 +118,22 @@ class Method:
         return not self.updates_base
 
 
+LORA, VERA, DORA, NONE = ADAPTERS["lora"], ADAPTERS["vera"], ADAPTERS["dora"], ADAPTERS["none"]
 METHODS: Dict[str, Method] = {m.name: m for m in (
-    Method("full", "none", False, True, True,
-           "every weight trained", "baseline"),
-    Method("lora", "lora", True, False, False,
-           "h = Wx + (alpha/r) B A x, W frozen, B starts at zero", "Hu et al. 2021, arXiv:2106.09685"),
-    Method("lora-fa", "lora", False, False, False,
-           "LoRA with A frozen random: only B trained, x not kept for backward",
+    Method("full", NONE, "every weight trained", "baseline", base_trainable=True),
+    Method("lora", LORA, "h = Wx + (alpha/r) B A x, W frozen, B starts at zero", "Hu et al. 2021, arXiv:2106.09685",
+           trains_a=True),
+    Method("lora-fa", LORA, "LoRA with A frozen random: only B trained, x not kept for backward",
            "Zhang et al. 2023, arXiv:2308.03303"),
-    Method("vera", "vera", False, False, False,
-           "one frozen random A,B pair shared by all layers; per-layer vectors d (r) and b (out)",
+    Method("vera", VERA, "one frozen random A,B pair shared by all layers; per-layer vectors d (r) and b (out)",
            "Kopiczko et al. 2023, arXiv:2310.11454"),
-    Method("delta-lora", "lora", True, True, False,
+    Method("delta-lora", LORA,
            "LoRA whose update delta also moves W: W += lambda (alpha/r)(A'B' - AB), no W gradient",
-           "Zi et al. 2023, arXiv:2309.02411"),
-    Method("lora-plus", "lora", True, False, False,
-           "LoRA with B's learning rate = ratio x A's (16 by default)",
-           "Hayou et al. 2024, arXiv:2402.12354", b_lr_ratio=16.0),
-    Method("dora", "dora", True, False, False,
-           "weight = m (W + sBA) / ||W + sBA||: magnitude vector plus LoRA direction",
-           "Liu et al. 2024, arXiv:2402.09353"),
+           "Zi et al. 2023, arXiv:2309.02411", trains_a=True, delta_update=True),
+    Method("lora-plus", LORA, "LoRA with B's learning rate = ratio x A's (16 by default)",
+           "Hayou et al. 2024, arXiv:2402.12354", trains_a=True, b_lr_ratio=16.0),
+    Method("dora", DORA, "weight = m (W + sBA) / ||W + sBA||: magnitude vector plus LoRA direction",
+           "Liu et al. 2024, arXiv:2402.09353", trains_a=True),
 )}
 
 

@@ -23,8 +23,9 @@ import peft
 import torch
 import transformers
 
-from lorabench.measure.bench import PHASES, Built, _memory_step
-from lorabench.measure.loops import plain_step
+from lorabench.estimator.setup import PHASES
+from lorabench.measure.bench import Built, _memory_step
+from lorabench.measure.loops import PlainLoop
 from lorabench.measure.probes import MemoryProbe, PhaseTimer, summarize, warm_cuda_libraries
 
 # Published config.json values of each model (the fields that shape it), cut to --layers when built.
@@ -120,13 +121,14 @@ def measure(name, cfg, method, rank, targets, ckpt, args, device) -> dict:
         row.update(counts(built.model))
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg["vocab_size"], (1, args.seq_len), generator=g).to(device)
+        loop = PlainLoop(built, 1, device)
         for _ in range(2):  # the first step creates AdamW's states: measure the steady state after it
-            plain_step(built, ids, 1, lambda phase: None)
-        row.update(_memory_step(built, lambda i, mark: plain_step(built, i, 1, mark), ids, probe))
+            loop.step(ids)
+        row.update(_memory_step(built, lambda i, mark: loop.step(i, mark), ids, probe))
         timer = PhaseTimer(device)
         samples = []
         for _ in range(args.steps):
-            plain_step(built, ids, 1, lambda phase: timer.start() if phase == "start" else timer.mark(phase))
+            loop.step(ids, lambda phase: timer.start() if phase == "start" else timer.mark(phase))
             samples.append(timer.finish())
         for phase in PHASES + ("step",):
             row[f"measured_{phase}_ms"] = summarize([s[phase] for s in samples])["median"]

@@ -6,7 +6,9 @@ import pytest
 
 from lorabench.measure.bench import run_bench
 from lorabench.errors import LorabenchError
-from lorabench.estimator.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts
+from lorabench.estimator.layer_saves import layer_activation_bytes
+from lorabench.estimator.memory import estimate_memory, step_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.models.presets import from_name
 

@@ -11,7 +11,8 @@ from lorabench.measure import bench as bench_mod
 from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
 from lorabench.measure.probes import LiveTensorTracker, PhaseTimer, storage_bytes, summarize
-from lorabench.estimator.memory import TrainingSetup, estimate_memory
+from lorabench.estimator.memory import estimate_memory
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.models.presets import from_name
 
@@ -224,7 +225,7 @@ def test_sweep_goes_on_after_oom_and_interrupt_keeps_rows(tmp_path, monkeypatch)
 @pytest.mark.cuda
 def test_bench_on_cuda_every_method_within_tolerance():
     setup = TrainingSetup(batch_size=1, seq_len=512, dtype="bf16")
-    rows = run_bench(TINY, ALL, [8], None, setup, steps=3, warmup=2, progress=False, device="cuda")
+    rows = run_bench(TINY, ALL, [8], None, setup, steps=3, warmup=2, impl="lorabench", progress=False, device="cuda")
     for r in rows:
         assert r["status"] == "ok", r["error"]
         assert abs(r["peak_error_pct"]) < 5.0, (r["method"], r["peak_error_pct"])

@@ -4,16 +4,17 @@ import math
 
 import pytest
 
-from lorabench.estimator.compute import (MATMUL_EFFICIENCY, CostSetup, Device, device_for_gpu, estimate_flops,
-                               estimate_step_time, estimate_training_cost, op_seconds)
+from lorabench.estimator.compute import Device, MATMUL_EFFICIENCY, device_for_gpu, estimate_step_time, op_seconds
+from lorabench.estimator.cost import CostSetup, estimate_training_cost
+from lorabench.estimator.flops import estimate_flops
 from lorabench.errors import LorabenchError
 from lorabench.gpus import PRICES, get_gpu
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
 from lorabench.models.presets import PRESETS
 from lorabench.models.spec import from_dimension
-from lorabench.estimator.stepwork import Op
+from lorabench.estimator.ops import Op
 
 # A device with round numbers and nothing but the roofline: 100 TFLOP/s bf16, 10 fp32, 1 TB/s.
 PLAIN = Device("plain", 100e12, 10e12, 1e12, 200e12)
@@ -154,7 +155,7 @@ def test_every_preset_method_and_target_set_has_a_step_time(preset):
     gpu = device_for_gpu(get_gpu("H100-80GB"))
     for method in METHODS.values():
         for targets in (None, "all-linear"):
-            if method.adapter == "dora" and targets and spec.moe:
+            if method.adapter.moe_refusal and not method.adapter.linear_modules_only and targets and spec.moe:
                 continue  # PEFT refuses DoRA on fused experts
             counts = count_params(spec, method, 8, targets)
             for ckpt in (False, True):

@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from lorabench.cli.options import cost_options
-from lorabench.estimator.compute import CostSetup
+from lorabench.estimator.cost import CostSetup
 
 
 @click.command()

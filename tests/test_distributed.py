@@ -23,7 +23,7 @@ from lorabench.measure.distributed import decoder_layers
 from lorabench.errors import LorabenchError
 from lorabench.measure.launch import run_distributed_bench
 from lorabench.measure.probes import LiveTensorTracker
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, plan_step, rank_memory
 from lorabench.models.presets import from_name

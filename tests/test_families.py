@@ -243,7 +243,7 @@ def _check_memory(family, dtype, ckpt, targets, methods=None, impl="peft"):
     if impl == "peft":
         pytest.importorskip("peft")
     from lorabench.measure.bench import run_bench
-    from lorabench.estimator.memory import TrainingSetup
+    from lorabench.estimator.setup import TrainingSetup
 
     spec = _memory_spec(family)
     # Trainer's loop, the default (the plain loop: tests/test_loops.py)

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from lorabench.cli import cli
 from lorabench.estimator.fit import Case, fits, fixes, limits, required_bytes, savers, smallest_gpu, spare_bytes
 from lorabench.gpus import GPUS, get_gpu
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, step_parts
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, step_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.models.presets import PRESETS
 from lorabench.render import flags

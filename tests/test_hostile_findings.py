@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from lorabench.cli import cli
 from lorabench.gpus import get_gpu
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import MAX_GPUS, Parallel, fewest_gpus, plan_need_bytes, plan_step
 from lorabench.models.presets import PRESETS
@@ -95,7 +96,7 @@ def test_four_hundred_digit_token_counts_are_refused(option):
 # 4. MFU above 100% on sliding-window models.
 
 def test_sliding_window_attention_flops_by_hand_and_mfu_below_the_matmul_efficiency():
-    from lorabench.estimator.compute import estimate_flops
+    from lorabench.estimator.flops import estimate_flops
 
     spec = PRESETS["gemma-3-4b"]  # 34 layers, 29 of them sliding over 1,024 tokens, q_dim 2,048
     s = 131_072
@@ -227,7 +228,7 @@ def test_expected_library_warnings_are_silenced_and_others_are_not():
 def test_flops_leave_out_the_input_gradients_autograd_does_not_run():
     # found by the property tests: on a frozen base the first layer's input needs no gradient, so the input
     # gradients up to its first adapter are not computed (nor timed): counted, they made mfu 0.78 > 0.68
-    from lorabench.estimator.compute import _first_layer_skipped_flops
+    from lorabench.estimator.flops import _first_layer_skipped_flops
 
     spec = PRESETS["llama-3-8b"]  # q 4096 -> 4096, k and v 4096 -> 1024
     qv = _first_layer_skipped_flops(spec, METHODS["lora"], 8, ("q", "v"), 2048)

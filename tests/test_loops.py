@@ -5,9 +5,11 @@ that created the optimizer states)."""
 import pytest
 
 from lorabench.measure.bench import run_bench
-from lorabench.estimator.compute import device_for_gpu, estimate_flops, estimate_step_time
+from lorabench.estimator.compute import device_for_gpu, estimate_step_time
+from lorabench.estimator.flops import estimate_flops
 from lorabench.gpus import get_gpu
-from lorabench.estimator.memory import TrainingSetup, estimate_memory
+from lorabench.estimator.memory import estimate_memory
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.params import count_params
 from lorabench.models.presets import from_name

@@ -10,7 +10,9 @@ from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
 from lorabench.estimator.compute import cpu_device, estimate_step_time
 from lorabench.errors import LorabenchError
-from lorabench.estimator.memory import MAX_LOSS_CHUNK, TrainingSetup, estimate_memory, liger_chunk_tokens
+from lorabench.estimator.loss import liger_chunk_tokens
+from lorabench.estimator.memory import estimate_memory
+from lorabench.estimator.setup import MAX_LOSS_CHUNK, TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.models.presets import from_name
 from lorabench.estimator.stepwork import step_ops

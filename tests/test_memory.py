@@ -7,7 +7,10 @@ import pytest
 
 from lorabench.errors import LorabenchError
 from lorabench.gpus import get_gpu
-from lorabench.estimator.memory import TrainingSetup, estimate_memory, layer_activation_bytes, step_parts, weights_bytes
+from lorabench.estimator.layer_saves import layer_activation_bytes
+from lorabench.estimator.memory import estimate_memory, step_parts
+from lorabench.estimator.setup import TrainingSetup
+from lorabench.estimator.weights import weights_bytes
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, fit_on_gpu, plan_step, rank_memory
 from lorabench.models.presets import PRESETS

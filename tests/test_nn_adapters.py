@@ -32,7 +32,7 @@ def seed():
 def _nn_targets(spec, method, targets):
     """The targets lorabench.nn can adapt: its all-linear is the nn.Linear modules, never a mixture of
     experts' router and experts (PEFT's ParamWrapper; VeRA's all-linear leaves them out anyway)."""
-    if targets == "all-linear" and spec.arch.moe_targets and METHODS[method].adapter != "vera":
+    if targets == "all-linear" and spec.arch.moe_targets and not METHODS[method].adapter.linear_modules_only:
         return ",".join(spec.linear_shapes())
     return targets
 

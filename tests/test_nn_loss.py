@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorabench.errors import LorabenchError
-from lorabench.estimator.memory import MAX_LOSS_CHUNK
+from lorabench.estimator.setup import MAX_LOSS_CHUNK
 from lorabench.nn.loss import chunked_causal_lm_loss
 
 ForCausalLMLoss = pytest.importorskip("transformers.loss.loss_utils").ForCausalLMLoss

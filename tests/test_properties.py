@@ -54,8 +54,9 @@ from lorabench.estimator.fit import Case, max_rank
 from lorabench.gpus import GPUS
 from lorabench.models.hfconfig import MAX_CONFIG_BYTES, MAX_DEPTH, load_config
 from lorabench.models.keys import MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
-from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
-                              MAX_LOSS_CHUNK, OPTIMIZERS, QUANTIZED, TrainingSetup)
+from lorabench.estimator.optimizer import OPTIMIZER_NAMES as OPTIMIZERS
+from lorabench.estimator.setup import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
+                                       MAX_LOSS_CHUNK, QUANTIZED, TrainingSetup)
 from lorabench.methods import METHODS
 from lorabench.render.formats import FORMATS, GPU_COLUMNS, MEMORY_COLUMNS, MEMORY_SUMMARY_COLUMNS, SHARD_COLUMNS
 from lorabench.report.build import FILES
@@ -744,9 +745,9 @@ def valid_setups(draw):
     opts = {"--model": model, "--method": method.name, "--gpu": draw(st.sampled_from(sorted(GPUS)))}
     experts = False  # the router and experts adapted: PEFT's layers only, and no autocast yet
     if method.uses_rank:
-        if draw(st.booleans()) and not (spec.moe and method.name == "dora"):  # PEFT's DoRA: no fused experts
+        if draw(st.booleans()) and not (spec.moe and method.adapter.magnitude):  # PEFT's DoRA: no fused experts
             opts["--targets"] = "all-linear"
-            experts = spec.moe and method.name != "vera"  # (VeRA's all-linear leaves them out)
+            experts = spec.moe and not method.adapter.linear_modules_only  # (VeRA's all-linear leaves them out)
         cap = rank_cap(opts)
         opts["--rank"] = str(draw(st.one_of(st.integers(1, min(cap, 64)), st.integers(1, cap))))
     precisions = ["default", "bf16", "fp16", "fp32"] + ["autocast"] * (not experts) + \

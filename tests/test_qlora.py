@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.models.presets import from_name
 
@@ -47,7 +47,7 @@ def test_qlora_estimate_within_1pct_of_cpu_tracker(dtype, prepare, ckpt, methods
 
 def test_int8_checkpointed_within_1pct_of_cpu_tracker():
     # bitsandbytes' MatMul8bitFp keeps each input on its autograd context, which checkpointing does not drop
-    # (memory._layer_saves): the estimate was 8.7% under before it counted them, and 0.3% under before it
+    # (layer_saves.layer_saves): the estimate was 8.7% under before it counted them, and 0.3% under before it
     # counted the first layer's (transformers' checkpointing makes the embeddings' output require grad)
     setup = TrainingSetup(batch_size=2, seq_len=64, dtype="int8", grad_checkpointing=True)
     r = run_bench(TINY, [METHODS["lora"]], [8], "all-linear", setup, steps=1, warmup=1, impl="peft",

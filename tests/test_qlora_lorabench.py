@@ -16,7 +16,8 @@ from lorabench.measure.bench import build_lorabench, run_bench
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
 from lorabench.measure.probes import LiveTensorTracker
-from lorabench.estimator.memory import TrainingSetup, step_parts
+from lorabench.estimator.memory import step_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.nn.adapters import apply_method
 from lorabench.nn.model import build_model, iter_targets

@@ -19,7 +19,7 @@ from lorabench.report.folder import MARKER
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
 from lorabench.estimator.rows import memory_rows
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.report.deepdive import seed_rows
 from lorabench.models.presets import from_name

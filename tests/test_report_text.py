@@ -17,7 +17,7 @@ from lorabench.report import build as report, plots, text as reporttext
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
 from lorabench.estimator.rows import memory_rows
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.render.formats import gpus_needed_text
 from lorabench.models.presets import from_name

@@ -23,7 +23,8 @@ from lorabench.gpus import get_gpu
 from lorabench.estimator.fsdp_memory import shard_rows
 from lorabench.estimator.layout import model_layout
 from lorabench.estimator.params import count_base_params
-from lorabench.estimator.memory import TrainingSetup, estimate_from_parts
+from lorabench.estimator.memory import estimate_from_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
 from lorabench.estimator.sharding import Parallel, fewest_gpus, fit_on_gpu, plan_need_bytes, plan_step, rank_memory
 from lorabench.models.presets import PRESETS, from_name

@@ -61,7 +61,7 @@ def test_moe_stalls_are_a_gpu_cost_only():
     """A CPU pays each op's host time already: the same Mixtral step on the CPU device has no stall in it,
     and on the H100 the stalls are the forward and backward constants per layer."""
     from lorabench.estimator.compute import estimate_step_time
-    from lorabench.estimator.memory import TrainingSetup
+    from lorabench.estimator.setup import TrainingSetup
     from lorabench.methods import METHODS
     from lorabench.estimator.params import count_params
     from lorabench.models.presets import from_name

@@ -19,8 +19,9 @@ from click.core import ParameterSource
 
 from lorabench.bounds import DEFAULT_MODEL, MAX_ALPHA, MAX_BATCH, MAX_RANK, MAX_SEQ_LEN, MAX_STEPS, MAX_TOKENS
 from lorabench.models.keys import MAX_LAYERS, MAX_WIDTH
-from lorabench.estimator.memory import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
-                              MAX_LOSS_CHUNK, OPTIMIZERS, TrainingSetup)
+from lorabench.estimator.optimizer import OPTIMIZER_NAMES as OPTIMIZERS
+from lorabench.estimator.setup import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
+                                       MAX_LOSS_CHUNK, TrainingSetup)
 from lorabench.methods import resolve_methods
 from lorabench.render.formats import FORMATS
 from lorabench.models.hub import resolve_model, resolve_specs
@@ -329,7 +330,7 @@ class TokenCount(BoundedInt):
 def cost_options(fn):
     """How much to train and at what price (memory, report); passes cost=CostSetup(...), or cost=None when no
     tokens were given."""
-    from lorabench.estimator.compute import CostSetup
+    from lorabench.estimator.cost import CostSetup
 
     @click.option("--tokens", type=TokenCount(1, MAX_TOKENS), default=None,
                   help="Tokens to train on in all, epochs included (digits, or 500M, 2B, 1.5T): adds training "

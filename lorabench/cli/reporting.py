@@ -11,7 +11,7 @@ from lorabench.cli.main import CONTEXT, cli, note, one_line, pick_gpu
 from lorabench.cli.options import DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedInt, Text, method_options, setup_options
 from lorabench.errors import LorabenchError
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
-from lorabench.estimator.memory import QUANTIZED
+from lorabench.estimator.setup import QUANTIZED
 from lorabench.models.keys import MAX_WIDTH
 from lorabench.models.hub import is_local_model, resolve_specs
 from lorabench.models.presets import from_name

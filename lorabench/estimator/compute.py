@@ -1,145 +1,20 @@
-"""Model FLOPs of one training step, its time on a device, and what a training run costs. Pure Python.
-
-Model FLOPs (estimate_flops) follow the references: a [t, in] x [in, out] product costs 2 t in out FLOPs
-(Kaplan et al. 2020, sec. 2.1; PaLM, Chowdhery et al. 2022, appendix B); backward costs one such product
-for the input gradient and one for the weight gradient; a frozen weight skips the second, which is why
-adapters train at about 2/3 of full fine-tuning's FLOPs per token. Elementwise work is left out there, as in
-those references, and the MFU is taken over these FLOPs.
-
-The step time (estimate_step_time) counts what each method really runs: every op of lorabench.estimator.stepwork,
-matrix products and memory-bound work alike, each at its roofline bound on the device.
+"""The time of one training step on a device: every op of lorabench.estimator.stepwork, matrix products and
+memory-bound work alike, each at its roofline bound (Williams et al. 2009), and the MFU over the model FLOPs
+(lorabench.estimator.flops). Pure Python.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from lorabench.errors import LorabenchError
-from lorabench.gpus import GPU, PRICES
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.gpus import GPU
+from lorabench.estimator.flops import StepFlops, estimate_flops
+from lorabench.estimator.setup import PHASES, TrainingSetup
 from lorabench.methods import Method
 from lorabench.models.spec import ModelSpec
-from lorabench.estimator.stepwork import PHASES, Op, step_ops
+from lorabench.estimator.stepwork import Op, step_ops
 
-
-@dataclass(frozen=True)
-class StepFlops:
-    """FLOPs of one training step.
-
-    Attributes:
-        forward_flops: the forward pass (and the loss head).
-        backward_flops: input and weight gradients.
-        recompute_flops: the extra forward of gradient checkpointing.
-        update_flops: per-step matrix work outside forward/backward (DoRA's weight norm, Delta-LoRA's W update).
-        step_flops: their sum.
-        flops_per_token: step_flops / tokens.
-    """
-
-    forward_flops: int
-    backward_flops: int
-    recompute_flops: int
-    update_flops: int
-    step_flops: int
-    flops_per_token: float
-
-
-def _attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
-    """QK^T and AV for one token, summed over the layers, causal: 2 products of 2 q_dim FLOPs per key the query
-    attends to (ModelSpec.attended_keys: half the sequence, or about the window on a sliding-window layer).
-    FlashAttention-2 (Dao 2023) counts causal attention at half the dense FLOPs; so do we."""
-    sliding = spec.sliding_layers()
-    keys = (sliding * spec.attended_keys(seq_len, True)
-            + (spec.num_layers - sliding) * spec.attended_keys(seq_len, False))
-    return round(4 * spec.q_dim * keys)
-
-
-def _first_layer_skipped_flops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-                               seq_len: int) -> int:
-    """Per token: the backward products of the first layer (the first matrix of --d matrices) that autograd does
-    not run, as lorabench.estimator.stepwork._layer times them: on a frozen base nothing before the first adapted
-    projection needs a gradient, so neither do the input gradients of the projections (and adapters) up to it,
-    nor the attention's backward before it, nor the routed experts' (unless PEFT merges them)."""
-    if method.base_trainable:
-        return 0
-    shapes = spec.linear_shapes()
-    rank = rank or 0
-
-    def adapted(name: str) -> bool:
-        return method.uses_rank and name in targets
-
-    def dx(names) -> int:  # the base's input gradient, and the adapter's through A
-        return sum(2 * i * o + (2 * rank * i if adapted(n) else 0)
-                   for n, (i, o, _) in shapes.items() if n in names)
-
-    if spec.single_matrix:
-        return dx(("w",))
-    arch, skipped = spec.arch, 0
-    qkv = ("qkv",) if arch.fused_qkv else ("q", "k", "v")
-    skipped += dx(qkv)
-    live = any(adapted(n) for n in qkv)
-    if not live:
-        keys = spec.attended_keys(seq_len, spec.sliding_layers() > 0)
-        skipped += 2 * round(4 * spec.q_dim * keys)  # the attention's backward: twice its forward
-        skipped += dx(("o",))
-    live = live or adapted("o")
-    if spec.moe:
-        merged = method.uses_rank and "experts" in targets  # (PEFT's merged experts compute their input grad)
-        if not live and not merged:
-            skipped += 2 * spec.experts_per_token * spec.expert_params
-        live = live or any(adapted(n) for n in ("router", "experts"))
-        if not live and spec.shared_expert_gate:
-            skipped += dx(("gate", "up", "shared_gate", "down"))
-        return skipped
-    gate_up = ("gate_up",) if arch.fused_gate_up else ("gate", "up") if arch.gated_mlp else ("up",)
-    if not live:
-        skipped += dx(gate_up)
-    live = live or any(adapted(n) for n in gate_up)
-    return skipped + (0 if live else dx(("down",)))
-
-
-def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
-                   targets: Tuple[str, ...], setup: TrainingSetup) -> StepFlops:
-    """FLOPs of one optimizer step of method on spec at setup's batch and sequence length, over its
-    setup.grad_accum micro-batches."""
-    t = setup.tokens
-    shapes = spec.linear_shapes()
-    linear = sum(i * o for i, o, _ in shapes.values())
-    if spec.moe:  # the router, and the experts each token is routed to (its active parameters)
-        linear += spec.num_experts * spec.hidden_size + spec.experts_per_token * spec.expert_params
-    layer_fwd = 2 * linear  # per token
-    layer_bwd = 2 * linear * (2 if method.base_trainable else 1)
-    update = 0
-    for name in targets if method.uses_rank else ():
-        if name not in shapes:  # a mixture of experts' router and experts (PEFT's ParamWrapper)
-            continue
-        i, o, _ = shapes[name]
-        # Adapter products: A (r x in) then B (out x r). VeRA runs the same two shapes (shared A, B).
-        adapter = 2 * rank * (i + o)
-        layer_fwd += adapter
-        weight_grads = (2 * rank * i if method.trains_a else 0) + 2 * rank * o
-        if method.adapter == "vera":
-            weight_grads = 0  # only the scaling vectors learn: elementwise work
-        layer_bwd += adapter + weight_grads
-        if method.adapter == "dora":
-            update += spec.num_layers * 2 * rank * i * o  # B A for ||W + s B A|| each step
-        if method.name == "delta-lora":
-            update += spec.num_layers * 2 * (2 * rank) * i * o  # W += [B' B][A'; -A] in one product
-    attn = 0 if spec.single_matrix else _attention_flops_per_token(spec, setup.seq_len)  # every layer's
-    head = 0 if spec.single_matrix else 2 * spec.hidden_size * spec.vocab_size
-    head_bwd = head * (2 if method.base_trainable else 1)
-    fwd = t * (spec.num_layers * layer_fwd + attn + head)
-    bwd = t * (spec.num_layers * layer_bwd + 2 * attn + head_bwd  # dQ, dK, dV, dP: twice the forward products
-               - _first_layer_skipped_flops(spec, method, rank, targets if method.uses_rank else (), setup.seq_len))
-    recompute = t * (spec.num_layers * layer_fwd + attn) if setup.grad_checkpointing else 0
-    k = setup.grad_accum  # micro-batches per optimizer step: forward and backward run k times, the update once
-    fwd, bwd, recompute = k * fwd, k * bwd, k * recompute
-    total = fwd + bwd + recompute + update
-    return StepFlops(fwd, bwd, recompute, update, total, total / (t * k))
-
-
-# --------------------------------------------------------------------------------------------------
 # Step time: a roofline per op (Williams et al. 2009), summed over the ops of lorabench.estimator.stepwork.
 
 # Achievable fraction of the datasheet dense peak in large matrix products (what --mfu sets): the lowest bf16
@@ -321,94 +196,3 @@ def estimate_step_time(spec: ModelSpec, method: Method, rank: Optional[int], tar
                     1e3 * phase["optimizer"], 1e3 * matmul, 1e3 * memory, 1e3 * overhead,
                     device.matmul_efficiency, flops.step_flops / seconds / device.peak_flops,
                     setup.tokens * setup.grad_accum / seconds)
-
-
-# --------------------------------------------------------------------------------------------------
-# Training time and cost.
-
-
-@dataclass(frozen=True)
-class CostSetup:
-    """How much to train and at what price.
-
-    Attributes:
-        tokens: tokens to train on in all (epochs included); or None to give dataset_tokens and epochs.
-        dataset_tokens: tokens in the dataset, trained over `epochs` times.
-        epochs: passes over the dataset (fractions allowed).
-        price_per_gpu_hour: US dollars per GPU-hour; None takes the catalog's default for the GPU.
-    """
-
-    tokens: Optional[int] = None
-    dataset_tokens: Optional[int] = None
-    epochs: float = 1.0
-    price_per_gpu_hour: Optional[float] = None
-
-    @property
-    def train_tokens(self) -> Optional[int]:
-        if self.tokens is not None:
-            return self.tokens
-        if self.dataset_tokens is not None:
-            return math.ceil(self.dataset_tokens * self.epochs)
-        return None
-
-    def validate(self) -> None:
-        """Raises LorabenchError for a combination or value that cannot be priced."""
-        if self.tokens is not None and self.dataset_tokens is not None:
-            raise LorabenchError("give --tokens (all tokens trained) or --dataset-tokens with --epochs, not both.")
-        for name, value in (("tokens", self.tokens), ("dataset tokens", self.dataset_tokens)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise LorabenchError(f"{name} must be a positive integer, got {value!r}.")
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise LorabenchError(f"epochs must be a positive number, got {self.epochs!r}.")
-        if self.price_per_gpu_hour is not None and not (math.isfinite(self.price_per_gpu_hour)
-                                                        and self.price_per_gpu_hour >= 0):
-            raise LorabenchError(f"price must be a non-negative number, got {self.price_per_gpu_hour!r}.")
-
-
-@dataclass(frozen=True)
-class TrainingCost:
-    """A training run: steps, wall-clock hours, GPU-hours and dollars.
-
-    Attributes:
-        train_tokens: tokens trained on in all.
-        gpus: GPUs working together (data-parallel replicas, or the fewest that hold the step sharded).
-        tokens_per_step: tokens one optimizer step takes over all GPUs.
-        train_steps: optimizer steps (the last one partial, counted whole).
-        train_hours: wall-clock hours at the estimated step time.
-        gpu_hours: train_hours x gpus.
-        price_per_gpu_hour: dollars per GPU-hour used (given, or the catalog's), None when unknown.
-        price_source: where the price comes from.
-        cost_usd: gpu_hours x price, None without a price.
-    """
-
-    train_tokens: int
-    gpus: int
-    tokens_per_step: int
-    train_steps: int
-    train_hours: float
-    gpu_hours: float
-    price_per_gpu_hour: Optional[float]
-    price_source: Optional[str]
-    cost_usd: Optional[float]
-
-
-def estimate_training_cost(step: StepTime, tokens_per_gpu_step: int, gpus: int, cost: CostSetup,
-                           gpu: Optional[GPU] = None) -> Optional[TrainingCost]:
-    """Steps, hours, GPU-hours and dollars to train cost.train_tokens at step's time per step, each of `gpus`
-    GPUs taking tokens_per_gpu_step tokens per step (data parallel; time spent communicating is not added).
-    The price is cost.price_per_gpu_hour, else the catalog's default for gpu (lorabench.gpus.PRICES).
-    None when no tokens were given."""
-    cost.validate()
-    tokens = cost.train_tokens
-    if tokens is None:
-        return None
-    per_step = tokens_per_gpu_step * gpus
-    steps = -(-tokens // per_step)
-    hours = steps * step.step_ms / 3.6e6
-    price, source = cost.price_per_gpu_hour, "--price"
-    if price is None and gpu is not None and gpu.name in PRICES:
-        price, source = PRICES[gpu.name].usd_per_gpu_hour, PRICES[gpu.name].source
-    if price is None:
-        source = None
-    return TrainingCost(tokens, gpus, per_step, steps, hours, hours * gpus, price, source,
-                        None if price is None else hours * gpus * price)

@@ -18,7 +18,8 @@ from typing import Callable, List, Optional, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.rows import positions_note
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, QUANTIZED, StepParts, TrainingSetup, need_bytes, step_parts
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, StepParts, need_bytes, step_parts
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.estimator.params import count_params
 from lorabench.estimator.sharding import MAX_GPUS, Parallel, Plan, fewest_gpus, plan_need_bytes

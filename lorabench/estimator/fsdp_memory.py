@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from lorabench.estimator.memory import Gathered, Held, StepParts, TrainingSetup, optimizer_state_bytes
+from lorabench.estimator.memory import Gathered, Held, StepParts
+from lorabench.estimator.optimizer import OPTIMIZERS, optimizer_state_bytes
 from lorabench.estimator.parallel import Parallel, Plan
+from lorabench.estimator.setup import TrainingSetup
 
 
 def padded_rows(dim0: int, gpus: int) -> int:
@@ -87,7 +89,7 @@ def _sharded_parts(plan: "Plan", p: "Parallel", gpu_rank: int) -> Dict[str, int]
             c["master"] += count * 4 * local if sb == 4 and t.elem_bytes < 4 else 0
             c["temp"] += count * local * sb
             largest_local = max(largest_local, local * sb)
-    if setup.optimizer != "adamw":
+    if not OPTIMIZERS[setup.optimizer].step_temporaries:
         c["temp"] = 0
     elif setup.device != "cuda":  # torch's per-tensor AdamW: two temporaries of the largest tensor
         c["temp"] = 2 * largest_local
@@ -198,7 +200,8 @@ def sharded_held(plan: "Plan", parallel: "Parallel", gpu_rank: int) -> Tuple[Dic
     # of backward) and that layer's unsharded gradients as they appear.
     last_layer = parts.head_grad_bytes + accum + c["layer_ugrads"]
     end = max(_early_layers(c, layers, accum, off, setup.device, parts), _root_end(c, grads, accum, off, setup.device))
-    return c, Held(persistent, grads, accum, last_layer, end, temp, gathered)
+    return c, Held(persistent_bytes=persistent, grads_bytes=grads, accum_bytes=accum, backward_grads_bytes=last_layer,
+                   end_grads_bytes=end, optimizer_temp_bytes=temp, gathered=gathered)
 
 
 def floor_held(plan: "Plan", parallel: "Parallel") -> Held:
@@ -213,8 +216,10 @@ def floor_held(plan: "Plan", parallel: "Parallel") -> Held:
     gathered = gathered_params(c["root"], c["layer"], plan.layout.num_layers, parallel.strategy.keeps_gathered, 2)
     computing = c["layer"] + max(parts.act.recompute_bytes + parts.layer_temp_bytes,
                                  c["layer_ugrads"] + parts.act.transient_bytes)
-    return Held(c["weights_replicated"] + c["adapter_replicated"], 0, 0, parts.head_grad_bytes + c["layer_ugrads"],
-                c["root"] + c["root_early_grads"] + computing, 0, gathered)
+    return Held(persistent_bytes=c["weights_replicated"] + c["adapter_replicated"], grads_bytes=0, accum_bytes=0,
+                backward_grads_bytes=parts.head_grad_bytes + c["layer_ugrads"],
+                end_grads_bytes=c["root"] + c["root_early_grads"] + computing, optimizer_temp_bytes=0,
+                gathered=gathered)
 
 
 __all__ = ["padded_rows", "shard_rows", "gathered_params", "sharded_held", "floor_held"]

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from lorabench.estimator.memory import FLOAT_BYTES, QUANTIZED, TrainingSetup, _quantized_linear_bytes
+from lorabench.estimator.setup import FLOAT_BYTES, QUANTIZED, TrainingSetup
+from lorabench.estimator.weights import quantized_linear_bytes
 from lorabench.methods import Method
 from lorabench.estimator.params import count_params
 from lorabench.models.families import MOE_TARGETS
@@ -78,7 +79,7 @@ def _base_layer(spec: ModelSpec, method: Method, setup: TrainingSetup):
             # bitsandbytes' Params4bit: two 4-bit codes per byte, stored [ceil(numel / 2), 1] (quantize_4bit)
             packed = math.ceil(i * o / 2)
             out.append(ParamTensor(f"{name}.weight", packed, 1, 1, False))
-            out.append(ParamTensor(f"{name}.quant_state", 1, _quantized_linear_bytes("nf4", i, o) - packed, 1, False,
+            out.append(ParamTensor(f"{name}.quant_state", 1, quantized_linear_bytes("nf4", i, o) - packed, 1, False,
                                    sharded=False))
         elif setup.dtype == "int8":
             # Int8Params [out, in]; its fp32 row scales (SCB) are an attribute of the weight, not a parameter
@@ -117,14 +118,10 @@ def _adapters(spec: ModelSpec, method: Method, rank: int, targets: Tuple[str, ..
                         ParamTensor(f"{name}.lora_B", o, r * e, ad, True, True)]
             continue
         i, o, _ = spec.linear_shapes()[t]
-        if method.adapter == "vera":
-            out += [ParamTensor(f"{t}.lambda_d", rank, 1, ad, True, True),
-                    ParamTensor(f"{t}.lambda_b", o, 1, ad, True, True)]
-            continue
-        out += [ParamTensor(f"{t}.lora_A", rank, i, ad, method.trains_a, True),
-                ParamTensor(f"{t}.lora_B", o, rank, ad, True, True)]
-        if method.adapter == "dora":
-            out.append(ParamTensor(f"{t}.magnitude", o, 1, ad, True, True))
+        if not method.adapter.shared_pair:  # (a shared pair is the root's: model_layout)
+            out += [ParamTensor(f"{t}.lora_A", rank, i, ad, method.trains_a, True),
+                    ParamTensor(f"{t}.lora_B", o, rank, ad, True, True)]
+        out += [ParamTensor(f"{t}.{name}", n, 1, ad, True, True) for name, n in method.adapter.vectors(rank, o)]
     return out
 
 
@@ -142,9 +139,9 @@ def model_layout(spec: ModelSpec, method: Method, rank: Optional[int] = None, ta
     root = []
     if method.uses_rank:
         layer += _adapters(spec, method, rank, counts.targets, setup)
-        if method.adapter == "vera":  # its shared A and B: buffers, on every GPU whole
-            root.append(ParamTensor("vera_shared", counts.shared_buffer_numel, 1, FLOAT_BYTES[setup.adapter_dtype],
-                                    False, True, sharded=False))
+        if method.adapter.shared_pair:  # its shared A and B: buffers, on every GPU whole
+            root.append(ParamTensor(f"{method.adapter.name}_shared", counts.shared_buffer_numel, 1,
+                                    FLOAT_BYTES[setup.adapter_dtype], False, True, sharded=False))
     if not spec.single_matrix:
         other = (4 if setup.kbit_prepare else 2) if setup.dtype in QUANTIZED else FLOAT_BYTES[setup.dtype]
         full, d = method.base_trainable, spec.hidden_size

@@ -11,7 +11,8 @@ from typing import Dict, Optional
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
 from lorabench.estimator.layout import Layout, model_layout
-from lorabench.estimator.memory import StepParts, TrainingSetup, step_parts
+from lorabench.estimator.memory import StepParts, step_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import Method
 from lorabench.models.spec import ModelSpec
 

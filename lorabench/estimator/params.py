@@ -112,10 +112,9 @@ def adapter_tensors(spec: ModelSpec, method: Method, rank: int, target: str) -> 
     """
     if target not in MOE_TARGETS:
         i, o, _ = spec.linear_shapes()[target]
-        if method.adapter == "vera":
-            return ((rank, True), (o, True))
-        tensors = ((rank * i, method.trains_a), (o * rank, True))
-        return tensors + (((o, True),) if method.adapter == "dora" else ())
+        # a shared pair's A and B are buffers (vera_shared_numel), in no count: only its vectors are parameters
+        factors = () if method.adapter.shared_pair else ((rank * i, method.trains_a), (o * rank, True))
+        return factors + tuple((n, True) for _, n in method.adapter.vectors(rank, o))
     shapes = spec.moe_shapes()
     wrapped = [shapes["router"] + (rank,)] if target == "router" else \
         [shapes["gate_up_proj"] + (2 * rank,), shapes["down_proj"] + (rank,)]
@@ -141,13 +140,9 @@ def check_targets(spec: ModelSpec, method: Method, rank: int, targets: Tuple[str
     if not isinstance(rank, int) or rank <= 0:
         raise LorabenchError(f"rank must be a positive integer, got {rank!r}.")
     moe = [t for t in targets if t in MOE_TARGETS]
-    if moe and method.adapter == "dora":
-        raise LorabenchError(f"dora cannot adapt the {' and '.join(moe)} of {spec.name}: PEFT wraps them in "
-                             "lora.ParamWrapper, which does not work with use_dora=True; target the attention "
-                             "(-t q,k,v,o) or use lora.")
-    if moe and method.adapter == "vera":
-        raise LorabenchError(f"vera cannot adapt the {' and '.join(moe)} of {spec.name}: PEFT's VeRA adapts "
-                             "nn.Linear modules only (its all-linear leaves them out).")
+    if moe and method.adapter.moe_refusal:
+        raise LorabenchError(f"{method.name} cannot adapt the {' and '.join(moe)} of {spec.name}: "
+                             f"{method.adapter.moe_refusal}")
     shapes = spec.linear_shapes()
     for t in targets:
         if t in moe or t == "shared_gate":
@@ -200,7 +195,7 @@ def count_params(spec: ModelSpec, method: Method, rank: Optional[int] = None,
     if not method.uses_rank:
         return ParamCount(method.name, None, (), base, 0, base, base, 100.0, 100.0, 1.0, 0,
                           True, {})
-    names = parse_targets(spec, targets, modules_only=method.adapter == "vera")
+    names = parse_targets(spec, targets, modules_only=method.adapter.linear_modules_only)
     if rank is None:
         raise LorabenchError(f"{method.name} needs a rank (--rank).")
     check_targets(spec, method, rank, names)
@@ -213,7 +208,7 @@ def count_params(spec: ModelSpec, method: Method, rank: Optional[int] = None,
         trainable += spec.num_layers * layer_trainable
         frozen += spec.num_layers * sum(n for n, train in tensors if not train)
     total = base + trainable + frozen
-    shared = vera_shared_numel(spec, rank, names) if method.adapter == "vera" else 0
+    shared = vera_shared_numel(spec, rank, names) if method.adapter.shared_pair else 0
     return ParamCount(method.name, rank, names, base, trainable + frozen, trainable, total,
                       100.0 * trainable / total, 100.0 * trainable / base, base / trainable,
                       shared, method.updates_base, per_target)

@@ -11,11 +11,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
-from lorabench.estimator.compute import (CostSetup, StepTime, device_for_gpu, estimate_flops, estimate_step_time,
-                               estimate_training_cost)
+from lorabench.estimator.compute import StepTime, device_for_gpu, estimate_step_time
+from lorabench.estimator.cost import CostSetup, estimate_training_cost
+from lorabench.estimator.flops import estimate_flops
 from lorabench.gpus import GPU
 from lorabench.estimator.comms import comm_volume, parallel_step_time
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, TrainingSetup, estimate_from_parts, step_parts
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, estimate_from_parts, step_parts
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import Method
 from lorabench.estimator.params import count_active_params, count_base_params, count_params
 from lorabench.estimator.sharding import (MAX_GPUS, Parallel, Plan, fit_on_gpu, gpus_needed_note, padding_note,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from lorabench.estimator.fit import Case, Fix, fixes, overflow, smallest_gpu
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.sharding import Parallel, plan_need_bytes
 from lorabench.gpus import GPU
 from lorabench.methods import Method

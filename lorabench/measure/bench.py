@@ -1,9 +1,10 @@
 """`lorabench bench`: real training steps, timed and measured, next to the estimate for the same setup.
 
-For each (method, rank) it builds the model (lorabench's own modules, or Hugging Face transformers + PEFT
-with impl="peft"), runs warm-up steps (first calls, allocator growth and optimizer-state creation stay
-out of the numbers), one step whose memory is read phase by phase, and timed steps. Memory comes from
-the CUDA caching allocator on a GPU and from a live-tensor tracker elsewhere (lorabench.measure.probes).
+For each (method, rank) it builds the model (Hugging Face transformers + PEFT with impl="peft", the default
+everywhere (lorabench.estimator.setup.DEFAULT_IMPL), or lorabench's own modules with impl="lorabench"), runs
+warm-up steps (first calls, allocator growth and optimizer-state creation stay out of the numbers), one step
+whose memory is read phase by phase, and timed steps. Memory comes from the CUDA caching allocator on a GPU
+and from a live-tensor tracker elsewhere (lorabench.measure.probes).
 
 A model cut to N layers (layers=N) is measured as built; the full-depth figures beside it add the
 estimator's per-layer terms for the layers not built (memory) and scale time by the FLOPs.
@@ -31,10 +32,11 @@ from lorabench.gpus import GPU, GPUS
 from lorabench.measure.probes import (LiveTensorTracker, MemoryProbe, PhaseTimer, cpu_matmul_rates, device_info,
                                matmul_flops_per_s, nvml_process_bytes, storage_bytes, summarize,
                                warm_cuda_libraries)
-from lorabench.measure.builders import (BUILDERS, IMPLS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
+from lorabench.measure.builders import (BUILDERS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
                                 build_lorabench, build_peft, expected_library_warnings)
 from lorabench.measure.loops import PlainLoop, TrainerLoop
-from lorabench.estimator.memory import QUANTIZED, TrainingSetup, step_parts
+from lorabench.estimator.memory import step_parts
+from lorabench.estimator.setup import DEFAULT_IMPL, IMPLS, PHASES, QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.render.formats import flops_text
 from lorabench.models.spec import ModelSpec
@@ -98,10 +100,8 @@ def _forward_with_loss(built: Built, spec: ModelSpec, setup: TrainingSetup, devi
     return replace(built, forward=forward)
 
 
-PHASES = ("forward", "backward", "optimizer")
 
-
-Step = Callable[[torch.Tensor, Callable[[str], None]], None]
+Step = Callable[[torch.Tensor, Callable[[str], None]], torch.Tensor]
 
 
 def _stepper(built: Built, setup: TrainingSetup, device: torch.device):
@@ -188,7 +188,7 @@ class RankHooks:
 
 
 def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
-                 device: torch.device, steps: int = 5, warmup: int = 2, impl: str = "lorabench",
+                 device: torch.device, steps: int = 5, warmup: int = 2, impl: str = DEFAULT_IMPL,
                  seed: int = 0, hooks: RankHooks = RankHooks()) -> Dict:
     """Build, warm up, measure memory per phase, then time `steps` steps. Returns the measured fields.
     hooks: what a data-parallel rank adds (RankHooks).
@@ -266,7 +266,7 @@ def _estimate_fields(spec: ModelSpec, method: Method, rank, targets, setup: Trai
 
 def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup, *,
                device: torch.device, layers: Optional[int] = None, steps: int = 5, warmup: int = 2,
-               impl: str = "lorabench", tolerance_pct: float = 5.0, gpu: Optional[GPU] = None,
+               impl: str = DEFAULT_IMPL, tolerance_pct: float = 5.0, gpu: Optional[GPU] = None,
                matmul_flops: Optional[float] = None, info: Optional[Dict] = None) -> Dict:
     """One row: the estimate for the model as built, what was measured, the error and the verdict."""
     full_spec = spec
@@ -339,7 +339,7 @@ def _preload(impl: str, quantized: bool = False) -> None:
 
     import lorabench.nn.adapters  # noqa: F401
     import lorabench.nn.model  # noqa: F401
-    import lorabench.nn.train  # noqa: F401
+    import lorabench.nn.optim  # noqa: F401
     if quantized:
         with contextlib.suppress(ImportError):  # (the builders say so, per case)
             import bitsandbytes  # noqa: F401
@@ -381,7 +381,7 @@ def cpu_dtype(setup: TrainingSetup, dtype_given: bool, device: Optional[str] = N
 
 def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], targets,
               setup: TrainingSetup, *, layers: Optional[int] = None, steps: int = 5, warmup: int = 2,
-              impl: str = "lorabench", tolerance_pct: float = 5.0, progress: bool = True,
+              impl: str = DEFAULT_IMPL, tolerance_pct: float = 5.0, progress: bool = True,
               gpu: Optional[GPU] = None, device: Optional[str] = None,
               on_row: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
     """Measure every (method, rank) on this machine; one row each (see bench_case).
@@ -392,7 +392,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
         LorabenchError: bad options (steps, warmup, impl, CUDA asked for and absent).
     """
     if impl not in IMPLS:
-        raise LorabenchError(f"unknown implementation '{impl}'; choose from {', '.join(IMPLS)}.")
+        raise LorabenchError(f"unknown implementation '{impl}'; choose from {', '.join(sorted(IMPLS))}.")
     if steps < 1:
         raise LorabenchError(f"--steps must be at least 1, got {steps}.")
     if warmup < 1:

@@ -14,17 +14,15 @@ import torch
 
 from lorabench.errors import LorabenchError
 from lorabench.models.hfwrite import hf_config_dict
-from lorabench.estimator.memory import QUANTIZED, TrainingSetup
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.estimator.params import parse_targets
 from lorabench.measure.qlora import load_quantized, quant_state_tensors
 from lorabench.models.families import MOE_TARGETS
 from lorabench.models.spec import ModelSpec
 
-IMPLS = ("lorabench", "peft")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR = 1e-4
-LORAPLUS_RATIO = 16.0
 
 
 @contextlib.contextmanager
@@ -91,8 +89,10 @@ def _named_tensors(model: torch.nn.Module) -> list:
 
 
 def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
-                    device: torch.device, seed: int = 0, wrap: Optional[Wrap] = None) -> Built:
-    """lorabench.nn's model with method applied, its optimizer and after-step hooks. A quantized base
+                    device: torch.device, seed: int = 0, wrap: Optional[Wrap] = None, lr: float = LR,
+                    delta_lambda: float = 0.5, delta_start_step: int = 0) -> Built:
+    """lorabench.nn's model with method applied, its optimizer (setup.optimizer at lr, in the method's param
+    groups) and after-step hooks (Delta-LoRA's update with delta_lambda from delta_start_step). A quantized base
     (setup.dtype nf4 or int8) is built in bf16, its decoder projections put on bitsandbytes' layers
     (lorabench.nn.quant), and the adapters wrap those. wrap (a data-parallel strategy) is applied before the
     optimizer is made.
@@ -103,7 +103,7 @@ def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], target
     from lorabench.nn.adapters import apply_method, param_groups, step_hooks
     from lorabench.nn.model import build_model
     from lorabench.nn.quant import quantize_base
-    from lorabench.nn.train import make_optimizer
+    from lorabench.nn.optim import make_optimizer
 
     quantized = setup.dtype in QUANTIZED
     if setup.kbit_prepare:
@@ -118,8 +118,8 @@ def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], target
                  adapter_dtype=TORCH_DTYPES[setup.adapter_dtype], quantization=setup.dtype if quantized else None)
     model.train()
     runner, base, adapter = _wrapped(model, base_ids, wrap)
-    opt = make_optimizer(setup.optimizer, param_groups(model, method, LR), LR, device=device)
-    hooks = step_hooks(model, method)
+    opt = make_optimizer(setup.optimizer, param_groups(model, method, lr), lr, device=device)
+    hooks = step_hooks(model, method, delta_lambda, delta_start_step)
     return Built(runner, opt, hooks, lambda ids: runner(input_ids=ids, labels=ids), base + quant_consts, adapter)
 
 
@@ -141,9 +141,9 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         import transformers
     except ImportError:
         raise LorabenchError("--impl peft needs transformers and peft: pip install transformers peft.") from None
-    if method.name == "delta-lora":
-        raise LorabenchError("delta-lora has no PEFT implementation; measure it with --impl lorabench.")
-    if setup.dtype == "int8" and method.adapter == "dora" and device.type == "cpu":
+    if method.delta_update:
+        raise LorabenchError(f"{method.name} has no PEFT implementation; measure it with --impl lorabench.")
+    if setup.dtype == "int8" and method.adapter.magnitude and device.type == "cpu":
         raise LorabenchError("PEFT's DoRA on a bitsandbytes int8 base fails on the CPU from its second step "
                              "(bitsandbytes 0.50, PEFT 0.21: the layer's row scales are lost); measure it on CUDA.")
     if spec.family_row.peft_refusal:
@@ -172,18 +172,18 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     quant_consts = quant_state_tensors(model)
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) + quant_consts}
-    if method.name != "full":
+    if method.uses_rank:
         modules = [spec.peft_name(t) for t in targets]
-        if set(targets) == set(parse_targets(spec, "all-linear", modules_only=method.adapter == "vera")):
+        if set(targets) == set(parse_targets(spec, "all-linear", modules_only=method.adapter.linear_modules_only)):
             modules = "all-linear"  # PEFT's own resolution: its conversion for fused experts included
         elif set(targets) & set(MOE_TARGETS):
             raise LorabenchError("--impl peft adapts a mixture of experts' router and experts through all-linear "
                                  "only (PEFT's conversion for transformers 5); use -t all-linear.")
-        if method.adapter == "vera":
+        if method.adapter.shared_pair:
             pcfg = peft.VeraConfig(r=rank, target_modules=modules, vera_dropout=setup.dropout)
         else:
             pcfg = peft.LoraConfig(r=rank, lora_alpha=setup.alpha, target_modules=modules,
-                                   lora_dropout=setup.dropout, use_dora=method.adapter == "dora")
+                                   lora_dropout=setup.dropout, use_dora=method.adapter.magnitude)
         with expected_library_warnings():
             model = peft.get_peft_model(model, pcfg)
         if not method.trains_a:
@@ -193,15 +193,13 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
     model.train()
     runner, base, adapter = _wrapped(model, base_ids, wrap)
     params = [p for p in model.parameters() if p.requires_grad]
-    if method.name == "lora-plus":
+    if method.b_lr_ratio != 1.0:
         from peft.optimizers import create_loraplus_optimizer
 
         opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=LR,
-                                        loraplus_lr_ratio=LORAPLUS_RATIO)
-    elif setup.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+                                        loraplus_lr_ratio=method.b_lr_ratio)
     else:
-        from lorabench.nn.train import make_optimizer
+        from lorabench.nn.optim import make_optimizer
 
         opt = make_optimizer(setup.optimizer, [{"params": params}], LR, device=device)
     return Built(runner, opt, [], lambda ids: runner(input_ids=ids, labels=ids), base + quant_consts, adapter)
@@ -212,4 +210,4 @@ KBIT_LORABENCH = ("--kbit-prepare runs PEFT's prepare_model_for_kbit_training on
                   "with --impl peft.")
 
 
-__all__ = ["IMPLS", "TORCH_DTYPES", "Built", "Wrap", "build_lorabench", "build_peft", "BUILDERS", "KBIT_LORABENCH"]
+__all__ = ["TORCH_DTYPES", "Built", "Wrap", "build_lorabench", "build_peft", "BUILDERS", "KBIT_LORABENCH"]

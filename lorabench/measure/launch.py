@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.rows import error_pct
-from lorabench.estimator.memory import QUANTIZED, TrainingSetup
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.safety.signals import signals_deferred
 from lorabench.models.spec import ModelSpec

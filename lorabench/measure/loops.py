@@ -1,6 +1,6 @@
 """The training loops `lorabench bench` runs, each one optimizer step of setup.grad_accum micro-batches.
 
-plain: the loop of most scripts and of lorabench.nn.Trainer,
+plain: the loop of most scripts,
 
     for micro_batch in batches:
         out = model(input_ids=ids, labels=ids)   # the previous `out` is released only when this returns
@@ -56,8 +56,8 @@ class PlainLoop:
         self.dtype = AUTOCAST_DTYPES[autocast] if autocast else None
         self.scaler = torch.amp.GradScaler(device.type) if autocast == "fp16" else None
 
-    def step(self, ids: torch.Tensor, mark: Mark) -> None:
-        """One optimizer step of grad_accum micro-batches."""
+    def step(self, ids: torch.Tensor, mark: Mark = lambda phase: None) -> torch.Tensor:
+        """One optimizer step of grad_accum micro-batches; returns the last micro-batch's loss, detached."""
         built, k = self.built, self.grad_accum
         mark("start")
         out = None
@@ -70,7 +70,9 @@ class PlainLoop:
             del loss
             mark("backward")
         _finish(built, mark, self._scaled_step if self.scaler else None)
+        last = out.loss.detach()
         del out
+        return last
 
     def _scaled_step(self) -> None:
         self.scaler.step(self.built.optimizer)
@@ -139,8 +141,9 @@ class TrainerLoop:
 
         self.trainer.compute_loss = marked_compute_loss
 
-    def step(self, ids: torch.Tensor, mark: Mark) -> None:
-        """One optimizer step: grad_accum calls of Trainer.training_step, then the optimizer step."""
+    def step(self, ids: torch.Tensor, mark: Mark = lambda phase: None) -> torch.Tensor:
+        """One optimizer step: grad_accum calls of Trainer.training_step, then the optimizer step; returns the
+        last call's loss (detached, as training_step returns it)."""
         mark("start")
         self._mark = mark
         # Trainer counts the labels of the whole accumulated batch (labels != -100) and passes the count to
@@ -148,11 +151,12 @@ class TrainerLoop:
         items = torch.tensor(ids.numel() * self.grad_accum, device=ids.device)
         try:
             for _ in range(self.grad_accum):
-                self.trainer.training_step(self.model, {"input_ids": ids, "labels": ids}, items)
+                loss = self.trainer.training_step(self.model, {"input_ids": ids, "labels": ids}, items)
                 mark("backward")
         finally:
             self._mark = None
         _finish(self.built, mark, self.optimizer.step)
+        return loss
 
     def close(self) -> None:
         self._dir.cleanup()

@@ -26,6 +26,23 @@ from lorabench.models.families import MOE_TARGETS
 ADAPTER_TYPES = (LoRALinear, DoRALinear, VeRALinear)
 
 
+def _lora(linear, method, rank, alpha, dropout, dtype, generator, shared, vera_d_initial):
+    return LoRALinear(linear, rank, alpha, dropout, method.trains_a, dtype, generator)
+
+
+def _dora(linear, method, rank, alpha, dropout, dtype, generator, shared, vera_d_initial):
+    return DoRALinear(linear, rank, alpha, dropout, dtype, generator, train_a=method.trains_a)
+
+
+def _vera(linear, method, rank, alpha, dropout, dtype, generator, shared, vera_d_initial):
+    return VeRALinear(linear, shared, dropout, vera_d_initial, dtype)
+
+
+# The module each adapter structure (lorabench.methods.ADAPTERS) wraps a target Linear in; the method's axes
+# (what trains) are its arguments.
+MODULES = {"lora": _lora, "dora": _dora, "vera": _vera}
+
+
 def _resolve(method: Union[str, Method]) -> Method:
     return method if isinstance(method, Method) else get_method(method)
 
@@ -53,8 +70,8 @@ def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[
         rank: r (ignored by full fine-tuning).
         alpha: LoRA/DoRA scale numerator, update scaled by alpha / r (None: alpha = r, scale 1).
         targets: target names, "all-linear", or None for PEFT's default of the family.
-        dropout: adapter-input dropout. Delta-LoRA ignores it: the paper removes dropout from the
-            low-rank path so that W moves by the change of B A alone.
+        dropout: adapter-input dropout. Delta-LoRA ignores it (Method.applies_dropout): the paper removes
+            dropout from the low-rank path so that W moves by the change of B A alone.
         seed: draws LoRA's A (one CPU generator for all layers) and is VeRA's projection_prng_key.
         adapter_dtype: dtype of adapter parameters (float32, as PEFT keeps them).
         quantization: None, or "nf4"/"int8": every decoder projection still an nn.Linear is first put on
@@ -76,11 +93,11 @@ def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[
     spec = model.spec
     if quantization is not None:
         quantize_base(model, quantization)
-    if method.adapter == "none":
+    if not method.uses_rank:
         model.requires_grad_(method.base_trainable)
         return []
     # VeRA's all-linear is the nn.Linear modules only, as in PEFT and count_params.
-    names = parse_targets(spec, targets, modules_only=method.adapter == "vera")
+    names = parse_targets(spec, targets, modules_only=method.adapter.linear_modules_only)
     if rank is None:
         raise LorabenchError(f"{method.name} needs a rank.")
     check_targets(spec, method, rank, names)
@@ -91,22 +108,18 @@ def apply_method(model: Transformer, method: Union[str, Method], rank: Optional[
     if not all(type(linear) is nn.Linear or is_quantized(linear) for _, _, linear in found):
         raise LorabenchError("the model already has adapters; build a fresh one per method.")
     alpha = float(rank if alpha is None else alpha)
-    dropout = 0.0 if method.updates_base else dropout
+    dropout = dropout if method.applies_dropout else 0.0
     model.requires_grad_(False)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shared = None
-    if method.adapter == "vera":
+    if method.adapter.shared_pair:
         shapes = [spec.linear_shapes()[t] for t in names]
         shared = VeRAProjections(rank, max(s[0] for s in shapes), max(s[1] for s in shapes), seed=seed,
                                  device=model.embed.weight.device, dtype=adapter_dtype)
     wrapped: List[nn.Module] = []
     for parent, name, linear in found:
-        if method.adapter == "lora":
-            module = LoRALinear(linear, rank, alpha, dropout, method.trains_a, adapter_dtype, generator)
-        elif method.adapter == "dora":
-            module = DoRALinear(linear, rank, alpha, dropout, adapter_dtype, generator)
-        else:
-            module = VeRALinear(linear, shared, dropout, vera_d_initial, adapter_dtype)
+        module = MODULES[method.adapter.name](linear, method, rank, alpha, dropout, adapter_dtype, generator, shared,
+                                              vera_d_initial)
         setattr(parent, name, module)
         wrapped.append(module)
     return wrapped
@@ -137,7 +150,7 @@ def step_hooks(model: nn.Module, method: Union[str, Method], delta_lambda: float
                delta_start_step: int = 0) -> list:
     """Objects whose .step() runs after each optimizer step: Delta-LoRA's W update, else none."""
     method = _resolve(method)
-    if method.adapter == "lora" and method.updates_base:
+    if method.delta_update:
         return [DeltaLoRAUpdate(adapter_layers(model), delta_lambda, delta_start_step)]
     return []
 

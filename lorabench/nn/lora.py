@@ -108,14 +108,16 @@ class DoRALinear(LoRALinear):
         dropout: dropout probability on the adapter input (0: no dropout op).
         dtype: adapter parameter dtype (m, A, B).
         generator: draws A.
+        train_a: A gets gradients (False: A frozen random, as LoRA-FA's).
 
     Raises:
         ValueError: rank is not positive.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None):
-        super().__init__(base, rank, alpha, dropout, True, dtype, generator)
+                 dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
+                 train_a: bool = True):
+        super().__init__(base, rank, alpha, dropout, train_a, dtype, generator)
         device = base.weight.device
         if base.weight.is_meta:
             norm = torch.empty(self.out_features, device=device, dtype=dtype)

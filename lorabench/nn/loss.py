@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lorabench.estimator.memory import check_loss_chunk
+from lorabench.estimator.setup import check_loss_chunk
 from lorabench.nn.model import IGNORE_INDEX, shift_labels
 
 

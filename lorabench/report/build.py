@@ -33,7 +33,7 @@ from lorabench.measure.envinfo import capture_environment, utc_now
 from lorabench.errors import LorabenchError
 from lorabench.estimator.rows import memory_rows, param_rows, usable_methods
 from lorabench.gpus import GPU
-from lorabench.estimator.memory import TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import Method
 from lorabench.render.formats import finite, render
 from lorabench.report.text import report_html, report_markdown

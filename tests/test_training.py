@@ -1,16 +1,22 @@
-"""lorabench.nn.train: the step, optimizers, LoRA+ groups, Delta-LoRA's rule, frozen weights, learning."""
+"""Training every method with lorabench bench's own pieces: measure.builders.build_lorabench (lorabench.nn's
+model, the method, its optimizer and after-step hooks) stepped by measure.loops.PlainLoop. The step, the
+optimizers, LoRA+'s groups, Delta-LoRA's rule, frozen weights, learning."""
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lorabench.errors import LorabenchError
+from lorabench.estimator.setup import TrainingSetup
+from lorabench.measure.builders import build_lorabench
+from lorabench.measure.loops import PlainLoop
 from lorabench.methods import METHODS
 from lorabench.models.presets import PRESETS
+from lorabench.nn.adapters import adapter_layers
 from lorabench.nn.delta import DeltaLoRAUpdate
-from lorabench.nn.train import build_training
 
 SEED = 2024
 TINY = replace(PRESETS["tiny-llama"], hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -22,6 +28,21 @@ LR = {"full": 1e-2, "lora": 1e-2, "lora-fa": 3e-2, "vera": 1e-1, "delta-lora": 1
       "dora": 1e-2}
 # Required drop in loss after 30 steps (observed: full ~4.8, the adapters 0.55 to 1.0).
 MIN_DROP = 0.4
+
+
+def build_training(spec, method, rank=8, alpha=None, targets=None, optimizer="adamw", lr=1e-4, dtype="fp32",
+                   layers=None, seed=0, delta_lambda=0.5, delta_start_step=0):
+    """A model with method applied (alpha None: alpha = rank, scale 1), its optimizer and hooks, on the CPU, with
+    the plain loop's step: .model, .optimizer, .hooks, .adapters, .step(ids) -> the loss."""
+    spec = spec.with_layers(layers) if layers else spec
+    setup = TrainingSetup(dtype=dtype, optimizer=optimizer, alpha=float(alpha or rank or 16), device="cpu",
+                          impl="lorabench", loop="plain")
+    device = torch.device("cpu")
+    built = build_lorabench(spec, METHODS[method], rank, targets, setup, device, seed, lr=lr,
+                            delta_lambda=delta_lambda, delta_start_step=delta_start_step)
+    loop = PlainLoop(built, 1, device)
+    return SimpleNamespace(model=built.model, optimizer=built.optimizer, hooks=built.hooks,
+                           adapters=adapter_layers(built.model), step=loop.step)
 
 
 @pytest.fixture(autouse=True)
@@ -174,6 +195,6 @@ def test_unknown_optimizer_is_refused():
 
 
 def test_layers_cut_the_model():
-    trainer = build_training(PRESETS["tiny-llama"], "vera", rank=4, layers=1, dtype=torch.bfloat16, seed=SEED)
+    trainer = build_training(PRESETS["tiny-llama"], "vera", rank=4, layers=1, dtype="bf16", seed=SEED)
     assert len(trainer.model.layers) == 1 and trainer.model.embed.weight.dtype == torch.bfloat16
     assert torch.isfinite(trainer.step(torch.randint(0, 4096, (1, 8))))
