@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
 
 
 # Names users type for an adapter on a quantized base (Dettmers et al. 2023): a method plus --dtype.
-QUANTIZED_ALIASES = {"qlora": "LoRA on an nf4 base: --method lora --dtype nf4",
-                     "qdora": "DoRA on an nf4 base: --method dora --dtype nf4"}
+# name: (what it is, the method, the base dtype)
+QUANTIZED_ALIASES = {"qlora": ("LoRA on an nf4 base", "lora", "nf4"), "qdora": ("DoRA on an nf4 base", "dora", "nf4")}
 
 
 def get_method(name: str) -> Method:
@@ -152,8 +153,10 @@ def get_method(name: str) -> Method:
     if key in METHODS:
         return METHODS[key]
     if key in QUANTIZED_ALIASES:
-        raise LorabenchError(f"'{name}' is not a method but {QUANTIZED_ALIASES[key]}; any adapter method runs "
-                             "on a quantized base (lora, lora-fa, vera, lora-plus, dora).")
+        what, method, dtype = QUANTIZED_ALIASES[key]
+        raise LorabenchError(f"'{name}' is not a method but {what}: {option('method', method)} "
+                             f"{option('dtype', dtype)}; any adapter method runs on a quantized base (lora, lora-fa, "
+                             "vera, lora-plus, dora).")
     near = difflib.get_close_matches(key, METHODS, n=2, cutoff=0.5)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
     raise LorabenchError(f"unknown method '{name}'.{hint} Choose from: {', '.join(METHODS)}, all.")

@@ -22,16 +22,19 @@ OPTIONS: Dict[str, str] = {
     "tokens": "--tokens", "dataset_tokens": "--dataset-tokens", "epochs": "--epochs", "price": "--price",
 }
 
+# The short forms the CLI's messages use for a few options.
+SHORT: Dict[str, str] = {"targets": "-t", "batch_size": "-b", "seq_len": "-s", "rank": "-r", "model": "-m"}
+
 _API = contextvars.ContextVar("lorabench_api_spelling", default=False)
 _NAMED = object()
 
 
-def option(field: str, value: object = _NAMED) -> str:
+def option(field: str, value: object = _NAMED, short: bool = False) -> str:
     """field (and the value given to it) as the user typed it: '--dtype fp32', '--kbit-prepare' and '--targets'
-    under the CLI; "dtype='fp32'", 'kbit_prepare=True' and 'targets' under the API."""
+    (short: '-t') under the CLI; "dtype='fp32'", 'kbit_prepare=True' and 'targets' under the API."""
     if _API.get():
         return field if value is _NAMED else f"{field}={value!r}"
-    flag = OPTIONS[field]
+    flag = SHORT[field] if short else OPTIONS[field]
     return flag if value is _NAMED or value is True else f"{flag} {value}"
 
 

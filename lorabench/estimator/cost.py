@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.estimator.compute import StepTime
 from lorabench.gpus import GPU, PRICES
 
@@ -38,7 +39,8 @@ class CostSetup:
     def validate(self) -> None:
         """Raises LorabenchError for a combination or value that cannot be priced."""
         if self.tokens is not None and self.dataset_tokens is not None:
-            raise LorabenchError("give --tokens (all tokens trained) or --dataset-tokens with --epochs, not both.")
+            raise LorabenchError(f"give {option('tokens')} (all tokens trained) or {option('dataset_tokens')} with "
+                                 f"{option('epochs')}, not both.")
         for name, value in (("tokens", self.tokens), ("dataset tokens", self.dataset_tokens)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise LorabenchError(f"{name} must be a positive integer, got {value!r}.")
@@ -89,7 +91,7 @@ def estimate_training_cost(step: StepTime, tokens_per_gpu_step: int, gpus: int, 
     per_step = tokens_per_gpu_step * gpus
     steps = -(-tokens // per_step)
     hours = steps * step.step_ms / 3.6e6
-    price, source = cost.price_per_gpu_hour, "--price"
+    price, source = cost.price_per_gpu_hour, option("price")
     if price is None and gpu is not None and gpu.name in PRICES:
         price, source = PRICES[gpu.name].usd_per_gpu_hour, PRICES[gpu.name].source
     if price is None:

@@ -141,7 +141,8 @@ class Saver:
 # The savers, cheapest first.
 SAVERS = (
     # recomputes each layer in backward: the same result, about a third more compute
-    Saver("checkpointing", "checkpointing", (("grad_checkpointing", True),), lambda case: not case.setup.grad_checkpointing),
+    Saver("checkpointing", "checkpointing", (("grad_checkpointing", True),),
+          lambda case: not case.setup.grad_checkpointing),
     # Liger's fused linear cross-entropy (transformers' use_liger_kernel): the same loss, no full logits
     Saver("fused-loss", "fused loss", (("loss", "fused-linear"),),
           lambda case: case.setup.loss == "standard" and case.setup.device == "cuda"),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.gpus import MiB
 from lorabench.methods import Method
 from lorabench.estimator.activations import ActivationBreakdown, estimate_activations
@@ -207,8 +208,8 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     setup.validate()
     setup = setup.for_spec(spec)
     if setup.loss == "chunked" and spec.final_softcap:
-        raise LorabenchError(f"--loss chunked does not soft-cap the logits as {spec.name} does (Gemma 2's "
-                             "final_logit_softcapping); use --loss standard or fused-linear.")
+        raise LorabenchError(f"{option('loss', 'chunked')} does not soft-cap the logits as {spec.name} does (Gemma "
+                             f"2's final_logit_softcapping); use {option('loss', 'standard')} or fused-linear.")
     if setup.dtype in QUANTIZED and not method.allows_quantized_base:
         raise LorabenchError(f"{method.name} writes the base weights, which a {setup.dtype} base cannot "
                              f"hold; use an adapter method (lora, lora-fa, vera, lora-plus, dora).")
@@ -217,11 +218,13 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     moe_targets = [t for t in targets if t in MOE_TARGETS] if method.uses_rank else []
     if moe_targets and setup.impl == "lorabench":
         raise LorabenchError(f"lorabench's layers do not adapt the {' or '.join(moe_targets)} of {spec.name}'s "
-                             "mixture of experts; use --impl peft, or target the attention (-t q,k,v,o).")
+                             f"mixture of experts; use {option('impl', 'peft')}, or target the attention "
+                             f"({option('targets', 'q,k,v,o', short=True)}).")
     if moe_targets and setup.autocast:
-        raise LorabenchError(f"--autocast with the {' and '.join(moe_targets)} adapted (PEFT's lora.ParamWrapper, "
-                             "which merges W + sBA on every forward) is not modeled yet; drop --autocast (bf16 "
-                             "weights), or target the attention (-t q,k,v,o).")
+        raise LorabenchError(f"{option('autocast')} with the {' and '.join(moe_targets)} adapted (PEFT's "
+                             "lora.ParamWrapper, which merges W + sBA on every forward) is not modeled yet; drop "
+                             f"{option('autocast')} (bf16 weights), or target the attention "
+                             f"({option('targets', 'q,k,v,o', short=True)}).")
     notes = list(spec.notes)
     if setup.attention == "eager" and spec.arch.attention == "eager":
         notes.append(f"{spec.arch.label} runs eager attention in transformers, which refuses SDPA for it (SDPA "
@@ -229,7 +232,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     if method.adapter.magnitude and setup.impl == "peft" and setup.dropout > 0:
         notes.append("PEFT's DoRA with dropout recomputes each adapted layer's base output from the dropped input, "
                      "with the weight (dequantized, on a quantized base) cast to the input's dtype: that copy is kept "
-                     "until backward, every adapted weight once more. --dropout 0 avoids it.")
+                     f"until backward, every adapted weight once more. {option('dropout', 0)} avoids it.")
     if setup.dtype == "int8":
         notes.append("LLM.int8() (bitsandbytes) keeps each layer's input on its autograd context until the step's "
                      "graph is freed, checkpointing or not; its fp16 outlier columns (|x| > 6) depend on the data "
@@ -261,7 +264,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
                      "it keeps a copy of A and B; no dropout on its low-rank path.")
     if method.base_trainable and not setup.master_weights and p_bytes < 4:
         notes.append("pure low-precision training: gradients and AdamW states in the weights' dtype; "
-                     "--master-weights adds fp32 copies and fp32 states.")
+                     f"{option('master_weights')} adds fp32 copies and fp32 states.")
     shapes = spec.linear_shapes()
     # The largest dequantized weight alive at once (bitsandbytes dequantizes per matmul): NF4 to its bf16
     # compute dtype; int8 on the CPU (MatMul8bitFp) to its input's dtype, fp32 after kbit preparation.

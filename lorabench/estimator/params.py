@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.methods import Method
 from lorabench.models.families import MOE_TARGETS
 from lorabench.models.spec import ModelSpec
@@ -42,7 +43,8 @@ def parse_targets(spec: ModelSpec, targets: Optional[Iterable[str] | str],
     valid = spec.target_names
     if spec.single_matrix:
         if targets is not None:
-            raise LorabenchError("--targets does not apply to a --d matrix: the matrix is its one target.")
+            raise LorabenchError(f"{option('targets')} does not apply to a {option('d')} matrix: the matrix is its "
+                                 "one target.")
         return valid
     if targets is None:
         return spec.default_targets
@@ -50,7 +52,7 @@ def parse_targets(spec: ModelSpec, targets: Optional[Iterable[str] | str],
         targets = targets.split(",")
     names = {t.strip().lower() for t in targets if t.strip()}
     if not names:
-        raise LorabenchError("--targets is empty.")
+        raise LorabenchError(f"{option('targets')} is empty.")
     if "all-linear" in names or "all" in names:
         return tuple(t for t in valid if not (modules_only and t in MOE_TARGETS))
     aliases = _target_aliases(spec)

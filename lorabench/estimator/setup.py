@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 from lorabench.estimator.optimizer import OPTIMIZER_NAMES
 from lorabench.models.spec import ModelSpec
 
@@ -110,14 +111,15 @@ class TrainingSetup:
         if self.autocast is not None:
             _choice("autocast dtype", self.autocast, AUTOCAST)
             if self.dtype != "fp32":
-                raise LorabenchError(f"autocast runs an fp32 model in {self.autocast}; give --dtype fp32 "
+                raise LorabenchError(f"autocast runs an fp32 model in {self.autocast}; give {option('dtype', 'fp32')} "
                                      f"(got {self.dtype}).")
         if not isinstance(self.grad_accum, int) or not 1 <= self.grad_accum <= MAX_GRAD_ACCUM:
             raise LorabenchError(f"gradient accumulation must be an integer from 1 to {MAX_GRAD_ACCUM}, "
                                  f"got {self.grad_accum!r}.")
         check_loss_chunk(self.loss_chunk)
         if self.kbit_prepare and self.dtype not in QUANTIZED:
-            raise LorabenchError("--kbit-prepare prepares a quantized base; give --dtype nf4 or int8.")
+            raise LorabenchError(f"{option('kbit_prepare')} prepares a quantized base; give {option('dtype', 'nf4')} "
+                                 "or int8.")
         if not 0.0 <= self.dropout < 1.0:  # (NaN fails this too)
             raise LorabenchError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):

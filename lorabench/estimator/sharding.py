@@ -19,8 +19,9 @@ from typing import Optional
 
 from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU
-from lorabench.estimator.fsdp_memory import floor_held, padded_rows, shard_rows, sharded_held  # noqa: F401 (the estimator's API)
-from lorabench.estimator.parallel import MAX_GPUS, STRATEGIES, Parallel, Plan, Strategy, plan_step  # noqa: F401 (its API)
+# (the estimator's API: these names are read from here too)
+from lorabench.estimator.fsdp_memory import floor_held, padded_rows, shard_rows, sharded_held  # noqa: F401
+from lorabench.estimator.parallel import MAX_GPUS, STRATEGIES, Parallel, Plan, Strategy, plan_step  # noqa: F401
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, Held, need_bytes
 
 @dataclass(frozen=True)
