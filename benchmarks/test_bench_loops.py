@@ -17,7 +17,8 @@ import traceback
 import pytest
 import torch
 
-from lorabench.measure.bench import BUILDERS, _forward_with_loss, _stepper
+from lorabench.measure.builders import BUILDERS
+from lorabench.measure.steps import forward_with_loss, stepper
 from lorabench.estimator.compute import cpu_device, device_for_gpu, estimate_step_time
 from lorabench.estimator.memory import estimate_memory
 from lorabench.estimator.setup import TrainingSetup
@@ -63,8 +64,8 @@ def _run(benchmark, spec, setup, device):
     try:
         targets = count_params(spec, method, RANK, None).targets  # PEFT's default for the family
         built = BUILDERS["peft"](spec, method, RANK, targets, setup, device, SEED)
-        built = _forward_with_loss(built, spec, setup, device, "peft")
-        step, close = _stepper(built, setup, device)
+        built = forward_with_loss(built, spec, setup, device, "peft")
+        step, close = stepper(built, setup, device)
         state.update(built=built, close=close)
         ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len),
                             generator=torch.Generator().manual_seed(SEED)).to(device)

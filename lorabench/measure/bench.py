@@ -34,85 +34,12 @@ from lorabench.measure.probes import (LiveTensorTracker, MemoryProbe, PhaseTimer
                                warm_cuda_libraries)
 from lorabench.measure.builders import (BUILDERS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
                                 build_lorabench, build_peft, expected_library_warnings)
-from lorabench.measure.loops import PlainLoop, TrainerLoop
+from lorabench.measure.steps import Step, forward_with_loss, stepper
 from lorabench.estimator.memory import step_parts
 from lorabench.estimator.setup import DEFAULT_IMPL, IMPLS, PHASES, QUANTIZED, TrainingSetup
 from lorabench.methods import Method
 from lorabench.render.formats import flops_text
 from lorabench.models.spec import ModelSpec
-
-
-@dataclass
-class LossOutput:
-    """What forward returns under --loss chunked or fused-linear: the loss, and transformers' KV cache, which a
-    plain loop keeps as it keeps the whole model output."""
-
-    loss: torch.Tensor
-    cache: object = None
-
-
-def head_loss(spec: ModelSpec, setup: TrainingSetup,
-              device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(hidden [B, S, D], head weight [V, D], labels [B, S]) -> transformers' causal-LM loss, as setup.loss
-    computes it without the full logits: lorabench.nn.loss's chunked cross-entropy, or Liger's
-    LigerFusedLinearCrossEntropyLoss (Triton: CUDA only) on the same shifted labels.
-
-    Raises:
-        LorabenchError: fused-linear off CUDA or without liger-kernel installed.
-    """
-    from lorabench.nn.loss import IGNORE_INDEX, chunked_causal_lm_loss
-    from lorabench.nn.model import shift_labels
-
-    if setup.loss == "chunked":
-        return lambda h, w, y: chunked_causal_lm_loss(h, w, y, setup.loss_chunk)
-    if device.type != "cuda":
-        raise LorabenchError("--loss fused-linear runs Liger's Triton kernels, which need a CUDA GPU: it is "
-                             "estimated on any machine, measured only on CUDA.")
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        raise LorabenchError("--loss fused-linear needs Liger's kernels: pip install liger-kernel.") from None
-    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, softcap=spec.final_softcap or None)
-
-    def loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return fused(w, h.reshape(-1, h.shape[-1]), shift_labels(y).view(-1))
-    return loss
-
-
-def _forward_with_loss(built: Built, spec: ModelSpec, setup: TrainingSetup, device: torch.device,
-                       impl: str) -> Built:
-    """built with its forward computing setup.loss from the final hidden states (no full logits) when the
-    loss is not transformers' own."""
-    if setup.loss == "standard":
-        return built
-    loss = head_loss(spec, setup, device)
-    model = built.model
-    if impl == "lorabench":
-        def forward(ids):
-            return LossOutput(loss(model.hidden_states(ids), model.head.weight, ids))
-    else:
-        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        body, head = hf.base_model, hf.get_output_embeddings()  # the decoder (final norm included), lm_head
-
-        def forward(ids):
-            out = body(input_ids=ids)
-            return LossOutput(loss(out.last_hidden_state, head.weight, ids), out.past_key_values)
-    return replace(built, forward=forward)
-
-
-
-Step = Callable[[torch.Tensor, Callable[[str], None]], torch.Tensor]
-
-
-def _stepper(built: Built, setup: TrainingSetup, device: torch.device):
-    """(step, close): step(ids, mark) runs one optimizer step of setup.loop over setup.grad_accum
-    micro-batches (lorabench.measure.loops); close() releases what the loop holds."""
-    if setup.loop == "trainer":
-        loop = TrainerLoop(built, setup.batch_size, setup.grad_accum, device, own_loss=setup.loss != "standard",
-                           autocast=setup.autocast)
-    else:
-        loop = PlainLoop(built, setup.grad_accum, device, setup.autocast)
-    return loop.step, loop.close
 
 
 def _timed_step(step: Step, ids: torch.Tensor, timer: PhaseTimer) -> Dict[str, float]:
@@ -213,10 +140,10 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
             built = BUILDERS[impl](spec, method, rank, targets, setup, device, seed, hooks.wrap)
             if tracker is not None:  # tensors a checkpoint load made outside torch's dispatcher
                 tracker.track(built.base_tensors + built.adapter_tensors)
-            built = _forward_with_loss(built, spec, setup, device, impl)
+            built = forward_with_loss(built, spec, setup, device, impl)
             g = torch.Generator().manual_seed(seed if hooks.data_seed is None else hooks.data_seed)
             ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=g).to(device)
-            step, close = _stepper(built, setup, device)
+            step, close = stepper(built, setup, device)
             for _ in range(warmup):
                 step(ids, lambda phase: None)
             with hooks.around_memory_step or contextlib.nullcontext():
