@@ -1,4 +1,4 @@
-"""A decoder-only transformer built from a ModelSpec, one Block for every family in specs.ARCHS.
+"""A decoder-only transformer built from a ModelSpec, one Block for every family in models.families.FAMILIES.
 
 The ops mirror transformers 5's modeling files one for one (each family's RMSNorm, rotate_half RoPE, SDPA or
 Gemma 2's eager attention, the experts' grouped matmuls, HF's shifted cross-entropy), because the memory
