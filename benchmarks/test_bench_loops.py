@@ -64,7 +64,7 @@ def _run(benchmark, spec, setup, device):
     state = {}
     try:
         targets = count_params(spec, method, RANK, None).targets  # PEFT's default for the family
-        built = BUILDERS["peft"](spec, method, RANK, targets, setup, device, SEED)
+        built = BUILDERS["peft"](Case(spec, method, RANK, targets, setup), device, SEED)
         built = forward_with_loss(built, spec, setup, device, "peft")
         step, close = stepper(built, setup, device)
         state.update(built=built, close=close)
