@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from lorabench.estimator.case import Case as EstimateCase  # (Case below is one measured step)
 from lorabench.estimator.compute import Device, StepTime, device_for_gpu, estimate_step_time
 from lorabench.estimator.compute import cpu_device as compute_cpu_device
 from lorabench.gpus import get_gpu
@@ -85,7 +86,7 @@ class Case:
     def estimate(self) -> StepTime:
         spec, method = self.spec(), METHODS[self.method]
         counts = count_params(spec, method, self.rank, self.targets)
-        return estimate_step_time(spec, method, self.rank, counts.targets, self.setup, self.device)
+        return estimate_step_time(EstimateCase(spec, method, self.rank, counts.targets, self.setup), self.device)
 
 
 H100 = device_for_gpu(get_gpu("H100-80GB"))

@@ -48,11 +48,11 @@ def strategy_rows() -> List[Dict]:
     spec, rows = from_name(MODEL), []
     for label, method, rank, targets, dtype in CASES:
         setup = replace(SETUP, dtype=dtype)
-        plan = plan_step(spec, METHODS[method], rank, targets, setup)
+        plan = plan_step(Case(spec, METHODS[method], rank, targets, setup))
         for name in GPUS:
             gpu = get_gpu(name)
             fit = fit_on_gpu(plan, gpu)
-            step = estimate_step_time(spec, METHODS[method], rank, plan.parts.counts.targets, setup,
+            step = estimate_step_time(Case(spec, METHODS[method], rank, plan.parts.counts.targets, setup),
                                       device_for_gpu(gpu))
             needed = {"none": 1 if fit.fits else None, "ddp": fit.gpus_needed_ddp,
                       "zero2": fit.gpus_needed_zero2, "fsdp": fit.gpus_needed_fsdp}
@@ -88,10 +88,11 @@ def rtx4090_rows() -> List[Dict]:
         for loss in ("standard", "chunked"):
             setup = replace(SETUP, dtype="nf4", loss=loss)
             case = Case(spec, METHODS["lora"], 16, "all-linear", setup, Parallel(2, "fsdp", offload))
-            plan = case.plan()
+            plan = plan_step(case)
             rm = rank_memory(plan, case.parallel)
             lim = limits(case, gpu.memory_bytes)
-            step = estimate_step_time(spec, case.method, 16, plan.parts.counts.targets, setup, device_for_gpu(gpu))
+            step = estimate_step_time(Case(spec, case.method, 16, plan.parts.counts.targets, setup),
+                                      device_for_gpu(gpu))
             t = parallel_step_time(step, comm_volume(plan, case.parallel), case.parallel, gpu)
             rows.append({
                 "case": "QLoRA r=16 all-linear", "model": MODEL, "gpu": gpu.name, "gpus": 2, "sharding": "fsdp",

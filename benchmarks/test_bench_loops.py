@@ -17,6 +17,7 @@ import traceback
 import pytest
 import torch
 
+from lorabench.estimator.case import Case
 from lorabench.measure.builders import BUILDERS
 from lorabench.measure.steps import forward_with_loss, stepper
 from lorabench.estimator.compute import cpu_device, device_for_gpu, estimate_step_time
@@ -63,7 +64,7 @@ def _run(benchmark, spec, setup, device):
     state = {}
     try:
         targets = count_params(spec, method, RANK, None).targets  # PEFT's default for the family
-        built = BUILDERS["peft"](spec, method, RANK, targets, setup, device, SEED)
+        built = BUILDERS["peft"](Case(spec, method, RANK, targets, setup), device, SEED)
         built = forward_with_loss(built, spec, setup, device, "peft")
         step, close = stepper(built, setup, device)
         state.update(built=built, close=close)
@@ -93,7 +94,7 @@ def _run(benchmark, spec, setup, device):
 
 
 def _record(benchmark, name, spec, setup, est_ms, peak):
-    est = estimate_memory(spec, METHODS["lora"], RANK, None, setup)
+    est = estimate_memory(Case(spec, METHODS["lora"], RANK, None, setup))
     benchmark.extra_info.update(
         loop=name, model=spec.name, layers=spec.num_layers, batch_size=setup.batch_size, seq_len=setup.seq_len,
         tokens_per_step=setup.tokens * setup.grad_accum, dtype=setup.dtype, autocast=setup.autocast,
@@ -109,7 +110,7 @@ def test_loop_step_cpu(benchmark, cpu_model_device, name, fields):
     spec = from_name(CPU_MODEL)
     setup = TrainingSetup(batch_size=1, seq_len=CPU_SEQ, device="cpu", **fields).for_spec(spec)
     _run(benchmark, spec, setup, torch.device("cpu"))
-    t = estimate_step_time(spec, METHODS["lora"], RANK, ("q", "v"), setup, cpu_model_device)
+    t = estimate_step_time(Case(spec, METHODS["lora"], RANK, ("q", "v"), setup), cpu_model_device)
     _record(benchmark, name, spec, setup, t.step_ms, None)
 
 
@@ -127,7 +128,7 @@ def test_loop_step_cuda(benchmark, name, fields):
     setup = TrainingSetup(batch_size=1, seq_len=CUDA_SEQ, device="cuda", **fields).for_spec(spec)
     peak = _run(benchmark, spec, setup, torch.device("cuda"))
     gpu = catalog_gpu(torch.cuda.get_device_name())
-    est_ms = estimate_step_time(spec, METHODS["lora"], RANK, ("q", "v"), setup, device_for_gpu(gpu)).step_ms \
+    est_ms = estimate_step_time(Case(spec, METHODS["lora"], RANK, ("q", "v"), setup), device_for_gpu(gpu)).step_ms \
         if gpu else float("nan")
     _record(benchmark, name, spec, setup, est_ms, peak)
     benchmark.extra_info["gpu_name"] = torch.cuda.get_device_name()

@@ -15,6 +15,7 @@ import traceback
 import pytest
 import torch
 
+from lorabench.estimator.case import Case
 from lorabench.estimator.memory import estimate_memory
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import METHODS
@@ -59,7 +60,7 @@ def _trainer(spec, method, rank, dtype, device):
     the plain loop (measure.loops.PlainLoop): .model, .step(ids) -> the loss."""
     device = torch.device(device)
     setup = TrainingSetup(dtype=dtype, alpha=ALPHA, device=device.type, impl="lorabench", loop="plain")
-    built = build_lorabench(spec, METHODS[method], rank, None, setup, device, SEED)
+    built = build_lorabench(Case(spec, METHODS[method], rank, None, setup), device, SEED)
     return PlainLoop(built, 1, device)
 
 
@@ -121,7 +122,7 @@ def test_train_step_cuda(benchmark, cuda_warm, method, rank):
     spec = from_name(CUDA_MODEL).with_layers(CUDA_LAYERS)
     setup = TrainingSetup(batch_size=CUDA_BATCH, seq_len=CUDA_SEQ, dtype="bf16", device="cuda", alpha=ALPHA,
                           impl="lorabench")  # the step runs lorabench.nn's layers
-    estimated = estimate_memory(spec, METHODS[method], rank, None, setup).peak_bytes
+    estimated = estimate_memory(Case(spec, METHODS[method], rank, None, setup)).peak_bytes
 
     loss, peak = _measure_cuda_step(benchmark, spec, method, rank)
 

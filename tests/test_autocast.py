@@ -4,6 +4,7 @@ bytes written out by hand from what autograd keeps under torch.autocast."""
 
 import pytest
 
+from lorabench.estimator.case import Case
 from lorabench.measure.bench import run_bench
 from lorabench.errors import LorabenchError
 from lorabench.estimator.layer_saves import layer_activation_bytes
@@ -57,16 +58,16 @@ def test_lora_layer_under_autocast_by_hand():
     setup = TrainingSetup(seq_len=64, dtype="fp32", autocast="bf16", device="cpu")
     per_token = (2 * (4 * D + 4) + 2 * (2 * D) + 2 * (2 * R) + 2 * (2 * Q + 2 * KV) + 4 * HEADS
                  + 3 * 2 * FFN)
-    assert layer_activation_bytes(TINY, METHODS["lora"], 8, ("q", "v"), setup) == per_token
+    assert layer_activation_bytes(Case(TINY, METHODS["lora"], 8, ("q", "v"), setup)) == per_token
     weights = 2 * (D * Q + 2 * D * KV + Q * D + 3 * D * FFN)
     adapters = 2 * R * (D + Q) + 2 * R * (D + KV)
     t = 2 * 64
-    one_layer = step_parts(TINY, METHODS["lora"], 8, ("q", "v"), TrainingSetup(batch_size=2, seq_len=64,
-                           dtype="fp32", autocast="bf16", device="cpu", loop="plain")).act.saved_bytes
+    one_layer = step_parts(Case(TINY, METHODS["lora"], 8, ("q", "v"), TrainingSetup(batch_size=2, seq_len=64,
+                           dtype="fp32", autocast="bf16", device="cpu", loop="plain"))).act.saved_bytes
     # (the whole model's saved bytes grow by exactly one layer's when a layer is added)
     two = from_name("tiny-llama").with_layers(L + 1)
-    more = step_parts(two, METHODS["lora"], 8, ("q", "v"), TrainingSetup(batch_size=2, seq_len=64, dtype="fp32",
-                      autocast="bf16", device="cpu", loop="plain")).act.saved_bytes
+    more = step_parts(Case(two, METHODS["lora"], 8, ("q", "v"), TrainingSetup(batch_size=2, seq_len=64, dtype="fp32",
+                      autocast="bf16", device="cpu", loop="plain"))).act.saved_bytes
     assert more - one_layer == t * per_token + weights + adapters
 
 
@@ -80,7 +81,7 @@ def test_autocast_keeps_frozen_weight_casts():
 
     def saved(seq):
         setup = TrainingSetup(seq_len=seq, dtype="fp32", autocast="bf16")
-        return step_parts(spec, METHODS["lora"], 16, ("q", "v"), setup).act.saved_bytes
+        return step_parts(Case(spec, METHODS["lora"], 16, ("q", "v"), setup)).act.saved_bytes
 
     d, kv, ffn, layers, vocab, r = 4096, 1024, 14336, 32, 128_256, 16
     per_layer = d * d + 2 * d * kv + d * d + 3 * d * ffn
@@ -88,8 +89,8 @@ def test_autocast_keeps_frozen_weight_casts():
     adapters = 2 * r * layers * ((d + d) + (d + kv))
     assert 2 * saved(2048) - saved(4096) == casts + adapters
     assert casts == 14_958_985_216  # 13.9 GiB beside 32.1 GB of fp32 weights
-    bf16 = estimate_memory(spec, METHODS["lora"], 16, setup=TrainingSetup())
-    auto = estimate_memory(spec, METHODS["lora"], 16, setup=TrainingSetup(dtype="fp32", autocast="bf16"))
+    bf16 = estimate_memory(Case(spec, METHODS["lora"], 16, setup=TrainingSetup()))
+    auto = estimate_memory(Case(spec, METHODS["lora"], 16, setup=TrainingSetup(dtype="fp32", autocast="bf16")))
     assert auto.weights_bytes - bf16.weights_bytes == 2 * 8_030_261_248
 
 
@@ -112,7 +113,7 @@ def test_trainer_runs_the_forward_under_autocast():
     from lorabench.measure.loops import TrainerLoop
 
     setup = TrainingSetup(batch_size=2, seq_len=16, dtype="fp32", autocast="bf16", device="cpu").for_spec(TINY)
-    built = build_peft(TINY, METHODS["lora"], 8, ("q", "v"), setup, torch.device("cpu"))
+    built = build_peft(Case(TINY, METHODS["lora"], 8, ("q", "v"), setup), torch.device("cpu"))
     seen = []
     head = built.model.get_base_model().lm_head
     head.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from lorabench.estimator.case import Case
 from lorabench.measure import bench as bench_mod
 from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
@@ -117,8 +118,8 @@ def test_peft_layers_need_their_own_model():
     setup = TrainingSetup(batch_size=2, seq_len=64, dtype="bf16")
     row = run_bench(TINY, [METHODS["dora"]], [8], "all-linear", setup, steps=1, warmup=1, impl="peft",
                     progress=False, device="cpu")[0]
-    lean = estimate_memory(TINY, METHODS["dora"], 8, "all-linear",
-                           TrainingSetup(batch_size=2, seq_len=64, dtype="bf16", device="cpu", impl="lorabench"))
+    lean = estimate_memory(Case(TINY, METHODS["dora"], 8, "all-linear",
+                           TrainingSetup(batch_size=2, seq_len=64, dtype="bf16", device="cpu", impl="lorabench")))
     measured = row["measured_peak_bytes"]
     assert (measured - lean.peak_bytes) / measured > 0.05
     assert abs(row["peak_error_pct"]) < 1.0
@@ -155,7 +156,7 @@ def test_bench_cli_every_method_on_cpu_within_tolerance(tmp_path):
         from lorabench.estimator.compute import cpu_device, estimate_step_time
         targets = tuple(r["targets"].split(",")) if r["targets"] else None
         setup = TrainingSetup(seq_len=64, device="cpu", impl="lorabench")
-        est = estimate_step_time(TINY, METHODS[r["method"]], r["rank"], targets, setup,
+        est = estimate_step_time(Case(TINY, METHODS[r["method"]], r["rank"], targets, setup),
                                  cpu_device(r["matmul_tflops"] * 1e12))
         assert r["estimated_step_ms"] == pytest.approx(est.step_ms) and r["estimated_step_ms"] > 0
         assert r["step_error_pct"] == pytest.approx(100 * (est.step_ms / r["measured_step_ms"] - 1))
@@ -167,8 +168,8 @@ def test_bench_cli_layers_projects_to_full_depth():
     assert res.exit_code == 0, res.output
     r = json.loads(res.output)[0]
     assert r["layers"] == 2 and r["full_layers"] == 4
-    full = estimate_memory(TINY, METHODS["lora"], 8, None,
-                           TrainingSetup(seq_len=32, device="cpu", impl="peft"))
+    full = estimate_memory(Case(TINY, METHODS["lora"], 8, None,
+                           TrainingSetup(seq_len=32, device="cpu", impl="peft")))
     assert r["full_peak_bytes"] == full.peak_bytes
     # projected = measured at 2 layers + (estimate at 4 - estimate at 2)
     assert r["full_projected_peak_bytes"] == r["measured_peak_bytes"] + full.peak_bytes - r["peak_bytes"]
@@ -201,13 +202,13 @@ def test_sweep_goes_on_after_oom_and_interrupt_keeps_rows(tmp_path, monkeypatch)
     real = bench_mod.measure_case
     calls = []
 
-    def fake(spec, method, *args, **kwargs):
-        calls.append(method.name)
-        if method.name == "lora":
+    def fake(case, *args, **kwargs):
+        calls.append(case.method.name)
+        if case.method.name == "lora":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if method.name == "vera":
+        if case.method.name == "vera":
             raise KeyboardInterrupt
-        return real(spec, method, *args, **kwargs)
+        return real(case, *args, **kwargs)
 
     monkeypatch.setattr(bench_mod, "measure_case", fake)
     out = tmp_path / "partial.csv"
@@ -307,8 +308,8 @@ def test_the_cpu_time_model_takes_fp32_products_at_the_measured_fp32_rate():
     from lorabench.estimator.compute import CPU_FP32_RATIO, cpu_device, estimate_step_time
 
     lora, setup = METHODS["lora"], TrainingSetup(dtype="fp32", seq_len=256, device="cpu")
-    measured = estimate_step_time(TINY, lora, 8, ("q", "v"), setup, cpu_device(0.29e9, 17.5e9))
-    derived = estimate_step_time(TINY, lora, 8, ("q", "v"), setup, cpu_device(0.29e9))
+    measured = estimate_step_time(Case(TINY, lora, 8, ("q", "v"), setup), cpu_device(0.29e9, 17.5e9))
+    derived = estimate_step_time(Case(TINY, lora, 8, ("q", "v"), setup), cpu_device(0.29e9))
     # the old derivation took fp32 at 0.23 of bf16's 0.29 GFLOP/s: 17.5 / (0.23 x 0.29) = 262x slower products
     assert cpu_device(0.29e9).fp32_flops == pytest.approx(CPU_FP32_RATIO * 0.29e9)
     assert derived.matmul_ms / measured.matmul_ms == pytest.approx(17.5 / (CPU_FP32_RATIO * 0.29), rel=0.05)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from lorabench.estimator.case import Case
 from lorabench.estimator.compute import Device, MATMUL_EFFICIENCY, device_for_gpu, estimate_step_time, op_seconds
 from lorabench.estimator.cost import CostSetup, estimate_training_cost
 from lorabench.estimator.flops import estimate_flops
@@ -23,21 +24,21 @@ PLAIN = Device("plain", 100e12, 10e12, 1e12, 200e12)
 def test_single_matrix_full_is_6_t_d2_and_lora_adds_adapter_products():
     spec, t = from_dimension(4096), 512
     setup = TrainingSetup(seq_len=t)
-    full = estimate_flops(spec, METHODS["full"], None, (), setup)
+    full = estimate_flops(Case(spec, METHODS["full"], None, (), setup))
     assert full.step_flops == 6 * t * 4096 * 4096  # forward 2, input grad 2, weight grad 2
-    lora = estimate_flops(spec, METHODS["lora"], 8, ("w",), setup)
+    lora = estimate_flops(Case(spec, METHODS["lora"], 8, ("w",), setup))
     adapter = 2 * 8 * (4096 + 4096)  # A then B, per token
     # forward: W and adapter. Backward: the lone matrix's input needs no gradient (nothing before it trains), so
     # autograd runs neither W's input gradient nor A's: B's input gradient (2 r out), dB (2 r out), dA (2 r in)
     assert lora.step_flops == t * (2 * 4096 * 4096 + adapter + 3 * 2 * 8 * 4096)
-    two = estimate_flops(from_dimension(4096, 2), METHODS["lora"], 8, ("w",), setup)
+    two = estimate_flops(Case(from_dimension(4096, 2), METHODS["lora"], 8, ("w",), setup))
     # a second matrix's input does need one: its W and A input gradients run (2 d^2 + 2 r d)
     assert two.step_flops - 2 * lora.step_flops == t * (2 * 4096 * 4096 + 2 * 8 * 4096)
 
 
 def test_llama3_8b_full_is_about_6n_per_token():
     spec = PRESETS["llama-3-8b"]
-    f = estimate_flops(spec, METHODS["full"], None, (), TrainingSetup(seq_len=2048))
+    f = estimate_flops(Case(spec, METHODS["full"], None, (), TrainingSetup(seq_len=2048)))
     n_matmul = 8_030_261_248 - 128256 * 4096 - 65 * 4096  # the embedding lookup and norms do no matmul
     attention = 32 * 3 * 2 * 2048 * 4096                  # causal QK^T and AV, forward + 2x backward
     assert f.flops_per_token == 6 * n_matmul + attention
@@ -45,10 +46,11 @@ def test_llama3_8b_full_is_about_6n_per_token():
 
 def test_frozen_base_costs_two_thirds_and_checkpointing_adds_a_forward():
     spec, setup = PRESETS["llama-3-8b"], TrainingSetup(seq_len=2048)
-    full = estimate_flops(spec, METHODS["full"], None, (), setup)
-    lora = estimate_flops(spec, METHODS["lora"], 8, ("q", "v"), setup)
+    full = estimate_flops(Case(spec, METHODS["full"], None, (), setup))
+    lora = estimate_flops(Case(spec, METHODS["lora"], 8, ("q", "v"), setup))
     assert 0.66 < lora.step_flops / full.step_flops < 0.70
-    ckpt = estimate_flops(spec, METHODS["lora"], 8, ("q", "v"), TrainingSetup(seq_len=2048, grad_checkpointing=True))
+    ckpt = estimate_flops(Case(spec, METHODS["lora"], 8, ("q", "v"),
+                               TrainingSetup(seq_len=2048, grad_checkpointing=True)))
     assert ckpt.recompute_flops == lora.forward_flops - 2048 * 2 * 4096 * 128256  # layers again, not the head
 
 
@@ -69,21 +71,21 @@ def test_full_fine_tuning_of_one_matrix_written_out():
     optimizer's 19 reads and writes per 2-byte parameter, nothing else."""
     d, t = 4096, 1000
     spec, setup = from_dimension(d), TrainingSetup(seq_len=t)
-    got = estimate_step_time(spec, METHODS["full"], None, (), setup, PLAIN)
+    got = estimate_step_time(Case(spec, METHODS["full"], None, (), setup), PLAIN)
     product = max(2 * t * d * d / 100e12, 2 * (t * d + d * d + t * d) / 1e12)
     optimizer = 19 * 2 * d * d / 1e12
     assert got.step_ms == pytest.approx(1e3 * (3 * product + optimizer))
     assert got.forward_ms == pytest.approx(1e3 * product)
     assert got.optimizer_ms == pytest.approx(1e3 * optimizer)
     assert got.matmul_ms + got.memory_ms == pytest.approx(got.step_ms)
-    flops = estimate_flops(spec, METHODS["full"], None, (), setup)
+    flops = estimate_flops(Case(spec, METHODS["full"], None, (), setup))
     assert got.mfu == pytest.approx(flops.step_flops / (got.step_ms / 1e3) / 200e12)
     assert got.tokens_per_s == pytest.approx(t / (got.step_ms / 1e3))
 
 
 def _step(method, rank=16, targets=None, spec=PRESETS["llama-3-8b"], device=None, **setup):
     counts = count_params(spec, METHODS[method], rank, targets)
-    return estimate_step_time(spec, METHODS[method], rank, counts.targets, TrainingSetup(**setup),
+    return estimate_step_time(Case(spec, METHODS[method], rank, counts.targets, TrainingSetup(**setup)),
                               device or device_for_gpu(get_gpu("H100-80GB")))
 
 
@@ -160,7 +162,7 @@ def test_every_preset_method_and_target_set_has_a_step_time(preset):
             counts = count_params(spec, method, 8, targets)
             for ckpt in (False, True):
                 for dtype in ("bf16", "nf4") if method.allows_quantized_base else ("bf16",):
-                    t = estimate_step_time(spec, method, 8, counts.targets,
-                                           TrainingSetup(seq_len=256, grad_checkpointing=ckpt, dtype=dtype), gpu)
+                    t = estimate_step_time(Case(spec, method, 8, counts.targets,
+                                           TrainingSetup(seq_len=256, grad_checkpointing=ckpt, dtype=dtype)), gpu)
                     assert t.step_ms > 0 and 0 < t.mfu < 1
                     assert t.step_ms == pytest.approx(t.forward_ms + t.backward_ms + t.optimizer_ms)

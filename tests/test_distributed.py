@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from lorabench.estimator.case import Case
 from lorabench.measure.bench import run_bench
 from lorabench.measure.builders import expected_library_warnings
 from lorabench.cli import cli
@@ -121,7 +122,7 @@ def test_shards_are_the_estimators_padding_included():
     read off the DTensors' local storages); its optimizer states are for its own rows only."""
     odd = replace(TINY, name="tiny-llama-odd", vocab_size=4097, intermediate_size=689)
     rows = _bench(("full",), "fsdp", "lorabench", spec=odd)
-    plan = plan_step(odd, METHODS["full"], setup=replace(SETUP, device="cpu", impl="lorabench"))
+    plan = plan_step(Case(odd, METHODS["full"], setup=replace(SETUP, device="cpu", impl="lorabench")))
     layer = 2 * (128 * 256 + 2 * 64 * 256 + 128 * 256 + 2 * 345 * 256 + 128 * 689 + 2 * 128)  # rank 0's rows
     root = 2 * (2 * 2049 * 256 + 128)
     for r in rows:
@@ -240,7 +241,7 @@ def test_tracker_sees_storages_resized_outside_the_dispatcher():
 def test_comm_volume_for_the_tested_cases_by_hand():
     """The estimate the collectives are compared with, written out: fsdp over 2 sends half of each all-gather
     (root once, layers twice) and of each reduce-scatter; ddp sends the trainable gradients once (2 (N-1)/N)."""
-    plan = plan_step(TINY, METHODS["full"], setup=replace(SETUP, device="cpu"))
+    plan = plan_step(Case(TINY, METHODS["full"], setup=replace(SETUP, device="cpu")))
     whole = 2 * 4_999_424  # bf16
     layer = 2 * (256 * 256 + 2 * 128 * 256 + 256 * 256 + 3 * 688 * 256 + 2 * 256)
     v = comm_volume(plan, Parallel(2, "fsdp"))

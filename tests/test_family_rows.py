@@ -14,6 +14,7 @@ import pathlib
 import pytest
 
 from hf_configs import HF_CONFIGS, PUBLISHED_TOTALS
+from lorabench.estimator.case import Case
 from lorabench.errors import LorabenchError
 from lorabench.estimator.memory import estimate_memory
 from lorabench.estimator.params import count_base_params, count_params
@@ -52,7 +53,7 @@ def test_a_new_family_is_read_and_counted_as_llama(new_family, tmp_path):
     assert count_params(spec, lora, 8).trainable_params == count_params(llama, lora, 8).trainable_params \
         == LLAMA_3_8B_LORA_R8
     assert count_params(spec, lora, 16, "all-linear") == count_params(llama, lora, 16, "all-linear")
-    assert estimate_memory(spec, lora, 16) == estimate_memory(llama, lora, 16)
+    assert estimate_memory(Case(spec, lora, 16)) == estimate_memory(Case(llama, lora, 16))
     assert spec.peft_name("q") == "q_proj" and spec.default_targets == ("q", "v")
 
 

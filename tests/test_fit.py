@@ -167,7 +167,7 @@ def test_fixes_keep_the_data_before_cutting_it():
 
 
 def test_without_a_gpu_the_smallest_catalog_gpu_that_fits():
-    parts = step_parts(LLAMA, METHODS["lora"], 8, None, TrainingSetup())
+    parts = step_parts(Case(LLAMA, METHODS["lora"], 8, None, TrainingSetup()))
     need = max(parts.phase_peaks().values())
     need = need + parts.overhead_bytes + int(ALLOCATOR_ALLOWANCE * need)
     # a bf16 step: only GPUs with bf16 arithmetic (not the V100s or the T4)

@@ -7,6 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from lorabench.estimator.case import Case
 from lorabench.cli import cli
 from lorabench.gpus import get_gpu
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
@@ -37,7 +38,7 @@ def test_moe_gets_the_fewest_gpus_that_hold_it(model, gpu, fewest):
     assert not row["fits"] and row["gpus_needed_fsdp"] == row["gpus_needed"] == fewest
     assert row["fix"]["args"][-4:] == ["--gpus", str(fewest), "--sharding", "fsdp"]
     # the count suggested fits, and no smaller one does: brute force over every count
-    plan, cap = plan_step(PRESETS[model], METHODS["lora"], 8), get_gpu(gpu).memory_bytes
+    plan, cap = plan_step(Case(PRESETS[model], METHODS["lora"], 8)), get_gpu(gpu).memory_bytes
     needs = {n: plan_need_bytes(plan, Parallel(n, "fsdp"), ALLOCATOR_ALLOWANCE) for n in range(2, 65)}
     assert min(n for n, need in needs.items() if need <= cap) == fewest
     # and the reason the old search gave up: FSDP2 pads the experts' dim 0 (8 for Mixtral) to a multiple of N,
@@ -51,7 +52,7 @@ def test_moe_gets_the_fewest_gpus_that_hold_it(model, gpu, fewest):
 def test_the_fewest_gpus_search_is_exact_where_padding_makes_need_wiggle():
     # every preset MoE, every strategy that shards: the search's answer is the brute-force minimum up to 48
     for model in ("mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"):
-        plan = plan_step(PRESETS[model], METHODS["lora"], 8, "all-linear")
+        plan = plan_step(Case(PRESETS[model], METHODS["lora"], 8, "all-linear"))
         for sharding in ("zero2", "fsdp"):
             for cap_gib in (24, 48, 80):
                 cap = cap_gib * GIB
@@ -104,9 +105,9 @@ def test_sliding_window_attention_flops_by_hand_and_mfu_below_the_matmul_efficie
     window = 1024 * (1 - 1024 / (2 * s))  # within the window: the first 1,024 queries see fewer
     per_token = 4 * 2048 * (29 * window + 5 * full)  # QK^T and AV, 2 q_dim FLOPs a key each
     # everything but attention, per token: the step at one token, less its attention (half a key a layer)
-    dense = estimate_flops(spec, METHODS["full"], None, (), TrainingSetup(seq_len=1))
+    dense = estimate_flops(Case(spec, METHODS["full"], None, (), TrainingSetup(seq_len=1)))
     per_token -= 4 * 2048 * 34 * 0.5
-    f = estimate_flops(spec, METHODS["full"], None, (), TrainingSetup(seq_len=s))
+    f = estimate_flops(Case(spec, METHODS["full"], None, (), TrainingSetup(seq_len=s)))
     assert f.forward_flops - s * dense.forward_flops == pytest.approx(s * per_token, rel=1e-9)
     for seq in (2048, 131_072, 1_048_576):
         row = rows("memory", "-m", "gemma-3-4b", "--method", "full", "-s", str(seq), "--gpu", "H100-80GB")[0]
@@ -231,8 +232,8 @@ def test_flops_leave_out_the_input_gradients_autograd_does_not_run():
     from lorabench.estimator.flops import _first_layer_skipped_flops
 
     spec = PRESETS["llama-3-8b"]  # q 4096 -> 4096, k and v 4096 -> 1024
-    qv = _first_layer_skipped_flops(spec, METHODS["lora"], 8, ("q", "v"), 2048)
+    qv = _first_layer_skipped_flops(Case(spec, METHODS["lora"], 8, ("q", "v"), TrainingSetup(seq_len=2048)))
     assert qv == 2 * 4096 * (4096 + 1024 + 1024) + 2 * 8 * 4096 * 2  # W's dx of q, k, v; A's dx of q and v
-    assert _first_layer_skipped_flops(spec, METHODS["full"], None, (), 2048) == 0
+    assert _first_layer_skipped_flops(Case(spec, METHODS["full"], None, (), TrainingSetup(seq_len=2048))) == 0
     row = rows("memory", "--d", "16384", "--method", "lora", "--gpu", "H100-80GB")[0]
     assert row["mfu"] <= row["matmul_efficiency"]

@@ -4,6 +4,7 @@ that created the optimizer states)."""
 
 import pytest
 
+from lorabench.estimator.case import Case
 from lorabench.measure.bench import run_bench
 from lorabench.estimator.compute import device_for_gpu, estimate_step_time
 from lorabench.estimator.flops import estimate_flops
@@ -63,8 +64,8 @@ def test_trainer_drops_the_output_before_backward():
     (tokens x vocab x 2 bytes) through backward, and through the optimizer step transformers' KV cache too
     (layers x 2 x tokens x kv width x 2 bytes; until backward passes a layer its k and v are SDPA's own saved
     tensors); Trainer.training_step frees both before backward."""
-    plain = estimate_memory(TINY, METHODS["lora"], 8, setup=TrainingSetup(batch_size=2, seq_len=64, loop="plain"))
-    trainer = estimate_memory(TINY, METHODS["lora"], 8, setup=TrainingSetup(batch_size=2, seq_len=64))
+    plain = estimate_memory(Case(TINY, METHODS["lora"], 8, setup=TrainingSetup(batch_size=2, seq_len=64, loop="plain")))
+    trainer = estimate_memory(Case(TINY, METHODS["lora"], 8, setup=TrainingSetup(batch_size=2, seq_len=64)))
     t = 2 * 64
     assert plain.peak_phase == trainer.peak_phase == "backward"
     assert plain.peak_bytes - trainer.peak_bytes == t * 4096 * 2
@@ -74,8 +75,9 @@ def test_trainer_drops_the_output_before_backward():
 def test_grad_accum_keeps_gradients_through_the_next_micro_batch():
     """Full fine-tuning with 4 micro-batches: every gradient is alive through the forward and backward of
     micro-batches 2-4, so the backward peak grows by the whole gradient size over one micro-batch's."""
-    one = estimate_memory(TINY, METHODS["full"], None, setup=TrainingSetup(batch_size=2, seq_len=64))
-    four = estimate_memory(TINY, METHODS["full"], None, setup=TrainingSetup(batch_size=2, seq_len=64, grad_accum=4))
+    one = estimate_memory(Case(TINY, METHODS["full"], None, setup=TrainingSetup(batch_size=2, seq_len=64)))
+    four = estimate_memory(Case(TINY, METHODS["full"], None,
+                                setup=TrainingSetup(batch_size=2, seq_len=64, grad_accum=4)))
     assert four.forward_peak_bytes - one.forward_peak_bytes == one.gradients_bytes
     assert four.peak_phase == "backward" and four.peak_bytes > one.peak_bytes
 
@@ -84,13 +86,13 @@ def test_grad_accum_time_is_k_micro_batches_and_one_update():
     spec, lora = from_name("llama-3-8b"), METHODS["lora"]
     targets = count_params(spec, lora, 16, None).targets
     h100 = device_for_gpu(get_gpu("H100-80GB"))
-    one = estimate_step_time(spec, lora, 16, targets, TrainingSetup(), h100)
-    four = estimate_step_time(spec, lora, 16, targets, TrainingSetup(grad_accum=4), h100)
+    one = estimate_step_time(Case(spec, lora, 16, targets, TrainingSetup()), h100)
+    four = estimate_step_time(Case(spec, lora, 16, targets, TrainingSetup(grad_accum=4)), h100)
     assert four.forward_ms == pytest.approx(4 * one.forward_ms)
     assert four.backward_ms == pytest.approx(4 * one.backward_ms)
     assert four.optimizer_ms == pytest.approx(one.optimizer_ms)
-    f1 = estimate_flops(spec, lora, 16, targets, TrainingSetup())
-    f4 = estimate_flops(spec, lora, 16, targets, TrainingSetup(grad_accum=4))
+    f1 = estimate_flops(Case(spec, lora, 16, targets, TrainingSetup()))
+    f4 = estimate_flops(Case(spec, lora, 16, targets, TrainingSetup(grad_accum=4)))
     assert f4.forward_flops == 4 * f1.forward_flops and f4.flops_per_token == pytest.approx(f1.flops_per_token)
 
 

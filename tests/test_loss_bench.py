@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from lorabench.estimator.case import Case
 from lorabench.measure.bench import run_bench
 from lorabench.cli import cli
 from lorabench.estimator.compute import cpu_device, estimate_step_time
@@ -48,9 +49,11 @@ def test_chunked_loss_saves_the_logits():
     losses hold one chunk's logits."""
     spec = from_name("llama-3-8b")
     base = TrainingSetup(seq_len=8192)
-    standard = estimate_memory(spec, METHODS["lora"], 16, "all-linear", base)
-    chunked = estimate_memory(spec, METHODS["lora"], 16, "all-linear", TrainingSetup(seq_len=8192, loss="chunked"))
-    fused = estimate_memory(spec, METHODS["lora"], 16, "all-linear", TrainingSetup(seq_len=8192, loss="fused-linear"))
+    standard = estimate_memory(Case(spec, METHODS["lora"], 16, "all-linear", base))
+    chunked = estimate_memory(Case(spec, METHODS["lora"], 16, "all-linear",
+                                   TrainingSetup(seq_len=8192, loss="chunked")))
+    fused = estimate_memory(Case(spec, METHODS["lora"], 16, "all-linear",
+                                 TrainingSetup(seq_len=8192, loss="fused-linear")))
     v = spec.vocab_size
     assert standard.peak_bytes - chunked.peak_bytes > 8192 * v * 2  # at least the held bf16 logits
     assert standard.peak_bytes - fused.peak_bytes > 8192 * v * 2
@@ -69,15 +72,15 @@ def test_chunked_loss_costs_one_more_head_product():
 
     def flops(method, loss):
         setup = TrainingSetup(loss=loss, loss_chunk=1000, device="cpu")
-        return sum(op.flops * op.runs for op in step_ops(spec, method, 16, targets, setup))
+        return sum(op.flops * op.runs for op in step_ops(Case(spec, method, 16, targets, setup)))
 
     head = 2 * 2048 * 4096 * spec.vocab_size  # [t, d] x [d, V]
     for method in (lora, full):
         assert flops(method, "chunked") == pytest.approx(flops(method, "standard") + head)
         assert flops(method, "fused-linear") == pytest.approx(flops(method, "standard"))
     cpu = cpu_device(1e12)
-    assert (estimate_step_time(spec, lora, 16, targets, TrainingSetup(loss="chunked", device="cpu"), cpu).step_ms
-            > estimate_step_time(spec, lora, 16, targets, TrainingSetup(device="cpu"), cpu).step_ms)
+    assert (estimate_step_time(Case(spec, lora, 16, targets, TrainingSetup(loss="chunked", device="cpu")), cpu).step_ms
+            > estimate_step_time(Case(spec, lora, 16, targets, TrainingSetup(device="cpu")), cpu).step_ms)
 
 
 def test_fused_linear_is_estimated_but_not_measured_on_cpu():
@@ -89,7 +92,7 @@ def test_fused_linear_is_estimated_but_not_measured_on_cpu():
 
 def test_chunked_loss_refuses_soft_capped_logits():
     with pytest.raises(LorabenchError, match="does not soft-cap"):
-        estimate_memory(from_name("gemma-2-2b"), METHODS["lora"], 8, None, TrainingSetup(loss="chunked"))
+        estimate_memory(Case(from_name("gemma-2-2b"), METHODS["lora"], 8, None, TrainingSetup(loss="chunked")))
 
 
 def test_loss_chunk_is_bounded_on_the_command_line():

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lorabench.estimator.case import Case
 from lorabench.estimator.compute import device_for_gpu, estimate_step_time
 from lorabench.estimator.flops import estimate_flops
 from lorabench.estimator.layer_saves import layer_activation_bytes
@@ -68,17 +69,17 @@ def test_counts_are_those_of_the_methods_combined():
 
 
 def test_memory_by_hand_and_as_lora_fa():
-    est = estimate_memory(LLAMA3_8B, LORA_FA_PLUS, 8, "q,v")
+    est = estimate_memory(Case(LLAMA3_8B, LORA_FA_PLUS, 8, "q,v"))
     assert est.adapter_bytes == 4 * 3_407_872        # fp32 A and B
     assert est.gradients_bytes == 4 * 1_310_720      # B's only
     assert est.optimizer_bytes == 2 * 4 * 1_310_720  # AdamW's two fp32 states of B
     assert est.method_state_bytes == 0
     # a ratio of learning rates changes no memory: every component and peak is LoRA-FA's
-    fa = estimate_memory(LLAMA3_8B, METHODS["lora-fa"], 8, "q,v")
+    fa = estimate_memory(Case(LLAMA3_8B, METHODS["lora-fa"], 8, "q,v"))
     assert replace(est, method="lora-fa") == fa
     for setup in (TrainingSetup(impl="lorabench", dropout=0.1), TrainingSetup(grad_checkpointing=True)):
-        parts = step_parts(LLAMA3_8B, LORA_FA_PLUS, 8, "all-linear", setup)
-        fa_parts = step_parts(LLAMA3_8B, METHODS["lora-fa"], 8, "all-linear", setup)
+        parts = step_parts(Case(LLAMA3_8B, LORA_FA_PLUS, 8, "all-linear", setup))
+        fa_parts = step_parts(Case(LLAMA3_8B, METHODS["lora-fa"], 8, "all-linear", setup))
         assert parts.phase_peaks() == fa_parts.phase_peaks() and parts.act == fa_parts.act
 
 
@@ -86,25 +87,25 @@ def test_dora_fa_activations_are_dora_less_the_inputs_a_needs():
     # lorabench's layers, bf16 (a=2), q and v read the same norm output: DoRA keeps it once for A's gradient,
     # DoRA-FA (A frozen) keeps none of it, exactly LoRA's difference to LoRA-FA (a d per token)
     setup, tiny = TrainingSetup(seq_len=128, impl="lorabench"), PRESETS["tiny-llama"]
-    dora, dora_fa = (layer_activation_bytes(tiny, m, 8, ("q", "v"), setup) for m in (METHODS["dora"], DORA_FA))
+    dora, dora_fa = (layer_activation_bytes(Case(tiny, m, 8, ("q", "v"), setup)) for m in (METHODS["dora"], DORA_FA))
     assert dora - dora_fa == 2 * tiny.hidden_size
     # its optimizer state: two fp32 states of B and m
-    est = estimate_memory(LLAMA3_8B, DORA_FA, 8, "q,v")
+    est = estimate_memory(Case(LLAMA3_8B, DORA_FA, 8, "q,v"))
     assert est.optimizer_bytes == 2 * 4 * 1_474_560
 
 
 def test_step_time_flops_by_hand():
     setup = TrainingSetup(batch_size=1, seq_len=2048)
     gpu = device_for_gpu(get_gpu("H100-80GB"))
-    flops = estimate_flops(LLAMA3_8B, LORA_FA_PLUS, 8, ("q", "v"), setup)
-    lora = estimate_flops(LLAMA3_8B, METHODS["lora"], 8, ("q", "v"), setup)
+    flops = estimate_flops(Case(LLAMA3_8B, LORA_FA_PLUS, 8, ("q", "v"), setup))
+    lora = estimate_flops(Case(LLAMA3_8B, METHODS["lora"], 8, ("q", "v"), setup))
     # no dA product: 2 r in FLOPs per token less per adapted layer than LoRA's backward
     assert lora.backward_flops - flops.backward_flops == 2048 * 32 * 2 * 8 * (4096 + 4096)
     assert flops.forward_flops == lora.forward_flops
-    fa = estimate_step_time(LLAMA3_8B, METHODS["lora-fa"], 8, ("q", "v"), setup, gpu)
-    assert estimate_step_time(LLAMA3_8B, LORA_FA_PLUS, 8, ("q", "v"), setup, gpu) == fa
-    dora = estimate_flops(LLAMA3_8B, METHODS["dora"], 8, ("q", "v"), setup)
-    dora_fa = estimate_flops(LLAMA3_8B, DORA_FA, 8, ("q", "v"), setup)
+    fa = estimate_step_time(Case(LLAMA3_8B, METHODS["lora-fa"], 8, ("q", "v"), setup), gpu)
+    assert estimate_step_time(Case(LLAMA3_8B, LORA_FA_PLUS, 8, ("q", "v"), setup), gpu) == fa
+    dora = estimate_flops(Case(LLAMA3_8B, METHODS["dora"], 8, ("q", "v"), setup))
+    dora_fa = estimate_flops(Case(LLAMA3_8B, DORA_FA, 8, ("q", "v"), setup))
     assert dora.backward_flops - dora_fa.backward_flops == lora.backward_flops - flops.backward_flops
     assert dora_fa.update_flops == dora.update_flops == 32 * 2 * 8 * (4096 * 4096 + 4096 * 1024)
 

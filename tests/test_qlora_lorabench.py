@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from lorabench.estimator.case import Case
 from lorabench.measure.bench import build_lorabench, run_bench
 from lorabench.cli import cli
 from lorabench.errors import LorabenchError
@@ -74,7 +75,7 @@ def test_graph_held_bytes_by_hand():
 
     def act(dtype, **kw):
         setup = TrainingSetup(batch_size=2, seq_len=64, dtype=dtype, device="cpu", impl="lorabench", **kw)
-        return step_parts(TINY, METHODS["lora"], 8, "all-linear", setup).act
+        return step_parts(Case(TINY, METHODS["lora"], 8, "all-linear", setup)).act
 
     int8 = act("int8")
     assert int8.graph_backward_bytes == 128 * per_token
@@ -90,7 +91,7 @@ def test_deleting_the_loss_frees_what_the_estimate_says_the_graph_holds():
     setup = TrainingSetup(batch_size=2, seq_len=64, dtype="int8", device="cpu", impl="lorabench").for_spec(TINY)
     tracker = LiveTensorTracker("cpu")
     with tracker:
-        built = build_lorabench(TINY, METHODS["lora"], 8, ALL_LINEAR, setup, torch.device("cpu"))
+        built = build_lorabench(Case(TINY, METHODS["lora"], 8, ALL_LINEAR, setup), torch.device("cpu"))
         ids = torch.randint(0, TINY.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
         loss = built.forward(ids).loss
         loss.backward()
@@ -98,7 +99,7 @@ def test_deleting_the_loss_frees_what_the_estimate_says_the_graph_holds():
         del loss
         gc.collect()
         freed = tracker.current_bytes - before
-    held = step_parts(TINY, METHODS["lora"], 8, "all-linear", setup).act.graph_backward_bytes
+    held = step_parts(Case(TINY, METHODS["lora"], 8, "all-linear", setup)).act.graph_backward_bytes
     assert -freed == held + 4  # and the fp32 loss itself
 
 

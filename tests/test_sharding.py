@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from lorabench.estimator.case import Case
 from lorabench.cli import cli
 from lorabench.estimator.comms import comm_volume, parallel_step_time, ring_link
 from lorabench.estimator.compute import device_for_gpu, estimate_step_time
@@ -46,7 +47,7 @@ ROOT_3_LAST = 2 * 1364 * 256 + 84  # 698,452
 
 def test_the_tensors_are_the_model():
     assert count_base_params(TINY) == 4 * LAYER + ROOT  # the published count, 4,999,424
-    layout = model_layout(TINY, FULL, setup=SETUP)
+    layout = model_layout(Case(TINY, FULL, setup=SETUP))
     assert sum(t.numel for t in layout.layer) == LAYER and sum(t.numel for t in layout.root) == ROOT
     # FSDP2's rows per GPU over 3: rank 0's chunk and rank 2's rest, tensor by tensor
     for tensors, first, last in ((layout.layer, LAYER_3, LAYER_3_LAST), (layout.root, ROOT_3, ROOT_3_LAST)):
@@ -55,7 +56,7 @@ def test_the_tensors_are_the_model():
 
 
 def test_one_gpu_is_the_single_gpu_estimate_exactly():
-    plan = plan_step(TINY, FULL, setup=SETUP)
+    plan = plan_step(Case(TINY, FULL, setup=SETUP))
     est = estimate_from_parts(plan.parts)
     for p in (Parallel(), Parallel(1, "fsdp"), Parallel(1, "zero2")):
         rm = rank_memory(plan, p)
@@ -66,7 +67,7 @@ def test_one_gpu_is_the_single_gpu_estimate_exactly():
 
 
 def test_full_fine_tuning_over_3_gpus_by_hand():
-    plan = plan_step(TINY, FULL, setup=SETUP)
+    plan = plan_step(Case(TINY, FULL, setup=SETUP))
     rm = rank_memory(plan, Parallel(3, "fsdp"))
     chunk = 4 * LAYER_3 + ROOT_3  # 1,672,070 elements, bf16
     assert rm.weights_bytes == rm.gradients_bytes == 2 * chunk == 3_344_140
@@ -116,22 +117,22 @@ def test_gloo_copies_its_reduce_scatter_input_and_one_gpu_gathers_no_buffer():
     input twice. On one GPU FSDP2 all-gathers nothing: each group's unsharded parameters are copies of its
     shards, no flat output beside."""
     ckpt = dict(batch_size=2, seq_len=64, grad_checkpointing=True)
-    cpu = rank_memory(plan_step(TINY, FULL, setup=TrainingSetup(**ckpt, device="cpu")), Parallel(2, "fsdp"))
-    gpu = rank_memory(plan_step(TINY, FULL, setup=TrainingSetup(**ckpt)), Parallel(2, "fsdp"))
+    cpu = rank_memory(plan_step(Case(TINY, FULL, setup=TrainingSetup(**ckpt, device="cpu"))), Parallel(2, "fsdp"))
+    gpu = rank_memory(plan_step(Case(TINY, FULL, setup=TrainingSetup(**ckpt))), Parallel(2, "fsdp"))
     # the layers' shards (bf16 halves), the root's input (2 x its bf16 shard), then its output, its last gradient
     # (the head's) and, on the CPU, the copy
     root_end_cpu = 4 * LAYER + 2 * ROOT + max(2 * ROOT, 2 * 4096 * 256 + ROOT + 2 * ROOT)
     root_end_gpu = 4 * LAYER + 2 * ROOT + max(2 * ROOT, 2 * 4096 * 256 + ROOT)
     assert cpu.held.end_grads_bytes == root_end_cpu == 15_486_208  # measured so: tests/test_distributed.py
     assert root_end_gpu < gpu.held.end_grads_bytes < root_end_cpu  # on a GPU the first layers' end is the larger
-    one = rank_memory(plan_step(TINY, FULL, setup=SETUP), Parallel(1, "fsdp")).held.gathered
+    one = rank_memory(plan_step(Case(TINY, FULL, setup=SETUP)), Parallel(1, "fsdp")).held.gathered
     root, layer = 2 * ROOT, 2 * LAYER
     assert (one.forward_end_bytes, one.layer_forward_bytes, one.first_layer_bytes) == (root, root + layer, root + layer)
     assert (one.backward_start_bytes, one.layer_backward_bytes) == (root, root + layer)
 
 
 def test_zero2_and_ddp_over_3_gpus_by_hand():
-    plan = plan_step(TINY, FULL, setup=SETUP)
+    plan = plan_step(Case(TINY, FULL, setup=SETUP))
     z2 = rank_memory(plan, Parallel(3, "zero2"))
     assert z2.weights_bytes == 2 * (4 * LAYER_3 + ROOT_3)
     # every layer kept from its forward to its backward, and at the end of forward the last one's all-gather
@@ -147,7 +148,7 @@ def test_zero2_and_ddp_over_3_gpus_by_hand():
 
 
 def test_frozen_base_is_sharded_and_gathered_but_never_reduce_scattered():
-    plan = plan_step(TINY, LORA, 8, setup=SETUP)
+    plan = plan_step(Case(TINY, LORA, 8, setup=SETUP))
     rm = rank_memory(plan, Parallel(3, "fsdp"))
     # fp32 adapters on q and v: A [8, 256] (3 rows of 3), B_q [256, 8] (86), B_v [128, 8] (43)
     adapter_3 = 3 * 256 + 86 * 8 + 3 * 256 + 43 * 8  # 2,568 per layer
@@ -166,7 +167,7 @@ def test_frozen_base_is_sharded_and_gathered_but_never_reduce_scattered():
 
 
 def test_nf4_codes_are_sharded_and_their_constants_replicated():
-    plan = plan_step(TINY, LORA, 8, setup=TrainingSetup(seq_len=64, dtype="nf4"))
+    plan = plan_step(Case(TINY, LORA, 8, setup=TrainingSetup(seq_len=64, dtype="nf4")))
     # packed codes [numel / 2, 1] per projection: q, o 32,768 rows; k, v 16,384; gate, up, down 88,064
     codes_3 = 2 * 10_923 + 2 * 5_462 + 3 * 29_355
     # constants per projection: absmax per 64 weights + fp32 absmax per 256 blocks + code books and offset
@@ -175,7 +176,7 @@ def test_nf4_codes_are_sharded_and_their_constants_replicated():
 
 
 def test_full_fine_tuning_communication_by_hand():
-    plan = plan_step(TINY, FULL, setup=SETUP)
+    plan = plan_step(Case(TINY, FULL, setup=SETUP))
     fsdp = comm_volume(plan, Parallel(3, "fsdp"))
     assert fsdp.all_gather_bytes == 2 * 2 * (ROOT_3 + 2 * 4 * LAYER_3) == 10_578_648
     assert fsdp.reduce_scatter_bytes == 2 * 2 * (ROOT_3 + 4 * LAYER_3) == 6_688_280
@@ -184,7 +185,7 @@ def test_full_fine_tuning_communication_by_hand():
     assert comm_volume(plan, Parallel(3, "ddp")).all_reduce_bytes == 2 * 2 * (2 * 4_999_424) // 3 == 13_331_797
     assert comm_volume(plan, Parallel(1, "fsdp")).total_bytes == 0
     # every micro-batch communicates
-    accum = plan_step(TINY, FULL, setup=TrainingSetup(seq_len=64, grad_accum=4))
+    accum = plan_step(Case(TINY, FULL, setup=TrainingSetup(seq_len=64, grad_accum=4)))
     assert comm_volume(accum, Parallel(3, "fsdp")).total_bytes == 4 * fsdp.total_bytes
     # over 2 GPUs nothing is padded: ZeRO-3's 3 Psi (N - 1) / N, less the root's backward gather
     two = comm_volume(plan, Parallel(2, "fsdp"))
@@ -192,9 +193,9 @@ def test_full_fine_tuning_communication_by_hand():
 
 
 def test_step_time_with_and_without_overlap_by_hand():
-    plan = plan_step(TINY, FULL, setup=SETUP)
+    plan = plan_step(Case(TINY, FULL, setup=SETUP))
     h100 = get_gpu("H100-80GB")
-    step = estimate_step_time(TINY, FULL, None, (), SETUP, device_for_gpu(h100))
+    step = estimate_step_time(Case(TINY, FULL, None, (), SETUP), device_for_gpu(h100))
     vol = comm_volume(plan, Parallel(8, "fsdp"))
     t = parallel_step_time(step, vol, Parallel(8, "fsdp"), h100)
     assert t.link == "NVLink 4" and t.link_bytes_s == 450e9  # 900 GB/s both ways
@@ -209,7 +210,7 @@ def test_step_time_with_and_without_overlap_by_hand():
 
 
 def test_cpu_offload_moves_shards_and_optimizer_to_the_host():
-    plan = plan_step(TINY, FULL, setup=SETUP)
+    plan = plan_step(Case(TINY, FULL, setup=SETUP))
     chunk = 4 * LAYER_3 + ROOT_3
     off = rank_memory(plan, Parallel(3, "fsdp", cpu_offload=True))
     assert off.weights_bytes == off.gradients_bytes == off.optimizer_bytes == off.optimizer_temp_bytes == 0
@@ -222,7 +223,7 @@ def test_cpu_offload_moves_shards_and_optimizer_to_the_host():
 
 
 def test_rank_0_holds_the_most():
-    plan = plan_step(TINY, LORA, 8, setup=SETUP)
+    plan = plan_step(Case(TINY, LORA, 8, setup=SETUP))
     for s in ("zero2", "fsdp"):
         ranks = [asdict(rank_memory(plan, Parallel(3, s), r)) for r in range(3)]
         for key, value in ranks[0].items():
@@ -232,7 +233,7 @@ def test_rank_0_holds_the_most():
 
 def test_gpus_needed_per_strategy():
     big = PRESETS["llama-3-70b"]
-    plan = plan_step(big, FULL, setup=TrainingSetup(grad_checkpointing=True))
+    plan = plan_step(Case(big, FULL, setup=TrainingSetup(grad_checkpointing=True)))
     a100 = get_gpu("A100-80GB")
     fit = fit_on_gpu(plan, a100)
     assert fit.gpus_needed == fit.gpus_needed_fsdp and fit.gpus_needed_ddp is None
@@ -241,18 +242,18 @@ def test_gpus_needed_per_strategy():
     assert plan_need_bytes(plan, Parallel(n, "fsdp")) <= a100.memory_bytes
     assert plan_need_bytes(plan, Parallel(n - 1, "fsdp")) > a100.memory_bytes
     # QLoRA of a 70B model on 2 RTX 4090s: the shards do not fit beside the gathered layers; offloaded, they do
-    qlora = plan_step(big, LORA, 8, setup=TrainingSetup(dtype="nf4", grad_checkpointing=True))
+    qlora = plan_step(Case(big, LORA, 8, setup=TrainingSetup(dtype="nf4", grad_checkpointing=True)))
     rtx = get_gpu("RTX-4090").memory_bytes
     assert fewest_gpus(qlora, "fsdp", rtx) > 2
     # offloaded, one GPU is enough: fully sharded on itself, FSDP2's CPUOffloadPolicy keeps the nf4 shards on
     # the host and brings each layer over as it computes (a whole step on one GPU keeps them all there)
     assert plan_need_bytes(qlora, Parallel(1, "fsdp", True)) <= rtx < plan_need_bytes(qlora, Parallel(1, "none", True))
     assert fewest_gpus(qlora, "fsdp", rtx, cpu_offload=True) == 1
-    assert fewest_gpus(plan_step(TINY, LORA, 8, setup=SETUP), "ddp", rtx) == 1
+    assert fewest_gpus(plan_step(Case(TINY, LORA, 8, setup=SETUP)), "ddp", rtx) == 1
 
 
 def test_bad_parallel_settings():
-    plan = plan_step(TINY, FULL, setup=SETUP)
+    plan = plan_step(Case(TINY, FULL, setup=SETUP))
     for p, msg in ((Parallel(2), "needs --sharding"), (Parallel(0, "fsdp"), "GPUs must be"),
                    (Parallel(2, "zero3"), "unknown sharding")):
         with pytest.raises(LorabenchError, match=msg):
@@ -269,7 +270,7 @@ def test_cli_gpus_1_is_the_default_and_fields_are_one_gpus():
     base = ("memory", "-m", "tiny-llama", "--method", "full,lora", "-s", "64", "--gpu", "A100-80GB", "-f", "json")
     assert run(*base).stdout == run(*base, "--gpus", "1", "--sharding", "none").stdout
     rows = json.loads(run(*base, "--gpus", "3", "--sharding", "fsdp").stdout)
-    rm = rank_memory(plan_step(TINY, FULL, setup=SETUP), Parallel(3, "fsdp"))
+    rm = rank_memory(plan_step(Case(TINY, FULL, setup=SETUP)), Parallel(3, "fsdp"))
     full = rows[0]
     assert (full["gpus"], full["sharding"], full["cpu_offload"]) == (3, "fsdp", False)
     assert full["peak_bytes"] == rm.peak_bytes and full["weights_bytes"] == 3_344_140

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from lorabench.estimator.case import Case
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "check_steptime.py"
 _spec = importlib.util.spec_from_file_location("check_steptime", SCRIPT)
@@ -71,13 +72,13 @@ def test_moe_stalls_are_a_gpu_cost_only():
     lora = METHODS["lora"]
     targets = count_params(spec, lora, 8, None).targets
     setup = TrainingSetup(seq_len=512)
-    stalls = [op for op in step_ops(spec, lora, 8, targets, setup) if op.kind == "stall"]
+    stalls = [op for op in step_ops(Case(spec, lora, 8, targets, setup)) if op.kind == "stall"]
     per_layer = MOE_STALL_S["forward"] + 8 * MOE_STALL_S["forward_per_expert"] + MOE_STALL_S["backward"]
     assert sum(op.seconds * op.runs for op in stalls) == pytest.approx(2 * per_layer)
-    gpu = estimate_step_time(spec, lora, 8, targets, setup, check_steptime.H100)
-    cpu = estimate_step_time(spec, lora, 8, targets, setup, check_steptime.cpu_device(0.5))
+    gpu = estimate_step_time(Case(spec, lora, 8, targets, setup), check_steptime.H100)
+    cpu = estimate_step_time(Case(spec, lora, 8, targets, setup), check_steptime.cpu_device(0.5))
     assert gpu.overhead_ms >= 1e3 * 2 * per_layer
-    no_stall = [op for op in step_ops(spec, lora, 8, targets, setup) if op.kind != "stall"]
+    no_stall = [op for op in step_ops(Case(spec, lora, 8, targets, setup)) if op.kind != "stall"]
     from lorabench.estimator.compute import op_seconds
     assert cpu.step_ms == pytest.approx(1e3 * sum(sum(op_seconds(op, check_steptime.cpu_device(0.5)))
                                                   for op in no_stall))

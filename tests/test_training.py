@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lorabench.estimator.case import Case
 from lorabench.errors import LorabenchError
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.measure.builders import build_lorabench
@@ -38,7 +39,7 @@ def build_training(spec, method, rank=8, alpha=None, targets=None, optimizer="ad
     setup = TrainingSetup(dtype=dtype, optimizer=optimizer, alpha=float(alpha or rank or 16), device="cpu",
                           impl="lorabench", loop="plain")
     device = torch.device("cpu")
-    built = build_lorabench(spec, METHODS[method], rank, targets, setup, device, seed, lr=lr,
+    built = build_lorabench(Case(spec, METHODS[method], rank, targets, setup), device, seed, lr=lr,
                             delta_lambda=delta_lambda, delta_start_step=delta_start_step)
     loop = PlainLoop(built, 1, device)
     return SimpleNamespace(model=built.model, optimizer=built.optimizer, hooks=built.hooks,

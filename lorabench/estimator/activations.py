@@ -5,19 +5,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
-from lorabench.methods import Method
+from lorabench.estimator.case import Case
 from lorabench.estimator.layer_saves import kv_cache_on, layer_saves, merges_experts, norm_saves
 from lorabench.estimator.loss import loss_bytes
-from lorabench.estimator.setup import FLOAT_BYTES, TrainingSetup
-from lorabench.models.spec import ModelSpec
+from lorabench.estimator.setup import FLOAT_BYTES
 
 
-def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-                       setup: TrainingSetup) -> int:
+def _weight_cast_bytes(case: Case) -> int:
     """Adapter weights cast to the activation dtype, which lorabench.nn's layers keep for backward (F.linear
     saves its weight): per adapted layer, not per token. PEFT casts x instead (see _adapter_saves)."""
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     a = setup.act_bytes
     # (under autocast these casts are autocast's or the same bytes made by .to(x.dtype): _autocast_casts)
     if setup.impl != "lorabench" or not method.uses_rank or FLOAT_BYTES[setup.adapter_dtype] == a or setup.autocast:
@@ -30,13 +28,13 @@ def _weight_cast_bytes(spec: ModelSpec, method: Method, rank: Optional[int], tar
     return spec.num_layers * per_layer
 
 
-def _merged_expert_bytes(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-                         setup: TrainingSetup) -> int:
+def _merged_expert_bytes(case: Case) -> int:
     """PEFT's lora.ParamWrapper on fused experts (transformers 5) merges W + s B A into a full-size weight on
     every forward (torch.baddbmm, peft/tuners/lora/layer.py _LoraFactorsProxy), which grouped_mm keeps for
     backward: every expert's weights once more per layer, whatever the tokens. In a low-precision model the
     fp32 factors are cast for the product and kept too (B only when A is frozen: A's copies stay). The
     router's merged weight (E x d) likewise."""
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     if not merges_experts(method, targets, setup):
         return 0
     a, shapes = setup.act_bytes, spec.moe_shapes()
@@ -51,8 +49,7 @@ def _merged_expert_bytes(spec: ModelSpec, method: Method, rank: Optional[int], t
     return spec.num_layers * per_layer
 
 
-def _layer_backward_transient(spec: ModelSpec, method: Method, targets: Tuple[str, ...],
-                              setup: TrainingSetup) -> int:
+def _layer_backward_transient(case: Case) -> int:
     """Gradient buffers alive while one layer's MLP back-propagates, for setup.tokens tokens, plus the
     residual stream's gradient twice.
 
@@ -65,6 +62,7 @@ def _layer_backward_transient(spec: ModelSpec, method: Method, targets: Tuple[st
     weights are kept; gate_up's comes after down's merged weight and the expert activations it read are
     freed. Qwen2-MoE's shared expert back-propagates as a dense MLP, apart from the routed tokens.
     """
+    spec, method, targets, setup = case.spec, case.method, case.targets, case.setup
     a, t, d = setup.act_bytes, setup.tokens, spec.hidden_size
     dense = not spec.moe or spec.shared_expert_gate  # (Mixtral and Qwen3-MoE have no dense MLP)
     mlp = (3 if spec.gated_mlp else 2) * a * spec.intermediate_size * t if dense else 0
@@ -119,9 +117,9 @@ class ActivationBreakdown:
                                                                      else 0)
 
 
-def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
-                         targets: Tuple[str, ...], setup: TrainingSetup) -> ActivationBreakdown:
+def estimate_activations(case: Case) -> ActivationBreakdown:
     """Activation and logits memory of one step for the whole model."""
+    spec, method, setup = case.spec, case.method, case.setup
     a, s, t, d = setup.act_bytes, setup.stream_bytes, setup.tokens, spec.hidden_size
     L = spec.num_layers
     # The first layer's input needs a gradient when the embeddings train, or when transformers checkpoints:
@@ -129,8 +127,8 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     # (transformers 5 modeling_utils.py), so the embeddings' output requires grad. Otherwise the first
     # layer's norm keeps nothing.
     first_live = method.base_trainable or (setup.grad_checkpointing and setup.impl == "peft")
-    first, first_casts, first_held = layer_saves(spec, method, rank, targets, setup, input_needs_grad=first_live)
-    rest, rest_casts, rest_held = layer_saves(spec, method, rank, targets, setup)
+    first, first_casts, first_held = layer_saves(case, input_needs_grad=first_live)
+    rest, rest_casts, rest_held = layer_saves(case)
     graph_held = t * (first_held + (L - 1) * rest_held)
     per_token = 16  # input_ids and labels, int64
     if spec.single_matrix:
@@ -147,7 +145,7 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         per_token += L * s * d + first_held + (L - 1) * (rest_held - input_held)
         recompute = t * rest + rest_casts
         # autocast's cache keeps every trainable weight's cast until forward ends, checkpointed or not
-        autocast_cache = L * _trainable_casts(spec, method, rank, targets, setup)
+        autocast_cache = L * _trainable_casts(case)
         layer_casts = 0
     else:
         per_token += first + (L - 1) * rest
@@ -180,14 +178,13 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
     cache_k_extra = L * t * spec.kv_dim * s if kv_cache_on(setup) and setup.autocast else 0
     # the plain loop's output keeps the cache until the step ends (Trainer drops it)
     cache = L * t * spec.kv_dim * (s + a) if kv_cache_on(setup) else 0
-    casts = _weight_cast_bytes(spec, method, rank, targets, setup) + _merged_expert_bytes(spec, method, rank,
-                                                                                           targets, setup)
+    casts = _weight_cast_bytes(case) + _merged_expert_bytes(case)
     layer_forward = 0
     if setup.grad_checkpointing:  # recomputed one layer at a time, and made one layer at a time in forward
         recompute += casts // L
         layer_forward = casts // L
         casts = 0
-    transient = _layer_backward_transient(spec, method, targets, setup)
+    transient = _layer_backward_transient(case)
     return ActivationBreakdown(
         saved_bytes=t * per_token + rope + casts + layer_casts + head_cast, recompute_bytes=recompute,
         transient_bytes=transient, logits_held_bytes=held, logits_forward_bytes=fwd, logits_backward_bytes=bwd,
@@ -196,9 +193,9 @@ def estimate_activations(spec: ModelSpec, method: Method, rank: Optional[int],
         graph_backward_bytes=graph_held, graph_step_bytes=graph_held if setup.loop == "plain" else 0)
 
 
-def _trainable_casts(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-                     setup: TrainingSetup) -> int:
+def _trainable_casts(case: Case) -> int:
     """Bytes of one layer's trainable weights cast by autocast (the casts its cache keeps)."""
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     if not setup.autocast:
         return 0
     a, shapes = setup.act_bytes, spec.linear_shapes()

@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from lorabench.estimator.case import Case
 from lorabench.gpus import GPU
 from lorabench.estimator.flops import StepFlops, estimate_flops
-from lorabench.estimator.setup import PHASES, TrainingSetup
-from lorabench.methods import Method
-from lorabench.models.spec import ModelSpec
+from lorabench.estimator.setup import PHASES
 from lorabench.estimator.stepwork import Op, step_ops
 
 # Step time: a roofline per op (Williams et al. 2009), summed over the ops of lorabench.estimator.stepwork.
@@ -170,15 +169,15 @@ def op_seconds(op: Op, device: Device) -> Tuple[float, float]:
     return op.runs * busy, op.runs * op.launches * device.host_op_s
 
 
-def estimate_step_time(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-                       setup: TrainingSetup, device: Device, flops: Optional[StepFlops] = None) -> StepTime:
+def estimate_step_time(case: Case, device: Device, flops: Optional[StepFlops] = None) -> StepTime:
     """Time of one step: every op of lorabench.estimator.stepwork at its roofline bound on device, summed (ops run one
     after another), plus per-op host time where the device does not hide it."""
-    flops = flops or estimate_flops(spec, method, rank, targets, setup)
+    setup = case.setup
+    flops = flops or estimate_flops(case)
     busy = dict.fromkeys(PHASES, 0.0)
     host = dict.fromkeys(PHASES, 0.0)
     matmul = memory = 0.0
-    for op in step_ops(spec, method, rank, targets, setup):
+    for op in step_ops(case):
         dev, cpu = op_seconds(op, device)
         busy[op.phase] += dev
         host[op.phase] += cpu

@@ -20,9 +20,9 @@ from lorabench.errors import LorabenchError
 from lorabench.estimator.rows import positions_note
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, StepParts, need_bytes, step_parts
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
-from lorabench.methods import Method
 from lorabench.estimator.params import count_params
-from lorabench.estimator.sharding import MAX_GPUS, Parallel, Plan, fewest_gpus, plan_need_bytes
+from lorabench.estimator.case import Case
+from lorabench.estimator.sharding import MAX_GPUS, Parallel, fewest_gpus, plan_need_bytes, plan_step
 from lorabench.models.spec import ModelSpec
 
 # The components a row reports, in the order a "why not" names them.
@@ -32,33 +32,14 @@ COMPONENTS = (("weights_bytes", "weights"), ("adapter_bytes", "adapter weights")
               ("logits_bytes", "logits"), ("gather_bytes", "all-gathered parameters"), ("bucket_bytes", "DDP buckets"))
 
 
-@dataclass(frozen=True)
-class Case:
-    """One question: method at rank on spec's targets, run as setup, on parallel.gpus GPUs shared as
-    parallel.sharding says."""
-
-    spec: ModelSpec
-    method: Method
-    rank: Optional[int]
-    targets: object
-    setup: TrainingSetup
-    parallel: Parallel = Parallel()
-
-    def parts(self) -> StepParts:
-        return step_parts(self.spec, self.method, self.rank, self.targets, self.setup)
-
-    def plan(self) -> Plan:
-        return Plan(self.spec, self.method, self.rank, self.targets, self.setup, self.parts())
-
-
 def required_bytes(case: Case) -> int:
     """What each GPU must hold: the peak over the phases plus the runtime outside the allocator."""
-    return plan_need_bytes(case.plan(), case.parallel, 0.0)
+    return plan_need_bytes(plan_step(case), case.parallel, 0.0)
 
 
 def spare_bytes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> int:
     """capacity minus what each GPU of the case needs with its allocator allowance: >= 0 means it fits."""
-    return capacity - plan_need_bytes(case.plan(), case.parallel, fraction)
+    return capacity - plan_need_bytes(plan_step(case), case.parallel, fraction)
 
 
 def fits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE) -> bool:
@@ -229,11 +210,11 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
     sharded = [c for c in combos if c.with_more_gpus]
     # more GPUs, fully sharded: the fewest, with the fewest savers. Savers only take bytes away: where all of
     # them together leave no count that fits, none does, and the counts need not be searched once per saver
-    everything = replace(case, setup=sharded[-1].setup).plan()
+    everything = plan_step(replace(case, setup=sharded[-1].setup))
     if fewest_gpus(everything, "fsdp", capacity, fraction, offload, max_gpus) is None:
         sharded = []
     for c in sharded:
-        g = fewest_gpus(replace(case, setup=c.setup).plan(), "fsdp", capacity, fraction, offload, max_gpus)
+        g = fewest_gpus(plan_step(replace(case, setup=c.setup)), "fsdp", capacity, fraction, offload, max_gpus)
         if g is not None and g > 1 and (g, "fsdp") != (case.parallel.gpus, case.parallel.sharding):
             # (on one GPU, these savers are a fix of their own, listed above)
             add(c, "gpus", f"{g} GPUs (FSDP)", (("gpus", g), ("sharding", "fsdp")),
@@ -343,7 +324,7 @@ def fit_rows(cases: List[Case], gpu: str, capacity: int,
     whether the setup then fits."""
     limit_rows, knob_rows = [], []
     for case in cases:
-        parts = case.parts()
+        parts = step_parts(case)
         lim = limits(case, capacity, fraction)
         spare = spare_bytes(case, capacity, fraction)
         s = case.setup

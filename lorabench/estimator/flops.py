@@ -9,11 +9,9 @@ those references, and the MFU is taken over these FLOPs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
 
-from lorabench.estimator.setup import TrainingSetup
-from lorabench.methods import Method
+from lorabench.estimator.case import Case
 from lorabench.models.spec import ModelSpec
 
 
@@ -48,12 +46,12 @@ def _attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
     return round(4 * spec.q_dim * keys)
 
 
-def _first_layer_skipped_flops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-                               seq_len: int) -> int:
+def _first_layer_skipped_flops(case: Case) -> int:
     """Per token: the backward products of the first layer (the first matrix of --d matrices) that autograd does
     not run, as lorabench.estimator.stepwork._layer times them: on a frozen base nothing before the first adapted
     projection needs a gradient, so neither do the input gradients of the projections (and adapters) up to it,
     nor the attention's backward before it, nor the routed experts' (unless PEFT merges them)."""
+    spec, method, rank, targets, seq_len = case.spec, case.method, case.rank, case.targets, case.setup.seq_len
     if method.base_trainable:
         return 0
     shapes = spec.linear_shapes()
@@ -92,10 +90,10 @@ def _first_layer_skipped_flops(spec: ModelSpec, method: Method, rank: Optional[i
     return skipped + (0 if live else dx(("down",)))
 
 
-def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
-                   targets: Tuple[str, ...], setup: TrainingSetup) -> StepFlops:
+def estimate_flops(case: Case) -> StepFlops:
     """FLOPs of one optimizer step of method on spec at setup's batch and sequence length, over its
     setup.grad_accum micro-batches."""
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     t = setup.tokens
     shapes = spec.linear_shapes()
     linear = sum(i * o for i, o, _ in shapes.values())
@@ -123,7 +121,7 @@ def estimate_flops(spec: ModelSpec, method: Method, rank: Optional[int],
     head_bwd = head * (2 if method.base_trainable else 1)
     fwd = t * (spec.num_layers * layer_fwd + attn + head)
     bwd = t * (spec.num_layers * layer_bwd + 2 * attn + head_bwd  # dQ, dK, dV, dP: twice the forward products
-               - _first_layer_skipped_flops(spec, method, rank, targets if method.uses_rank else (), setup.seq_len))
+               - _first_layer_skipped_flops(replace(case, targets=targets if method.uses_rank else ())))
     recompute = t * (spec.num_layers * layer_fwd + attn) if setup.grad_checkpointing else 0
     k = setup.grad_accum  # micro-batches per optimizer step: forward and backward run k times, the update once
     fwd, bwd, recompute = k * fwd, k * bwd, k * recompute

@@ -26,7 +26,8 @@ from typing import Dict, Tuple
 
 from lorabench.estimator.memory import Gathered, Held, StepParts
 from lorabench.estimator.optimizer import OPTIMIZERS, optimizer_state_bytes
-from lorabench.estimator.parallel import Parallel, Plan
+from lorabench.estimator.parallel import Parallel
+from lorabench.estimator.plan import Plan
 from lorabench.estimator.setup import TrainingSetup
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from lorabench.estimator.case import Case
 from lorabench.methods import Method
 from lorabench.estimator.setup import FLOAT_BYTES, TrainingSetup
 from lorabench.models.spec import ModelSpec
@@ -176,15 +177,12 @@ def _out_bytes(method: Method, targets: Tuple[str, ...], setup: TrainingSetup, n
     return setup.act_bytes
 
 
-def layer_activation_bytes(spec: ModelSpec, method: Method, rank: Optional[int],
-                           targets: Tuple[str, ...], setup: TrainingSetup,
-                           input_needs_grad: bool = True) -> int:
+def layer_activation_bytes(case: Case, input_needs_grad: bool = True) -> int:
     """Bytes per token one decoder layer saves for backward (no checkpointing); see layer_saves."""
-    return layer_saves(spec, method, rank, targets, setup, input_needs_grad)[0]
+    return layer_saves(case, input_needs_grad)[0]
 
 
-def layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-                 setup: TrainingSetup, input_needs_grad: bool = True) -> Tuple[int, int, int]:
+def layer_saves(case: Case, input_needs_grad: bool = True) -> Tuple[int, int, int]:
     """(bytes per token, bytes per layer, graph-held bytes per token) one decoder layer saves for backward
     (no checkpointing). The per-layer bytes are weights cast for backward (_autocast_casts, PEFT's DoRA with
     dropout).
@@ -203,6 +201,7 @@ def layer_saves(spec: ModelSpec, method: Method, rank: Optional[int], targets: T
     (LoRA on down only: the whole attention block and the MLP up to down) nothing is kept. The family's
     structure (spec.arch) decides the rest: where the norms sit, q/k norms, fused projections, experts.
     """
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     setup = setup.for_spec(spec)
     a, s, d, i = setup.act_bytes, setup.stream_bytes, spec.hidden_size, spec.intermediate_size
     arch = spec.arch

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
+from lorabench.estimator.case import Case
 from lorabench.estimator.setup import FLOAT_BYTES, QUANTIZED, TrainingSetup
 from lorabench.estimator.weights import quantized_linear_bytes
 from lorabench.methods import Method
@@ -125,14 +126,14 @@ def _adapters(spec: ModelSpec, method: Method, rank: int, targets: Tuple[str, ..
     return out
 
 
-def model_layout(spec: ModelSpec, method: Method, rank: Optional[int] = None, targets=None,
-                 setup: TrainingSetup = TrainingSetup()) -> Layout:
+def model_layout(case: Case) -> Layout:
     """Every tensor of method on spec in FSDP's groups. Their bytes add up to step_parts' weights_bytes and
     adapter_bytes, and their trainable elements to its trainable parameters (tests/test_sharding.py).
 
     Raises:
         LorabenchError: bad rank or targets (as count_params).
     """
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     setup = setup.for_spec(spec)
     counts = count_params(spec, method, rank, targets)
     layer = _base_layer(spec, method, setup)

@@ -7,9 +7,10 @@ lorabench.estimator.setup.TrainingSetup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
+from lorabench.estimator.case import Case
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
 from lorabench.gpus import MiB
@@ -18,10 +19,9 @@ from lorabench.estimator.activations import ActivationBreakdown, estimate_activa
 from lorabench.estimator.layer_saves import merges_experts
 from lorabench.estimator.optimizer import OPTIMIZERS, optimizer_state_bytes, trainable_tensors
 from lorabench.estimator.params import ParamCount, count_params
-from lorabench.estimator.setup import FLOAT_BYTES, QUANTIZED, TrainingSetup
+from lorabench.estimator.setup import FLOAT_BYTES, QUANTIZED
 from lorabench.estimator.weights import weights_bytes
 from lorabench.models.families import MOE_TARGETS
-from lorabench.models.spec import ModelSpec
 
 # The runtime's own memory on a CUDA device, outside the caching allocator's counters: the CUDA context
 # (kernels, cuBLAS/cuDNN handles; lazy module loading on) and cuBLAS's workspace. Measured with NVML on an
@@ -197,14 +197,14 @@ class StepParts:
         return {"forward": forward, "backward": backward, "optimizer": optimizer}
 
 
-def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targets=None,
-               setup: TrainingSetup = TrainingSetup(), counts: Optional[ParamCount] = None) -> StepParts:
-    """Every memory component of one training step of method on spec.
+def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
+    """Every memory component of one training step of case.method on case.spec (case.parallel aside).
 
     Raises:
         LorabenchError: bad setup values, bad rank/targets, or a quantized base under a method that
             writes W (full, delta-lora).
     """
+    spec, method, rank, setup = case.spec, case.method, case.rank, case.setup
     setup.validate()
     setup = setup.for_spec(spec)
     if setup.loss == "chunked" and spec.final_softcap:
@@ -213,8 +213,9 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
     if setup.dtype in QUANTIZED and not method.allows_quantized_base:
         raise LorabenchError(f"{method.name} writes the base weights, which a {setup.dtype} base cannot "
                              f"hold; use an adapter method (lora, lora-fa, vera, lora-plus, dora).")
-    counts = counts or count_params(spec, method, rank, targets)
+    counts = counts or count_params(spec, method, rank, case.targets)
     targets = counts.targets
+    case = replace(case, targets=targets, setup=setup)  # what the helpers below read: resolved targets
     moe_targets = [t for t in targets if t in MOE_TARGETS] if method.uses_rank else []
     if moe_targets and setup.impl == "lorabench":
         raise LorabenchError(f"lorabench's layers do not adapt the {' or '.join(moe_targets)} of {spec.name}'s "
@@ -251,7 +252,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
         notes.append("VeRA's shared A and B are buffers: in adapter_bytes, not in the parameter counts.")
     # Trainable tensors live in the base dtype (full) or the adapter dtype.
     p_bytes = FLOAT_BYTES.get(setup.dtype, 2) if method.base_trainable else ad
-    tensors = trainable_tensors(spec, method, rank, targets)
+    tensors = trainable_tensors(case)
     grads = counts.trainable_params * p_bytes
     master = counts.trainable_params * 4 if setup.master_weights and p_bytes < 4 else 0
     state_bytes = 4 if master else p_bytes
@@ -294,7 +295,7 @@ def step_parts(spec: ModelSpec, method: Method, rank: Optional[int] = None, targ
         method=method, counts=counts, weights_bytes=w_bytes, adapter_bytes=adapter, gradients_bytes=grads,
         optimizer_bytes=optim, master_bytes=master, method_state_bytes=method_state, optimizer_temp_bytes=opt_tmp,
         head_grad_bytes=head_grads, dequant_bytes=dequant,
-        act=estimate_activations(spec, method, rank, targets, setup),
+        act=estimate_activations(case),
         overhead_bytes=CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
         notes=tuple(notes), norm_temp_bytes=norm_temp, recomputes=setup.grad_checkpointing,
         grad_accum=setup.grad_accum)
@@ -318,11 +319,9 @@ def estimate_from_parts(parts: StepParts) -> MemoryEstimate:
         updates_base_weights=parts.method.updates_base, notes=parts.notes)
 
 
-def estimate_memory(spec: ModelSpec, method: Method, rank: Optional[int] = None, targets=None,
-                    setup: TrainingSetup = TrainingSetup(),
-                    counts: Optional[ParamCount] = None) -> MemoryEstimate:
-    """Memory of one training step of method on spec (see step_parts for what it raises)."""
-    return estimate_from_parts(step_parts(spec, method, rank, targets, setup, counts))
+def estimate_memory(case: Case, counts: Optional[ParamCount] = None) -> MemoryEstimate:
+    """Memory of one training step of case (see step_parts for what it raises)."""
+    return estimate_from_parts(step_parts(case, counts))
 
 
 # --------------------------------------------------------------------------------------------------

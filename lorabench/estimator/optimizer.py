@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-from lorabench.methods import Method
 from lorabench.estimator.params import adapter_tensors, base_tensors
-from lorabench.models.spec import ModelSpec
+
+if TYPE_CHECKING:  # case.py imports setup.py, which imports OPTIMIZER_NAMES from here
+    from lorabench.estimator.case import Case
 
 # bitsandbytes' 8-bit states: one fp32 absmax per block of 256 elements, and fp32 states for tensors under 4096
 # elements (min_8bit_size).
@@ -77,9 +78,9 @@ OPTIMIZERS: Dict[str, Optimizer] = {o.name: o for o in (
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 
 
-def trainable_tensors(spec: ModelSpec, method: Method, rank: Optional[int],
-                       targets: Tuple[str, ...]) -> Tuple[Tuple[int, int], ...]:
+def trainable_tensors(case: Case) -> Tuple[Tuple[int, int], ...]:
     """(numel, count) of each kind of trainable tensor: bnb's 8-bit optimizer decides per tensor."""
+    spec, method, rank, targets = case.spec, case.method, case.rank, case.targets
     L = spec.num_layers
     if not method.base_trainable:
         out = []

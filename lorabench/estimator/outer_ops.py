@@ -4,8 +4,9 @@ chunked or Liger's fused), and the optimizer step with what a method does after 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
+from lorabench.estimator.case import Case
 from lorabench.estimator.loss import liger_chunk_tokens
 from lorabench.estimator.ops import Op, Ops, norm_bytes, times
 from lorabench.estimator.optimizer import OPTIMIZERS, trainable_tensors
@@ -87,14 +88,14 @@ def chunked_head(spec: ModelSpec, method: Method, setup: TrainingSetup) -> List[
     return ops.ops
 
 
-def optimizer_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-               setup: TrainingSetup) -> List[Op]:
+def optimizer_ops(case: Case) -> List[Op]:
     """The optimizer step over every trainable tensor, and Delta-LoRA's W update after it.
 
     What each optimizer's step reads and writes per parameter is its OPTIMIZERS row (torch's AdamW: foreach on
     CUDA, a loop per tensor on the CPU; torch/optim/adam.py)."""
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     ops = Ops()
-    tensors = trainable_tensors(spec, method, rank, targets)
+    tensors = trainable_tensors(case)
     numel = sum(n * c for n, c in tensors)
     count = sum(c for _, c in tensors)
     p = FLOAT_BYTES.get(setup.dtype, 2) if method.base_trainable else FLOAT_BYTES[setup.adapter_dtype]

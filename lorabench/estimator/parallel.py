@@ -1,20 +1,14 @@
-"""What is shared over GPUs, as data: the strategies (what each shards), a Parallel setting (--gpus, --sharding,
---cpu-offload) and a Plan (one step and the model's tensors). Read by sharding (one GPU's bytes) and fsdp_memory
-(FSDP2's rules), which import it and not each other."""
+"""What is shared over GPUs, as data: the strategies (what each shards) and a Parallel setting (--gpus,
+--sharding, --cpu-offload). Read by sharding (one GPU's bytes) and fsdp_memory (FSDP2's rules), which import it
+and not each other; a Plan (one step and the model's tensors) is in plan.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Dict, Optional
+from typing import Dict
 
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
-from lorabench.estimator.layout import Layout, model_layout
-from lorabench.estimator.memory import StepParts, step_parts
-from lorabench.estimator.setup import TrainingSetup
-from lorabench.methods import Method
-from lorabench.models.spec import ModelSpec
 
 # --gpus and the fewest-GPUs search stop here: data parallelism alone (DDP, ZeRO, FSDP) over more GPUs than
 # this is not how anyone fine-tunes, and FSDP2's padding only grows with N past a tensor's dim 0.
@@ -95,25 +89,3 @@ class Parallel:
     def single(self) -> bool:
         """One GPU running the whole step: the one-GPU estimate as it is."""
         return self.sharding == "none" and not self.cpu_offload
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One step and the model's tensors: what rank_memory shares out."""
-
-    spec: ModelSpec
-    method: Method
-    rank: Optional[int]
-    targets: object
-    setup: TrainingSetup
-    parts: StepParts
-
-    @cached_property
-    def layout(self) -> Layout:
-        return model_layout(self.spec, self.method, self.rank, self.targets, self.setup)
-
-
-def plan_step(spec: ModelSpec, method: Method, rank: Optional[int] = None, targets=None,
-              setup: TrainingSetup = TrainingSetup()) -> Plan:
-    """The Plan of one step (see step_parts for what it raises)."""
-    return Plan(spec, method, rank, targets, setup, step_parts(spec, method, rank, targets, setup))

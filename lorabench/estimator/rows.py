@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
+from lorabench.estimator.case import Case
 from lorabench.estimator.compute import StepTime, device_for_gpu, estimate_step_time
 from lorabench.estimator.cost import CostSetup, estimate_training_cost
 from lorabench.estimator.flops import estimate_flops
@@ -186,8 +187,9 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
     rows = []
     for method, rank in _cases(methods, ranks):
         c = count_params(spec, method, rank, targets)
-        parts = step_parts(spec, method, rank, targets, setup, counts=c)
-        plan = Plan(spec, method, rank, targets, setup, parts)
+        case = Case(spec, method, rank, targets, setup, parallel)
+        parts = step_parts(case, counts=c)
+        plan = Plan(case, parts)
         est = estimate_from_parts(parts)
         row = {"model": spec.name}
         row.update(asdict(est))
@@ -206,14 +208,14 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
                     "loop": setup.loop, "autocast": setup.autocast, "grad_accum": setup.grad_accum,
                     "tokens_per_step": setup.tokens * setup.grad_accum, "loss": setup.loss,
                     "kbit_prepare": setup.kbit_prepare, "max_positions": spec.max_positions or None})
-        flops = estimate_flops(spec, method, rank, c.targets, setup)
+        flops = estimate_flops(replace(case, targets=c.targets))
         row["step_flops"] = flops.step_flops
         row["flops_per_token"] = flops.flops_per_token
         row.update(parallel_fields(plan, parallel))
         if gpu is not None:
             fit = fit_on_gpu(plan, gpu, parallel, allowance=allowance)
             row["notes"] += [n for n in (gpus_needed_note(plan, fit, parallel.cpu_offload, allowance),) if n]
-            t = estimate_step_time(spec, method, rank, c.targets, setup, device_for_gpu(gpu, mfu), flops)
+            t = estimate_step_time(replace(case, targets=c.targets), device_for_gpu(gpu, mfu), flops)
             row.update({"gpu": gpu.name, "gpu_memory_bytes": fit.gpu_memory_bytes, "fits": fit.fits,
                         "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,
                         "allowance_fraction": allowance, "allowance_bytes": fit.allowance_bytes,

@@ -21,7 +21,8 @@ from lorabench.errors import LorabenchError
 from lorabench.gpus import GPU
 # (the estimator's API: these names are read from here too)
 from lorabench.estimator.fsdp_memory import floor_held, padded_rows, shard_rows, sharded_held  # noqa: F401
-from lorabench.estimator.parallel import MAX_GPUS, STRATEGIES, Parallel, Plan, Strategy, plan_step  # noqa: F401
+from lorabench.estimator.parallel import MAX_GPUS, STRATEGIES, Parallel, Strategy  # noqa: F401
+from lorabench.estimator.plan import Plan, plan_step  # noqa: F401
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, Held, need_bytes
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import List, Optional, Tuple
 
+from lorabench.estimator.case import Case
 from lorabench.estimator.ops import Op, Ops, norm_bytes, times
 from lorabench.estimator.outer_ops import optimizer_ops, outside_layers
 from lorabench.estimator.projection_ops import adapter_ops, linear_ops
@@ -121,10 +122,10 @@ def _moe(ops: Ops, spec: ModelSpec, method: Method, rank: Optional[int], targets
             ops.gemm(f"merge {name} dA", "backward", e * r, out, inn, a)
 
 
-def _layer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...], setup: TrainingSetup,
-           first: bool, sliding: bool) -> List[Op]:
+def _layer(case: Case, first: bool, sliding: bool) -> List[Op]:
     """Forward and backward ops of one decoder layer. In the first layer of a frozen model nothing before the
     first trainable weight needs a gradient (autograd records no op there), as in layer_saves.layer_activation_bytes."""
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     ops = Ops()
     a, s, t, d, i = setup.act_bytes, setup.stream_bytes, setup.tokens, spec.hidden_size, spec.intermediate_size
     arch, full = spec.arch, method.base_trainable
@@ -194,13 +195,14 @@ def _layer(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[
     return ops.ops
 
 
-def step_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tuple[str, ...],
-             setup: TrainingSetup) -> Tuple[Op, ...]:
+def step_ops(case: Case) -> Tuple[Op, ...]:
     """Every op of one optimizer step of method on spec, with its runs per step: forward and backward once per
     micro-batch (setup.grad_accum), the optimizer once. Under gradient checkpointing each layer's forward runs
     again in backward (Chen et al. 2016)."""
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     setup = setup.for_spec(spec)
     targets = targets if method.uses_rank else ()
+    case = replace(case, targets=targets, setup=setup)  # what _layer and optimizer_ops read
     if spec.single_matrix:
         ops = Ops()
         d, t = spec.hidden_size, setup.tokens
@@ -208,8 +210,7 @@ def step_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tupl
             linear_ops(ops, "w", t, d, d, setup, method, layer > 0 or method.base_trainable)
             if method.uses_rank:
                 adapter_ops(ops, "w", t, d, d, rank, setup, method, layer > 0)
-        return tuple(times(op, setup.grad_accum) for op in ops.ops) + tuple(optimizer_ops(spec, method, rank,
-                                                                                         targets, setup))
+        return tuple(times(op, setup.grad_accum) for op in ops.ops) + tuple(optimizer_ops(case))
     L = spec.num_layers
     sliding = spec.sliding_layers()
     out: List[Op] = []
@@ -220,9 +221,9 @@ def step_ops(spec: ModelSpec, method: Method, rank: Optional[int], targets: Tupl
         if n > 0:
             kinds[(first, slides)] = n
     for (first, slides), n in kinds.items():
-        for op in _layer(spec, method, rank, targets, setup, first, slides):
+        for op in _layer(case, first, slides):
             out.append(times(op, n))
             if setup.grad_checkpointing and op.phase == "forward":
                 out.append(times(replace(op, name=f"recompute: {op.name}", phase="backward", runs=1), n))
     micro = [times(op, setup.grad_accum) for op in out + outside_layers(spec, method, setup)]
-    return tuple(micro + optimizer_ops(spec, method, rank, targets, setup))
+    return tuple(micro + optimizer_ops(case))

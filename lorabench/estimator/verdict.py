@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 from lorabench.estimator.fit import Case, Fix, fixes, overflow, smallest_gpu
 from lorabench.estimator.setup import TrainingSetup
-from lorabench.estimator.sharding import Parallel, plan_need_bytes
+from lorabench.estimator.sharding import Parallel, plan_need_bytes, plan_step
 from lorabench.gpus import GPU
 from lorabench.methods import Method
 from lorabench.models.spec import ModelSpec
@@ -39,7 +39,7 @@ def add_verdicts(spec: ModelSpec, rows: List[Dict], methods: Sequence[Method], t
     for row in rows:
         case = Case(spec, by_name[row["method"]], row["rank"], targets, setup, parallel)
         if chosen is None:
-            plan = case.plan()
+            plan = plan_step(case)
             row["smallest_gpu"] = smallest_gpu(plan.parts, allowance, plan_need_bytes(plan, parallel, allowance),
                                                bf16=setup.uses_bf16)
             continue

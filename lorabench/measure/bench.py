@@ -25,6 +25,7 @@ import torch
 from lorabench import __version__
 
 from lorabench.safety import signals
+from lorabench.estimator.case import Case
 from lorabench.estimator.compute import cpu_device, device_for_gpu, estimate_step_time
 from lorabench.errors import LorabenchError
 from lorabench.estimator.rows import error_pct, memory_rows
@@ -114,8 +115,7 @@ class RankHooks:
     inspect: Optional[Callable[[Built], Dict]] = None
 
 
-def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
-                 device: torch.device, steps: int = 5, warmup: int = 2, impl: str = DEFAULT_IMPL,
+def measure_case(case: Case, device: torch.device, steps: int = 5, warmup: int = 2, impl: str = DEFAULT_IMPL,
                  seed: int = 0, hooks: RankHooks = RankHooks()) -> Dict:
     """Build, warm up, measure memory per phase, then time `steps` steps. Returns the measured fields.
     hooks: what a data-parallel rank adds (RankHooks).
@@ -124,6 +124,7 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
         LorabenchError: bad arguments, or an implementation that cannot build this case.
         torch.cuda.OutOfMemoryError (or RuntimeError out of memory): the case does not fit.
     """
+    spec, setup = case.spec, case.setup
     if warmup < 1:
         raise LorabenchError("--warmup must be at least 1: the first step creates the optimizer states.")
     setup = setup.for_spec(spec)
@@ -137,7 +138,7 @@ def measure_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, 
             torch.cuda.empty_cache()
         with tracker if tracker is not None else contextlib.nullcontext():
             probe = MemoryProbe(device, tracker)
-            built = BUILDERS[impl](spec, method, rank, targets, setup, device, seed, hooks.wrap)
+            built = BUILDERS[impl](replace(case, setup=setup), device, seed, hooks.wrap)
             if tracker is not None:  # tensors a checkpoint load made outside torch's dispatcher
                 tracker.track(built.base_tensors + built.adapter_tensors)
             built = forward_with_loss(built, spec, setup, device, impl)
@@ -182,31 +183,31 @@ def catalog_gpu(device_name: str) -> Optional[GPU]:
     return None
 
 
-def _estimate_fields(spec: ModelSpec, method: Method, rank, targets, setup: TrainingSetup,
-                     gpu: Optional[GPU]) -> Dict:
-    row = memory_rows(spec, [method], [rank], targets, setup, gpu)[0]  # full ignores the rank
-    parts = step_parts(spec, method, rank, targets, setup)
+def _estimate_fields(case: Case, gpu: Optional[GPU]) -> Dict:
+    row = memory_rows(case.spec, [case.method], [case.rank], case.targets, case.setup, gpu)[0]  # full ignores the rank
+    parts = step_parts(case)
     # What is alive when forward returns: the saved activations and the logits/loss tensors.
     row["estimated_after_forward_bytes"] = parts.act.after_forward_bytes
     return row
 
 
-def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup, *,
-               device: torch.device, layers: Optional[int] = None, steps: int = 5, warmup: int = 2,
+def bench_case(case: Case, *, device: torch.device, layers: Optional[int] = None, steps: int = 5, warmup: int = 2,
                impl: str = DEFAULT_IMPL, tolerance_pct: float = 5.0, gpu: Optional[GPU] = None,
                matmul_flops: Optional[float] = None, info: Optional[Dict] = None) -> Dict:
     """One row: the estimate for the model as built, what was measured, the error and the verdict."""
+    spec, setup = case.spec, case.setup
     full_spec = spec
     cut = spec.with_layers(layers) if layers and layers < spec.num_layers else spec
     setup = replace(setup, device=device.type, impl=impl)
-    row = _estimate_fields(cut, method, rank, targets, setup, gpu)
+    case = replace(case, spec=cut, setup=setup)
+    row = _estimate_fields(case, gpu)
     row.update({"model": full_spec.name, "layers": cut.num_layers, "full_layers": full_spec.num_layers,
                 "impl": impl, "status": "ok", "error": None, "tolerance_pct": tolerance_pct,
                 "steps": steps, "warmup": warmup})
     row.update(info or {})
     targets = tuple(row["targets"].split(",")) if row["targets"] else None
     try:
-        row.update(measure_case(cut, method, rank, targets, setup, device, steps, warmup, impl))
+        row.update(measure_case(replace(case, targets=targets), device, steps, warmup, impl))
     except LorabenchError as exc:
         row.update({"status": "skipped", "error": str(exc)})
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
@@ -230,7 +231,7 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
              else cpu_device(row["matmul_bf16_tflops"] * 1e12, row["matmul_fp32_tflops"] * 1e12)
              if device.type == "cpu" and row.get("matmul_bf16_tflops") else None)
     if model is not None and row["status"] == "ok":
-        est = estimate_step_time(cut, method, rank, targets or None, setup, model)
+        est = estimate_step_time(replace(case, targets=targets or None), model)
         row["estimated_step_ms"] = est.step_ms
         row["step_error_pct"] = None if not step_ms else 100.0 * (est.step_ms - step_ms) / step_ms
     if step_ms:
@@ -242,7 +243,7 @@ def bench_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         row["catalog_tflops"] = None if peak is None else peak / 1e12
         row["mfu_measured"] = None if peak is None else row["achieved_tflops"] * 1e12 / peak
     if cut is not full_spec:
-        full = _estimate_fields(full_spec, method, rank, targets, setup, gpu)
+        full = _estimate_fields(replace(case, spec=full_spec, targets=targets), gpu)
         row["full_peak_bytes"] = full["peak_bytes"]
         row["full_step_flops"] = full["step_flops"]
         if measured is not None:
@@ -370,7 +371,7 @@ def run_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int], 
             print(f"lorabench: bench: {spec.name} {name} ({i} of {len(cases)}) ...", file=sys.stderr, flush=True)
         took = time.monotonic()
         with expected_library_warnings():
-            row = bench_case(spec, method, rank, targets, setup, device=dev, layers=layers, steps=steps,
+            row = bench_case(Case(spec, method, rank, targets, setup), device=dev, layers=layers, steps=steps,
                              warmup=warmup, impl=impl, tolerance_pct=tolerance_pct, gpu=gpu,
                              matmul_flops=matmul, info=info)
         if lines:

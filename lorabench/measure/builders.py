@@ -13,13 +13,12 @@ from typing import Callable, List, Optional
 import torch
 
 from lorabench.errors import LorabenchError
+from lorabench.estimator.case import Case
 from lorabench.models.hfwrite import hf_config_dict
-from lorabench.estimator.setup import QUANTIZED, TrainingSetup
-from lorabench.methods import Method
+from lorabench.estimator.setup import QUANTIZED
 from lorabench.estimator.params import parse_targets
 from lorabench.measure.qlora import load_quantized, quant_state_tensors
 from lorabench.models.families import MOE_TARGETS
-from lorabench.models.spec import ModelSpec
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR = 1e-4
@@ -88,8 +87,7 @@ def _named_tensors(model: torch.nn.Module) -> list:
     return list(model.named_parameters()) + list(model.named_buffers())
 
 
-def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
-                    device: torch.device, seed: int = 0, wrap: Optional[Wrap] = None, lr: float = LR,
+def build_lorabench(case: Case, device: torch.device, seed: int = 0, wrap: Optional[Wrap] = None, lr: float = LR,
                     delta_lambda: float = 0.5, delta_start_step: int = 0) -> Built:
     """lorabench.nn's model with method applied, its optimizer (setup.optimizer at lr, in the method's param
     groups) and after-step hooks (Delta-LoRA's update with delta_lambda from delta_start_step). A quantized base
@@ -100,6 +98,7 @@ def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], target
     Raises:
         LorabenchError: --kbit-prepare (PEFT's function, for --impl peft), or what apply_method raises.
     """
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     from lorabench.nn.adapters import apply_method, param_groups, step_hooks
     from lorabench.nn.model import build_model
     from lorabench.nn.quant import quantize_base
@@ -123,8 +122,7 @@ def build_lorabench(spec: ModelSpec, method: Method, rank: Optional[int], target
     return Built(runner, opt, hooks, lambda ids: runner(input_ids=ids, labels=ids), base + quant_consts, adapter)
 
 
-def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup,
-               device: torch.device, seed: int = 0, wrap: Optional[Wrap] = None) -> Built:
+def build_peft(case: Case, device: torch.device, seed: int = 0, wrap: Optional[Wrap] = None) -> Built:
     """transformers' model for spec's family (AutoModelForCausalLM from the spec's config; dropout off; the
     attention setup.attention names) wrapped by PEFT as users train it; then by wrap (a data-parallel
     strategy), before the optimizer is made.
@@ -136,6 +134,7 @@ def build_peft(spec: ModelSpec, method: Method, rank: Optional[int], targets, se
         LorabenchError: transformers/peft missing, a spec transformers cannot express, delta-lora, or an
             attention transformers refuses for the family.
     """
+    spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     try:
         import peft
         import transformers

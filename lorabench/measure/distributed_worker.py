@@ -62,6 +62,7 @@ def run_rank(case: Dict, rank: int, world: int, local_rank: int) -> Dict:
     import torch
     import torch.distributed as dist
 
+    from lorabench.estimator.case import Case
     from lorabench.measure.bench import RankHooks, measure_case
     from lorabench.measure.distributed import CommCounter, parallelize, settle
     from lorabench.measure.probes import storage_bytes, warm_cuda_libraries
@@ -82,7 +83,7 @@ def run_rank(case: Dict, rank: int, world: int, local_rank: int) -> Dict:
                 "measured_optimizer_tensors": sum(1 for s in built.optimizer.state.values() for t in s.values()
                                                   if isinstance(t, torch.Tensor))}
 
-    rec = measure_case(case["spec"], case["method"], case["rank"], case["targets"], case["setup"], device,
+    rec = measure_case(Case(case["spec"], case["method"], case["rank"], case["targets"], case["setup"]), device,
                        case["steps"], case["warmup"], case["impl"], seed=case["seed"],
                        hooks=RankHooks(lambda model: parallelize(model, case["sharding"], device), counter,
                                        settle if device.type == "cpu" else None, case["seed"] + rank, shards))

@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.estimator.case import Case
 from lorabench.estimator.rows import error_pct
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.methods import Method
@@ -247,17 +248,16 @@ def _log_tail(path: str) -> str:
     return (errors or lines or [""])[-1][:300]
 
 
-def _rank_estimate(spec: ModelSpec, method: Method, rank, targets, setup: TrainingSetup, gpu, nproc: int,
-                   sharding: str, gpu_rank: int) -> Dict:
+def _rank_estimate(case: Case, gpu, nproc: int, sharding: str, gpu_rank: int) -> Dict:
     """bench's estimate fields for the case, with one rank's share under the strategy."""
     from lorabench.measure.bench import _estimate_fields
     from lorabench.estimator.comms import comm_volume
     from lorabench.estimator.rows import RANK_FIELDS
     from lorabench.estimator.sharding import Parallel, plan_step, rank_memory
 
-    row = _estimate_fields(spec, method, rank, targets, setup, gpu)
+    row = _estimate_fields(case, gpu)
     parallel = Parallel(nproc, sharding)
-    plan = plan_step(spec, method, rank, tuple(row["targets"].split(",")) if row["targets"] else None, setup)
+    plan = plan_step(replace(case, targets=tuple(row["targets"].split(",")) if row["targets"] else None))
     volume = comm_volume(plan, parallel)
     row.update({"gpus": nproc, "sharding": sharding, "comm_all_gather_bytes": volume.all_gather_bytes,
                 "comm_reduce_scatter_bytes": volume.reduce_scatter_bytes,
@@ -274,23 +274,24 @@ def _rank_estimate(spec: ModelSpec, method: Method, rank, targets, setup: Traini
     return row
 
 
-def distributed_case(spec: ModelSpec, method: Method, rank: Optional[int], targets, setup: TrainingSetup, *,
-                     nproc: int, sharding: str, device: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+def distributed_case(case: Case, *, nproc: int, sharding: str, device: str, timeout_s: float = DEFAULT_TIMEOUT_S,
                      layers: Optional[int] = None, steps: int = 5, warmup: int = 2, impl: str = "peft",
                      tolerance_pct: float = 5.0, gpu=None, info: Optional[Dict] = None, seed: int = 0) -> List[Dict]:
     """One case on nproc processes: a row per rank with the estimate for that rank, what it measured, the
     error and the verdict; every row carries the largest rank error of the case (largest_rank_error_pct)."""
+    spec, method, rank, setup = case.spec, case.method, case.rank, case.setup
     cut = spec.with_layers(layers) if layers and layers < spec.num_layers else spec
     setup = replace(setup, device=device, impl=impl)
-    first = _rank_estimate(cut, method, rank, targets, setup, gpu, nproc, sharding, 0)
+    case = replace(case, spec=cut, setup=setup)
+    first = _rank_estimate(case, gpu, nproc, sharding, 0)
     resolved = tuple(first["targets"].split(",")) if first["targets"] else None
-    case = {"spec": cut, "method": method, "rank": rank, "targets": resolved, "setup": setup, "impl": impl,
+    job = {"spec": cut, "method": method, "rank": rank, "targets": resolved, "setup": setup, "impl": impl,
             "sharding": sharding, "steps": steps, "warmup": warmup, "seed": seed, "device": device,
             "timeout_s": timeout_s}
-    measured = launch_case(case, nproc, timeout_s)
+    measured = launch_case(job, nproc, timeout_s)
     rows = []
     for r, got in enumerate(measured):
-        row = first if r == 0 else _rank_estimate(cut, method, rank, targets, setup, gpu, nproc, sharding, r)
+        row = first if r == 0 else _rank_estimate(case, gpu, nproc, sharding, r)
         row.update({"model": spec.name, "layers": cut.num_layers, "full_layers": spec.num_layers, "impl": impl,
                     "tolerance_pct": tolerance_pct, "steps": steps, "warmup": warmup, "nproc": nproc})
         row.update(info or {})
@@ -359,9 +360,9 @@ def run_distributed_bench(spec: ModelSpec, methods: Sequence[Method], ranks: Seq
                disable=None if progress else True)
     for method, rank in bar:
         bar.set_postfix_str(f"{method.name}" + (f" r={rank}" if rank else ""))
-        for row in distributed_case(spec, method, rank, targets, setup, nproc=nproc, sharding=sharding, device=dev,
-                                    timeout_s=timeout_s, layers=layers, steps=steps, warmup=warmup, impl=impl,
-                                    tolerance_pct=tolerance_pct, gpu=gpu, info=info):
+        for row in distributed_case(Case(spec, method, rank, targets, setup), nproc=nproc, sharding=sharding,
+                                    device=dev, timeout_s=timeout_s, layers=layers, steps=steps, warmup=warmup,
+                                    impl=impl, tolerance_pct=tolerance_pct, gpu=gpu, info=info):
             rows.append(row)
             if on_row:
                 on_row(row)
