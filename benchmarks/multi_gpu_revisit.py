@@ -7,7 +7,8 @@ linear layer over a bf16 base, and QLoRA (the same over an nf4 base), per GPU un
 an A100-80GB and an H100-80GB, with the GPUs each strategy needs; then QLoRA of the 70B model on 2 RTX 4090s
 under fsdp, with and without CPU offload: does it fit, and at what batch and sequence length.
 
-Every figure is the estimator's (lorabench.estimator.sharding, lorabench.estimator.comms), with the allocator allowance of
+Every figure is the estimator's (lorabench.estimator.sharding, lorabench.estimator.comms), with the allocator
+allowance of
 `lorabench memory` (7.6% of the peak) counted in "fits" and "GPUs needed".
 
     python benchmarks/multi_gpu_revisit.py           # print the tables

@@ -183,7 +183,8 @@ def _setup(fields: Dict) -> TrainingSetup:
     if fields.get("autocast") and "dtype" not in fields:
         fields = {**fields, "dtype": "fp32"}
     if "loss_chunk" in fields and fields.get("loss", "standard") != "chunked":
-        raise LorabenchError(f"loss_chunk applies to loss='chunked' only (got loss={fields.get('loss', 'standard')!r}).")
+        given = fields.get("loss", "standard")
+        raise LorabenchError(f"loss_chunk applies to loss='chunked' only (got loss={given!r}).")
     setup = TrainingSetup(**{k: (v.lower() if isinstance(v, str) and k != "autocast" else v)
                              for k, v in fields.items()})
     setup.validate()

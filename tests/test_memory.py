@@ -9,7 +9,7 @@ from lorabench.estimator.case import Case
 from lorabench.errors import LorabenchError
 from lorabench.gpus import get_gpu
 from lorabench.estimator.layer_saves import layer_activation_bytes
-from lorabench.estimator.memory import estimate_memory, step_parts
+from lorabench.estimator.memory import estimate_memory
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.weights import weights_bytes
 from lorabench.methods import METHODS

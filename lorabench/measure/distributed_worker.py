@@ -97,7 +97,8 @@ def run_rank(case: Dict, rank: int, world: int, local_rank: int) -> Dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lorabench.measure.distributed_worker", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lorabench.measure.distributed_worker",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--case", required=True, help="the case, pickled by lorabench.measure.launch")
     parser.add_argument("--out", required=True, help="folder for rank-R.json")
     args = parser.parse_args(argv)
