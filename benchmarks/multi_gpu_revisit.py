@@ -8,8 +8,7 @@ an A100-80GB and an H100-80GB, with the GPUs each strategy needs; then QLoRA of 
 under fsdp, with and without CPU offload: does it fit, and at what batch and sequence length.
 
 Every figure is the estimator's (lorabench.estimator.sharding, lorabench.estimator.comms), with the allocator
-allowance of
-`lorabench memory` (7.6% of the peak) counted in "fits" and "GPUs needed".
+allowance of `lorabench memory` (7.6% of the peak) counted in "fits" and "GPUs needed".
 
     python benchmarks/multi_gpu_revisit.py           # print the tables
     python benchmarks/multi_gpu_revisit.py --write   # rewrite reports/multi-gpu/README.md and results.json
