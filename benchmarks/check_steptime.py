@@ -231,11 +231,10 @@ def measure_cpu() -> Dict[str, float]:
 
 def fit_moe() -> Dict[str, float]:
     """The MoE routing stalls (lorabench.estimator.stepwork.MOE_STALL_S) recomputed from the H100 probes: per
-    family, the median per-layer excess of measured over estimated (without the stalls) time, per layer from
-    the 4- and
-    2-layer twins; forward from every case whose experts are not merged (full and q,v targets; the forward is
-    the same with checkpointing), fitted as a + b * experts over the two families; backward from the cases
-    whose experts only pass gradients through (q,v adapters, no checkpointing), one median."""
+    family, the median per-layer excess of measured over estimated (without the stalls) time, per layer from the 4-
+    and 2-layer twins; forward from every case whose experts are not merged (full and q,v targets; the forward is
+    the same with checkpointing), fitted as a + b * experts over the two families; backward from the cases whose
+    experts only pass gradients through (q,v adapters, no checkpointing), one median."""
     import statistics
     from unittest import mock
 
