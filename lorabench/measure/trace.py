@@ -1,0 +1,93 @@
+"""A training step traced at full size without its memory: the bench's own build (transformers + PEFT, or
+lorabench.nn) made on the meta device, its parameters and buffers then given back as fake CPU tensors
+(torch's FakeTensorMode: shapes, dtypes and storages, no data), and the bench's own loop run for a warm-up
+step and a measured one under the live-tensor tracker. Every op runs its CPU kernel's shape logic, so the bytes
+alive at each op are the real CPU step's, to the byte on the cases tests/test_trace.py compares.
+
+This is the first part of issue 23 (tracing any model): float bases, the CPU's kernels. Quantized bases (their
+storage layouts) and a CUDA device's kernel choices are not traced yet and are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from unittest import mock
+from typing import Dict
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lorabench.errors import LorabenchError
+from lorabench.estimator.case import Case
+from lorabench.estimator.params import count_params
+from lorabench.estimator.setup import DEFAULT_IMPL, PHASES, QUANTIZED
+from lorabench.measure.builders import BUILDERS
+from lorabench.measure.probes import LiveTensorTracker, MemoryProbe
+from lorabench.measure.steps import forward_with_loss, stepper
+
+
+def fake_tensors(mode: FakeTensorMode):
+    """A builder's wrap: every parameter and buffer of the (meta) model replaced by a fake CPU tensor of its shape,
+    dtype and requires_grad, made under `mode`. (Module.to would swap tensors, which fake ones refuse.)"""
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    with mode:
+                        fake = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+                    module._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    with mode:
+                        module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")
+        return model
+    return wrap
+
+
+def _stepper_on_fake(built, setup, device):
+    """measure.steps.stepper for fake tensors: Trainer's move of the model to the CPU (where it is) is skipped,
+    because Module.to swaps fake parameters, which they refuse."""
+    if setup.loop != "trainer":
+        return stepper(built, setup, device)
+    import transformers
+
+    with mock.patch.object(transformers.Trainer, "_move_model_to_device", lambda self, model, device: None):
+        return stepper(built, setup, device)
+
+
+def trace_case(case: Case, impl: str = DEFAULT_IMPL, seed: int = 0, warmup: int = 1) -> Dict[str, int]:
+    """The bytes of one steady-state step of `case` on the CPU, traced: the bench's measured_* memory fields
+    (per-phase peaks, weights, adapters, gradients, optimizer states), with nothing allocated.
+
+    Raises:
+        LorabenchError: a quantized base, or what the bench's builder refuses.
+    """
+    from lorabench.measure.bench import _memory_step
+
+    spec, setup = case.spec, case.setup.for_spec(case.spec)
+    if setup.dtype in QUANTIZED:
+        raise LorabenchError(f"a {setup.dtype} base is not traced yet (its storage layout without the kernels).")
+    if setup.device != "cpu":
+        raise LorabenchError("only the CPU's kernels are traced yet: give device='cpu'.")
+    if warmup < 1:
+        raise LorabenchError("warmup must be at least 1: the first step creates the optimizer states.")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    meta = torch.device("meta")
+    targets = count_params(spec, case.method, case.rank, case.targets).targets
+    built = BUILDERS[impl](replace(case, targets=targets, setup=setup), meta, seed, fake_tensors(mode))
+    device = torch.device("cpu")
+    built = forward_with_loss(built, spec, setup, device, impl)
+    tracker = LiveTensorTracker("cpu")
+    step, close = _stepper_on_fake(built, setup, device)
+    try:
+        with mode, tracker:
+            probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
+            tracker.track(built.base_tensors + built.adapter_tensors)
+            ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)
+            for _ in range(warmup):
+                step(ids, lambda phase: None)
+            rec = _memory_step(built, step, ids, probe)
+    finally:
+        close()
+    return {k: v for k, v in rec.items() if k.startswith("measured_")
+            and (k.endswith("_bytes") or k in {f"measured_{p}_peak_bytes" for p in PHASES})}
