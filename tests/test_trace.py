@@ -19,27 +19,33 @@ from lorabench.models.presets import from_name
 SETUP = TrainingSetup(batch_size=2, seq_len=64, device="cpu", impl="lorabench")
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "dora", "lora-fa"])
-def test_the_trace_is_the_real_cpu_step_to_the_byte(method):
-    case = Case(from_name("tiny-llama"), METHODS[method], None if method == "full" else 8, "all-linear", SETUP)
-    traced = trace_case(case, impl="lorabench")
+@pytest.mark.parametrize("impl, method", [(impl, m) for impl in ("lorabench", "peft")
+                                          for m in ("full", "lora", "dora", "lora-fa")])
+def test_the_trace_is_the_real_cpu_step_to_the_byte(impl, method):
+    # transformers + PEFT under Trainer.training_step, or lorabench's layers; every measured field equal
+    case = Case(from_name("tiny-llama"), METHODS[method], None if method == "full" else 8, "all-linear",
+                replace(SETUP, impl=impl, attention="sdpa"))
+    traced = trace_case(case, impl=impl)
     resolved = replace(case, targets=count_params(case.spec, case.method, case.rank, case.targets).targets)
-    real = measure_case(resolved, torch.device("cpu"), steps=1, warmup=1, impl="lorabench")
+    real = measure_case(resolved, torch.device("cpu"), steps=1, warmup=1, impl=impl)
     assert traced == {k: real[k] for k in traced}
     assert {f"measured_{p}_peak_bytes" for p in PHASES} <= set(traced)
 
 
-def test_llama_3_8b_at_full_width_is_traced_in_seconds_and_agrees_with_the_analytic_model():
+@pytest.mark.parametrize("impl", ["lorabench", "peft"])
+def test_llama_3_8b_at_full_width_is_traced_in_seconds_and_agrees_with_the_analytic_model(impl):
     # LoRA r=16 on every linear layer of Llama-3-8B cut to 2 layers, 1,024 tokens: d=4096, vocab 128,256 at full
     # size, no byte allocated; the analytic estimate of the same step within 0.1% in every phase
     case = Case(from_name("llama-3-8b").with_layers(2), METHODS["lora"], 16, "all-linear",
-                replace(SETUP, batch_size=1, seq_len=1024))
-    traced = trace_case(case, impl="lorabench")
+                replace(SETUP, batch_size=1, seq_len=1024, impl=impl, attention="sdpa"))
+    traced = trace_case(case, impl=impl)
     est = estimate_memory(case)
     for phase in PHASES:
         got = traced[f"measured_{phase}_peak_bytes"]
         assert abs(getattr(est, f"{phase}_peak_bytes") - got) <= 0.001 * got, phase
-    assert traced["measured_weights_bytes"] == est.weights_bytes
+    # the base tensors measured include transformers' RoPE inv_freq buffer: head_dim / 2 fp32 values
+    rope = 128 // 2 * 4 if impl == "peft" else 0
+    assert traced["measured_weights_bytes"] == est.weights_bytes + rope
 
 
 @pytest.mark.parametrize("change, msg", [(dict(dtype="nf4"), "not traced yet"), (dict(device="cuda"), "CPU")])

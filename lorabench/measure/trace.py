@@ -4,12 +4,14 @@ lorabench.nn) made on the meta device, its parameters and buffers then given bac
 step and a measured one under the live-tensor tracker. Every op runs its CPU kernel's shape logic, so the bytes
 alive at each op are the real CPU step's, to the byte on the cases tests/test_trace.py compares.
 
-This is the first part of issue 23 (tracing any model): float bases, the CPU's kernels. Quantized bases (their
-storage layouts) and a CUDA device's kernel choices are not traced yet and are refused.
+This is the first part of issue 23 (tracing any model): float bases, the CPU's kernels, unpadded and unpacked
+rows (_stated_inputs). Quantized bases (their storage layouts) and a CUDA device's kernel choices are not traced
+yet and are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from unittest import mock
 from typing import Dict
@@ -55,6 +57,21 @@ def _stepper_on_fake(built, setup, device):
         return stepper(built, setup, device)
 
 
+@contextlib.contextmanager
+def _stated_inputs():
+    """The trace's rule for what depends on the data, which fake tensors do not hold: every row is one unpadded
+    sequence, as the bench's inputs are. transformers reads its inputs to skip the attention mask when no row
+    packs several sequences (masking_utils.find_packed_sequence_indices); on fake tensors it cannot, and would
+    build the full mask that the real step never makes. Here it is told the answer: none packed."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # lorabench's own layers read nothing
+        yield
+        return
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *args, **kwargs: None):
+        yield
+
+
 def trace_case(case: Case, impl: str = DEFAULT_IMPL, seed: int = 0, warmup: int = 1) -> Dict[str, int]:
     """The bytes of one steady-state step of `case` on the CPU, traced: the bench's measured_* memory fields
     (per-phase peaks, weights, adapters, gradients, optimizer states), with nothing allocated.
@@ -80,7 +97,7 @@ def trace_case(case: Case, impl: str = DEFAULT_IMPL, seed: int = 0, warmup: int 
     tracker = LiveTensorTracker("cpu")
     step, close = _stepper_on_fake(built, setup, device)
     try:
-        with mode, tracker:
+        with mode, tracker, _stated_inputs():
             probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
             tracker.track(built.base_tensors + built.adapter_tensors)
             ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)
