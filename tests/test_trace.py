@@ -14,7 +14,9 @@ from lorabench.estimator.setup import PHASES, TrainingSetup
 from lorabench.measure.bench import measure_case
 from lorabench.measure.trace import trace_case
 from lorabench.methods import METHODS
+from lorabench.models.hfconfig import from_hf_config
 from lorabench.models.presets import from_name
+from test_families import SMALL
 
 SETUP = TrainingSetup(batch_size=2, seq_len=64, device="cpu", impl="lorabench")
 
@@ -30,6 +32,18 @@ def test_the_trace_is_the_real_cpu_step_to_the_byte(impl, method):
     real = measure_case(resolved, torch.device("cpu"), steps=1, warmup=1, impl=impl)
     assert traced == {k: real[k] for k in traced}
     assert {f"measured_{p}_peak_bytes" for p in PHASES} <= set(traced)
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_every_described_family_is_traced_to_the_byte(family):
+    # transformers + PEFT (LoRA r=8 on PEFT's default targets) at the families' small test sizes: tied
+    # embeddings (Gemma), sliding windows, q/k norms, fused projections (Phi-3), experts (Mixtral, Qwen-MoE)
+    spec = from_hf_config(SMALL[family])
+    case = Case(spec, METHODS["lora"], 8, None, replace(SETUP, impl="peft"))
+    traced = trace_case(case, impl="peft")
+    resolved = replace(case, targets=count_params(spec, case.method, case.rank, None).targets)
+    real = measure_case(resolved, torch.device("cpu"), steps=1, warmup=1, impl="peft")
+    assert traced == {k: real[k] for k in traced}
 
 
 @pytest.mark.parametrize("impl", ["lorabench", "peft"])

@@ -32,16 +32,22 @@ def fake_tensors(mode: FakeTensorMode):
     """A builder's wrap: every parameter and buffer of the (meta) model replaced by a fake CPU tensor of its shape,
     dtype and requires_grad, made under `mode`. (Module.to would swap tensors, which fake ones refuse.)"""
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        made = {}  # id of the meta tensor -> its fake one: a tensor two modules share (tied embeddings) stays one
+
+        def fake(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+            if id(t) not in made:
+                with mode:
+                    new = torch.zeros(t.shape, dtype=t.dtype, device="cpu")
+                made[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if parameter else new
+            return made[id(t)]
+
         for module in model.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None:
-                    with mode:
-                        fake = torch.empty(p.shape, dtype=p.dtype, device="cpu")
-                    module._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                    module._parameters[name] = fake(p, True)
             for name, b in list(module._buffers.items()):
                 if b is not None:
-                    with mode:
-                        module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")
+                    module._buffers[name] = fake(b, False)
         return model
     return wrap
 
