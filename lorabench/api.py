@@ -29,7 +29,7 @@ from lorabench.spelling import api_spelling, option
 from lorabench.estimator.cost import CostSetup
 from lorabench.estimator.fit import fit_rows, search_cases
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
-from lorabench.estimator.setup import QUANTIZED, TrainingSetup
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup, setup_from
 from lorabench.estimator.rows import memory_rows, param_rows, usable_methods
 from lorabench.estimator.sharding import Parallel
 from lorabench.estimator.verdict import add_verdicts
@@ -180,13 +180,7 @@ def _setup(fields: Dict) -> TrainingSetup:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise LorabenchError(f"unknown keyword(s) {', '.join(unknown)}; the setup's are {', '.join(sorted(known))}.")
-    if fields.get("autocast") and "dtype" not in fields:
-        fields = {**fields, "dtype": "fp32"}
-    if "loss_chunk" in fields and fields.get("loss", "standard") != "chunked":
-        given = fields.get("loss", "standard")
-        raise LorabenchError(f"loss_chunk applies to loss='chunked' only (got loss={given!r}).")
-    setup = TrainingSetup(**{k: (v.lower() if isinstance(v, str) and k != "autocast" else v)
-                             for k, v in fields.items()})
+    setup = setup_from(fields, fields)
     setup.validate()
     return setup
 

@@ -21,7 +21,7 @@ from lorabench.bounds import DEFAULT_MODEL, MAX_ALPHA, MAX_BATCH, MAX_RANK, MAX_
 from lorabench.models.keys import MAX_LAYERS, MAX_WIDTH
 from lorabench.estimator.optimizer import OPTIMIZER_NAMES as OPTIMIZERS
 from lorabench.estimator.setup import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
-                                       MAX_LOSS_CHUNK, TrainingSetup)
+                                       MAX_LOSS_CHUNK, setup_from)
 from lorabench.methods import resolve_methods
 from lorabench.render.formats import FORMATS
 from lorabench.models.hub import resolve_model, resolve_specs
@@ -236,17 +236,12 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
                 dropout, master_weights, device, impl, loop, autocast, grad_accum, loss, loss_chunk,
                 kbit_prepare, **kw):
         ctx = click.get_current_context()
-        if autocast and ctx.get_parameter_source("dtype") == ParameterSource.DEFAULT:
-            dtype = "fp32"  # autocast runs over fp32 weights: --autocast alone means that
-        if loss != "chunked" and ctx.get_parameter_source("loss_chunk") != ParameterSource.DEFAULT:
-            raise click.UsageError(f"--loss-chunk applies to --loss chunked only (got --loss {loss}).")
-        setup = TrainingSetup(batch_size=batch_size, seq_len=seq_len, dtype=dtype.lower(),
-                              adapter_dtype=adapter_dtype.lower(), optimizer=optimizer.lower(),
-                              grad_checkpointing=grad_checkpointing, attention=attention.lower(),
-                              dropout=dropout, master_weights=master_weights,
-                              device=device or "cuda", alpha=alpha, impl=impl, loop=loop, autocast=autocast,
-                              grad_accum=grad_accum, loss=loss, loss_chunk=loss_chunk,
-                              kbit_prepare=kbit_prepare)
+        fields = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, adapter_dtype=adapter_dtype,
+                      optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
+                      dropout=dropout, master_weights=master_weights, device=device or "cuda", alpha=alpha,
+                      impl=impl, loop=loop, autocast=autocast, grad_accum=grad_accum, loss=loss,
+                      loss_chunk=loss_chunk, kbit_prepare=kbit_prepare)
+        setup = setup_from(fields, {k for k in fields if ctx.get_parameter_source(k) != ParameterSource.DEFAULT})
         return fn(setup=setup, **kw)
     return wrapper
 

@@ -11,7 +11,6 @@ from lorabench.cli.main import CONTEXT, cli, note, one_line, pick_gpu
 from lorabench.cli.options import DEFAULT_MODEL, LAYERS, MFU, STEPS, BoundedInt, Text, method_options, setup_options
 from lorabench.errors import LorabenchError
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
-from lorabench.estimator.setup import QUANTIZED
 from lorabench.models.keys import MAX_WIDTH
 from lorabench.models.hub import is_local_model, resolve_specs
 from lorabench.models.presets import from_name
@@ -94,8 +93,7 @@ def report(models, configs, dims, methods, methods_from_all, ranks, targets, set
     shallow = [s.name for s in specs if layers and not s.single_matrix and s.num_layers <= layers]
     name = check_name(name) if name is not None else default_name(specs)
     chosen = pick_gpu(gpu)
-    if setup.dtype in QUANTIZED and methods_from_all:
-        methods = tuple(m for m in methods if m.allows_quantized_base)
+    methods = api.quantized_methods(methods, methods_from_all, setup, lambda _: None)  # without a note, as before
     # before any work: refuse now, not after an hour of benchmarks
     reportfolder.check_report_target(out_dir, name, FILES, force, measured=bench)
     data = build_report(specs, methods, ranks, targets, setup, chosen, mfu, command=command_line(),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Collection, Dict, Optional, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
@@ -168,6 +168,28 @@ class TrainingSetup:
         (bitsandbytes 0.50 autograd/_functions.py), subA being the fp16 outlier columns (|x| > threshold),
         which depend on the data and are not counted."""
         return self.dtype == "int8"
+
+
+# The settings whose names are typed in any case (the CLI's case-insensitive choices).
+ANY_CASE = ("dtype", "adapter_dtype", "optimizer", "attention")
+
+
+def setup_from(fields: Dict[str, object], given: Collection[str]) -> TrainingSetup:
+    """The TrainingSetup that the user's settings (fields: TrainingSetup's, by name; given: the ones the user
+    set, the rest being defaults) mean, for the CLI's options and the API's keywords alike: autocast alone
+    means fp32 weights; a loss chunk applies to the chunked loss only.
+
+    Raises:
+        LorabenchError: a loss chunk given for another loss.
+    """
+    fields = {k: (v.lower() if k in ANY_CASE and isinstance(v, str) else v) for k, v in fields.items()}
+    if fields.get("autocast") and "dtype" not in given:
+        fields["dtype"] = "fp32"  # autocast runs over fp32 weights: autocast alone means that
+    loss = fields.get("loss", "standard")
+    if "loss_chunk" in given and loss != "chunked":
+        raise LorabenchError(f"{option('loss_chunk')} applies to {option('loss', 'chunked')} only (got "
+                             f"{option('loss', loss)}).")
+    return TrainingSetup(**fields)
 
 
 def check_loss_chunk(chunk: int) -> int:

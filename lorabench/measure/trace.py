@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lorabench.errors import LorabenchError
 from lorabench.estimator.case import Case
 from lorabench.estimator.params import count_params
-from lorabench.estimator.setup import DEFAULT_IMPL, PHASES, QUANTIZED
+from lorabench.estimator.setup import DEFAULT_IMPL, QUANTIZED
 from lorabench.measure.builders import BUILDERS
 from lorabench.measure.probes import LiveTensorTracker, MemoryProbe
 from lorabench.measure.steps import forward_with_loss, stepper
@@ -112,5 +112,4 @@ def trace_case(case: Case, impl: str = DEFAULT_IMPL, seed: int = 0, warmup: int 
             rec = _memory_step(built, step, ids, probe)
     finally:
         close()
-    return {k: v for k, v in rec.items() if k.startswith("measured_")
-            and (k.endswith("_bytes") or k in {f"measured_{p}_peak_bytes" for p in PHASES})}
+    return rec

@@ -1,7 +1,7 @@
-"""The one place where a change to a setup (a field and a value, as the estimator gives it) is spelled as the
-options a user types: ("grad_checkpointing", True) is --grad-checkpointing, ("batch_size", 2) is
---batch-size 2. The estimator names no option; answers (CLI, API, reports) carry both the change and these
-options."""
+"""A change to a setup (fields and values, as the estimator gives it) as the options a user types, with
+lorabench.spelling's table: ("grad_checkpointing", True) is --grad-checkpointing, ("batch_size", 2) is
+--batch-size 2. The estimator names no option; answers (CLI and API alike) carry these options as "args", what
+to type whichever way the question came."""
 
 from __future__ import annotations
 
@@ -9,15 +9,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from lorabench.spelling import OPTIONS
 
-# TrainingSetup and Parallel fields, and the option that sets each (one table: lorabench.spelling).
-FLAGS: Dict[str, str] = OPTIONS
-
-
 def args(changes: Iterable[Tuple[str, object]]) -> List[str]:
     """The options that make `changes`, in their order: a flag alone for True, else the flag and its value."""
     out: List[str] = []
     for field, value in changes:
-        out += [FLAGS[field]] if value is True else [FLAGS[field], str(value)]
+        out += [OPTIONS[field]] if value is True else [OPTIONS[field], str(value)]
     return out
 
 
