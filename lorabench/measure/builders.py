@@ -5,8 +5,6 @@ strategy (lorabench.measure.distributed) can be applied to the built model befor
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -17,32 +15,12 @@ from lorabench.estimator.case import Case
 from lorabench.models.hfwrite import hf_config_dict
 from lorabench.estimator.setup import QUANTIZED
 from lorabench.estimator.params import parse_targets
-from lorabench.measure.qlora import load_quantized, quant_state_tensors
+from lorabench.measure.hfbuild import (TORCH_DTYPES, causal_lm, checkpointing, expected_library_warnings, hf_config,
+                                      optimizer, with_peft)
+from lorabench.measure.qlora import quant_state_tensors
 from lorabench.models.families import MOE_TARGETS
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR = 1e-4
-
-
-@contextlib.contextmanager
-def expected_library_warnings():
-    """Silences the warnings transformers, PEFT and bitsandbytes raise on every model of ours, none of which the
-    reader can act on; every other warning stays visible."""
-    with warnings.catch_warnings():
-        # PEFT 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, and prepare_model_for_kbit_training
-        # calls gradient_checkpointing_enable: both renamed (activation_...) in transformers 5.2x
-        warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
-                                category=FutureWarning)
-        # PEFT's conversion for fused experts sets gate_up's rank and alpha by pattern, and warns where the model
-        # has no gate_up_proj module (every dense model)
-        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
-                                category=RuntimeWarning)
-        # GPT-2's Conv1D stores its weight [in, out]: PEFT sets fan_in_fan_out itself, and says so
-        warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`",
-                                category=UserWarning)
-        # bitsandbytes' paged optimizers run unpaged on the CPU (the README says so once)
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
-        yield
 
 
 @dataclass
@@ -136,8 +114,7 @@ def build_peft(case: Case, device: torch.device, seed: int = 0, wrap: Optional[W
     """
     spec, method, rank, targets, setup = case.spec, case.method, case.rank, case.targets, case.setup
     try:
-        import peft
-        import transformers
+        import peft  # it imports transformers
     except ImportError:
         raise LorabenchError("--impl peft needs transformers and peft: pip install transformers peft.") from None
     if method.delta_update:
@@ -150,25 +127,12 @@ def build_peft(case: Case, device: torch.device, seed: int = 0, wrap: Optional[W
                              "--impl lorabench.")
     cfg = dict(hf_config_dict(spec))
     try:
-        hf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(
-                hf, attn_implementation=setup.attention).to(TORCH_DTYPES.get(setup.dtype, torch.bfloat16))
-        if setup.dtype in QUANTIZED:
-            model = load_quantized(model, setup.dtype, device, setup.attention)
-    except ValueError as exc:  # e.g. Gemma 2 refuses SDPA
+        hf = hf_config(cfg, spec.name)
+    except LorabenchError as exc:  # a value transformers' class refuses
         raise LorabenchError(f"transformers cannot build {spec.name} with {setup.attention} attention: "
-                             f"{str(exc).splitlines()[0][:200]}") from None
-    if setup.kbit_prepare:
-        with expected_library_warnings():
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing,
-                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif setup.grad_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                             f"{str(exc).split(': ', 2)[-1]}") from None
+    torch.manual_seed(seed)
+    model = checkpointing(causal_lm(hf, setup, device, setup.attention, spec.name), setup)
     quant_consts = quant_state_tensors(model)
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers()) + quant_consts}
     if method.uses_rank:
@@ -183,24 +147,10 @@ def build_peft(case: Case, device: torch.device, seed: int = 0, wrap: Optional[W
         else:
             pcfg = peft.LoraConfig(r=rank, lora_alpha=setup.alpha, target_modules=modules,
                                    lora_dropout=setup.dropout, use_dora=method.adapter.magnitude)
-        with expected_library_warnings():
-            model = peft.get_peft_model(model, pcfg)
-        if not method.trains_a:
-            for name, p in model.named_parameters():
-                if "lora_A" in name:
-                    p.requires_grad_(False)
+        model = with_peft(model, pcfg, freeze_a=not method.trains_a)
     model.train()
     runner, base, adapter = _wrapped(model, base_ids, wrap)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if method.b_lr_ratio != 1.0:
-        from peft.optimizers import create_loraplus_optimizer
-
-        opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=LR,
-                                        loraplus_lr_ratio=method.b_lr_ratio)
-    else:
-        from lorabench.nn.optim import make_optimizer
-
-        opt = make_optimizer(setup.optimizer, [{"params": params}], LR, device=device)
+    opt = optimizer(model, setup.optimizer, LR, method.b_lr_ratio, device)
     return Built(runner, opt, [], lambda ids: runner(input_ids=ids, labels=ids), base + quant_consts, adapter)
 
 
@@ -209,4 +159,4 @@ KBIT_LORABENCH = ("--kbit-prepare runs PEFT's prepare_model_for_kbit_training on
                   "with --impl peft.")
 
 
-__all__ = ["TORCH_DTYPES", "Built", "Wrap", "build_lorabench", "build_peft", "BUILDERS", "KBIT_LORABENCH"]
+__all__ = ["TORCH_DTYPES", "expected_library_warnings", "Built", "Wrap", "build_lorabench", "build_peft", "BUILDERS", "KBIT_LORABENCH"]

@@ -16,12 +16,13 @@ import math
 import os
 import stat
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
 from lorabench.models.families import FAMILIES, MULTIMODAL, Family
 from lorabench.models.keys import check_value, shown
+from lorabench.models.raw import RawModel, Undescribed, raw_model
 from lorabench.models.spec import ModelSpec
 
 # A real config.json is a few KB (Llama-3-8B: 0.7 KB; the largest multimodal ones ~10 KB).
@@ -167,8 +168,11 @@ def from_hf_config(cfg, name: str = "config.json", where: Optional[str] = None) 
     if model_type is None:
         raise LorabenchError(f"{where}: 'model_type' is missing (supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
     if not isinstance(model_type, str) or model_type not in FAMILIES:
-        raise LorabenchError(f"{where}: model_type {shown(model_type)} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
+        message = (f"{where}: model_type {shown(model_type)} is not supported "
+                   f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
+        if isinstance(model_type, str) and model_type:  # transformers may build it: the tracing engine can
+            raise Undescribed(message, cfg, where)
+        raise LorabenchError(message)
     family = FAMILIES[model_type]
     values = _Values()
     for key in family.keys:
@@ -296,11 +300,13 @@ def read_config_text(path: str) -> Tuple[str, str]:
         raise LorabenchError(f"'{printable_path(file)}' is not UTF-8 text (byte {exc.start}).") from None
 
 
-def load_config(path: str, where: Optional[str] = None) -> ModelSpec:
+def load_config(path: str, where: Optional[str] = None, traceable: bool = False) -> Union[ModelSpec, RawModel]:
     """Read a config.json (or a folder holding one) offline; the spec is named after its folder.
 
     Args:
         where: how errors about its contents name it (default: the file's path).
+        traceable: a model_type without a description comes back as a RawModel (for the tracing engine)
+            instead of raising.
 
     Raises:
         LorabenchError: see read_config_text, parse_json and from_hf_config.
@@ -313,7 +319,12 @@ def load_config(path: str, where: Optional[str] = None) -> ModelSpec:
     # after itself (configs/small.json: small)
     name = os.path.basename(os.path.dirname(os.path.abspath(file))) if base == "config.json" else \
         os.path.splitext(base)[0]
-    return from_hf_config(cfg, name=printable_path(name or file), where=where)
+    try:
+        return from_hf_config(cfg, name=printable_path(name or file), where=where)
+    except Undescribed as exc:
+        if not traceable:
+            raise
+        return raw_model(exc, printable_path(name or file))
 
 
 def printable_path(path: str) -> str:

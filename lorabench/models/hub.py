@@ -12,13 +12,16 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
 from lorabench.models.hfconfig import config_json_path, load_config, printable_path
 from lorabench.models.presets import PRESETS, from_name
+from lorabench.models.raw import RawModel
 from lorabench.models.spec import ModelSpec
+
+Model = Union[ModelSpec, RawModel]  # a described model, or one the tracing engine answers for
 
 # huggingface_hub's rule for a repository id: ORG/NAME, letters, digits, '-', '_', '.', no '--' or '..'.
 HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -29,9 +32,10 @@ def is_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(name.strip()))
 
 
-def resolve_model(name: str) -> ModelSpec:
+def resolve_model(name: str, traceable: bool = False) -> Model:
     """The model called name: a preset (case-insensitive), a local folder with a config.json (as
-    transformers' from_pretrained takes it), or a Hub id.
+    transformers' from_pretrained takes it), or a Hub id. traceable: a model_type without a description is a
+    RawModel (lorabench.models.raw) rather than an error.
 
     Raises:
         LorabenchError: none of those; an unknown name gets near presets suggested.
@@ -40,9 +44,9 @@ def resolve_model(name: str) -> ModelSpec:
     if key.lower() in PRESETS:
         return PRESETS[key.lower()]
     if is_local_model(key):
-        return load_config(key)
+        return load_config(key, traceable=traceable)
     if is_hub_id(key):
-        return load_hub_config(key)
+        return load_hub_config(key, traceable)
     return from_name(key)
 
 
@@ -62,18 +66,19 @@ def distinct_specs(entries: Sequence[Tuple[object, str, ModelSpec]]) -> List[Mod
             for label, spec in seen.values()]
 
 
-def resolve_specs(models: Sequence[str], configs: Sequence[str] = (), configs_first: bool = True) -> List[ModelSpec]:
+def resolve_specs(models: Sequence[str], configs: Sequence[str] = (), configs_first: bool = True,
+                  traceable: bool = False) -> List[Model]:
     """The models named by --config paths and --model names (configs first, or last), each once and each under
     its own name: a config folder named like a preset (./tiny-llama beside tiny-llama), or two folders called
     my-model, are shown as 'tiny-llama (config tiny-llama)' (distinct_specs)."""
     def from_file(path: str):
-        spec = load_config(path)
+        spec = load_config(path, traceable=traceable)
         file = os.path.realpath(config_json_path(path))
         shown = os.path.relpath(os.path.dirname(file) if file.endswith(os.sep + "config.json") else file)
         return ("config", file), f"{spec.name} (config {printable_path(shown)})", spec
 
     def named(name: str):
-        spec = resolve_model(name)
+        spec = resolve_model(name, traceable)
         return ("model", spec.name), spec.name, spec
 
     files = [from_file(p) for p in configs]
@@ -191,7 +196,7 @@ def _root_cause(exc: BaseException) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def load_hub_config(repo_id: str) -> ModelSpec:
-    """The spec of the Hub model repo_id, named after it."""
-    spec = load_config(config_file(repo_id), where=f"{repo_id} (config.json)")
+def load_hub_config(repo_id: str, traceable: bool = False) -> Model:
+    """The spec of the Hub model repo_id, named after it (a RawModel, with traceable, where it is undescribed)."""
+    spec = load_config(config_file(repo_id), where=f"{repo_id} (config.json)", traceable=traceable)
     return replace(spec, name=repo_id)

@@ -1,0 +1,133 @@
+"""transformers + PEFT as users train them, in the pieces both the bench's builder (measure.builders.build_peft,
+from a described model) and the tracing engine (measure.traced, from any config.json and any PEFT config) put
+together: the model from its config, checkpointing, the PEFT config applied, the optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+
+from lorabench.errors import LorabenchError
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
+from lorabench.measure.qlora import load_quantized
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def expected_library_warnings():
+    """Silences the warnings transformers, PEFT and bitsandbytes raise on every model of ours, none of which the
+    reader can act on; every other warning stays visible."""
+    with warnings.catch_warnings():
+        # PEFT 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, and prepare_model_for_kbit_training
+        # calls gradient_checkpointing_enable: both renamed (activation_...) in transformers 5.2x
+        warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                                category=FutureWarning)
+        # PEFT's conversion for fused experts sets gate_up's rank and alpha by pattern, and warns where the model
+        # has no gate_up_proj module (every dense model)
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
+                                category=RuntimeWarning)
+        # GPT-2's Conv1D stores its weight [in, out]: PEFT sets fan_in_fan_out itself, and says so
+        warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`",
+                                category=UserWarning)
+        # bitsandbytes' paged optimizers run unpaged on the CPU (the README says so once)
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+        yield
+
+
+def libraries():
+    """(transformers, peft), or a one-line error naming the extra that installs them."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        raise LorabenchError("this needs transformers and peft: pip install 'lorabench[bench]'.") from None
+    return transformers, peft
+
+
+def hf_config(cfg: Dict, where: str):
+    """transformers' config object for a config.json's contents (its model_type's class, every key passed as
+    from_pretrained passes them).
+
+    Raises:
+        LorabenchError: a model_type transformers does not know, or values its class refuses.
+    """
+    transformers, _ = libraries()
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type", None)
+    try:
+        return transformers.AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if "Unrecognized model identifier" in first or isinstance(exc, KeyError):
+            raise LorabenchError(f"{where}: transformers {transformers.__version__} does not know model_type "
+                                 f"'{model_type}'.") from None
+        raise LorabenchError(f"{where}: transformers refuses the config: {first}") from None
+
+
+def causal_lm(config, setup: TrainingSetup, device: torch.device, attention: Optional[str], name: str):
+    """transformers' causal-LM model for config, on device, in setup.dtype (a quantized base: loaded back through
+    bitsandbytes, measure.qlora). attention: an attn_implementation, or None for transformers' own choice.
+
+    Raises:
+        LorabenchError: transformers refuses to build it (e.g. Gemma 2 refuses SDPA).
+    """
+    transformers, _ = libraries()
+    dtype = TORCH_DTYPES.get(setup.dtype, torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
+        if setup.dtype in QUANTIZED:
+            model = load_quantized(model, setup.dtype, device, attention)
+    except ValueError as exc:
+        raise LorabenchError(f"transformers cannot build {name}" + (f" with {attention} attention" if attention
+                             else "") + f": {str(exc).splitlines()[0][:200]}") from None
+    return model
+
+
+def checkpointing(model, setup: TrainingSetup):
+    """Activation checkpointing as Trainer turns it on (non-reentrant), or PEFT's k-bit preparation (which turns
+    it on itself)."""
+    _, peft = libraries()
+    if setup.kbit_prepare:
+        with expected_library_warnings():
+            return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing,
+                                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.grad_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def with_peft(model, config, freeze_a: bool = False):
+    """model wrapped by peft.get_peft_model(config); freeze_a freezes every lora_A (LoRA-FA)."""
+    _, peft = libraries()
+    with expected_library_warnings():
+        model = peft.get_peft_model(model, config)
+    if freeze_a:
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    return model
+
+
+def optimizer(model, name: str, lr: float, b_lr_ratio: float, device: torch.device) -> torch.optim.Optimizer:
+    """setup.optimizer over the trainable parameters; LoRA+ (b_lr_ratio != 1): peft.optimizers'
+    create_loraplus_optimizer, AdamW with B's learning rate ratio x A's."""
+    if b_lr_ratio != 1.0:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=lr, loraplus_lr_ratio=b_lr_ratio)
+    from lorabench.nn.optim import make_optimizer
+
+    params: List[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
+    return make_optimizer(name, [{"params": params}], lr, device=device)
+
+
+__all__ = ["TORCH_DTYPES", "expected_library_warnings", "libraries", "hf_config", "causal_lm", "checkpointing", "with_peft", "optimizer"]
