@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 from unittest import mock
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -78,6 +78,48 @@ def _stated_inputs():
         yield
 
 
+def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1) -> Dict[str, int]:
+    """built (its tensors fake ones of `mode`, or real CPU tensors with mode None) stepped `warmup` times, then once more with the memory read at the
+    phase boundaries (the bench's _memory_step); the FLOPs of the last warm-up step counted (torch.utils.
+    flop_counter: matrix products and attention, forward and backward). Adds flops and logits_bytes (the output head's last output, as it
+    is made; 0 where the loss takes the hidden states)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorabench.measure.bench import _memory_step
+
+    device = torch.device("cpu")
+    head = _output_head(built.model)
+    logits = {"bytes": 0}
+    hook = head.register_forward_hook(
+        lambda module, args, out: logits.update(bytes=out.untyped_storage().nbytes())) if head is not None else None
+    tracker = LiveTensorTracker("cpu")
+    step, close = _stepper_on_fake(built, setup, device)
+    try:
+        with mode or contextlib.nullcontext(), tracker, _stated_inputs():
+            probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
+            tracker.track(built.base_tensors + built.adapter_tensors)
+            ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)
+            counter = FlopCounterMode(display=False)  # on a warm-up step: its module hooks hold a few bytes
+            for i in range(warmup):
+                with counter if i == warmup - 1 else contextlib.nullcontext():
+                    step(ids, lambda phase: None)
+            rec = _memory_step(built, step, ids, probe)
+    finally:
+        close()
+        if hook is not None:
+            hook.remove()
+    rec["flops"] = int(counter.get_total_flops())
+    rec["logits_bytes"] = logits["bytes"]
+    return rec
+
+
+def _output_head(model):
+    """The module that makes the logits (transformers' get_output_embeddings, through PEFT's wrapper), or None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
 def trace_case(case: Case, impl: str = DEFAULT_IMPL, seed: int = 0, warmup: int = 1) -> Dict[str, int]:
     """The bytes of one steady-state step of `case` on the CPU, traced: the bench's measured_* memory fields
     (per-phase peaks, weights, adapters, gradients, optimizer states), with nothing allocated.
@@ -85,8 +127,6 @@ def trace_case(case: Case, impl: str = DEFAULT_IMPL, seed: int = 0, warmup: int 
     Raises:
         LorabenchError: a quantized base, or what the bench's builder refuses.
     """
-    from lorabench.measure.bench import _memory_step
-
     spec, setup = case.spec, case.setup.for_spec(case.spec)
     if setup.dtype in QUANTIZED:
         raise LorabenchError(f"a {setup.dtype} base is not traced yet (its storage layout without the kernels).")
@@ -95,21 +135,8 @@ def trace_case(case: Case, impl: str = DEFAULT_IMPL, seed: int = 0, warmup: int 
     if warmup < 1:
         raise LorabenchError("warmup must be at least 1: the first step creates the optimizer states.")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    meta = torch.device("meta")
     targets = count_params(spec, case.method, case.rank, case.targets).targets
-    built = BUILDERS[impl](replace(case, targets=targets, setup=setup), meta, seed, fake_tensors(mode))
-    device = torch.device("cpu")
-    built = forward_with_loss(built, spec, setup, device, impl)
-    tracker = LiveTensorTracker("cpu")
-    step, close = _stepper_on_fake(built, setup, device)
-    try:
-        with mode, tracker, _stated_inputs():
-            probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
-            tracker.track(built.base_tensors + built.adapter_tensors)
-            ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)
-            for _ in range(warmup):
-                step(ids, lambda phase: None)
-            rec = _memory_step(built, step, ids, probe)
-    finally:
-        close()
-    return rec
+    built = BUILDERS[impl](replace(case, targets=targets, setup=setup), torch.device("meta"), seed, fake_tensors(mode))
+    built = forward_with_loss(built, spec, setup, torch.device("cpu"), impl)
+    rec = trace_built(built, setup, mode, warmup)
+    return {k: v for k, v in rec.items() if k.startswith("measured_")}

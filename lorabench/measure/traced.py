@@ -1,0 +1,216 @@
+"""The tracing engine: any model transformers builds from a config.json, with any PEFT config, stepped at full
+width on fake tensors (lorabench.measure.trace) under the configured loop, and its memory read as the live-tensor
+tracker reads a real CPU step.
+
+Depth. A decoder's layers come in a few kinds (dense or mixture of experts, sliding or global attention, attention
+or recurrent mixing): layers of one kind hold the same tensors and save the same activations. The engine builds the
+model on the meta device at its full depth, tells the kinds apart (each layer's modules, parameter shapes and
+layer type), and traces a cut of it: the first layer of every kind, then that cut with a second layer of one kind,
+for each kind that has one. Every byte count of a step is linear in the number of layers of each kind, so the full
+depth is the first trace plus, per kind, (its layers - 1) x what its second layer added. The parameter counts are
+exact by the same sum. A model of at most MAX_WHOLE layers is traced whole.
+
+What it assumes (said in every answer): the CPU's kernels (SDPA's flash kernel keeps what CUDA's flash kernel
+keeps in bf16 and fp16: the output and a [B, H, S] float32 log-sum-exp); every row one unpadded, unpacked
+sequence; a mixture of experts' routing as the model computes it on fake tensors (each expert's share given by the
+shapes transformers' code produces, without data).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lorabench.errors import LorabenchError
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
+from lorabench.estimator.tuner import Tuner
+from lorabench.measure.builders import LR, Built, _split_tensors
+from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library_warnings, hf_config, libraries, \
+    optimizer, with_peft
+from lorabench.measure.trace import fake_tensors, trace_built
+from lorabench.models.raw import RawModel
+
+MAX_WHOLE = 4  # layers: a model this shallow is traced whole
+# Per-layer attributes transformers' decoder layers keep that tell layers of one structure apart
+KIND_ATTRIBUTES = ("attention_type", "layer_type", "is_sliding", "sliding_window", "use_rope", "is_causal")
+Progress = Callable[[str], None]
+
+
+def _decoder_layers(model: torch.nn.Module, depth: int) -> Tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """(parent, attribute, list) of the language model's decoder layers: the ModuleList of `depth` modules,
+    the vision tower's left out."""
+    found = []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == depth:
+                found.append((f"{name}.{attr}", module, attr, child))
+    text = [f for f in found if not any(w in f[0].lower() for w in ("vision", "visual", "audio", "image"))]
+    if not (text or found):
+        raise LorabenchError(f"cannot find the model's {depth} decoder layers to trace.")
+    _, parent, attr, layers = (text or found)[0]
+    return parent, attr, layers
+
+
+def _kind(layer: torch.nn.Module, layer_type) -> str:
+    """A layer's structure, as text: what two layers of one kind share."""
+    parts: List = [layer_type]
+    for name, module in layer.named_modules():
+        parts.append((name, type(module).__name__) + tuple(
+            (a, v) for a in KIND_ATTRIBUTES for v in (getattr(module, a, None),)
+            if isinstance(v, (bool, int, float, str))))
+    parts += [(n, tuple(p.shape), str(p.dtype)) for n, p in layer.named_parameters()]
+    parts += [(n, tuple(b.shape), str(b.dtype)) for n, b in layer.named_buffers()]
+    return repr(parts)
+
+
+class Model:
+    """A model built once on the meta device at full depth (no tuner), copied and cut for each trace; on the CPU
+    with real weights (device "cpu") for a real step to hold a trace to."""
+
+    def __init__(self, raw: RawModel, setup: TrainingSetup, device: str = "meta"):
+        cfg = raw.config
+        self.notes: List[str] = []
+        if cfg.pop("quantization_config", None) is not None:
+            self.notes.append("the config's quantization_config (a checkpoint's storage, e.g. gpt-oss's MXFP4 or "
+                              "an FP8 release) is left out: transformers loads such weights dequantized for "
+                              f"training, so the base is traced in {setup.dtype}.")
+        self.name = raw.name
+        config = hf_config(cfg, raw.name)
+        attention = None if setup.attention == "auto" else setup.attention
+        with expected_library_warnings():
+            self.model = causal_lm(config, setup, torch.device(device), attention, raw.name)
+        self.attention = self.model.config._attn_implementation
+        text = self.model.config.get_text_config()
+        self.depth = int(text.num_hidden_layers)
+        parent, attr, layers = _decoder_layers(self.model, self.depth)
+        self.where = (parent, attr)
+        types = getattr(getattr(parent, "config", text), "layer_types", None)
+        self.kinds = [_kind(layer, types[i] if isinstance(types, list) and i < len(types) else None)
+                      for i, layer in enumerate(layers)]
+
+    def plans(self) -> Tuple[Optional[List[int]], List[Tuple[List[int], int]]]:
+        """(the first cut, [(a cut with one more layer of a kind, how many more of that kind the model has)]):
+        the first cut None (the whole model) when it is shallow enough."""
+        if self.depth <= MAX_WHOLE:
+            return None, []
+        first: Dict[str, int] = {}
+        second: Dict[str, int] = {}
+        for i, k in enumerate(self.kinds):
+            if k in first:
+                second.setdefault(k, i)
+            else:
+                first[k] = i
+        base = sorted(first.values())
+        more = [(sorted(base + [second[k]]), self.kinds.count(k) - 1) for k in first if k in second]
+        return base, more
+
+    def cut(self, keep: Optional[Sequence[int]]) -> torch.nn.Module:
+        """A copy of the meta model with only the layers `keep` (all: None), in order."""
+        model = copy.deepcopy(self.model)
+        if keep is None:
+            return model
+        parent, attr = self.where
+        parent = dict(model.named_modules())[next(n for n, m in self.model.named_modules() if m is parent)]
+        layers = getattr(parent, attr)
+        setattr(parent, attr, torch.nn.ModuleList([layers[i] for i in keep]))
+        config = getattr(parent, "config", None) or model.config.get_text_config()
+        config.num_hidden_layers = len(keep)
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [config.layer_types[i] for i in keep]
+        return model
+
+
+def _peft_error(exc: Exception, tuner: Tuner) -> LorabenchError:
+    text = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+    return LorabenchError(f"PEFT cannot apply {tuner.name} ({tuner.source}): {text}")
+
+
+def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup,
+           mode: Optional[FakeTensorMode]) -> Tuple[Built, Dict]:
+    """The cut model made ready to train (on fake tensors of `mode`; None: as it is): checkpointing, the tuner,
+    the optimizer; and its counts."""
+    _, peft = libraries()
+    model = checkpointing(model, setup)
+    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    if tuner.config_json:
+        try:
+            config = peft.PeftConfig.from_peft_type(**tuner.config)
+            model = with_peft(model, config, tuner.freeze_a)
+        except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
+            raise _peft_error(exc, tuner) from None
+    if mode is not None:
+        fake_tensors(mode)(model)
+    model.train()
+    base, adapter = _split_tensors(model, base_ids)
+    params = {id(p): p for p in model.parameters()}.values()
+    counts = {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
+              "total_params": sum(p.numel() for p in params)}
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT's own count (prompt encoders, 4-bit packing)
+        counts["trainable_params"], counts["total_params"] = model.get_nb_trainable_parameters()
+    if hasattr(model, "peft_config"):
+        got = getattr(model.peft_config.get("default"), "target_modules", None)
+        counts["targets"] = sorted(got) if isinstance(got, (set, list, tuple)) else got
+    opt = optimizer(model, setup.optimizer, LR, tuner.b_lr_ratio, torch.device("cpu"))
+    return Built(model, opt, [], lambda ids: model(input_ids=ids, labels=ids), base, adapter), counts
+
+
+def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: TrainingSetup,
+               real: bool = False) -> Dict[str, int]:
+    """One trace of the layers `keep` (None: all): the step's measured fields, its FLOPs, its counts. real: the
+    step run on full's real CPU tensors instead (the live-tensor tracker on real tensors), to hold a trace to."""
+    mode = None if real else FakeTensorMode(allow_non_fake_inputs=True)
+    built, counts = _built(full.cut(keep), tuner, setup, mode)
+    out = trace_built(built, setup, mode)
+    out.update({k: v for k, v in counts.items() if k != "targets"})
+    out["targets"] = counts.get("targets")
+    return out
+
+
+def combine(first: Dict, more: Sequence[Tuple[Dict, int]]) -> Dict:
+    """The full depth: first + sum over kinds of n x (that kind's trace - first), field by field."""
+    out = dict(first)
+    for trace, n in more:
+        for key, value in first.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[key] += n * (trace[key] - value)
+    return out
+
+
+def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Progress = lambda s: None) -> Dict:
+    """The step of `tuner` on `raw` under `setup`, traced: the measured fields of the full depth, FLOPs,
+    counts, and how it was found (layers traced, kinds, seconds, notes).
+
+    Raises:
+        LorabenchError: what cannot be traced (a quantized base, a loss the CPU cannot run), or what
+            transformers or PEFT refuse, in one line.
+    """
+    if setup.dtype in QUANTIZED:
+        raise LorabenchError(f"a {setup.dtype} base is not traced yet (bitsandbytes' storage layout without its "
+                             "kernels); the analytic model answers for the described families.")
+    if setup.loss == "fused-linear":
+        raise LorabenchError("--loss fused-linear runs Liger's Triton kernels, which a trace on the CPU does not "
+                             "run; the analytic model answers for the described families.")
+    started = time.perf_counter()
+    progress(f"building {raw.name} on the meta device")
+    full = Model(raw, setup)
+    first_cut, more = full.plans()
+    kinds = len(set(full.kinds))
+    progress(f"tracing {len(first_cut) if first_cut else full.depth} of {full.depth} layers"
+             + (f" ({kinds} kinds)" if kinds > 1 else ""))
+    first = trace_once(full, first_cut, tuner, setup)
+    extra = []
+    for keep, n in more:
+        progress(f"tracing {len(keep)} layers (one more of a kind {n} more layers share)")
+        extra.append((trace_once(full, keep, tuner, setup), n))
+    out = combine(first, extra)
+    out.update({"layers_traced": sorted({len(k) for k, _ in more} | {len(first_cut) if first_cut else full.depth}),
+                "layer_kinds": kinds, "depth": full.depth, "attention": full.attention,
+                "trace_seconds": round(time.perf_counter() - started, 2), "notes": full.notes})
+    return out
+
+
+__all__ = ["MAX_WHOLE", "Model", "trace_once", "combine", "trace_model"]
