@@ -109,15 +109,32 @@ def param_answer(specs, methods, from_all, ranks, targets, note: Note) -> List[T
 
 def memory_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup, parallel: Parallel,
                   gpu: Optional[GPU], mfu: Optional[float], allowance: float, cost: Optional[CostSetup],
-                  note: Note) -> List[Tuple[ModelSpec, List[Dict]]]:
-    """`memory`: per model, its rows with their verdicts (fits, the cheapest fix as options, ...)."""
+                  note: Note, engine: str = "auto", peft_config: Optional[str] = None,
+                  progress: Note = lambda s: None) -> List[Tuple[ModelSpec, List[Dict]]]:
+    """`memory`: per model, its rows with their verdicts (fits, the cheapest fix as options, ...): the analytic
+    model's for a described model, the tracing engine's (lorabench.measure.answer) for any other, or for every
+    model with engine "trace" or a PEFT config (peft_config, an adapter_config.json)."""
+    from lorabench.measure.answer import is_traced, traced_rows
+
     methods = quantized_methods(methods, from_all, setup, note)
+    several = from_all or len(specs) > 1  # then a method a model cannot take is left out with a note
     out = []
-    for spec, used in each_model(specs, methods, from_all, ranks, targets, note):
-        rows = memory_rows(spec, used, ranks, targets, setup, gpu, mfu, allowance=allowance, cost=cost,
-                           parallel=parallel)
-        add_verdicts(spec, rows, used, targets, setup, gpu, allowance, parallel)
-        out.append((spec, spelled(rows)))
+    for spec in specs:
+        if is_traced(spec, engine, peft_config):
+            if not parallel.single:
+                raise LorabenchError(f"{spec.name} is traced; {option('gpus')} and {option('sharding')} are not "
+                                     "traced yet: ask for one GPU.")
+            if cost is not None:
+                raise LorabenchError(f"{spec.name} is traced; time and cost ({option('tokens')}) are not "
+                                     "answered for a traced model yet.")
+            out.append((spec, spelled(traced_rows(spec, methods, several, ranks, targets, setup, peft_config, gpu,
+                                                  mfu, allowance, note, progress))))
+            continue
+        for spec_, used in each_model([spec], methods, several, ranks, targets, note):
+            rows = memory_rows(spec_, used, ranks, targets, setup, gpu, mfu, allowance=allowance, cost=cost,
+                               parallel=parallel)
+            add_verdicts(spec_, rows, used, targets, setup, gpu, allowance, parallel)
+            out.append((spec_, spelled(rows)))
     note(targets_note(methods, targets))
     return out
 

@@ -12,6 +12,7 @@ from lorabench.errors import LorabenchError
 EXTRAS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "bench": (("torch", "torch"),),
     "report": (("matplotlib", "matplotlib"),),
+    "trace": (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft")),
 }
 
 

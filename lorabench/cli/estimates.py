@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from lorabench.cli.main import CONTEXT, _blocks, cli, note, pick_gpu, terminal_width
-from lorabench.cli.options import (MFU, BoundedFloat, Text, cost_options, format_option, method_options, model_options,
-                                   parallel_options, setup_options)
+from lorabench.cli.options import (MFU, BoundedFloat, Text, cost_options, engine_options, format_option, method_options,
+                                   model_options, parallel_options, setup_options)
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
 from lorabench.render.formats import MEMORY_COLUMNS, PARAM_COLUMNS, fit_width, render
+
+
+def progress(text: str) -> None:
+    """A traced answer's steps, on stderr while it works (a terminal only: pipes and logs get the answer alone)."""
+    if sys.stderr.isatty():
+        click.echo(f"lorabench: {text}...", err=True)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -68,9 +76,10 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
 @click.option("--check", is_flag=True,
               help="With --gpu: exit 1 when a case does NOT fit (the answer is printed all the same), so a script "
                    "or CI step can stop before renting the GPUs.")
+@engine_options
 @format_option
 def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, mfu, headroom, cost, wide, columns,
-           check, fmt):
+           check, engine, peft_config, fmt):
     """GPU memory of one training step per method: does it fit, and what makes it fit.
 
     The first lines answer: per method, fits or not on --gpu, the memory to
@@ -95,6 +104,8 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
         lorabench memory -m llama-3-70b --method full --grad-checkpointing --gpu H100-80GB --gpus 8 --sharding fsdp
         lorabench memory -m llama-3-70b --method lora --dtype nf4 --gpu RTX-4090 --gpus 2 --sharding fsdp
         lorabench memory -m llama-3-8b --method lora --gpu A100-40GB --check -f json > plan.json
+        lorabench memory --config ./granite-3.3-8b/config.json --method lora -t all-linear --gpu L40S
+        lorabench memory -m llama-3-8b --peft-config ./my-ia3/adapter_config.json --gpu A100-40GB
     """
     from lorabench import api
 
@@ -107,8 +118,10 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
     if check and chosen is None:
         raise click.UsageError("--check needs --gpu: whether each case fits that GPU.")
     allowance = headroom / 100
+    if peft_config is not None and not methods_from_all:
+        raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its tuner.")
     per_model = api.memory_answer(specs, methods, methods_from_all, ranks, targets, setup, parallel, chosen, mfu,
-                                  allowance, cost, note)
+                                  allowance, cost, note, engine=engine, peft_config=peft_config, progress=progress)
     if fmt not in ("table", "markdown"):
         click.echo(render([r for _, rows in per_model for r in rows], fmt, MEMORY_COLUMNS))
     else:

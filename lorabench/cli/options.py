@@ -140,15 +140,17 @@ def model_options(fn):
                   help="With --d: that many matrices. With a model: cut it to that many layers.")
     @functools.wraps(fn)
     def wrapper(models, config_paths, dim, layers, **kw):
+        # a command that traces (an engine option) takes a model_type without a description as a RawModel
+        traceable = kw.get("engine", "analytic") != "analytic"
         if dim is not None and (models or config_paths):
             given = ", ".join(n for n, v in (("--model", models), ("--config", config_paths)) if v)
             raise click.UsageError(f"give --d or {given}, not both.")
         if dim is not None:
             specs = (from_dimension(dim, layers or 1),)
             return fn(specs=specs, layers=None, **kw) if keep_depth else fn(specs=specs, **kw)
-        specs = tuple(resolve_specs(models, config_paths)) or (resolve_model(DEFAULT_MODEL),)
+        specs = tuple(resolve_specs(models, config_paths, traceable=traceable)) or (resolve_model(DEFAULT_MODEL),)
         if layers is not None:
-            shallow = [s for s in specs if layers > s.num_layers]
+            shallow = [s for s in specs if s.num_layers is not None and layers > s.num_layers]
             if shallow:
                 raise click.BadParameter(f"{shallow[0].name} has {shallow[0].num_layers} layers; --layers cuts a "
                                          f"model to fewer, got {layers}.", param_hint="--layers")
@@ -157,6 +159,22 @@ def model_options(fn):
         if layers:
             specs = tuple(s.with_layers(layers) for s in specs)
         return fn(specs=specs, **kw)
+    return wrapper
+
+
+def engine_options(fn):
+    """--engine and --peft-config: which engine answers (the analytic model, or a trace of transformers + PEFT)."""
+    @click.option("--engine", type=click.Choice(["auto", "analytic", "trace"], case_sensitive=False), default="auto",
+                  show_default=True,
+                  help="Who answers. analytic: lorabench's model of the described families (instant, no torch). "
+                       "trace: transformers + PEFT stepped at full size on fake tensors (needs lorabench[trace]; "
+                       "seconds, then cached). auto: analytic where the family is described, else trace.")
+    @click.option("--peft-config", "peft_config", type=Text("PATH"), default=None,
+                  help="A PEFT adapter_config.json (or its folder), for any tuner PEFT has (IA3, AdaLoRA, LoHa, "
+                       "OFT, prompt tuning...): traced; replaces --method/--rank/--targets.")
+    @functools.wraps(fn)
+    def wrapper(engine, peft_config, **kw):
+        return fn(engine=engine.lower(), peft_config=peft_config, **kw)
     return wrapper
 
 

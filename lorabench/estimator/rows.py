@@ -191,7 +191,7 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
         parts = step_parts(case, counts=c)
         plan = Plan(case, parts)
         est = estimate_from_parts(parts)
-        row = {"model": spec.name}
+        row = {"model": spec.name, "engine": "analytic"}
         row.update(asdict(est))
         if not parallel.single:
             one_gpu = asdict(rank_memory(plan, parallel))

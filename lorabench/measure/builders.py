@@ -147,7 +147,7 @@ def build_peft(case: Case, device: torch.device, seed: int = 0, wrap: Optional[W
         else:
             pcfg = peft.LoraConfig(r=rank, lora_alpha=setup.alpha, target_modules=modules,
                                    lora_dropout=setup.dropout, use_dora=method.adapter.magnitude)
-        model = with_peft(model, pcfg, freeze_a=not method.trains_a)
+        model = with_peft(model, pcfg, freeze_a=not method.trains_a, adapter_dtype=setup.adapter_dtype)
     model.train()
     runner, base, adapter = _wrapped(model, base_ids, wrap)
     opt = optimizer(model, setup.optimizer, LR, method.b_lr_ratio, device)

@@ -6,6 +6,7 @@ together: the model from its config, checkpointing, the PEFT config applied, the
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from typing import Dict, List, Optional
 
@@ -40,12 +41,19 @@ def expected_library_warnings():
 
 
 def libraries():
-    """(transformers, peft), or a one-line error naming the extra that installs them."""
+    """(transformers, peft), or a one-line error naming the extra that installs them. bitsandbytes (which PEFT
+    imports) logs, as it loads on a CPU with AVX-512 BF16, that it could not fetch an optional kernel from the Hub;
+    nothing here runs that kernel, so the line is held back while it loads."""
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         import peft
         import transformers
     except ImportError:
-        raise LorabenchError("this needs transformers and peft: pip install 'lorabench[bench]'.") from None
+        raise LorabenchError("this needs transformers and peft: pip install 'lorabench[trace]'.") from None
+    finally:
+        quiet.setLevel(level)
     return transformers, peft
 
 
@@ -105,11 +113,13 @@ def checkpointing(model, setup: TrainingSetup):
     return model
 
 
-def with_peft(model, config, freeze_a: bool = False):
-    """model wrapped by peft.get_peft_model(config); freeze_a freezes every lora_A (LoRA-FA)."""
+def with_peft(model, config, freeze_a: bool = False, adapter_dtype: str = "fp32"):
+    """model wrapped by peft.get_peft_model(config); freeze_a freezes every lora_A (LoRA-FA). adapter_dtype
+    "fp32": PEFT's default, which upcasts 16-bit adapter weights to float32 (autocast_adapter_dtype); otherwise
+    the adapters stay in the base layer's dtype."""
     _, peft = libraries()
     with expected_library_warnings():
-        model = peft.get_peft_model(model, config)
+        model = peft.get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype == "fp32")
     if freeze_a:
         for name, p in model.named_parameters():
             if "lora_A" in name:

@@ -139,7 +139,7 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup,
     if tuner.config_json:
         try:
             config = peft.PeftConfig.from_peft_type(**tuner.config)
-            model = with_peft(model, config, tuner.freeze_a)
+            model = with_peft(model, config, tuner.freeze_a, setup.adapter_dtype)
         except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
             raise _peft_error(exc, tuner) from None
     if mode is not None:
@@ -153,7 +153,9 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup,
         counts["trainable_params"], counts["total_params"] = model.get_nb_trainable_parameters()
     if hasattr(model, "peft_config"):
         got = getattr(model.peft_config.get("default"), "target_modules", None)
-        counts["targets"] = sorted(got) if isinstance(got, (set, list, tuple)) else got
+        # PEFT resolves all-linear to module paths: answers name the layers' own names, once each
+        counts["targets"] = (sorted({t.rsplit(".", 1)[-1] for t in got}) if isinstance(got, (set, list, tuple))
+                             else got)
     opt = optimizer(model, setup.optimizer, LR, tuner.b_lr_ratio, torch.device("cpu"))
     return Built(model, opt, [], lambda ids: model(input_ids=ids, labels=ids), base, adapter), counts
 
@@ -195,6 +197,7 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
         raise LorabenchError("--loss fused-linear runs Liger's Triton kernels, which a trace on the CPU does not "
                              "run; the analytic model answers for the described families.")
     started = time.perf_counter()
+    libraries()
     progress(f"building {raw.name} on the meta device")
     full = Model(raw, setup)
     first_cut, more = full.plans()

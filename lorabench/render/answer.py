@@ -6,6 +6,7 @@ here); only the functions below turn them into text.
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 
 from typing import Dict, List, Optional
 
@@ -159,7 +160,8 @@ def _fix_text(fix: Dict, lead: str, shared: bool = False) -> str:
 def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
     """The title of an answer: the model and every setting that changes it, defaults included (the targets,
     whose layers, the loop, the precision, the optimizer, checkpointing, attention)."""
-    setup = setup.for_spec(spec)
+    traced = bool(rows) and rows[0].get("engine") == "trace"
+    setup = replace(setup, attention=rows[0]["attention"]) if traced else setup.for_spec(spec)
     adapted = next((r["targets"] for r in rows if r.get("rank")), None)
     parts = [f"{spec.name}, batch {setup.batch_size} x {setup.seq_len:,} tokens"]
     if rows and _shared(rows[0]):
@@ -169,7 +171,8 @@ def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
                else targets if isinstance(targets, str) and targets == "all-linear" else "")
         parts.append(f"targets {adapted}" + (f" ({how})" if how else ""))
     if not spec.single_matrix:
-        parts.append("transformers + PEFT layers" if setup.impl == "peft" else "lorabench's own layers")
+        parts.append("transformers + PEFT, traced" if traced else
+                     "transformers + PEFT layers" if setup.impl == "peft" else "lorabench's own layers")
         parts.append("plain loop (model output kept through backward)" if setup.loop == "plain"
                      else "Trainer's training_step (output dropped before backward)")
         if setup.grad_accum > 1:

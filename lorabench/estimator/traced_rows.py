@@ -1,0 +1,104 @@
+"""A traced step (lorabench.measure.traced's result) as a `memory` row: the fields, names and units of the analytic
+rows (estimator.rows.memory_rows), with "engine": "trace" and what the trace assumed in its notes. Pure Python.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from lorabench.estimator.compute import MATMUL_EFFICIENCY
+from lorabench.estimator.fit import overflow
+from lorabench.estimator.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
+from lorabench.estimator.setup import PHASES, TrainingSetup
+from lorabench.estimator.tuner import Tuner
+from lorabench.gpus import GPU, GPUS
+
+ENGINE_FIELDS = ("engine", "attention", "layers_traced", "layer_kinds", "trace_seconds", "trace_cached")
+
+ASSUMED = ("traced with transformers and PEFT on fake tensors (no memory allocated): the CPU's kernels stand for "
+           "CUDA's (SDPA's flash kernel keeps the same output and [B, H, S] float32 log-sum-exp on both in bf16 and "
+           "fp16); every row one unpadded, unpacked sequence.")
+
+
+def _depth_note(result: Dict) -> str:
+    traced, depth = result["layers_traced"], result["depth"]
+    if traced == [depth]:
+        return ""
+    kinds = result["layer_kinds"]
+    return (f"{depth} layers: {' and '.join(map(str, traced))} traced and the rest summed per layer kind "
+            f"({kinds} kind{'s' if kinds > 1 else ''}; each kind's layers hold and save alike).")
+
+
+def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, notes: List[str]) -> Dict:
+    """The memory row of one traced step (no GPU fields: gpu_fields adds them)."""
+    peaks = {p: result[f"measured_{p}_peak_bytes"] for p in PHASES}
+    phase = max(peaks, key=peaks.get)
+    overhead = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0
+    targets = result.get("targets")
+    tokens = setup.tokens * setup.grad_accum
+    total = result["total_params"]
+    logits = result["logits_bytes"] if setup.loss == "standard" else 0
+    row = {
+        "model": name, "engine": "trace", "method": tuner.name, "rank": tuner.rank,
+        "targets": ",".join(targets) if isinstance(targets, list) else (targets or ""),
+        "trainable_params": result["trainable_params"], "total_params": total,
+        "trainable_pct": 100.0 * result["trainable_params"] / total if total else 0.0,
+        "weights_bytes": result["measured_weights_bytes"], "adapter_bytes": result["measured_adapter_bytes"],
+        "gradients_bytes": result["measured_gradients_bytes"], "optimizer_bytes": result["measured_optimizer_bytes"],
+        "master_bytes": 0, "method_state_bytes": result["measured_method_state_bytes"],
+        "activations_bytes": max(0, result["measured_activations_bytes"] - logits), "logits_bytes": logits,
+        "overhead_bytes": overhead, "forward_peak_bytes": peaks["forward"], "backward_peak_bytes": peaks["backward"],
+        "optimizer_peak_bytes": peaks["optimizer"], "peak_bytes": peaks[phase], "peak_phase": phase,
+        "device_bytes": peaks[phase] + overhead, "updates_base_weights": tuner.updates_base,
+        "notes": list(dict.fromkeys(notes + list(result.get("notes", ())) + [_depth_note(result), ASSUMED])),
+        "batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
+        "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing, "loop": setup.loop,
+        "autocast": setup.autocast, "grad_accum": setup.grad_accum, "tokens_per_step": tokens, "loss": setup.loss,
+        "kbit_prepare": setup.kbit_prepare, "max_positions": None,
+        "step_flops": result["flops"] * setup.grad_accum, "flops_per_token": result["flops"] / setup.tokens,
+        "gpus": 1, "sharding": "none", "cpu_offload": False, "bucket_bytes": 0, "gather_bytes": 0,
+        "reduce_scatter_bytes": 0, "cpu_offload_bytes": 0, "comm_all_gather_bytes": 0,
+        "comm_reduce_scatter_bytes": 0, "comm_all_reduce_bytes": 0, "comm_bytes": 0,
+        "attention": result["attention"], "layers_traced": result["layers_traced"],
+        "layer_kinds": result["layer_kinds"], "trace_seconds": result["trace_seconds"],
+        "trace_cached": bool(result.get("cached")),
+    }
+    row["notes"] = [n for n in row["notes"] if n]
+    return row
+
+
+def gpu_fields(row: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[float], setup: TrainingSetup) -> None:
+    """Adds the GPU's verdict to a traced row in place: fits (the peak, the runtime and the allocator allowance),
+    the spare bytes, the largest component, and the time of the traced matrix products at the matmul
+    efficiency; without a GPU, the smallest catalog GPU that holds the step."""
+    peak = row["peak_bytes"]
+    need = peak + row["overhead_bytes"] + int(allowance * peak)
+    if gpu is None:
+        fitting = [g for g in GPUS.values() if g.memory_bytes >= need and (g.has_bf16 or not setup.uses_bf16)]
+        row["smallest_gpu"] = min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
+        return
+    fits = need <= gpu.memory_bytes
+    eff = MATMUL_EFFICIENCY if mfu is None else mfu
+    fp32 = setup.dtype == "fp32" and not setup.autocast
+    rate = (gpu.fp32_flops if fp32 else gpu.bf16_flops) * eff
+    step_s = row["step_flops"] / rate if rate else None
+    name, big, _ = overflow(row, gpu.memory_bytes)
+    row.update({"gpu": gpu.name, "gpu_memory_bytes": gpu.memory_bytes, "fits": fits,
+                "gpus_needed": 1 if fits else None, "per_gpu_bytes": need, "allowance_fraction": allowance,
+                "allowance_bytes": int(allowance * peak), "spare_bytes": gpu.memory_bytes - need,
+                "mfu": eff if step_s else None, "matmul_efficiency": eff,
+                "step_ms": step_s * 1000 if step_s else None,
+                "tokens_per_s": row["tokens_per_step"] / step_s if step_s else None,
+                "step_ms_forward": None, "step_ms_backward": None, "step_ms_optimizer": None,
+                "step_ms_matmul": step_s * 1000 if step_s else None, "step_ms_memory": None, "step_ms_overhead": None,
+                "gpus_needed_ddp": 1 if fits else None, "gpus_needed_zero2": None, "gpus_needed_fsdp": None,
+                "link": None, "link_bytes_s": None, "comm_ms": 0.0,
+                "step_ms_no_overlap": step_s * 1000 if step_s else None,
+                "step_ms_overlap": step_s * 1000 if step_s else None,
+                "largest_component": name, "largest_component_bytes": big, "fix": None, "fix_alternative": None})
+    row["notes"].append("step time of a traced model: its counted matrix-product FLOPs at the matmul efficiency "
+                        "alone (a lower bound; the analytic model's memory-bound ops and host time are not in it). "
+                        "ZeRO-2 and FSDP2 GPU counts and the savers that make a 'no' fit are not traced yet.")
+
+
+__all__ = ["ENGINE_FIELDS", "ASSUMED", "traced_row", "gpu_fields"]

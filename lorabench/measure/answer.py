@@ -1,0 +1,98 @@
+"""The tracing engine's answers (lorabench.api calls them): when a model is traced rather than described, what
+PEFT applies to it, and its `memory` rows, from the cache (measure.tracecache) when it holds them. This module
+imports no torch: a cached answer needs none, and a trace imports it (lorabench.measure.traced) only then.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from lorabench.errors import LorabenchError
+from lorabench.estimator.setup import TrainingSetup
+from lorabench.estimator.traced_rows import gpu_fields, traced_row
+from lorabench.estimator.tuner import Tuner, file_tuner, method_tuner
+from lorabench.extras import require
+from lorabench.gpus import GPU
+from lorabench.measure import tracecache
+from lorabench.methods import Method
+from lorabench.models.hfwrite import hf_config_dict
+from lorabench.models.raw import RawModel, canonical
+from lorabench.models.spec import ModelSpec
+from lorabench.spelling import option
+
+ENGINES = ("auto", "analytic", "trace")
+Note = Callable[[str], None]
+
+
+def is_traced(model: Union[ModelSpec, RawModel], engine: str, peft_config: Optional[str]) -> bool:
+    """Whether the tracing engine answers for model: it has no description, or the trace was asked for
+    (engine "trace"), or a PEFT config was given. engine "analytic" with either of those is refused."""
+    traced = isinstance(model, RawModel) or engine == "trace" or peft_config is not None
+    if traced and engine == "analytic":
+        if isinstance(model, RawModel):
+            raise LorabenchError(model.refusal)
+        raise LorabenchError(f"{option('peft_config')} is traced: give {option('engine', 'auto')} or "
+                             f"{option('engine', 'trace')}.")
+    if traced and not isinstance(model, RawModel) and model.single_matrix:
+        raise LorabenchError(f"{model.name} is a weight matrix, not a model transformers builds: it is not traced.")
+    return traced
+
+
+def as_raw(model: Union[ModelSpec, RawModel]) -> RawModel:
+    """A described model as the config.json transformers builds it from (models.hfwrite)."""
+    if isinstance(model, RawModel):
+        return model
+    return RawModel(model.name, canonical(hf_config_dict(model)), notes=tuple(model.notes))
+
+
+def tuners(raw: RawModel, methods: Sequence[Method], from_all: bool, ranks: Sequence[int], targets,
+           setup: TrainingSetup, peft_config: Optional[str], note: Note) -> List[Tuner]:
+    """What PEFT applies, per row: the adapter_config.json's tuner, or each method at each rank (a method PEFT
+    has not, left out with a note when the methods came from 'all')."""
+    if peft_config is not None:
+        return [file_tuner(peft_config)]
+    out = []
+    for method in methods:
+        for rank in (ranks if method.uses_rank else (None,)):
+            try:
+                out.append(method_tuner(method, rank, raw.model_type, targets, setup))
+            except LorabenchError as exc:
+                if not from_all:
+                    raise
+                note(f"{raw.name}: {method.name} left out: {exc}")
+                break
+    return out
+
+
+def trace_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Note) -> Dict:
+    """The trace of one step: from the cache, else traced now (and kept)."""
+    key = tracecache.trace_key(raw, tuner, setup)
+    found = tracecache.load(key)
+    if found is not None:
+        found["cached"] = True
+        return found
+    require("trace", f"tracing {raw.name}")
+    from lorabench.measure.traced import trace_model
+
+    result = trace_model(raw, tuner, setup, progress)
+    tracecache.store(key, result)
+    return result
+
+
+def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool, ranks: Sequence[int],
+                targets, setup: TrainingSetup, peft_config: Optional[str], gpu: Optional[GPU],
+                mfu: Optional[float], allowance: float, note: Note, progress: Note = lambda s: None) -> List[Dict]:
+    """`memory` rows of a traced model, one per tuner, with the GPU's verdict."""
+    raw = as_raw(model)
+    notes = list(raw.notes)
+    if isinstance(model, RawModel):
+        notes.append(f"{raw.model_type} has no description in lorabench: traced.")
+    rows = []
+    for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
+        row = traced_row(raw.name, tuner, trace_result(raw, tuner, setup, progress), setup, notes)
+        gpu_fields(row, gpu, allowance, mfu, setup)
+        rows.append(row)
+    return rows
+
+
+__all__ = ["ENGINES", "is_traced", "as_raw", "tuners", "trace_result", "traced_rows"]

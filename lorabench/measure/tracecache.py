@@ -1,0 +1,99 @@
+"""What a trace learned, kept per model config, tuner and setup, so that asking again answers at once. No torch:
+a hit is read before transformers, PEFT or torch is imported.
+
+The key is a SHA-256 of: the config.json (canonical JSON), the tuner's PEFT config, every setup field that changes
+the step (the device does not: the trace runs the CPU's kernels for both), the versions of torch, transformers and
+PEFT, and the source of the modules that trace (a change to them is a new key). One JSON file per key, written
+whole or not at all (safety.files.atomic_write), under $LORABENCH_CACHE_DIR, else $XDG_CACHE_HOME/lorabench/traces,
+else ~/.cache/lorabench/traces. LORABENCH_CACHE_DIR=off turns it off. A file that cannot be read is a miss; a
+folder that cannot be written is no cache, never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, Optional
+
+from lorabench.estimator.setup import TrainingSetup
+from lorabench.estimator.tuner import Tuner
+from lorabench.models.raw import RawModel
+from lorabench.safety.files import atomic_write
+
+FORMAT = 1
+# The files whose code decides a trace's numbers (read as files: importing lorabench.nn would import torch)
+SOURCES = ("measure/traced.py", "measure/trace.py", "measure/hfbuild.py", "measure/loops.py", "measure/steps.py",
+           "measure/bench.py", "measure/probes.py", "measure/builders.py", "nn/optim.py")
+PACKAGE = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "transformers", "peft")
+SETUP_IGNORED = ("device", "impl")  # the trace runs PEFT on the CPU's kernels whatever these say
+
+
+def cache_dir() -> Optional[Path]:
+    """Where traces are kept, or None when LORABENCH_CACHE_DIR is "off"."""
+    given = os.environ.get("LORABENCH_CACHE_DIR", "").strip()
+    if given.lower() in ("off", "0", "none", "false"):
+        return None
+    if given:
+        return Path(given)
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lorabench" / "traces"
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    out: Dict[str, Optional[str]] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _code() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((PACKAGE / name).read_bytes())
+    return digest.hexdigest()
+
+
+def trace_key(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> str:
+    """The cache key of a trace (module docstring)."""
+    fields = {k: v for k, v in asdict(setup).items() if k not in SETUP_IGNORED}
+    what = {"format": FORMAT, "config": raw.config_json, "tuner": asdict(tuner), "setup": fields,
+            "versions": _versions(), "code": _code()}
+    what["tuner"].pop("source", None)  # the same config from another path is the same trace
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load(key: str) -> Optional[Dict]:
+    """The trace kept under key, or None."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    try:
+        found = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("key") == key else None
+
+
+def store(key: str, result: Dict) -> Optional[Path]:
+    """Keeps result under key; the file, or None when there is no cache or it cannot be written."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    path = folder / f"{key}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps({**result, "key": key}, sort_keys=True))
+    except OSError:
+        return None
+    return path
+
+
+__all__ = ["FORMAT", "cache_dir", "trace_key", "load", "store"]
