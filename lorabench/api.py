@@ -34,6 +34,7 @@ from lorabench.estimator.rows import memory_rows, param_rows, usable_methods
 from lorabench.estimator.sharding import Parallel
 from lorabench.estimator.verdict import add_verdicts
 from lorabench.gpus import GPU, get_gpu, gpu_note
+from lorabench.measure.answer import ENGINES, is_traced, traced_rows
 from lorabench.methods import Method, resolve_methods
 from lorabench.models.hub import resolve_model, resolve_specs
 from lorabench.models.spec import ModelSpec, from_dimension
@@ -114,8 +115,6 @@ def memory_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup
     """`memory`: per model, its rows with their verdicts (fits, the cheapest fix as options, ...): the analytic
     model's for a described model, the tracing engine's (lorabench.measure.answer) for any other, or for every
     model with engine "trace" or a PEFT config (peft_config, an adapter_config.json)."""
-    from lorabench.measure.answer import is_traced, traced_rows
-
     methods = quantized_methods(methods, from_all, setup, note)
     several = from_all or len(specs) > 1  # then a method a model cannot take is left out with a note
     out = []
@@ -164,17 +163,19 @@ def _names(value: Names) -> Tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
 
 
-def _models(model: Names, config: Names, d: Optional[int], layers: Optional[int]) -> Tuple[ModelSpec, ...]:
-    """The models as the CLI's --model/--config/--d/--layers name them."""
+def _models(model: Names, config: Names, d: Optional[int], layers: Optional[int],
+            traceable: bool = False) -> Tuple[ModelSpec, ...]:
+    """The models as the CLI's --model/--config/--d/--layers name them (traceable: a model_type without a
+    description as a RawModel, for the tracing engine)."""
     models, configs = _names(model), _names(config)
     if d is not None:
         if models or configs:
             raise LorabenchError("give d or model/config, not both.")
         return (from_dimension(check_int("d", d, 1), check_int("layers", layers or 1, 1)),)
-    specs = tuple(resolve_specs(models, configs)) or (resolve_model(DEFAULT_MODEL),)
+    specs = tuple(resolve_specs(models, configs, traceable=traceable)) or (resolve_model(DEFAULT_MODEL),)
     if layers is not None:
         check_int("layers", layers, 1)
-        shallow = [s for s in specs if layers > s.num_layers]
+        shallow = [s for s in specs if s.num_layers is not None and layers > s.num_layers]
         if shallow:
             raise LorabenchError(f"{shallow[0].name} has {shallow[0].num_layers} layers; layers cuts a model to "
                                  f"fewer, got {layers}.")
@@ -246,12 +247,14 @@ def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Opt
              headroom: float = round(100 * ALLOCATOR_ALLOWANCE, 1), mfu: Optional[float] = None,
              tokens: Optional[int] = None, dataset_tokens: Optional[int] = None, epochs: Optional[float] = None,
              price: Optional[float] = None, config: Names = None, d: Optional[int] = None,
-             layers: Optional[int] = None, **setup) -> List[Dict]:
+             layers: Optional[int] = None, engine: str = "auto", peft_config: Optional[str] = None,
+             **setup) -> List[Dict]:
     """GPU memory, step time and (with tokens) cost of one training step: the rows of `lorabench memory -f json`,
     verdict included (fits, spare_bytes, largest_component, fix and fix_alternative as the options to add).
 
     setup: the CLI's setup options as keywords (batch_size, seq_len, dtype, optimizer, grad_checkpointing,
-    loop, loss, autocast, impl, ...).
+    loop, loss, autocast, impl, ...). engine: "auto" (the analytic model for a described family, else a trace of
+    transformers + PEFT), "analytic" or "trace"; peft_config: a PEFT adapter_config.json, traced.
 
     Example:
         >>> row = estimate(model="llama-3-8b", method="lora", rank=16, gpu="RTX-4090", seq_len=4096)[0]
@@ -270,8 +273,13 @@ def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Opt
                          price_per_gpu_hour=price)
     elif epochs is not None or price is not None:
         raise LorabenchError("epochs and price need tokens or dataset_tokens.")
-    answer = memory_answer(_models(model, config, d, layers), methods, from_all, ranks, targets, _setup(setup),
-                           _parallel(gpus, sharding, cpu_offload), chosen, mfu, _headroom(headroom), cost, warn)
+    if engine not in ENGINES:
+        raise LorabenchError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
+    if peft_config is not None and not from_all:
+        raise LorabenchError("give method or peft_config, not both: the adapter_config.json names its tuner.")
+    answer = memory_answer(_models(model, config, d, layers, traceable=engine != "analytic"), methods, from_all,
+                           ranks, targets, _setup(setup), _parallel(gpus, sharding, cpu_offload), chosen, mfu,
+                           _headroom(headroom), cost, warn, engine=engine, peft_config=peft_config)
     return finite([r for _, rows in answer for r in rows])
 
 

@@ -20,6 +20,10 @@ ASSUMED = ("traced with transformers and PEFT on fake tensors (no memory allocat
            "fp16); every row one unpadded, unpacked sequence.")
 
 
+FOREACH = ("the optimizer steps with torch's multi-tensor (foreach) kernels, as it does on CUDA tensors: one "
+           "temporary the size of the states it updates.")
+
+
 def _depth_note(result: Dict) -> str:
     traced, depth = result["layers_traced"], result["depth"]
     if traced == [depth]:
@@ -50,7 +54,8 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "overhead_bytes": overhead, "forward_peak_bytes": peaks["forward"], "backward_peak_bytes": peaks["backward"],
         "optimizer_peak_bytes": peaks["optimizer"], "peak_bytes": peaks[phase], "peak_phase": phase,
         "device_bytes": peaks[phase] + overhead, "updates_base_weights": tuner.updates_base,
-        "notes": list(dict.fromkeys(notes + list(result.get("notes", ())) + [_depth_note(result), ASSUMED])),
+        "notes": list(dict.fromkeys(notes + list(result.get("notes", ())) + [_depth_note(result), ASSUMED] + (
+            [FOREACH] if setup.device == "cuda" else []))),
         "batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
         "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing, "loop": setup.loop,
         "autocast": setup.autocast, "grad_accum": setup.grad_accum, "tokens_per_step": tokens, "loss": setup.loss,

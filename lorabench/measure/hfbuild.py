@@ -127,17 +127,21 @@ def with_peft(model, config, freeze_a: bool = False, adapter_dtype: str = "fp32"
     return model
 
 
-def optimizer(model, name: str, lr: float, b_lr_ratio: float, device: torch.device) -> torch.optim.Optimizer:
+def optimizer(model, name: str, lr: float, b_lr_ratio: float, device: torch.device,
+              foreach: Optional[bool] = None) -> torch.optim.Optimizer:
     """setup.optimizer over the trainable parameters; LoRA+ (b_lr_ratio != 1): peft.optimizers'
-    create_loraplus_optimizer, AdamW with B's learning rate ratio x A's."""
+    create_loraplus_optimizer, AdamW with B's learning rate ratio x A's. foreach: torch's multi-tensor step
+    (None: torch's own choice for the tensors' device)."""
     if b_lr_ratio != 1.0:
         from peft.optimizers import create_loraplus_optimizer
 
-        return create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=lr, loraplus_lr_ratio=b_lr_ratio)
+        extra = {} if foreach is None else {"foreach": foreach}
+        return create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=lr, loraplus_lr_ratio=b_lr_ratio,
+                                         **extra)
     from lorabench.nn.optim import make_optimizer
 
     params: List[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
-    return make_optimizer(name, [{"params": params}], lr, device=device)
+    return make_optimizer(name, [{"params": params}], lr, device=device, foreach=foreach)
 
 
 __all__ = ["TORCH_DTYPES", "expected_library_warnings", "libraries", "hf_config", "causal_lm", "checkpointing", "with_peft", "optimizer"]

@@ -2,7 +2,7 @@
 a hit is read before transformers, PEFT or torch is imported.
 
 The key is a SHA-256 of: the config.json (canonical JSON), the tuner's PEFT config, every setup field that changes
-the step (the device does not: the trace runs the CPU's kernels for both), the versions of torch, transformers and
+the step (the device too: a CUDA step's optimizer runs torch's foreach kernels), the versions of torch, transformers and
 PEFT, and the source of the modules that trace (a change to them is a new key). One JSON file per key, written
 whole or not at all (safety.files.atomic_write), under $LORABENCH_CACHE_DIR, else $XDG_CACHE_HOME/lorabench/traces,
 else ~/.cache/lorabench/traces. LORABENCH_CACHE_DIR=off turns it off. A file that cannot be read is a miss; a
@@ -30,7 +30,7 @@ SOURCES = ("measure/traced.py", "measure/trace.py", "measure/hfbuild.py", "measu
            "measure/bench.py", "measure/probes.py", "measure/builders.py", "nn/optim.py")
 PACKAGE = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "transformers", "peft")
-SETUP_IGNORED = ("device", "impl")  # the trace runs PEFT on the CPU's kernels whatever these say
+SETUP_IGNORED = ("impl",)  # the trace runs transformers + PEFT whatever this says
 
 
 def cache_dir() -> Optional[Path]:

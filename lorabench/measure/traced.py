@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lorabench.errors import LorabenchError
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.estimator.tuner import Tuner
-from lorabench.measure.builders import LR, Built, _split_tensors
+from lorabench.measure.builders import LR, Built, _wrapped
 from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library_warnings, hf_config, libraries, \
     optimizer, with_peft
 from lorabench.measure.trace import fake_tensors, trace_built
@@ -142,10 +142,9 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup,
             model = with_peft(model, config, tuner.freeze_a, setup.adapter_dtype)
         except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
             raise _peft_error(exc, tuner) from None
-    if mode is not None:
-        fake_tensors(mode)(model)
     model.train()
-    base, adapter = _split_tensors(model, base_ids)
+    # the base tensors told apart by id before the fake ones replace them, then found again by name
+    model, base, adapter = _wrapped(model, base_ids, fake_tensors(mode) if mode is not None else None)
     params = {id(p): p for p in model.parameters()}.values()
     counts = {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
               "total_params": sum(p.numel() for p in params)}
@@ -156,7 +155,9 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup,
         # PEFT resolves all-linear to module paths: answers name the layers' own names, once each
         counts["targets"] = (sorted({t.rsplit(".", 1)[-1] for t in got}) if isinstance(got, (set, list, tuple))
                              else got)
-    opt = optimizer(model, setup.optimizer, LR, tuner.b_lr_ratio, torch.device("cpu"))
+    # torch steps CUDA tensors with its multi-tensor (foreach) kernels and CPU ones tensor by tensor: the trace's
+    # CPU tensors step as the target device's would
+    opt = optimizer(model, setup.optimizer, LR, tuner.b_lr_ratio, torch.device("cpu"), foreach=setup.device == "cuda")
     return Built(model, opt, [], lambda ids: model(input_ids=ids, labels=ids), base, adapter), counts
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -11,14 +11,15 @@ from lorabench.estimator.optimizer import OPTIMIZERS
 
 
 def make_optimizer(name: str, groups: List[dict], lr: float, weight_decay: float = 0.0,
-                   device: Union[str, torch.device] = "cpu") -> torch.optim.Optimizer:
+                   device: Union[str, torch.device] = "cpu", foreach: Optional[bool] = None) -> torch.optim.Optimizer:
     """The optimizer the estimator models under name (its OPTIMIZERS row).
 
     adamw: torch AdamW (two states per trainable parameter); sgd: no state; sgd-momentum: momentum 0.9
     (one state); adamw-8bit, paged-adamw-8bit, paged-adamw: bitsandbytes' AdamW8bit, PagedAdamW8bit,
     PagedAdamW (Dettmers et al. 2021, arXiv:2110.02861; paged: states in CUDA unified memory). bitsandbytes'
     optimizers run on CPU tensors too (bitsandbytes >= 0.48 has CPU kernels for the 8-bit blockwise update); a
-    paged one falls back to ordinary memory there.
+    paged one falls back to ordinary memory there. foreach: torch's multi-tensor step (None: torch's choice, which
+    is foreach for CUDA tensors and the per-tensor loop on the CPU); a trace of a CUDA step asks for it.
 
     Raises:
         LorabenchError: unknown name, or a bitsandbytes optimizer without bitsandbytes.
@@ -29,6 +30,8 @@ def make_optimizer(name: str, groups: List[dict], lr: float, weight_decay: float
         raise LorabenchError(f"unknown optimizer '{name}'; choose from {', '.join(names)}.")
     if row.bnb_class is None:
         kwargs = {"momentum": row.momentum} if row.momentum else {}
+        if foreach is not None:
+            kwargs["foreach"] = foreach
         return getattr(torch.optim, row.torch_class)(groups, lr=lr, weight_decay=weight_decay, **kwargs)
     try:
         import bitsandbytes as bnb

@@ -1,0 +1,157 @@
+"""The tracing engine (lorabench.measure.traced) and its answers: the depth summed per layer kind against the whole
+trace, any PEFT tuner from its adapter_config.json against the real CPU step and PEFT's counts, the CLI and API
+rows ("engine": "trace"), the cache, and a described model traced against the analytic model."""
+
+import json
+from dataclasses import replace
+
+import peft
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+
+import lorabench
+from lorabench.cli import cli
+from lorabench.errors import LorabenchError
+from lorabench.estimator.setup import PHASES, TrainingSetup
+from lorabench.estimator.tuner import file_tuner, method_tuner
+from lorabench.measure import tracecache
+from lorabench.measure.traced import Model, trace_model, trace_once
+from lorabench.methods import METHODS
+from lorabench.models.raw import RawModel, canonical
+
+SMALL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+SETUP = TrainingSetup(batch_size=2, seq_len=64, device="cpu", impl="peft")
+INTS = ("measured_weights_bytes", "measured_adapter_bytes", "measured_gradients_bytes", "measured_optimizer_bytes",
+        "measured_activations_bytes", "trainable_params", "total_params", "flops") + tuple(
+            f"measured_{p}_peak_bytes" for p in PHASES)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORABENCH_CACHE_DIR", str(tmp_path / "traces"))
+
+
+def raw(model_type, layers, **extra):
+    return RawModel(model_type, canonical(dict(model_type=model_type, num_hidden_layers=layers, **SMALL, **extra)))
+
+
+@pytest.mark.parametrize("model, kinds", [
+    (raw("granite", 6), 1),
+    # 5 sliding-window layers to 1 global: two kinds of layer, two masks
+    (raw("gemma3_text", 8, head_dim=64, sliding_window=16), 2),
+    # dense MLPs on layers 1 and 4, experts elsewhere
+    (raw("qwen2_moe", 6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+         shared_expert_intermediate_size=256, mlp_only_layers=[1, 4]), 2),
+])
+def test_the_depth_summed_per_layer_kind_is_the_whole_trace(model, kinds):
+    # every byte count and the FLOPs: first cut + sum over kinds of (layers of the kind - 1) x its second layer
+    tuner = method_tuner(METHODS["lora"], 8, model.model_type, "all-linear", SETUP)
+    summed = trace_model(model, tuner, SETUP)
+    whole = trace_once(Model(model, SETUP), None, tuner, SETUP)
+    assert summed["layer_kinds"] == kinds and max(summed["layers_traced"]) < model.num_layers
+    assert {k: summed[k] for k in INTS} == {k: whole[k] for k in INTS}
+
+
+def _saved(tmp_path, config):
+    config.save_pretrained(tmp_path)
+    return file_tuner(str(tmp_path))
+
+
+# PEFT tuners beyond lorabench's 7, each from the adapter_config.json PEFT itself writes
+TUNERS = {
+    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "oft": lambda: peft.OFTConfig(oft_block_size=32, r=0, target_modules=["q_proj", "v_proj"]),
+    "hra": lambda: peft.HRAConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    "ln-tuning": lambda: peft.LNTuningConfig(target_modules=["input_layernorm"]),
+    "rslora": lambda: peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TUNERS))
+def test_a_peft_tuner_from_its_adapter_config_is_traced_to_the_byte_of_the_real_step(name, tmp_path):
+    model = raw("llama", 3)
+    tuner = _saved(tmp_path, TUNERS[name]())
+    traced = trace_model(model, tuner, SETUP)
+    real = trace_once(Model(model, SETUP, "cpu"), None, tuner, SETUP, real=True)
+    assert {k: traced[k] for k in INTS} == {k: real[k] for k in INTS}
+    # PEFT's own count, on a model transformers builds here
+    with torch.device("meta"):
+        built = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**model.config))
+    assert (traced["trainable_params"], traced["total_params"]) == peft.get_peft_model(
+        built, TUNERS[name]()).get_nb_trainable_parameters()
+
+
+def test_a_tuner_peft_refuses_is_one_line(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8,
+                                                               "target_modules": ["no_such_proj"]}))
+    with pytest.raises(LorabenchError, match="PEFT cannot apply lora .*adapter_config.json.*no_such_proj"):
+        trace_model(raw("llama", 2), file_tuner(str(tmp_path)), SETUP)
+
+
+def test_a_file_without_a_peft_type_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    with pytest.raises(LorabenchError, match="'peft_type' is missing"):
+        file_tuner(str(tmp_path))
+    with pytest.raises(LorabenchError, match="no adapter_config.json"):
+        file_tuner(str(tmp_path / "absent"))
+
+
+def _write(tmp_path, config):
+    folder = tmp_path / "my-granite"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_an_undescribed_model_type_is_traced_with_the_analytic_rows_fields(tmp_path):
+    folder = _write(tmp_path, dict(model_type="granite", num_hidden_layers=6, **SMALL))
+    res = CliRunner().invoke(cli, ["memory", "--config", folder, "--method", "lora", "-r", "8", "-t", "all-linear",
+                                   "-b", "2", "-s", "64", "--gpu", "RTX-4090", "-f", "json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output)[0]
+    analytic = lorabench.estimate(model="tiny-llama", method="lora", gpu="RTX-4090")[0]
+    assert set(analytic) - {"fix", "fix_alternative"} <= set(row)
+    assert row["engine"] == "trace" and analytic["engine"] == "analytic"
+    assert row["targets"] == "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
+    # the same step traced here, without the CLI
+    setup = replace(SETUP, batch_size=2, seq_len=64, device="cuda")
+    traced = trace_model(raw("granite", 6), method_tuner(METHODS["lora"], 8, "granite", "all-linear", setup), setup)
+    assert row["peak_bytes"] == traced["measured_peak_bytes"] and row["trace_cached"] is False
+    assert row["device_bytes"] > row["peak_bytes"]  # the CUDA runtime, as in the analytic rows
+    again = CliRunner().invoke(cli, ["memory", "--config", folder, "--method", "lora", "-r", "8", "-t", "all-linear",
+                                     "-b", "2", "-s", "64", "--gpu", "RTX-4090", "-f", "json"])
+    cached = json.loads(again.output)[0]
+    assert cached["trace_cached"] is True and cached["peak_bytes"] == row["peak_bytes"]
+
+
+def test_the_analytic_engine_refuses_what_it_does_not_describe(tmp_path):
+    folder = _write(tmp_path, dict(model_type="granite", num_hidden_layers=2, **SMALL))
+    res = CliRunner().invoke(cli, ["memory", "--config", folder, "--engine", "analytic"])
+    assert res.exit_code == 2 and "model_type 'granite' is not supported" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    both = CliRunner().invoke(cli, ["memory", "-m", "tiny-llama", "--method", "lora", "--peft-config", folder])
+    assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_a_described_model_traced_agrees_with_the_analytic_model():
+    # tiny-llama under PEFT's LoRA on all linear layers: the analytic model against the trace, every phase
+    rows = {engine: lorabench.estimate(model="tiny-llama", method="lora", rank=8, targets="all-linear",
+                                        engine=engine, batch_size=2, seq_len=256, loop="plain")[0]
+            for engine in ("analytic", "trace")}
+    for phase in PHASES:
+        got, want = rows["trace"][f"{phase}_peak_bytes"], rows["analytic"][f"{phase}_peak_bytes"]
+        assert abs(got - want) <= 0.01 * got, phase
+    assert rows["trace"]["trainable_params"] == rows["analytic"]["trainable_params"]
+
+
+def test_the_cache_key_moves_with_what_changes_the_step():
+    model = raw("llama", 2)
+    tuner = method_tuner(METHODS["lora"], 8, "llama", None, SETUP)
+    key = tracecache.trace_key(model, tuner, SETUP)
+    assert key == tracecache.trace_key(model, tuner, replace(SETUP, impl="lorabench"))  # always PEFT's
+    assert key != tracecache.trace_key(model, tuner, replace(SETUP, device="cuda"))  # foreach optimizer steps
+    assert key != tracecache.trace_key(model, tuner, replace(SETUP, seq_len=65))
+    assert key != tracecache.trace_key(raw("llama", 3), tuner, SETUP)
+    assert key != tracecache.trace_key(model, method_tuner(METHODS["lora"], 16, "llama", None, SETUP), SETUP)
