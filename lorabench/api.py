@@ -34,7 +34,7 @@ from lorabench.estimator.rows import memory_rows, param_rows, usable_methods
 from lorabench.estimator.sharding import Parallel
 from lorabench.estimator.verdict import add_verdicts
 from lorabench.gpus import GPU, get_gpu, gpu_note
-from lorabench.measure.answer import ENGINES, is_traced, traced_rows
+from lorabench.measure.answer import ENGINES, is_traced, traced_param_rows, traced_rows
 from lorabench.methods import Method, resolve_methods
 from lorabench.models.hub import resolve_model, resolve_specs
 from lorabench.models.spec import ModelSpec, from_dimension
@@ -100,10 +100,18 @@ def targets_note(methods: Sequence[Method], targets) -> str:
     return ""
 
 
-def param_answer(specs, methods, from_all, ranks, targets, note: Note) -> List[Tuple[ModelSpec, List[Dict]]]:
-    """`params`: per model, its rows (estimator.rows.param_rows)."""
-    out = [(spec, param_rows(spec, used, ranks, targets))
-           for spec, used in each_model(specs, methods, from_all, ranks, targets, note)]
+def param_answer(specs, methods, from_all, ranks, targets, note: Note, engine: str = "auto",
+                 peft_config: Optional[str] = None) -> List[Tuple[ModelSpec, List[Dict]]]:
+    """`params`: per model, its rows (estimator.rows.param_rows; a traced model's from transformers and PEFT,
+    measure.answer.traced_param_rows)."""
+    several = from_all or len(specs) > 1
+    out = []
+    for spec in specs:
+        if is_traced(spec, engine, peft_config):
+            out.append((spec, traced_param_rows(spec, methods, several, ranks, targets, peft_config, note)))
+            continue
+        out += [(s, param_rows(s, used, ranks, targets)) for s, used in each_model([spec], methods, several, ranks,
+                                                                                targets, note)]
     note(targets_note(methods, targets))  # after the rows: an error above it stays the only line
     return out
 
@@ -209,6 +217,13 @@ def _parallel(gpus: int, sharding: str, cpu_offload: bool) -> Parallel:
     return parallel
 
 
+def _engine(engine: str, peft_config: Optional[str], from_all: bool) -> None:
+    if engine not in ENGINES:
+        raise LorabenchError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
+    if peft_config is not None and not from_all:
+        raise LorabenchError("give method or peft_config, not both: the adapter_config.json names its tuner.")
+
+
 def _gpu(name: Optional[str]) -> Optional[GPU]:
     if name is None:
         return None
@@ -228,7 +243,8 @@ def _keywords(fn):
 
 @_keywords
 def count_params(model: Names = None, *, method: Names = "all", rank=8, targets: Optional[str] = None,
-                 config: Names = None, d: Optional[int] = None, layers: Optional[int] = None) -> List[Dict]:
+                 config: Names = None, d: Optional[int] = None, layers: Optional[int] = None, engine: str = "auto",
+                 peft_config: Optional[str] = None) -> List[Dict]:
     """Exact trainable and total parameter counts: the rows of `lorabench params -f json`.
 
     Example:
@@ -237,7 +253,9 @@ def count_params(model: Names = None, *, method: Names = "all", rank=8, targets:
         (3407872, 8033669120)
     """
     methods, from_all, ranks = _methods(method, rank)
-    answer = param_answer(_models(model, config, d, layers), methods, from_all, ranks, targets, warn)
+    _engine(engine, peft_config, from_all)
+    answer = param_answer(_models(model, config, d, layers, traceable=engine != "analytic"), methods, from_all, ranks,
+                          targets, warn, engine=engine, peft_config=peft_config)
     return finite([r for _, rows in answer for r in rows])
 
 
@@ -273,10 +291,7 @@ def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Opt
                          price_per_gpu_hour=price)
     elif epochs is not None or price is not None:
         raise LorabenchError("epochs and price need tokens or dataset_tokens.")
-    if engine not in ENGINES:
-        raise LorabenchError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
-    if peft_config is not None and not from_all:
-        raise LorabenchError("give method or peft_config, not both: the adapter_config.json names its tuner.")
+    _engine(engine, peft_config, from_all)
     answer = memory_answer(_models(model, config, d, layers, traceable=engine != "analytic"), methods, from_all,
                            ranks, targets, _setup(setup), _parallel(gpus, sharding, cpu_offload), chosen, mfu,
                            _headroom(headroom), cost, warn, engine=engine, peft_config=peft_config)

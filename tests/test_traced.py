@@ -155,3 +155,25 @@ def test_the_cache_key_moves_with_what_changes_the_step():
     assert key != tracecache.trace_key(model, tuner, replace(SETUP, seq_len=65))
     assert key != tracecache.trace_key(raw("llama", 3), tuner, SETUP)
     assert key != tracecache.trace_key(model, method_tuner(METHODS["lora"], 16, "llama", None, SETUP), SETUP)
+
+
+def test_traced_counts_are_the_analytic_counts_of_a_described_model():
+    # Llama-3-8B's exact counts (the analytic model's, held to PEFT elsewhere) from transformers + PEFT on meta
+    kw = dict(model="llama-3-8b", method="lora,vera,dora,full", rank=16, targets="all-linear")
+    keys = ("method", "rank", "trainable_params", "total_params", "base_params", "adapter_params",
+            "shared_buffer_numel", "updates_base_weights")
+    analytic, traced = (lorabench.count_params(engine=e, **kw) for e in ("analytic", "trace"))
+    assert [{k: r[k] for k in keys} for r in traced] == [{k: r[k] for k in keys} for r in analytic]
+    assert {r["engine"] for r in traced} == {"trace"}
+
+
+def test_params_of_an_undescribed_model_from_a_peft_config(tmp_path):
+    folder = _write(tmp_path, dict(model_type="granite", num_hidden_layers=2, **SMALL))
+    peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]) \
+        .save_pretrained(tmp_path / "ia3")
+    res = CliRunner().invoke(cli, ["params", "--config", folder, "--peft-config", str(tmp_path / "ia3"), "-f", "json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output)[0]
+    # IA3 (Liu et al. 2022) scales k's and v's outputs (2 kv heads x 64 = 128 each) and down_proj's input (512),
+    # in each of the 2 layers
+    assert row["method"] == "ia3" and row["trainable_params"] == 2 * (128 + 128 + 512)

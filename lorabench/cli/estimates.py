@@ -23,8 +23,9 @@ def progress(text: str) -> None:
 @cli.command(context_settings=CONTEXT)
 @model_options
 @method_options
+@engine_options
 @format_option
-def params(specs, methods, methods_from_all, ranks, targets, fmt):
+def params(specs, methods, methods_from_all, ranks, targets, engine, peft_config, fmt):
     """Exact trainable and total parameter counts per method and rank.
 
     Counts match PEFT's get_nb_trainable_parameters(); VeRA's shared projections
@@ -36,10 +37,14 @@ def params(specs, methods, methods_from_all, ranks, targets, fmt):
         lorabench params -m llama-3-8b -m mistral-7b --method lora -t all-linear
         lorabench params --d 4096 --method lora --rank 8
         lorabench params --config ./my-model/config.json --targets all-linear -f json
+        lorabench params --config ./granite-3.3-8b --peft-config ./my-ia3
     """
     from lorabench import api
 
-    per_model = api.param_answer(specs, methods, methods_from_all, ranks, targets, note)
+    if peft_config is not None and not methods_from_all:
+        raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its tuner.")
+    per_model = api.param_answer(specs, methods, methods_from_all, ranks, targets, note, engine=engine,
+                                 peft_config=peft_config)
     if fmt not in ("table", "markdown"):
         click.echo(render([r for _, rows in per_model for r in rows], fmt, PARAM_COLUMNS))
         return

@@ -79,6 +79,44 @@ def trace_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: No
     return result
 
 
+def count_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> Dict:
+    """The counts of tuner on raw: from the cache, else built on the meta device now (and kept)."""
+    key = tracecache.trace_key(raw, tuner, setup, kind="counts")
+    found = tracecache.load(key)
+    if found is not None:
+        return found
+    require("trace", f"counting {raw.name}'s parameters")
+    from lorabench.measure.traced import count_model
+
+    result = count_model(raw, tuner, setup)
+    tracecache.store(key, result)
+    return result
+
+
+def traced_param_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool,
+                      ranks: Sequence[int], targets, peft_config: Optional[str], note: Note) -> List[Dict]:
+    """`params` rows of a traced model: transformers' and PEFT's own counts, one row per tuner."""
+    raw, setup = as_raw(model), TrainingSetup()
+    notes = list(raw.notes) + ([f"{raw.model_type} has no description in lorabench: counted by transformers and "
+                                "PEFT."] if isinstance(model, RawModel) else [])
+    rows = []
+    for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
+        c = count_result(raw, tuner, setup)
+        base, trainable, total = c["base_params"], c["trainable_params"], c["total_params"]
+        got = c.get("targets")
+        rows.append({
+            "model": raw.name, "engine": "trace", "method": tuner.name, "rank": tuner.rank,
+            "targets": ",".join(got) if isinstance(got, list) else (got or ""),
+            "trainable_params": trainable, "total_params": total,
+            "trainable_pct": 100.0 * trainable / total if total else 0.0, "base_params": base,
+            "adapter_params": total - base, "pct_of_full": 100.0 * trainable / base if base else 0.0,
+            "reduction": base / trainable if trainable else None, "shared_buffer_numel": c["shared_buffer_numel"],
+            "updates_base_weights": tuner.updates_base, "active_params": None, "family": raw.model_type,
+            "notes": list(dict.fromkeys(notes + list(c.get("notes", ())))),
+        })
+    return rows
+
+
 def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool, ranks: Sequence[int],
                 targets, setup: TrainingSetup, peft_config: Optional[str], gpu: Optional[GPU],
                 mfu: Optional[float], allowance: float, note: Note, progress: Note = lambda s: None) -> List[Dict]:
@@ -95,4 +133,5 @@ def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], fr
     return rows
 
 
-__all__ = ["ENGINES", "is_traced", "as_raw", "tuners", "trace_result", "traced_rows"]
+__all__ = ["ENGINES", "is_traced", "as_raw", "tuners", "trace_result", "count_result", "traced_param_rows",
+           "traced_rows"]

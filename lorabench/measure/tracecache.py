@@ -61,10 +61,10 @@ def _code() -> str:
     return digest.hexdigest()
 
 
-def trace_key(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> str:
-    """The cache key of a trace (module docstring)."""
+def trace_key(raw: RawModel, tuner: Tuner, setup: TrainingSetup, kind: str = "trace") -> str:
+    """The cache key of a trace (module docstring); kind "counts" for the parameter counts alone."""
     fields = {k: v for k, v in asdict(setup).items() if k not in SETUP_IGNORED}
-    what = {"format": FORMAT, "config": raw.config_json, "tuner": asdict(tuner), "setup": fields,
+    what = {"format": FORMAT, "kind": kind, "config": raw.config_json, "tuner": asdict(tuner), "setup": fields,
             "versions": _versions(), "code": _code()}
     what["tuner"].pop("source", None)  # the same config from another path is the same trace
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

@@ -173,6 +173,19 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
     return out
 
 
+def count_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> Dict:
+    """The parameter counts of `tuner` on `raw` at its full depth, built on the meta device (nothing traced):
+    base_params (transformers' model), trainable_params and total_params (PEFT's get_nb_trainable_parameters),
+    shared_buffer_numel (VeRA's shared pair, a buffer), targets."""
+    libraries()
+    full = Model(raw, setup)
+    base = sum(p.numel() for p in {id(p): p for p in full.model.parameters()}.values())
+    built, counts = _built(full.cut(None), tuner, setup, None)
+    shared = sum(b.numel() for n, b in built.model.named_buffers() if "vera_A" in n or "vera_B" in n)
+    return {**counts, "base_params": base, "shared_buffer_numel": shared, "attention": full.attention,
+            "notes": full.notes}
+
+
 def combine(first: Dict, more: Sequence[Tuple[Dict, int]]) -> Dict:
     """The full depth: first + sum over kinds of n x (that kind's trace - first), field by field."""
     out = dict(first)
@@ -217,4 +230,4 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
     return out
 
 
-__all__ = ["MAX_WHOLE", "Model", "trace_once", "combine", "trace_model"]
+__all__ = ["MAX_WHOLE", "Model", "trace_once", "count_model", "combine", "trace_model"]
