@@ -289,7 +289,10 @@ def layer_saves(case: Case, input_needs_grad: bool = True) -> Tuple[int, int, in
         total += (s * d if keep else 0) + extra
         live = live or _trains(method, targets, ("up",))
         hb = _out_bytes(method, targets, setup, ("up",), s)
-        total += hb * i if live else 0  # gelu keeps its input
+        # gelu keeps its input; transformers' gelu_new, written out in Python, also keeps tanh's output, 0.5 x and
+        # 1 + tanh (lorabench's layers run the fused op)
+        written_out = 3 if spec.arch.activation == "gelu-new" and setup.impl == "peft" else 0
+        total += hb * i * (1 + written_out) if live else 0
     keep, extra, c = _consumers_keep_input(("down",), *args, live=live, x_bytes=hb)
     casts += c
     held += _held_input(setup, i, live)

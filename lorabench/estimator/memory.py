@@ -17,7 +17,7 @@ from lorabench.gpus import MiB
 from lorabench.methods import Method
 from lorabench.estimator.activations import ActivationBreakdown, estimate_activations
 from lorabench.estimator.layer_saves import merges_experts
-from lorabench.estimator.optimizer import OPTIMIZERS, optimizer_state_bytes, trainable_tensors
+from lorabench.estimator.optimizer import OPTIMIZERS, group_numels, optimizer_state_bytes, trainable_tensors
 from lorabench.estimator.params import ParamCount, count_params
 from lorabench.estimator.setup import FLOAT_BYTES, QUANTIZED
 from lorabench.estimator.weights import weights_bytes
@@ -283,11 +283,13 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
         # lorabench's DoRALinear: ||W + s B A|| from one out x in addmm under no_grad.
         norm_temp = max(shapes[t][0] * shapes[t][1] for t in targets) * setup.act_bytes
     # Optimizer step transients: torch's foreach AdamW (the CUDA default) makes one temporary list the size
-    # of all exp_avg_sq (sqrt); the per-tensor loop (CPU default) two temporaries of the largest tensor.
+    # of all exp_avg_sq (sqrt), group by group (LoRA+ has two); the per-tensor loop (CPU default) two
+    # temporaries of the largest tensor.
     largest = max((numel for numel, _ in tensors), default=0)
     opt_tmp = 0
     if OPTIMIZERS[setup.optimizer].step_temporaries:
-        opt_tmp = (counts.trainable_params if setup.device == "cuda" else 2 * largest) * state_bytes
+        opt_tmp = (max(group_numels(case, counts.trainable_params)) if setup.device == "cuda" else 2 * largest) \
+            * state_bytes
     head_grads = 0
     if method.base_trainable and not spec.single_matrix and not spec.tie_embeddings:
         head_grads = spec.vocab_size * spec.hidden_size * p_bytes

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from lorabench.estimator.params import adapter_tensors, base_tensors
+from lorabench.models.families import MOE_TARGETS
 
 if TYPE_CHECKING:  # case.py imports setup.py, which imports OPTIMIZER_NAMES from here
     from lorabench.estimator.case import Case
@@ -88,6 +89,22 @@ def trainable_tensors(case: Case) -> Tuple[Tuple[int, int], ...]:
             out += [(numel, L) for numel, trains in adapter_tensors(spec, method, rank, t) if trains]
         return tuple(out)
     return base_tensors(spec)
+
+
+def group_numels(case: "Case", trainable: int) -> Tuple[int, ...]:
+    """Trainable elements per optimizer parameter group. torch's foreach step runs group by group, so its
+    temporaries are the largest group's. LoRA+ (peft.optimizers.create_loraplus_optimizer, lorabench.nn's
+    param_groups) puts every A in one group and B with the 1-D vectors in another; else one group."""
+    method = case.method
+    if method.b_lr_ratio == 1.0 or method.base_trainable:
+        return (trainable,)
+    a = 0
+    for t in case.targets:
+        tensors = adapter_tensors(case.spec, method, case.rank, t)
+        # a linear target's A comes first; a mixture of experts' wrapped weights come as (A, B) pairs
+        a += sum(n for j, (n, trains) in enumerate(tensors) if trains and (j % 2 == 0 if t in MOE_TARGETS else j == 0))
+    a *= case.spec.num_layers
+    return a, trainable - a
 
 
 def optimizer_state_bytes(optimizer: str, numel: int, param_bytes: int) -> int:

@@ -59,7 +59,9 @@ class Arch:
         fused_qkv: q, k and v are one projection (Phi-3's qkv_proj, gpt2's c_attn).
         fused_gate_up: the MLP's gate and up are one projection (Phi-3's gate_up_proj).
         gated_mlp: act(gate x) * up x (SwiGLU/GeGLU) rather than act(up x).
-        activation: "silu" or "gelu-tanh" (Gemma's gelu_pytorch_tanh, gpt2's gelu_new).
+        activation: "silu", "gelu-tanh" (Gemma's gelu_pytorch_tanh: one fused op that keeps its input) or
+            "gelu-new" (gpt2's gelu_new: the same function written out in Python, transformers' NewGELUActivation,
+            whose ops keep tanh's output, 0.5 x and 1 + tanh besides the input).
         embed_scale: embeddings are multiplied by sqrt(hidden_size) (Gemma).
         attention: the attention transformers runs by default: "sdpa", or "eager" where it refuses SDPA
             (Gemma 2: `_supports_sdpa = False`, since SDPA cannot soft-cap the scores).
@@ -212,7 +214,7 @@ FAMILIES: Dict[str, Family] = {
                              moe_targets=True, note_default=True),
                         _decoder(151936, 2048, 6144, 24, 32, 4) + ATTENTION_BIAS + _qwen_moe(
                             128, 8, 768, ("num_local_experts",)), writes=("attention_bias",) + QWEN_MOE_WRITES),
-    "gpt2": Family(Arch("GPT-2", norm="layernorm", fused_qkv=True, gated_mlp=False, activation="gelu-tanh",
+    "gpt2": Family(Arch("GPT-2", norm="layernorm", fused_qkv=True, gated_mlp=False, activation="gelu-new",
                         default_targets=("qkv",)),
                    (int_key("n_embd", 768, aliases=("hidden_size",)),
                     int_key("n_head", 12, MAX_HEADS, aliases=("num_attention_heads",)),

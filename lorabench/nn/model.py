@@ -39,7 +39,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu-tanh": gelu_tanh}
+# lorabench's layers compute gpt2's gelu_new fused too: transformers writes it out op by op (NewGELUActivation)
+ACTIVATIONS = {"silu": F.silu, "gelu-tanh": gelu_tanh, "gelu-new": gelu_tanh}
 
 
 class MLP(nn.Module):
