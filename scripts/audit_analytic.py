@@ -2,7 +2,9 @@
 cut to a few layers, traced (transformers + PEFT on fake tensors) and estimated; the worst phase's difference
 per case, worst first.
 
-    python scripts/audit_analytic.py [--layers 2] [--seq-len 512] [--json out.json] [PRESET ...]
+    python scripts/audit_analytic.py [--layers N] [--seq-len 512] [--json out.json] [PRESET ...]
+
+At full depth by default: the trace sums a cut of one or two layers per layer kind, so depth costs it nothing.
 
 A difference over 1% is a finding: one of the two is wrong, and the fix goes where the real step says.
 """
@@ -24,7 +26,7 @@ PHASES = ("forward", "backward", "optimizer")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("presets", nargs="*", help="presets to audit (default: all)")
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=None, help="cut every model to N layers (default: full depth)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--json", default=None, help="write the rows here")

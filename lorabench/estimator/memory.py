@@ -140,6 +140,7 @@ class StepParts:
     overhead_bytes: int
     notes: Tuple[str, ...]
     norm_temp_bytes: int = 0  # DoRA's weight-norm temporaries: forward only (and recomputation)
+    tied_sum_bytes: int = 0  # a trained tied embedding's two gradients and their sum, at the end of backward
     recomputes: bool = False  # gradient checkpointing re-runs each layer's forward in backward
     grad_accum: int = 1  # micro-batches per optimizer step
 
@@ -161,7 +162,7 @@ class StepParts:
         accum = self.gradients_bytes if self.grad_accum > 1 else 0
         return Held(persistent_bytes=self.persistent_bytes, grads_bytes=self.gradients_bytes, accum_bytes=accum,
                     backward_grads_bytes=max(self.head_grad_bytes, accum),
-                    end_grads_bytes=self.gradients_bytes + self.act.transient_bytes,
+                    end_grads_bytes=self.gradients_bytes + max(self.act.transient_bytes, self.tied_sum_bytes),
                     optimizer_temp_bytes=self.optimizer_temp_bytes)
 
     def phase_peaks(self, held: Optional[Held] = None) -> Dict[str, int]:
@@ -290,13 +291,18 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
     if OPTIMIZERS[setup.optimizer].step_temporaries:
         opt_tmp = (max(group_numels(case, counts.trainable_params)) if setup.device == "cuda" else 2 * largest) \
             * state_bytes
-    head_grads = 0
+    head_grads = tied_sum = 0
     if method.base_trainable and not spec.single_matrix and not spec.tie_embeddings:
         head_grads = spec.vocab_size * spec.hidden_size * p_bytes
+    elif method.base_trainable and not spec.single_matrix:
+        # Tied: the head's gradient is the weight's .grad from the start of backward; the embedding's backward,
+        # the step's last op, makes a dense [V, d] gradient, and autograd adds it out of place (grad + new):
+        # besides every gradient, two more [V, d] tensors, after the layers' temporaries are gone
+        tied_sum = 2 * spec.vocab_size * spec.hidden_size * p_bytes
     return StepParts(
         method=method, counts=counts, weights_bytes=w_bytes, adapter_bytes=adapter, gradients_bytes=grads,
         optimizer_bytes=optim, master_bytes=master, method_state_bytes=method_state, optimizer_temp_bytes=opt_tmp,
-        head_grad_bytes=head_grads, dequant_bytes=dequant,
+        head_grad_bytes=head_grads, dequant_bytes=dequant, tied_sum_bytes=tied_sum,
         act=estimate_activations(case),
         overhead_bytes=CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
         notes=tuple(notes), norm_temp_bytes=norm_temp, recomputes=setup.grad_checkpointing,
