@@ -177,3 +177,10 @@ def test_params_of_an_undescribed_model_from_a_peft_config(tmp_path):
     # IA3 (Liu et al. 2022) scales k's and v's outputs (2 kv heads x 64 = 128 each) and down_proj's input (512),
     # in each of the 2 layers
     assert row["method"] == "ia3" and row["trainable_params"] == 2 * (128 + 128 + 512)
+
+
+def test_a_command_that_does_not_trace_says_which_do(tmp_path):
+    folder = _write(tmp_path, dict(model_type="granite", num_hidden_layers=2, **SMALL))
+    res = CliRunner().invoke(cli, ["fit", "--config", folder, "--gpu", "L40S"])
+    assert res.exit_code == 2 and "'lorabench memory' and 'params' trace it" in res.output
+    assert len(res.output.strip().splitlines()) == 1

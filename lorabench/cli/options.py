@@ -24,6 +24,8 @@ from lorabench.estimator.setup import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES,
                                        MAX_LOSS_CHUNK, setup_from)
 from lorabench.methods import resolve_methods
 from lorabench.render.formats import FORMATS
+from lorabench.errors import LorabenchError
+from lorabench.models.raw import Undescribed
 from lorabench.models.hub import resolve_model, resolve_specs
 from lorabench.models.spec import from_dimension
 
@@ -148,7 +150,14 @@ def model_options(fn):
         if dim is not None:
             specs = (from_dimension(dim, layers or 1),)
             return fn(specs=specs, layers=None, **kw) if keep_depth else fn(specs=specs, **kw)
-        specs = tuple(resolve_specs(models, config_paths, traceable=traceable)) or (resolve_model(DEFAULT_MODEL),)
+        try:
+            specs = tuple(resolve_specs(models, config_paths, traceable=traceable)) or (resolve_model(DEFAULT_MODEL),)
+        except Undescribed as exc:
+            if "engine" in kw:  # --engine analytic: the refusal is the answer asked for
+                raise
+            command = click.get_current_context().info_name
+            raise LorabenchError(f"{exc} 'lorabench memory' and 'params' trace it with transformers + PEFT; "
+                                 f"'{command}' does not yet.") from None
         if layers is not None:
             shallow = [s for s in specs if s.num_layers is not None and layers > s.num_layers]
             if shallow:
