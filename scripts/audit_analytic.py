@@ -30,13 +30,17 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setup keyword of lorabench.estimate (grad_checkpointing=true, loop=plain, dtype=fp32...)")
     args = ap.parse_args()
     warnings.simplefilter("ignore", lorabench.LorabenchNote)
+    setup = {k: {"true": True, "false": False}.get(v.lower(), v)
+             for k, v in (item.split("=", 1) for item in args.set)}
     rows = []
     for name in args.presets or sorted(PRESETS):
         for method in METHODS:
             kw = dict(model=name, method=method, rank=16, targets=None if method == "full" else args.targets,
-                      layers=args.layers, seq_len=args.seq_len, batch_size=1, impl="peft")
+                      layers=args.layers, seq_len=args.seq_len, batch_size=1, impl="peft", **setup)
             started = time.perf_counter()
             try:
                 analytic = lorabench.estimate(engine="analytic", **kw)[0]

@@ -184,3 +184,24 @@ def test_a_command_that_does_not_trace_says_which_do(tmp_path):
     res = CliRunner().invoke(cli, ["fit", "--config", folder, "--gpu", "L40S"])
     assert res.exit_code == 2 and "'lorabench memory' and 'params' trace it" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_a_vision_language_model_is_traced_on_text_with_its_tower_held():
+    # LLaVA (not in the causal-LM mapping: AutoModelForImageTextToText builds it): the CLIP tower and projector are
+    # in the weights and the counts; PEFT's q,v also adapt the tower's q_proj and v_proj, as in real training
+    text = dict(model_type="llama", num_hidden_layers=2, **SMALL)
+    vision = dict(model_type="clip_vision_model", image_size=64, patch_size=16, hidden_size=128, intermediate_size=256,
+                  num_attention_heads=4, num_hidden_layers=2)
+    model = RawModel("llava", canonical(dict(model_type="llava", text_config=text, vision_config=vision,
+                                             image_token_index=1000)))
+    tuner = method_tuner(METHODS["lora"], 8, "llava", "q_proj,v_proj", SETUP)
+    traced = trace_model(model, tuner, SETUP)
+    real = trace_once(Model(model, SETUP, "cpu"), None, tuner, SETUP, real=True)
+    assert {k: traced[k] for k in INTS} == {k: real[k] for k in INTS}
+    with torch.device("meta"):
+        built = transformers.AutoModelForImageTextToText.from_config(transformers.AutoConfig.for_model(**model.config))
+    tower = sum(p.numel() for n, p in built.named_parameters() if "vision_tower" in n)
+    assert tower > 0 and traced["total_params"] - traced["trainable_params"] == sum(p.numel() for p in built.parameters())
+    # r=8 on q (256 -> 256) and v (256 -> 128) in 2 text layers, and on q and v (128 -> 128) in 2 tower layers
+    assert traced["trainable_params"] == 2 * 8 * (256 + 256 + 256 + 128) + 2 * 2 * 8 * (128 + 128)
+    assert "vision-language model traced on text alone" in traced["notes"][-1]

@@ -88,13 +88,30 @@ def causal_lm(config, setup: TrainingSetup, device: torch.device, attention: Opt
     dtype = TORCH_DTYPES.get(setup.dtype, torch.bfloat16)
     try:
         with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
+            model = _from_config(transformers, config, attention).to(dtype)
         if setup.dtype in QUANTIZED:
             model = load_quantized(model, setup.dtype, device, attention)
     except ValueError as exc:
         raise LorabenchError(f"transformers cannot build {name}" + (f" with {attention} attention" if attention
                              else "") + f": {str(exc).splitlines()[0][:200]}") from None
     return model
+
+
+def _from_config(transformers, config, attention):
+    """AutoModelForCausalLM's model for config, or, for a vision-language config that the causal-LM mapping does
+    not list (LLaVA, Qwen2.5-VL, Idefics3...), AutoModelForImageTextToText's: the language model with its vision
+    tower and projector, as a fine-tuning script loads it."""
+    try:
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        return transformers.AutoModelForImageTextToText.from_config(config, attn_implementation=attention)
+
+
+def is_vision_language(model) -> bool:
+    """The model holds a vision tower (an image-text-to-text model): its config has a vision_config."""
+    return getattr(model.config, "vision_config", None) is not None
 
 
 def checkpointing(model, setup: TrainingSetup):
@@ -144,4 +161,4 @@ def optimizer(model, name: str, lr: float, b_lr_ratio: float, device: torch.devi
     return make_optimizer(name, [{"params": params}], lr, device=device, foreach=foreach)
 
 
-__all__ = ["TORCH_DTYPES", "expected_library_warnings", "libraries", "hf_config", "causal_lm", "checkpointing", "with_peft", "optimizer"]
+__all__ = ["TORCH_DTYPES", "expected_library_warnings", "libraries", "hf_config", "causal_lm", "is_vision_language", "checkpointing", "with_peft", "optimizer"]

@@ -29,8 +29,8 @@ from lorabench.errors import LorabenchError
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.estimator.tuner import Tuner
 from lorabench.measure.builders import LR, Built, _wrapped
-from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library_warnings, hf_config, libraries, \
-    optimizer, with_peft
+from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library_warnings, hf_config, \
+    is_vision_language, libraries, optimizer, with_peft
 from lorabench.measure.trace import fake_tensors, trace_built
 from lorabench.models.raw import RawModel
 
@@ -83,7 +83,12 @@ class Model:
         attention = None if setup.attention == "auto" else setup.attention
         with expected_library_warnings():
             self.model = causal_lm(config, setup, torch.device(device), attention, raw.name)
-        self.attention = self.model.config._attn_implementation
+        self.attention = self.model.config.get_text_config()._attn_implementation
+        if is_vision_language(self.model):
+            self.notes.append("a vision-language model traced on text alone: its vision tower and projector are "
+                              "held (in the weights and the counts) but not run; image inputs, their tokens and the "
+                              "tower's activations are not traced yet, and a trained tower part gets no gradient "
+                              "or optimizer state here.")
         text = self.model.config.get_text_config()
         self.depth = int(text.num_hidden_layers)
         parent, attr, layers = _decoder_layers(self.model, self.depth)
