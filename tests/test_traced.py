@@ -54,6 +54,23 @@ def test_the_depth_summed_per_layer_kind_is_the_whole_trace(model, kinds):
     assert {k: summed[k] for k in INTS} == {k: whole[k] for k in INTS}
 
 
+def test_the_depth_sum_holds_where_the_peak_moves_with_depth():
+    # Fully fine-tuned, tied, checkpointed: at 2-3 layers backward peaks at the loss (the fp32 logits' gradients),
+    # at 24 at the end (every layer's gradient and the tied embedding's two [V, d] more), so the phase's peak is
+    # not affine in depth; each segment's is (measure.segments)
+    model = RawModel("qwen2", canonical(dict(SMALL, model_type="qwen2", num_hidden_layers=24, vocab_size=8192,
+                                             tie_word_embeddings=True)))
+    setup = replace(SETUP, batch_size=1, seq_len=256, grad_checkpointing=True)
+    tuner = method_tuner(METHODS["full"], None, "qwen2", None, setup)
+    summed = trace_model(model, tuner, setup)
+    whole = trace_once(Model(model, setup), None, tuner, setup)
+    assert summed["layers_traced"] == [2, 3]
+    assert {k: summed[k] for k in INTS} == {k: whole[k] for k in INTS}
+    cut = trace_once(Model(model.with_layers(3), setup), None, tuner, setup)
+    assert max(cut["segments"], key=cut["segments"].get) == "backward:top"  # the loss, at 3 layers
+    assert max(whole["segments"], key=whole["segments"].get) == "backward:bottom"  # the end, at 24
+
+
 def _saved(tmp_path, config):
     config.save_pretrained(tmp_path)
     return file_tuner(str(tmp_path))

@@ -140,6 +140,8 @@ class StepParts:
     overhead_bytes: int
     notes: Tuple[str, ...]
     norm_temp_bytes: int = 0  # DoRA's weight-norm temporaries: forward only (and recomputation)
+    # ... in a checkpointed forward, which keeps nothing for backward (None: the same)
+    norm_temp_unsaved_bytes: Optional[int] = None
     tied_sum_bytes: int = 0  # a trained tied embedding's two gradients and their sum, at the end of backward
     recomputes: bool = False  # gradient checkpointing re-runs each layer's forward in backward
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -154,6 +156,12 @@ class StepParts:
         """A layer's temporaries while it back-propagates: while it is recomputed (checkpointing) its forward
         temporaries come back; the MLP's gradient buffers come after."""
         return max(self.act.transient_bytes, self.dequant_bytes, self.norm_temp_bytes if self.recomputes else 0)
+
+    @property
+    def forward_norm_temp_bytes(self) -> int:
+        """DoRA's norm temporaries at their forward peak: a checkpointed forward saves nothing for backward."""
+        unsaved = self.norm_temp_unsaved_bytes
+        return unsaved if self.recomputes and unsaved is not None else self.norm_temp_bytes
 
     def held(self) -> Held:
         """What one GPU running the whole step holds besides activations. Gradient accumulation: from the
@@ -181,7 +189,7 @@ class StepParts:
         # first layer's all-gather lands beside the embedding output alone (which this leaves out).
         forward = h.persistent_bytes + h.accum_bytes + previous_out + max(act.saved_bytes + max(
             g.forward_end_bytes + act.logits_forward_bytes + act.autocast_cache_bytes + cache_extra,
-            g.layer_forward_bytes + max(self.dequant_bytes, self.norm_temp_bytes, act.layer_forward_bytes),
+            g.layer_forward_bytes + max(self.dequant_bytes, self.forward_norm_temp_bytes, act.layer_forward_bytes),
             g.all_gather_bytes), g.first_layer_bytes)
         layer_temp = self.layer_temp_bytes
         # Backward: at its start the loss gradients are alive with every saved activation; then each
@@ -271,6 +279,7 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
     # The largest dequantized weight alive at once (bitsandbytes dequantizes per matmul): NF4 to its bf16
     # compute dtype; int8 on the CPU (MatMul8bitFp) to its input's dtype, fp32 after kbit preparation.
     dequant = norm_temp = 0
+    norm_unsaved = None
     if setup.dtype in QUANTIZED:
         dequant = max(i * o for i, o, _ in shapes.values()) * (2 if setup.dtype == "nf4" else setup.act_bytes)
     if method.adapter.magnitude and setup.impl == "peft":
@@ -280,6 +289,9 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
         ad, a = FLOAT_BYTES[setup.adapter_dtype], setup.act_bytes
         norm_temp = max(ad * (i * i + i * rank + i * o * (3 + (1 if ad != a else 0)))
                         for i, o, _ in (shapes[t] for t in targets))
+        # Checkpointed, the forward keeps nothing for backward: eye(in) and A(eye) go as soon as B has read them,
+        # and the four out x in tensors are what meets
+        norm_unsaved = max(ad * i * o * (3 + (1 if ad != a else 0)) for i, o, _ in (shapes[t] for t in targets))
     elif method.adapter.magnitude:
         # lorabench's DoRALinear: ||W + s B A|| from one out x in addmm under no_grad.
         norm_temp = max(shapes[t][0] * shapes[t][1] for t in targets) * setup.act_bytes
@@ -305,7 +317,8 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
         head_grad_bytes=head_grads, dequant_bytes=dequant, tied_sum_bytes=tied_sum,
         act=estimate_activations(case),
         overhead_bytes=CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
-        notes=tuple(notes), norm_temp_bytes=norm_temp, recomputes=setup.grad_checkpointing,
+        notes=tuple(notes), norm_temp_bytes=norm_temp, norm_temp_unsaved_bytes=norm_unsaved,
+        recomputes=setup.grad_checkpointing,
         grad_accum=setup.grad_accum)
 
 

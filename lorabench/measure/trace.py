@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 from unittest import mock
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -24,7 +24,8 @@ from lorabench.estimator.case import Case
 from lorabench.estimator.params import count_params
 from lorabench.estimator.setup import DEFAULT_IMPL, QUANTIZED
 from lorabench.measure.builders import BUILDERS
-from lorabench.measure.probes import LiveTensorTracker, MemoryProbe
+from lorabench.measure.probes import MemoryProbe
+from lorabench.measure.segments import SegmentTracker, StepSegments
 from lorabench.measure.steps import forward_with_loss, stepper
 
 
@@ -78,11 +79,14 @@ def _stated_inputs():
         yield
 
 
-def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1) -> Dict[str, int]:
-    """built (its tensors fake ones of `mode`, or real CPU tensors with mode None) stepped `warmup` times, then once more with the memory read at the
-    phase boundaries (the bench's _memory_step); the FLOPs of the last warm-up step counted (torch.utils.
-    flop_counter: matrix products and attention, forward and backward). Adds flops and logits_bytes (the output head's last output, as it
-    is made; 0 where the loss takes the hidden states)."""
+def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
+                layers: Optional[List[torch.nn.Module]] = None) -> Dict:
+    """built (its tensors fake ones of `mode`, or real CPU tensors with mode None) stepped `warmup` times, then
+    once more with the memory read at the phase boundaries (the bench's _memory_step); the FLOPs of the last
+    warm-up step counted (torch.utils.flop_counter: matrix products and attention, forward and backward). Adds
+    flops, logits_bytes (the output head's last output, as it is made; 0 where the loss takes the hidden states)
+    and, given the decoder `layers`, segments: each segment's peak (measure.segments), which extrapolate in
+    depth where the phases' peaks may not."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from lorabench.measure.bench import _memory_step
@@ -92,8 +96,10 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1) -
     logits = {"bytes": 0}
     hook = head.register_forward_hook(
         lambda module, args, out: logits.update(bytes=out.untyped_storage().nbytes())) if head is not None else None
-    tracker = LiveTensorTracker("cpu")
+    tracker = SegmentTracker("cpu")
+    segments = StepSegments(tracker, setup.grad_accum)
     step, close = _stepper_on_fake(built, setup, device)
+    handles: list = []
     try:
         with mode or contextlib.nullcontext(), tracker, _stated_inputs():
             probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
@@ -103,13 +109,16 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1) -
             for i in range(warmup):
                 with counter if i == warmup - 1 else contextlib.nullcontext():
                     step(ids, lambda phase: None)
-            rec = _memory_step(built, step, ids, probe)
+            handles = segments.hooks(layers or [])
+            rec = _memory_step(built, step, ids, probe, settle=segments.settle)
     finally:
         close()
-        if hook is not None:
-            hook.remove()
+        for h in handles + ([hook] if hook is not None else []):
+            h.remove()
     rec["flops"] = int(counter.get_total_flops())
     rec["logits_bytes"] = logits["bytes"]
+    if layers:
+        rec["segments"] = dict(tracker.segment_peaks)
     return rec
 
 

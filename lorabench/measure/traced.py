@@ -31,6 +31,7 @@ from lorabench.estimator.tuner import Tuner
 from lorabench.measure.builders import LR, Built, _wrapped
 from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library_warnings, hf_config, \
     is_vision_language, libraries, optimizer, with_peft
+from lorabench.measure.segments import phase_peaks
 from lorabench.measure.trace import fake_tensors, trace_built
 from lorabench.models.raw import RawModel
 
@@ -110,23 +111,27 @@ class Model:
             else:
                 first[k] = i
         base = sorted(first.values())
+        if len(base) == 1 and second:  # a top and a bottom layer in every cut: the segments stay alike
+            base = sorted(base + list(second.values()))
+            third = next((i for i, k in enumerate(self.kinds) if k == self.kinds[base[0]] and i not in base), None)
+            return base, ([(base + [third], self.depth - 2)] if third is not None else [])
         more = [(sorted(base + [second[k]]), self.kinds.count(k) - 1) for k in first if k in second]
         return base, more
 
-    def cut(self, keep: Optional[Sequence[int]]) -> torch.nn.Module:
-        """A copy of the meta model with only the layers `keep` (all: None), in order."""
+    def cut(self, keep: Optional[Sequence[int]]) -> Tuple[torch.nn.Module, List[torch.nn.Module]]:
+        """A copy of the meta model with only the layers `keep` (all: None), in order; and those layers."""
         model = copy.deepcopy(self.model)
-        if keep is None:
-            return model
         parent, attr = self.where
         parent = dict(model.named_modules())[next(n for n, m in self.model.named_modules() if m is parent)]
         layers = getattr(parent, attr)
+        if keep is None:
+            return model, list(layers)
         setattr(parent, attr, torch.nn.ModuleList([layers[i] for i in keep]))
         config = getattr(parent, "config", None) or model.config.get_text_config()
         config.num_hidden_layers = len(keep)
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = [config.layer_types[i] for i in keep]
-        return model
+        return model, list(getattr(parent, attr))
 
 
 def _peft_error(exc: Exception, tuner: Tuner) -> LorabenchError:
@@ -171,8 +176,9 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
     """One trace of the layers `keep` (None: all): the step's measured fields, its FLOPs, its counts. real: the
     step run on full's real CPU tensors instead (the live-tensor tracker on real tensors), to hold a trace to."""
     mode = None if real else FakeTensorMode(allow_non_fake_inputs=True)
-    built, counts = _built(full.cut(keep), tuner, setup, mode)
-    out = trace_built(built, setup, mode)
+    model, layers = full.cut(keep)
+    built, counts = _built(model, tuner, setup, mode)
+    out = trace_built(built, setup, mode, layers=layers)
     out.update({k: v for k, v in counts.items() if k != "targets"})
     out["targets"] = counts.get("targets")
     return out
@@ -185,19 +191,28 @@ def count_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> Dict:
     libraries()
     full = Model(raw, setup)
     base = sum(p.numel() for p in {id(p): p for p in full.model.parameters()}.values())
-    built, counts = _built(full.cut(None), tuner, setup, None)
+    built, counts = _built(full.cut(None)[0], tuner, setup, None)
     shared = sum(b.numel() for n, b in built.model.named_buffers() if "vera_A" in n or "vera_B" in n)
     return {**counts, "base_params": base, "shared_buffer_numel": shared, "attention": full.attention,
             "notes": full.notes}
 
 
 def combine(first: Dict, more: Sequence[Tuple[Dict, int]]) -> Dict:
-    """The full depth: first + sum over kinds of n x (that kind's trace - first), field by field."""
+    """The full depth: first + sum over kinds of n x (that kind's trace - first), field by field, and segment by
+    segment (measure.segments); each phase's peak is then its segments' largest."""
     out = dict(first)
     for trace, n in more:
         for key, value in first.items():
             if isinstance(value, int) and not isinstance(value, bool):
                 out[key] += n * (trace[key] - value)
+    shared = [k for k in first.get("segments", {}) if all(k in t.get("segments", {}) for t, _ in more)]
+    if more and shared:
+        segments = {k: first["segments"][k] + sum(n * (t["segments"][k] - first["segments"][k]) for t, n in more)
+                    for k in shared}
+        for phase, peak in phase_peaks(segments).items():
+            out[f"measured_{phase}_peak_bytes"] = peak
+        out["measured_peak_bytes"] = max(phase_peaks(segments).values())
+        out["segments"] = segments
     return out
 
 
