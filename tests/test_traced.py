@@ -222,3 +222,25 @@ def test_a_vision_language_model_is_traced_on_text_with_its_tower_held():
     # r=8 on q (256 -> 256) and v (256 -> 128) in 2 text layers, and on q and v (128 -> 128) in 2 tower layers
     assert traced["trainable_params"] == 2 * 8 * (256 + 256 + 256 + 128) + 2 * 2 * 8 * (128 + 128)
     assert "vision-language model traced on text alone" in traced["notes"][-1]
+
+
+@pytest.mark.parametrize("dtype, kbit_prepare", [("nf4", False), ("nf4", True), ("int8", False)])
+def test_a_quantized_base_is_traced_within_bytes_of_the_real_qlora_step(dtype, kbit_prepare):
+    # the bench's real step loads the model through transformers' from_pretrained with BitsAndBytesConfig;
+    # the trace swaps the layers itself and quantizes fake weights with bitsandbytes' functions
+    from lorabench.estimator.case import Case
+    from lorabench.estimator.params import count_params
+    from lorabench.measure.bench import measure_case
+    from lorabench.models.hfwrite import hf_config_dict
+    from lorabench.models.presets import from_name
+
+    spec = from_name("tiny-llama")
+    setup = replace(SETUP, dtype=dtype, kbit_prepare=kbit_prepare, grad_checkpointing=kbit_prepare)
+    case = Case(spec, METHODS["lora"], 8, "all-linear", setup)
+    real = measure_case(replace(case, targets=count_params(spec, case.method, 8, "all-linear").targets),
+                        torch.device("cpu"), steps=1, warmup=1, impl="peft")
+    traced = trace_model(RawModel("tiny-llama", canonical(hf_config_dict(spec))),
+                         method_tuner(METHODS["lora"], 8, "llama", "all-linear", setup), setup)
+    for key in ("measured_weights_bytes",) + tuple(f"measured_{p}_peak_bytes" for p in PHASES):
+        assert abs(traced[key] - real[key]) <= 2048, key  # the real loader's code books: 64 to 1,232 bytes more
+    assert traced["measured_adapter_bytes"] == real["measured_adapter_bytes"]

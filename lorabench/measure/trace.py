@@ -17,7 +17,7 @@ from unittest import mock
 from typing import Dict, List, Optional
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.case import Case
@@ -36,6 +36,8 @@ def fake_tensors(mode: FakeTensorMode):
         made = {}  # id of the meta tensor -> its fake one: a tensor two modules share (tied embeddings) stays one
 
         def fake(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+            if isinstance(t, FakeTensor):  # made fake already (a quantized base's storage, measure.tracequant)
+                return t
             if id(t) not in made:
                 with mode:
                     new = torch.zeros(t.shape, dtype=t.dtype, device="cpu")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +33,7 @@ from lorabench.measure.builders import LR, Built, _wrapped
 from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library_warnings, hf_config, \
     is_vision_language, libraries, optimizer, with_peft
 from lorabench.measure.segments import phase_peaks
+from lorabench.measure.tracequant import fake_quantized, quantize_layers
 from lorabench.measure.trace import fake_tensors, trace_built
 from lorabench.models.raw import RawModel
 
@@ -82,8 +84,10 @@ class Model:
         self.name = raw.name
         config = hf_config(cfg, raw.name)
         attention = None if setup.attention == "auto" else setup.attention
+        # a quantized base is built in its compute dtype and quantized per trace (measure.tracequant)
+        built_as = replace(setup, dtype="bf16") if setup.dtype in QUANTIZED else setup
         with expected_library_warnings():
-            self.model = causal_lm(config, setup, torch.device(device), attention, raw.name)
+            self.model = causal_lm(config, built_as, torch.device(device), attention, raw.name)
         self.attention = self.model.config.get_text_config()._attn_implementation
         if is_vision_language(self.model):
             self.notes.append("a vision-language model traced on text alone: its vision tower and projector are "
@@ -144,6 +148,16 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup,
     """The cut model made ready to train (on fake tensors of `mode`; None: as it is): checkpointing, the tuner,
     the optimizer; and its counts."""
     _, peft = libraries()
+    quantized = setup.dtype in QUANTIZED
+    if quantized:
+        if mode is None:
+            raise LorabenchError("a quantized base is traced on fake tensors only; measure the real step with "
+                                 "'lorabench bench'.")
+        if tuner.config.get("use_dora"):
+            raise LorabenchError(f"DoRA on a {setup.dtype} base is not traced: PEFT computes its magnitude from the "
+                                 "dequantized weights as it initialises, which the meta device does not hold; the "
+                                 "analytic model answers for the described families.")
+        quantize_layers(model, setup.dtype)
     model = checkpointing(model, setup)
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     if tuner.config_json:
@@ -153,8 +167,15 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup,
         except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
             raise _peft_error(exc, tuner) from None
     model.train()
+    consts: List[torch.Tensor] = []
+
+    def fake(m: torch.nn.Module) -> torch.nn.Module:  # a quantized base's storage first, then every other tensor
+        consts.extend(fake_quantized(m, mode) if quantized else [])
+        return fake_tensors(mode)(m)
+
     # the base tensors told apart by id before the fake ones replace them, then found again by name
-    model, base, adapter = _wrapped(model, base_ids, fake_tensors(mode) if mode is not None else None)
+    model, base, adapter = _wrapped(model, base_ids, fake if mode is not None else None)
+    base += consts
     params = {id(p): p for p in model.parameters()}.values()
     counts = {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
               "total_params": sum(p.numel() for p in params)}
@@ -224,9 +245,6 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
         LorabenchError: what cannot be traced (a quantized base, a loss the CPU cannot run), or what
             transformers or PEFT refuse, in one line.
     """
-    if setup.dtype in QUANTIZED:
-        raise LorabenchError(f"a {setup.dtype} base is not traced yet (bitsandbytes' storage layout without its "
-                             "kernels); the analytic model answers for the described families.")
     if setup.loss == "fused-linear":
         raise LorabenchError("--loss fused-linear runs Liger's Triton kernels, which a trace on the CPU does not "
                              "run; the analytic model answers for the described families.")
