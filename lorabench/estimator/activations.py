@@ -190,7 +190,19 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
         transient_bytes=transient, logits_held_bytes=held, logits_forward_bytes=fwd, logits_backward_bytes=bwd,
         logits_after_forward_bytes=after, cache_bytes=cache, layer_forward_bytes=layer_forward,
         final_norm_bytes=t * final + head_cast, autocast_cache_bytes=autocast_cache, cache_extra_bytes=cache_k_extra,
-        graph_backward_bytes=graph_held, graph_step_bytes=graph_held if setup.loop == "plain" else 0)
+        graph_backward_bytes=graph_held,
+        graph_step_bytes=(graph_held + _checkpoint_inputs_held(case)) if setup.loop == "plain" else 0)
+
+
+def _checkpoint_inputs_held(case: Case) -> int:
+    """Checkpointed transformers layers under the plain loop: the output the loop keeps references the step's
+    graph, whose first checkpoint still holds its input (the embeddings' output) and the detached copy it ran on
+    (torch.utils.checkpoint, non-reentrant), alive through the optimizer step (measured by the trace: 2 x tokens
+    x d activations whatever the depth, tests/test_audit.py)."""
+    setup = case.setup
+    if not (setup.grad_checkpointing and setup.impl == "peft"):
+        return 0
+    return 2 * setup.act_bytes * case.spec.hidden_size * setup.tokens
 
 
 def _trainable_casts(case: Case) -> int:

@@ -144,6 +144,7 @@ class StepParts:
     norm_temp_unsaved_bytes: Optional[int] = None
     tied_sum_bytes: int = 0  # a trained tied embedding's two gradients and their sum, at the end of backward
     recomputes: bool = False  # gradient checkpointing re-runs each layer's forward in backward
+    num_layers: int = 1  # decoder layers: the bottom layer's backward has every other layer's gradients
     grad_accum: int = 1  # micro-batches per optimizer step
 
     @property
@@ -195,11 +196,16 @@ class StepParts:
         # Backward: at its start the loss gradients are alive with every saved activation; then each
         # layer's activations are freed as its gradients appear, so the peak is at one end (or at the
         # first layer, where recomputation and the largest gradient buffers meet).
+        # Checkpointed, the bottom layer is recomputed while every other layer's gradients are alive: where
+        # recomputation is large (PEFT's merged experts) that moment is backward's peak
+        bottom = (h.grads_bytes - h.grads_bytes // max(self.num_layers, 1) + act.recompute_bytes + layer_temp
+                  + act.logits_held_bytes + act.cache_bytes - kept_extra) if self.recomputes else 0
         backward = h.persistent_bytes + kept_extra + max(
             g.backward_start_bytes + act.saved_bytes + act.logits_backward_bytes + h.accum_bytes,
             g.layer_backward_bytes + act.saved_bytes - act.final_norm_bytes + act.logits_held_bytes
             + h.backward_grads_bytes + act.recompute_bytes + layer_temp,
             h.end_grads_bytes + act.logits_held_bytes + act.cache_bytes + act.graph_backward_bytes - kept_extra,
+            bottom,
         )
         optimizer = (h.persistent_bytes + h.grads_bytes + act.logits_held_bytes + act.cache_bytes
                      + act.graph_step_bytes + h.optimizer_temp_bytes)
@@ -289,9 +295,10 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
         ad, a = FLOAT_BYTES[setup.adapter_dtype], setup.act_bytes
         norm_temp = max(ad * (i * i + i * rank + i * o * (3 + (1 if ad != a else 0)))
                         for i, o, _ in (shapes[t] for t in targets))
-        # Checkpointed, the forward keeps nothing for backward: eye(in) and A(eye) go as soon as B has read them,
-        # and the four out x in tensors are what meets
-        norm_unsaved = max(ad * i * o * (3 + (1 if ad != a else 0)) for i, o, _ in (shapes[t] for t in targets))
+        # Checkpointed, the forward keeps nothing for backward: eye(in) lives until B(A(eye)) is made (while
+        # get_lora_weight returns), then the four out x in tensors meet
+        norm_unsaved = max(ad * max(i * i + i * rank + i * o, i * o * (3 + (1 if ad != a else 0)))
+                           for i, o, _ in (shapes[t] for t in targets))
     elif method.adapter.magnitude:
         # lorabench's DoRALinear: ||W + s B A|| from one out x in addmm under no_grad.
         norm_temp = max(shapes[t][0] * shapes[t][1] for t in targets) * setup.act_bytes
@@ -318,7 +325,7 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
         act=estimate_activations(case),
         overhead_bytes=CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
         notes=tuple(notes), norm_temp_bytes=norm_temp, norm_temp_unsaved_bytes=norm_unsaved,
-        recomputes=setup.grad_checkpointing,
+        recomputes=setup.grad_checkpointing, num_layers=spec.num_layers,
         grad_accum=setup.grad_accum)
 
 
