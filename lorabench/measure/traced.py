@@ -23,7 +23,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
@@ -166,7 +166,13 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
     step run on full's real CPU tensors instead (the live-tensor tracker on real tensors), to hold a trace to."""
     mode = None if real else FakeTensorMode(allow_non_fake_inputs=True)
     built, counts = _built(full.cut(keep), tuner, setup, mode)
-    out = trace_built(built, setup, mode)
+    try:
+        out = trace_built(built, setup, mode)
+    except (DataDependentOutputException, DynamicOutputShapeException) as exc:
+        # an op whose output's shape or value is the data's (.item(), nonzero): e.g. experts run one by one
+        # over the tokens routed to each (DBRX, JetMoE), where the real step's memory depends on the tokens
+        raise LorabenchError(f"{full.name} cannot be traced: its step reads values that fake tensors do not "
+                             f"hold ({exc.func}), so what it allocates depends on the data.") from None
     out.update({k: v for k, v in counts.items() if k != "targets"})
     out["targets"] = counts.get("targets")
     return out
@@ -187,8 +193,8 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
     counts, and how it was found (layers traced, kinds, seconds, notes).
 
     Raises:
-        LorabenchError: what cannot be traced (a quantized base, a loss the CPU cannot run), or what
-            transformers or PEFT refuse, in one line.
+        LorabenchError: what cannot be traced (a quantized base, a loss the CPU cannot run, a step that reads
+            its data), or what transformers or PEFT refuse, in one line.
     """
     if setup.dtype in QUANTIZED:
         raise LorabenchError(f"a {setup.dtype} base is not traced yet (bitsandbytes' storage layout without its "
