@@ -1,5 +1,5 @@
 """The tracing engine (lorabench.measure.traced) across the model types transformers builds and lorabench has no
-description of: each small config built by transformers on the meta device and traced, its parameter counts held
+description of (and Qwen2-MoE, which it has): each small config built by transformers on the meta device and traced, its parameter counts held
 to transformers' own build and PEFT's own count, its per-phase peaks held to the same step run on real CPU tensors
 (measure.traced.trace_once(real=True): random weights, the live-tensor tracker). docs/coverage.md
 (scripts/coverage.py) lists every model type of transformers' mappings; this file holds the engine to the real
