@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
@@ -199,7 +199,13 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
     mode = None if real else FakeTensorMode(allow_non_fake_inputs=True)
     model, layers = full.cut(keep)
     built, counts = _built(model, tuner, setup, mode)
-    out = trace_built(built, setup, mode, layers=layers)
+    try:
+        out = trace_built(built, setup, mode, layers=layers)
+    except (DataDependentOutputException, DynamicOutputShapeException) as exc:
+        # an op whose output's shape or value is the data's (.item(), nonzero): e.g. experts run one by one
+        # over the tokens routed to each (DBRX, JetMoE), where the real step's memory depends on the tokens
+        raise LorabenchError(f"{full.name} cannot be traced: its step reads values that fake tensors do not "
+                             f"hold ({exc.func}), so what it allocates depends on the data.") from None
     out.update({k: v for k, v in counts.items() if k != "targets"})
     out["targets"] = counts.get("targets")
     return out
@@ -242,8 +248,8 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
     counts, and how it was found (layers traced, kinds, seconds, notes).
 
     Raises:
-        LorabenchError: what cannot be traced (a quantized base, a loss the CPU cannot run), or what
-            transformers or PEFT refuse, in one line.
+        LorabenchError: what cannot be traced (a quantized base, a loss the CPU cannot run, a step that reads
+            its data), or what transformers or PEFT refuse, in one line.
     """
     if setup.loss == "fused-linear":
         raise LorabenchError("--loss fused-linear runs Liger's Triton kernels, which a trace on the CPU does not "
