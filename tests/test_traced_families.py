@@ -125,8 +125,6 @@ FUSED_EXPERTS = {"deepseek_v2", "deepseek_v3", "glm4_moe", "hunyuan_v1_moe", "mi
 DBRX = dict(d_model=256, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=1024,
             attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
             ffn_config=dict(ffn_hidden_size=512, moe_num_experts=4, moe_top_k=2))
-BLENDERBOT = dict(d_model=256, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
-                  decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, vocab_size=1024)
 MAMBA_PEFT = "PEFT refuses LoRA on a Mamba mixer's out_proj and conv1d"
 ROUTER_PEFT = "PEFT's all-linear wraps {}, an nn.Linear whose forward returns a tuple, and PEFT's forward fails"
 REFUSED = {
@@ -134,18 +132,13 @@ REFUSED = {
              "DbrxExperts runs each expert on the tokens routed to it: torch.nonzero, a shape the data decides"),
     "jetmoe": ("jetmoe", dict(SMALL, kv_channels=64, **EXPERTS), "lora", "all-linear", LorabenchError,
                "JetMoE's router reads the experts' loads with .tolist() (aten._local_scalar_dense)"),
-    "llama4_text all-linear": ("llama4_text", None, "lora", "all-linear", AttributeError,
+    "llama4_text all-linear": ("llama4_text", None, "lora", "all-linear", LorabenchError,
                                ROUTER_PEFT.format("Llama4Router")),
-    "phimoe all-linear": ("phimoe", None, "lora", "all-linear", AttributeError, ROUTER_PEFT.format("PhimoeRouter")),
+    "phimoe all-linear": ("phimoe", None, "lora", "all-linear", LorabenchError, ROUTER_PEFT.format("PhimoeRouter")),
     "falcon_h1 all-linear": ("falcon_h1", None, "lora", "all-linear", LorabenchError, MAMBA_PEFT),
     "mamba all-linear": ("mamba", None, "lora", "all-linear", LorabenchError, MAMBA_PEFT),
     "olmoe dora all-linear": ("olmoe", None, "dora", "all-linear", LorabenchError,
                               "PEFT's lora.ParamWrapper (LoRA on fused experts) does not take use_dora"),
-    "blenderbot": ("blenderbot", BLENDERBOT, "lora", "all-linear", LorabenchError,
-                   "the engine reads the depth from num_hidden_layers, which an encoder-decoder config aliases to "
-                   "encoder_layers: BlenderbotForCausalLM's 3 decoder layers are not found"),
-    "llava": ("llava", dict(text_config=dict(SMALL, model_type="llama")), "lora", "all-linear", LorabenchError,
-              "image-text-to-text only: the engine builds with AutoModelForCausalLM, whose mapping has no llava"),
 }
 # The types whose traced peaks equal the real step's to the byte, held to that; any other is held to TOLERANCE.
 # All 41 are byte-exact in every phase (transformers 5.25, PEFT 0.21.2, torch 2.13 CPU): LoRA on all-linear and

@@ -43,9 +43,9 @@ KIND_ATTRIBUTES = ("attention_type", "layer_type", "is_sliding", "sliding_window
 Progress = Callable[[str], None]
 
 
-def _decoder_layers(model: torch.nn.Module, depth: int) -> Tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+def _decoder_layers(model: torch.nn.Module, depth: int, quiet: bool = False):
     """(parent, attribute, list) of the language model's decoder layers: the ModuleList of `depth` modules,
-    the vision tower's left out."""
+    the vision tower's left out (quiet: None where there is none)."""
     found = []
     for name, module in model.named_modules():
         for attr, child in module.named_children():
@@ -53,6 +53,8 @@ def _decoder_layers(model: torch.nn.Module, depth: int) -> Tuple[torch.nn.Module
                 found.append((f"{name}.{attr}", module, attr, child))
     text = [f for f in found if not any(w in f[0].lower() for w in ("vision", "visual", "audio", "image"))]
     if not (text or found):
+        if quiet:
+            return None
         raise LorabenchError(f"cannot find the model's {depth} decoder layers to trace.")
     _, parent, attr, layers = (text or found)[0]
     return parent, attr, layers
@@ -95,7 +97,9 @@ class Model:
                               "tower's activations are not traced yet, and a trained tower part gets no gradient "
                               "or optimizer state here.")
         text = self.model.config.get_text_config()
-        self.depth = int(text.num_hidden_layers)
+        # an encoder-decoder's config aliases num_hidden_layers to encoder_layers; its causal LM is the decoder
+        depths = [d for d in (text.num_hidden_layers, getattr(text, "decoder_layers", None)) if isinstance(d, int)]
+        self.depth = next((d for d in depths if _decoder_layers(self.model, d, quiet=True)), depths[0])
         parent, attr, layers = _decoder_layers(self.model, self.depth)
         self.where = (parent, attr)
         types = getattr(getattr(parent, "config", text), "layer_types", None)
@@ -133,6 +137,8 @@ class Model:
         setattr(parent, attr, torch.nn.ModuleList([layers[i] for i in keep]))
         config = getattr(parent, "config", None) or model.config.get_text_config()
         config.num_hidden_layers = len(keep)
+        if getattr(config, "decoder_layers", None) == self.depth:  # an encoder-decoder's decoder
+            config.decoder_layers = len(keep)
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = [config.layer_types[i] for i in keep]
         return model, list(getattr(parent, attr))
@@ -206,6 +212,12 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
         # over the tokens routed to each (DBRX, JetMoE), where the real step's memory depends on the tokens
         raise LorabenchError(f"{full.name} cannot be traced: its step reads values that fake tensors do not "
                              f"hold ({exc.func}), so what it allocates depends on the data.") from None
+    except (AttributeError, TypeError, ValueError, IndexError, NotImplementedError, RuntimeError) as exc:
+        # transformers or PEFT failing on this step (PEFT's all-linear wrapping a router whose forward returns a
+        # tuple: Llama 4, PhiMoE): theirs to fix, said in one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise LorabenchError(f"{full.name}: transformers + PEFT fail on this step ({type(exc).__name__}: {first}); "
+                             "other targets (-t q_proj,v_proj) may avoid it.") from None
     out.update({k: v for k, v in counts.items() if k != "targets"})
     out["targets"] = counts.get("targets")
     return out
