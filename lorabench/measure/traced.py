@@ -144,6 +144,28 @@ class Model:
         return model, list(getattr(parent, attr))
 
 
+# LoRA initialisations that read the base weights (an SVD, a quantisation error, activations): they change values,
+# not shapes or what a step keeps, and the meta device holds no values
+DATA_INITS = ("pissa", "olora", "loftq", "eva", "corda")
+
+
+def _shape_init(config: Dict) -> Dict:
+    """config with a LoRA initialisation that reads the weights (DATA_INITS) replaced by LoRA's default."""
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(DATA_INITS):
+        return dict(config, init_lora_weights=True)
+    return config
+
+
+def init_note(tuner: Tuner) -> str:
+    """What a trace says of a tuner initialised from the weights (_shape_init), else ""."""
+    init = tuner.config.get("init_lora_weights") if tuner.config_json else None
+    if isinstance(init, str) and init.lower().startswith(DATA_INITS):
+        return (f"PEFT's {init} initialisation reads the base weights; it sets values, not shapes or what a step "
+                "keeps: traced with LoRA's default initialisation.")
+    return ""
+
+
 def _peft_error(exc: Exception, tuner: Tuner) -> LorabenchError:
     text = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
     return LorabenchError(f"PEFT cannot apply {tuner.name} ({tuner.source}): {text}")
@@ -168,7 +190,7 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup,
     base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     if tuner.config_json:
         try:
-            config = peft.PeftConfig.from_peft_type(**tuner.config)
+            config = peft.PeftConfig.from_peft_type(**_shape_init(tuner.config))
             model = with_peft(model, config, tuner.freeze_a, setup.adapter_dtype)
         except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
             raise _peft_error(exc, tuner) from None
@@ -282,7 +304,8 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
     out = combine(first, extra)
     out.update({"layers_traced": sorted({len(k) for k, _ in more} | {len(first_cut) if first_cut else full.depth}),
                 "layer_kinds": kinds, "depth": full.depth, "attention": full.attention,
-                "trace_seconds": round(time.perf_counter() - started, 2), "notes": full.notes})
+                "trace_seconds": round(time.perf_counter() - started, 2),
+                "notes": full.notes + [n for n in (init_note(tuner),) if n]})
     return out
 
 
