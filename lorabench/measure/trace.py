@@ -56,13 +56,20 @@ def fake_tensors(mode: FakeTensorMode):
 
 
 def _stepper_on_fake(built, setup, device):
-    """measure.steps.stepper for fake tensors: Trainer's move of the model to the CPU (where it is) is skipped,
-    because Module.to swaps fake parameters, which they refuse."""
+    """measure.steps.stepper for fake tensors: Trainer's move of the model to the CPU (where it is) is skipped, and
+    accelerate's (under autocast) too, because Module.to swaps fake parameters, which they refuse."""
     if setup.loop != "trainer":
         return stepper(built, setup, device)
+    import accelerate
     import transformers
 
-    with mock.patch.object(transformers.Trainer, "_move_model_to_device", lambda self, model, device: None):
+    prepare = accelerate.Accelerator.prepare_model
+
+    def in_place(self, model, device_placement=None, evaluation_mode=False):  # autocast: the model stays put
+        return prepare(self, model, device_placement=False, evaluation_mode=evaluation_mode)
+
+    with mock.patch.object(transformers.Trainer, "_move_model_to_device", lambda self, model, device: None), \
+            mock.patch.object(accelerate.Accelerator, "prepare_model", in_place):
         return stepper(built, setup, device)
 
 

@@ -33,6 +33,7 @@ from lorabench.measure.builders import LR, Built, _wrapped
 from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library_warnings, hf_config, \
     is_vision_language, libraries, optimizer, with_peft
 from lorabench.measure.segments import phase_peaks
+from lorabench.measure.steps import forward_with_loss
 from lorabench.measure.tracequant import fake_quantized, quantize_layers
 from lorabench.measure.trace import fake_tensors, trace_built
 from lorabench.models.raw import RawModel
@@ -227,6 +228,11 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
     mode = None if real else FakeTensorMode(allow_non_fake_inputs=True)
     model, layers = full.cut(keep)
     built, counts = _built(model, tuner, setup, mode)
+    if setup.loss != "standard":  # the chunked loss from the final hidden states, as the bench runs it
+        if getattr(model.config.get_text_config(), "final_logit_softcapping", None):
+            raise LorabenchError(f"--loss chunked does not soft-cap the logits as {full.name} does "
+                                 "(final_logit_softcapping); use --loss standard.")
+        built = forward_with_loss(built, None, setup, torch.device("cpu"), "peft")
     try:
         out = trace_built(built, setup, mode, layers=layers)
     except (DataDependentOutputException, DynamicOutputShapeException) as exc:
@@ -289,7 +295,18 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
         raise LorabenchError("--loss fused-linear runs Liger's Triton kernels, which a trace on the CPU does not "
                              "run; the analytic model answers for the described families.")
     started = time.perf_counter()
-    libraries()
+    transformers, _ = libraries()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its deprecation and config notices are not the user's to act on
+    try:
+        out = _trace_model(raw, tuner, setup, progress)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    out["trace_seconds"] = round(time.perf_counter() - started, 2)
+    return out
+
+
+def _trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Progress) -> Dict:
     progress(f"building {raw.name} on the meta device")
     full = Model(raw, setup)
     first_cut, more = full.plans()
@@ -304,7 +321,6 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
     out = combine(first, extra)
     out.update({"layers_traced": sorted({len(k) for k, _ in more} | {len(first_cut) if first_cut else full.depth}),
                 "layer_kinds": kinds, "depth": full.depth, "attention": full.attention,
-                "trace_seconds": round(time.perf_counter() - started, 2),
                 "notes": full.notes + [n for n in (init_note(tuner),) if n]})
     return out
 
