@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
 from lorabench.estimator.fit import overflow
 from lorabench.estimator.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
+from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import PHASES, TrainingSetup
 from lorabench.estimator.tuner import Tuner
 from lorabench.gpus import GPU, GPUS
@@ -33,8 +34,17 @@ def _depth_note(result: Dict) -> str:
             f"({kinds} kind{'s' if kinds > 1 else ''}; each kind's layers hold and save alike).")
 
 
-def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, notes: List[str]) -> Dict:
-    """The memory row of one traced step (no GPU fields: gpu_fields adds them)."""
+def _rank_note(parallel: Parallel) -> str:
+    if parallel.single:
+        return ""
+    return (f"rank 0 of {parallel.gpus} under {parallel.sharding}, traced in a fake process group (torch's \"fake\" "
+            "backend: collectives keep their shapes, move nothing); the memory fields are its own. Collectives "
+            "are not counted: the comm_* fields stay 0.")
+
+
+def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, notes: List[str],
+               parallel: Parallel = Parallel()) -> Dict:
+    """The memory row of one traced step, rank 0's under parallel (no GPU fields: gpu_fields adds them)."""
     peaks = {p: result[f"measured_{p}_peak_bytes"] for p in PHASES}
     phase = max(peaks, key=peaks.get)
     overhead = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0
@@ -54,14 +64,14 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "overhead_bytes": overhead, "forward_peak_bytes": peaks["forward"], "backward_peak_bytes": peaks["backward"],
         "optimizer_peak_bytes": peaks["optimizer"], "peak_bytes": peaks[phase], "peak_phase": phase,
         "device_bytes": peaks[phase] + overhead, "updates_base_weights": tuner.updates_base,
-        "notes": list(dict.fromkeys(notes + list(result.get("notes", ())) + [_depth_note(result), ASSUMED] + (
+        "notes": list(dict.fromkeys(notes + list(result.get("notes", ())) + [_depth_note(result), _rank_note(parallel), ASSUMED] + (
             [FOREACH] if setup.device == "cuda" else []))),
         "batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
         "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing, "loop": setup.loop,
         "autocast": setup.autocast, "grad_accum": setup.grad_accum, "tokens_per_step": tokens, "loss": setup.loss,
         "kbit_prepare": setup.kbit_prepare, "max_positions": None,
         "step_flops": result["flops"] * setup.grad_accum, "flops_per_token": result["flops"] / setup.tokens,
-        "gpus": 1, "sharding": "none", "cpu_offload": False, "bucket_bytes": 0, "gather_bytes": 0,
+        "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload, "bucket_bytes": 0, "gather_bytes": 0,
         "reduce_scatter_bytes": 0, "cpu_offload_bytes": 0, "comm_all_gather_bytes": 0,
         "comm_reduce_scatter_bytes": 0, "comm_all_reduce_bytes": 0, "comm_bytes": 0,
         "attention": result["attention"], "layers_traced": result["layers_traced"],
@@ -83,20 +93,21 @@ def gpu_fields(row: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[fl
         row["smallest_gpu"] = min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
         return
     fits = need <= gpu.memory_bytes
+    single = row["sharding"] == "none"  # else the row is rank 0's of row["gpus"]: the counts of others untraced
     eff = MATMUL_EFFICIENCY if mfu is None else mfu
     fp32 = setup.dtype == "fp32" and not setup.autocast
     rate = (gpu.fp32_flops if fp32 else gpu.bf16_flops) * eff
     step_s = row["step_flops"] / rate if rate else None
     name, big, _ = overflow(row, gpu.memory_bytes)
     row.update({"gpu": gpu.name, "gpu_memory_bytes": gpu.memory_bytes, "fits": fits,
-                "gpus_needed": 1 if fits else None, "per_gpu_bytes": need, "allowance_fraction": allowance,
+                "gpus_needed": (1 if single else row["gpus"]) if fits else None, "per_gpu_bytes": need, "allowance_fraction": allowance,
                 "allowance_bytes": int(allowance * peak), "spare_bytes": gpu.memory_bytes - need,
                 "mfu": eff if step_s else None, "matmul_efficiency": eff,
                 "step_ms": step_s * 1000 if step_s else None,
                 "tokens_per_s": row["tokens_per_step"] / step_s if step_s else None,
                 "step_ms_forward": None, "step_ms_backward": None, "step_ms_optimizer": None,
                 "step_ms_matmul": step_s * 1000 if step_s else None, "step_ms_memory": None, "step_ms_overhead": None,
-                "gpus_needed_ddp": 1 if fits else None, "gpus_needed_zero2": None, "gpus_needed_fsdp": None,
+                "gpus_needed_ddp": 1 if fits and single else None, "gpus_needed_zero2": None, "gpus_needed_fsdp": None,
                 "link": None, "link_bytes_s": None, "comm_ms": 0.0,
                 "step_ms_no_overlap": step_s * 1000 if step_s else None,
                 "step_ms_overlap": step_s * 1000 if step_s else None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from lorabench.errors import LorabenchError
+from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.traced_rows import gpu_fields, traced_row
 from lorabench.estimator.tuner import Tuner, file_tuner, method_tuner
@@ -21,6 +22,7 @@ from lorabench.models.spec import ModelSpec
 from lorabench.spelling import option
 
 ENGINES = ("auto", "analytic", "trace")
+TRACED_SHARDINGS = ("zero2", "fsdp")  # rank 0 traced in a fake process group (measure.fakerank)
 Note = Callable[[str], None]
 
 
@@ -64,9 +66,34 @@ def tuners(raw: RawModel, methods: Sequence[Method], from_all: bool, ranks: Sequ
     return out
 
 
-def trace_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Note) -> Dict:
-    """The trace of one step: from the cache, else traced now (and kept)."""
-    key = tracecache.trace_key(raw, tuner, setup)
+def not_traced(sharding: str) -> str:
+    """Why `sharding` is not traced, in one line (measure.fakerank says more)."""
+    why = " (DDP's C++ Reducer allocates its gradient buckets outside the fake tensors)" if sharding == "ddp" else ""
+    return f"{option('sharding', sharding)} is not traced{why}; traced: {', '.join(TRACED_SHARDINGS)}."
+
+
+def check_parallel(parallel: Parallel, setup: TrainingSetup) -> None:
+    """Refuse, in one line each, the data-parallel steps the tracing engine does not trace.
+
+    Raises:
+        LorabenchError: DDP, --cpu-offload, or a loss computed outside the model's forward.
+    """
+    if parallel.single:
+        return
+    if parallel.cpu_offload:
+        raise LorabenchError(f"{option('cpu_offload')} is not traced: FSDP2's CPUOffloadPolicy moves tensors "
+                             "between devices, which one CPU trace cannot tell apart.")
+    if parallel.sharding not in TRACED_SHARDINGS:
+        raise LorabenchError(not_traced(parallel.sharding))
+    if setup.loss != "standard":
+        raise LorabenchError(f"{option('loss', setup.loss)} computes the loss outside the model's forward, which "
+                             "fully_shard wraps: a sharded step is traced with the standard loss.")
+
+
+def trace_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Note,
+                 parallel: Parallel = Parallel()) -> Dict:
+    """The trace of one step (rank 0's under parallel): from the cache, else traced now (and kept)."""
+    key = tracecache.trace_key(raw, tuner, setup, parallel=parallel)
     found = tracecache.load(key)
     if found is not None:
         found["cached"] = True
@@ -74,7 +101,7 @@ def trace_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: No
     require("trace", f"tracing {raw.name}")
     from lorabench.measure.traced import trace_model
 
-    result = trace_model(raw, tuner, setup, progress)
+    result = trace_model(raw, tuner, setup, progress, sharding=parallel.sharding, gpus=parallel.gpus)
     tracecache.store(key, result)
     return result
 
@@ -119,19 +146,21 @@ def traced_param_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Metho
 
 def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool, ranks: Sequence[int],
                 targets, setup: TrainingSetup, peft_config: Optional[str], gpu: Optional[GPU],
-                mfu: Optional[float], allowance: float, note: Note, progress: Note = lambda s: None) -> List[Dict]:
-    """`memory` rows of a traced model, one per tuner, with the GPU's verdict."""
+                mfu: Optional[float], allowance: float, note: Note, progress: Note = lambda s: None,
+                parallel: Parallel = Parallel()) -> List[Dict]:
+    """`memory` rows of a traced model, one per tuner, with the GPU's verdict; under parallel, rank 0's."""
+    check_parallel(parallel, setup)
     raw = as_raw(model)
     notes = list(raw.notes)
     if isinstance(model, RawModel):
         notes.append(f"{raw.model_type} has no description in lorabench: traced.")
     rows = []
     for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
-        row = traced_row(raw.name, tuner, trace_result(raw, tuner, setup, progress), setup, notes)
+        row = traced_row(raw.name, tuner, trace_result(raw, tuner, setup, progress, parallel), setup, notes, parallel)
         gpu_fields(row, gpu, allowance, mfu, setup)
         rows.append(row)
     return rows
 
 
-__all__ = ["ENGINES", "is_traced", "as_raw", "tuners", "trace_result", "count_result", "traced_param_rows",
+__all__ = ["ENGINES", "TRACED_SHARDINGS", "not_traced", "check_parallel", "is_traced", "as_raw", "tuners", "trace_result", "count_result", "traced_param_rows",
            "traced_rows"]

@@ -17,7 +17,7 @@ dispatcher, so a TorchDispatchMode sees every one with its tensors (checked: tor
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,15 +44,16 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
     raise LorabenchError(f"no decoder layers found in {type(model).__name__} to shard one by one.")
 
 
-def apply_fsdp(model: torch.nn.Module, reshard_after_forward: bool = True) -> torch.nn.Module:
-    """FSDP2 on `model` in place: fully_shard each decoder layer, then the root (embeddings, final norm, head
+def apply_fsdp(model: torch.nn.Module, reshard_after_forward: bool = True,
+               layers: Optional[Sequence[torch.nn.Module]] = None) -> torch.nn.Module:
+    """FSDP2 on `model` in place: fully_shard each decoder layer (`layers`, else decoder_layers(model)), then the root (embeddings, final norm, head
     and anything no layer holds). Each layer is one all-gather and one reduce-scatter group. The root gets
     fully_shard's default, so that FSDPState._lazy_init keeps it gathered from forward to backward (it would
     be all-gathered again at once); given reshard_after_forward=True explicitly, it would be resharded and
     gathered twice. Returns model (fully_shard changes its class in place)."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model) if layers is None else layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
     fully_shard(model)
     return model
@@ -68,12 +69,14 @@ def apply_ddp(model: torch.nn.Module, device: Optional[torch.device] = None) -> 
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def parallelize(model: torch.nn.Module, sharding: str, device: torch.device) -> torch.nn.Module:
-    """model under `sharding` (SHARDINGS): what to call for forward. none returns model as it is."""
+def parallelize(model: torch.nn.Module, sharding: str, device: torch.device,
+                layers: Optional[Sequence[torch.nn.Module]] = None) -> torch.nn.Module:
+    """model under `sharding` (SHARDINGS): what to call for forward. none returns model as it is. layers: the
+    decoder layers FSDP shards one by one, where decoder_layers cannot find them (any transformers family)."""
     if sharding == "fsdp":
-        return apply_fsdp(model)
+        return apply_fsdp(model, layers=layers)
     if sharding == "zero2":
-        return apply_fsdp(model, reshard_after_forward=False)
+        return apply_fsdp(model, reshard_after_forward=False, layers=layers)
     if sharding == "ddp":
         return apply_ddp(model, device)
     if sharding == "none":

@@ -65,8 +65,9 @@ class LiveTensorTracker(TorchDispatchMode):
 
         def resize_(storage, size):
             out = original(storage, size)
-            if storage.device.type != "meta" and (not tracker.device_type
-                                                  or storage.device.type == tracker.device_type):
+            # a fake tensor's storage is a meta one: counted when the tracker already holds it
+            if storage._cdata in tracker._live or (storage.device.type != "meta" and (
+                    not tracker.device_type or storage.device.type == tracker.device_type)):
                 tracker._track_storage(storage)
             return out
 

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional
 
+from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.tuner import Tuner
 from lorabench.models.raw import RawModel
@@ -61,11 +62,15 @@ def _code() -> str:
     return digest.hexdigest()
 
 
-def trace_key(raw: RawModel, tuner: Tuner, setup: TrainingSetup, kind: str = "trace") -> str:
-    """The cache key of a trace (module docstring); kind "counts" for the parameter counts alone."""
+def trace_key(raw: RawModel, tuner: Tuner, setup: TrainingSetup, kind: str = "trace",
+              parallel: Parallel = Parallel()) -> str:
+    """The cache key of a trace (module docstring); kind "counts" for the parameter counts alone. parallel:
+    rank 0's step under a strategy (one GPU's keys, which leave it out, stay as they were)."""
     fields = {k: v for k, v in asdict(setup).items() if k not in SETUP_IGNORED}
     what = {"format": FORMAT, "kind": kind, "config": raw.config_json, "tuner": asdict(tuner), "setup": fields,
             "versions": _versions(), "code": _code()}
+    if not parallel.single:
+        what["parallel"] = asdict(parallel)
     what["tuner"].pop("source", None)  # the same config from another path is the same trace
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
