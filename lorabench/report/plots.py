@@ -11,8 +11,11 @@ stays sharp on a high-density one. Axes where a length is a size start at zero.
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from lorabench.safety.signals import signals_deferred
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -333,8 +336,14 @@ CAPTIONS = {
 
 
 def render_plots(rows: Sequence[Dict]) -> Dict[str, Optional[Image]]:
-    """Every figure of the report (None where a figure has nothing to show)."""
-    from matplotlib import rc_context
+    """Every figure of the report (None where a figure has nothing to show). matplotlib (and numpy under it) is
+    imported with SIGINT and SIGTERM held back: a Ctrl-C inside a C extension's import can abort the process or
+    kill it by the signal after the interruption was reported (the kill harness found both), instead of the exit
+    code 130 the report's other moments give."""
+    with signals_deferred():
+        for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):  # what _figure imports
+            importlib.import_module(module)
+        from matplotlib import rc_context
 
     with rc_context(STYLE):
         return {"trainable_params": trainable_params(rows), "memory_components": memory_components(rows),
