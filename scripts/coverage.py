@@ -72,14 +72,14 @@ TOWERS = ("vision", "audio", "vq", "image", "speech", "encoder", "sam", "qformer
 # (cause, a pattern of its refusals, what it means): docs/coverage.md counts the refusals by cause
 CAUSES = [
     ("image-text-to-text only", r"Unrecognized configuration class",
-     "The engine builds with `AutoModelForCausalLM`; the causal-LM mapping does not list the type (its language "
-     "model's own model_type, e.g. `llama` inside `llava`, is traced)."),
+     "Neither `AutoModelForCausalLM` nor `AutoModelForImageTextToText` builds the type from its config (Evolla: a "
+     "protein-language model)."),
     ("PEFT: Mamba mixers", r"incompatible with Mamba-based models",
      "PEFT refuses LoRA on a Mamba mixer's `out_proj` and `conv1d`, which all-linear takes in. LoRA on named "
      "projections is traced: tests/test_traced_families.py steps `mamba` and `falcon_h1` so, to the byte."),
     ("PEFT: a router that is a Linear", r"'tuple' object has no attribute 'dtype'",
      "All-linear wraps a router that subclasses `nn.Linear` but returns a tuple (Llama 4, PhiMoE), and PEFT's "
-     "LoRA forward fails on it; the CLI reports it as an internal error. LoRA on the attention projections is "
+     "LoRA forward fails on it; the answer says so in one line. LoRA on the attention projections is "
      "traced to the byte (tests/test_traced_families.py)."),
     ("the step reads its data", r"cannot be traced: its step reads values|DataDependent|DynamicOutputShape",
      "An op whose output's shape or value is the data's (`nonzero`, `.item()`, `.tolist()`), e.g. experts run "
@@ -87,7 +87,7 @@ CAUSES = [
      "memory depends on the tokens."),
     ("decoder layers not found", r"cannot find the model's \d+ decoder layers",
      "The engine takes the depth from the text config's `num_hidden_layers` and looks for one `ModuleList` that "
-     "long: an encoder-decoder config (where it is `encoder_layers`) or layers kept otherwise are not found."),
+     "long (or `decoder_layers` long: an encoder-decoder's causal LM); layers kept otherwise are not found."),
     ("a library missing", r"requires the \w+ library",
      "transformers needs a library this environment lacks (timm, for Gemma 3n's vision tower)."),
     ("the class defaults", r"ValidationError|transformers refuses the config|NoneType|has no attribute|"
@@ -337,8 +337,9 @@ def render(rows: List[Tuple[str, List[str], str, str]], header: Dict[str, str]) 
              "vocabulary 1,024, 4 experts routing 2), LoRA r=8 on all-linear, bf16, batch 1 x 32. Where the class "
              "refuses the shrunk config its defaults cut to 2 layers are traced, and the notes say so.",
              "- **refused**: neither; the reason is the error's first line (lorabench's own sentence, or the "
-             "library's exception named by its type). The engine builds with `AutoModelForCausalLM` only, so an "
-             "image-text-to-text type that the causal-LM mapping does not list is refused for that reason.", "",
+             "library's exception named by its type). The engine builds with `AutoModelForCausalLM`, or with "
+             "`AutoModelForImageTextToText` where the causal-LM mapping does not list the type (traced on text "
+             "alone, the vision tower held).", "",
              f"**{header['summary']}**.", "",
              "Each type is traced in a forked child with a time limit (60 s unless `--timeout` says otherwise). "
              "tests/test_traced_families.py holds 41 of the traced types (hand-written small configs) to "
