@@ -1027,10 +1027,13 @@ def test_random_config_json_through_the_cli(case, folder, all_linear):
         Path(tmp, "model").mkdir()
         Path(tmp, "model", "config.json").write_bytes(data)
         path = str(Path(tmp, "model") if folder else Path(tmp, "model", "config.json"))
+        # the analytic engine: a drawn model_type transformers knows ("bert") would be traced at the drawn sizes,
+        # seconds an example (tests/test_traced.py holds the tracing engine's answers)
         targets = ["--targets", "all-linear"] if all_linear else []
-        for args, check in ((["params", "--config", path, "--rank", "1", *targets, "-f", "json"], check_param_row),
+        for args, check in ((["params", "--config", path, "--rank", "1", *targets, "--engine", "analytic", "-f",
+                              "json"], check_param_row),
                             (["memory", "--config", path, "--rank", "1", "--method", "all", "--gpu", "H100-80GB",
-                              *targets, "-f", "json"], check_memory_row)):
+                              *targets, "--engine", "analytic", "-f", "json"], check_memory_row)):
             result = invoke(args)
             assert_ended_cleanly(args, result)
             if pristine:  # rank 1 fits every matrix: a valid config must be accepted
