@@ -5,8 +5,9 @@ to transformers' own build and PEFT's own count, its per-phase peaks held to the
 (scripts/coverage.py) lists every model type of transformers' mappings; this file holds the engine to the real
 libraries on 41 of them.
 
-The default run steps LoRA (bf16, batch 2 x 32) with and without activation checkpointing; LORABENCH_FULL_GRID=1
-adds full fine-tuning, DoRA and IA3 (read from an adapter_config.json, as --peft-config reads it).
+The default run steps LoRA (bf16, batch 2 x 32) on every type, and under activation checkpointing on one type of
+each structure (CHECKPOINTED_DEFAULT); LORABENCH_FULL_GRID=1 checkpoints every type and adds full fine-tuning, DoRA
+and IA3 (read from an adapter_config.json, as --peft-config reads it).
 """
 
 import functools
@@ -24,7 +25,7 @@ from lorabench.errors import LorabenchError  # noqa: E402
 from lorabench.estimator.setup import PHASES, TrainingSetup  # noqa: E402
 from lorabench.estimator.tuner import file_tuner, method_tuner  # noqa: E402
 from lorabench.measure.hfbuild import expected_library_warnings  # noqa: E402
-from lorabench.measure.traced import Model, trace_model, trace_once  # noqa: E402
+from lorabench.measure.traced import count_model, Model, trace_model, trace_once  # noqa: E402
 from lorabench.methods import METHODS  # noqa: E402
 from lorabench.models.raw import RawModel, canonical  # noqa: E402
 
@@ -221,19 +222,29 @@ def lora_targets(model_type: str, gc: bool) -> str:
 
 @pytest.mark.parametrize("model_type, gc", [(t, gc) for t in sorted(CONFIGS) for gc in (False, True)])
 def test_lora_trainable_params_are_pefts_own(model_type, gc):
-    # LoRA r=8 on all-linear (or the step's named targets) and on the attention projections alone
+    # LoRA r=8 on all-linear (or the step's named targets) and on the attention projections alone; the engine's
+    # counts (measure.traced.count_model: its build at full depth, no step) against PEFT's on transformers' build
     targets = lora_targets(model_type, gc)
     with expected_library_warnings():
         model = peft.get_peft_model(meta_model(model_type), peft.LoraConfig(r=RANK, target_modules=peft_targets(
             targets)))
     want, total = model.get_nb_trainable_parameters()
-    got = traced(model_type, "lora", targets, gc)
+    setup = setup_for(gc)
+    with expected_library_warnings():
+        got = count_model(raw(model_type), lora(model_type, targets, setup), setup)
     assert (got["trainable_params"], got["total_params"]) == (want, total)
 
 
+# The checkpointed real steps of the default run: one type of each structure (hybrid attention and recurrence,
+# linear attention, experts, latent attention, sliding windows, Mamba-style mixers); every type in the full grid
+CHECKPOINTED_DEFAULT = {"deepseek_v3", "falcon_h1", "gpt_oss", "granitemoehybrid", "lfm2", "olmoe", "qwen3_next",
+                        "cohere2"}
+
+
 def _grid(model_type, *rest):
-    """A parameter set, in the full grid only where the real step is slow."""
-    slow = model_type in SLOW_REAL
+    """A parameter set, in the full grid only where the real step is slow (or, checkpointed, not one of the
+    default run's)."""
+    slow = model_type in SLOW_REAL or (rest and rest[0] is True and model_type not in CHECKPOINTED_DEFAULT)
     return pytest.param(model_type, *rest, marks=[pytest.mark.slow, pytest.mark.skipif(
         not FULL_GRID, reason="a slow real step: LORABENCH_FULL_GRID=1")] if slow else [])
 
