@@ -195,6 +195,13 @@ MEMORY_ONLY_OPTIONS = {
     ("--check",): FLAG,
 }
 FORMAT_OPTION = {("--format", "-f"): mostly(names(FORMATS))}
+# --engine trace is left to tests/test_traced.py: it traces the drawn model at the drawn sizes (seconds an example);
+# no drawn --peft-config is an adapter_config.json, so each is refused in one line before anything is traced
+ENGINE_OPTIONS = {
+    ("--engine",): mostly(names(["auto", "analytic"])),
+    ("--peft-config",): st.one_of(st.sampled_from(["/nonexistent/adapter_config.json", "/dev/null", "/", "."]),
+                                  HOSTILE),
+}
 
 # Small config.json folders that report and bench write into their working folder, to be read with --config.
 TINY_CONFIGS = {
@@ -205,9 +212,9 @@ TINY_CONFIGS = {
 }
 TINY_CONFIG_PATHS = st.sampled_from(["tiny", "tiny/", "./tiny", "tiny/config.json", "tiny-gpt2"])
 
-PARAMS_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **FORMAT_OPTION}
+PARAMS_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **ENGINE_OPTIONS, **FORMAT_OPTION}
 MEMORY_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **SETUP_OPTIONS, **PARALLEL_OPTIONS, **GPU_OPTIONS,
-                  **COST_OPTIONS, **HEADROOM, **MEMORY_ONLY_OPTIONS, **FORMAT_OPTION}
+                  **COST_OPTIONS, **HEADROOM, **MEMORY_ONLY_OPTIONS, **ENGINE_OPTIONS, **FORMAT_OPTION}
 # fit: --gpu NAME or --gpu-memory GIB, one of them (drawn first, fit_gpus; the table may add another).
 FIT_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **SETUP_OPTIONS, **PARALLEL_OPTIONS, **HEADROOM,
                ("--gpu",): mostly(GPU_NAMES),

@@ -305,9 +305,14 @@ def smallest_gpu(parts: StepParts, fraction: float = ALLOCATOR_ALLOWANCE, need: 
     """The catalog GPU with the least memory that holds the step alone, or `need` bytes (one GPU's share of a
     step spread over several) (ties: the first listed); bf16: only GPUs that compute in bf16 (a V100 or T4
     does not run a bf16 step, whatever its memory)."""
+    return smallest_gpu_holding(need_bytes(parts, fraction) if need is None else need, bf16)
+
+
+def smallest_gpu_holding(need: int, bf16: bool = False) -> Optional[str]:
+    """The catalog GPU with the least memory that has `need` bytes (ties: the first listed); bf16: only GPUs that
+    compute in bf16."""
     from lorabench.gpus import GPUS
 
-    need = need_bytes(parts, fraction) if need is None else need
     fitting = [g for g in GPUS.values() if g.memory_bytes >= need and (g.has_bf16 or not bf16)]
     return min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
 

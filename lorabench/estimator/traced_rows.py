@@ -7,14 +7,12 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
-from lorabench.estimator.fit import overflow
+from lorabench.estimator.fit import overflow, smallest_gpu_holding
 from lorabench.estimator.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import PHASES, TrainingSetup
 from lorabench.estimator.tuner import Tuner
-from lorabench.gpus import GPU, GPUS
-
-ENGINE_FIELDS = ("engine", "attention", "layers_traced", "layer_kinds", "trace_seconds", "trace_cached")
+from lorabench.gpus import GPU
 
 ASSUMED = ("traced with transformers and PEFT on fake tensors (no memory allocated): the CPU's kernels stand for "
            "CUDA's (SDPA's flash kernel keeps the same output and [B, H, S] float32 log-sum-exp on both in bf16 and "
@@ -23,6 +21,11 @@ ASSUMED = ("traced with transformers and PEFT on fake tensors (no memory allocat
 
 FOREACH = ("the optimizer steps with torch's multi-tensor (foreach) kernels, as it does on CUDA tensors: one "
            "temporary the size of the states it updates.")
+
+
+def targets_text(got) -> str:
+    """The targets PEFT resolved (a list of module names, or its own spelling such as "all-linear") as a row's."""
+    return ",".join(got) if isinstance(got, list) else (got or "")
 
 
 def _depth_note(result: Dict) -> str:
@@ -48,13 +51,12 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
     peaks = {p: result[f"measured_{p}_peak_bytes"] for p in PHASES}
     phase = max(peaks, key=peaks.get)
     overhead = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0
-    targets = result.get("targets")
     tokens = setup.tokens * setup.grad_accum
     total = result["total_params"]
     logits = result["logits_bytes"] if setup.loss == "standard" else 0
     row = {
         "model": name, "engine": "trace", "method": tuner.name, "rank": tuner.rank,
-        "targets": ",".join(targets) if isinstance(targets, list) else (targets or ""),
+        "targets": targets_text(result.get("targets")),
         "trainable_params": result["trainable_params"], "total_params": total,
         "trainable_pct": 100.0 * result["trainable_params"] / total if total else 0.0,
         "weights_bytes": result["measured_weights_bytes"], "adapter_bytes": result["measured_adapter_bytes"],
@@ -64,21 +66,20 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "overhead_bytes": overhead, "forward_peak_bytes": peaks["forward"], "backward_peak_bytes": peaks["backward"],
         "optimizer_peak_bytes": peaks["optimizer"], "peak_bytes": peaks[phase], "peak_phase": phase,
         "device_bytes": peaks[phase] + overhead, "updates_base_weights": tuner.updates_base,
-        "notes": list(dict.fromkeys(notes + list(result.get("notes", ())) + [_depth_note(result), _rank_note(parallel), ASSUMED] + (
-            [FOREACH] if setup.device == "cuda" else []))),
+        "notes": [n for n in dict.fromkeys(notes + list(result.get("notes", ())) + [
+            _depth_note(result), _rank_note(parallel), ASSUMED, FOREACH if setup.device == "cuda" else ""]) if n],
         "batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
         "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing, "loop": setup.loop,
         "autocast": setup.autocast, "grad_accum": setup.grad_accum, "tokens_per_step": tokens, "loss": setup.loss,
         "kbit_prepare": setup.kbit_prepare, "max_positions": None,
         "step_flops": result["flops"] * setup.grad_accum, "flops_per_token": result["flops"] / setup.tokens,
-        "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload, "bucket_bytes": 0, "gather_bytes": 0,
-        "reduce_scatter_bytes": 0, "cpu_offload_bytes": 0, "comm_all_gather_bytes": 0,
-        "comm_reduce_scatter_bytes": 0, "comm_all_reduce_bytes": 0, "comm_bytes": 0,
+        "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload,
+        "bucket_bytes": 0, "gather_bytes": 0, "reduce_scatter_bytes": 0, "cpu_offload_bytes": 0,
+        "comm_all_gather_bytes": 0, "comm_reduce_scatter_bytes": 0, "comm_all_reduce_bytes": 0, "comm_bytes": 0,
         "attention": result["attention"], "layers_traced": result["layers_traced"],
         "layer_kinds": result["layer_kinds"], "trace_seconds": result["trace_seconds"],
         "trace_cached": bool(result.get("cached")),
     }
-    row["notes"] = [n for n in row["notes"] if n]
     return row
 
 
@@ -89,32 +90,29 @@ def gpu_fields(row: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[fl
     peak = row["peak_bytes"]
     need = peak + row["overhead_bytes"] + int(allowance * peak)
     if gpu is None:
-        fitting = [g for g in GPUS.values() if g.memory_bytes >= need and (g.has_bf16 or not setup.uses_bf16)]
-        row["smallest_gpu"] = min(fitting, key=lambda g: g.memory_bytes).name if fitting else None
+        row["smallest_gpu"] = smallest_gpu_holding(need, bf16=setup.uses_bf16)
         return
     fits = need <= gpu.memory_bytes
     single = row["sharding"] == "none"  # else the row is rank 0's of row["gpus"]: the counts of others untraced
     eff = MATMUL_EFFICIENCY if mfu is None else mfu
     fp32 = setup.dtype == "fp32" and not setup.autocast
     rate = (gpu.fp32_flops if fp32 else gpu.bf16_flops) * eff
-    step_s = row["step_flops"] / rate if rate else None
+    step_ms = 1000 * row["step_flops"] / rate if rate and row["step_flops"] else None
     name, big, _ = overflow(row, gpu.memory_bytes)
     row.update({"gpu": gpu.name, "gpu_memory_bytes": gpu.memory_bytes, "fits": fits,
-                "gpus_needed": (1 if single else row["gpus"]) if fits else None, "per_gpu_bytes": need, "allowance_fraction": allowance,
-                "allowance_bytes": int(allowance * peak), "spare_bytes": gpu.memory_bytes - need,
-                "mfu": eff if step_s else None, "matmul_efficiency": eff,
-                "step_ms": step_s * 1000 if step_s else None,
-                "tokens_per_s": row["tokens_per_step"] / step_s if step_s else None,
+                "gpus_needed": (1 if single else row["gpus"]) if fits else None, "per_gpu_bytes": need,
+                "allowance_fraction": allowance, "allowance_bytes": int(allowance * peak),
+                "spare_bytes": gpu.memory_bytes - need, "mfu": eff if step_ms else None, "matmul_efficiency": eff,
+                "step_ms": step_ms, "tokens_per_s": 1000 * row["tokens_per_step"] / step_ms if step_ms else None,
                 "step_ms_forward": None, "step_ms_backward": None, "step_ms_optimizer": None,
-                "step_ms_matmul": step_s * 1000 if step_s else None, "step_ms_memory": None, "step_ms_overhead": None,
+                "step_ms_matmul": step_ms, "step_ms_memory": None, "step_ms_overhead": None,
                 "gpus_needed_ddp": 1 if fits and single else None, "gpus_needed_zero2": None, "gpus_needed_fsdp": None,
-                "link": None, "link_bytes_s": None, "comm_ms": 0.0,
-                "step_ms_no_overlap": step_s * 1000 if step_s else None,
-                "step_ms_overlap": step_s * 1000 if step_s else None,
-                "largest_component": name, "largest_component_bytes": big, "fix": None, "fix_alternative": None})
+                "link": None, "link_bytes_s": None, "comm_ms": 0.0, "step_ms_no_overlap": step_ms,
+                "step_ms_overlap": step_ms, "largest_component": name, "largest_component_bytes": big, "fix": None,
+                "fix_alternative": None})
     row["notes"].append("step time of a traced model: its counted matrix-product FLOPs at the matmul efficiency "
                         "alone (a lower bound; the analytic model's memory-bound ops and host time are not in it). "
                         "ZeRO-2 and FSDP2 GPU counts and the savers that make a 'no' fit are not traced yet.")
 
 
-__all__ = ["ENGINE_FIELDS", "ASSUMED", "traced_row", "gpu_fields"]
+__all__ = ["ASSUMED", "targets_text", "traced_row", "gpu_fields"]

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 from lorabench.errors import LorabenchError
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import TrainingSetup
-from lorabench.estimator.traced_rows import gpu_fields, traced_row
+from lorabench.estimator.traced_rows import gpu_fields, targets_text, traced_row
 from lorabench.estimator.tuner import Tuner, file_tuner, method_tuner
 from lorabench.extras import require
 from lorabench.gpus import GPU
@@ -90,34 +90,36 @@ def check_parallel(parallel: Parallel, setup: TrainingSetup) -> None:
                              "fully_shard wraps: a sharded step is traced with the standard loss.")
 
 
-def trace_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Note,
-                 parallel: Parallel = Parallel()) -> Dict:
-    """The trace of one step (rank 0's under parallel): from the cache, else traced now (and kept)."""
-    key = tracecache.trace_key(raw, tuner, setup, parallel=parallel)
+def _cached(key: str, job: str, compute: Callable[[], Dict]) -> Dict:
+    """What compute() gives, from the cache under key (marked "cached"), else computed now and kept; a miss needs
+    the trace extra (torch, transformers, PEFT), named in one line where it is missing."""
     found = tracecache.load(key)
     if found is not None:
         found["cached"] = True
         return found
-    require("trace", f"tracing {raw.name}")
-    from lorabench.measure.traced import trace_model
-
-    result = trace_model(raw, tuner, setup, progress, sharding=parallel.sharding, gpus=parallel.gpus)
+    require("trace", job)
+    result = compute()
     tracecache.store(key, result)
     return result
+
+
+def trace_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Note,
+                 parallel: Parallel = Parallel()) -> Dict:
+    """The trace of one step (rank 0's under parallel): from the cache, else traced now (and kept)."""
+    def trace() -> Dict:
+        from lorabench.measure.traced import trace_model
+
+        return trace_model(raw, tuner, setup, progress, sharding=parallel.sharding, gpus=parallel.gpus)
+    return _cached(tracecache.trace_key(raw, tuner, setup, parallel=parallel), f"tracing {raw.name}", trace)
 
 
 def count_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> Dict:
     """The counts of tuner on raw: from the cache, else built on the meta device now (and kept)."""
-    key = tracecache.trace_key(raw, tuner, setup, kind="counts")
-    found = tracecache.load(key)
-    if found is not None:
-        return found
-    require("trace", f"counting {raw.name}'s parameters")
-    from lorabench.measure.traced import count_model
+    def count() -> Dict:
+        from lorabench.measure.traced import count_model
 
-    result = count_model(raw, tuner, setup)
-    tracecache.store(key, result)
-    return result
+        return count_model(raw, tuner, setup)
+    return _cached(tracecache.trace_key(raw, tuner, setup, kind="counts"), f"counting {raw.name}'s parameters", count)
 
 
 def traced_param_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool,
@@ -130,10 +132,9 @@ def traced_param_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Metho
     for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
         c = count_result(raw, tuner, setup)
         base, trainable, total = c["base_params"], c["trainable_params"], c["total_params"]
-        got = c.get("targets")
         rows.append({
             "model": raw.name, "engine": "trace", "method": tuner.name, "rank": tuner.rank,
-            "targets": ",".join(got) if isinstance(got, list) else (got or ""),
+            "targets": targets_text(c.get("targets")),
             "trainable_params": trainable, "total_params": total,
             "trainable_pct": 100.0 * trainable / total if total else 0.0, "base_params": base,
             "adapter_params": total - base, "pct_of_full": 100.0 * trainable / base if base else 0.0,
@@ -162,5 +163,5 @@ def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], fr
     return rows
 
 
-__all__ = ["ENGINES", "TRACED_SHARDINGS", "not_traced", "check_parallel", "is_traced", "as_raw", "tuners", "trace_result", "count_result", "traced_param_rows",
-           "traced_rows"]
+__all__ = ["ENGINES", "TRACED_SHARDINGS", "not_traced", "check_parallel", "is_traced", "as_raw", "tuners",
+           "trace_result", "count_result", "traced_param_rows", "traced_rows"]

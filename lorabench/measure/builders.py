@@ -159,4 +159,5 @@ KBIT_LORABENCH = ("--kbit-prepare runs PEFT's prepare_model_for_kbit_training on
                   "with --impl peft.")
 
 
-__all__ = ["TORCH_DTYPES", "expected_library_warnings", "Built", "Wrap", "build_lorabench", "build_peft", "BUILDERS", "KBIT_LORABENCH"]
+__all__ = ["TORCH_DTYPES", "expected_library_warnings", "Built", "Wrap", "build_lorabench", "build_peft", "BUILDERS",
+           "KBIT_LORABENCH"]

@@ -46,11 +46,11 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
 
 def apply_fsdp(model: torch.nn.Module, reshard_after_forward: bool = True,
                layers: Optional[Sequence[torch.nn.Module]] = None) -> torch.nn.Module:
-    """FSDP2 on `model` in place: fully_shard each decoder layer (`layers`, else decoder_layers(model)), then the root (embeddings, final norm, head
-    and anything no layer holds). Each layer is one all-gather and one reduce-scatter group. The root gets
-    fully_shard's default, so that FSDPState._lazy_init keeps it gathered from forward to backward (it would
-    be all-gathered again at once); given reshard_after_forward=True explicitly, it would be resharded and
-    gathered twice. Returns model (fully_shard changes its class in place)."""
+    """FSDP2 on `model` in place: fully_shard each decoder layer (`layers`, else decoder_layers(model)), then the
+    root (embeddings, final norm, head and anything no layer holds). Each layer is one all-gather and one
+    reduce-scatter group. The root gets fully_shard's default, so that FSDPState._lazy_init keeps it gathered
+    from forward to backward (it would be all-gathered again at once); given reshard_after_forward=True
+    explicitly, it would be resharded and gathered twice. Returns model (fully_shard changes its class in place)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model) if layers is None else layers:

@@ -161,4 +161,5 @@ def optimizer(model, name: str, lr: float, b_lr_ratio: float, device: torch.devi
     return make_optimizer(name, [{"params": params}], lr, device=device, foreach=foreach)
 
 
-__all__ = ["TORCH_DTYPES", "expected_library_warnings", "libraries", "hf_config", "causal_lm", "is_vision_language", "checkpointing", "with_peft", "optimizer"]
+__all__ = ["TORCH_DTYPES", "expected_library_warnings", "libraries", "hf_config", "causal_lm", "is_vision_language",
+           "checkpointing", "with_peft", "optimizer"]

@@ -4,9 +4,9 @@ lorabench.nn) made on the meta device, its parameters and buffers then given bac
 step and a measured one under the live-tensor tracker. Every op runs its CPU kernel's shape logic, so the bytes
 alive at each op are the real CPU step's, to the byte on the cases tests/test_trace.py compares.
 
-This is the first part of issue 23 (tracing any model): float bases, the CPU's kernels, unpadded and unpacked
-rows (_stated_inputs). Quantized bases (their storage layouts) and a CUDA device's kernel choices are not traced
-yet and are refused.
+trace_case traces a described case as the bench builds it (float bases, the CPU's kernels, unpadded and unpacked
+rows: _stated_inputs); trace_built steps any built model, which the tracing engine (measure.traced) uses for any
+config, quantized bases included (measure.tracequant).
 """
 
 from __future__ import annotations

@@ -11,13 +11,14 @@ folder that cannot be written is no cache, never an error.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import TrainingSetup
@@ -45,16 +46,18 @@ def cache_dir() -> Optional[Path]:
     return Path(base) / "lorabench" / "traces"
 
 
-def _versions() -> Dict[str, Optional[str]]:
-    out: Dict[str, Optional[str]] = {}
+@functools.lru_cache(maxsize=None)  # once a process: a command keys a trace per method and rank
+def _versions() -> Tuple[Tuple[str, Optional[str]], ...]:
+    out = []
     for name in LIBRARIES:
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+            out.append((name, None))
+    return tuple(out)
 
 
+@functools.lru_cache(maxsize=None)
 def _code() -> str:
     digest = hashlib.sha256()
     for name in SOURCES:
@@ -68,7 +71,7 @@ def trace_key(raw: RawModel, tuner: Tuner, setup: TrainingSetup, kind: str = "tr
     rank 0's step under a strategy (one GPU's keys, which leave it out, stay as they were)."""
     fields = {k: v for k, v in asdict(setup).items() if k not in SETUP_IGNORED}
     what = {"format": FORMAT, "kind": kind, "config": raw.config_json, "tuner": asdict(tuner), "setup": fields,
-            "versions": _versions(), "code": _code()}
+            "versions": dict(_versions()), "code": _code()}
     if not parallel.single:
         what["parallel"] = asdict(parallel)
     what["tuner"].pop("source", None)  # the same config from another path is the same trace

@@ -5,10 +5,12 @@ tracker reads a real CPU step.
 Depth. A decoder's layers come in a few kinds (dense or mixture of experts, sliding or global attention, attention
 or recurrent mixing): layers of one kind hold the same tensors and save the same activations. The engine builds the
 model on the meta device at its full depth, tells the kinds apart (each layer's modules, parameter shapes and
-layer type), and traces a cut of it: the first layer of every kind, then that cut with a second layer of one kind,
-for each kind that has one. Every byte count of a step is linear in the number of layers of each kind, so the full
-depth is the first trace plus, per kind, (its layers - 1) x what its second layer added. The parameter counts are
-exact by the same sum. A model of at most MAX_WHOLE layers is traced whole.
+layer type), and traces cuts of it: the first layer of every kind (at least two layers, so that every cut has a top
+and a bottom layer), then that cut with one more layer of a kind, per kind. Every byte count of a step is affine in
+the number of layers of each kind, so the full depth is the first trace plus, per kind, (its further layers) x
+what one more added; phases' peaks are summed segment by segment (measure.segments), since the moment a phase
+peaks can move with depth. The parameter counts are exact by the same sum. A model of at most MAX_WHOLE layers,
+or a sharded step, is traced whole.
 
 What it assumes (said in every answer): the CPU's kernels (SDPA's flash kernel keeps what CUDA's flash kernel
 keeps in bf16 and fp16: the output and a [B, H, S] float32 log-sum-exp); every row one unpadded, unpacked
@@ -46,9 +48,9 @@ KIND_ATTRIBUTES = ("attention_type", "layer_type", "is_sliding", "sliding_window
 Progress = Callable[[str], None]
 
 
-def _decoder_layers(model: torch.nn.Module, depth: int, quiet: bool = False):
+def _decoder_layers(model: torch.nn.Module, depth: int):
     """(parent, attribute, list) of the language model's decoder layers: the ModuleList of `depth` modules,
-    the vision tower's left out (quiet: None where there is none)."""
+    the vision tower's left out; None where there is none."""
     found = []
     for name, module in model.named_modules():
         for attr, child in module.named_children():
@@ -56,9 +58,7 @@ def _decoder_layers(model: torch.nn.Module, depth: int, quiet: bool = False):
                 found.append((f"{name}.{attr}", module, attr, child))
     text = [f for f in found if not any(w in f[0].lower() for w in ("vision", "visual", "audio", "image"))]
     if not (text or found):
-        if quiet:
-            return None
-        raise LorabenchError(f"cannot find the model's {depth} decoder layers to trace.")
+        return None
     _, parent, attr, layers = (text or found)[0]
     return parent, attr, layers
 
@@ -93,17 +93,19 @@ class Model:
         built_as = replace(setup, dtype="bf16") if setup.dtype in QUANTIZED else setup
         with expected_library_warnings():
             self.model = causal_lm(config, built_as, torch.device(device), attention, raw.name)
-        self.attention = self.model.config.get_text_config()._attn_implementation
+        text = self.model.config.get_text_config()
+        self.attention = text._attn_implementation
         if is_vision_language(self.model):
             self.notes.append("a vision-language model traced on text alone: its vision tower and projector are "
                               "held (in the weights and the counts) but not run; image inputs, their tokens and the "
                               "tower's activations are not traced yet, and a trained tower part gets no gradient "
                               "or optimizer state here.")
-        text = self.model.config.get_text_config()
         # an encoder-decoder's config aliases num_hidden_layers to encoder_layers; its causal LM is the decoder
         depths = [d for d in (text.num_hidden_layers, getattr(text, "decoder_layers", None)) if isinstance(d, int)]
-        self.depth = next((d for d in depths if _decoder_layers(self.model, d, quiet=True)), depths[0])
-        parent, attr, layers = _decoder_layers(self.model, self.depth)
+        found = next(((d, f) for d in depths for f in (_decoder_layers(self.model, d),) if f), None)
+        if found is None:
+            raise LorabenchError(f"cannot find the model's {depths[0]} decoder layers to trace.")
+        self.depth, (parent, attr, layers) = found
         self.where = (parent, attr)
         types = getattr(getattr(parent, "config", text), "layer_types", None)
         self.kinds = [_kind(layer, types[i] if isinstance(types, list) and i < len(types) else None)
@@ -152,21 +154,22 @@ class Model:
 DATA_INITS = ("pissa", "olora", "loftq", "eva", "corda")
 
 
-def _shape_init(config: Dict) -> Dict:
-    """config with a LoRA initialisation that reads the weights (DATA_INITS) replaced by LoRA's default."""
+def _data_init(config: Dict) -> Optional[str]:
+    """The LoRA initialisation of config that reads the weights (DATA_INITS), else None."""
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(DATA_INITS):
-        return dict(config, init_lora_weights=True)
-    return config
+    return init if isinstance(init, str) and init.lower().startswith(DATA_INITS) else None
+
+
+def _shape_init(config: Dict) -> Dict:
+    """config with a LoRA initialisation that reads the weights replaced by LoRA's default."""
+    return dict(config, init_lora_weights=True) if _data_init(config) else config
 
 
 def init_note(tuner: Tuner) -> str:
     """What a trace says of a tuner initialised from the weights (_shape_init), else ""."""
-    init = tuner.config.get("init_lora_weights") if tuner.config_json else None
-    if isinstance(init, str) and init.lower().startswith(DATA_INITS):
-        return (f"PEFT's {init} initialisation reads the base weights; it sets values, not shapes or what a step "
-                "keeps: traced with LoRA's default initialisation.")
-    return ""
+    init = _data_init(tuner.config)
+    return (f"PEFT's {init} initialisation reads the base weights; it sets values, not shapes or what a step keeps: "
+            "traced with LoRA's default initialisation.") if init else ""
 
 
 def _peft_error(exc: Exception, tuner: Tuner) -> LorabenchError:
@@ -204,9 +207,11 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup, mode: Opt
         consts.extend(fake_quantized(m, mode) if quantized else [])
         return fake_tensors(mode)(m)
 
+    wrap = fake if mode is not None else None
+    if strategy is not None:
+        wrap = sharded_wrap(wrap, strategy)
     # the base tensors told apart by id before the fake ones replace them, then found again by name
-    runner, base, adapter = _wrapped(model, base_ids, sharded_wrap(fake if mode is not None else None, strategy)
-                                     if strategy is not None else (fake if mode is not None else None))
+    runner, base, adapter = _wrapped(model, base_ids, wrap)
     base += consts
     params = {id(p): p for p in model.parameters()}.values()
     counts = {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
@@ -263,7 +268,7 @@ def count_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> Dict:
     libraries()
     full = Model(raw, setup)
     base = sum(p.numel() for p in {id(p): p for p in full.model.parameters()}.values())
-    built, counts = _built(full.cut(None)[0], tuner, setup, None)
+    built, counts = _built(full.model, tuner, setup, None)  # full is not cut again: no copy needed
     shared = sum(b.numel() for n, b in built.model.named_buffers() if "vera_A" in n or "vera_B" in n)
     return {**counts, "base_params": base, "shared_buffer_numel": shared, "attention": full.attention,
             "notes": full.notes}
@@ -281,9 +286,10 @@ def combine(first: Dict, more: Sequence[Tuple[Dict, int]]) -> Dict:
     if more and shared:
         segments = {k: first["segments"][k] + sum(n * (t["segments"][k] - first["segments"][k]) for t, n in more)
                     for k in shared}
-        for phase, peak in phase_peaks(segments).items():
+        peaks = phase_peaks(segments)
+        for phase, peak in peaks.items():
             out[f"measured_{phase}_peak_bytes"] = peak
-        out["measured_peak_bytes"] = max(phase_peaks(segments).values())
+        out["measured_peak_bytes"] = max(peaks.values())
         out["segments"] = segments
     return out
 

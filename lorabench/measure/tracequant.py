@@ -65,7 +65,8 @@ def fake_quantized(model: torch.nn.Module, mode: FakeTensorMode) -> List[torch.T
                 state = state.state2
         elif isinstance(module, bnb.nn.Linear8bitLt):
             with mode:
-                cb, scb, _ = bnb.functional.int8_vectorwise_quant(torch.zeros(module.weight.shape, dtype=torch.bfloat16))
+                weight = torch.zeros(module.weight.shape, dtype=torch.bfloat16)
+                cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight)
             weight = _as(cb, _INT8PARAMS, CB=cb, SCB=scb, has_fp16_weights=False)
             consts.append(scb)
         else:
