@@ -75,9 +75,12 @@ def _figure(n_panels: int, rows_per_panel: int, width: float = 9.0, per_row: flo
 
 
 def to_image(fig) -> Image:
-    """The figure as a base64 PNG data URI, with its size at 96 px per inch."""
+    """The figure as a base64 PNG data URI, with its size at 96 px per inch. It is drawn with SIGINT and SIGTERM
+    held back: a Ctrl-C that lands in matplotlib's C++ drawing comes out as a ValueError ("Invalid affine
+    transformation matrix", found by the kill harness under load), an internal error instead of exit 130."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    with signals_deferred():
+        fig.savefig(buf, format="png", dpi=DPI)
     w, h = fig.get_size_inches()
     return Image("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
                  round(w * SCREEN_DPI), round(h * SCREEN_DPI))
