@@ -144,16 +144,28 @@ def memory_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup
 
 
 def fit_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup, parallel: Parallel, label: str,
-               capacity: int, allowance: float, note: Note) -> Tuple[List[Dict], List[Dict]]:
-    """`fit`: the limit rows and the saver ("knob") rows of every model."""
+               capacity: int, allowance: float, note: Note, engine: str = "auto", peft_config: Optional[str] = None,
+               progress: Note = lambda s: None) -> Tuple[List[Dict], List[Dict]]:
+    """`fit`: the limit rows and the saver ("knob") rows of every model: the analytic model's search for a
+    described model, traces (lorabench.measure.tracefit) for any other, or with engine "trace" or a PEFT config."""
     methods = quantized_methods(methods, from_all, setup, note)
     limit_rows: List[Dict] = []
     knob_rows: List[Dict] = []
-    for spec, used in each_model(specs, methods, from_all, ranks, targets, note):
-        limits_, knobs = fit_rows(search_cases(spec, used, ranks, targets, setup, parallel), label, capacity,
-                                  allowance)
-        limit_rows += limits_
-        knob_rows += [with_args(k) for k in knobs]
+    several = from_all or len(specs) > 1  # then a method a model cannot take is left out with a note
+    for spec in specs:
+        if is_traced(spec, engine, peft_config):
+            from lorabench.measure.tracefit import traced_fit_rows
+
+            limits_, knobs = traced_fit_rows(spec, methods, several, ranks, targets, setup, parallel, label,
+                                             capacity, allowance, peft_config, note, progress)
+            limit_rows += limits_
+            knob_rows += [with_args(k) for k in knobs]
+            continue
+        for spec_, used in each_model([spec], methods, several, ranks, targets, note):
+            limits_, knobs = fit_rows(search_cases(spec_, used, ranks, targets, setup, parallel), label, capacity,
+                                      allowance)
+            limit_rows += limits_
+            knob_rows += [with_args(k) for k in knobs]
     note(targets_note(methods, targets))
     return limit_rows, knob_rows
 
@@ -299,9 +311,11 @@ def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Opt
 def fit(model: Names = None, *, gpu: Optional[str] = None, gpu_memory: Optional[float] = None,
         method: Names = "all", rank=8, targets: Optional[str] = None, gpus: int = 1, sharding: str = "none",
         cpu_offload: bool = False, headroom: float = round(100 * ALLOCATOR_ALLOWANCE, 1), config: Names = None,
-        d: Optional[int] = None, layers: Optional[int] = None, **setup) -> Dict[str, List[Dict]]:
+        d: Optional[int] = None, layers: Optional[int] = None, engine: str = "auto",
+        peft_config: Optional[str] = None, **setup) -> Dict[str, List[Dict]]:
     """What fits a GPU: {"limits": [...], "knobs": [...]}, as `lorabench fit -f json` prints it (the largest
-    batch, sequence and rank per case; each saver combination and whether the setup then fits).
+    batch, sequence and rank per case; each saver combination and whether the setup then fits). engine and
+    peft_config as in estimate: a traced model's limits are found by traces (seconds each, then cached).
 
     Example:
         >>> limits = fit(model="llama-3-8b", method="lora", gpu="RTX-4090")["limits"][0]
@@ -318,8 +332,10 @@ def fit(model: Names = None, *, gpu: Optional[str] = None, gpu_memory: Optional[
             raise LorabenchError(f"gpu_memory must be a size in GiB in (0, 1e6], got {gpu_memory!r}.")
         label, capacity = f"{gpu_memory:g} GiB GPU", int(gpu_memory * 2 ** 30)
     methods, from_all, ranks = _methods(method, rank)
-    limits, knobs = fit_answer(_models(model, config, d, layers), methods, from_all, ranks, targets, _setup(setup),
-                               _parallel(gpus, sharding, cpu_offload), label, capacity, _headroom(headroom), warn)
+    _engine(engine, peft_config, from_all)
+    limits, knobs = fit_answer(_models(model, config, d, layers, traceable=engine != "analytic"), methods, from_all,
+                               ranks, targets, _setup(setup), _parallel(gpus, sharding, cpu_offload), label,
+                               capacity, _headroom(headroom), warn, engine=engine, peft_config=peft_config)
     return finite({"limits": limits, "knobs": knobs})
 
 

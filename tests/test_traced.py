@@ -238,8 +238,8 @@ def test_params_of_an_undescribed_model_from_a_peft_config(tmp_path):
 
 def test_a_command_that_does_not_trace_says_which_do(tmp_path):
     folder = _write(tmp_path, dict(model_type="granite", num_hidden_layers=2, **SMALL))
-    res = CliRunner().invoke(cli, ["fit", "--config", folder, "--gpu", "L40S"])
-    assert res.exit_code == 2 and "'lorabench memory' and 'params' trace it" in res.output
+    res = CliRunner().invoke(cli, ["bench", "--config", folder, "--device", "cpu"])
+    assert res.exit_code == 2 and "'lorabench memory', 'params' and 'fit' trace it" in res.output
     assert len(res.output.strip().splitlines()) == 1
 
 

@@ -148,8 +148,10 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
               help="Or a GPU memory size in GiB (as nvidia-smi reports it, e.g. 23.99 for an RTX 4090).")
 @click.option("--headroom", type=BoundedFloat(0.0, 90.0), default=round(100 * ALLOCATOR_ALLOWANCE, 1),
               show_default=True, help="Allocator allowance in % of the peak, kept free when deciding 'fits'.")
+@engine_options
 @format_option
-def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, gpu_memory, headroom, fmt):
+def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, gpu_memory, headroom, engine,
+        peft_config, fmt):
     """What fits a GPU: the largest batch, sequence length and rank per method, and which knobs make a setup fit.
 
     For each method (and rank): whether the setup as given fits, the largest batch
@@ -159,13 +161,17 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
     nf4 base) alone and together: which make the given setup fit, and with how
     much to spare. 'Fits' counts the runtime and the allocator allowance
     (--headroom), as in 'lorabench memory'. With --gpus N --sharding S, on each
-    of N GPUs, each running its own batch.
+    of N GPUs, each running its own batch. A model without a description (or
+    --engine trace, --peft-config) is answered by traces of transformers + PEFT:
+    each limit is found from a few traces and checked by them (seconds each,
+    then cached).
 
     \b
     Example:
         lorabench fit -m llama-3-8b --gpu RTX-4090 --method lora,dora,full -r 16 -t all-linear -s 4096
         lorabench fit -m qwen3-8b --gpu-memory 48 --method lora --grad-checkpointing -f json
         lorabench fit -m llama-3-70b --gpu RTX-4090 --gpus 2 --sharding fsdp --method lora --dtype nf4
+        lorabench fit --config ./granite-3.3-8b/config.json --gpu L40S --method lora -t all-linear
     """
     from lorabench import api
 
@@ -180,8 +186,11 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
         label, capacity = chosen.name, chosen.memory_bytes
     else:
         label, capacity = f"{gpu_memory:g} GiB GPU", int(gpu_memory * 2 ** 30)
+    if peft_config is not None and not methods_from_all:
+        raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its tuner.")
     limit_rows, knob_rows = api.fit_answer(specs, methods, methods_from_all, ranks, targets, setup, parallel, label,
-                                           capacity, headroom / 100, note)
+                                           capacity, headroom / 100, note, engine=engine, peft_config=peft_config,
+                                           progress=progress)
     if fmt == "json":
         click.echo(json.dumps({"limits": limit_rows, "knobs": knob_rows}, indent=2))
     elif fmt == "csv":

@@ -156,8 +156,8 @@ def model_options(fn):
             if "engine" in kw:  # --engine analytic: the refusal is the answer asked for
                 raise
             command = click.get_current_context().info_name
-            raise LorabenchError(f"{exc} 'lorabench memory' and 'params' trace it with transformers + PEFT; "
-                                 f"'{command}' does not yet.") from None
+            raise LorabenchError(f"{exc} 'lorabench memory', 'params' and 'fit' trace it with transformers + "
+                                 f"PEFT; '{command}' does not yet.") from None
         if layers is not None:
             shallow = [s for s in specs if s.num_layers is not None and layers > s.num_layers]
             if shallow:

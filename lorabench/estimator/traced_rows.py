@@ -28,7 +28,14 @@ def targets_text(got) -> str:
     return ",".join(got) if isinstance(got, list) else (got or "")
 
 
-def _depth_note(result: Dict) -> str:
+def required_bytes(result: Dict, setup: TrainingSetup, runtime: bool = True) -> int:
+    """What a traced step needs of a GPU: its peak over the phases, plus (runtime) the CUDA context and cuBLAS
+    workspace outside the allocator on a CUDA device."""
+    peak = max(result[f"measured_{p}_peak_bytes"] for p in PHASES)
+    return peak + (CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if runtime and setup.device == "cuda" else 0)
+
+
+def depth_note(result: Dict) -> str:
     traced, depth = result["layers_traced"], result["depth"]
     if traced == [depth]:
         return ""
@@ -50,7 +57,7 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
     """The memory row of one traced step, rank 0's under parallel (no GPU fields: gpu_fields adds them)."""
     peaks = {p: result[f"measured_{p}_peak_bytes"] for p in PHASES}
     phase = max(peaks, key=peaks.get)
-    overhead = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0
+    overhead = required_bytes(result, setup) - peaks[phase]
     tokens = setup.tokens * setup.grad_accum
     total = result["total_params"]
     logits = result["logits_bytes"] if setup.loss == "standard" else 0
@@ -67,7 +74,7 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "optimizer_peak_bytes": peaks["optimizer"], "peak_bytes": peaks[phase], "peak_phase": phase,
         "device_bytes": peaks[phase] + overhead, "updates_base_weights": tuner.updates_base,
         "notes": [n for n in dict.fromkeys(notes + list(result.get("notes", ())) + [
-            _depth_note(result), _rank_note(parallel), ASSUMED, FOREACH if setup.device == "cuda" else ""]) if n],
+            depth_note(result), _rank_note(parallel), ASSUMED, FOREACH if setup.device == "cuda" else ""]) if n],
         "batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
         "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing, "loop": setup.loop,
         "autocast": setup.autocast, "grad_accum": setup.grad_accum, "tokens_per_step": tokens, "loss": setup.loss,
@@ -115,4 +122,4 @@ def gpu_fields(row: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[fl
                         "ZeRO-2 and FSDP2 GPU counts and the savers that make a 'no' fit are not traced yet.")
 
 
-__all__ = ["ASSUMED", "targets_text", "traced_row", "gpu_fields"]
+__all__ = ["ASSUMED", "targets_text", "required_bytes", "depth_note", "traced_row", "gpu_fields"]

@@ -264,14 +264,19 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
 def count_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> Dict:
     """The parameter counts of `tuner` on `raw` at its full depth, built on the meta device (nothing traced):
     base_params (transformers' model), trainable_params and total_params (PEFT's get_nb_trainable_parameters),
-    shared_buffer_numel (VeRA's shared pair, a buffer), targets."""
+    shared_buffer_numel (VeRA's shared pair, a buffer), targets, narrowest (the narrowest side of a layer PEFT
+    wraps)."""
     libraries()
     full = Model(raw, setup)
     base = sum(p.numel() for p in {id(p): p for p in full.model.parameters()}.values())
     built, counts = _built(full.model, tuner, setup, None)  # full is not cut again: no copy needed
     shared = sum(b.numel() for n, b in built.model.named_buffers() if "vera_A" in n or "vera_B" in n)
+    # the narrowest side of the layers PEFT wraps: the largest rank worth searching (estimator.fit.max_rank)
+    sides = [min(m.in_features, m.out_features) for m in built.model.modules() if hasattr(m, "base_layer")
+             and isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)]
+    narrowest = min(sides) if sides else full.model.config.get_text_config().hidden_size
     return {**counts, "base_params": base, "shared_buffer_numel": shared, "attention": full.attention,
-            "notes": full.notes}
+            "narrowest": narrowest, "notes": full.notes}
 
 
 def combine(first: Dict, more: Sequence[Tuple[Dict, int]]) -> Dict:

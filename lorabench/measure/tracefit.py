@@ -1,0 +1,153 @@
+"""`lorabench fit` for a traced model: the largest batch, sequence and rank that fit a GPU, and which savers make
+the setup fit, each answered by traces of the step (measure.answer.trace_result, cached per setup) instead of the
+analytic model. The rows are estimator.fit.fit_rows' rows, with "engine": "trace". No torch at import.
+
+How few traces. A step's peak is nearly affine in the batch, the sequence and the rank (the largest of its ops'
+sizes, each affine in them, or quadratic in the sequence for eager attention's scores), so
+estimator.fit.largest_within finds each limit from the traces either side of the GPU's memory, and checks it: the
+answer fits and one more does not, by trace. Each trace sums the depth per layer kind (measure.traced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from lorabench.errors import LorabenchError
+from lorabench.estimator.fit import SAVERS, Saver, combos, largest_within
+from lorabench.estimator.parallel import Parallel
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
+from lorabench.estimator.traced_rows import ASSUMED, depth_note, required_bytes, targets_text
+from lorabench.estimator.tuner import Tuner, method_tuner
+from lorabench.measure.answer import as_raw, check_parallel, count_result, trace_result, tuners
+from lorabench.methods import METHODS, Method
+from lorabench.models.raw import RawModel
+from lorabench.models.spec import ModelSpec
+
+Note = Callable[[str], None]
+MAX_BATCH = 1 << 20  # the analytic fit's search bounds (estimator.fit.limits)
+MAX_SEQ = 1 << 24
+# Savers the trace does not run, and why
+NOT_TRACED = {"fused-loss": "Liger's fused linear cross-entropy runs Triton kernels, which a trace on the CPU does "
+                            "not run"}
+
+
+def _applies(saver: Saver, tuner: Tuner, setup: TrainingSetup, softcap: bool) -> bool:
+    """Whether a saver applies to a traced step: estimator.fit.SAVERS' rules, read from the tuner and the
+    config instead of a described family and method."""
+    if saver.key in NOT_TRACED:
+        return False
+    if saver.key == "checkpointing":
+        return not setup.grad_checkpointing
+    if saver.key == "chunked-loss":
+        return setup.loss == "standard" and setup.device != "cuda" and not softcap
+    if saver.key == "adamw-8bit":
+        return setup.optimizer == "adamw"
+    if saver.key == "nf4":  # an adapter on a frozen base; DoRA's magnitude is not traced on one (measure.traced)
+        return (not tuner.updates_base and setup.dtype not in QUANTIZED and not setup.autocast
+                and not tuner.config.get("use_dora"))
+    return False
+
+
+def _softcap(raw: RawModel) -> bool:
+    config = raw.config.get("text_config") if isinstance(raw.config.get("text_config"), dict) else raw.config
+    return bool(config.get("final_logit_softcapping"))
+
+
+class _Oracle:
+    """What one (model, tuner) needs per GPU under each setup: a trace (cached), read as the memory row reads it."""
+
+    def __init__(self, raw: RawModel, parallel: Parallel, allowance: float, progress: Note):
+        self.raw, self.parallel, self.allowance, self.progress = raw, parallel, allowance, progress
+        self.known: Dict[Tuple[Tuner, TrainingSetup], Dict] = {}
+
+    def result(self, tuner: Tuner, setup: TrainingSetup) -> Dict:
+        if (tuner, setup) not in self.known:
+            self.known[tuner, setup] = trace_result(self.raw, tuner, setup, self.progress, self.parallel)
+        return self.known[tuner, setup]
+
+    def required(self, tuner: Tuner, setup: TrainingSetup) -> Tuple[int, int]:
+        """(the peak plus the runtime, that plus the allocator allowance on the peak)."""
+        result = self.result(tuner, setup)
+        required, peak = required_bytes(result, setup), required_bytes(result, setup, runtime=False)
+        return required, required + int(self.allowance * peak)
+
+    def need(self, tuner: Tuner, setup: TrainingSetup) -> int:
+        return self.required(tuner, setup)[1]
+
+
+def _narrowest(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> int:
+    """The largest rank worth searching: the narrowest side of the projections PEFT adapts (estimator.fit.max_rank)."""
+    return max(1, count_result(raw, tuner, setup)["narrowest"])
+
+
+def _rank_tuner(tuner: Tuner, method: Optional[Method], model_type: str, targets, setup: TrainingSetup):
+    """tuner at another rank (a lorabench method's), or None where the rank is not one to vary (full, a PEFT
+    config from a file)."""
+    if method is None or tuner.rank is None:
+        return None
+    return lambda r: method_tuner(method, r, model_type, targets, setup)
+
+
+def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool,
+                    ranks: Sequence[int], targets, setup: TrainingSetup, parallel: Parallel, label: str,
+                    capacity: int, allowance: float, peft_config: Optional[str], note: Note,
+                    progress: Note = lambda s: None) -> Tuple[List[Dict], List[Dict]]:
+    """`lorabench fit`'s limit and saver rows for a traced model (estimator.fit.fit_rows' fields and meaning).
+
+    Raises:
+        LorabenchError: what the tracing engine does not trace (measure.answer.check_parallel), or cannot.
+    """
+    check_parallel(parallel, setup)
+    raw = as_raw(model)
+    limit_rows: List[Dict] = []
+    knob_rows: List[Dict] = []
+    oracle = _Oracle(raw, parallel, allowance, progress)
+    softcap = _softcap(raw)
+    skipped = ([f"the fused loss is not among the savers: {NOT_TRACED['fused-loss']}."]
+               if setup.loss == "standard" and setup.device == "cuda" else [])
+    for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
+        method = METHODS.get(tuner.name) if peft_config is None else None
+        first = oracle.result(tuner, setup)
+        required, need = oracle.required(tuner, setup)
+        s = setup
+
+        def varying(key: str) -> Callable[[int], int]:
+            return lambda n: oracle.need(tuner, replace(s, **{key: n}))
+
+        progress(f"{tuner.name}: the largest batch that fits")
+        batch = largest_within(varying("batch_size"), capacity, 1, MAX_BATCH, start=s.batch_size)
+        progress(f"{tuner.name}: the longest sequence that fits")
+        seq = largest_within(varying("seq_len"), capacity, 1, MAX_SEQ, start=s.seq_len)
+        rank = None
+        at_rank = _rank_tuner(tuner, method, raw.model_type, targets, setup)
+        if at_rank is not None:
+            progress(f"{tuner.name}: the largest rank that fits")
+            rank = largest_within(lambda r: oracle.need(at_rank(r), s), capacity, 1,
+                                  _narrowest(raw, tuner, setup), start=tuner.rank)
+        base = {"model": raw.name, "engine": "trace", "method": tuner.name, "rank": tuner.rank,
+                "targets": targets_text(first.get("targets")), "gpu": label, "gpu_memory_bytes": capacity,
+                "allowance_fraction": allowance, "batch_size": s.batch_size, "seq_len": s.seq_len,
+                "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload}
+        notes = list(raw.notes) + list(first.get("notes", ())) + [depth_note(first)] + [
+            "each limit found by traces and checked by them: it fits, and one more does not" +
+            ("; a PEFT config from a file keeps its own size: no rank is searched (max_rank null)"
+             if peft_config is not None else "") + ".", ASSUMED] + skipped
+        limit_rows.append({**base, "fits": need <= capacity, "required_bytes": required,
+                           "spare_bytes": capacity - need, "max_batch_size": batch, "max_seq_len": seq,
+                           "max_rank": rank, "max_positions": None,
+                           "notes": [n for n in dict.fromkeys(notes) if n]})
+        applicable = [x for x in SAVERS if _applies(x, tuner, setup, softcap)]
+        for c in combos(setup, applicable):
+            progress(f"{tuner.name}: {' + '.join(c.kinds) or 'as given'}")
+            try:
+                got, left = oracle.required(tuner, c.setup)
+            except LorabenchError as exc:  # a combination the trace refuses: said, not guessed
+                note(f"{raw.name}: {tuner.name} with {' + '.join(c.kinds)} left out: {exc}")
+                continue
+            knob_rows.append({**base, "change": " + ".join(c.kinds) or "as given", "changes": c.changes,
+                              "fits": left <= capacity, "required_bytes": got, "spare_bytes": capacity - left})
+    return limit_rows, knob_rows
+
+
+__all__ = ["NOT_TRACED", "traced_fit_rows"]
