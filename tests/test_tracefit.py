@@ -69,18 +69,18 @@ def _real_need(model, tuner, setup, allowance):
 def test_a_traced_models_limits_hold_for_real_steps_either_side(tmp_path):
     # granite has no description: its limits come from traces alone; real CPU steps at each limit fit and one
     # more does not
-    setup = TrainingSetup(batch_size=2, seq_len=64, device="cpu", impl="peft")
+    setup = TrainingSetup(batch_size=1, seq_len=64, device="cpu", impl="peft")
     allowance = 0.05
     kw = dict(config=_folder(tmp_path, GRANITE), method="lora", rank=8, targets="all-linear", device="cpu",
-              batch_size=2, seq_len=64, headroom=100 * allowance, impl="peft")
+              batch_size=1, seq_len=64, headroom=100 * allowance, impl="peft")
     model = Model(RawModel("granite", canonical(GRANITE)), setup, "cpu")
     tuner = method_tuner(METHODS["lora"], 8, "granite", "all-linear", setup)
-    capacity_gib = 1.6 * _real_need(model, tuner, setup, allowance) / 2 ** 30
+    capacity_gib = 1.5 * _real_need(model, tuner, setup, allowance) / 2 ** 30
     limits = lorabench.fit(gpu_memory=capacity_gib, **kw)["limits"][0]
     capacity = int(capacity_gib * 2 ** 30)
     assert limits["engine"] == "trace" and limits["fits"]
     b, s, r = limits["max_batch_size"], limits["max_seq_len"], limits["max_rank"]
-    assert b > 2 and s > 64 and r is not None
+    assert b > 1 and s > 64 and r is not None
     for varied, at in (({"batch_size": b}, {"batch_size": b + 1}), ({"seq_len": s}, {"seq_len": s + 1})):
         assert _real_need(model, tuner, replace(setup, **varied), allowance) <= capacity
         assert _real_need(model, tuner, replace(setup, **at), allowance) > capacity
@@ -92,7 +92,7 @@ def test_a_traced_models_limits_hold_for_real_steps_either_side(tmp_path):
 
 def test_a_described_models_traced_limits_are_the_analytic_models():
     # tiny-llama, held to real steps elsewhere by the analytic model: the same limits from traces
-    kw = dict(model="tiny-llama", method="lora,full", rank=8, targets="all-linear", gpu_memory=3, seq_len=512)
+    kw = dict(model="tiny-llama", method="lora", rank=8, targets="all-linear", gpu_memory=3, seq_len=512)
     traced, analytic = (lorabench.fit(engine=e, **kw) for e in ("trace", "analytic"))
     for t, a in zip(traced["limits"], analytic["limits"]):
         assert (t["engine"], a["engine"]) == ("trace", "analytic")
@@ -102,7 +102,7 @@ def test_a_described_models_traced_limits_are_the_analytic_models():
     # the savers, where both have them (the fused loss is not traced: Liger's Triton kernels)
     analytic_knobs = {(k["method"], k["change"]): k for k in analytic["knobs"]}
     shared = [k for k in traced["knobs"] if (k["method"], k["change"]) in analytic_knobs]
-    assert len(shared) == len(traced["knobs"]) == 12  # lora: 8 combinations of 3 savers; full: 4 of 2
+    assert len(shared) == len(traced["knobs"]) == 8  # 3 savers (checkpointing, 8-bit AdamW, nf4), 8 combinations
     for k in shared:
         a = analytic_knobs[k["method"], k["change"]]
         assert k["fits"] == a["fits"] and abs(k["required_bytes"] - a["required_bytes"]) <= 0.01 * a["required_bytes"]
