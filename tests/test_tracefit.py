@@ -135,3 +135,17 @@ def test_a_peft_config_is_fitted_without_a_rank_search(tmp_path):
     limits = got["limits"][0]
     assert limits["method"] == "ia3" and limits["max_rank"] is None and limits["max_batch_size"] > 1
     assert any("no rank is searched" in n for n in limits["notes"])
+
+
+def test_a_traced_no_gets_the_analytic_models_fix():
+    # tiny-llama, 8 x 16,384 tokens on a T4 (CPU kernels: the chunked loss is a saver): both engines fix it with
+    # checkpointing, or else the chunked loss, needing within 1.5% of each other (the traced fix from traces)
+    kw = dict(model="tiny-llama", method="lora", targets="all-linear", gpu="T4", seq_len=16384, batch_size=8,
+              device="cpu")
+    traced, analytic = (lorabench.estimate(engine=e, **kw)[0] for e in ("trace", "analytic"))
+    assert not traced["fits"] and not analytic["fits"]
+    for key in ("fix", "fix_alternative"):
+        assert traced[key]["kinds"] == analytic[key]["kinds"] and traced[key]["args"] == analytic[key]["args"]
+        assert abs(traced[key]["required_bytes"] - analytic[key]["required_bytes"]) <= 0.015 * traced[key][
+            "required_bytes"]
+    assert any("a 'no' is fixed by traces" in n for n in traced["notes"])

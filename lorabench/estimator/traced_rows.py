@@ -119,7 +119,7 @@ def gpu_fields(row: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[fl
                 "fix_alternative": None})
     row["notes"].append("step time of a traced model: its counted matrix-product FLOPs at the matmul efficiency "
                         "alone (a lower bound; the analytic model's memory-bound ops and host time are not in it). "
-                        "ZeRO-2 and FSDP2 GPU counts and the savers that make a 'no' fit are not traced yet.")
+                        "ZeRO-2 and FSDP2 GPU counts are not traced yet.")
 
 
 __all__ = ["ASSUMED", "targets_text", "required_bytes", "depth_note", "traced_row", "gpu_fields"]

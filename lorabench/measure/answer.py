@@ -159,6 +159,10 @@ def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], fr
     for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
         row = traced_row(raw.name, tuner, trace_result(raw, tuner, setup, progress, parallel), setup, notes, parallel)
         gpu_fields(row, gpu, allowance, mfu, setup)
+        if gpu is not None:
+            from lorabench.measure.tracefit import traced_verdict
+
+            traced_verdict(row, raw, tuner, setup, parallel, gpu.memory_bytes, allowance, progress)
         rows.append(row)
     return rows
 

@@ -11,10 +11,11 @@ answer fits and one more does not, by trace. Each trace sums the depth per layer
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from lorabench.errors import LorabenchError
-from lorabench.estimator.fit import SAVERS, Saver, combos, largest_within
+from lorabench.estimator.fit import SAVERS, Fix, Saver, _divisors_below, combos, largest_within, round_down
+from lorabench.estimator.verdict import fix_dict
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.estimator.traced_rows import ASSUMED, depth_note, required_bytes, targets_text
@@ -74,6 +75,13 @@ class _Oracle:
 
     def need(self, tuner: Tuner, setup: TrainingSetup) -> int:
         return self.required(tuner, setup)[1]
+
+    def fits(self, tuner: Tuner, setup: TrainingSetup, capacity: int) -> bool:
+        """Whether the step fits; one the trace refuses (a saver that cannot apply here) never does."""
+        try:
+            return self.need(tuner, setup) <= capacity
+        except LorabenchError:
+            return False
 
 
 def _narrowest(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> int:
@@ -150,4 +158,82 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
     return limit_rows, knob_rows
 
 
-__all__ = ["NOT_TRACED", "traced_fit_rows"]
+def _fixes(oracle: _Oracle, tuner: Tuner, setup: TrainingSetup, capacity: int, softcap: bool) -> Iterator[Fix]:
+    """The changes that make a traced step fit, cheapest first (estimator.fit.fixes' order), each traced when it
+    is reached: the savers alone and together; a smaller micro-batch with accumulation that keeps the sequences
+    of a step; a shorter sequence at batch 1 (where it keeps half the sequence, or nothing else fits). More GPUs
+    and CPU offload are not searched. Savers only take bytes away, so a combination inside one that does not fit
+    is not traced."""
+    kept = 0
+
+    def fix(kinds, steps, changes, changed: TrainingSetup) -> Fix:
+        required, need = oracle.required(tuner, changed)
+        return Fix(tuple(kinds), tuple(changes), None, required, capacity - need, tuple(steps))
+
+    found = combos(setup, [x for x in SAVERS if _applies(x, tuner, setup, softcap)])
+    missing: List[set] = []  # the savers of combinations that do not fit
+    for c in found[1:]:
+        if any(set(c.steps) <= m for m in missing):
+            continue
+        if oracle.fits(tuner, c.setup, capacity):
+            kept += 1
+            yield fix(c.kinds, c.steps, c.changes, c.setup)
+        else:
+            missing.append(set(c.steps))
+    sequences = setup.batch_size * setup.grad_accum
+    for c in found:  # the fewest savers that, with smaller micro-batches, fit
+        smaller = [replace(c.setup, batch_size=b, grad_accum=sequences // b)
+                   for b in _divisors_below(sequences, setup.batch_size)]
+        fitting = next((x for x in smaller if oracle.fits(tuner, x, capacity)), None)
+        if fitting is not None:
+            kept += 1
+            yield fix(c.kinds + ("batch",), c.steps + ("batch",), c.changes + (
+                ("batch_size", fitting.batch_size), ("grad_accum", fitting.grad_accum)), fitting)
+            break
+    for c in (found[0], found[-1]) if len(found) > 1 else found:  # as given, and with every saver
+        one = replace(c.setup, batch_size=1)
+        if setup.seq_len < 2 or oracle.fits(tuner, one, capacity):
+            continue
+        n = largest_within(lambda k: oracle.need(tuner, replace(one, seq_len=k)), capacity, 1, setup.seq_len - 1)
+        if n is not None and (2 * round_down(n) >= setup.seq_len or not kept):
+            n = round_down(n)
+            batch = (("batch_size", 1),) if setup.batch_size > 1 else ()
+            yield fix(c.kinds + ("sequence",), c.steps + ("sequence",), c.changes + batch + (("seq_len", n),),
+                      replace(one, seq_len=n))
+            break
+
+
+def _first_two(found: Iterator[Fix]) -> Tuple[Optional[Fix], Optional[Fix]]:
+    """The cheapest fix and estimator.verdict.alternative's, reading (tracing) no further than they need: the
+    first of other steps ends the search; the first that does not merely add steps waits for it."""
+    first = next(found, None)
+    if first is None:
+        return None, None
+    steps, fallback = set(first.steps), None
+    for f in found:
+        if not set(f.steps) & steps:
+            return first, f
+        if fallback is None and not steps <= set(f.steps):
+            fallback = f
+    return first, fallback
+
+
+FIX_NOTE = ("a 'no' is fixed by traces: the savers (checkpointing, 8-bit AdamW, an nf4 base, the chunked loss on a "
+            "CPU) alone and together, smaller micro-batches, a shorter sequence; more GPUs and CPU offload are not "
+            "searched for a traced model.")
+
+
+def traced_verdict(row: Dict, raw: RawModel, tuner: Tuner, setup: TrainingSetup, parallel: Parallel,
+                   capacity: int, allowance: float, progress: Note = lambda s: None) -> None:
+    """A traced memory row that does not fit gets its fix and fix_alternative (estimator.verdict's fields), found
+    by traces; in place."""
+    if row["fits"]:
+        return
+    progress(f"{tuner.name}: what makes it fit")
+    first, other = _first_two(_fixes(_Oracle(raw, parallel, allowance, progress), tuner, setup, capacity,
+                                     _softcap(raw)))
+    row["fix"], row["fix_alternative"] = fix_dict(first), fix_dict(other)
+    row["notes"].append(FIX_NOTE)
+
+
+__all__ = ["NOT_TRACED", "traced_fit_rows", "traced_verdict"]
