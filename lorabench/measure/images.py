@@ -54,10 +54,11 @@ def _fixed_size(name: str, tiled: bool = False):
     def size(config, given: Optional[Tuple[int, int]]) -> Tuple[Tuple[int, int], str]:
         side = _side(config.vision_config.image_size)
         if given is not None and given != (side, side):
-            what = ("splits a larger image into tiles of it (each tile an image here: count them in "
-                    f"{option('images')})" if tiled else "resizes every image to it")
-            raise LorabenchError(f"{name}'s processor {what}: its tower takes {side}x{side} (vision_config."
-                                 f"image_size); give {option('image_size')} {side}x{side} or leave it out.")
+            what = (f"splits an image into tiles of its tower's {side}x{side} (vision_config.image_size), each "
+                    f"an image here: count the tiles in {option('images')}" if tiled else
+                    f"resizes every image to its tower's {side}x{side} (vision_config.image_size)")
+            raise LorabenchError(f"{name}'s processor {what}; give {option('image_size')} {side}x{side} or leave "
+                                 "it out.")
         return (side, side), f"{side}x{side}, the tower's vision_config.image_size, which the processor " + (
             "gives every tile (one image = one tile, as the processor makes it without image splitting)" if tiled
             else "resizes every image to")
@@ -79,7 +80,7 @@ def _qwen_size(config, given: Optional[Tuple[int, int]]) -> Tuple[Tuple[int, int
         h, w = smart_resize(*given, factor=factor, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
     except ValueError as exc:
         raise LorabenchError(f"{option('image_size')} {given[0]}x{given[1]}: {exc}") from None
-    return (h, w), (f"{h}x{w}: {given[0]}x{given[1]} as the image processor resizes it (smart_resize to multiples "
+    return (h, w), (f"{h}x{w} ({given[0]}x{given[1]} as the image processor resizes it: smart_resize to multiples "
                     f"of patch {v.patch_size} x merge {v.spatial_merge_size}, within Qwen2VLImageProcessor's "
                     f"default {QWEN_MIN_PIXELS:,} to {QWEN_MAX_PIXELS:,} pixels)")
 
