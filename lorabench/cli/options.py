@@ -188,25 +188,19 @@ def engine_options(fn):
 
 
 def image_options(fn):
-    """--images and --image-size (memory): a vision-language model's images in each sequence; passes
-    images=ImageInputs(...)."""
+    """--images and --image-size (memory): passes images=ImageInputs(...)."""
     from lorabench.estimator.images import MAX_IMAGES, image_inputs
 
     @click.option("--images", "image_count", type=BoundedInt(0, MAX_IMAGES), default=0, show_default=True,
                   help="Images in each sequence of a vision-language model (LLaVA, Qwen2.5-VL, Qwen3-VL, Gemma 3, "
-                       "Llama 4, Idefics3, SmolVLM): traced with its vision tower; their image tokens are part of "
-                       "--seq-len. 0: text only.")
+                       "Llama 4, Idefics3, SmolVLM), traced through its vision tower; their image tokens are part "
+                       "of --seq-len. 0: text only.")
     @click.option("--image-size", "image_size", type=Text("HxW"), default=None,
-                  help="With --images: each image's height x width in pixels (e.g. 448x448). Default: the size "
-                       "the family's processor gives every image (the config's vision_config.image_size); Qwen "
-                       "keeps each image's own size, so give it there.")
+                  help="With --images: height x width in pixels (448x448). Default: the config's vision_config."
+                       "image_size, which the processor gives every image (Qwen keeps each image's own: give it).")
     @functools.wraps(fn)
     def wrapper(image_count, image_size, **kw):
-        try:
-            images = image_inputs(image_count, image_size)
-        except LorabenchError as exc:
-            raise click.UsageError(str(exc)) from None
-        return fn(images=images, **kw)
+        return fn(images=image_inputs(image_count, image_size), **kw)  # a LorabenchError: one line, exit 2
     return wrapper
 
 
