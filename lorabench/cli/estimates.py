@@ -112,7 +112,7 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
         lorabench memory -m llama-3-8b --method lora --gpu A100-40GB --check -f json > plan.json
         lorabench memory --config ./granite-3.3-8b/config.json --method lora -t all-linear --gpu L40S
         lorabench memory -m llama-3-8b --peft-config ./my-ia3/adapter_config.json --gpu A100-40GB
-        lorabench memory --config ./qwen2.5-vl-7b --method lora --images 2 --image-size 448x448 --gpu L40S
+        lorabench memory --config ./qwen2.5-vl-7b --method lora -t q_proj,v_proj --images 2 --image-size 448x448
     """
     from lorabench import api
 
