@@ -28,6 +28,7 @@ from lorabench.errors import LorabenchError
 from lorabench.spelling import api_spelling, option
 from lorabench.estimator.cost import CostSetup
 from lorabench.estimator.fit import fit_rows, search_cases
+from lorabench.estimator.images import ImageInputs, image_inputs
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup, setup_from
 from lorabench.estimator.rows import memory_rows, param_rows, usable_methods
@@ -119,20 +120,22 @@ def param_answer(specs, methods, from_all, ranks, targets, note: Note, engine: s
 def memory_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup, parallel: Parallel,
                   gpu: Optional[GPU], mfu: Optional[float], allowance: float, cost: Optional[CostSetup],
                   note: Note, engine: str = "auto", peft_config: Optional[str] = None,
-                  progress: Note = lambda s: None) -> List[Tuple[ModelSpec, List[Dict]]]:
+                  progress: Note = lambda s: None,
+                  images: ImageInputs = ImageInputs()) -> List[Tuple[ModelSpec, List[Dict]]]:
     """`memory`: per model, its rows with their verdicts (fits, the cheapest fix as options, ...): the analytic
     model's for a described model, the tracing engine's (lorabench.measure.answer) for any other, or for every
-    model with engine "trace" or a PEFT config (peft_config, an adapter_config.json)."""
+    model with engine "trace", a PEFT config (peft_config, an adapter_config.json) or images (a vision-language
+    model's step with images.count images in each sequence)."""
     methods = quantized_methods(methods, from_all, setup, note)
     several = from_all or len(specs) > 1  # then a method a model cannot take is left out with a note
     out = []
     for spec in specs:
-        if is_traced(spec, engine, peft_config):
+        if is_traced(spec, engine, peft_config, images):
             if cost is not None:
                 raise LorabenchError(f"{spec.name} is traced; time and cost ({option('tokens')}) are not "
                                      "answered for a traced model yet.")
             out.append((spec, spelled(traced_rows(spec, methods, several, ranks, targets, setup, peft_config, gpu,
-                                                  mfu, allowance, note, progress, parallel))))
+                                                  mfu, allowance, note, progress, parallel, images))))
             continue
         for spec_, used in each_model([spec], methods, several, ranks, targets, note):
             rows = memory_rows(spec_, used, ranks, targets, setup, gpu, mfu, allowance=allowance, cost=cost,
@@ -275,13 +278,15 @@ def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Opt
              tokens: Optional[int] = None, dataset_tokens: Optional[int] = None, epochs: Optional[float] = None,
              price: Optional[float] = None, config: Names = None, d: Optional[int] = None,
              layers: Optional[int] = None, engine: str = "auto", peft_config: Optional[str] = None,
-             **setup) -> List[Dict]:
+             images: Optional[int] = None, image_size=None, **setup) -> List[Dict]:
     """GPU memory, step time and (with tokens) cost of one training step: the rows of `lorabench memory -f json`,
     verdict included (fits, spare_bytes, largest_component, fix and fix_alternative as the options to add).
 
     setup: the CLI's setup options as keywords (batch_size, seq_len, dtype, optimizer, grad_checkpointing,
     loop, loss, autocast, impl, ...). engine: "auto" (the analytic model for a described family, else a trace of
-    transformers + PEFT), "analytic" or "trace"; peft_config: a PEFT adapter_config.json, traced.
+    transformers + PEFT), "analytic" or "trace"; peft_config: a PEFT adapter_config.json, traced. images: images
+    in each sequence of a vision-language model (traced; their tokens are part of seq_len), image_size: their
+    size as "HxW" or (h, w) (default: the size the family's processor gives, from the config).
 
     Example:
         >>> row = estimate(model="llama-3-8b", method="lora", rank=16, gpu="RTX-4090", seq_len=4096)[0]
@@ -301,9 +306,10 @@ def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Opt
     elif epochs is not None or price is not None:
         raise LorabenchError("epochs and price need tokens or dataset_tokens.")
     _engine(engine, peft_config, from_all)
+    pictures = image_inputs(images, image_size)
     answer = memory_answer(_models(model, config, d, layers, traceable=engine != "analytic"), methods, from_all,
                            ranks, targets, _setup(setup), _parallel(gpus, sharding, cpu_offload), chosen, mfu,
-                           _headroom(headroom), cost, warn, engine=engine, peft_config=peft_config)
+                           _headroom(headroom), cost, warn, engine=engine, peft_config=peft_config, images=pictures)
     return finite([r for _, rows in answer for r in rows])
 
 

@@ -20,7 +20,7 @@ OPTIONS: Dict[str, str] = {
     "loss_chunk": "--loss-chunk", "kbit_prepare": "--kbit-prepare",
     "gpus": "--gpus", "sharding": "--sharding", "cpu_offload": "--cpu-offload", "gpu": "--gpu",
     "tokens": "--tokens", "dataset_tokens": "--dataset-tokens", "epochs": "--epochs", "price": "--price",
-    "engine": "--engine", "peft_config": "--peft-config",
+    "engine": "--engine", "peft_config": "--peft-config", "images": "--images", "image_size": "--image-size",
 }
 
 # The short forms the CLI's messages use for a few options.

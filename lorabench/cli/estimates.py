@@ -7,8 +7,8 @@ import sys
 import click
 
 from lorabench.cli.main import CONTEXT, _blocks, cli, note, pick_gpu, terminal_width
-from lorabench.cli.options import (MFU, BoundedFloat, Text, cost_options, engine_options, format_option, method_options,
-                                   model_options, parallel_options, setup_options)
+from lorabench.cli.options import (MFU, BoundedFloat, Text, cost_options, engine_options, format_option, image_options,
+                                   method_options, model_options, parallel_options, setup_options)
 from lorabench.estimator.compute import MATMUL_EFFICIENCY
 from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE
 from lorabench.render.formats import MEMORY_COLUMNS, PARAM_COLUMNS, fit_width, render
@@ -82,9 +82,10 @@ def params(specs, methods, methods_from_all, ranks, targets, engine, peft_config
               help="With --gpu: exit 1 when a case does NOT fit (the answer is printed all the same), so a script "
                    "or CI step can stop before renting the GPUs.")
 @engine_options
+@image_options
 @format_option
 def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, mfu, headroom, cost, wide, columns,
-           check, engine, peft_config, fmt):
+           check, engine, peft_config, images, fmt):
     """GPU memory of one training step per method: does it fit, and what makes it fit.
 
     The first lines answer: per method, fits or not on --gpu, the memory to
@@ -111,6 +112,7 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
         lorabench memory -m llama-3-8b --method lora --gpu A100-40GB --check -f json > plan.json
         lorabench memory --config ./granite-3.3-8b/config.json --method lora -t all-linear --gpu L40S
         lorabench memory -m llama-3-8b --peft-config ./my-ia3/adapter_config.json --gpu A100-40GB
+        lorabench memory --config ./qwen2.5-vl-7b --method lora -t q_proj,v_proj --images 2 --image-size 448x448
     """
     from lorabench import api
 
@@ -126,7 +128,8 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
     if peft_config is not None and not methods_from_all:
         raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its tuner.")
     per_model = api.memory_answer(specs, methods, methods_from_all, ranks, targets, setup, parallel, chosen, mfu,
-                                  allowance, cost, note, engine=engine, peft_config=peft_config, progress=progress)
+                                  allowance, cost, note, engine=engine, peft_config=peft_config, progress=progress,
+                                  images=images)
     if fmt not in ("table", "markdown"):
         click.echo(render([r for _, rows in per_model for r in rows], fmt, MEMORY_COLUMNS))
     else:

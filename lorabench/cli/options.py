@@ -187,6 +187,23 @@ def engine_options(fn):
     return wrapper
 
 
+def image_options(fn):
+    """--images and --image-size (memory): passes images=ImageInputs(...)."""
+    from lorabench.estimator.images import MAX_IMAGES, image_inputs
+
+    @click.option("--images", "image_count", type=BoundedInt(0, MAX_IMAGES), default=0, show_default=True,
+                  help="Images in each sequence of a vision-language model (LLaVA, Qwen2.5-VL, Qwen3-VL, Gemma 3, "
+                       "Llama 4, Idefics3, SmolVLM), traced through its vision tower; their image tokens are part "
+                       "of --seq-len. 0: text only.")
+    @click.option("--image-size", "image_size", type=Text("HxW"), default=None,
+                  help="With --images: height x width in pixels (448x448). Default: the config's vision_config."
+                       "image_size, which the processor gives every image (Qwen keeps each image's own: give it).")
+    @functools.wraps(fn)
+    def wrapper(image_count, image_size, **kw):
+        return fn(images=image_inputs(image_count, image_size), **kw)  # a LorabenchError: one line, exit 2
+    return wrapper
+
+
 def method_options(fn):
     from lorabench.methods import METHODS
 

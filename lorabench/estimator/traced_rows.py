@@ -86,6 +86,9 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "attention": result["attention"], "layers_traced": result["layers_traced"],
         "layer_kinds": result["layer_kinds"], "trace_seconds": result["trace_seconds"],
         "trace_cached": bool(result.get("cached")),
+        # a vision-language step's images per sequence, their size as traced, their tokens in each sequence
+        "images": result.get("images", 0), "image_size": result.get("image_size"),
+        "image_tokens": result.get("image_tokens", 0),
     }
     return row
 

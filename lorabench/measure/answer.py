@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from lorabench.errors import LorabenchError
+from lorabench.estimator.images import ImageInputs
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.traced_rows import gpu_fields, targets_text, traced_row
@@ -26,13 +27,17 @@ TRACED_SHARDINGS = ("zero2", "fsdp")  # rank 0 traced in a fake process group (m
 Note = Callable[[str], None]
 
 
-def is_traced(model: Union[ModelSpec, RawModel], engine: str, peft_config: Optional[str]) -> bool:
+def is_traced(model: Union[ModelSpec, RawModel], engine: str, peft_config: Optional[str],
+              images: ImageInputs = ImageInputs()) -> bool:
     """Whether the tracing engine answers for model: it has no description, or the trace was asked for
-    (engine "trace"), or a PEFT config was given. engine "analytic" with either of those is refused."""
-    traced = isinstance(model, RawModel) or engine == "trace" or peft_config is not None
+    (engine "trace"), or a PEFT config or images were given. engine "analytic" with any of those is refused."""
+    traced = isinstance(model, RawModel) or engine == "trace" or peft_config is not None or images.count > 0
     if traced and engine == "analytic":
         if isinstance(model, RawModel):
             raise LorabenchError(model.refusal)
+        if images.count:
+            raise LorabenchError(f"{option('images')} is traced: give {option('engine', 'auto')} or "
+                                 f"{option('engine', 'trace')}.")
         raise LorabenchError(f"{option('peft_config')} is traced: give {option('engine', 'auto')} or "
                              f"{option('engine', 'trace')}.")
     if traced and not isinstance(model, RawModel) and model.single_matrix:
@@ -104,13 +109,32 @@ def _cached(key: str, job: str, compute: Callable[[], Dict]) -> Dict:
 
 
 def trace_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Note,
-                 parallel: Parallel = Parallel()) -> Dict:
-    """The trace of one step (rank 0's under parallel): from the cache, else traced now (and kept)."""
+                 parallel: Parallel = Parallel(), images: ImageInputs = ImageInputs()) -> Dict:
+    """The trace of one step (rank 0's under parallel; with images, a vision-language model's with that many
+    images in each sequence): from the cache, else traced now (and kept)."""
     def trace() -> Dict:
         from lorabench.measure.traced import trace_model
 
-        return trace_model(raw, tuner, setup, progress, sharding=parallel.sharding, gpus=parallel.gpus)
-    return _cached(tracecache.trace_key(raw, tuner, setup, parallel=parallel), f"tracing {raw.name}", trace)
+        return trace_model(raw, tuner, setup, progress, sharding=parallel.sharding, gpus=parallel.gpus,
+                           images=images)
+    return _cached(tracecache.trace_key(raw, tuner, setup, parallel=parallel, images=images), f"tracing {raw.name}",
+                   trace)
+
+
+def check_images(raw: RawModel, images: ImageInputs, parallel: Parallel) -> None:
+    """Refuse, in one line, images the tracing engine cannot give raw (before anything is built).
+
+    Raises:
+        LorabenchError: images on a model without a vision_config, or under a sharded step.
+    """
+    if not images.count:
+        return
+    if not isinstance(raw.config.get("vision_config"), dict):
+        raise LorabenchError(f"{option('images')}: {raw.name} is a text-only model (its config has no "
+                             "vision_config).")
+    if not parallel.single:
+        raise LorabenchError(f"{option('images')} is traced on one GPU's step; a sharded step with images is not "
+                             "traced yet.")
 
 
 def count_result(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> Dict:
@@ -148,24 +172,27 @@ def traced_param_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Metho
 def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool, ranks: Sequence[int],
                 targets, setup: TrainingSetup, peft_config: Optional[str], gpu: Optional[GPU],
                 mfu: Optional[float], allowance: float, note: Note, progress: Note = lambda s: None,
-                parallel: Parallel = Parallel()) -> List[Dict]:
-    """`memory` rows of a traced model, one per tuner, with the GPU's verdict; under parallel, rank 0's."""
+                parallel: Parallel = Parallel(), images: ImageInputs = ImageInputs()) -> List[Dict]:
+    """`memory` rows of a traced model, one per tuner, with the GPU's verdict; under parallel, rank 0's; with
+    images, a vision-language model's step with that many images in each sequence."""
     check_parallel(parallel, setup)
     raw = as_raw(model)
+    check_images(raw, images, parallel)
     notes = list(raw.notes)
     if isinstance(model, RawModel):
         notes.append(f"{raw.model_type} has no description in lorabench: traced.")
     rows = []
     for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
-        row = traced_row(raw.name, tuner, trace_result(raw, tuner, setup, progress, parallel), setup, notes, parallel)
+        row = traced_row(raw.name, tuner, trace_result(raw, tuner, setup, progress, parallel, images), setup, notes,
+                         parallel)
         gpu_fields(row, gpu, allowance, mfu, setup)
         if gpu is not None:
             from lorabench.measure.tracefit import traced_verdict
 
-            traced_verdict(row, raw, tuner, setup, parallel, gpu.memory_bytes, allowance, progress)
+            traced_verdict(row, raw, tuner, setup, parallel, gpu.memory_bytes, allowance, progress, images)
         rows.append(row)
     return rows
 
 
-__all__ = ["ENGINES", "TRACED_SHARDINGS", "not_traced", "check_parallel", "is_traced", "as_raw", "tuners",
-           "trace_result", "count_result", "traced_param_rows", "traced_rows"]
+__all__ = ["ENGINES", "TRACED_SHARDINGS", "not_traced", "check_parallel", "check_images", "is_traced", "as_raw",
+           "tuners", "trace_result", "count_result", "traced_param_rows", "traced_rows"]

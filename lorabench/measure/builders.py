@@ -5,8 +5,8 @@ strategy (lorabench.measure.distributed) can be applied to the built model befor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -33,6 +33,9 @@ class Built:
     forward: Callable[[torch.Tensor], object]  # ids -> output with .loss
     base_tensors: List[torch.Tensor]
     adapter_tensors: List[torch.Tensor]
+    # the model's further inputs each micro-batch passes beside input_ids and labels (a vision-language model's
+    # pixel values...), set when the step's inputs are made
+    inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def step_state(self) -> List[torch.Tensor]:
         """Tensors a method keeps between steps besides the optimizer (Delta-LoRA's copy of A and B)."""

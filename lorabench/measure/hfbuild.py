@@ -37,6 +37,9 @@ def expected_library_warnings():
                                 category=UserWarning)
         # bitsandbytes' paged optimizers run unpaged on the CPU (the README says so once)
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+        # Llama 4's vision tower keeps its rotary frequencies as a complex buffer, which Module.to(dtype) casts
+        warnings.filterwarnings("ignore", message="Casting complex values to real discards the imaginary part",
+                                category=UserWarning)
         yield
 
 
@@ -77,9 +80,12 @@ def hf_config(cfg: Dict, where: str):
         raise LorabenchError(f"{where}: transformers refuses the config: {first}") from None
 
 
-def causal_lm(config, setup: TrainingSetup, device: torch.device, attention: Optional[str], name: str):
+def causal_lm(config, setup: TrainingSetup, device: torch.device, attention: Optional[str], name: str,
+              images: bool = False):
     """transformers' causal-LM model for config, on device, in setup.dtype (a quantized base: loaded back through
     bitsandbytes, measure.qlora). attention: an attn_implementation, or None for transformers' own choice.
+    images: the image-text-to-text model (its vision tower run on images), where the causal-LM mapping would
+    build the language model alone (Llama 4).
 
     Raises:
         LorabenchError: transformers refuses to build it (e.g. Gemma 2 refuses SDPA).
@@ -88,7 +94,7 @@ def causal_lm(config, setup: TrainingSetup, device: torch.device, attention: Opt
     dtype = TORCH_DTYPES.get(setup.dtype, torch.bfloat16)
     try:
         with torch.device(device):
-            model = _from_config(transformers, config, attention).to(dtype)
+            model = _from_config(transformers, config, attention, images).to(dtype)
         if setup.dtype in QUANTIZED:
             model = load_quantized(model, setup.dtype, device, attention)
     except ValueError as exc:
@@ -97,10 +103,17 @@ def causal_lm(config, setup: TrainingSetup, device: torch.device, attention: Opt
     return model
 
 
-def _from_config(transformers, config, attention):
+def _from_config(transformers, config, attention, images: bool = False):
     """AutoModelForCausalLM's model for config, or, for a vision-language config that the causal-LM mapping does
     not list (LLaVA, Qwen2.5-VL, Idefics3...), AutoModelForImageTextToText's: the language model with its vision
-    tower and projector, as a fine-tuning script loads it."""
+    tower and projector, as a fine-tuning script loads it. images: AutoModelForImageTextToText's first, for a
+    config with a vision_config."""
+    if images and getattr(config, "vision_config", None) is not None:
+        try:
+            return transformers.AutoModelForImageTextToText.from_config(config, attn_implementation=attention)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
     try:
         return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     except ValueError as exc:

@@ -151,7 +151,8 @@ class TrainerLoop:
         items = torch.tensor(ids.numel() * self.grad_accum, device=ids.device)
         try:
             for _ in range(self.grad_accum):
-                loss = self.trainer.training_step(self.model, {"input_ids": ids, "labels": ids}, items)
+                loss = self.trainer.training_step(self.model, {"input_ids": ids, "labels": ids, **self.built.inputs},
+                                                  items)
                 mark("backward")
         finally:
             self._mark = None

@@ -67,9 +67,10 @@ def forward_with_loss(built: Built, spec: ModelSpec, setup: TrainingSetup, devic
     else:
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         body, head = hf.base_model, hf.get_output_embeddings()  # the decoder (final norm included), lm_head
+        extra = built.inputs  # filled when the step's inputs are made
 
         def forward(ids):
-            out = body(input_ids=ids)
+            out = body(input_ids=ids, **extra)
             return LossOutput(loss(out.last_hidden_state, head.weight, ids), out.past_key_values)
     return replace(built, forward=forward)
 

@@ -24,6 +24,7 @@ from lorabench.estimator.case import Case
 from lorabench.estimator.params import count_params
 from lorabench.estimator.setup import DEFAULT_IMPL, QUANTIZED
 from lorabench.measure.builders import BUILDERS
+from lorabench.measure.images import ImagePlan, held, held_tensor
 from lorabench.measure.probes import MemoryProbe
 from lorabench.measure.segments import SegmentTracker, StepSegments
 from lorabench.measure.steps import forward_with_loss, stepper
@@ -89,13 +90,14 @@ def _stated_inputs():
 
 
 def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
-                layers: Optional[List[torch.nn.Module]] = None) -> Dict:
+                layers: Optional[List[torch.nn.Module]] = None, images: Optional[ImagePlan] = None) -> Dict:
     """built (its tensors fake ones of `mode`, or real CPU tensors with mode None) stepped `warmup` times, then
     once more with the memory read at the phase boundaries (the bench's _memory_step); the FLOPs of the last
     warm-up step counted (torch.utils.flop_counter: matrix products and attention, forward and backward). Adds
     flops, logits_bytes (the output head's last output, as it is made; 0 where the loss takes the hidden states)
     and, given the decoder `layers`, segments: each segment's peak (measure.segments), which extrapolate in
-    depth where the phases' peaks may not."""
+    depth where the phases' peaks may not. images: a vision-language step's images (measure.images), their
+    tokens in the ids and their inputs beside them, their values held under measure.images.held."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from lorabench.measure.bench import _memory_step
@@ -109,11 +111,16 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
     segments = StepSegments(tracker, setup.grad_accum)
     step, close = _stepper_on_fake(built, setup, device)
     handles: list = []
+    given = images.batch(setup.batch_size, setup.seq_len) if images is not None else {}
     try:
-        with mode or contextlib.nullcontext(), tracker, _stated_inputs():
+        with mode or contextlib.nullcontext(), held(images, mode), tracker, _stated_inputs():
             probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
             tracker.track(built.base_tensors + built.adapter_tensors)
-            ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)
+            if images is None:
+                ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)
+            else:
+                built.inputs.update({k: held_tensor(t, mode) for k, t in given.items()})
+                ids = built.inputs.pop("input_ids")
             counter = FlopCounterMode(display=False)  # on a warm-up step: its module hooks hold a few bytes
             for i in range(warmup):
                 with counter if i == warmup - 1 else contextlib.nullcontext():

@@ -3,7 +3,8 @@ a hit is read before transformers, PEFT or torch is imported.
 
 The key is a SHA-256 of: the config.json (canonical JSON), the tuner's PEFT config, every setup field that changes
 the step (the device too: a CUDA step's optimizer runs torch's foreach kernels), the versions of torch, transformers and
-PEFT, and the source of the modules that trace (a change to them is a new key). One JSON file per key, written
+PEFT, and the source of the modules that trace (a change to them is a new key); a vision-language step's image
+inputs where it has any (a text-only step's key leaves them out). One JSON file per key, written
 whole or not at all (safety.files.atomic_write), under $LORABENCH_CACHE_DIR, else $XDG_CACHE_HOME/lorabench/traces,
 else ~/.cache/lorabench/traces. LORABENCH_CACHE_DIR=off turns it off. A file that cannot be read is a miss; a
 folder that cannot be written is no cache, never an error.
@@ -20,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from lorabench.estimator.images import ImageInputs
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.tuner import Tuner
@@ -29,7 +31,7 @@ from lorabench.safety.files import atomic_write
 FORMAT = 1
 # The files whose code decides a trace's numbers (read as files: importing lorabench.nn would import torch)
 SOURCES = ("measure/traced.py", "measure/trace.py", "measure/hfbuild.py", "measure/loops.py", "measure/steps.py",
-           "measure/bench.py", "measure/probes.py", "measure/builders.py", "nn/optim.py")
+           "measure/bench.py", "measure/probes.py", "measure/builders.py", "measure/images.py", "nn/optim.py")
 PACKAGE = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "transformers", "peft")
 SETUP_IGNORED = ("impl",)  # the trace runs transformers + PEFT whatever this says
@@ -66,14 +68,17 @@ def _code() -> str:
 
 
 def trace_key(raw: RawModel, tuner: Tuner, setup: TrainingSetup, kind: str = "trace",
-              parallel: Parallel = Parallel()) -> str:
+              parallel: Parallel = Parallel(), images: ImageInputs = ImageInputs()) -> str:
     """The cache key of a trace (module docstring); kind "counts" for the parameter counts alone. parallel:
-    rank 0's step under a strategy (one GPU's keys, which leave it out, stay as they were)."""
+    rank 0's step under a strategy (one GPU's keys, which leave it out, stay as they were); images: the images
+    each sequence carries (likewise)."""
     fields = {k: v for k, v in asdict(setup).items() if k not in SETUP_IGNORED}
     what = {"format": FORMAT, "kind": kind, "config": raw.config_json, "tuner": asdict(tuner), "setup": fields,
             "versions": dict(_versions()), "code": _code()}
     if not parallel.single:
         what["parallel"] = asdict(parallel)
+    if images.count:
+        what["images"] = asdict(images)
     what["tuner"].pop("source", None)  # the same config from another path is the same trace
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -30,11 +30,13 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from lorabench.errors import LorabenchError
+from lorabench.estimator.images import ImageInputs
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.estimator.tuner import Tuner
 from lorabench.measure.builders import LR, Built, _wrapped
 from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library_warnings, hf_config, \
     is_vision_language, libraries, optimizer, with_peft
+from lorabench.measure.images import plan_images
 from lorabench.measure.fakerank import fake_process_group, rank_wrap, sharded_wrap
 from lorabench.measure.segments import phase_peaks
 from lorabench.measure.steps import forward_with_loss
@@ -77,9 +79,11 @@ def _kind(layer: torch.nn.Module, layer_type) -> str:
 
 class Model:
     """A model built once on the meta device at full depth (no tuner), copied and cut for each trace; on the CPU
-    with real weights (device "cpu") for a real step to hold a trace to."""
+    with real weights (device "cpu") for a real step to hold a trace to. images: the images every sequence
+    carries (a vision-language model's; measure.images), none by default."""
 
-    def __init__(self, raw: RawModel, setup: TrainingSetup, device: str = "meta"):
+    def __init__(self, raw: RawModel, setup: TrainingSetup, device: str = "meta",
+                 images: ImageInputs = ImageInputs()):
         cfg = raw.config
         self.notes: List[str] = []
         if cfg.pop("quantization_config", None) is not None:
@@ -92,10 +96,13 @@ class Model:
         # a quantized base is built in its compute dtype and quantized per trace (measure.tracequant)
         built_as = replace(setup, dtype="bf16") if setup.dtype in QUANTIZED else setup
         with expected_library_warnings():
-            self.model = causal_lm(config, built_as, torch.device(device), attention, raw.name)
+            self.model = causal_lm(config, built_as, torch.device(device), attention, raw.name, images.count > 0)
         text = self.model.config.get_text_config()
         self.attention = text._attn_implementation
-        if is_vision_language(self.model):
+        self.images = plan_images(self.model, images, setup.seq_len) if images.count else None
+        if self.images is not None:
+            self.notes.append(self.images.note)
+        elif is_vision_language(self.model):
             self.notes.append("a vision-language model traced on text alone: its vision tower and projector are "
                               "held (in the weights and the counts) but not run; image inputs, their tokens and the "
                               "tower's activations are not traced yet, and a trained tower part gets no gradient "
@@ -226,7 +233,9 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup, mode: Opt
     # torch steps CUDA tensors with its multi-tensor (foreach) kernels and CPU ones tensor by tensor: the trace's
     # CPU tensors step as the target device's would
     opt = optimizer(model, setup.optimizer, LR, tuner.b_lr_ratio, torch.device("cpu"), foreach=setup.device == "cuda")
-    return Built(model, opt, [], lambda ids: runner(input_ids=ids, labels=ids), base, adapter), counts
+    inputs: Dict = {}  # a vision-language step's image inputs, made with the token ids (trace_built)
+    return Built(model, opt, [], lambda ids: runner(input_ids=ids, labels=ids, **inputs), base, adapter,
+                 inputs), counts
 
 
 def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: TrainingSetup,
@@ -244,7 +253,7 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
                                  "(final_logit_softcapping); use --loss standard.")
         built = forward_with_loss(built, None, setup, torch.device("cpu"), "peft")
     try:
-        out = trace_built(built, setup, mode, layers=layers)
+        out = trace_built(built, setup, mode, layers=layers, images=full.images)
     except (DataDependentOutputException, DynamicOutputShapeException) as exc:
         # an op whose output's shape or value is the data's (.item(), nonzero): e.g. experts run one by one
         # over the tokens routed to each (DBRX, JetMoE), where the real step's memory depends on the tokens
@@ -300,10 +309,12 @@ def combine(first: Dict, more: Sequence[Tuple[Dict, int]]) -> Dict:
 
 
 def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Progress = lambda s: None,
-                sharding: str = "none", gpus: int = 1) -> Dict:
+                sharding: str = "none", gpus: int = 1, images: ImageInputs = ImageInputs()) -> Dict:
     """The step of `tuner` on `raw` under `setup`, traced: the measured fields of the full depth, FLOPs,
     counts, and how it was found (layers traced, kinds, seconds, notes). sharding (not "none"): rank 0's step
     of `gpus` under that strategy (measure.fakerank), traced in a fake process group made and destroyed here.
+    images: the images each sequence carries (measure.images); the result then has images, image_size (as
+    traced) and image_tokens (per sequence).
 
     Raises:
         LorabenchError: what cannot be traced (a quantized base, a loss the CPU cannot run, a step that reads
@@ -317,7 +328,7 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its deprecation and config notices are not the user's to act on
     try:
-        out = _trace_model(raw, tuner, setup, progress, sharding, gpus)
+        out = _trace_model(raw, tuner, setup, progress, sharding, gpus, images)
     finally:
         transformers.logging.set_verbosity(verbosity)
     out["trace_seconds"] = round(time.perf_counter() - started, 2)
@@ -325,9 +336,9 @@ def trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pro
 
 
 def _trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Progress, sharding: str,
-                 gpus: int) -> Dict:
+                 gpus: int, images: ImageInputs) -> Dict:
     progress(f"building {raw.name} on the meta device")
-    full = Model(raw, setup)
+    full = Model(raw, setup, images=images)
     # under FSDP the depth sum of segments misses 2% of the backward peak (6 granite layers from 2 and 3: the
     # reduce-scatters and prefetched gathers do not fall in the layers' segments alike): a sharded step is
     # traced whole until the segments follow FSDP's hooks
@@ -345,6 +356,10 @@ def _trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pr
     out.update({"layers_traced": sorted({len(k) for k, _ in more} | {len(first_cut) if first_cut else full.depth}),
                 "layer_kinds": kinds, "depth": full.depth, "attention": full.attention,
                 "notes": full.notes + [n for n in (init_note(tuner),) if n]})
+    if full.images is not None:
+        plan = full.images
+        out.update({"images": plan.count, "image_size": f"{plan.height}x{plan.width}",
+                    "image_tokens": plan.tokens * plan.count})
     return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from lorabench.errors import LorabenchError
+from lorabench.estimator.images import ImageInputs
 from lorabench.estimator.fit import SAVERS, Fix, Saver, _divisors_below, combos, largest_within, round_down
 from lorabench.estimator.verdict import fix_dict
 from lorabench.estimator.parallel import Parallel
@@ -58,13 +59,16 @@ def _softcap(raw: RawModel) -> bool:
 class _Oracle:
     """What one (model, tuner) needs per GPU under each setup: a trace (cached), read as the memory row reads it."""
 
-    def __init__(self, raw: RawModel, parallel: Parallel, allowance: float, progress: Note):
+    def __init__(self, raw: RawModel, parallel: Parallel, allowance: float, progress: Note,
+                 images: ImageInputs = ImageInputs()):
         self.raw, self.parallel, self.allowance, self.progress = raw, parallel, allowance, progress
+        self.images = images
         self.known: Dict[Tuple[Tuner, TrainingSetup], Dict] = {}
 
     def result(self, tuner: Tuner, setup: TrainingSetup) -> Dict:
         if (tuner, setup) not in self.known:
-            self.known[tuner, setup] = trace_result(self.raw, tuner, setup, self.progress, self.parallel)
+            self.known[tuner, setup] = trace_result(self.raw, tuner, setup, self.progress, self.parallel,
+                                                    self.images)
         return self.known[tuner, setup]
 
     def required(self, tuner: Tuner, setup: TrainingSetup) -> Tuple[int, int]:
@@ -158,10 +162,12 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
     return limit_rows, knob_rows
 
 
-def _fixes(oracle: _Oracle, tuner: Tuner, setup: TrainingSetup, capacity: int, softcap: bool) -> Iterator[Fix]:
+def _fixes(oracle: _Oracle, tuner: Tuner, setup: TrainingSetup, capacity: int, softcap: bool,
+           shortest: int = 1) -> Iterator[Fix]:
     """The changes that make a traced step fit, cheapest first (estimator.fit.fixes' order), each traced when it
     is reached: the savers alone and together; a smaller micro-batch with accumulation that keeps the sequences
-    of a step; a shorter sequence at batch 1 (where it keeps half the sequence, or nothing else fits). More GPUs
+    of a step; a shorter sequence at batch 1, of at least `shortest` tokens (where it keeps half the sequence,
+    or nothing else fits). More GPUs
     and CPU offload are not searched. Savers only take bytes away, so a combination inside one that does not fit
     is not traced."""
     kept = 0
@@ -192,11 +198,12 @@ def _fixes(oracle: _Oracle, tuner: Tuner, setup: TrainingSetup, capacity: int, s
             break
     for c in (found[0], found[-1]) if len(found) > 1 else found:  # as given, and with every saver
         one = replace(c.setup, batch_size=1)
-        if setup.seq_len < 2 or oracle.fits(tuner, one, capacity):
+        if setup.seq_len <= shortest or oracle.fits(tuner, one, capacity):
             continue
-        n = largest_within(lambda k: oracle.need(tuner, replace(one, seq_len=k)), capacity, 1, setup.seq_len - 1)
+        n = largest_within(lambda k: oracle.need(tuner, replace(one, seq_len=k)), capacity, shortest,
+                           setup.seq_len - 1)
         if n is not None and (2 * round_down(n) >= setup.seq_len or not kept):
-            n = round_down(n)
+            n = max(round_down(n), shortest)
             batch = (("batch_size", 1),) if setup.batch_size > 1 else ()
             yield fix(c.kinds + ("sequence",), c.steps + ("sequence",), c.changes + batch + (("seq_len", n),),
                       replace(one, seq_len=n))
@@ -224,14 +231,15 @@ FIX_NOTE = ("a 'no' is fixed by traces: the savers (checkpointing, 8-bit AdamW, 
 
 
 def traced_verdict(row: Dict, raw: RawModel, tuner: Tuner, setup: TrainingSetup, parallel: Parallel,
-                   capacity: int, allowance: float, progress: Note = lambda s: None) -> None:
+                   capacity: int, allowance: float, progress: Note = lambda s: None,
+                   images: ImageInputs = ImageInputs()) -> None:
     """A traced memory row that does not fit gets its fix and fix_alternative (estimator.verdict's fields), found
-    by traces; in place."""
+    by traces (with images: a sequence keeps its image tokens and one more); in place."""
     if row["fits"]:
         return
     progress(f"{tuner.name}: what makes it fit")
-    first, other = _first_two(_fixes(_Oracle(raw, parallel, allowance, progress), tuner, setup, capacity,
-                                     _softcap(raw)))
+    first, other = _first_two(_fixes(_Oracle(raw, parallel, allowance, progress, images), tuner, setup, capacity,
+                                     _softcap(raw), shortest=row.get("image_tokens", 0) + 1))
     row["fix"], row["fix_alternative"] = fix_dict(first), fix_dict(other)
     row["notes"].append(FIX_NOTE)
 
