@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import lorabench
 from lorabench.cli import cli
-from lorabench.estimator.fit import largest_within
+from lorabench.estimator.search import largest_within
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.traced_rows import required_bytes
 from lorabench.estimator.tuner import method_tuner

@@ -15,7 +15,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.images import ImageInputs
-from lorabench.estimator.fit import SAVERS, Fix, Saver, _divisors_below, combos, largest_within, round_down
+from lorabench.estimator.fit import SAVERS, Fix, Saver, _divisors_below, combos, round_down
+from lorabench.estimator.search import largest_within
 from lorabench.estimator.verdict import fix_dict
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
