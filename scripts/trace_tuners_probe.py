@@ -7,7 +7,8 @@ tuner cannot be traced yet.
 
 Session 10 found (PEFT 0.21.2, torch 2.13 CPU): IA3, OFT, rsLoRA, HRA and LN tuning exact; FourierFT, prompt and prefix
 tuning within 64 bytes in forward/backward (6,400 bytes in FourierFT's optimizer phase); AdaLoRA 393,264 bytes under
-in forward/backward; LoHa, LoKr and VB-LoRA read a data-dependent scalar (aten._local_scalar_dense), BOFT calls
+in forward/backward; LoHa, LoKr and VB-LoRA read a data-dependent scalar (aten._local_scalar_dense: LoHa and LoKr
+are traced since with module dropout kept, measure.trace._modules_kept), BOFT calls
 .item() on a meta tensor while it initialises.
 """
 

@@ -84,6 +84,9 @@ TUNERS = {
     "hra": lambda: peft.HRAConfig(r=8, target_modules=["q_proj", "v_proj"]),
     "ln-tuning": lambda: peft.LNTuningConfig(target_modules=["input_layernorm"]),
     "rslora": lambda: peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    # module dropout's coin (torch.rand(1) > module_dropout) traced as the adapter applied: always, at 0
+    "loha": lambda: peft.LoHaConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    "lokr": lambda: peft.LoKrConfig(r=8, target_modules=["q_proj", "v_proj"]),
 }
 
 

@@ -149,3 +149,20 @@ def test_a_traced_no_gets_the_analytic_models_fix():
         assert abs(traced[key]["required_bytes"] - analytic[key]["required_bytes"]) <= 0.015 * traced[key][
             "required_bytes"]
     assert any("a 'no' is fixed by traces" in n for n in traced["notes"])
+
+
+def test_a_sharded_traced_fit_leaves_out_the_savers_it_cannot_trace(tmp_path):
+    # rank 0 of 2 under FSDP: bitsandbytes' 8-bit step and a quantized base are not traced there, so the savers
+    # are checkpointing alone, and the notes say why; memory refuses them as given in one line
+    folder = _folder(tmp_path, GRANITE)
+    got = lorabench.fit(config=folder, method="lora", targets="all-linear", gpus=2, sharding="fsdp", gpu_memory=1,
+                        seq_len=128)
+    assert [k["change"] for k in got["knobs"]] == ["as given", "checkpointing"]
+    limits = got["limits"][0]
+    assert limits["sharding"] == "fsdp" and limits["max_batch_size"] > 1
+    assert any("rank 0 of 2 under fsdp" in n for n in limits["notes"])
+    assert any("8-bit AdamW and an nf4 base are not among the savers under fsdp" in n for n in limits["notes"])
+    for bad in (["--optimizer", "adamw-8bit"], ["--dtype", "nf4"]):
+        res = CliRunner().invoke(cli, ["memory", "--config", folder, "--gpus", "2", "--sharding", "fsdp", "-t",
+                                       "all-linear", "--method", "lora"] + bad)
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output

@@ -44,7 +44,7 @@ def depth_note(result: Dict) -> str:
             f"({kinds} kind{'s' if kinds > 1 else ''}; each kind's layers hold and save alike).")
 
 
-def _rank_note(parallel: Parallel) -> str:
+def rank_note(parallel: Parallel) -> str:
     if parallel.single:
         return ""
     return (f"rank 0 of {parallel.gpus} under {parallel.sharding}, traced in a fake process group (torch's \"fake\" "
@@ -74,7 +74,7 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "optimizer_peak_bytes": peaks["optimizer"], "peak_bytes": peaks[phase], "peak_phase": phase,
         "device_bytes": peaks[phase] + overhead, "updates_base_weights": tuner.updates_base,
         "notes": [n for n in dict.fromkeys(notes + list(result.get("notes", ())) + [
-            depth_note(result), _rank_note(parallel), ASSUMED, FOREACH if setup.device == "cuda" else ""]) if n],
+            depth_note(result), rank_note(parallel), ASSUMED, FOREACH if setup.device == "cuda" else ""]) if n],
         "batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
         "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing, "loop": setup.loop,
         "autocast": setup.autocast, "grad_accum": setup.grad_accum, "tokens_per_step": tokens, "loss": setup.loss,
@@ -125,4 +125,4 @@ def gpu_fields(row: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[fl
                         "ZeRO-2 and FSDP2 GPU counts are not traced yet.")
 
 
-__all__ = ["ASSUMED", "targets_text", "required_bytes", "depth_note", "traced_row", "gpu_fields"]
+__all__ = ["ASSUMED", "targets_text", "required_bytes", "depth_note", "rank_note", "traced_row", "gpu_fields"]

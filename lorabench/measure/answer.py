@@ -9,8 +9,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.images import ImageInputs
+from lorabench.estimator.optimizer import OPTIMIZERS
 from lorabench.estimator.parallel import Parallel
-from lorabench.estimator.setup import TrainingSetup
+from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.estimator.traced_rows import gpu_fields, targets_text, traced_row
 from lorabench.estimator.tuner import Tuner, file_tuner, method_tuner
 from lorabench.extras import require
@@ -93,6 +94,14 @@ def check_parallel(parallel: Parallel, setup: TrainingSetup) -> None:
     if setup.loss != "standard":
         raise LorabenchError(f"{option('loss', setup.loss)} computes the loss outside the model's forward, which "
                              "fully_shard wraps: a sharded step is traced with the standard loss.")
+    if setup.dtype in QUANTIZED:
+        raise LorabenchError(f"a quantized base ({setup.dtype}) is not traced under "
+                             f"{option('sharding', parallel.sharding)} yet (its packed storage is quantized on one "
+                             "process); the analytic model answers for the described families.")
+    if OPTIMIZERS[setup.optimizer].bnb_class:
+        raise LorabenchError(f"{option('optimizer', setup.optimizer)} is not traced under "
+                             f"{option('sharding', parallel.sharding)}: bitsandbytes' step takes plain tensors, "
+                             "not fully_shard's DTensors.")
 
 
 def _cached(key: str, job: str, compute: Callable[[], Dict]) -> Dict:

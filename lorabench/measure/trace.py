@@ -89,6 +89,27 @@ def _stated_inputs():
         yield
 
 
+# torch.rand's largest value (float32 just under 1): "rand() > p" holds for any p < 1
+RAND_MAX = 1 - 2 ** -24
+
+
+@contextlib.contextmanager
+def _modules_kept():
+    """The trace's rule for module dropout, a coin tossed per step (PEFT's LoHa and LoKr skip the adapter when
+    torch.rand(1) <= module_dropout, whose value fake tensors do not hold): the adapter is applied, what it always
+    is at module_dropout 0 (PEFT's default), and the step that keeps more otherwise. torch.rand(1) gives rand's
+    largest value, as a constant that the fake tensors hold; every other draw is left as it is."""
+    rand = torch.rand
+
+    def kept(*size, **kwargs):
+        if size in ((1,), ((1,),)) and not kwargs:
+            return torch.tensor([RAND_MAX])
+        return rand(*size, **kwargs)
+
+    with mock.patch.object(torch, "rand", kept):
+        yield
+
+
 def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
                 layers: Optional[List[torch.nn.Module]] = None, images: Optional[ImagePlan] = None) -> Dict:
     """built (its tensors fake ones of `mode`, or real CPU tensors with mode None) stepped `warmup` times, then
@@ -113,7 +134,8 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
     handles: list = []
     given = images.batch(setup.batch_size, setup.seq_len) if images is not None else {}
     try:
-        with mode or contextlib.nullcontext(), held(images, mode), tracker, _stated_inputs():
+        with mode or contextlib.nullcontext(), held(images, mode), tracker, _stated_inputs(), \
+                _modules_kept() if mode is not None else contextlib.nullcontext():
             probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
             tracker.track(built.base_tensors + built.adapter_tensors)
             if images is None:

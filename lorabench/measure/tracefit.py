@@ -20,7 +20,7 @@ from lorabench.estimator.search import largest_within
 from lorabench.estimator.verdict import fix_dict
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
-from lorabench.estimator.traced_rows import ASSUMED, depth_note, required_bytes, targets_text
+from lorabench.estimator.traced_rows import ASSUMED, depth_note, rank_note, required_bytes, targets_text
 from lorabench.estimator.tuner import Tuner, method_tuner
 from lorabench.measure.answer import as_raw, check_parallel, count_result, trace_result, tuners
 from lorabench.methods import METHODS, Method
@@ -33,12 +33,15 @@ MAX_SEQ = 1 << 24
 # Savers the trace does not run, and why
 NOT_TRACED = {"fused-loss": "Liger's fused linear cross-entropy runs Triton kernels, which a trace on the CPU does "
                             "not run"}
+# ... and under a sharded step (measure.answer.check_parallel refuses them as given)
+NOT_SHARDED = {"adamw-8bit": "bitsandbytes' 8-bit step takes plain tensors, not fully_shard's DTensors",
+               "nf4": "a quantized base is not traced under sharding"}
 
 
-def _applies(saver: Saver, tuner: Tuner, setup: TrainingSetup, softcap: bool) -> bool:
+def _applies(saver: Saver, tuner: Tuner, setup: TrainingSetup, softcap: bool, parallel: Parallel) -> bool:
     """Whether a saver applies to a traced step: estimator.fit.SAVERS' rules, read from the tuner and the
     config instead of a described family and method."""
-    if saver.key in NOT_TRACED:
+    if saver.key in NOT_TRACED or (not parallel.single and saver.key in NOT_SHARDED):
         return False
     if saver.key == "checkpointing":
         return not setup.grad_checkpointing
@@ -119,6 +122,9 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
     softcap = _softcap(raw)
     skipped = ([f"the fused loss is not among the savers: {NOT_TRACED['fused-loss']}."]
                if setup.loss == "standard" and setup.device == "cuda" else [])
+    if not parallel.single:
+        skipped += [f"8-bit AdamW and an nf4 base are not among the savers under {parallel.sharding}: "
+                    f"{NOT_SHARDED['adamw-8bit']}; {NOT_SHARDED['nf4']}."]
     for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
         method = METHODS.get(tuner.name) if peft_config is None else None
         first = oracle.result(tuner, setup)
@@ -142,7 +148,7 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
                 "targets": targets_text(first.get("targets")), "gpu": label, "gpu_memory_bytes": capacity,
                 "allowance_fraction": allowance, "batch_size": s.batch_size, "seq_len": s.seq_len,
                 "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload}
-        notes = list(raw.notes) + list(first.get("notes", ())) + [depth_note(first)] + [
+        notes = list(raw.notes) + list(first.get("notes", ())) + [depth_note(first), rank_note(parallel)] + [
             "each limit found by traces and checked by them: it fits, and one more does not" +
             ("; a PEFT config from a file keeps its own size: no rank is searched (max_rank null)"
              if peft_config is not None else "") + ".", ASSUMED] + skipped
@@ -150,7 +156,7 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
                            "spare_bytes": capacity - need, "max_batch_size": batch, "max_seq_len": seq,
                            "max_rank": rank, "max_positions": None,
                            "notes": [n for n in dict.fromkeys(notes) if n]})
-        applicable = [x for x in SAVERS if _applies(x, tuner, setup, softcap)]
+        applicable = [x for x in SAVERS if _applies(x, tuner, setup, softcap, parallel)]
         for c in combos(setup, applicable):
             progress(f"{tuner.name}: {' + '.join(c.kinds) or 'as given'}")
             try:
@@ -177,7 +183,7 @@ def _fixes(oracle: _Oracle, tuner: Tuner, setup: TrainingSetup, capacity: int, s
         required, need = oracle.required(tuner, changed)
         return Fix(tuple(kinds), tuple(changes), None, required, capacity - need, tuple(steps))
 
-    found = combos(setup, [x for x in SAVERS if _applies(x, tuner, setup, softcap)])
+    found = combos(setup, [x for x in SAVERS if _applies(x, tuner, setup, softcap, oracle.parallel)])
     missing: List[set] = []  # the savers of combinations that do not fit
     for c in found[1:]:
         if any(set(c.steps) <= m for m in missing):
