@@ -58,3 +58,33 @@ def test_cached_traced_answer(benchmark, tmp_path):
     row = benchmark.pedantic(answer, args=("tiny-llama", cache), rounds=5, iterations=1)
     assert row["trace_cached"] and row["peak_bytes"] == first["peak_bytes"]
     benchmark.extra_info.update(target_s=CACHED_TARGET_S, cache_files=len(os.listdir(cache)))
+
+
+def fit_answer(cache: str) -> dict:
+    args = [sys.executable, "-m", "lorabench", "fit", "-m", "llama-3-8b", "--engine", "trace", "--method", "lora",
+            "-r", "16", "-t", "all-linear", "--gpu", "A100-80GB", "-f", "json"]
+    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "LORABENCH_CACHE_DIR": cache},
+                         check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.benchmark(group="trace-fit")
+def test_first_traced_fit(benchmark, tmp_path):
+    # `fit` of a traced Llama-3-8B: three limits and every saver combination, each a trace (no target in issue
+    # 23; the figure is reported in docs/benchmarks.md), and then from the cache
+    if benchmark.disabled:
+        pytest.skip("a timing: run with --benchmark-enable")
+    caches = iter(range(100))
+
+    def fresh():
+        return (str(tmp_path / f"cache{next(caches)}"),), {}
+
+    got = benchmark.pedantic(fit_answer, setup=fresh, rounds=2, iterations=1)
+    import lorabench
+
+    want = lorabench.fit(model="llama-3-8b", method="lora", rank=16, targets="all-linear", gpu="A100-80GB",
+                         engine="analytic")["limits"][0]
+    limits = got["limits"][0]
+    assert [limits[k] for k in ("max_batch_size", "max_seq_len", "max_rank")] == [
+        want[k] for k in ("max_batch_size", "max_seq_len", "max_rank")]
+    benchmark.extra_info.update(traces=len(os.listdir(str(tmp_path / "cache1"))))

@@ -131,11 +131,8 @@ def memory_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup
     out = []
     for spec in specs:
         if is_traced(spec, engine, peft_config, images):
-            if cost is not None:
-                raise LorabenchError(f"{spec.name} is traced; time and cost ({option('tokens')}) are not "
-                                     "answered for a traced model yet.")
             out.append((spec, spelled(traced_rows(spec, methods, several, ranks, targets, setup, peft_config, gpu,
-                                                  mfu, allowance, note, progress, parallel, images))))
+                                                  mfu, allowance, note, progress, parallel, images, cost))))
             continue
         for spec_, used in each_model([spec], methods, several, ranks, targets, note):
             rows = memory_rows(spec_, used, ranks, targets, setup, gpu, mfu, allowance=allowance, cost=cost,

@@ -6,7 +6,7 @@ memory-bound work alike, each at its roofline bound (Williams et al. 2009), and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 from lorabench.estimator.case import Case
 from lorabench.gpus import GPU
@@ -174,10 +174,17 @@ def estimate_step_time(case: Case, device: Device, flops: Optional[StepFlops] = 
     after another), plus per-op host time where the device does not hide it."""
     setup = case.setup
     flops = flops or estimate_flops(case)
+    return time_of_ops(step_ops(case), device, flops.step_flops, setup.tokens * setup.grad_accum)
+
+
+def time_of_ops(ops: Iterable[Op], device: Device, step_flops: float, tokens: int) -> StepTime:
+    """Time of one step of `ops` (a description's, lorabench.estimator.stepwork, or a trace's,
+    lorabench.measure.oplog) on device: each at its roofline bound, summed, plus per-op host time where the
+    device does not hide it; the MFU of step_flops, the tokens per second of `tokens` a step."""
     busy = dict.fromkeys(PHASES, 0.0)
     host = dict.fromkeys(PHASES, 0.0)
     matmul = memory = 0.0
-    for op in step_ops(case):
+    for op in ops:
         dev, cpu = op_seconds(op, device)
         busy[op.phase] += dev
         host[op.phase] += cpu
@@ -193,5 +200,4 @@ def estimate_step_time(case: Case, device: Device, flops: Optional[StepFlops] = 
     overhead = max(0.0, seconds - matmul - memory)  # host time the device did not hide
     return StepTime(device.name, 1e3 * seconds, 1e3 * phase["forward"], 1e3 * phase["backward"],
                     1e3 * phase["optimizer"], 1e3 * matmul, 1e3 * memory, 1e3 * overhead,
-                    device.matmul_efficiency, flops.step_flops / seconds / device.peak_flops,
-                    setup.tokens * setup.grad_accum / seconds)
+                    device.matmul_efficiency, step_flops / seconds / device.peak_flops, tokens / seconds)

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from lorabench.estimator.compute import MATMUL_EFFICIENCY
+from lorabench.estimator.compute import StepTime, device_for_gpu, time_of_ops
+from lorabench.estimator.cost import CostSetup
+from lorabench.estimator.ops import Op
+from lorabench.estimator.stepwork import MOE_STALL_S
+from lorabench.estimator.rows import cost_fields, step_time_fields
 from lorabench.estimator.fit import overflow, smallest_gpu_holding
 from lorabench.estimator.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from lorabench.estimator.parallel import Parallel
@@ -79,7 +83,7 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing, "loop": setup.loop,
         "autocast": setup.autocast, "grad_accum": setup.grad_accum, "tokens_per_step": tokens, "loss": setup.loss,
         "kbit_prepare": setup.kbit_prepare, "max_positions": None,
-        "step_flops": result["flops"] * setup.grad_accum, "flops_per_token": result["flops"] / setup.tokens,
+        "step_flops": result["flops"], "flops_per_token": result["flops"] / tokens,
         "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload,
         "bucket_bytes": 0, "gather_bytes": 0, "reduce_scatter_bytes": 0, "cpu_offload_bytes": 0,
         "comm_all_gather_bytes": 0, "comm_reduce_scatter_bytes": 0, "comm_all_reduce_bytes": 0, "comm_bytes": 0,
@@ -93,10 +97,38 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
     return row
 
 
-def gpu_fields(row: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[float], setup: TrainingSetup) -> None:
+def step_time(row: Dict, result: Dict, gpu: GPU, mfu: Optional[float]) -> Optional[StepTime]:
+    """The traced step's time on gpu: each of its ops (measure.oplog) at its roofline bound, as the analytic
+    model times its own (estimator.compute.time_of_ops); None for a trace without its ops."""
+    if "ops" not in result:
+        return None
+    ops = []
+    for phase, kind, flops, moved, dtype, runs in result["ops"]:
+        if kind == ROUTING:  # flops: the experts; a forward's routing also stalls the backward through it
+            ops.append(Op("", phase, "stall", 0.0, 0.0, runs=runs, seconds=MOE_STALL_S["forward"] + flops
+                          * MOE_STALL_S["forward_per_expert"]))
+            if phase == "forward":
+                ops.append(Op("", "backward", "stall", 0.0, 0.0, runs=runs, seconds=MOE_STALL_S["backward"]))
+        else:
+            ops.append(Op("", phase, kind, flops, moved, dtype, runs))
+    return time_of_ops(ops, device_for_gpu(gpu, mfu), row["step_flops"], row["tokens_per_step"])
+
+
+# A mixture of experts' routing in a trace's ops (measure.oplog: the router's top-k over the experts), kept as
+# ("routing", experts, 0, 0): the step time charges a GPU's measured routing stall for it (MOE_STALL_S)
+ROUTING = "routing"
+TIME_FIELDS = ("mfu", "matmul_efficiency", "step_ms", "tokens_per_s", "step_ms_forward", "step_ms_backward",
+               "step_ms_optimizer", "step_ms_matmul", "step_ms_memory", "step_ms_overhead")
+TIME_NOTE = ("step time of a traced model: each op the trace ran (matrix products and attention at their FLOPs, the "
+             "rest at the bytes it moves) at its roofline bound on the GPU, plus its host time, as the analytic model "
+             "times its own ops, a mixture of experts' routing stalls (measured on an H100) included.")
+
+
+def gpu_fields(row: Dict, result: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[float],
+               setup: TrainingSetup, cost: Optional[CostSetup] = None, parallel: Parallel = Parallel()) -> None:
     """Adds the GPU's verdict to a traced row in place: fits (the peak, the runtime and the allocator allowance),
-    the spare bytes, the largest component, and the time of the traced matrix products at the matmul
-    efficiency; without a GPU, the smallest catalog GPU that holds the step."""
+    the spare bytes, the largest component, the step's time (step_time) and, with cost, the training run's; without
+    a GPU, the smallest catalog GPU that holds the step."""
     peak = row["peak_bytes"]
     need = peak + row["overhead_bytes"] + int(allowance * peak)
     if gpu is None:
@@ -104,25 +136,28 @@ def gpu_fields(row: Dict, gpu: Optional[GPU], allowance: float, mfu: Optional[fl
         return
     fits = need <= gpu.memory_bytes
     single = row["sharding"] == "none"  # else the row is rank 0's of row["gpus"]: the counts of others untraced
-    eff = MATMUL_EFFICIENCY if mfu is None else mfu
-    fp32 = setup.dtype == "fp32" and not setup.autocast
-    rate = (gpu.fp32_flops if fp32 else gpu.bf16_flops) * eff
-    step_ms = 1000 * row["step_flops"] / rate if rate and row["step_flops"] else None
+    one = 1 if fits and single else None  # a step that fits one GPU needs one under every strategy
+    t = step_time(row, result, gpu, mfu)
     name, big, _ = overflow(row, gpu.memory_bytes)
     row.update({"gpu": gpu.name, "gpu_memory_bytes": gpu.memory_bytes, "fits": fits,
                 "gpus_needed": (1 if single else row["gpus"]) if fits else None, "per_gpu_bytes": need,
                 "allowance_fraction": allowance, "allowance_bytes": int(allowance * peak),
-                "spare_bytes": gpu.memory_bytes - need, "mfu": eff if step_ms else None, "matmul_efficiency": eff,
-                "step_ms": step_ms, "tokens_per_s": 1000 * row["tokens_per_step"] / step_ms if step_ms else None,
-                "step_ms_forward": None, "step_ms_backward": None, "step_ms_optimizer": None,
-                "step_ms_matmul": step_ms, "step_ms_memory": None, "step_ms_overhead": None,
-                "gpus_needed_ddp": 1 if fits and single else None, "gpus_needed_zero2": None, "gpus_needed_fsdp": None,
-                "link": None, "link_bytes_s": None, "comm_ms": 0.0, "step_ms_no_overlap": step_ms,
-                "step_ms_overlap": step_ms, "largest_component": name, "largest_component_bytes": big, "fix": None,
-                "fix_alternative": None})
-    row["notes"].append("step time of a traced model: its counted matrix-product FLOPs at the matmul efficiency "
-                        "alone (a lower bound; the analytic model's memory-bound ops and host time are not in it). "
-                        "ZeRO-2 and FSDP2 GPU counts are not traced yet.")
+                "spare_bytes": gpu.memory_bytes - need})
+    row.update(step_time_fields(t) if t is not None else dict.fromkeys(TIME_FIELDS))
+    step_ms = row["step_ms"]
+    row.update({"gpus_needed_ddp": one, "gpus_needed_zero2": one, "gpus_needed_fsdp": one, "link": None,
+                "link_bytes_s": None, "comm_ms": 0.0, "step_ms_no_overlap": step_ms, "step_ms_overlap": step_ms,
+                "largest_component": name, "largest_component_bytes": big, "fix": None, "fix_alternative": None})
+    row["notes"].append(TIME_NOTE + ("" if one else " The GPUs a step that does not fit one needs under ZeRO-2 "
+                                     "or FSDP2 are not traced (null)."))
+    if cost is not None:
+        row.update(cost_fields(t, row["tokens_per_step"], parallel if fits and t is not None else None, cost, gpu))
+        if not fits:
+            row["notes"].append("no training time or cost: the step does not fit as given, and the fewest GPUs "
+                                "that hold it are not traced.")
+        elif not parallel.single:
+            row["notes"].append("the training time is the step's own on each GPU: communication is not traced.")
 
 
-__all__ = ["ASSUMED", "targets_text", "required_bytes", "depth_note", "rank_note", "traced_row", "gpu_fields"]
+__all__ = ["ASSUMED", "ROUTING", "TIME_NOTE", "targets_text", "required_bytes", "depth_note", "rank_note", "traced_row",
+           "step_time", "gpu_fields"]

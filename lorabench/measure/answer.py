@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.images import ImageInputs
+from lorabench.estimator.cost import CostSetup
 from lorabench.estimator.optimizer import OPTIMIZERS
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
@@ -181,9 +182,11 @@ def traced_param_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Metho
 def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool, ranks: Sequence[int],
                 targets, setup: TrainingSetup, peft_config: Optional[str], gpu: Optional[GPU],
                 mfu: Optional[float], allowance: float, note: Note, progress: Note = lambda s: None,
-                parallel: Parallel = Parallel(), images: ImageInputs = ImageInputs()) -> List[Dict]:
-    """`memory` rows of a traced model, one per tuner, with the GPU's verdict; under parallel, rank 0's; with
-    images, a vision-language model's step with that many images in each sequence."""
+                parallel: Parallel = Parallel(), images: ImageInputs = ImageInputs(),
+                cost: Optional[CostSetup] = None) -> List[Dict]:
+    """`memory` rows of a traced model, one per tuner, with the GPU's verdict and step time (with cost, the
+    training run's time and dollars); under parallel, rank 0's; with images, a vision-language model's step with
+    that many images in each sequence."""
     check_parallel(parallel, setup)
     raw = as_raw(model)
     check_images(raw, images, parallel)
@@ -192,9 +195,9 @@ def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], fr
         notes.append(f"{raw.model_type} has no description in lorabench: traced.")
     rows = []
     for tuner in tuners(raw, methods, from_all, ranks, targets, setup, peft_config, note):
-        row = traced_row(raw.name, tuner, trace_result(raw, tuner, setup, progress, parallel, images), setup, notes,
-                         parallel)
-        gpu_fields(row, gpu, allowance, mfu, setup)
+        result = trace_result(raw, tuner, setup, progress, parallel, images)
+        row = traced_row(raw.name, tuner, result, setup, notes, parallel)
+        gpu_fields(row, result, gpu, allowance, mfu, setup, cost, parallel)
         if gpu is not None:
             from lorabench.measure.tracefit import traced_verdict
 

@@ -25,6 +25,7 @@ from lorabench.estimator.params import count_params
 from lorabench.estimator.setup import DEFAULT_IMPL, QUANTIZED
 from lorabench.measure.builders import BUILDERS
 from lorabench.measure.images import ImagePlan, held, held_tensor
+from lorabench.measure.oplog import OpLog, as_list
 from lorabench.measure.probes import MemoryProbe
 from lorabench.measure.segments import SegmentTracker, StepSegments
 from lorabench.measure.steps import forward_with_loss, stepper
@@ -113,14 +114,12 @@ def _modules_kept():
 def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
                 layers: Optional[List[torch.nn.Module]] = None, images: Optional[ImagePlan] = None) -> Dict:
     """built (its tensors fake ones of `mode`, or real CPU tensors with mode None) stepped `warmup` times, then
-    once more with the memory read at the phase boundaries (the bench's _memory_step); the FLOPs of the last
-    warm-up step counted (torch.utils.flop_counter: matrix products and attention, forward and backward). Adds
-    flops, logits_bytes (the output head's last output, as it is made; 0 where the loss takes the hidden states)
+    once more with the memory read at the phase boundaries (the bench's _memory_step) and its ops counted by
+    phase (measure.oplog: matrix products and attention with their FLOPs, memory-bound ops with their bytes). Adds
+    ops (oplog.as_list), flops (the products' and attention's, forward and backward), logits_bytes (the output head's last output, as it is made; 0 where the loss takes the hidden states)
     and, given the decoder `layers`, segments: each segment's peak (measure.segments), which extrapolate in
     depth where the phases' peaks may not. images: a vision-language step's images (measure.images), their
     tokens in the ids and their inputs beside them, their values held under measure.images.held."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from lorabench.measure.bench import _memory_step
 
     device = torch.device("cpu")
@@ -143,21 +142,37 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
             else:
                 built.inputs.update({k: held_tensor(t, mode) for k, t in given.items()})
                 ids = built.inputs.pop("input_ids")
-            counter = FlopCounterMode(display=False)  # on a warm-up step: its module hooks hold a few bytes
-            for i in range(warmup):
-                with counter if i == warmup - 1 else contextlib.nullcontext():
-                    step(ids, lambda phase: None)
+            for _ in range(warmup):
+                step(ids, lambda phase: None)
             handles = segments.hooks(layers or [])
-            rec = _memory_step(built, step, ids, probe, settle=segments.settle)
+            log = OpLog(_experts(built.model))  # holds no tensor: the step's bytes are as without it
+
+            def logged(ids, mark):
+                return step(ids, lambda phase: (log.mark(phase), mark(phase)))
+
+            with log:
+                rec = _memory_step(built, logged, ids, probe, settle=segments.settle)
     finally:
         close()
         for h in handles + ([hook] if hook is not None else []):
             h.remove()
-    rec["flops"] = int(counter.get_total_flops())
+    rec["flops"] = log.flops
+    rec["ops"] = as_list(log.ops)
     rec["logits_bytes"] = logits["bytes"]
     if layers:
         rec["segments"] = dict(tracker.segment_peaks)
     return rec
+
+
+# Where transformers' configs give a mixture of experts' count of routed experts
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _experts(model) -> int:
+    """The model's count of routed experts (0: no mixture of experts)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((v for k in EXPERT_KEYS for v in (getattr(text, k, None),) if isinstance(v, int) and v > 1), 0)
 
 
 def _output_head(model):

@@ -30,8 +30,9 @@ from lorabench.safety.files import atomic_write
 
 FORMAT = 1
 # The files whose code decides a trace's numbers (read as files: importing lorabench.nn would import torch)
-SOURCES = ("measure/traced.py", "measure/trace.py", "measure/hfbuild.py", "measure/loops.py", "measure/steps.py",
-           "measure/bench.py", "measure/probes.py", "measure/builders.py", "measure/images.py", "nn/optim.py")
+SOURCES = ("measure/traced.py", "measure/trace.py", "measure/oplog.py", "measure/hfbuild.py", "measure/loops.py",
+           "measure/steps.py", "measure/bench.py", "measure/probes.py", "measure/builders.py", "measure/images.py",
+           "nn/optim.py")
 PACKAGE = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "transformers", "peft")
 SETUP_IGNORED = ("impl",)  # the trace runs transformers + PEFT whatever this says

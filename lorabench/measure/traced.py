@@ -289,13 +289,22 @@ def count_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup) -> Dict:
 
 
 def combine(first: Dict, more: Sequence[Tuple[Dict, int]]) -> Dict:
-    """The full depth: first + sum over kinds of n x (that kind's trace - first), field by field, and segment by
-    segment (measure.segments); each phase's peak is then its segments' largest."""
+    """The full depth: first + sum over kinds of n x (that kind's trace - first), field by field, op by op
+    (measure.oplog), and segment by segment (measure.segments); each phase's peak is then its segments'
+    largest."""
     out = dict(first)
     for trace, n in more:
         for key, value in first.items():
             if isinstance(value, int) and not isinstance(value, bool):
                 out[key] += n * (trace[key] - value)
+    if "ops" in first:  # the step's ops, counts of identical ones: each layer of a kind adds its own
+        runs = {tuple(op[:-1]): op[-1] for op in first["ops"]}
+        for trace, n in more:
+            for op in trace["ops"]:
+                runs[tuple(op[:-1])] = runs.get(tuple(op[:-1]), 0) + n * op[-1]
+            for op in first["ops"]:
+                runs[tuple(op[:-1])] -= n * op[-1]
+        out["ops"] = [list(k) + [r] for k, r in sorted(runs.items()) if r]
     shared = [k for k in first.get("segments", {}) if all(k in t.get("segments", {}) for t, _ in more)]
     if more and shared:
         segments = {k: first["segments"][k] + sum(n * (t["segments"][k] - first["segments"][k]) for t, n in more)
