@@ -1027,6 +1027,7 @@ def test_bench_on_the_cpu_ends_cleanly(model, args):
                     csv_rows(text)
 
 
+@scaled(0.5)  # two CLI runs an example
 @given(case=config_files(), folder=st.booleans(), all_linear=st.booleans())
 def test_random_config_json_through_the_cli(case, folder, all_linear):
     data, pristine = case
