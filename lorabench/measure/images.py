@@ -292,12 +292,10 @@ def _on_values(fn: Callable, mode: FakeTensorMode) -> Callable:
 
 
 @contextlib.contextmanager
-def held(plan: Optional[ImagePlan], mode: Optional[FakeTensorMode]):
-    """The rule of the module docstring while a step with `plan`'s images runs under `mode` (nothing on real
-    tensors, nor without images). Enter it after the fake mode and before the tracker."""
-    if plan is None or mode is None:
-        yield
-        return
+def holding(mode: FakeTensorMode):
+    """Fake tensors that hold their values: any size of constant kept, integer tensors made from nothing held,
+    and a mask that holds its values read by transformers as on real tensors. Enter it after the fake mode and
+    before the tracker."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(fake_tensor, "CONSTANT_NUMEL_LIMIT", sys.maxsize))
         stack.enter_context(_Valued(mode))
@@ -310,10 +308,22 @@ def held(plan: Optional[ImagePlan], mode: Optional[FakeTensorMode]):
             return tracing(None if held_values else tensor)
 
         stack.enter_context(mock.patch.object(masking_utils, "is_tracing", is_tracing))
+        yield
+
+
+@contextlib.contextmanager
+def held(plan: Optional[ImagePlan], mode: Optional[FakeTensorMode]):
+    """The rule of the module docstring while a step with `plan`'s images runs under `mode` (nothing on real
+    tensors, nor without images). Enter it after the fake mode and before the tracker."""
+    if plan is None or mode is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(holding(mode))
         for where in RECIPES[plan.model_type].on_values:
             cls, name = where()
             stack.enter_context(mock.patch.object(cls, name, _on_values(getattr(cls, name), mode)))
         yield
 
 
-__all__ = ["RECIPES", "Recipe", "ImagePlan", "plan_images", "held", "held_tensor"]
+__all__ = ["RECIPES", "Recipe", "ImagePlan", "plan_images", "holding", "held", "held_tensor"]

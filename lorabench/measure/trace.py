@@ -27,6 +27,7 @@ from lorabench.measure.builders import BUILDERS
 from lorabench.measure.images import ImagePlan, held, held_tensor
 from lorabench.measure.oplog import OpLog, as_list
 from lorabench.measure.probes import MemoryProbe
+from lorabench.measure.routing import balanced, experts
 from lorabench.measure.segments import SegmentTracker, StepSegments
 from lorabench.measure.steps import forward_with_loss, stepper
 
@@ -112,14 +113,16 @@ def _modules_kept():
 
 
 def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
-                layers: Optional[List[torch.nn.Module]] = None, images: Optional[ImagePlan] = None) -> Dict:
+                layers: Optional[List[torch.nn.Module]] = None, images: Optional[ImagePlan] = None,
+                routed: int = 0) -> Dict:
     """built (its tensors fake ones of `mode`, or real CPU tensors with mode None) stepped `warmup` times, then
     once more with the memory read at the phase boundaries (the bench's _memory_step) and its ops counted by
     phase (measure.oplog: matrix products and attention with their FLOPs, memory-bound ops with their bytes). Adds
-    ops (oplog.as_list), flops (the products' and attention's, forward and backward), logits_bytes (the output head's last output, as it is made; 0 where the loss takes the hidden states)
-    and, given the decoder `layers`, segments: each segment's peak (measure.segments), which extrapolate in
+    ops (oplog.as_list), flops (the products' and attention's, forward and backward), logits_bytes (the output
+    head's last output, as it is made; 0 where the loss takes the hidden states) and, given the decoder `layers`, segments: each segment's peak (measure.segments), which extrapolate in
     depth where the phases' peaks may not. images: a vision-language step's images (measure.images), their
-    tokens in the ids and their inputs beside them, their values held under measure.images.held."""
+    tokens in the ids and their inputs beside them, their values held under measure.images.held. routed: a
+    mixture of experts' count whose routing is given, balanced (measure.routing)."""
     from lorabench.measure.bench import _memory_step
 
     device = torch.device("cpu")
@@ -133,7 +136,8 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
     handles: list = []
     given = images.batch(setup.batch_size, setup.seq_len) if images is not None else {}
     try:
-        with mode or contextlib.nullcontext(), held(images, mode), tracker, _stated_inputs(), \
+        with mode or contextlib.nullcontext(), held(images, mode), balanced(routed, mode), tracker, \
+                _stated_inputs(), \
                 _modules_kept() if mode is not None else contextlib.nullcontext():
             probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
             tracker.track(built.base_tensors + built.adapter_tensors)
@@ -145,7 +149,7 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
             for _ in range(warmup):
                 step(ids, lambda phase: None)
             handles = segments.hooks(layers or [])
-            log = OpLog(_experts(built.model))  # holds no tensor: the step's bytes are as without it
+            log = OpLog(experts(built.model))  # holds no tensor: the step's bytes are as without it
 
             def logged(ids, mark):
                 return step(ids, lambda phase: (log.mark(phase), mark(phase)))
@@ -162,17 +166,6 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
     if layers:
         rec["segments"] = dict(tracker.segment_peaks)
     return rec
-
-
-# Where transformers' configs give a mixture of experts' count of routed experts
-EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-
-def _experts(model) -> int:
-    """The model's count of routed experts (0: no mixture of experts)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return next((v for k in EXPERT_KEYS for v in (getattr(text, k, None),) if isinstance(v, int) and v > 1), 0)
 
 
 def _output_head(model):

@@ -32,6 +32,7 @@ FORMAT = 1
 # The files whose code decides a trace's numbers (read as files: importing lorabench.nn would import torch)
 SOURCES = ("measure/traced.py", "measure/trace.py", "measure/oplog.py", "measure/hfbuild.py", "measure/loops.py",
            "measure/steps.py", "measure/bench.py", "measure/probes.py", "measure/builders.py", "measure/images.py",
+           "measure/routing.py",
            "nn/optim.py")
 PACKAGE = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "transformers", "peft")

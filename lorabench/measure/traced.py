@@ -38,6 +38,7 @@ from lorabench.measure.hfbuild import causal_lm, checkpointing, expected_library
     is_vision_language, libraries, optimizer, with_peft
 from lorabench.measure.images import plan_images
 from lorabench.measure.fakerank import fake_process_group, rank_wrap, sharded_wrap
+from lorabench.measure.routing import ROUTING_NOTE, experts
 from lorabench.measure.segments import phase_peaks
 from lorabench.measure.steps import forward_with_loss
 from lorabench.measure.tracequant import fake_quantized, quantize_layers
@@ -238,11 +239,17 @@ def _built(model: torch.nn.Module, tuner: Tuner, setup: TrainingSetup, mode: Opt
                  inputs), counts
 
 
+class DataDependent(LorabenchError):
+    """A step that reads values fake tensors do not hold (its allocations depend on the data)."""
+
+
 def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: TrainingSetup,
-               real: bool = False, sharding: str = "none", gpus: int = 1) -> Dict[str, int]:
+               real: bool = False, sharding: str = "none", gpus: int = 1, routed: int = 0) -> Dict[str, int]:
     """One trace of the layers `keep` (None: all): the step's measured fields, its FLOPs, its counts. real: the
     step run on full's real CPU tensors instead (the live-tensor tracker on real tensors), to hold a trace to.
-    sharding (not "none"): rank 0 of `gpus` under that strategy, inside measure.fakerank.fake_process_group."""
+    sharding (not "none"): rank 0 of `gpus` under that strategy, inside measure.fakerank.fake_process_group.
+    routed: a mixture of experts' count whose routing is given, balanced (measure.routing); 0: as the model
+    routes."""
     mode = None if real else FakeTensorMode(allow_non_fake_inputs=True)
     model, layers = full.cut(keep)
     strategy = rank_wrap(sharding, layers) if sharding != "none" else None
@@ -253,12 +260,12 @@ def trace_once(full: Model, keep: Optional[Sequence[int]], tuner: Tuner, setup: 
                                  "(final_logit_softcapping); use --loss standard.")
         built = forward_with_loss(built, None, setup, torch.device("cpu"), "peft")
     try:
-        out = trace_built(built, setup, mode, layers=layers, images=full.images)
+        out = trace_built(built, setup, mode, layers=layers, images=full.images, routed=routed)
     except (DataDependentOutputException, DynamicOutputShapeException) as exc:
         # an op whose output's shape or value is the data's (.item(), nonzero): e.g. experts run one by one
         # over the tokens routed to each (DBRX, JetMoE), where the real step's memory depends on the tokens
-        raise LorabenchError(f"{full.name} cannot be traced: its step reads values that fake tensors do not "
-                             f"hold ({exc.func}), so what it allocates depends on the data.") from None
+        raise DataDependent(f"{full.name} cannot be traced: its step reads values that fake tensors do not "
+                            f"hold ({exc.func}), so what it allocates depends on the data.") from None
     except (AttributeError, TypeError, ValueError, IndexError, NotImplementedError, RuntimeError) as exc:
         # transformers or PEFT failing on this step (PEFT's all-linear wrapping a router whose forward returns a
         # tuple: Llama 4, PhiMoE): theirs to fix, said in one line
@@ -356,15 +363,23 @@ def _trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pr
     progress(f"tracing {len(first_cut) if first_cut else full.depth} of {full.depth} layers"
              + (f" ({kinds} kinds)" if kinds > 1 else ""))
     with fake_process_group(gpus) if sharding != "none" else contextlib.nullcontext():
-        first = trace_once(full, first_cut, tuner, setup, sharding=sharding, gpus=gpus)
+        try:
+            first = trace_once(full, first_cut, tuner, setup, sharding=sharding, gpus=gpus)
+            routed = 0
+        except DataDependent:
+            routed = experts(full.model)  # a mixture of experts run expert by expert: the routing given
+            if not routed:
+                raise
+            progress(f"tracing {raw.name} with its routing given, balanced")
+            first = trace_once(full, first_cut, tuner, setup, sharding=sharding, gpus=gpus, routed=routed)
         extra = []
         for keep, n in more:
             progress(f"tracing {len(keep)} layers (one more of a kind {n} more layers share)")
-            extra.append((trace_once(full, keep, tuner, setup, sharding=sharding, gpus=gpus), n))
+            extra.append((trace_once(full, keep, tuner, setup, sharding=sharding, gpus=gpus, routed=routed), n))
     out = combine(first, extra)
     out.update({"layers_traced": sorted({len(k) for k, _ in more} | {len(first_cut) if first_cut else full.depth}),
                 "layer_kinds": kinds, "depth": full.depth, "attention": full.attention,
-                "notes": full.notes + [n for n in (init_note(tuner),) if n]})
+                "notes": full.notes + [n for n in (init_note(tuner), ROUTING_NOTE if routed else "") if n]})
     if full.images is not None:
         plan = full.images
         out.update({"images": plan.count, "image_size": f"{plan.height}x{plan.width}",
@@ -372,4 +387,4 @@ def _trace_model(raw: RawModel, tuner: Tuner, setup: TrainingSetup, progress: Pr
     return out
 
 
-__all__ = ["MAX_WHOLE", "Model", "trace_once", "count_model", "combine", "trace_model"]
+__all__ = ["MAX_WHOLE", "DataDependent", "Model", "trace_once", "count_model", "combine", "trace_model"]
