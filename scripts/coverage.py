@@ -82,9 +82,10 @@ CAUSES = [
      "LoRA forward fails on it; the answer says so in one line. LoRA on the attention projections is "
      "traced to the byte (tests/test_traced_families.py)."),
     ("the step reads its data", r"cannot be traced: its step reads values|DataDependent|DynamicOutputShape",
-     "An op whose output's shape or value is the data's (`nonzero`, `.item()`, `.tolist()`), e.g. experts run "
-     "one by one over the tokens routed to each (DBRX, JetMoE): fake tensors hold no data, and the real step's "
-     "memory depends on the tokens."),
+     "An op whose output's shape or value is the data's (`nonzero`, `.item()`, `.tolist()`), e.g. JetMoE's "
+     "count of tokens per expert, read with `.tolist()`: fake tensors hold no data, and the real step's memory "
+     "depends on the tokens. (A mixture of experts run expert by expert, DBRX, is traced with its routing given, "
+     "balanced.)"),
     ("decoder layers not found", r"cannot find the model's \d+ decoder layers",
      "The engine takes the depth from the text config's `num_hidden_layers` and looks for one `ModuleList` that "
      "long (or `decoder_layers` long: an encoder-decoder's causal LM); layers kept otherwise are not found."),
