@@ -145,7 +145,7 @@ def memory_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup
 
 def fit_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup, parallel: Parallel, label: str,
                capacity: int, allowance: float, note: Note, engine: str = "auto", peft_config: Optional[str] = None,
-               progress: Note = lambda s: None) -> Tuple[List[Dict], List[Dict]]:
+               progress: Note = lambda s: None, images: ImageInputs = ImageInputs()) -> Tuple[List[Dict], List[Dict]]:
     """`fit`: the limit rows and the saver ("knob") rows of every model: the analytic model's search for a
     described model, traces (lorabench.measure.tracefit) for any other, or with engine "trace" or a PEFT config."""
     methods = quantized_methods(methods, from_all, setup, note)
@@ -153,11 +153,11 @@ def fit_answer(specs, methods, from_all, ranks, targets, setup: TrainingSetup, p
     knob_rows: List[Dict] = []
     several = from_all or len(specs) > 1  # then a method a model cannot take is left out with a note
     for spec in specs:
-        if is_traced(spec, engine, peft_config):
+        if is_traced(spec, engine, peft_config, images):
             from lorabench.measure.tracefit import traced_fit_rows
 
             limits_, knobs = traced_fit_rows(spec, methods, several, ranks, targets, setup, parallel, label,
-                                             capacity, allowance, peft_config, note, progress)
+                                             capacity, allowance, peft_config, note, progress, images)
             limit_rows += limits_
             knob_rows += [with_args(k) for k in knobs]
             continue
@@ -315,10 +315,12 @@ def fit(model: Names = None, *, gpu: Optional[str] = None, gpu_memory: Optional[
         method: Names = "all", rank=8, targets: Optional[str] = None, gpus: int = 1, sharding: str = "none",
         cpu_offload: bool = False, headroom: float = round(100 * ALLOCATOR_ALLOWANCE, 1), config: Names = None,
         d: Optional[int] = None, layers: Optional[int] = None, engine: str = "auto",
-        peft_config: Optional[str] = None, **setup) -> Dict[str, List[Dict]]:
+        peft_config: Optional[str] = None, images: Optional[int] = None, image_size=None,
+        **setup) -> Dict[str, List[Dict]]:
     """What fits a GPU: {"limits": [...], "knobs": [...]}, as `lorabench fit -f json` prints it (the largest
     batch, sequence and rank per case; each saver combination and whether the setup then fits). engine and
-    peft_config as in estimate: a traced model's limits are found by traces (seconds each, then cached).
+    peft_config, images and image_size as in estimate: a traced model's limits are found by traces (seconds
+    each, then cached).
 
     Example:
         >>> limits = fit(model="llama-3-8b", method="lora", gpu="RTX-4090")["limits"][0]
@@ -336,9 +338,11 @@ def fit(model: Names = None, *, gpu: Optional[str] = None, gpu_memory: Optional[
         label, capacity = f"{gpu_memory:g} GiB GPU", int(gpu_memory * 2 ** 30)
     methods, from_all, ranks = _methods(method, rank)
     _engine(engine, peft_config, from_all)
+    pictures = image_inputs(images, image_size)
     limits, knobs = fit_answer(_models(model, config, d, layers, traceable=engine != "analytic"), methods, from_all,
                                ranks, targets, _setup(setup), _parallel(gpus, sharding, cpu_offload), label,
-                               capacity, _headroom(headroom), warn, engine=engine, peft_config=peft_config)
+                               capacity, _headroom(headroom), warn, engine=engine, peft_config=peft_config,
+                               images=pictures)
     return finite({"limits": limits, "knobs": knobs})
 
 

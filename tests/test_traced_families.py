@@ -122,15 +122,11 @@ STEP_TARGETS = {
 FUSED_EXPERTS = {"deepseek_v2", "deepseek_v3", "glm4_moe", "hunyuan_v1_moe", "minimax", "olmoe", "qwen3_next"}
 # What the engine does not trace yet, and why: held as strict xfails (each raising what it raises today), so a
 # library or engine change that makes one traceable says so here. name -> (model_type, config (None: CONFIGS'),
-# method, targets, the exception, why)
-DBRX = dict(d_model=256, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=1024,
-            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
-            ffn_config=dict(ffn_hidden_size=512, moe_num_experts=4, moe_top_k=2))
+# method, targets, the exception, why). DBRX, which runs each expert on the tokens routed to it, is traced with its
+# routing given (tests/test_traced.py).
 MAMBA_PEFT = "PEFT refuses LoRA on a Mamba mixer's out_proj and conv1d"
 ROUTER_PEFT = "PEFT's all-linear wraps {}, an nn.Linear whose forward returns a tuple, and PEFT's forward fails"
 REFUSED = {
-    "dbrx": ("dbrx", DBRX, "lora", "all-linear", LorabenchError,
-             "DbrxExperts runs each expert on the tokens routed to it: torch.nonzero, a shape the data decides"),
     "jetmoe": ("jetmoe", dict(SMALL, kv_channels=64, **EXPERTS), "lora", "all-linear", LorabenchError,
                "JetMoE's router reads the experts' loads with .tolist() (aten._local_scalar_dense)"),
     "llama4_text all-linear": ("llama4_text", None, "lora", "all-linear", LorabenchError,

@@ -77,6 +77,17 @@ FAMILIES = {
 FULL = bool(os.environ.get("LORABENCH_FULL_GRID"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Real steps of models this small run faster on one intra-op thread (tests/test_traced_families.py)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORABENCH_CACHE_DIR", str(tmp_path / "traces"))
@@ -232,3 +243,31 @@ def test_the_cache_keys_the_images():
     assert text == tracecache.trace_key(model, tuner, SETUP, images=ImageInputs())
     assert len({text, tracecache.trace_key(model, tuner, SETUP, images=images),
                 tracecache.trace_key(model, tuner, SETUP, images=ImageInputs(1))}) == 3
+
+
+@pytest.mark.skipif(not FULL, reason="the whole grid: LORABENCH_FULL_GRID=1 (a traced fit: 15 s)")
+def test_fit_with_images_holds_for_real_steps_either_side(tmp_path):
+    # LLaVA, 2 images of 16 tokens in each sequence: the traced largest batch fits a real CPU step with the same
+    # images and one more does not; the longest sequence keeps the images' tokens
+    from lorabench.estimator.traced_rows import required_bytes
+
+    model, images, tokens = family("llava")
+    setup = replace(SETUP, batch_size=1, grad_checkpointing=True)  # two savers left: four combinations
+    tuner = method_tuner(METHODS["lora"], 8, "llava", "q_proj,v_proj", setup)
+    cpu = Model(model, setup, "cpu", images)
+
+    def need(batch):
+        return required_bytes(trace_once(cpu, None, tuner, replace(setup, batch_size=batch), real=True), setup)
+
+    capacity = need(1) + (need(2) - need(1)) * 5 // 2  # 3 fit, 4 do not
+    folder = tmp_path / "llava"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(model.config))
+    got = lorabench.fit(config=str(folder), method="lora", rank=8, targets="q_proj,v_proj", images=2,
+                        gpu_memory=capacity / 2 ** 30, headroom=0, device="cpu", batch_size=1, seq_len=64,
+                        impl="peft", grad_checkpointing=True)
+    limits = got["limits"][0]
+    assert (limits["images"], limits["image_tokens"]) == (2, 2 * tokens)
+    b = limits["max_batch_size"]
+    assert need(b) <= int(capacity / 2 ** 30 * 2 ** 30) < need(b + 1)
+    assert limits["max_seq_len"] > 2 * tokens

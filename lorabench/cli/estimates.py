@@ -152,9 +152,10 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
 @click.option("--headroom", type=BoundedFloat(0.0, 90.0), default=round(100 * ALLOCATOR_ALLOWANCE, 1),
               show_default=True, help="Allocator allowance in % of the peak, kept free when deciding 'fits'.")
 @engine_options
+@image_options
 @format_option
 def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, gpu_memory, headroom, engine,
-        peft_config, fmt):
+        peft_config, images, fmt):
     """What fits a GPU: the largest batch, sequence length and rank per method, and which knobs make a setup fit.
 
     For each method (and rank): whether the setup as given fits, the largest batch
@@ -175,6 +176,7 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
         lorabench fit -m qwen3-8b --gpu-memory 48 --method lora --grad-checkpointing -f json
         lorabench fit -m llama-3-70b --gpu RTX-4090 --gpus 2 --sharding fsdp --method lora --dtype nf4
         lorabench fit --config ./granite-3.3-8b/config.json --gpu L40S --method lora -t all-linear
+        lorabench fit --config ./qwen2.5-vl-7b --gpu L40S --method lora -t q_proj,v_proj --images 2 --image-size 448x448
     """
     from lorabench import api
 
@@ -193,7 +195,7 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
         raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its tuner.")
     limit_rows, knob_rows = api.fit_answer(specs, methods, methods_from_all, ranks, targets, setup, parallel, label,
                                            capacity, headroom / 100, note, engine=engine, peft_config=peft_config,
-                                           progress=progress)
+                                           progress=progress, images=images)
     if fmt == "json":
         click.echo(json.dumps({"limits": limit_rows, "knobs": knob_rows}, indent=2))
     elif fmt == "csv":

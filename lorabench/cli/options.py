@@ -188,7 +188,7 @@ def engine_options(fn):
 
 
 def image_options(fn):
-    """--images and --image-size (memory): passes images=ImageInputs(...)."""
+    """--images and --image-size (memory, fit): passes images=ImageInputs(...)."""
     from lorabench.estimator.images import MAX_IMAGES, image_inputs
 
     @click.option("--images", "image_count", type=BoundedInt(0, MAX_IMAGES), default=0, show_default=True,

@@ -22,7 +22,7 @@ from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import QUANTIZED, TrainingSetup
 from lorabench.estimator.traced_rows import ASSUMED, depth_note, rank_note, required_bytes, targets_text
 from lorabench.estimator.tuner import Tuner, method_tuner
-from lorabench.measure.answer import as_raw, check_parallel, count_result, trace_result, tuners
+from lorabench.measure.answer import as_raw, check_images, check_parallel, count_result, trace_result, tuners
 from lorabench.methods import METHODS, Method
 from lorabench.models.raw import RawModel
 from lorabench.models.spec import ModelSpec
@@ -108,17 +108,20 @@ def _rank_tuner(tuner: Tuner, method: Optional[Method], model_type: str, targets
 def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], from_all: bool,
                     ranks: Sequence[int], targets, setup: TrainingSetup, parallel: Parallel, label: str,
                     capacity: int, allowance: float, peft_config: Optional[str], note: Note,
-                    progress: Note = lambda s: None) -> Tuple[List[Dict], List[Dict]]:
-    """`lorabench fit`'s limit and saver rows for a traced model (estimator.fit.fit_rows' fields and meaning).
+                    progress: Note = lambda s: None,
+                    images: ImageInputs = ImageInputs()) -> Tuple[List[Dict], List[Dict]]:
+    """`lorabench fit`'s limit and saver rows for a traced model (estimator.fit.fit_rows' fields and meaning);
+    with images, a vision-language model's, each sequence carrying them (its image tokens and one more at least).
 
     Raises:
         LorabenchError: what the tracing engine does not trace (measure.answer.check_parallel), or cannot.
     """
     check_parallel(parallel, setup)
     raw = as_raw(model)
+    check_images(raw, images, parallel)
     limit_rows: List[Dict] = []
     knob_rows: List[Dict] = []
-    oracle = _Oracle(raw, parallel, allowance, progress)
+    oracle = _Oracle(raw, parallel, allowance, progress, images)
     softcap = _softcap(raw)
     skipped = ([f"the fused loss is not among the savers: {NOT_TRACED['fused-loss']}."]
                if setup.loss == "standard" and setup.device == "cuda" else [])
@@ -137,7 +140,8 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
         progress(f"{tuner.name}: the largest batch that fits")
         batch = largest_within(varying("batch_size"), capacity, 1, MAX_BATCH, start=s.batch_size)
         progress(f"{tuner.name}: the longest sequence that fits")
-        seq = largest_within(varying("seq_len"), capacity, 1, MAX_SEQ, start=s.seq_len)
+        shortest = first.get("image_tokens", 0) + 1  # a sequence holds its images' tokens
+        seq = largest_within(varying("seq_len"), capacity, shortest, MAX_SEQ, start=s.seq_len)
         rank = None
         at_rank = _rank_tuner(tuner, method, raw.model_type, targets, setup)
         if at_rank is not None:
@@ -148,6 +152,8 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
                 "targets": targets_text(first.get("targets")), "gpu": label, "gpu_memory_bytes": capacity,
                 "allowance_fraction": allowance, "batch_size": s.batch_size, "seq_len": s.seq_len,
                 "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload}
+        if images.count:
+            base.update({k: first[k] for k in ("images", "image_size", "image_tokens")})
         notes = list(raw.notes) + list(first.get("notes", ())) + [depth_note(first), rank_note(parallel)] + [
             "each limit found by traces and checked by them: it fits, and one more does not" +
             ("; a PEFT config from a file keeps its own size: no rank is searched (max_rank null)"
