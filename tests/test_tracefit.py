@@ -91,6 +91,7 @@ def test_a_traced_models_limits_hold_for_real_steps_either_side(tmp_path):
                                                                                        allowance)
 
 
+@pytest.mark.skipif(not os.environ.get("LORABENCH_FULL_GRID"), reason="the whole grid: LORABENCH_FULL_GRID=1 (15 s)")
 def test_a_described_models_traced_limits_are_the_analytic_models():
     # tiny-llama, held to real steps elsewhere by the analytic model: the same limits from traces (checkpointed:
     # two savers left, four combinations)
