@@ -107,7 +107,7 @@ class Saver:
         key: its name, compared where answers tell fixes apart.
         kind: its label in answers.
         change: the setup fields it sets.
-        applies: whether it applies to a case (not on already, and possible there).
+        applies: whether it applies to a setup of a subject (not on already, and possible there).
         with_more_gpus: whether the "more GPUs" fix may add it. Quantizing the base changes the weights that
             are trained on; a fix that already adds GPUs keeps them as given.
     """
@@ -115,27 +115,41 @@ class Saver:
     key: str
     kind: str
     change: Change
-    applies: Callable[["Case"], bool]
+    applies: Callable[[TrainingSetup, "Subject"], bool]
     with_more_gpus: bool = True
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What the savers' rules read beyond the setup: whether the trained method may sit on a quantized base (an
+    adapter on a frozen W), and whether the model soft-caps its logits (which the chunked loss cannot)."""
+
+    quantizable_base: bool
+    softcap: bool
+
+
+def subject(case: Case) -> Subject:
+    """A described case's Subject: its method's and its family's."""
+    return Subject(case.method.allows_quantized_base, bool(case.spec.final_softcap))
 
 
 # The savers, cheapest first.
 SAVERS = (
     # recomputes each layer in backward: the same result, about a third more compute
     Saver("checkpointing", "checkpointing", (("grad_checkpointing", True),),
-          lambda case: not case.setup.grad_checkpointing),
+          lambda setup, who: not setup.grad_checkpointing),
     # Liger's fused linear cross-entropy (transformers' use_liger_kernel): the same loss, no full logits
     Saver("fused-loss", "fused loss", (("loss", "fused-linear"),),
-          lambda case: case.setup.loss == "standard" and case.setup.device == "cuda"),
+          lambda setup, who: setup.loss == "standard" and setup.device == "cuda"),
     # without Triton (on a CPU) lorabench's chunked loss does the same; it cannot soft-cap (Gemma 2)
     Saver("chunked-loss", "chunked loss", (("loss", "chunked"),),
-          lambda case: case.setup.loss == "standard" and case.setup.device != "cuda" and not case.spec.final_softcap),
+          lambda setup, who: setup.loss == "standard" and setup.device != "cuda" and not who.softcap),
     # Dettmers et al. 2021: 8-bit optimizer states, the same accuracy (paged ones count the same on the GPU)
-    Saver("adamw-8bit", "8-bit AdamW", (("optimizer", "adamw-8bit"),), lambda case: case.setup.optimizer == "adamw"),
+    Saver("adamw-8bit", "8-bit AdamW", (("optimizer", "adamw-8bit"),), lambda setup, who: setup.optimizer == "adamw"),
     # QLoRA (Dettmers et al. 2023): adapter methods only; autocast needs fp32 weights, so not under it
     Saver("nf4", "nf4 base (QLoRA)", (("dtype", "nf4"),),
-          lambda case: (case.method.allows_quantized_base and case.setup.dtype not in QUANTIZED
-                        and not case.setup.autocast), with_more_gpus=False),
+          lambda setup, who: who.quantizable_base and setup.dtype not in QUANTIZED and not setup.autocast,
+          with_more_gpus=False),
 )
 
 
@@ -153,7 +167,8 @@ class Combo:
 
 def savers(case: Case) -> List[Combo]:
     """The savers not yet on (SAVERS), alone and together, cheapest first; the first is the setup as given."""
-    return combos(case.setup, [saver for saver in SAVERS if saver.applies(case)])
+    who = subject(case)
+    return combos(case.setup, [saver for saver in SAVERS if saver.applies(case.setup, who)])
 
 
 def combos(setup: TrainingSetup, applicable: Sequence[Saver]) -> List[Combo]:

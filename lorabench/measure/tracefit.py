@@ -15,11 +15,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 from lorabench.errors import LorabenchError
 from lorabench.estimator.images import ImageInputs
-from lorabench.estimator.fit import SAVERS, Fix, Saver, _divisors_below, combos, round_down
+from lorabench.estimator.fit import SAVERS, Fix, Saver, Subject, _divisors_below, combos, round_down
 from lorabench.estimator.search import largest_within
 from lorabench.estimator.verdict import fix_dict
 from lorabench.estimator.parallel import Parallel
-from lorabench.estimator.setup import QUANTIZED, TrainingSetup
+from lorabench.estimator.setup import TrainingSetup
 from lorabench.estimator.traced_rows import ASSUMED, depth_note, rank_note, required_bytes, targets_text
 from lorabench.estimator.tuner import Tuner, method_tuner
 from lorabench.measure.answer import as_raw, check_images, check_parallel, count_result, trace_result, tuners
@@ -38,21 +38,13 @@ NOT_SHARDED = {"adamw-8bit": "bitsandbytes' 8-bit step takes plain tensors, not 
                "nf4": "a quantized base is not traced under sharding"}
 
 
-def _applies(saver: Saver, tuner: Tuner, setup: TrainingSetup, softcap: bool, parallel: Parallel) -> bool:
-    """Whether a saver applies to a traced step: estimator.fit.SAVERS' rules, read from the tuner and the
-    config instead of a described family and method."""
-    if saver.key in NOT_TRACED or (not parallel.single and saver.key in NOT_SHARDED):
-        return False
-    if saver.key == "checkpointing":
-        return not setup.grad_checkpointing
-    if saver.key == "chunked-loss":
-        return setup.loss == "standard" and setup.device != "cuda" and not softcap
-    if saver.key == "adamw-8bit":
-        return setup.optimizer == "adamw"
-    if saver.key == "nf4":  # an adapter on a frozen base; DoRA's magnitude is not traced on one (measure.traced)
-        return (not tuner.updates_base and setup.dtype not in QUANTIZED and not setup.autocast
-                and not tuner.config.get("use_dora"))
-    return False
+def _savers(tuner: Tuner, setup: TrainingSetup, softcap: bool, parallel: Parallel) -> List[Saver]:
+    """The savers (estimator.fit.SAVERS, by their own rules) that apply to a traced step and that a trace runs:
+    not those NOT_TRACED, nor NOT_SHARDED under a sharded step; an nf4 base only under an adapter the trace puts on
+    one (not DoRA, whose magnitude PEFT computes from dequantized weights: measure.traced)."""
+    who = Subject(quantizable_base=not tuner.updates_base and not tuner.config.get("use_dora"), softcap=softcap)
+    left_out = set(NOT_TRACED) | (set(NOT_SHARDED) if not parallel.single else set())
+    return [x for x in SAVERS if x.key not in left_out and x.applies(setup, who)]
 
 
 def _softcap(raw: RawModel) -> bool:
@@ -162,8 +154,7 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
                            "spare_bytes": capacity - need, "max_batch_size": batch, "max_seq_len": seq,
                            "max_rank": rank, "max_positions": None,
                            "notes": [n for n in dict.fromkeys(notes) if n]})
-        applicable = [x for x in SAVERS if _applies(x, tuner, setup, softcap, parallel)]
-        for c in combos(setup, applicable):
+        for c in combos(setup, _savers(tuner, setup, softcap, parallel)):
             progress(f"{tuner.name}: {' + '.join(c.kinds) or 'as given'}")
             try:
                 got, left = oracle.required(tuner, c.setup)
@@ -189,7 +180,7 @@ def _fixes(oracle: _Oracle, tuner: Tuner, setup: TrainingSetup, capacity: int, s
         required, need = oracle.required(tuner, changed)
         return Fix(tuple(kinds), tuple(changes), None, required, capacity - need, tuple(steps))
 
-    found = combos(setup, [x for x in SAVERS if _applies(x, tuner, setup, softcap, oracle.parallel)])
+    found = combos(setup, _savers(tuner, setup, softcap, oracle.parallel))
     missing: List[set] = []  # the savers of combinations that do not fit
     for c in found[1:]:
         if any(set(c.steps) <= m for m in missing):
