@@ -41,8 +41,6 @@ def params(specs, methods, methods_from_all, ranks, targets, engine, peft_config
     """
     from lorabench import api
 
-    if peft_config is not None and not methods_from_all:
-        raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its tuner.")
     per_model = api.param_answer(specs, methods, methods_from_all, ranks, targets, note, engine=engine,
                                  peft_config=peft_config)
     if fmt not in ("table", "markdown"):
@@ -125,8 +123,6 @@ def memory(specs, methods, methods_from_all, ranks, targets, setup, parallel, gp
     if check and chosen is None:
         raise click.UsageError("--check needs --gpu: whether each case fits that GPU.")
     allowance = headroom / 100
-    if peft_config is not None and not methods_from_all:
-        raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its tuner.")
     per_model = api.memory_answer(specs, methods, methods_from_all, ranks, targets, setup, parallel, chosen, mfu,
                                   allowance, cost, note, engine=engine, peft_config=peft_config, progress=progress,
                                   images=images)
@@ -191,8 +187,6 @@ def fit(specs, methods, methods_from_all, ranks, targets, setup, parallel, gpu, 
         label, capacity = chosen.name, chosen.memory_bytes
     else:
         label, capacity = f"{gpu_memory:g} GiB GPU", int(gpu_memory * 2 ** 30)
-    if peft_config is not None and not methods_from_all:
-        raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its tuner.")
     limit_rows, knob_rows = api.fit_answer(specs, methods, methods_from_all, ranks, targets, setup, parallel, label,
                                            capacity, headroom / 100, note, engine=engine, peft_config=peft_config,
                                            progress=progress, images=images)

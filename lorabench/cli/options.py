@@ -172,7 +172,7 @@ def model_options(fn):
 
 
 def engine_options(fn):
-    """--engine and --peft-config: which engine answers (the analytic model, or a trace of transformers + PEFT)."""
+    """--engine and --peft-config: which engine answers (analytic, or a trace); below method_options."""
     @click.option("--engine", type=click.Choice(["auto", "analytic", "trace"], case_sensitive=False), default="auto",
                   show_default=True,
                   help="Who answers. analytic: lorabench's model of the described families (instant, no torch). "
@@ -183,6 +183,9 @@ def engine_options(fn):
                        "OFT, prompt tuning...): traced; replaces --method/--rank/--targets.")
     @functools.wraps(fn)
     def wrapper(engine, peft_config, **kw):
+        if peft_config is not None and not kw.get("methods_from_all", True):  # method_options, applied above
+            raise click.UsageError("give --method or --peft-config, not both: the adapter_config.json names its "
+                                   "tuner.")
         return fn(engine=engine.lower(), peft_config=peft_config, **kw)
     return wrapper
 

@@ -4,7 +4,7 @@ rows (estimator.rows.memory_rows), with "engine": "trace" and what the trace ass
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from lorabench.estimator.compute import StepTime, device_for_gpu, time_of_ops
 from lorabench.estimator.cost import CostSetup
@@ -37,6 +37,12 @@ def required_bytes(result: Dict, setup: TrainingSetup, runtime: bool = True) -> 
     workspace outside the allocator on a CUDA device."""
     peak = max(result[f"measured_{p}_peak_bytes"] for p in PHASES)
     return peak + (CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if runtime and setup.device == "cuda" else 0)
+
+
+def needed_bytes(result: Dict, setup: TrainingSetup, allowance: float) -> Tuple[int, int]:
+    """(required_bytes, that plus the allocator allowance on the peak): what 'fits' compares with a GPU's memory."""
+    required = required_bytes(result, setup)
+    return required, required + int(allowance * required_bytes(result, setup, runtime=False))
 
 
 def depth_note(result: Dict) -> str:
@@ -130,7 +136,7 @@ def gpu_fields(row: Dict, result: Dict, gpu: Optional[GPU], allowance: float, mf
     the spare bytes, the largest component, the step's time (step_time) and, with cost, the training run's; without
     a GPU, the smallest catalog GPU that holds the step."""
     peak = row["peak_bytes"]
-    need = peak + row["overhead_bytes"] + int(allowance * peak)
+    need = needed_bytes(result, setup, allowance)[1]
     if gpu is None:
         row["smallest_gpu"] = smallest_gpu_holding(need, bf16=setup.uses_bf16)
         return
@@ -159,5 +165,5 @@ def gpu_fields(row: Dict, result: Dict, gpu: Optional[GPU], allowance: float, mf
             row["notes"].append("the training time is the step's own on each GPU: communication is not traced.")
 
 
-__all__ = ["ASSUMED", "ROUTING", "TIME_NOTE", "targets_text", "required_bytes", "depth_note", "rank_note", "traced_row",
-           "step_time", "gpu_fields"]
+__all__ = ["ASSUMED", "ROUTING", "TIME_NOTE", "targets_text", "required_bytes", "needed_bytes", "depth_note",
+           "rank_note", "traced_row", "step_time", "gpu_fields"]

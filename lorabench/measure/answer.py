@@ -201,7 +201,7 @@ def traced_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method], fr
         if gpu is not None:
             from lorabench.measure.tracefit import traced_verdict
 
-            traced_verdict(row, raw, tuner, setup, parallel, gpu.memory_bytes, allowance, progress, images)
+            traced_verdict(row, result, raw, tuner, setup, parallel, gpu.memory_bytes, allowance, progress, images)
         rows.append(row)
     return rows
 

@@ -7,16 +7,17 @@ The image tokens are part of --seq-len: each row is [markers and image tokens of
 tokens], the text tokens 0 as in a text-only trace, the labels the input ids (as the bench's are).
 
 Fake tensors hold no values, and a vision-language step reads its inputs' values: transformers checks that the
-image tokens in input_ids match the image features (a mask's sum), Qwen builds its patch windows, attention
-chunks and M-RoPE positions from image_grid_thw (tolist, nonzero, repeat_interleave), Idefics3 drops all-zero
-(padding) images and leaves out its tower's attention mask when every patch is real (masking_utils reads the mask
-unless it is a fake tensor: is_tracing). The rule here (`held`): the inputs and the integer tensors made from nothing (torch.arange,
-torch.full...) hold their values, as fake tensors carrying a constant (torch's own FakeTensor.constant), and
-whatever is computed from such tensors alone is computed for real and held too; every tensor that a weight
-touches stays a fake one. So transformers' checks run, on the real values, and the index arithmetic is the real
-step's; masking_utils reads a held mask's values, as it reads a real one's. One function, Qwen's get_rope_index (torch.tensor over a list of tensors, which fake tensors refuse), is
-run on the held values and its outputs held. Nothing here changes what a step allocates: the same ops run, on
-the same shapes, and the tracker counts them alike (tests/test_vlm_images.py holds each family to the real step).
+image tokens in input_ids match the image features (a mask's sum), Qwen builds its patch windows, attention chunks
+and M-RoPE positions from image_grid_thw (tolist, nonzero, repeat_interleave), Idefics3 drops all-zero (padding)
+images and leaves out its tower's attention mask when every patch is real (masking_utils reads the mask unless it is
+a fake tensor: is_tracing). The rule here (`held`): the inputs and the integer tensors made from nothing
+(torch.arange, torch.full...) hold their values, as fake tensors carrying a constant (torch's own
+FakeTensor.constant), and whatever is computed from such tensors alone is computed for real and held too; every
+tensor that a weight touches stays a fake one. So transformers' checks run, on the real values, and the index
+arithmetic is the real step's; masking_utils reads a held mask's values, as it reads a real one's. One function,
+Qwen's get_rope_index (torch.tensor over a list of tensors, which fake tensors refuse), is run on the held values
+and its outputs held. Nothing here changes what a step allocates: the same ops run, on the same shapes, and the
+tracker counts them alike (tests/test_vlm_images.py holds each family to the real step).
 """
 
 from __future__ import annotations

@@ -119,10 +119,11 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
     once more with the memory read at the phase boundaries (the bench's _memory_step) and its ops counted by
     phase (measure.oplog: matrix products and attention with their FLOPs, memory-bound ops with their bytes). Adds
     ops (oplog.as_list), flops (the products' and attention's, forward and backward), logits_bytes (the output
-    head's last output, as it is made; 0 where the loss takes the hidden states) and, given the decoder `layers`, segments: each segment's peak (measure.segments), which extrapolate in
-    depth where the phases' peaks may not. images: a vision-language step's images (measure.images), their
-    tokens in the ids and their inputs beside them, their values held under measure.images.held. routed: a
-    mixture of experts' count whose routing is given, balanced (measure.routing)."""
+    head's last output, as it is made; 0 where the loss takes the hidden states) and, given the decoder `layers`,
+    segments: each segment's peak (measure.segments), which extrapolate in depth where the phases' peaks may not.
+    images: a vision-language step's images (measure.images), their tokens in the ids and their inputs beside them,
+    their values held under measure.images.held. routed: a mixture of experts' count whose routing is given,
+    balanced (measure.routing)."""
     from lorabench.measure.bench import _memory_step
 
     device = torch.device("cpu")

@@ -20,7 +20,7 @@ from lorabench.estimator.search import largest_within
 from lorabench.estimator.verdict import fix_dict
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import TrainingSetup
-from lorabench.estimator.traced_rows import ASSUMED, depth_note, rank_note, required_bytes, targets_text
+from lorabench.estimator.traced_rows import ASSUMED, depth_note, needed_bytes, rank_note, targets_text
 from lorabench.estimator.tuner import Tuner, method_tuner
 from lorabench.measure.answer import as_raw, check_images, check_parallel, count_result, trace_result, tuners
 from lorabench.methods import METHODS, Method
@@ -56,10 +56,10 @@ class _Oracle:
     """What one (model, tuner) needs per GPU under each setup: a trace (cached), read as the memory row reads it."""
 
     def __init__(self, raw: RawModel, parallel: Parallel, allowance: float, progress: Note,
-                 images: ImageInputs = ImageInputs()):
+                 images: ImageInputs = ImageInputs(), known: Optional[Dict] = None):
         self.raw, self.parallel, self.allowance, self.progress = raw, parallel, allowance, progress
         self.images = images
-        self.known: Dict[Tuple[Tuner, TrainingSetup], Dict] = {}
+        self.known: Dict[Tuple[Tuner, TrainingSetup], Dict] = dict(known or {})  # traces already made
 
     def result(self, tuner: Tuner, setup: TrainingSetup) -> Dict:
         if (tuner, setup) not in self.known:
@@ -69,9 +69,7 @@ class _Oracle:
 
     def required(self, tuner: Tuner, setup: TrainingSetup) -> Tuple[int, int]:
         """(the peak plus the runtime, that plus the allocator allowance on the peak)."""
-        result = self.result(tuner, setup)
-        required, peak = required_bytes(result, setup), required_bytes(result, setup, runtime=False)
-        return required, required + int(self.allowance * peak)
+        return needed_bytes(self.result(tuner, setup), setup, self.allowance)
 
     def need(self, tuner: Tuner, setup: TrainingSetup) -> int:
         return self.required(tuner, setup)[1]
@@ -124,25 +122,24 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
         method = METHODS.get(tuner.name) if peft_config is None else None
         first = oracle.result(tuner, setup)
         required, need = oracle.required(tuner, setup)
-        s = setup
 
         def varying(key: str) -> Callable[[int], int]:
-            return lambda n: oracle.need(tuner, replace(s, **{key: n}))
+            return lambda n: oracle.need(tuner, replace(setup, **{key: n}))
 
         progress(f"{tuner.name}: the largest batch that fits")
-        batch = largest_within(varying("batch_size"), capacity, 1, MAX_BATCH, start=s.batch_size)
+        batch = largest_within(varying("batch_size"), capacity, 1, MAX_BATCH, start=setup.batch_size)
         progress(f"{tuner.name}: the longest sequence that fits")
         shortest = first.get("image_tokens", 0) + 1  # a sequence holds its images' tokens
-        seq = largest_within(varying("seq_len"), capacity, shortest, MAX_SEQ, start=s.seq_len)
+        seq = largest_within(varying("seq_len"), capacity, shortest, MAX_SEQ, start=setup.seq_len)
         rank = None
         at_rank = _rank_tuner(tuner, method, raw.model_type, targets, setup)
         if at_rank is not None:
             progress(f"{tuner.name}: the largest rank that fits")
-            rank = largest_within(lambda r: oracle.need(at_rank(r), s), capacity, 1,
+            rank = largest_within(lambda r: oracle.need(at_rank(r), setup), capacity, 1,
                                   _narrowest(raw, tuner, setup), start=tuner.rank)
         base = {"model": raw.name, "engine": "trace", "method": tuner.name, "rank": tuner.rank,
                 "targets": targets_text(first.get("targets")), "gpu": label, "gpu_memory_bytes": capacity,
-                "allowance_fraction": allowance, "batch_size": s.batch_size, "seq_len": s.seq_len,
+                "allowance_fraction": allowance, "batch_size": setup.batch_size, "seq_len": setup.seq_len,
                 "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload}
         if images.count:
             base.update({k: first[k] for k in ("images", "image_size", "image_tokens")})
@@ -171,9 +168,8 @@ def _fixes(oracle: _Oracle, tuner: Tuner, setup: TrainingSetup, capacity: int, s
     """The changes that make a traced step fit, cheapest first (estimator.fit.fixes' order), each traced when it
     is reached: the savers alone and together; a smaller micro-batch with accumulation that keeps the sequences
     of a step; a shorter sequence at batch 1, of at least `shortest` tokens (where it keeps half the sequence,
-    or nothing else fits). More GPUs
-    and CPU offload are not searched. Savers only take bytes away, so a combination inside one that does not fit
-    is not traced."""
+    or nothing else fits). More GPUs and CPU offload are not searched. Savers only take bytes away, so a
+    combination inside one that does not fit is not traced."""
     kept = 0
 
     def fix(kinds, steps, changes, changed: TrainingSetup) -> Fix:
@@ -234,16 +230,18 @@ FIX_NOTE = ("a 'no' is fixed by traces: the savers (checkpointing, 8-bit AdamW, 
             "searched for a traced model.")
 
 
-def traced_verdict(row: Dict, raw: RawModel, tuner: Tuner, setup: TrainingSetup, parallel: Parallel,
-                   capacity: int, allowance: float, progress: Note = lambda s: None,
+def traced_verdict(row: Dict, result: Dict, raw: RawModel, tuner: Tuner, setup: TrainingSetup,
+                   parallel: Parallel, capacity: int, allowance: float, progress: Note = lambda s: None,
                    images: ImageInputs = ImageInputs()) -> None:
-    """A traced memory row that does not fit gets its fix and fix_alternative (estimator.verdict's fields), found
-    by traces (with images: a sequence keeps its image tokens and one more); in place."""
+    """A traced memory row (of the trace `result`) that does not fit gets its fix and fix_alternative
+    (estimator.verdict's fields), found by traces (with images: a sequence keeps its image tokens and one more);
+    in place."""
     if row["fits"]:
         return
     progress(f"{tuner.name}: what makes it fit")
-    first, other = _first_two(_fixes(_Oracle(raw, parallel, allowance, progress, images), tuner, setup, capacity,
-                                     _softcap(raw), shortest=row.get("image_tokens", 0) + 1))
+    oracle = _Oracle(raw, parallel, allowance, progress, images, known={(tuner, setup): result})
+    first, other = _first_two(_fixes(oracle, tuner, setup, capacity, _softcap(raw),
+                                     shortest=row.get("image_tokens", 0) + 1))
     row["fix"], row["fix_alternative"] = fix_dict(first), fix_dict(other)
     row["notes"].append(FIX_NOTE)
 
