@@ -202,6 +202,13 @@ ENGINE_OPTIONS = {
     ("--peft-config",): st.one_of(st.sampled_from(["/nonexistent/adapter_config.json", "/dev/null", "/", "."]),
                                   HOSTILE),
 }
+# --images on a model without a vision_config (every preset: the drawn --config paths are not folders of one) is
+# refused in one line before anything is traced; 0 is text only
+IMAGE_OPTIONS = {
+    ("--images",): mostly(numbers(0, 4)),
+    ("--image-size",): mostly(st.from_regex(r"[1-9][0-9]{0,3}x[1-9][0-9]{0,3}", fullmatch=True),
+                              st.one_of(HOSTILE, st.sampled_from(["0x0", "448", "448x", "x448", "448X448", "-4x4"]))),
+}
 
 # Small config.json folders that report and bench write into their working folder, to be read with --config.
 TINY_CONFIGS = {
@@ -214,12 +221,13 @@ TINY_CONFIG_PATHS = st.sampled_from(["tiny", "tiny/", "./tiny", "tiny/config.jso
 
 PARAMS_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **ENGINE_OPTIONS, **FORMAT_OPTION}
 MEMORY_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **SETUP_OPTIONS, **PARALLEL_OPTIONS, **GPU_OPTIONS,
-                  **COST_OPTIONS, **HEADROOM, **MEMORY_ONLY_OPTIONS, **ENGINE_OPTIONS, **FORMAT_OPTION}
+                  **COST_OPTIONS, **HEADROOM, **MEMORY_ONLY_OPTIONS, **ENGINE_OPTIONS, **IMAGE_OPTIONS,
+                  **FORMAT_OPTION}
 # fit: --gpu NAME or --gpu-memory GIB, one of them (drawn first, fit_gpus; the table may add another).
 FIT_OPTIONS = {**MODEL_OPTIONS, **METHOD_OPTIONS, **SETUP_OPTIONS, **PARALLEL_OPTIONS, **HEADROOM,
                ("--gpu",): mostly(GPU_NAMES),
                ("--gpu-memory",): mostly(st.one_of(decimals(0.5, 200.0), decimals(1e-3, 1e6))),
-               **FORMAT_OPTION}
+               **ENGINE_OPTIONS, **IMAGE_OPTIONS, **FORMAT_OPTION}
 # What memory and fit are given first: usually a GPU, so that the options that need one (--check, --tokens) apply.
 MEMORY_GPUS = st.one_of(st.just([]), GPU_NAMES.map(lambda g: ["--gpu", g]))
 FIT_GPUS = st.one_of(GPU_NAMES.map(lambda g: ["--gpu", g]), decimals(0.5, 200.0).map(lambda x: ["--gpu-memory", x]),
