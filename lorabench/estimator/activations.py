@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorabench.estimator.batches import bool_mask_bytes, mask_saves, positions_per_row, rows_of
 from lorabench.estimator.case import Case
-from lorabench.estimator.layer_saves import kv_cache_on, layer_saves, merges_experts, norm_saves
+from lorabench.estimator.layer_saves import attention_records, kv_cache_on, layer_saves, merges_experts, norm_saves
 from lorabench.estimator.loss import loss_bytes
 from lorabench.estimator.setup import FLOAT_BYTES
 
@@ -108,6 +109,7 @@ class ActivationBreakdown:
     cache_extra_bytes: int = 0
     graph_backward_bytes: int = 0
     graph_step_bytes: int = 0
+    mask_bytes: int = 0
 
     @property
     def after_forward_bytes(self) -> int:
@@ -131,6 +133,17 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
     rest, rest_casts, rest_held = layer_saves(case)
     graph_held = t * (first_held + (L - 1) * rest_held)
     per_token = 16  # input_ids and labels, int64
+    if setup.packing or setup.padding_free:
+        per_token += 8  # position_ids, int64
+    if setup.padding != "none":
+        per_token += 8  # the attention mask, int64 as tokenizers make it
+    # what a mask adds to each layer whose attention records (batches.mask_saves): sliding-window layers may have
+    # one where full ones do not
+    per_layer = [_mask_layer(case, spec.slides(i)) for i in range(L)]
+    if not attention_records(case, first_live):
+        per_layer[0] = 0
+    mask_all, mask_one = sum(per_layer), max(per_layer)
+    bool_masks = bool_mask_bytes(spec, setup)
     if spec.single_matrix:
         return ActivationBreakdown(
             saved_bytes=t * (per_token + first + (L - 1) * rest) + first_casts + (L - 1) * rest_casts,
@@ -143,12 +156,12 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
         # input itself (post-norm layouts feed q, k and v the residual stream).
         input_held = a * d if spec.arch.norm_layout == "post" and rest_held else 0
         per_token += L * s * d + first_held + (L - 1) * (rest_held - input_held)
-        recompute = t * rest + rest_casts
+        recompute = t * (rest + mask_one) + rest_casts
         # autocast's cache keeps every trainable weight's cast until forward ends, checkpointed or not
         autocast_cache = L * _trainable_casts(case)
         layer_casts = 0
     else:
-        per_token += first + (L - 1) * rest
+        per_token += first + (L - 1) * rest + mask_all
         recompute = 0
         layer_casts = first_casts + (L - 1) * rest_casts
     rope = 0
@@ -156,7 +169,10 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
         # rotary cos and sin [1, S, hd], kept by the q/k multiplications: per position, not per token
         # (Gemma 3: one pair for its sliding layers, one for its global layers). transformers makes them in
         # the residual stream's dtype (fp32 under autocast).
-        rope = 2 * s * spec.head_dim * setup.seq_len * spec.arch.rope_tables
+        # (Gemma 3 cut to its sliding layers alone keeps one pair: the global pair is made, read by no layer, freed)
+        rows, row_len = rows_of(setup)
+        tables = spec.arch.rope_tables if 0 < spec.sliding_layers() < L else 1
+        rope = 2 * s * spec.head_dim * row_len * tables * (rows if positions_per_row(setup) else 1)
     final = norm_saves(spec, d, 1, s, method.base_trainable)  # final norm
     if setup.loss == "chunked":
         final += s * d  # the final norm's output, from which the chunked loss recomputes the logits
@@ -171,7 +187,7 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
         # the materialized causal mask, shared by all layers (and a sliding-window one for sliding layers),
         # in the residual stream's dtype
         masks = 1 + (1 if 0 < spec.sliding_layers() < L else 0)
-        per_token += masks * s * setup.seq_len
+        per_token += masks * s * rows_of(setup)[1]
     held, fwd, bwd, after = loss_bytes(spec, method, setup)
     # transformers' KV cache holds every layer's rotated k and its v: SDPA's own saved k and v, except under
     # autocast, where the rotated k is fp32 (q/k times the fp32 cos/sin tables) and SDPA keeps its bf16 cast
@@ -186,12 +202,24 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
         casts = 0
     transient = _layer_backward_transient(case)
     return ActivationBreakdown(
-        saved_bytes=t * per_token + rope + casts + layer_casts + head_cast, recompute_bytes=recompute,
+        saved_bytes=t * per_token + rope + casts + layer_casts + head_cast
+        + (bool_masks if setup.grad_checkpointing else 0), recompute_bytes=recompute,
         transient_bytes=transient, logits_held_bytes=held, logits_forward_bytes=fwd, logits_backward_bytes=bwd,
         logits_after_forward_bytes=after, cache_bytes=cache, layer_forward_bytes=layer_forward,
         final_norm_bytes=t * final + head_cast, autocast_cache_bytes=autocast_cache, cache_extra_bytes=cache_k_extra,
         graph_backward_bytes=graph_held,
-        graph_step_bytes=(graph_held + _checkpoint_inputs_held(case)) if setup.loop == "plain" else 0)
+        graph_step_bytes=(graph_held + _checkpoint_inputs_held(case)) if setup.loop == "plain" else 0,
+        mask_bytes=0 if setup.grad_checkpointing else bool_masks)
+
+
+def _mask_layer(case: Case, sliding: bool) -> int:
+    """Bytes per token a mask adds to one layer (batches.mask_saves); with the plain loop's KV cache, the k and v
+    that repeat_kv copied stay in the cache beside the copies SDPA keeps."""
+    spec, setup = case.spec, case.setup
+    added = mask_saves(spec, setup, sliding)
+    if added and kv_cache_on(setup) and 1 < spec.num_kv_heads < spec.num_heads:
+        added += 2 * setup.act_bytes * spec.kv_dim
+    return added
 
 
 def _checkpoint_inputs_held(case: Case) -> int:

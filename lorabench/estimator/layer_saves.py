@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from lorabench.estimator.batches import kv_cache_on, rows_of  # noqa: F401 (kv_cache_on: re-exported)
 from lorabench.estimator.case import Case
 from lorabench.methods import Method
 from lorabench.estimator.setup import FLOAT_BYTES, TrainingSetup
@@ -241,7 +242,7 @@ def layer_saves(case: Case, input_needs_grad: bool = True) -> Tuple[int, int, in
             # checkpointing, hands SDPA its own copies of k and v instead.
             total += a * (spec.q_dim + spec.kv_dim)
     elif live:
-        total += _eager_attention_saves(spec, a, setup.seq_len)
+        total += _eager_attention_saves(spec, a, rows_of(setup)[1])
     keep, extra, c = _consumers_keep_input(("o",), *args, live=live)
     casts += c
     held += _held_input(setup, spec.q_dim, live)
@@ -301,13 +302,13 @@ def layer_saves(case: Case, input_needs_grad: bool = True) -> Tuple[int, int, in
     return total, casts, held
 
 
+def attention_records(case: Case, input_needs_grad: bool = True) -> bool:
+    """The layer's attention kernel is recorded by autograd (keeps q, k, v): its input needs a gradient, or q, k or
+    v trains (layer_saves)."""
+    qkv = ("qkv",) if case.spec.arch.fused_qkv else ("q", "k", "v")
+    return input_needs_grad or _trains(case.method, case.targets, qkv)
+
+
 def merges_experts(method: Method, targets: Tuple[str, ...], setup: TrainingSetup) -> bool:
     """PEFT adapts the fused experts through lora.ParamWrapper, which merges W + s B A on every forward."""
     return setup.impl == "peft" and method.uses_rank and "experts" in targets
-
-
-def kv_cache_on(setup: TrainingSetup) -> bool:
-    """transformers' decoder returns a DynamicCache of every layer's k and v unless use_cache is off: it is
-    turned off under gradient checkpointing, and Trainer sets config.use_cache to TrainingArguments.use_cache,
-    False by default (transformers 5 trainer.py, "Finalize"); lorabench's layers keep none."""
-    return setup.impl == "peft" and not setup.grad_checkpointing and setup.loop == "plain"

@@ -190,7 +190,8 @@ class StepParts:
         # first layer's all-gather lands beside the embedding output alone (which this leaves out).
         forward = h.persistent_bytes + h.accum_bytes + previous_out + max(act.saved_bytes + max(
             g.forward_end_bytes + act.logits_forward_bytes + act.autocast_cache_bytes + cache_extra,
-            g.layer_forward_bytes + max(self.dequant_bytes, self.forward_norm_temp_bytes, act.layer_forward_bytes),
+            g.layer_forward_bytes + act.mask_bytes
+            + max(self.dequant_bytes, self.forward_norm_temp_bytes, act.layer_forward_bytes),
             g.all_gather_bytes), g.first_layer_bytes)
         layer_temp = self.layer_temp_bytes
         # Backward: at its start the loss gradients are alive with every saved activation; then each

@@ -10,6 +10,7 @@ from typing import Collection, Dict, Optional, Tuple
 
 from lorabench.errors import LorabenchError
 from lorabench.spelling import option
+from lorabench.estimator.batches import PADDING, Lengths
 from lorabench.estimator.optimizer import OPTIMIZER_NAMES
 from lorabench.models.spec import ModelSpec
 
@@ -73,6 +74,13 @@ class TrainingSetup:
         loss_chunk: tokens per chunk of the chunked loss.
         kbit_prepare: peft.prepare_model_for_kbit_training on a quantized base (fp32 upcasts of the
             non-quantized parameters, gradient checkpointing as setup.grad_checkpointing says).
+        padding: "none" (every row seq_len tokens of one example, no mask), "longest" (rows padded to the
+            batch's longest example) or "max" (to seq_len); see lorabench.estimator.batches.
+        packing: rows of seq_len filled with whole examples, kept apart by position_ids.
+        padding_free: the batch's examples in one row, kept apart by position_ids (FlashAttention's
+            variable-length kernel on CUDA).
+        lengths: the examples' token lengths (batches.Lengths), capped at seq_len; None: every example
+            seq_len long.
     """
 
     batch_size: int = 1
@@ -93,6 +101,10 @@ class TrainingSetup:
     loss: str = "standard"
     loss_chunk: int = 1024
     kbit_prepare: bool = False
+    padding: str = "none"
+    packing: bool = False
+    padding_free: bool = False
+    lengths: Optional[Lengths] = None
 
     def validate(self) -> None:
         """Raises LorabenchError for any value out of range."""
@@ -124,6 +136,31 @@ class TrainingSetup:
             raise LorabenchError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise LorabenchError(f"alpha must be a positive finite number, got {self.alpha!r}.")
+        self._validate_batches()
+
+    def _validate_batches(self) -> None:
+        _choice("padding", self.padding, PADDING)
+        if self.padding != "none" and (self.packing or self.padding_free):
+            what = option("packing") if self.packing else option("padding_free")
+            raise LorabenchError(f"{what} leaves no padding; drop {option('padding', self.padding)}.")
+        if self.lengths is not None:
+            if not isinstance(self.lengths, Lengths):
+                raise LorabenchError(f"lengths must be token lengths (lorabench's Lengths), got {self.lengths!r}.")
+            if self.padding == "none" and not (self.packing or self.padding_free):
+                raise LorabenchError(f"examples' lengths shape padded, packed or padding-free batches; give "
+                                     f"{option('padding', 'longest')}, {option('packing')} or "
+                                     f"{option('padding_free')}.")
+            if not self.lengths.counts and not 1 <= self.lengths.mean <= self.seq_len:
+                raise LorabenchError(f"the mean length must be from 1 to the longest, {option('seq_len')} "
+                                     f"({self.seq_len:,}), got {self.lengths.mean:g}.")
+        if self.impl == "lorabench" and self.batched:
+            raise LorabenchError(f"lorabench's own layers take no attention mask or position_ids; give "
+                                 f"{option('impl', 'peft')} for padded, packed or padding-free batches.")
+
+    @property
+    def batched(self) -> bool:
+        """Rows are padded, packed or padding-free (anything but one example of seq_len tokens per row)."""
+        return self.padding != "none" or self.packing or self.padding_free
 
     @property
     def tokens(self) -> int:

@@ -33,6 +33,7 @@ from lorabench.gpus import GPU, GPUS
 from lorabench.measure.probes import (LiveTensorTracker, MemoryProbe, PhaseTimer, cpu_matmul_rates, device_info,
                                matmul_flops_per_s, nvml_process_bytes, storage_bytes, summarize,
                                warm_cuda_libraries)
+from lorabench.measure.batches import batch_tensors
 from lorabench.measure.builders import (BUILDERS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
                                 build_lorabench, build_peft, expected_library_warnings)
 from lorabench.measure.steps import Step, forward_with_loss, stepper
@@ -143,7 +144,9 @@ def measure_case(case: Case, device: torch.device, steps: int = 5, warmup: int =
                 tracker.track(built.base_tensors + built.adapter_tensors)
             built = forward_with_loss(built, spec, setup, device, impl)
             g = torch.Generator().manual_seed(seed if hooks.data_seed is None else hooks.data_seed)
-            ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=g).to(device)
+            batch = {k: t.to(device) for k, t in batch_tensors(setup, spec.vocab_size, g).items()}
+            ids = batch.pop("input_ids")
+            built.inputs.update(batch)
             step, close = stepper(built, setup, device)
             for _ in range(warmup):
                 step(ids, lambda phase: None)

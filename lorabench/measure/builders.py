@@ -154,7 +154,9 @@ def build_peft(case: Case, device: torch.device, seed: int = 0, wrap: Optional[W
     model.train()
     runner, base, adapter = _wrapped(model, base_ids, wrap)
     opt = optimizer(model, setup.optimizer, LR, method.b_lr_ratio, device)
-    return Built(runner, opt, [], lambda ids: runner(input_ids=ids, labels=ids), base + quant_consts, adapter)
+    inputs: Dict[str, torch.Tensor] = {}  # a batch's attention_mask or position_ids, made with its token ids
+    return Built(runner, opt, [], lambda ids: runner(input_ids=ids, labels=ids, **inputs), base + quant_consts, adapter,
+                 inputs)
 
 
 BUILDERS = {"lorabench": build_lorabench, "peft": build_peft}

@@ -24,7 +24,8 @@ from lorabench.estimator.case import Case
 from lorabench.estimator.params import count_params
 from lorabench.estimator.setup import DEFAULT_IMPL, QUANTIZED
 from lorabench.measure.builders import BUILDERS
-from lorabench.measure.images import ImagePlan, held, held_tensor
+from lorabench.measure.batches import batch_tensors
+from lorabench.measure.images import ImagePlan, held, held_tensor, holding
 from lorabench.measure.oplog import OpLog, as_list
 from lorabench.measure.probes import MemoryProbe
 from lorabench.measure.routing import balanced, experts
@@ -77,11 +78,17 @@ def _stepper_on_fake(built, setup, device):
 
 
 @contextlib.contextmanager
-def _stated_inputs():
-    """The trace's rule for what depends on the data, which fake tensors do not hold: every row is one unpadded
-    sequence, as the bench's inputs are. transformers reads its inputs to skip the attention mask when no row
-    packs several sequences (masking_utils.find_packed_sequence_indices); on fake tensors it cannot, and would
-    build the full mask that the real step never makes. Here it is told the answer: none packed."""
+def _stated_inputs(setup, mode: Optional[FakeTensorMode]):
+    """The trace's rule for what depends on the data, which fake tensors do not hold. Rows of one unpadded
+    sequence each (the bench's inputs, unbatched): transformers reads its inputs to skip the attention mask when no
+    row packs several sequences (masking_utils.find_packed_sequence_indices); on fake tensors it cannot, and would
+    build the full mask that the real step never makes. Here it is told the answer: none packed. A padded, packed
+    or padding-free batch (measure.batches) is given as fake tensors that hold their values (images.holding), which
+    transformers reads as it reads real ones."""
+    if setup.batched and mode is not None:
+        with holding(mode):
+            yield
+        return
     try:
         from transformers import masking_utils
     except ImportError:  # lorabench's own layers read nothing
@@ -136,17 +143,19 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
     step, close = _stepper_on_fake(built, setup, device)
     handles: list = []
     given = images.batch(setup.batch_size, setup.seq_len) if images is not None else {}
+    if images is None and setup.batched:  # made as real tensors, then held by the fake ones inside the step
+        given = batch_tensors(setup, 1, torch.Generator())
     try:
         with mode or contextlib.nullcontext(), held(images, mode), balanced(routed, mode), tracker, \
-                _stated_inputs(), \
+                _stated_inputs(setup, mode if images is None else None), \
                 _modules_kept() if mode is not None else contextlib.nullcontext():
             probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
             tracker.track(built.base_tensors + built.adapter_tensors)
-            if images is None:
-                ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)
-            else:
+            if given:
                 built.inputs.update({k: held_tensor(t, mode) for k, t in given.items()})
                 ids = built.inputs.pop("input_ids")
+            else:
+                ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)
             for _ in range(warmup):
                 step(ids, lambda phase: None)
             handles = segments.hooks(layers or [])

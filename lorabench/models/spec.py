@@ -173,8 +173,13 @@ class ModelSpec:
         """Layers that attend within a sliding window (transformers' layer_types)."""
         if not self.sliding_window or not self.sliding_pattern:
             return 0
-        p = self.sliding_pattern
-        return self.num_layers if p == 1 else sum(1 for i in range(self.num_layers) if (i + 1) % p)
+        return sum(1 for i in range(self.num_layers) if self.slides(i))
+
+    def slides(self, layer: int) -> bool:
+        """Layer `layer` (from 0) attends within a sliding window: every layer (pattern 1), or all but each Nth."""
+        if not self.sliding_window or not self.sliding_pattern:
+            return False
+        return self.sliding_pattern == 1 or bool((layer + 1) % self.sliding_pattern)
 
     def attended_keys(self, seq_len: int, sliding: bool) -> float:
         """Keys a causal query attends to on average in a sequence of seq_len: (s + 1) / 2 taken as s / 2, and
