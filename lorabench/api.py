@@ -211,7 +211,7 @@ def _methods(method: Names, rank) -> Tuple[Tuple[Method, ...], bool, Tuple[int, 
 
 def _setup(fields: Dict) -> TrainingSetup:
     """A TrainingSetup from the CLI's setup options as keywords; autocast alone implies fp32 weights."""
-    known = set(TrainingSetup.__dataclass_fields__)
+    known = set(TrainingSetup.__dataclass_fields__) | {"mean_len"}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise LorabenchError(f"unknown keyword(s) {', '.join(unknown)}; the setup's are {', '.join(sorted(known))}.")
@@ -280,7 +280,8 @@ def estimate(model: Names = None, *, method: Names = "all", rank=8, targets: Opt
     verdict included (fits, spare_bytes, largest_component, fix and fix_alternative as the options to add).
 
     setup: the CLI's setup options as keywords (batch_size, seq_len, dtype, optimizer, grad_checkpointing,
-    loop, loss, autocast, impl, ...). engine: "auto" (the analytic model for a described family, else a trace of
+    loop, loss, autocast, impl, ...; padding "longest"/"max", packing, padding_free, and the examples' lengths as
+    lengths: a file of them, or a list, or as mean_len: their mean, seq_len being the longest). engine: "auto" (the analytic model for a described family, else a trace of
     transformers + PEFT), "analytic" or "trace"; peft_config: a PEFT adapter_config.json, traced. images: images
     in each sequence of a vision-language model (traced; their tokens are part of seq_len), image_size: their
     size as "HxW" or (h, w) (default: the size the family's processor gives, from the config).

@@ -3,7 +3,9 @@
 Numbers are finite and within a sane range (NaN, inf, 10**300 or 4096.5 where a count is meant get
 one line and exit code 2); strings are never empty (an unset $MODEL is an error, not the default
 model). The ranges are far outside anything real, so they only stop absurd inputs from becoming
-absurd numbers: the longest context trained today is ~10**6 tokens, the widest model d=16384.
+absurd numbers: the longest context trained today is ~10**6 tokens, the widest model d=16384. (Over 400 lines:
+every shared option group sits here, so that one module checks what a user types; the batch's options are in
+batch_options.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import click
 from click.core import ParameterSource
 
+from lorabench.cli.batch_options import batch_options
 from lorabench.bounds import DEFAULT_MODEL, MAX_ALPHA, MAX_BATCH, MAX_RANK, MAX_SEQ_LEN, MAX_STEPS, MAX_TOKENS
 from lorabench.models.keys import MAX_LAYERS, MAX_WIDTH
 from lorabench.estimator.optimizer import OPTIMIZER_NAMES as OPTIMIZERS
@@ -278,16 +281,17 @@ def setup_options(fn=None, *, impl_default: str = "peft"):
     @click.option("--kbit-prepare", is_flag=True,
                   help="With --dtype nf4/int8: peft.prepare_model_for_kbit_training (fp32 upcasts of the "
                        "non-quantized parameters).")
+    @batch_options
     @functools.wraps(fn)
     def wrapper(alpha, batch_size, seq_len, dtype, adapter_dtype, optimizer, grad_checkpointing, attention,
                 dropout, master_weights, device, impl, loop, autocast, grad_accum, loss, loss_chunk,
-                kbit_prepare, **kw):
+                kbit_prepare, batch_fields, **kw):
         ctx = click.get_current_context()
         fields = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, adapter_dtype=adapter_dtype,
                       optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                       dropout=dropout, master_weights=master_weights, device=device or "cuda", alpha=alpha,
                       impl=impl, loop=loop, autocast=autocast, grad_accum=grad_accum, loss=loss,
-                      loss_chunk=loss_chunk, kbit_prepare=kbit_prepare)
+                      loss_chunk=loss_chunk, kbit_prepare=kbit_prepare, **batch_fields)
         setup = setup_from(fields, {k for k in fields if ctx.get_parameter_source(k) != ParameterSource.DEFAULT})
         return fn(setup=setup, **kw)
     return wrapper

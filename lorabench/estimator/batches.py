@@ -28,10 +28,12 @@ What a batch changes, as transformers 5 and torch build the step:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Tuple
 
 from lorabench.errors import LorabenchError
+from lorabench.spelling import option
 
 PADDING = ("none", "longest", "max")
 # FlashAttention and CUDA's memory-efficient kernel read an attention bias whose last dimension is a multiple of
@@ -55,6 +57,7 @@ class Lengths:
     counts: Tuple[Tuple[int, int], ...] = ()
     mean: float = 0.0
     longest: int = 0
+    square: float = 0.0  # a summary's E[l^2], where known (0: mean^2)
 
     @classmethod
     def of(cls, values: Iterable[int]) -> "Lengths":
@@ -78,8 +81,8 @@ class Lengths:
         return cls(counts, sum(l * c for l, c in counts) / n, counts[-1][0])
 
     @classmethod
-    def summary(cls, mean: float, longest: int) -> "Lengths":
-        return cls((), float(mean), int(longest))
+    def summary(cls, mean: float, longest: int, square: float = 0.0) -> "Lengths":
+        return cls((), float(mean), int(longest), float(square))
 
     @property
     def examples(self) -> int:
@@ -120,7 +123,7 @@ class Lengths:
         """E[l^2]: the attention work of an example grows with its length squared. A summary knows no spread:
         mean^2 (equal lengths, the least it can be)."""
         if not self.counts:
-            return self.mean ** 2
+            return self.square or self.mean ** 2
         return sum(l * l * c for l, c in self.counts) / self.examples
 
 
@@ -184,6 +187,21 @@ def typical_row_len(setup) -> float:
     if setup.padding == "longest" and not setup.packing:
         return lengths.expected_longest(setup.batch_size)
     return float(setup.seq_len)
+
+
+def typical_setup(setup):
+    """The setup of a typical batch, which time and cost follow (the estimate's peak is the longest batch's):
+    padded to the expected longest of batch_size examples (padding longest), or, padding-free, batch_size examples
+    of the mean length end to end; any other batch is as long as its longest."""
+    if setup.packing or not setup.batched:
+        return setup
+    lengths = lengths_of(setup)
+    if setup.padding_free:
+        mean = math.ceil(lengths.mean)
+        return replace(setup, seq_len=mean, lengths=Lengths.summary(min(lengths.mean, mean), mean, lengths.mean_square))
+    if setup.padding == "longest":
+        return replace(setup, seq_len=max(1, math.ceil(lengths.expected_longest(setup.batch_size) - 1e-9)))
+    return setup
 
 
 def lengths_of(setup) -> Lengths:
@@ -275,3 +293,57 @@ def keys_attended(spec, setup, sliding: bool, row_len: Optional[float] = None) -
     if masked(spec, setup, sliding):
         return float(row)
     return spec.attended_keys(row, sliding)
+
+
+def batch_fields(setup) -> dict:
+    """A row's fields of how the batch is made: padding, packing, the tokens per optimizer step that are not
+    padding, and the share of a typical batch's tokens that is padding; for padded, packed or padding-free batches
+    the examples' mean and longest, examples per step and the typical batch's row length, which time and cost
+    follow (a row's memory fields are the longest batch's)."""
+    real = real_tokens(setup) * setup.grad_accum
+    typical = typical_setup(setup)
+    rows, row_len = rows_of(typical)
+    padded = 0.0 if setup.packing or setup.padding_free else 1 - real / (rows * row_len * setup.grad_accum)
+    fields = {"padding": setup.padding, "packing": setup.packing, "padding_free": setup.padding_free,
+              "real_tokens_per_step": round(real), "padding_pct": round(100.0 * padded, 2)}
+    if setup.batched:
+        lengths = lengths_of(setup)
+        fields.update({"mean_len": round(lengths.mean, 2), "longest_len": lengths.longest,
+                       "examples_per_step": round(real / lengths.mean, 2), "typical_seq_len": typical.seq_len})
+    return fields
+
+
+def batch_notes(spec, setup) -> list:
+    """What the batch changes, said in the output (module docstring)."""
+    if not setup.batched or spec.single_matrix:
+        return []
+    notes = []
+    lengths = lengths_of(setup)
+    if setup.lengths is None and setup.padding != "none":
+        notes.append(f"no lengths given: every example is taken as {option('seq_len')} ({setup.seq_len:,}) tokens, "
+                     f"so nothing is padded; give {option('lengths')} FILE or {option('mean_len')} for the "
+                     "padding.")
+    if (setup.packing or setup.padding_free) and kv_cache_on(setup) and several_in_a_row(setup):
+        notes.append("with the KV cache on (the plain loop without checkpointing), transformers does not read the "
+                     "examples apart from position_ids (masking_utils): each row attends across its examples, "
+                     "with no mask. Turn use_cache off (Trainer does) to keep them apart, and this estimate "
+                     "then gains the mask.")
+    sliding = spec.sliding_layers()
+    masked_layers = (sliding * masked(spec, setup, True) + (spec.num_layers - sliding) * masked(spec, setup, False))
+    if masked_layers and setup.batched:
+        rows, row_len = rows_of(setup)
+        per_layer = setup.act_bytes * rows * row_len * row_len
+        repeat = 1 < spec.num_kv_heads < spec.num_heads
+        notes.append(f"a mask reaches SDPA in {masked_layers} of {spec.num_layers} layers: torch keeps each layer's "
+                     f"additive mask ({per_layer / 2 ** 20:,.1f} MiB a layer)"
+                     + (", k and v are copied to the query's width (repeat_kv: transformers' GQA path needs no mask)"
+                        if repeat else "")
+                     + ", and the kernel computes every key, not the causal half."
+                     + (f" {option('padding_free')} on CUDA (FlashAttention's variable-length kernel) needs no "
+                        "mask." if not setup.padding_free else
+                        " On the CPU transformers runs padding-free rows through SDPA with a block mask over the "
+                        "whole row; on CUDA FlashAttention's variable-length kernel needs none."))
+    if setup.padding == "longest" and setup.lengths is not None and not lengths.counts and setup.batch_size > 1:
+        notes.append(f"{option('mean_len')} gives no spread: a typical batch is taken as padded to the longest "
+                     f"example; {option('lengths')} FILE gives the expected longest of {setup.batch_size} examples.")
+    return notes

@@ -356,7 +356,8 @@ def fit_rows(cases: List[Case], gpu: str, capacity: int,
         base = {"model": case.spec.name, "engine": "analytic", "method": case.method.name, "rank": case.rank,
                 "targets": ",".join(parts.counts.targets), "gpu": gpu, "gpu_memory_bytes": capacity,
                 "allowance_fraction": fraction, "batch_size": s.batch_size, "seq_len": s.seq_len,
-                "gpus": p.gpus, "sharding": p.sharding, "cpu_offload": p.cpu_offload}
+                "gpus": p.gpus, "sharding": p.sharding, "cpu_offload": p.cpu_offload, "padding": s.padding,
+                "packing": s.packing, "padding_free": s.padding_free}
         limit_rows.append({**base, "fits": spare >= 0, "required_bytes": required_bytes(case), "spare_bytes": spare,
                            "max_batch_size": lim.max_batch_size, "max_seq_len": lim.max_seq_len,
                            "max_rank": lim.max_rank, "max_positions": case.spec.max_positions or None,

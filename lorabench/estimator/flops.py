@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from lorabench.estimator.batches import keys_attended
 from lorabench.estimator.case import Case
 from lorabench.models.spec import ModelSpec
 
@@ -36,13 +37,14 @@ class StepFlops:
     flops_per_token: float
 
 
-def _attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
+def _attention_flops_per_token(spec: ModelSpec, setup) -> int:
     """QK^T and AV for one token, summed over the layers, causal: 2 products of 2 q_dim FLOPs per key the query
-    attends to (ModelSpec.attended_keys: half the sequence, or about the window on a sliding-window layer).
-    FlashAttention-2 (Dao 2023) counts causal attention at half the dense FLOPs; so do we."""
+    attends to (batches.keys_attended: half the row, or about the window on a sliding-window layer; the whole
+    row where a mask turns the causal kernel off; its own example, padding-free). FlashAttention-2 (Dao 2023)
+    counts causal attention at half the dense FLOPs; so do we."""
     sliding = spec.sliding_layers()
-    keys = (sliding * spec.attended_keys(seq_len, True)
-            + (spec.num_layers - sliding) * spec.attended_keys(seq_len, False))
+    keys = (sliding * keys_attended(spec, setup, True)
+            + (spec.num_layers - sliding) * keys_attended(spec, setup, False))
     return round(4 * spec.q_dim * keys)
 
 
@@ -51,7 +53,7 @@ def _first_layer_skipped_flops(case: Case) -> int:
     not run, as lorabench.estimator.stepwork._layer times them: on a frozen base nothing before the first adapted
     projection needs a gradient, so neither do the input gradients of the projections (and adapters) up to it,
     nor the attention's backward before it, nor the routed experts' (unless PEFT merges them)."""
-    spec, method, rank, targets, seq_len = case.spec, case.method, case.rank, case.targets, case.setup.seq_len
+    spec, method, rank, targets = case.spec, case.method, case.rank, case.targets
     if method.base_trainable:
         return 0
     shapes = spec.linear_shapes()
@@ -71,7 +73,7 @@ def _first_layer_skipped_flops(case: Case) -> int:
     skipped += dx(qkv)
     live = any(adapted(n) for n in qkv)
     if not live:
-        keys = spec.attended_keys(seq_len, spec.sliding_layers() > 0)
+        keys = keys_attended(spec, case.setup, spec.slides(0))
         skipped += 2 * round(4 * spec.q_dim * keys)  # the attention's backward: twice its forward
         skipped += dx(("o",))
     live = live or adapted("o")
@@ -116,7 +118,7 @@ def estimate_flops(case: Case) -> StepFlops:
             update += spec.num_layers * 2 * rank * i * o  # B A for ||W + s B A|| each step
         if method.delta_update:
             update += spec.num_layers * 2 * (2 * rank) * i * o  # W += [B' B][A'; -A] in one product
-    attn = 0 if spec.single_matrix else _attention_flops_per_token(spec, setup.seq_len)  # every layer's
+    attn = 0 if spec.single_matrix else _attention_flops_per_token(spec, setup)  # every layer's
     head = 0 if spec.single_matrix else 2 * spec.hidden_size * spec.vocab_size
     head_bwd = head * (2 if method.base_trainable else 1)
     fwd = t * (spec.num_layers * layer_fwd + attn + head)

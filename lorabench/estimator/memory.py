@@ -15,6 +15,7 @@ from lorabench.errors import LorabenchError
 from lorabench.spelling import option
 from lorabench.gpus import MiB
 from lorabench.methods import Method
+from lorabench.estimator.batches import batch_notes
 from lorabench.estimator.activations import ActivationBreakdown, estimate_activations
 from lorabench.estimator.layer_saves import merges_experts
 from lorabench.estimator.optimizer import OPTIMIZERS, group_numels, optimizer_state_bytes, trainable_tensors
@@ -242,7 +243,7 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
                              "lora.ParamWrapper, which merges W + sBA on every forward) is not modeled yet; drop "
                              f"{option('autocast')} (bf16 weights), or target the attention "
                              f"({option('targets', 'q,k,v,o', short=True)}).")
-    notes = list(spec.notes)
+    notes = list(spec.notes) + batch_notes(spec, setup)
     if setup.attention == "eager" and spec.arch.attention == "eager":
         notes.append(f"{spec.arch.label} runs eager attention in transformers, which refuses SDPA for it (SDPA "
                      "cannot soft-cap the scores): every layer keeps its s x s scores.")

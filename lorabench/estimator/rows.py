@@ -17,7 +17,8 @@ from lorabench.estimator.cost import CostSetup, estimate_training_cost
 from lorabench.estimator.flops import estimate_flops
 from lorabench.gpus import GPU
 from lorabench.estimator.comms import comm_volume, parallel_step_time
-from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, estimate_from_parts, step_parts
+from lorabench.estimator.batches import batch_fields, typical_setup
+from lorabench.estimator.memory import ALLOCATOR_ALLOWANCE, estimate_from_parts, estimate_memory, step_parts
 from lorabench.estimator.setup import TrainingSetup
 from lorabench.methods import Method
 from lorabench.estimator.params import count_active_params, count_base_params, count_params
@@ -208,14 +209,21 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
                     "loop": setup.loop, "autocast": setup.autocast, "grad_accum": setup.grad_accum,
                     "tokens_per_step": setup.tokens * setup.grad_accum, "loss": setup.loss,
                     "kbit_prepare": setup.kbit_prepare, "max_positions": spec.max_positions or None})
-        flops = estimate_flops(replace(case, targets=c.targets))
+        typical = replace(case, targets=c.targets, setup=typical_setup(setup))
+        row.update(batch_fields(setup))
+        if setup.batched:
+            row["typical_peak_bytes"] = estimate_memory(typical).peak_bytes
+        real = row["real_tokens_per_step"]
+        flops = estimate_flops(typical)
         row["step_flops"] = flops.step_flops
         row["flops_per_token"] = flops.flops_per_token
         row.update(parallel_fields(plan, parallel))
         if gpu is not None:
             fit = fit_on_gpu(plan, gpu, parallel, allowance=allowance)
             row["notes"] += [n for n in (gpus_needed_note(plan, fit, parallel.cpu_offload, allowance),) if n]
-            t = estimate_step_time(replace(case, targets=c.targets), device_for_gpu(gpu, mfu), flops)
+            t = estimate_step_time(typical, device_for_gpu(gpu, mfu), flops)
+            if real != setup.tokens * setup.grad_accum:  # padding trains nothing: the real tokens per second
+                t = replace(t, tokens_per_s=real / (t.step_ms / 1e3))
             row.update({"gpu": gpu.name, "gpu_memory_bytes": fit.gpu_memory_bytes, "fits": fit.fits,
                         "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,
                         "allowance_fraction": allowance, "allowance_bytes": fit.allowance_bytes,
@@ -228,7 +236,7 @@ def memory_rows(spec: ModelSpec, methods: Sequence[Method], ranks: Sequence[int]
                         "step_ms_overlap": pt.step_ms_overlap})
             if cost is not None:  # one step time drives the run: on several GPUs, with communication overlapped
                 run, timed, why = training_run(plan, parallel, fit, t, gpu)
-                row.update(cost_fields(timed, setup.tokens * setup.grad_accum, run, cost, gpu))
+                row.update(cost_fields(timed, real, run, cost, gpu))
                 if run is not None and run != parallel:
                     why = (f"the training time is for {run.gpus:,} x {gpu.name}"
                            + (f" under {run.sharding}" if not run.single else "")

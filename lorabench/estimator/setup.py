@@ -150,9 +150,6 @@ class TrainingSetup:
                 raise LorabenchError(f"examples' lengths shape padded, packed or padding-free batches; give "
                                      f"{option('padding', 'longest')}, {option('packing')} or "
                                      f"{option('padding_free')}.")
-            if not self.lengths.counts and not 1 <= self.lengths.mean <= self.seq_len:
-                raise LorabenchError(f"the mean length must be from 1 to the longest, {option('seq_len')} "
-                                     f"({self.seq_len:,}), got {self.lengths.mean:g}.")
         if self.impl == "lorabench" and self.batched:
             raise LorabenchError(f"lorabench's own layers take no attention mask or position_ids; give "
                                  f"{option('impl', 'peft')} for padded, packed or padding-free batches.")
@@ -220,6 +217,7 @@ def setup_from(fields: Dict[str, object], given: Collection[str]) -> TrainingSet
         LorabenchError: a loss chunk given for another loss.
     """
     fields = {k: (v.lower() if k in ANY_CASE and isinstance(v, str) else v) for k, v in fields.items()}
+    _lengths_from(fields, given)
     if fields.get("autocast") and "dtype" not in given:
         fields["dtype"] = "fp32"  # autocast runs over fp32 weights: autocast alone means that
     loss = fields.get("loss", "standard")
@@ -227,6 +225,34 @@ def setup_from(fields: Dict[str, object], given: Collection[str]) -> TrainingSet
         raise LorabenchError(f"{option('loss_chunk')} applies to {option('loss', 'chunked')} only (got "
                              f"{option('loss', loss)}).")
     return TrainingSetup(**fields)
+
+
+def _lengths_from(fields: Dict[str, object], given: Collection[str]) -> None:
+    """fields' lengths (a lengths file's path, a list of lengths, or Lengths) and mean_len (a summary whose longest
+    is seq_len) as one Lengths; a file's longest is seq_len when seq_len is not given."""
+    import os
+
+    from lorabench.estimator.batches import read_lengths
+
+    lengths, mean = fields.get("lengths"), fields.pop("mean_len", None)
+    if lengths is not None and mean is not None:
+        raise LorabenchError(f"give {option('lengths')} or {option('mean_len')}, not both.")
+    if isinstance(lengths, (str, os.PathLike)):
+        lengths = read_lengths(os.fspath(lengths))
+    elif isinstance(lengths, (list, tuple)):
+        lengths = Lengths.of(lengths)
+    if isinstance(lengths, Lengths) and lengths.counts and "seq_len" not in given:
+        fields["seq_len"] = lengths.longest
+    if mean is not None:
+        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean) or mean <= 0:
+            raise LorabenchError(f"the mean length must be a positive number of tokens, got {mean!r}.")
+        longest = fields.get("seq_len", TrainingSetup.seq_len)
+        if isinstance(longest, int) and mean > longest:
+            raise LorabenchError(f"the mean length must be at most the longest, {option('seq_len')} ({longest:,}), "
+                                 f"got {mean:g}.")
+        lengths = Lengths.summary(mean, longest)
+    if lengths is not None:
+        fields["lengths"] = lengths
 
 
 def check_loss_chunk(chunk: int) -> int:

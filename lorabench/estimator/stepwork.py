@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import List, Optional, Tuple
 
+from lorabench.estimator.batches import keys_attended, mask_saves, rows_of
 from lorabench.estimator.case import Case
 from lorabench.estimator.ops import Op, Ops, norm_bytes, times
 from lorabench.estimator.outer_ops import optimizer_ops, outside_layers
@@ -29,7 +30,7 @@ FLASH_BACKWARD = 2.5
 def _attention(ops: Ops, spec: ModelSpec, t: int, setup: TrainingSetup, sliding: bool, live: bool) -> None:
     """Rotary embedding, the attention kernel (SDPA's flash/efficient kernels, or transformers' eager path),
     and the merge of the heads."""
-    a, s, h = setup.act_bytes, setup.seq_len, spec.num_heads
+    a, s, h = setup.act_bytes, rows_of(setup)[1], spec.num_heads
     qk = spec.q_dim + spec.kv_dim
     if not spec.max_positions:  # q * cos + rotate_half(q) * sin: 5 ops over q and k (OLMo 2: in float32)
         e = 4 if spec.arch.float32_rope else a
@@ -37,10 +38,18 @@ def _attention(ops: Ops, spec: ModelSpec, t: int, setup: TrainingSetup, sliding:
         ops.stream("rotary", "forward", t * rope * qk, launches=7)
         if live:
             ops.stream("rotary", "backward", t * rope * qk, launches=7)
-    keys = spec.attended_keys(s, sliding)
+    keys = keys_attended(spec, setup, sliding)
     if setup.attention == "sdpa":
         flops = 4.0 * t * keys * spec.q_dim  # QK^T and AV
         io = t * a * 2 * (spec.q_dim + spec.kv_dim)
+        mask = mask_saves(spec, setup, sliding)  # per token: the additive mask, and repeat_kv's copies
+        if mask:
+            repeat = 2 * a * (spec.q_dim - spec.kv_dim) if 1 < spec.num_kv_heads < spec.num_heads else 0
+            # torch's where() turns the bool mask into the additive one (reads 1 byte, writes a); the copies
+            ops.stream("attention mask", "forward", t * (mask - repeat) * (1 + a) // a)
+            if repeat:
+                ops.stream("repeat_kv", "forward", t * 2 * repeat, launches=2)
+            io += t * mask  # the kernel reads the mask and the wider k and v
         ops.attention("attention", "forward", flops, io, a)
         if live:
             ops.attention("attention", "backward", FLASH_BACKWARD * flops, 2 * io, a)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from lorabench.estimator.batches import batch_fields
 from lorabench.estimator.compute import StepTime, device_for_gpu, time_of_ops
 from lorabench.estimator.cost import CostSetup
 from lorabench.estimator.ops import Op
@@ -21,6 +22,19 @@ from lorabench.gpus import GPU
 ASSUMED = ("traced with transformers and PEFT on fake tensors (no memory allocated): the CPU's kernels stand for "
            "CUDA's (SDPA's flash kernel keeps the same output and [B, H, S] float32 log-sum-exp on both in bf16 and "
            "fp16); every row one unpadded, unpacked sequence.")
+
+
+def assumed(setup: TrainingSetup) -> str:
+    """What the trace assumed (ASSUMED), for the setup's batch."""
+    if not setup.batched:
+        return ASSUMED
+    text = ASSUMED.replace("every row one unpadded, unpacked sequence.", "the longest batch, its mask and "
+                           "position_ids as transformers builds them (CUDA's memory-efficient kernel pads a mask to "
+                           "a multiple of 8 keys, the CPU's does not: at most 7 keys a row more per masked layer).")
+    if setup.padding_free and setup.device == "cuda":
+        text += (" Padding-free on CUDA is traced without a mask, as FlashAttention's variable-length kernel runs "
+                 "it; its attention time is taken over the whole row (the kernel's is each example's).")
+    return text
 
 
 FOREACH = ("the optimizer steps with torch's multi-tensor (foreach) kernels, as it does on CUDA tensors: one "
@@ -84,7 +98,7 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "optimizer_peak_bytes": peaks["optimizer"], "peak_bytes": peaks[phase], "peak_phase": phase,
         "device_bytes": peaks[phase] + overhead, "updates_base_weights": tuner.updates_base,
         "notes": [n for n in dict.fromkeys(notes + list(result.get("notes", ())) + [
-            depth_note(result), rank_note(parallel), ASSUMED, FOREACH if setup.device == "cuda" else ""]) if n],
+            depth_note(result), rank_note(parallel), assumed(setup), FOREACH if setup.device == "cuda" else ""]) if n],
         "batch_size": setup.batch_size, "seq_len": setup.seq_len, "dtype": setup.dtype,
         "optimizer": setup.optimizer, "grad_checkpointing": setup.grad_checkpointing, "loop": setup.loop,
         "autocast": setup.autocast, "grad_accum": setup.grad_accum, "tokens_per_step": tokens, "loss": setup.loss,
@@ -99,7 +113,10 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         # a vision-language step's images per sequence, their size as traced, their tokens in each sequence
         "images": result.get("images", 0), "image_size": result.get("image_size"),
         "image_tokens": result.get("image_tokens", 0),
+        **batch_fields(setup),
     }
+    if setup.batched:
+        row["typical_peak_bytes"] = None  # (the longest batch is traced; time and cost are its own)
     return row
 
 
@@ -157,7 +174,7 @@ def gpu_fields(row: Dict, result: Dict, gpu: Optional[GPU], allowance: float, mf
     row["notes"].append(TIME_NOTE + ("" if one else " The GPUs a step that does not fit one needs under ZeRO-2 "
                                      "or FSDP2 are not traced (null)."))
     if cost is not None:
-        row.update(cost_fields(t, row["tokens_per_step"], parallel if fits and t is not None else None, cost, gpu))
+        row.update(cost_fields(t, row["real_tokens_per_step"], parallel if fits and t is not None else None, cost, gpu))
         if not fits:
             row["notes"].append("no training time or cost: the step does not fit as given, and the fewest GPUs "
                                 "that hold it are not traced.")
@@ -165,5 +182,5 @@ def gpu_fields(row: Dict, result: Dict, gpu: Optional[GPU], allowance: float, mf
             row["notes"].append("the training time is the step's own on each GPU: communication is not traced.")
 
 
-__all__ = ["ASSUMED", "ROUTING", "TIME_NOTE", "targets_text", "required_bytes", "needed_bytes", "depth_note",
+__all__ = ["ASSUMED", "assumed", "ROUTING", "TIME_NOTE", "targets_text", "required_bytes", "needed_bytes", "depth_note",
            "rank_note", "traced_row", "step_time", "gpu_fields"]

@@ -77,6 +77,11 @@ def _stepper_on_fake(built, setup, device):
         return stepper(built, setup, device)
 
 
+def _holds_batch(setup) -> bool:
+    """The batch's values are held (and read by transformers) in the trace: _stated_inputs."""
+    return setup.batched and not (setup.padding_free and setup.device == "cuda")
+
+
 @contextlib.contextmanager
 def _stated_inputs(setup, mode: Optional[FakeTensorMode]):
     """The trace's rule for what depends on the data, which fake tensors do not hold. Rows of one unpadded
@@ -84,8 +89,9 @@ def _stated_inputs(setup, mode: Optional[FakeTensorMode]):
     row packs several sequences (masking_utils.find_packed_sequence_indices); on fake tensors it cannot, and would
     build the full mask that the real step never makes. Here it is told the answer: none packed. A padded, packed
     or padding-free batch (measure.batches) is given as fake tensors that hold their values (images.holding), which
-    transformers reads as it reads real ones."""
-    if setup.batched and mode is not None:
+    transformers reads as it reads real ones; but a padding-free row on CUDA runs FlashAttention's variable-length
+    kernel, which needs no mask: it is told none packed too."""
+    if _holds_batch(setup) and mode is not None:
         with holding(mode):
             yield
         return
@@ -152,7 +158,9 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
             probe = MemoryProbe(device, tracker)  # before the weights: they count, as in the bench
             tracker.track(built.base_tensors + built.adapter_tensors)
             if given:
-                built.inputs.update({k: held_tensor(t, mode) for k, t in given.items()})
+                hold = images is not None or _holds_batch(setup) or mode is None
+                built.inputs.update({k: held_tensor(t, mode) if hold else mode.from_tensor(t).clone()
+                                     for k, t in given.items()})
                 ids = built.inputs.pop("input_ids")
             else:
                 ids = torch.zeros((setup.batch_size, setup.seq_len), dtype=torch.long)

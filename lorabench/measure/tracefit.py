@@ -20,7 +20,7 @@ from lorabench.estimator.search import largest_within
 from lorabench.estimator.verdict import fix_dict
 from lorabench.estimator.parallel import Parallel
 from lorabench.estimator.setup import TrainingSetup
-from lorabench.estimator.traced_rows import ASSUMED, depth_note, needed_bytes, rank_note, targets_text
+from lorabench.estimator.traced_rows import assumed, depth_note, needed_bytes, rank_note, targets_text
 from lorabench.estimator.tuner import Tuner, method_tuner
 from lorabench.measure.answer import as_raw, check_images, check_parallel, count_result, trace_result, tuners
 from lorabench.methods import METHODS, Method
@@ -140,13 +140,14 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
         base = {"model": raw.name, "engine": "trace", "method": tuner.name, "rank": tuner.rank,
                 "targets": targets_text(first.get("targets")), "gpu": label, "gpu_memory_bytes": capacity,
                 "allowance_fraction": allowance, "batch_size": setup.batch_size, "seq_len": setup.seq_len,
-                "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload}
+                "gpus": parallel.gpus, "sharding": parallel.sharding, "cpu_offload": parallel.cpu_offload,
+                "padding": setup.padding, "packing": setup.packing, "padding_free": setup.padding_free}
         if images.count:
             base.update({k: first[k] for k in ("images", "image_size", "image_tokens")})
         notes = list(raw.notes) + list(first.get("notes", ())) + [depth_note(first), rank_note(parallel)] + [
             "each limit found by traces and checked by them: it fits, and one more does not" +
             ("; a PEFT config from a file keeps its own size: no rank is searched (max_rank null)"
-             if peft_config is not None else "") + ".", ASSUMED] + skipped
+             if peft_config is not None else "") + ".", assumed(setup)] + skipped
         limit_rows.append({**base, "fits": need <= capacity, "required_bytes": required,
                            "spare_bytes": capacity - need, "max_batch_size": batch, "max_seq_len": seq,
                            "max_rank": rank, "max_positions": None,

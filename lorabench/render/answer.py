@@ -157,6 +157,29 @@ def _fix_text(fix: Dict, lead: str, shared: bool = False) -> str:
     return f"{lead} with {' '.join(fix['args'])} ({need}{each}, {spare} spare)"
 
 
+def _batch_words(setup, row: Dict) -> str:
+    """How the batch is made, in words: its padding, packing or rows, the examples' mean, the typical batch."""
+    mean = f"examples of {row['mean_len']:,.0f} tokens on average"
+    if setup.padding_free:
+        how = f"padding-free ({setup.batch_size} examples end to end in one row{', packed' if setup.packing else ''})"
+    elif setup.packing:
+        how = "packed rows"
+    else:
+        how = f"padded to the {'batch' + chr(39) + 's longest' if setup.padding == 'longest' else 'longest allowed'}"
+        how += f" (typical batch {setup.batch_size} x {row['typical_seq_len']:,}; {row['padding_pct']:g}% padding)"
+    return f"{how}, {mean}"
+
+
+def _batch_short(row: Dict) -> str:
+    """A fit row's batch, when it is not rows of one example each: padded, packed or padding-free."""
+    if row.get("padding_free"):
+        return " (padding-free" + (", packed)" if row.get("packing") else ")")
+    if row.get("packing"):
+        return " (packed)"
+    padding = row.get("padding", "none")
+    return "" if padding == "none" else f" (padded to the {'batch' + chr(39) + 's longest' if padding == 'longest' else 'longest allowed'})"
+
+
 def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
     """The title of an answer: the model and every setting that changes it, defaults included (the targets,
     whose layers, the loop, the precision, the optimizer, checkpointing, attention)."""
@@ -166,6 +189,8 @@ def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
     parts = [f"{spec.name}, batch {setup.batch_size} x {setup.seq_len:,} tokens"]
     if rows and _shared(rows[0]):
         parts[0] += f" per GPU on {_how(rows[0])} ({STRATEGIES[rows[0]['sharding']].label})"
+    if setup.batched and rows and "mean_len" in rows[0]:
+        parts.append(_batch_words(setup, rows[0]))
     if adapted is not None and not spec.single_matrix:
         how = ("PEFT's default for the family" if targets is None
                else targets if isinstance(targets, str) and targets == "all-linear" else "")
@@ -226,7 +251,7 @@ def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str 
     for model in dict.fromkeys(r["model"] for r in limits):
         mine = [r for r in limits if r["model"] == model]
         r0 = mine[0]
-        shape = f"batch {r0['batch_size']} x {r0['seq_len']:,} tokens"
+        shape = f"batch {r0['batch_size']} x {r0['seq_len']:,} tokens" + _batch_short(r0)
         on = (f"{r0['gpus']} x {r0['gpu']} ({gib(r0['gpu_memory_bytes'])} GiB each; {_strategy(r0)}), {shape} per GPU"
               if _shared(r0) else f"one {r0['gpu']} ({gib(r0['gpu_memory_bytes'])} GiB), {shape}")
         out.append(wrap(f"{model} on {on}; 'fits' leaves {r0['allowance_fraction']:.1%} of the peak to the "
