@@ -55,6 +55,7 @@ from lorabench.gpus import GPUS
 from lorabench.models.hfconfig import MAX_CONFIG_BYTES, MAX_DEPTH, load_config
 from lorabench.models.keys import MAX_LAYERS, MAX_MLP, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
 from lorabench.estimator.optimizer import OPTIMIZER_NAMES as OPTIMIZERS
+from lorabench.estimator.batches import PADDING
 from lorabench.estimator.setup import (ATTENTION, AUTOCAST, DTYPES, FLOAT_BYTES, IMPLS, LOOPS, LOSSES, MAX_GRAD_ACCUM,
                                        MAX_LOSS_CHUNK, QUANTIZED, TrainingSetup)
 from lorabench.methods import METHODS
@@ -133,6 +134,16 @@ METHOD_OPTIONS = {
     ("--rank", "-r"): mostly(st.one_of(numbers(1, 64), numbers(1, 64), numbers(65, 1 << 14))),
     ("--targets", "-t"): mostly(TARGET_LISTS),
 }
+# how a batch is made: padding with the examples' mean sometimes (alone it is an error), lengths files that are
+# missing, empty or not files (a valid one: tests/test_batches.py)
+BATCH_OPTIONS = {
+    ("--padding",): mostly(st.one_of(st.sampled_from(PADDING),
+                                     numbers(1, 16).map(lambda n: ["longest", "--mean-len", n]))),
+    ("--packing",): FLAG,
+    ("--padding-free",): FLAG,
+    ("--mean-len",): mostly(decimals(0.5, 16.0)),
+    ("--lengths",): st.one_of(st.sampled_from(["/nonexistent/lengths.txt", "/dev/null", "/", "."]), HOSTILE),
+}
 SETUP_OPTIONS = {
     ("--alpha",): mostly(decimals(1e-3, 1e6)),
     ("--batch-size", "-b"): mostly(st.one_of(numbers(1, 64), numbers(1, 1 << 20))),
@@ -158,6 +169,7 @@ SETUP_OPTIONS = {
                                   numbers(1, MAX_LOSS_CHUNK).map(lambda n: ["chunked", "--loss-chunk", n]))),
     ("--loss-chunk",): mostly(st.one_of(numbers(1, 4096), numbers(1, MAX_LOSS_CHUNK))),
     ("--kbit-prepare",): FLAG,
+    **BATCH_OPTIONS,
 }
 # --gpus over 1 needs --sharding: sometimes it comes with it.
 PARALLEL_OPTIONS = {
@@ -270,6 +282,7 @@ BENCH_OPTIONS = {
                                   numbers(1, 16).map(lambda n: ["chunked", "--loss-chunk", n])), BAD_NUMBERS),
     ("--loss-chunk",): mostly(numbers(1, 16), BAD_NUMBERS),
     ("--kbit-prepare",): FLAG,
+    **BATCH_OPTIONS,
     # never a valid --nproc (no run starts processes): --sharding and --timeout are then errors
     ("--nproc",): BAD_NUMBERS,
     ("--sharding",): mostly(st.sampled_from(sorted(STRATEGIES))),

@@ -222,7 +222,7 @@ def real_tokens(setup) -> float:
 def masked(spec, setup, sliding: bool) -> bool:
     """A mask reaches this layer's SDPA kernel (module docstring): padding (unless every example is as long as the
     row), several examples in a row (packing; padding-free off CUDA), or a sliding window shorter than the row."""
-    if setup.attention != "sdpa" or spec.single_matrix:
+    if spec.single_matrix or setup.for_spec(spec).attention != "sdpa":
         return False
     rows, row_len = rows_of(setup)
     if sliding and spec.sliding_window and spec.sliding_window < row_len:
@@ -265,7 +265,7 @@ def bool_mask_bytes(spec, setup) -> int:
     [rows, 1, S, S] bytes, alive while the decoder runs (and through backward under checkpointing, which keeps
     each layer's arguments for its recomputation). Without padding, a sliding-window mask is one [S, S]
     expanded over the rows."""
-    if setup.attention != "sdpa" or spec.single_matrix:
+    if spec.single_matrix or setup.for_spec(spec).attention != "sdpa":
         return 0
     rows, row_len = rows_of(setup)
     total = 0
@@ -287,7 +287,7 @@ def keys_attended(spec, setup, sliding: bool, row_len: Optional[float] = None) -
     key of the row where a mask turns the causal kernel off, or, padding-free on CUDA, the causal half of its own
     example (E[l^2] / 2 E[l])."""
     row = rows_of(setup)[1] if row_len is None else row_len
-    if setup.padding_free and setup.device == "cuda" and setup.attention == "sdpa":
+    if setup.padding_free and setup.device == "cuda" and setup.for_spec(spec).attention == "sdpa":
         lengths = lengths_of(setup)
         return spec.attended_keys(lengths.mean_square / lengths.mean, sliding)
     if masked(spec, setup, sliding):
