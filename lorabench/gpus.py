@@ -46,6 +46,21 @@ class GPU:
     interconnect_bytes_s: float
     has_bf16: bool = True
 
+    @property
+    def host_link_bytes_s(self) -> float:
+        """The link to host memory, one direction (what an offloaded activation crosses each way): PCIe x16 of the
+        GPU's generation (HOST_LINK_GB_S)."""
+        return HOST_LINK_GB_S[self.name] * 1e9
+
+
+# PCIe x16 to the host, one direction (PCI-SIG: Gen3 15.75, Gen4 31.5, Gen5 63 GB/s): the generation each card (or,
+# for SXM/OAM modules, its baseboard's host link) runs at, from the datasheets of the parts and the HGX boards.
+HOST_LINK_GB_S: Dict[str, float] = {
+    "A100-40GB": 31.5, "A100-80GB": 31.5, "H100-80GB": 63.0, "H100-PCIe": 63.0, "H200": 63.0, "B200": 63.0,
+    "MI300X": 63.0, "V100-32GB": 15.75, "V100-16GB": 15.75, "L4": 31.5, "L40": 31.5, "L40S": 31.5, "A10G": 31.5,
+    "T4": 15.75, "RTX-A6000": 31.5, "RTX-4090": 31.5, "RTX-3090": 31.5,
+}
+
 
 def _gpu(name: str, mib: int, bf16_tflops: float, fp32_tflops: float, gb_s: float, link: str, link_gb_s: float,
          source: str, has_bf16: bool = True) -> GPU:

@@ -110,6 +110,7 @@ class ActivationBreakdown:
     graph_backward_bytes: int = 0
     graph_step_bytes: int = 0
     mask_bytes: int = 0
+    host_bytes: int = 0
 
     @property
     def after_forward_bytes(self) -> int:
@@ -155,14 +156,21 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
         # What int8 bases hold on their autograd context stays too (layer_saves), but for what is the layer's
         # input itself (post-norm layouts feed q, k and v the residual stream).
         input_held = a * d if spec.arch.norm_layout == "post" and rest_held else 0
-        per_token += L * s * d + first_held + (L - 1) * (rest_held - input_held)
-        recompute = t * (rest + mask_one) + rest_casts
+        # offloaded (setup.offload "checkpoints"), the inputs are in host memory, one brought back at a time; but
+        # the first layer's input stays where it is a leaf that requires a gradient (the frozen embeddings' output
+        # that transformers' enable_input_require_grads marks): autograd's AccumulateGrad node for it holds it
+        offloaded = setup.offload == "checkpoints"
+        leaf = offloaded and setup.impl == "peft" and not method.base_trainable
+        stored = (1 if leaf else 0) if offloaded else L
+        per_token += stored * s * d + first_held + (L - 1) * (rest_held - input_held)
+        recompute = t * (rest + mask_one + (s * d if offloaded else 0)) + rest_casts
+        host = L * t * s * d if offloaded else 0
         # autocast's cache keeps every trainable weight's cast until forward ends, checkpointed or not
         autocast_cache = L * _trainable_casts(case)
         layer_casts = 0
     else:
         per_token += first + (L - 1) * rest + mask_all
-        recompute = 0
+        recompute = host = 0
         layer_casts = first_casts + (L - 1) * rest_casts
     rope = 0
     if not spec.max_positions:
@@ -209,7 +217,7 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
         final_norm_bytes=t * final + head_cast, autocast_cache_bytes=autocast_cache, cache_extra_bytes=cache_k_extra,
         graph_backward_bytes=graph_held,
         graph_step_bytes=(graph_held + _checkpoint_inputs_held(case)) if setup.loop == "plain" else 0,
-        mask_bytes=0 if setup.grad_checkpointing else bool_masks)
+        mask_bytes=0 if setup.grad_checkpointing else bool_masks, host_bytes=host)
 
 
 def _mask_layer(case: Case, sliding: bool) -> int:
@@ -230,6 +238,8 @@ def _checkpoint_inputs_held(case: Case) -> int:
     setup = case.setup
     if not (setup.grad_checkpointing and setup.impl == "peft"):
         return 0
+    if setup.offload == "checkpoints":  # no checkpoint holds it: only the graph's leaf, where it is one
+        return 0 if case.method.base_trainable else setup.act_bytes * case.spec.hidden_size * setup.tokens
     return 2 * setup.act_bytes * case.spec.hidden_size * setup.tokens
 
 

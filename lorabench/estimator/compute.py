@@ -44,7 +44,10 @@ GPU_HOST_OP_S = 20e-6
 # is what makes 2048-token products slower than the 8192^3 ceiling (reports/gpu-sweep-h100: without it,
 # steps came out 5-10% short).
 GEMM_TAIL_S = 20e-6
-GEMM_TAIL_PEAK = 989.4e12  # the H100 SXM's dense bf16 peak, which GEMM_TAIL_S was taken at
+GEMM_TAIL_PEAK = 989.4e12
+# What copies between device and pinned host memory reach of the PCIe link's rate: NVIDIA's bandwidthTest on pinned
+# memory reads about 25 of Gen4's 31.5 GB/s and 50-55 of Gen5's 63 GB/s (the link's packet overhead, about 20%).
+HOST_LINK_EFFICIENCY = 0.8  # the H100 SXM's dense bf16 peak, which GEMM_TAIL_S was taken at
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class Device:
         gemm_tail_s: device time per matrix product beyond its FLOPs (a GPU's last partial wave of tiles; a
             CPU's fixed cost of a small product).
         strided_efficiency: fraction of the bandwidth an op reading a transposed operand reaches.
+        host_link_bytes_s: what a copy to or from pinned host memory moves, bytes/s, one direction (0: the
+            device's own memory is the host's, as on a CPU: such a copy moves at bandwidth_bytes_s).
     """
 
     name: str
@@ -77,6 +82,7 @@ class Device:
     host_overlaps: bool = True
     gemm_tail_s: float = 0.0
     strided_efficiency: float = 1.0
+    host_link_bytes_s: float = 0.0
 
     @property
     def matmul_efficiency(self) -> float:
@@ -89,7 +95,8 @@ def device_for_gpu(gpu: GPU, matmul_efficiency: Optional[float] = None) -> Devic
     eff = MATMUL_EFFICIENCY if matmul_efficiency is None else matmul_efficiency
     return Device(gpu.name, gpu.bf16_flops * eff, gpu.fp32_flops * eff,
                   gpu.bandwidth_bytes_s * BANDWIDTH_EFFICIENCY, gpu.bf16_flops, host_op_s=GPU_HOST_OP_S,
-                  gemm_tail_s=GEMM_TAIL_S * GEMM_TAIL_PEAK / gpu.bf16_flops, strided_efficiency=STRIDED_EFFICIENCY)
+                  gemm_tail_s=GEMM_TAIL_S * GEMM_TAIL_PEAK / gpu.bf16_flops, strided_efficiency=STRIDED_EFFICIENCY,
+                  host_link_bytes_s=gpu.host_link_bytes_s * HOST_LINK_EFFICIENCY)
 
 
 def measured_device(name: str, matmul_flops: float, bandwidth_bytes_s: float, fp32_flops: Optional[float] = None,
@@ -159,6 +166,9 @@ def op_seconds(op: Op, device: Device) -> Tuple[float, float]:
     time, as a roofline bounds a kernel."""
     if op.kind == "stall":  # a GPU's measured idle time (its queue drained); a CPU pays host time per op instead
         return (op.runs * op.seconds if device.host_overlaps else 0.0), 0.0
+    if op.kind == "host":  # a copy to or from host memory, at the host link's rate
+        return op.runs * op.bytes / (device.host_link_bytes_s or device.bandwidth_bytes_s), \
+            op.runs * op.launches * device.host_op_s
     bandwidth = device.bandwidth_bytes_s * (device.strided_efficiency if op.strided else 1.0)
     rate = device.fp32_flops if op.dtype_bytes >= 4 else device.matmul_flops
     if op.kind == "attention":
@@ -188,7 +198,7 @@ def time_of_ops(ops: Iterable[Op], device: Device, step_flops: float, tokens: in
         dev, cpu = op_seconds(op, device)
         busy[op.phase] += dev
         host[op.phase] += cpu
-        if op.kind == "stream":
+        if op.kind in ("stream", "host"):
             memory += dev
         elif op.kind != "stall":  # a stall is overhead: neither matrix nor memory work
             matmul += dev

@@ -64,6 +64,7 @@ class MemoryEstimate:
     device_bytes: int
     updates_base_weights: bool
     notes: Tuple[str, ...] = field(default=())
+    offload_host_bytes: int = 0  # activations kept in pinned host memory (setup.offload), not on the device
 
 
 
@@ -346,7 +347,7 @@ def estimate_from_parts(parts: StepParts) -> MemoryEstimate:
         forward_peak_bytes=phases["forward"], backward_peak_bytes=phases["backward"],
         optimizer_peak_bytes=phases["optimizer"], peak_bytes=phases[phase], peak_phase=phase,
         device_bytes=phases[phase] + parts.overhead_bytes,
-        updates_base_weights=parts.method.updates_base, notes=parts.notes)
+        updates_base_weights=parts.method.updates_base, notes=parts.notes, offload_host_bytes=parts.act.host_bytes)
 
 
 def estimate_memory(case: Case, counts: Optional[ParamCount] = None) -> MemoryEstimate:

@@ -21,8 +21,9 @@ class Op:
     Attributes:
         name: what it is, for the breakdown.
         phase: "forward", "backward" (checkpointing's recomputation included) or "optimizer".
-        kind: "gemm" (a matrix product), "attention" (a fused attention kernel), "stream" (memory-bound) or
-            "stall" (a measured time the device idles per run, on a GPU: see MOE_STALL_S).
+        kind: "gemm" (a matrix product), "attention" (a fused attention kernel), "stream" (memory-bound),
+            "host" (a copy to or from host memory, at the host link's rate) or "stall" (a measured time the device
+            idles per run, on a GPU: see MOE_STALL_S).
         flops: FLOPs of one run.
         bytes: bytes read and written by one run.
         dtype_bytes: element size the product computes in: 2 (bf16/fp16 tensor cores) or 4 (fp32).
@@ -61,6 +62,11 @@ class Ops:
     def stall(self, name: str, phase: str, seconds: float) -> None:
         if seconds > 0:
             self.ops.append(Op(name, phase, "stall", 0.0, 0.0, seconds=seconds))
+
+    def host(self, name: str, phase: str, nbytes: float) -> None:
+        """A copy of nbytes between device and (pinned) host memory, at the host link's rate."""
+        if nbytes > 0:
+            self.ops.append(Op(name, phase, "host", 0.0, float(nbytes)))
 
     def attention(self, name: str, phase: str, flops: float, nbytes: float, db: int) -> None:
         self.ops.append(Op(name, phase, "attention", float(flops), float(nbytes), db))

@@ -29,6 +29,9 @@ IMPLS = ("peft", "lorabench")
 DEFAULT_IMPL = "peft"
 # The phases of one step, which memory peaks and step time are split by.
 PHASES = ("forward", "backward", "optimizer")
+# Activations kept in host memory: "checkpoints" keeps each checkpointed layer's input there (Unsloth's offloaded
+# gradient checkpointing, axolotl's activation_offloading: hidden_states); see lorabench.estimator.offload.
+OFFLOAD = ("none", "checkpoints")
 # The training loop: "plain" keeps the model's output (its logits) alive through backward and the optimizer
 # step; "trainer" is transformers.Trainer.training_step: only the loss is kept, the outputs are freed before
 # backward.
@@ -81,6 +84,7 @@ class TrainingSetup:
             variable-length kernel on CUDA).
         lengths: the examples' token lengths (batches.Lengths), capped at seq_len; None: every example
             seq_len long.
+        offload: "none", or "checkpoints": each checkpointed layer's input in host memory (OFFLOAD).
     """
 
     batch_size: int = 1
@@ -105,6 +109,7 @@ class TrainingSetup:
     packing: bool = False
     padding_free: bool = False
     lengths: Optional[Lengths] = None
+    offload: str = "none"
 
     def validate(self) -> None:
         """Raises LorabenchError for any value out of range."""
@@ -137,6 +142,13 @@ class TrainingSetup:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise LorabenchError(f"alpha must be a positive finite number, got {self.alpha!r}.")
         self._validate_batches()
+        _choice("offload", self.offload, OFFLOAD)
+        if self.offload == "checkpoints" and not self.grad_checkpointing:
+            raise LorabenchError(f"{option('offload', 'checkpoints')} keeps the checkpointed layers' inputs in host "
+                                 f"memory; add {option('grad_checkpointing')}.")
+        if self.offload != "none" and self.impl == "lorabench":
+            raise LorabenchError(f"{option('offload')} runs transformers' checkpointed layers; give "
+                                 f"{option('impl', 'peft')}.")
 
     def _validate_batches(self) -> None:
         _choice("padding", self.padding, PADDING)

@@ -234,5 +234,11 @@ def step_ops(case: Case) -> Tuple[Op, ...]:
             out.append(times(op, n))
             if setup.grad_checkpointing and op.phase == "forward":
                 out.append(times(replace(op, name=f"recompute: {op.name}", phase="backward", runs=1), n))
+    if setup.offload == "checkpoints":  # each layer's input to host memory in forward, and back in backward
+        offload = Ops()
+        moved = setup.tokens * setup.stream_bytes * spec.hidden_size
+        offload.host("layer input to host", "forward", moved)
+        offload.host("layer input from host", "backward", moved)
+        out += [times(op, L) for op in offload.ops]
     micro = [times(op, setup.grad_accum) for op in out + outside_layers(spec, method, setup)]
     return tuple(micro + optimizer_ops(case))

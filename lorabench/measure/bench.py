@@ -34,6 +34,7 @@ from lorabench.measure.probes import (LiveTensorTracker, MemoryProbe, PhaseTimer
                                matmul_flops_per_s, nvml_process_bytes, storage_bytes, summarize,
                                warm_cuda_libraries)
 from lorabench.measure.batches import batch_tensors
+from lorabench.measure.offload import host_memory
 from lorabench.measure.builders import (BUILDERS, KBIT_LORABENCH, TORCH_DTYPES, Built, Wrap,  # noqa: F401
                                 build_lorabench, build_peft, expected_library_warnings)
 from lorabench.measure.steps import Step, forward_with_loss, stepper
@@ -150,8 +151,11 @@ def measure_case(case: Case, device: torch.device, steps: int = 5, warmup: int =
             step, close = stepper(built, setup, device)
             for _ in range(warmup):
                 step(ids, lambda phase: None)
-            with hooks.around_memory_step or contextlib.nullcontext():
+            host = host_memory(tracker.as_host) if tracker is not None else contextlib.nullcontext()
+            with hooks.around_memory_step or contextlib.nullcontext(), host:
                 rec = _memory_step(built, step, ids, probe, hooks.settle)
+            if tracker is not None:  # host copies (measure.offload), not on the device
+                rec["measured_host_bytes"] = tracker.host_peak_bytes
             if hooks.inspect is not None:
                 rec.update(hooks.inspect(built))
         if cuda:

@@ -129,17 +129,21 @@ def is_vision_language(model) -> bool:
 
 def checkpointing(model, setup: TrainingSetup):
     """Activation checkpointing as Trainer turns it on (non-reentrant), or PEFT's k-bit preparation (which turns
-    it on itself)."""
+    it on itself); with setup.offload "checkpoints", each layer's input kept in host memory (measure.offload)."""
     _, peft = libraries()
     if setup.kbit_prepare:
         with expected_library_warnings():
-            return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing,
-                                                        gradient_checkpointing_kwargs={"use_reentrant": False})
-    if setup.grad_checkpointing:
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing,
+                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif setup.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.offload == "checkpoints":
+            from lorabench.measure.offload import offload_checkpoints
+
+            offload_checkpoints(model)
     return model
 
 

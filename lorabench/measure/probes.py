@@ -52,6 +52,10 @@ class LiveTensorTracker(TorchDispatchMode):
         self._live: Dict[int, list] = {}
         self.current_bytes = 0
         self.peak_bytes = 0
+        # storages that stand for host memory (measure.offload's copies on a machine without a GPU): counted apart
+        self._host: set = set()
+        self.host_bytes = 0
+        self.host_peak_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -111,8 +115,29 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)
-        if entry is not None:
+        if entry is None:
+            return
+        if key in self._host:
+            self._host.discard(key)
+            self.host_bytes -= entry[0]
+        else:
             self.current_bytes -= entry[0]
+
+    def as_host(self, t: torch.Tensor) -> None:
+        """Count t's storage as host memory from now on (a copy that stands for one in pinned host memory): out of
+        current_bytes and its peak, into host_bytes and host_peak_bytes."""
+        st = local_tensor(t).untyped_storage()
+        key = st._cdata
+        if key in self._host:
+            return
+        entry = self._live.get(key)
+        if entry is None:  # made outside the mode: never counted on the device
+            entry = self._live[key] = [st.nbytes(), weakref.ref(st, lambda _ref, k=key: self._free(k))]
+        else:
+            self.current_bytes -= entry[0]
+        self._host.add(key)
+        self.host_bytes += entry[0]
+        self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.current_bytes
