@@ -1,6 +1,6 @@
-"""The options of how a batch is made (lorabench.estimator.batches): padding, packing, padding-free rows, and the
-examples' lengths. setup_options adds them; they reach TrainingSetup through estimator.setup.setup_from, as the
-API's keywords do."""
+"""The options of how a batch is made (lorabench.estimator.batches: padding, packing, padding-free rows, the
+examples' lengths) and of where activations live (--offload). setup_options adds them; they reach TrainingSetup
+through estimator.setup.setup_from, as the API's keywords do."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import click
 
 from lorabench.bounds import MAX_SEQ_LEN
 from lorabench.estimator.batches import PADDING
+from lorabench.estimator.setup import OFFLOAD
 
 
 def batch_options(fn):
-    """--padding, --packing, --padding-free, --lengths and --mean-len; passes batch_fields={...} (setup fields)."""
+    """--padding, --packing, --padding-free, --lengths, --mean-len and --offload; passes batch_fields={...} (setup
+    fields)."""
     from lorabench.cli.options import BoundedFloat
 
     @click.option("--padding", type=click.Choice(PADDING), default="none", show_default=True,
@@ -32,10 +34,14 @@ def batch_options(fn):
     @click.option("--mean-len", type=BoundedFloat(0.0, MAX_SEQ_LEN, lo_open=True), default=None,
                   help="The examples' mean length in tokens, --seq-len being the longest (instead of --lengths; "
                        "no spread is known).")
+    @click.option("--offload", type=click.Choice(OFFLOAD), default="none", show_default=True,
+                  help="checkpoints: with --grad-checkpointing, each layer's input kept in pinned host memory and "
+                       "brought back for its recomputation (Unsloth's offloaded checkpointing, axolotl's "
+                       "hidden_states offload); offload_host_bytes is the host memory it takes.")
     @functools.wraps(fn)
-    def wrapper(padding, packing, padding_free, lengths, mean_len, **kw):
+    def wrapper(padding, packing, padding_free, lengths, mean_len, offload, **kw):
         return fn(batch_fields=dict(padding=padding, packing=packing, padding_free=padding_free, lengths=lengths,
-                                    mean_len=mean_len), **kw)
+                                    mean_len=mean_len, offload=offload), **kw)
     return wrapper
 
 

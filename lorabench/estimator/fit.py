@@ -146,6 +146,10 @@ SAVERS = (
           lambda setup, who: setup.loss == "standard" and setup.device != "cuda" and not who.softcap),
     # Dettmers et al. 2021: 8-bit optimizer states, the same accuracy (paged ones count the same on the GPU)
     Saver("adamw-8bit", "8-bit AdamW", (("optimizer", "adamw-8bit"),), lambda setup, who: setup.optimizer == "adamw"),
+    # the checkpointed layers' inputs in host memory (Unsloth's offloaded checkpointing, axolotl's hidden_states
+    # offload): checkpointing with one copy of each layer's input over PCIe each way, and host memory for them
+    Saver("offload", "offloaded checkpoints", (("grad_checkpointing", True), ("offload", "checkpoints")),
+          lambda setup, who: setup.offload == "none" and setup.impl == "peft"),
     # QLoRA (Dettmers et al. 2023): adapter methods only; autocast needs fp32 weights, so not under it
     Saver("nf4", "nf4 base (QLoRA)", (("dtype", "nf4"),),
           lambda setup, who: who.quantizable_base and setup.dtype not in QUANTIZED and not setup.autocast,

@@ -321,11 +321,18 @@ def step_parts(case: Case, counts: Optional[ParamCount] = None) -> StepParts:
         # the step's last op, makes a dense [V, d] gradient, and autograd adds it out of place (grad + new):
         # besides every gradient, two more [V, d] tensors, after the layers' temporaries are gone
         tied_sum = 2 * spec.vocab_size * spec.hidden_size * p_bytes
+    act = estimate_activations(case)
+    if act.host_bytes:
+        notes.append(f"{act.host_bytes / 2 ** 30:,.2f} GiB of layer inputs in pinned host memory "
+                     "(offload_host_bytes), each copied to the host in forward and back in backward; the device "
+                     "keeps the one being recomputed"
+                     + (" and the first layer's, which autograd holds as a leaf." if setup.impl == "peft" and
+                        not method.base_trainable else "."))
     return StepParts(
         method=method, counts=counts, weights_bytes=w_bytes, adapter_bytes=adapter, gradients_bytes=grads,
         optimizer_bytes=optim, master_bytes=master, method_state_bytes=method_state, optimizer_temp_bytes=opt_tmp,
         head_grad_bytes=head_grads, dequant_bytes=dequant, tied_sum_bytes=tied_sum,
-        act=estimate_activations(case),
+        act=act,
         overhead_bytes=CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES if setup.device == "cuda" else 0,
         notes=tuple(notes), norm_temp_bytes=norm_temp, norm_temp_unsaved_bytes=norm_unsaved,
         recomputes=setup.grad_checkpointing, num_layers=spec.num_layers,

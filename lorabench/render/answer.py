@@ -214,7 +214,8 @@ def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
                   "paged-adamw": "paged AdamW", "sgd": "SGD",
                   "sgd-momentum": "SGD with momentum"}.get(setup.optimizer, setup.optimizer)
                  + (" (foreach)" if setup.optimizer == "adamw" and setup.device == "cuda" else ""))
-    parts.append("gradient checkpointing" if setup.grad_checkpointing else "no checkpointing")
+    parts.append(("gradient checkpointing, each layer's input offloaded to host memory" if setup.offload ==
+                  "checkpoints" else "gradient checkpointing") if setup.grad_checkpointing else "no checkpointing")
     if not spec.single_matrix:
         parts.append(f"{setup.attention} attention")
     if setup.dropout:
@@ -234,7 +235,7 @@ def _who(row: Dict) -> str:
 
 # `lorabench fit`'s column titles for the savers (fit.SAVERS' kinds, joined by "+"), short for 80 columns.
 SHORT_CHANGES = {"as given": "given", "checkpointing": "ckpt", "fused loss": "fused", "chunked loss": "chunked",
-                 "8-bit AdamW": "8bit", "nf4 base (QLoRA)": "nf4"}
+                 "8-bit AdamW": "8bit", "offloaded checkpoints": "offload", "nf4 base (QLoRA)": "nf4"}
 
 
 def _short_change(change: str) -> str:
