@@ -114,6 +114,7 @@ def traced_row(name: str, tuner: Tuner, result: Dict, setup: TrainingSetup, note
         "images": result.get("images", 0), "image_size": result.get("image_size"),
         "image_tokens": result.get("image_tokens", 0),
         **batch_fields(setup),
+        "offload_host_bytes": result.get("measured_host_bytes", 0),
     }
     if setup.batched:
         row["typical_peak_bytes"] = None  # (the longest batch is traced; time and cost are its own)

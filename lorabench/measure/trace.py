@@ -26,6 +26,7 @@ from lorabench.estimator.setup import DEFAULT_IMPL, QUANTIZED
 from lorabench.measure.builders import BUILDERS
 from lorabench.measure.batches import batch_tensors
 from lorabench.measure.images import ImagePlan, held, held_tensor, holding
+from lorabench.measure.offload import host_memory
 from lorabench.measure.oplog import OpLog, as_list
 from lorabench.measure.probes import MemoryProbe
 from lorabench.measure.routing import balanced, experts
@@ -172,8 +173,9 @@ def trace_built(built, setup, mode: Optional[FakeTensorMode], warmup: int = 1,
             def logged(ids, mark):
                 return step(ids, lambda phase: (log.mark(phase), mark(phase)))
 
-            with log:
+            with log, host_memory(tracker.as_host):  # offloaded copies (measure.offload) count as host memory
                 rec = _memory_step(built, logged, ids, probe, settle=segments.settle)
+            rec["measured_host_bytes"] = tracker.host_peak_bytes
     finally:
         close()
         for h in handles + ([hook] if hook is not None else []):
