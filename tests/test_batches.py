@@ -259,3 +259,53 @@ def test_help_shows_the_batch_options():
     out = _cli("memory", "--help").output
     for flag in ("--padding", "--packing", "--padding-free", "--lengths", "--mean-len"):
         assert flag in out
+
+
+def test_peft_lorafa_optimizer_keeps_less_as_estimated_measured():
+    # PEFT's MetaMathQA loop on a small Llama: its own create_lorafa_optimizer (lora_A frozen), a right-padded batch,
+    # out = model(**batch); out.loss.backward(). LoRA-FA keeps less exactly PEFT's fp32 casts of each layer's input
+    # for lora_A of q and v: 4 layers x 2 x 512 tokens x 256 x 4 bytes; lorabench's estimate differs by the same
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_lorafa_optimizer
+
+    from lorabench.measure.probes import LiveTensorTracker
+
+    cfg = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+           "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 4096, "tie_word_embeddings": False}
+
+    def measured(lorafa):
+        torch.manual_seed(0)
+        with LiveTensorTracker("cpu") as tracker:
+            hf = transformers.AutoConfig.for_model(**{**cfg, "pad_token_id": 0})
+            model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+            model = peft.get_peft_model(model, peft.LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"]))
+            if lorafa:
+                optimizer = create_lorafa_optimizer(model, r=32, lora_alpha=64, lr=1e-4)
+            else:
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            ids = torch.randint(1, 4096, (4, 128))
+            mask = torch.ones_like(ids)
+            mask[1:, 100:] = 0
+            model.train()
+            for _ in range(2):  # the second step: the optimizer's states exist
+                optimizer.zero_grad()
+                start = tracker.current_bytes
+                out = model(input_ids=ids, attention_mask=mask, labels=ids)
+                kept = tracker.current_bytes - start
+                tracker.reset_peak()
+                out.loss.backward()
+                peak = tracker.peak_bytes - start
+                optimizer.step()
+                del out
+        return kept, peak
+
+    lora, fa = measured(False), measured(True)
+    by_hand = 4 * 2 * 4 * 128 * 256 * 4
+    assert (lora[0] - fa[0], lora[1] - fa[1]) == (by_hand, by_hand)
+    spec = from_hf_config(cfg, name="small-llama")
+    rows = {m: estimate_memory(Case(spec, METHODS[m], 32, ("q", "v"), TrainingSetup(
+        batch_size=4, seq_len=128, device="cpu", loop="plain", padding="longest", lengths=Lengths.summary(110, 128),
+        alpha=64.0))) for m in ("lora", "lora-fa")}
+    assert rows["lora"].activations_bytes - rows["lora-fa"].activations_bytes == by_hand
