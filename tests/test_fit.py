@@ -116,28 +116,33 @@ def test_fixes_are_cheapest_first_and_all_fit():
 
 
 def test_savers_apply_where_they_help():
-    # LoRA on a bf16 base with AdamW on a GPU: checkpointing, Liger's fused loss, 8-bit AdamW and an nf4 base,
-    # each extending every combination before it (2^4 = 16, the first as given)
+    # LoRA on a bf16 base with AdamW on a GPU: checkpointing, Liger's fused loss, 8-bit AdamW, offloaded checkpoints
+    # and an nf4 base, each extending every combination before it (2^5 = 32, the first as given), less the 8 that
+    # add offloaded checkpoints to checkpointing: the same setup as without checkpointing's, which is kept
     case = Case(LLAMA, METHODS["lora"], 8, None, TrainingSetup())
     combos = [c.kinds for c in savers(case)]
-    singles = ["checkpointing", "fused loss", "8-bit AdamW", "nf4 base (QLoRA)"]
-    assert len(combos) == 16 and combos[:5] == [(), ("checkpointing",), ("fused loss",),
+    singles = ["checkpointing", "fused loss", "8-bit AdamW", "offloaded checkpoints", "nf4 base (QLoRA)"]
+    assert len(combos) == 24 and combos[:5] == [(), ("checkpointing",), ("fused loss",),
                                                 ("checkpointing", "fused loss"), ("8-bit AdamW",)]
-    assert combos[-1] == tuple(singles)
+    assert combos[-1] == tuple(s for s in singles if s != "checkpointing")
+    assert not any("checkpointing" in c and "offloaded checkpoints" in c for c in combos)
     # full fine-tuning with checkpointing on: no nf4 (it writes W), checkpointing already on
     full = Case(LLAMA, METHODS["full"], None, None, TrainingSetup(grad_checkpointing=True))
-    assert [c.kinds for c in savers(full)] == [(), ("fused loss",), ("8-bit AdamW",), ("fused loss", "8-bit AdamW")]
+    pairs = [(), ("fused loss",), ("8-bit AdamW",), ("fused loss", "8-bit AdamW")]
+    assert [c.kinds for c in savers(full)] == pairs + [p + ("offloaded checkpoints",) for p in pairs]
     # autocast runs over fp32 weights: an nf4 base is no saver there (the setup would be refused)
     auto = Case(LLAMA, METHODS["lora"], 8, None, TrainingSetup(dtype="fp32", autocast="bf16",
                                                                  grad_checkpointing=True, optimizer="adamw-8bit"))
-    assert [c.kinds for c in savers(auto)] == [(), ("fused loss",)]
+    assert [c.kinds for c in savers(auto)] == [(), ("fused loss",), ("offloaded checkpoints",),
+                                               ("fused loss", "offloaded checkpoints")]
     # on a CPU, lorabench's chunked loss stands in for Liger's (Triton); Gemma 2's soft-capped logits take neither
     cpu = Case(LLAMA, METHODS["lora"], 8, None, TrainingSetup(device="cpu", grad_checkpointing=True, dtype="nf4",
                                                                 optimizer="sgd"))
-    assert [c.kinds for c in savers(cpu)] == [(), ("chunked loss",)]
+    assert [c.kinds for c in savers(cpu)] == [(), ("chunked loss",), ("offloaded checkpoints",),
+                                              ("chunked loss", "offloaded checkpoints")]
     gemma = Case(PRESETS["gemma-2-2b"], METHODS["lora"], 8, None, TrainingSetup(
         device="cpu", grad_checkpointing=True, dtype="nf4", optimizer="sgd"))
-    assert [c.kinds for c in savers(gemma)] == [()]
+    assert [c.kinds for c in savers(gemma)] == [(), ("offloaded checkpoints",)]
 
 
 def test_fit_autocast_is_answered_for_adapters():

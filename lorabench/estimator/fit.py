@@ -180,9 +180,16 @@ def combos(setup: TrainingSetup, applicable: Sequence[Saver]) -> List[Combo]:
     setup as given."""
     out: List[Combo] = [Combo((), (), setup)]
     for saver in applicable:  # each saver extends every combination before it
-        out += [Combo(c.kinds + (saver.kind,), c.changes + saver.change, replace(c.setup, **dict(saver.change)),
+        made = [Combo(c.kinds + (saver.kind,), c.changes + saver.change, replace(c.setup, **dict(saver.change)),
                       c.with_more_gpus and saver.with_more_gpus, c.steps + (saver.key,))
                 for c in out]
+        # a saver that implies another (offloaded checkpoints are checkpointed) makes no new setup with it: the
+        # cheaper combination that gives the same setup is kept
+        seen = {c.setup for c in out}
+        for c in made:
+            if c.setup not in seen:
+                seen.add(c.setup)
+                out.append(c)
     return out
 
 

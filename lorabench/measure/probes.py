@@ -46,9 +46,12 @@ class LiveTensorTracker(TorchDispatchMode):
         tracker.peak_bytes  # the backward's peak, every live tensor counted
     """
 
-    def __init__(self, device_type: Optional[str] = None):
+    def __init__(self, device_type: Optional[str] = None, record_events: bool = False):
         super().__init__()
         self.device_type = device_type
+        # the allocations and frees of device storages, in order, ("a" or "f", storage, bytes): what
+        # estimator.allocator.replay turns into the CUDA caching allocator's reserved bytes
+        self.events: Optional[list] = [] if record_events else None
         self._live: Dict[int, list] = {}
         self.current_bytes = 0
         self.peak_bytes = 0
@@ -103,10 +106,14 @@ class LiveTensorTracker(TorchDispatchMode):
         entry = self._live.get(key)
         if entry is not None:
             if entry[0] != nbytes:  # resized in place (out= ops)
+                if self.events is not None and key not in self._host:
+                    self.events += [("f", key, entry[0]), ("a", key, nbytes)]
                 self._add(nbytes - entry[0])
                 entry[0] = nbytes
             return
         self._live[key] = [nbytes, weakref.ref(st, lambda _ref, k=key: self._free(k))]
+        if self.events is not None:
+            self.events.append(("a", key, nbytes))
         self._add(nbytes)
 
     def _add(self, nbytes: int) -> None:
@@ -122,6 +129,8 @@ class LiveTensorTracker(TorchDispatchMode):
             self.host_bytes -= entry[0]
         else:
             self.current_bytes -= entry[0]
+            if self.events is not None:
+                self.events.append(("f", key, entry[0]))
 
     def as_host(self, t: torch.Tensor) -> None:
         """Count t's storage as host memory from now on (a copy that stands for one in pinned host memory): out of
@@ -135,6 +144,8 @@ class LiveTensorTracker(TorchDispatchMode):
             entry = self._live[key] = [st.nbytes(), weakref.ref(st, lambda _ref, k=key: self._free(k))]
         else:
             self.current_bytes -= entry[0]
+            if self.events is not None:
+                self.events.append(("f", key, entry[0]))
         self._host.add(key)
         self.host_bytes += entry[0]
         self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
