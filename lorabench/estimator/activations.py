@@ -139,11 +139,13 @@ def estimate_activations(case: Case) -> ActivationBreakdown:
     if setup.padding != "none":
         per_token += 8  # the attention mask, int64 as tokenizers make it
     # what a mask adds to each layer whose attention records (batches.mask_saves): sliding-window layers may have
-    # one where full ones do not
-    per_layer = [_mask_layer(case, spec.slides(i)) for i in range(L)]
-    if not attention_records(case, first_live):
-        per_layer[0] = 0
-    mask_all, mask_one = sum(per_layer), max(per_layer)
+    # one where full ones do not (per kind, not per layer: depth is a count here)
+    sliding = spec.sliding_layers()
+    per_kind = {kind: _mask_layer(case, kind) for kind in (True, False)}
+    first_mask = per_kind[spec.slides(0)]
+    mask_all = sliding * per_kind[True] + (L - sliding) * per_kind[False] - first_mask
+    mask_all += first_mask if attention_records(case, first_live) else 0
+    mask_one = max(per_kind[True] if sliding else 0, per_kind[False] if L > sliding else 0)
     bool_masks = bool_mask_bytes(spec, setup)
     if spec.single_matrix:
         return ActivationBreakdown(

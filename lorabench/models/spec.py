@@ -173,7 +173,8 @@ class ModelSpec:
         """Layers that attend within a sliding window (transformers' layer_types)."""
         if not self.sliding_window or not self.sliding_pattern:
             return 0
-        return sum(1 for i in range(self.num_layers) if self.slides(i))
+        p = self.sliding_pattern
+        return self.num_layers if p == 1 else self.num_layers - self.num_layers // p  # all but each p-th
 
     def slides(self, layer: int) -> bool:
         """Layer `layer` (from 0) attends within a sliding window: every layer (pattern 1), or all but each Nth."""
