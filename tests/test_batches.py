@@ -110,15 +110,33 @@ def test_one_kv_head_needs_no_copy_and_the_cpu_pads_no_keys():
 
 def test_attention_computes_every_key_under_a_mask():
     from lorabench.estimator.flops import estimate_flops
+    from lorabench.estimator.stepwork import step_ops
 
     spec = PRESETS["llama-3-8b"]
-    plain = estimate_flops(_case(spec, batch_size=2, seq_len=4096))
-    padded = estimate_flops(_case(spec, batch_size=2, seq_len=4096, padding="max", lengths=Lengths.summary(900, 4096)))
-    # per token and layer 4 q_dim FLOPs a key: the causal half (2,048 keys) without a mask, all 4,096 with one;
-    # the backward twice the forward's
+    plain = _case(spec, batch_size=2, seq_len=4096)
+    padded = _case(spec, batch_size=2, seq_len=4096, padding="max", lengths=Lengths.summary(900, 4096))
+    # the model's work is the same (MFU is taken over it) ...
+    assert estimate_flops(padded).forward_flops == estimate_flops(plain).forward_flops
+
+    # ... but the kernel's is not: per token and layer 4 q_dim FLOPs a key, the causal half (2,048 keys) without a
+    # mask, all 4,096 with one (is_causal is off once a mask is given)
+    def kernel(case, phase):
+        return sum(op.flops * op.runs for op in step_ops(case) if op.kind == "attention" and op.phase == phase)
+
     per_token = 32 * 4 * 4096 * (4096 - 2048)
-    assert padded.forward_flops - plain.forward_flops == 2 * 4096 * per_token
-    assert padded.backward_flops - plain.backward_flops == 2 * 2 * 4096 * per_token
+    assert kernel(padded, "forward") - kernel(plain, "forward") == 2 * 4096 * per_token
+    assert kernel(padded, "backward") - kernel(plain, "backward") == pytest.approx(2.5 * 2 * 4096 * per_token)
+
+
+def test_packed_model_flops_attend_within_each_example():
+    from lorabench.estimator.flops import estimate_flops
+
+    # packed rows of 4,096 tokens of 512-token examples: each query's useful work is half its example, 256 keys,
+    # not half the row (2,048): 32 layers x 4 x q_dim 4,096 FLOPs a key less per token
+    spec = PRESETS["llama-3-8b"]
+    plain = estimate_flops(_case(spec, batch_size=1, seq_len=4096))
+    packed = estimate_flops(_case(spec, batch_size=1, seq_len=4096, packing=True, lengths=Lengths.summary(512, 4096)))
+    assert plain.forward_flops - packed.forward_flops == 4096 * 32 * 4 * 4096 * (2048 - 256)
 
 
 def test_padding_free_on_cuda_attends_within_each_example():

@@ -143,6 +143,8 @@ BATCH_OPTIONS = {
     ("--padding-free",): FLAG,
     ("--mean-len",): mostly(decimals(0.5, 16.0)),
     ("--lengths",): st.one_of(st.sampled_from(["/nonexistent/lengths.txt", "/dev/null", "/", "."]), HOSTILE),
+    # offloaded checkpoints need checkpointing: sometimes it comes with them
+    ("--offload",): mostly(st.sampled_from(["none", "checkpoints", ["checkpoints", "--grad-checkpointing"]])),
 }
 SETUP_OPTIONS = {
     ("--alpha",): mostly(decimals(1e-3, 1e6)),

@@ -282,10 +282,21 @@ def positions_per_row(setup) -> bool:
     return setup.packing and not setup.padding_free
 
 
+def useful_keys(spec, setup, sliding: bool) -> float:
+    """Keys a query's attention needs on average, the model FLOPs' count (whatever the kernel computes): the causal
+    half of its row, about the window on a sliding-window layer, or, with several examples in a row (packed or
+    padding-free), the causal half of its own example (E[l^2] / 2 E[l])."""
+    if setup.packing or setup.padding_free:
+        lengths = lengths_of(setup)
+        return spec.attended_keys(min(lengths.mean_square / lengths.mean, rows_of(setup)[1]), sliding)
+    return spec.attended_keys(rows_of(setup)[1], sliding)
+
+
 def keys_attended(spec, setup, sliding: bool, row_len: Optional[float] = None) -> float:
-    """Keys a query's attention computes on average: the causal half of its row (ModelSpec.attended_keys), every
-    key of the row where a mask turns the causal kernel off, or, padding-free on CUDA, the causal half of its own
-    example (E[l^2] / 2 E[l])."""
+    """Keys a query's attention kernel computes on average, which its time follows: the causal half of its row
+    (ModelSpec.attended_keys; FlashAttention skips the blocks outside a sliding window), every key of the row where
+    a mask turns the causal kernel off (the memory-efficient kernel skips no block a bias masks), or, padding-free on
+    CUDA, the causal half of its own example (E[l^2] / 2 E[l]). Model FLOPs count useful_keys instead."""
     row = rows_of(setup)[1] if row_len is None else row_len
     if setup.padding_free and setup.device == "cuda" and setup.for_spec(spec).attention == "sdpa":
         lengths = lengths_of(setup)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from lorabench.estimator.batches import keys_attended
+from lorabench.estimator.batches import useful_keys
 from lorabench.estimator.case import Case
 from lorabench.models.spec import ModelSpec
 
@@ -39,12 +39,13 @@ class StepFlops:
 
 def _attention_flops_per_token(spec: ModelSpec, setup) -> int:
     """QK^T and AV for one token, summed over the layers, causal: 2 products of 2 q_dim FLOPs per key the query
-    attends to (batches.keys_attended: half the row, or about the window on a sliding-window layer; the whole
-    row where a mask turns the causal kernel off; its own example, padding-free). FlashAttention-2 (Dao 2023)
-    counts causal attention at half the dense FLOPs; so do we."""
+    attends to (batches.useful_keys: half the row, or about the window on a sliding-window layer; its own example
+    where a row holds several). FlashAttention-2 (Dao 2023) counts causal attention at half the dense FLOPs; so do
+    we. These are model FLOPs, what MFU is taken over: a masked kernel computing every key takes longer (the step
+    time's ops, stepwork) but does no more of the model's work."""
     sliding = spec.sliding_layers()
-    keys = (sliding * keys_attended(spec, setup, True)
-            + (spec.num_layers - sliding) * keys_attended(spec, setup, False))
+    keys = (sliding * useful_keys(spec, setup, True)
+            + (spec.num_layers - sliding) * useful_keys(spec, setup, False))
     return round(4 * spec.q_dim * keys)
 
 
@@ -73,7 +74,7 @@ def _first_layer_skipped_flops(case: Case) -> int:
     skipped += dx(qkv)
     live = any(adapted(n) for n in qkv)
     if not live:
-        keys = keys_attended(spec, case.setup, spec.slides(0))
+        keys = useful_keys(spec, case.setup, spec.slides(0))
         skipped += 2 * round(4 * spec.q_dim * keys)  # the attention's backward: twice its forward
         skipped += dx(("o",))
     live = live or adapted("o")
