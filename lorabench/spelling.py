@@ -19,7 +19,7 @@ OPTIONS: Dict[str, str] = {
     "loop": "--loop", "autocast": "--autocast", "grad_accum": "--grad-accum", "loss": "--loss",
     "loss_chunk": "--loss-chunk", "kbit_prepare": "--kbit-prepare", "padding": "--padding", "packing": "--packing",
     "padding_free": "--padding-free", "lengths": "--lengths", "mean_len": "--mean-len",
-    "offload": "--offload",
+    "offload": "--offload", "headroom": "--headroom",
     "gpus": "--gpus", "sharding": "--sharding", "cpu_offload": "--cpu-offload", "gpu": "--gpu",
     "tokens": "--tokens", "dataset_tokens": "--dataset-tokens", "epochs": "--epochs", "price": "--price",
     "engine": "--engine", "peft_config": "--peft-config", "images": "--images", "image_size": "--image-size",

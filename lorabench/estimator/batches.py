@@ -354,6 +354,11 @@ def batch_notes(spec, setup) -> list:
                         "mask." if not setup.padding_free else
                         " On the CPU transformers runs padding-free rows through SDPA with a block mask over the "
                         "whole row; on CUDA FlashAttention's variable-length kernel needs none."))
+    if setup.padding == "longest" or setup.padding_free:
+        notes.append("batches of varying length: the caching allocator keeps blocks cut for earlier shapes, so what "
+                     "it reserves grows past the longest batch's peak (1.31-1.34x in a replay of its rules over "
+                     f"varying, bucketed steps, reports/allocator-study); {option('headroom')} 34 leaves room for "
+                     "that.")
     if setup.padding == "longest" and setup.lengths is not None and not lengths.counts and setup.batch_size > 1:
         notes.append(f"{option('mean_len')} gives no spread: a typical batch is taken as padded to the longest "
                      f"example; {option('lengths')} FILE gives the expected longest of {setup.batch_size} examples.")
