@@ -110,3 +110,17 @@ def test_fit_offers_offloaded_checkpoints():
     # the inputs off the device: 31 of 32 layers' 8,192 x 4,096 x 2 bytes more to spare than checkpointing alone
     gained = knobs["offloaded checkpoints"]["spare_bytes"] - knobs["checkpointing"]["spare_bytes"]
     assert gained == pytest.approx(31 * 8192 * 4096 * 2, rel=0.08)  # (less the allocator's share of the peak)
+
+
+def test_fit_finds_the_longest_context_with_each_saver():
+    # the knob's longest context fits by `memory` with those savers, and one token more does not
+    import lorabench
+
+    answer = lorabench.fit(model="llama-3-8b", method="lora", gpu="RTX-4090", seq_len=8192)
+    knob = next(k for k in answer["knobs"] if k["change"] == "fused loss + offloaded checkpoints")
+    n = knob["max_seq_len"]
+    assert n > next(k for k in answer["knobs"] if k["change"] == "checkpointing + fused loss")["max_seq_len"]
+    for seq, fits in ((n, True), (n + 1, False)):
+        row = lorabench.estimate(model="llama-3-8b", method="lora", gpu="RTX-4090", seq_len=seq, loss="fused-linear",
+                                 grad_checkpointing=True, offload="checkpoints")[0]
+        assert row["fits"] is fits, seq

@@ -376,6 +376,10 @@ def fit_rows(cases: List[Case], gpu: str, capacity: int,
         for c in savers(case):
             alt = replace(case, setup=c.setup)
             left = spare_bytes(alt, capacity, fraction)
+            # the longest sequence at the batch size with these savers on: "the longest context that fits"
+            longest = _largest(1, 1 << 24, lambda n: fits(replace(alt, setup=replace(c.setup, seq_len=n)), capacity,
+                                                          fraction))
             knob_rows.append({**base, "change": " + ".join(c.kinds) or "as given", "changes": c.changes,
-                              "fits": left >= 0, "required_bytes": required_bytes(alt), "spare_bytes": left})
+                              "fits": left >= 0, "required_bytes": required_bytes(alt), "spare_bytes": left,
+                              "max_seq_len": longest})
     return limit_rows, knob_rows

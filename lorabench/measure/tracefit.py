@@ -160,7 +160,8 @@ def traced_fit_rows(model: Union[ModelSpec, RawModel], methods: Sequence[Method]
                 note(f"{raw.name}: {tuner.name} with {' + '.join(c.kinds)} left out: {exc}")
                 continue
             knob_rows.append({**base, "change": " + ".join(c.kinds) or "as given", "changes": c.changes,
-                              "fits": left <= capacity, "required_bytes": got, "spare_bytes": capacity - left})
+                              "fits": left <= capacity, "required_bytes": got, "spare_bytes": capacity - left,
+                              "max_seq_len": None})  # (not searched: a few traces for each combination)
     return limit_rows, knob_rows
 
 

@@ -301,6 +301,16 @@ def fit_text(limits: List[Dict], knobs: List[Dict], setup, width: int, fmt: str 
             legend.append("all: every saver that applies to the method")
         if legend:
             out.append(wrap("; ".join(legend) + ".", width, "  "))
+        if any(k.get("max_seq_len") is not None for k in mine_knobs):  # (a traced model's are not searched)
+            out.append("")
+            out.append(wrap(f"The longest context that fits at batch {r0['batch_size']} with them, tokens:", width))
+
+            def longest(k):
+                return "" if k is None else limit(k["max_seq_len"], k)
+
+            body = [[w] + [longest(cell.get((w, c))) for c in columns] for w in cases]
+            out.append(tabulate(body, headers=["method"] + [_short_change(c) for c in columns], tablefmt=tablefmt,
+                                disable_numparse=True, colalign=["left"] + ["right"] * len(columns)))
         out.append("")
     return "\n".join(out).rstrip()
 
