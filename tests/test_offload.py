@@ -124,3 +124,13 @@ def test_fit_finds_the_longest_context_with_each_saver():
         row = lorabench.estimate(model="llama-3-8b", method="lora", gpu="RTX-4090", seq_len=seq, loss="fused-linear",
                                  grad_checkpointing=True, offload="checkpoints")[0]
         assert row["fits"] is fits, seq
+
+
+def test_offloaded_checkpoints_on_a_kbit_prepared_qlora_base_measured():
+    # peft.prepare_model_for_kbit_training turns checkpointing on itself; the offload goes on top of it. Its fp32
+    # residual stream makes each layer input 4 bytes an element: 4 layers x 2 x 64 tokens x 256 x 4 bytes
+    pytest.importorskip("bitsandbytes")
+    r = _bench(PRESETS["tiny-llama"], methods=("lora",), batch_size=2, dtype="nf4", kbit_prepare=True,
+               offload="checkpoints")[0]
+    assert abs(r["peak_error_pct"]) < 0.1, r["peak_error_pct"]
+    assert r["measured_host_bytes"] == r["offload_host_bytes"] == 4 * 2 * 64 * 256 * 4

@@ -44,10 +44,10 @@ GPU_HOST_OP_S = 20e-6
 # is what makes 2048-token products slower than the 8192^3 ceiling (reports/gpu-sweep-h100: without it,
 # steps came out 5-10% short).
 GEMM_TAIL_S = 20e-6
-GEMM_TAIL_PEAK = 989.4e12
+GEMM_TAIL_PEAK = 989.4e12  # the H100 SXM's dense bf16 peak, which GEMM_TAIL_S was taken at
 # What copies between device and pinned host memory reach of the PCIe link's rate: NVIDIA's bandwidthTest on pinned
 # memory reads about 25 of Gen4's 31.5 GB/s and 50-55 of Gen5's 63 GB/s (the link's packet overhead, about 20%).
-HOST_LINK_EFFICIENCY = 0.8  # the H100 SXM's dense bf16 peak, which GEMM_TAIL_S was taken at
+HOST_LINK_EFFICIENCY = 0.8
 
 
 @dataclass(frozen=True)

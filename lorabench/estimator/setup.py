@@ -30,7 +30,8 @@ DEFAULT_IMPL = "peft"
 # The phases of one step, which memory peaks and step time are split by.
 PHASES = ("forward", "backward", "optimizer")
 # Activations kept in host memory: "checkpoints" keeps each checkpointed layer's input there (Unsloth's offloaded
-# gradient checkpointing, axolotl's activation_offloading: hidden_states); see lorabench.estimator.offload.
+# gradient checkpointing, axolotl's activation_offloading: hidden_states); estimated in estimator.activations,
+# measured through measure.offload.
 OFFLOAD = ("none", "checkpoints")
 # The training loop: "plain" keeps the model's output (its logits) alive through backward and the optimizer
 # step; "trainer" is transformers.Trainer.training_step: only the loss is kept, the outputs are freed before

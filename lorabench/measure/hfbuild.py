@@ -140,10 +140,10 @@ def checkpointing(model, setup: TrainingSetup):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if setup.offload == "checkpoints":
-            from lorabench.measure.offload import offload_checkpoints
+    if setup.offload == "checkpoints":  # (k-bit preparation checkpoints too)
+        from lorabench.measure.offload import offload_checkpoints
 
-            offload_checkpoints(model)
+        offload_checkpoints(model)
     return model
 
 
