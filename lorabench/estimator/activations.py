@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorabench.estimator.batches import bool_mask_bytes, mask_saves, positions_per_row, rows_of
+from lorabench.estimator.batches import (bool_mask_bytes, kv_cache_on, mask_saves, positions_per_row,
+                                        repeat_kv_bytes, rows_of)
 from lorabench.estimator.case import Case
-from lorabench.estimator.layer_saves import attention_records, kv_cache_on, layer_saves, merges_experts, norm_saves
+from lorabench.estimator.layer_saves import attention_records, layer_saves, merges_experts, norm_saves
 from lorabench.estimator.loss import loss_bytes
 from lorabench.estimator.setup import FLOAT_BYTES
 
@@ -227,7 +228,7 @@ def _mask_layer(case: Case, sliding: bool) -> int:
     that repeat_kv copied stay in the cache beside the copies SDPA keeps."""
     spec, setup = case.spec, case.setup
     added = mask_saves(spec, setup, sliding)
-    if added and kv_cache_on(setup) and 1 < spec.num_kv_heads < spec.num_heads:
+    if added and kv_cache_on(setup) and repeat_kv_bytes(spec, setup):
         added += 2 * setup.act_bytes * spec.kv_dim
     return added
 

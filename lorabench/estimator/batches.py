@@ -224,8 +224,7 @@ def masked(spec, setup, sliding: bool) -> bool:
     row), several examples in a row (packing; padding-free off CUDA), or a sliding window shorter than the row."""
     if spec.single_matrix or setup.for_spec(spec).attention != "sdpa":
         return False
-    rows, row_len = rows_of(setup)
-    if sliding and spec.sliding_window and spec.sliding_window < row_len:
+    if sliding and spec.sliding_window and spec.sliding_window < rows_of(setup)[1]:
         return True
     if setup.padding_free or setup.packing:
         # transformers reads packed examples from position_ids only when no cache is passed
@@ -252,12 +251,18 @@ def mask_saves(spec, setup, sliding: bool) -> int:
     attention, k and v copied to the query's width (repeat_kv) instead of kept at theirs."""
     if not masked(spec, setup, sliding):
         return 0
-    a = setup.act_bytes
     _, row_len = rows_of(setup)
     keys = -(-row_len // MASK_ALIGNMENT) * MASK_ALIGNMENT if setup.device == "cuda" else row_len
-    # (one kv head, multi-query attention: repeat_kv's reshape of the expanded [B, 1, n, S, hd] is a view, no copy)
-    repeat = 2 * a * (spec.q_dim - spec.kv_dim) if 1 < spec.num_kv_heads < spec.num_heads else 0
-    return a * keys + repeat
+    return setup.act_bytes * keys + repeat_kv_bytes(spec, setup)
+
+
+def repeat_kv_bytes(spec, setup) -> int:
+    """Bytes per token repeat_kv's copies of k and v add under a mask, beyond k and v at their own width: grouped-
+    query attention only (with one kv head, multi-query, the reshape of the expanded [B, 1, n, S, hd] is a view, no
+    copy; with as many kv heads as heads there is nothing to repeat)."""
+    if not 1 < spec.num_kv_heads < spec.num_heads:
+        return 0
+    return 2 * setup.act_bytes * (spec.q_dim - spec.kv_dim)
 
 
 def bool_mask_bytes(spec, setup) -> int:
@@ -292,18 +297,16 @@ def useful_keys(spec, setup, sliding: bool) -> float:
     return spec.attended_keys(rows_of(setup)[1], sliding)
 
 
-def keys_attended(spec, setup, sliding: bool, row_len: Optional[float] = None) -> float:
+def keys_attended(spec, setup, sliding: bool) -> float:
     """Keys a query's attention kernel computes on average, which its time follows: the causal half of its row
     (ModelSpec.attended_keys; FlashAttention skips the blocks outside a sliding window), every key of the row where
     a mask turns the causal kernel off (the memory-efficient kernel skips no block a bias masks), or, padding-free on
     CUDA, the causal half of its own example (E[l^2] / 2 E[l]). Model FLOPs count useful_keys instead."""
-    row = rows_of(setup)[1] if row_len is None else row_len
     if setup.padding_free and setup.device == "cuda" and setup.for_spec(spec).attention == "sdpa":
-        lengths = lengths_of(setup)
-        return spec.attended_keys(lengths.mean_square / lengths.mean, sliding)
+        return useful_keys(spec, setup, sliding)  # (the varlen kernel computes only what each example needs)
     if masked(spec, setup, sliding):
-        return float(row)
-    return spec.attended_keys(row, sliding)
+        return float(rows_of(setup)[1])
+    return spec.attended_keys(rows_of(setup)[1], sliding)
 
 
 def batch_fields(setup) -> dict:
@@ -341,10 +344,10 @@ def batch_notes(spec, setup) -> list:
                      "then gains the mask.")
     sliding = spec.sliding_layers()
     masked_layers = (sliding * masked(spec, setup, True) + (spec.num_layers - sliding) * masked(spec, setup, False))
-    if masked_layers and setup.batched:
+    if masked_layers:
         rows, row_len = rows_of(setup)
         per_layer = setup.act_bytes * rows * row_len * row_len
-        repeat = 1 < spec.num_kv_heads < spec.num_heads
+        repeat = repeat_kv_bytes(spec, setup) > 0
         notes.append(f"a mask reaches SDPA in {masked_layers} of {spec.num_layers} layers: torch keeps each layer's "
                      f"additive mask ({per_layer / 2 ** 20:,.1f} MiB a layer)"
                      + (", k and v are copied to the query's width (repeat_kv: transformers' GQA path needs no mask)"

@@ -255,7 +255,7 @@ def fixes(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_
         one = replace(c.setup, batch_size=1)
         if fits(replace(case, setup=one), capacity, fraction):
             continue
-        n = _largest(1, s.seq_len - 1, lambda n: fits(replace(case, setup=replace(one, seq_len=n)), capacity, fraction))
+        n = longest_seq(replace(case, setup=one), capacity, fraction, s.seq_len - 1)
         if n is not None and (2 * round_down(n) >= s.seq_len or not kept):
             n = round_down(n)
             batch = (("batch_size", 1),) if s.batch_size > 1 else ()
@@ -308,17 +308,19 @@ class Limits:
 
 def limits(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_batch: int = 1 << 20,
            max_seq: int = 1 << 24) -> Limits:
-    s = case.setup
-
-    def varying(key: str) -> Callable[[int], bool]:
-        return lambda n: fits(replace(case, setup=replace(s, **{key: n})), capacity, fraction)
-
-    batch = _largest(1, max_batch, varying("batch_size"))
-    seq = _largest(1, max_seq, varying("seq_len"))
+    batch = _largest(1, max_batch, lambda n: fits(replace(case, setup=replace(case.setup, batch_size=n)), capacity,
+                                                  fraction))
+    seq = longest_seq(case, capacity, fraction, max_seq)
     rank = None
     if case.method.uses_rank:
         rank = _largest(1, max_rank(case), lambda r: fits(replace(case, rank=r), capacity, fraction))
     return Limits(batch, seq, rank)
+
+
+def longest_seq(case: Case, capacity: int, fraction: float = ALLOCATOR_ALLOWANCE, max_seq: int = 1 << 24
+                ) -> Optional[int]:
+    """The longest sequence that fits at the case's batch size (None: not even 1 token)."""
+    return _largest(1, max_seq, lambda n: fits(replace(case, setup=replace(case.setup, seq_len=n)), capacity, fraction))
 
 
 def max_rank(case: Case) -> int:
@@ -376,10 +378,8 @@ def fit_rows(cases: List[Case], gpu: str, capacity: int,
         for c in savers(case):
             alt = replace(case, setup=c.setup)
             left = spare_bytes(alt, capacity, fraction)
-            # the longest sequence at the batch size with these savers on: "the longest context that fits"
-            longest = _largest(1, 1 << 24, lambda n: fits(replace(alt, setup=replace(c.setup, seq_len=n)), capacity,
-                                                          fraction))
             knob_rows.append({**base, "change": " + ".join(c.kinds) or "as given", "changes": c.changes,
                               "fits": left >= 0, "required_bytes": required_bytes(alt), "spare_bytes": left,
-                              "max_seq_len": longest})
+                              # with these savers on: "the longest context that fits"
+                              "max_seq_len": longest_seq(alt, capacity, fraction)})
     return limit_rows, knob_rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from lorabench.estimator.batches import kv_cache_on, rows_of  # noqa: F401 (kv_cache_on: re-exported)
+from lorabench.estimator.batches import kv_cache_on, rows_of
 from lorabench.estimator.case import Case
 from lorabench.methods import Method
 from lorabench.estimator.setup import FLOAT_BYTES, TrainingSetup

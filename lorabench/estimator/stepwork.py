@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import List, Optional, Tuple
 
-from lorabench.estimator.batches import keys_attended, mask_saves, rows_of
+from lorabench.estimator.batches import keys_attended, mask_saves, repeat_kv_bytes, rows_of
 from lorabench.estimator.case import Case
 from lorabench.estimator.ops import Op, Ops, norm_bytes, times
 from lorabench.estimator.outer_ops import optimizer_ops, outside_layers
@@ -44,7 +44,7 @@ def _attention(ops: Ops, spec: ModelSpec, t: int, setup: TrainingSetup, sliding:
         io = t * a * 2 * (spec.q_dim + spec.kv_dim)
         mask = mask_saves(spec, setup, sliding)  # per token: the additive mask, and repeat_kv's copies
         if mask:
-            repeat = 2 * a * (spec.q_dim - spec.kv_dim) if 1 < spec.num_kv_heads < spec.num_heads else 0
+            repeat = repeat_kv_bytes(spec, setup)
             # torch's where() turns the bool mask into the additive one (reads 1 byte, writes a); the copies
             ops.stream("attention mask", "forward", t * (mask - repeat) * (1 + a) // a)
             if repeat:

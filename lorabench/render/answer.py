@@ -157,6 +157,10 @@ def _fix_text(fix: Dict, lead: str, shared: bool = False) -> str:
     return f"{lead} with {' '.join(fix['args'])} ({need}{each}, {spare} spare)"
 
 
+# how rows are padded, in words (setup.padding)
+PADDED = {"longest": "padded to the batch's longest", "max": "padded to the longest allowed"}
+
+
 def _batch_words(setup, row: Dict) -> str:
     """How the batch is made, in words: its padding, packing or rows, the examples' mean, the typical batch."""
     mean = f"examples of {row['mean_len']:,.0f} tokens on average"
@@ -165,7 +169,7 @@ def _batch_words(setup, row: Dict) -> str:
     elif setup.packing:
         how = "packed rows"
     else:
-        how = f"padded to the {'batch' + chr(39) + 's longest' if setup.padding == 'longest' else 'longest allowed'}"
+        how = PADDED[setup.padding]
         how += f" (typical batch {setup.batch_size} x {row['typical_seq_len']:,}; {row['padding_pct']:g}% padding)"
     return f"{how}, {mean}"
 
@@ -177,7 +181,7 @@ def _batch_short(row: Dict) -> str:
     if row.get("packing"):
         return " (packed)"
     padding = row.get("padding", "none")
-    return "" if padding == "none" else f" (padded to the {'batch' + chr(39) + 's longest' if padding == 'longest' else 'longest allowed'})"
+    return "" if padding == "none" else f" ({PADDED[padding]})"
 
 
 def setup_sentence(spec, rows: List[Dict], setup, targets) -> str:
